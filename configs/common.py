@@ -1,0 +1,194 @@
+"""Shared config blocks. Each config file's get_config() starts from `base_config()` and overrides.
+
+Conventions (ml_collections): tuples, not lists; optional fields are typed placeholders; numbers derived
+from others are FieldReferences, so a command-line override of the source moves them too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def backbone_config(depth: int = 50) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            depth=depth,
+            style="pytorch",  # stride on the 3x3 conv; 'caffe' puts it on the first 1x1
+            bn_eps=1e-5,
+            frozen_stages=1,  # stem + layer1 frozen (-1: nothing frozen)
+            norm_affine_trainable=True,  # mmdetection trains BN weight/bias; torchvision's FrozenBN does not
+            pretrained=placeholder(str),  # a torchvision ResNet checkpoint (resnet50-*.pth)
+            channels_last=False,
+        )
+    )
+
+
+def model_config(depth: int = 50, num_classes: int = 80) -> ml_collections.ConfigDict:
+    """mmdetection v2.9.0 retinanet_r50_fpn: the model, its anchors, coder, assigner, losses and
+    test-time post-processing."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_classes=num_classes,
+            backbone=backbone_config(depth),
+            fpn=dict(
+                out_channels=256,
+                extra_source="input",  # P6 from C5 ('input', mmdetection) or from P5 ('output', torchvision v1)
+                relu_before_extra=False,  # ReLU between P6 and P7 (torchvision v1: True)
+            ),
+            head=dict(
+                feat_channels=256,
+                stacked_convs=4,
+                norm="none",  # 'none' | 'gn'
+                gn_groups=32,
+                prior_prob=0.01,
+            ),
+            anchors=dict(
+                style="mmdet",  # 'mmdet' exact float sizes | 'torchvision' truncated sizes, rounded corners
+                octave_base_scale=4.0,
+                scales_per_octave=3,
+                ratios=(0.5, 1.0, 2.0),  # h / w
+                strides=(8, 16, 32, 64, 128),
+            ),
+            coder=dict(
+                means=(0.0, 0.0, 0.0, 0.0),
+                stds=(1.0, 1.0, 1.0, 1.0),
+                scale_clamp=math.log(1000.0 / 16.0),
+                clamp_lower=True,  # mmdetection clamps dw, dh on both sides; torchvision only above
+            ),
+            assigner=dict(
+                pos_iou_thr=0.5,
+                neg_iou_thr=0.4,
+                min_pos_iou=0.0,
+                match_low_quality=True,
+                low_quality="mmdet",  # 'mmdet': tied anchors go to that gt, later gts win | 'torchvision'
+                ignore_iof_thr=-1.0,  # > 0: anchors covered by a crowd box beyond this IoF are ignored
+            ),
+            loss=dict(
+                focal_alpha=0.25,
+                focal_gamma=2.0,
+                cls_weight=1.0,
+                box_loss="l1",  # 'l1' on deltas | 'giou' on decoded boxes
+                box_weight=1.0,
+                normalizer="batch",  # 'batch': sum_i max(pos_i, 1) (mmdetection) | 'image' (torchvision)
+            ),
+            test=dict(
+                nms_pre=1000,  # per level, before NMS
+                pre_select="anchor",  # 'anchor': top-k anchors by max class score (mmdetection) |
+                # 'pair': score threshold then top-k (anchor, class) pairs (torchvision)
+                score_thr=0.05,
+                nms_iou=0.5,
+                max_per_img=100,
+                max_candidates=5000,  # static cap on (box, class) pairs entering NMS, see postprocess
+            ),
+            size_divisor=32,
+        )
+    )
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """COCO 2017 with mmdetection's 1x pipeline on fixed canvases (the Ascend port's static shapes)."""
+    return ml_collections.ConfigDict(
+        dict(
+            dataset="coco",  # 'coco' (files under root) | 'synthetic' (generated under root when absent)
+            root=placeholder(str),
+            train_ann="annotations/instances_train2017.json",
+            train_images="train2017",
+            val_ann="annotations/instances_val2017.json",
+            val_images="val2017",
+            synthetic=dict(num_train=1500, num_val=200, seed=0, image_size=256, num_classes=5),
+            mean=(123.675, 116.28, 103.53),
+            std=(58.395, 57.12, 57.375),
+            scale=(1333, 800),  # keep-ratio resize limits: (long side, short side)
+            flip_prob=0.5,
+            landscape_canvas=(800, 1344),  # (H, W) for images with w > h
+            portrait_canvas=(1344, 800),  # (H, W) for images with w <= h
+            max_boxes=100,  # ground truth padded to this count; more boxes: see data.batching
+            max_ignore_boxes=20,
+            filter_empty_gt=True,
+            min_size=32,
+            skip_bad_images=False,
+            images_per_device=2,
+            eval_images_per_device=2,
+            workers=2,
+            preload=False,  # decode every image once into memory (small datasets)
+        )
+    )
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    """SGD with mmdetection's 1x schedule; lr follows the linear scaling rule from base_lr @ base_batch."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="sgd",  # 'sgd' | 'adamw'
+            base_lr=0.01,
+            base_batch=16,
+            lr=placeholder(float),  # explicit lr; overrides the scaling rule
+            momentum=0.9,
+            nesterov=False,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=1e-4,
+            decay_norm_and_bias=True,  # False: no weight decay on norms and biases
+            clip_norm=placeholder(float),
+            warmup_iters=500,
+            warmup_ratio=0.001,
+            schedule="step",  # 'step' (x gamma at step_epochs) | 'cosine'
+            step_epochs=(8, 11),
+            gamma=0.1,
+            epochs=12,
+            accum_steps=1,  # micro-batches per optimiser step
+            backend="native",  # 'native' | 'apex' (fused SGD when NVIDIA or Ascend apex is installed)
+        )
+    )
+
+
+def train_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            precision="fp32",  # 'fp32' | 'fp16' (autocast + dynamic loss scaling) | 'bf16'
+            opt_level=placeholder(str),  # apex-style 'O0' | 'O1' | 'O2'; maps onto precision
+            loss_scale=dict(init=2.0**16, growth_interval=2000, factor=2.0, dynamic=True),
+            overflow_check="isfinite",  # 'isfinite' | 'saturation' (Ascend 910A fp16 saturates)
+            compile=False,
+            max_nonfinite_steps=5,
+            max_steps=placeholder(int),
+            time_budget_s=placeholder(float),
+            log_every=50,
+            eval_every_epochs=1,
+            checkpoint_every_steps=placeholder(int),
+            keep_checkpoints=3,
+            validate=True,
+            performance_steps=placeholder(int),  # stop each epoch after this many steps (the seed's --performance)
+        )
+    )
+
+
+def dist_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            device="auto",  # 'auto' | 'npu' | 'cuda' | 'cpu'
+            timeout_s=1800.0,
+            normalizer="global",  # loss normaliser averaged over replicas ('global') or per replica ('local')
+            bucket_mb=25.0,
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="retinanet",
+            seed=0,
+            model=model_config(),
+            data=data_config(),
+            optim=optim_config(),
+            train=train_config(),
+            dist=dist_config(),
+            eval=dict(max_vis_images=4, use_faster_coco_eval=True),
+        )
+    )

@@ -1,0 +1,131 @@
+"""Box arithmetic over any leading dimensions. Boxes are float (x1, y1, x2, y2) with no '+1' anywhere
+(mmdetection 2.x and torchvision conventions).
+
+Shapes: a box tensor is [..., 4]; pairwise functions take [..., N, 4] and [..., M, 4] and return
+[..., N, M], broadcasting the leading dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Largest |dw|, |dh| a decoded delta may have: a box at most 1000/16 times its anchor.
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16.0)
+_UNION_EPS = 1e-6
+
+
+def xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
+    """(x1, y1, x2, y2) -> (x, y, w, h), COCO's layout."""
+    return torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], dim=-1)
+
+
+def xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    """(x, y, w, h) -> (x1, y1, x2, y2)."""
+    return torch.cat([b[..., :2], b[..., :2] + b[..., 2:]], dim=-1)
+
+
+def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
+    """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
+    return torch.cat([(b[..., :2] + b[..., 2:]) * 0.5, b[..., 2:] - b[..., :2]], dim=-1)
+
+
+def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    half = b[..., 2:] * 0.5
+    return torch.cat([b[..., :2] - half, b[..., :2] + half], dim=-1)
+
+
+def area(b: torch.Tensor) -> torch.Tensor:
+    """[..., 4] -> [...]: (x2 - x1) * (y2 - y1)."""
+    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+
+def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.Tensor:
+    """Overlaps of every box in a [..., N, 4] with every box in b [..., M, 4] -> [..., N, M].
+
+    mode 'iou': intersection / union, union floored at 1e-6 (mmdetection's eps).
+    mode 'iof': intersection / area(a), intersection over the *first* argument's area, floored at 1e-6
+    (used for crowd regions: how much of an anchor a crowd box covers).
+    """
+    inter = _pairwise_intersection(a, b)
+    area_a = area(a)[..., :, None]
+    if mode == "iou":
+        denom = area_a + area(b)[..., None, :] - inter
+    elif mode == "iof":
+        denom = area_a.expand_as(inter)
+    else:
+        raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
+    return inter / denom.clamp(min=_UNION_EPS)
+
+
+def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of every pair: [..., N, 4] x [..., M, 4] -> [..., N, M], values in [-1, 1]."""
+    inter = _pairwise_intersection(a, b)
+    union = (area(a)[..., :, None] + area(b)[..., None, :] - inter).clamp(min=_UNION_EPS)
+    lt = torch.minimum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    hull = (wh[..., 0] * wh[..., 1]).clamp(min=_UNION_EPS)
+    return inter / union - (hull - union) / hull
+
+
+def elementwise_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """GIoU of matching pairs: [..., 4] x [..., 4] -> [...]."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area(a) + area(b) - inter + eps
+    hull_wh = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1] + eps
+    return inter / union - (hull - union) / hull
+
+
+def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
+    """DeltaXYWH encoding of gt boxes relative to anchors (both [..., 4], broadcast) -> deltas [..., 4]:
+    ((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph)), then (d - means) / stds."""
+    p = xyxy_to_cxcywh(anchors.float())
+    g = xyxy_to_cxcywh(gt.float())
+    d = torch.cat([(g[..., :2] - p[..., :2]) / p[..., 2:], torch.log(g[..., 2:] / p[..., 2:])], dim=-1)
+    return (d - _as_tensor(means, d)) / _as_tensor(stds, d)
+
+
+def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
+           max_shape: torch.Tensor | None = None, scale_clamp: float = DEFAULT_SCALE_CLAMP,
+           clamp_lower: bool = True) -> torch.Tensor:
+    """Inverse of `encode`: anchors [..., 4], deltas [..., 4] (broadcast) -> boxes [..., 4], in float32.
+
+    dw, dh are clamped to <= scale_clamp, and also to >= -scale_clamp when clamp_lower (mmdetection
+    clamps both sides, torchvision only the upper). max_shape: [..., 2] as (H, W), broadcastable to the
+    boxes' leading dims; x is clipped to [0, W] and y to [0, H] (not W - 1)."""
+    d = deltas.float() * _as_tensor(stds, deltas.float()) + _as_tensor(means, deltas.float())
+    dwh = d[..., 2:].clamp(min=-scale_clamp if clamp_lower else None, max=scale_clamp)
+    p = xyxy_to_cxcywh(anchors.float())
+    centre = p[..., :2] + p[..., 2:] * d[..., :2]
+    size = p[..., 2:] * torch.exp(dwh)
+    boxes = cxcywh_to_xyxy(torch.cat([centre, size], dim=-1))
+    if max_shape is not None:
+        boxes = clip(boxes, max_shape)
+    return boxes
+
+
+def clip(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """Clips x to [0, W] and y to [0, H]. boxes [..., 4]; hw [..., 2] = (H, W), broadcast over boxes'
+    leading dims (e.g. boxes [B, N, 4] with hw [B, 1, 2])."""
+    hw = torch.as_tensor(hw, device=boxes.device).to(boxes.dtype)
+    wh = hw.flip(-1)
+    upper = torch.cat([wh, wh], dim=-1)
+    return torch.minimum(boxes.clamp(min=0), upper)

@@ -1,0 +1,49 @@
+"""Feature pyramid (FPN) with RetinaNet's two extra levels, as pure functions.
+
+Inputs C3..C5 (C2 is unused: mmdetection's start_level=1); outputs P3..P7 with `out_channels` channels.
+Laterals are 1x1 convs; the top-down path upsamples (nearest) each coarser map to the *exact* size of the
+finer one and adds; 3x3 convs give P3..P5. P6 is a 3x3 stride-2 conv on C5 (extra_source 'input',
+mmdetection) or on P5 ('output', torchvision v1); P7 is a 3x3 stride-2 conv on P6, after a ReLU when
+relu_before_extra (torchvision v1). Every conv has a bias; no norm, no activation elsewhere.
+Init: xavier uniform (gain 1), bias 0 (mmdetection).
+
+Parameters: {'lateral': {'0','1','2'}, 'output': {'0','1','2'}, 'p6', 'p7'}, each {'weight', 'bias'}.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retina_fn import nn, rng
+
+
+def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
+    """in_channels: channels of (C3, C4, C5). cfg = model_cfg.fpn."""
+    if cfg.extra_source not in ("input", "output"):
+        raise ValueError(f"fpn.extra_source must be 'input' or 'output', got {cfg.extra_source!r}")
+    c = cfg.out_channels
+    k = rng.split(key, 8)
+    conv = lambda key, c_out, c_in, size: nn.init.conv(key, c_out, c_in, size, "xavier_uniform", bias=True)  # noqa: E731
+    p6_in = in_channels[2] if cfg.extra_source == "input" else c
+    return {
+        "lateral": {str(i): conv(k[i], c, in_channels[i], 1) for i in range(3)},
+        "output": {str(i): conv(k[3 + i], c, c, 3) for i in range(3)},
+        "p6": conv(k[6], c, p6_in, 3),
+        "p7": conv(k[7], c, c, 3),
+    }
+
+
+def apply(params: dict, feats: dict[str, torch.Tensor], cfg) -> list[torch.Tensor]:
+    """feats: {'C3': [B, c3, H/8, W/8], 'C4': ..., 'C5': ...} ->
+    [P3 [B, C, H/8, W/8], P4, P5, P6 [B, C, H/64, W/64], P7 [B, C, H/128, W/128]] (sizes rounded up)."""
+    inputs = [feats["C3"], feats["C4"], feats["C5"]]
+    laterals = [nn.conv2d(params["lateral"][str(i)], x) for i, x in enumerate(inputs)]
+    for i in (2, 1):
+        finer = laterals[i - 1]
+        laterals[i - 1] = finer + nn.upsample_nearest(laterals[i], finer.shape[-2:])
+    outs = [nn.conv2d(params["output"][str(i)], x, padding=1) for i, x in enumerate(laterals)]
+    p6_source = inputs[2] if cfg.extra_source == "input" else outs[2]
+    p6 = nn.conv2d(params["p6"], p6_source, stride=2, padding=1)
+    p7_source = nn.relu(p6) if cfg.relu_before_extra else p6
+    p7 = nn.conv2d(params["p7"], p7_source, stride=2, padding=1)
+    return outs + [p6, p7]

@@ -1,0 +1,70 @@
+"""RetinaNet's head, shared over the pyramid levels, as pure functions.
+
+Two towers of `stacked_convs` 3x3 convs (+ optional GroupNorm) + ReLU, then a classification conv to
+n_anchors * K channels and a regression conv to n_anchors * 4. Init: N(0, 0.01) weights, zero biases,
+and the classification bias set to -log((1 - prior) / prior) so every anchor starts at probability
+`prior` (without it the focal loss of ~200k background anchors swamps the first steps).
+
+Outputs are flattened in mmdetection's anchor order: level, then row y, column x, then anchor a, with
+channel a * K + k for class k (the layout of mmdetection's retina_cls and torchvision's cls_logits).
+
+Parameters: {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'}; each tower conv is
+{'weight', 'bias'} or, with GroupNorm, {'weight', 'norm': {'weight', 'bias'}} (no conv bias).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retina_fn import nn, rng
+
+
+def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg) -> dict:
+    """cfg = model_cfg.head."""
+    if cfg.norm not in ("none", "gn"):
+        raise ValueError(f"head.norm must be 'none' or 'gn', got {cfg.norm!r}")
+    gn = cfg.norm == "gn"
+    keys = iter(rng.split(key, 2 * cfg.stacked_convs + 2))
+
+    def tower():
+        convs, c_in = {}, in_channels
+        for i in range(cfg.stacked_convs):
+            p = nn.init.conv(next(keys), cfg.feat_channels, c_in, 3, "normal", bias=not gn, std=0.01)
+            if gn:
+                p["norm"] = {"weight": nn.init.constant((cfg.feat_channels,), 1.0),
+                             "bias": nn.init.constant((cfg.feat_channels,), 0.0)}
+            convs[str(i)] = p
+            c_in = cfg.feat_channels
+        return convs
+
+    cls_convs, reg_convs = tower(), tower()
+    cls_logits = nn.init.conv(next(keys), num_anchors * num_classes, cfg.feat_channels, 3, "normal", std=0.01)
+    cls_logits["bias"] = nn.init.prior_prob_bias((num_anchors * num_classes,), cfg.prior_prob)
+    bbox_reg = nn.init.conv(next(keys), num_anchors * 4, cfg.feat_channels, 3, "normal", bias=True, std=0.01)
+    return {"cls_convs": cls_convs, "reg_convs": reg_convs, "cls_logits": cls_logits, "bbox_reg": bbox_reg}
+
+
+def _tower(convs: dict, x: torch.Tensor, cfg) -> torch.Tensor:
+    for i in range(len(convs)):
+        p = convs[str(i)]
+        x = nn.conv2d(p, x, padding=1)
+        if "norm" in p:
+            x = nn.group_norm(p["norm"], x, cfg.gn_groups)
+        x = nn.relu(x)
+    return x
+
+
+def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
+    """[B, n*c, H, W] -> [B, H*W*n, c] (row-major cells, anchor innermost)."""
+    b, _, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w * (x.shape[1] // per_anchor), per_anchor)
+
+
+def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """levels: [P3 .. P7], each [B, C, h_l, w_l] ->
+    (cls_logits [B, A, K], box_deltas [B, A, 4]) with A = sum_l h_l * w_l * n_anchors."""
+    logits, deltas = [], []
+    for x in levels:
+        logits.append(_flatten(nn.conv2d(params["cls_logits"], _tower(params["cls_convs"], x, cfg), padding=1), num_classes))
+        deltas.append(_flatten(nn.conv2d(params["bbox_reg"], _tower(params["reg_convs"], x, cfg), padding=1), 4))
+    return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)

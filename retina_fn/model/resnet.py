@@ -1,0 +1,122 @@
+"""ResNet backbones (18, 34, 50, 101, 152) as pure functions over a parameter dict.
+
+Parameter names follow torchvision's ResNet ('conv1', 'bn1', 'layer1'/'0'/'conv1', 'downsample'/'0'...),
+so an ImageNet checkpoint maps on by path alone. Batch norm is always frozen (stored statistics): the
+functional design has no mutable state, and detection fine-tuning keeps BN statistics fixed anyway
+(mmdetection's norm_eval=True, detectron2's FrozenBN).
+
+Config fields (cfg = model_cfg.backbone):
+  depth: 18 | 34 | 50 | 101 | 152
+  style: 'pytorch' (stride on the 3x3 conv, torchvision) | 'caffe' (stride on the first 1x1 conv)
+  bn_eps: float, 1e-5 (torchvision's RetinaNet v1 checkpoint expects 0.0)
+  frozen_stages, norm_affine_trainable: read by `trainable_mask`, not by `apply`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retina_fn import nn, rng
+
+BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+def is_bottleneck(depth: int) -> bool:
+    return depth >= 50
+
+
+def out_channels(depth: int) -> tuple[int, int, int, int]:
+    """Channels of C2..C5: (256, 512, 1024, 2048) for bottleneck ResNets, (64, ..., 512) otherwise."""
+    expansion = 4 if is_bottleneck(depth) else 1
+    return tuple(w * expansion for w in STAGE_WIDTHS)
+
+
+def _check(cfg) -> None:
+    if cfg.depth not in BLOCKS:
+        raise ValueError(f"backbone.depth must be one of {sorted(BLOCKS)}, got {cfg.depth}")
+    if cfg.style not in ("pytorch", "caffe"):
+        raise ValueError(f"backbone.style must be 'pytorch' or 'caffe', got {cfg.style!r}")
+
+
+def init(key: rng.Key, cfg) -> dict:
+    """Parameters of the ResNet body without its classifier (torchvision init: He normal fan_out,
+    BN weight 1 and bias 0)."""
+    _check(cfg)
+    bottleneck = is_bottleneck(cfg.depth)
+    keys = iter(rng.split(key, 512))
+    params: dict = {
+        "conv1": nn.init.conv(next(keys), 64, 3, 7),
+        "bn1": nn.init.batch_norm(64),
+    }
+    c_in = 64
+    for stage, (n_blocks, width) in enumerate(zip(BLOCKS[cfg.depth], STAGE_WIDTHS), start=1):
+        c_out = width * (4 if bottleneck else 1)
+        blocks = {}
+        for i in range(n_blocks):
+            if bottleneck:
+                block = {
+                    "conv1": nn.init.conv(next(keys), width, c_in, 1),
+                    "bn1": nn.init.batch_norm(width),
+                    "conv2": nn.init.conv(next(keys), width, width, 3),
+                    "bn2": nn.init.batch_norm(width),
+                    "conv3": nn.init.conv(next(keys), c_out, width, 1),
+                    "bn3": nn.init.batch_norm(c_out),
+                }
+            else:
+                block = {
+                    "conv1": nn.init.conv(next(keys), width, c_in, 3),
+                    "bn1": nn.init.batch_norm(width),
+                    "conv2": nn.init.conv(next(keys), width, width, 3),
+                    "bn2": nn.init.batch_norm(width),
+                }
+            if i == 0 and (c_in != c_out or stage > 1):
+                block["downsample"] = {"0": nn.init.conv(next(keys), c_out, c_in, 1), "1": nn.init.batch_norm(c_out)}
+            blocks[str(i)] = block
+            c_in = c_out
+        params[f"layer{stage}"] = blocks
+    return params
+
+
+def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, caffe: bool, eps: float) -> torch.Tensor:
+    identity = x
+    if bottleneck:
+        s1, s2 = (stride, 1) if caffe else (1, stride)
+        y = nn.relu(nn.frozen_batch_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=s1), eps))
+        y = nn.relu(nn.frozen_batch_norm(p["bn2"], nn.conv2d(p["conv2"], y, stride=s2, padding=1), eps))
+        y = nn.frozen_batch_norm(p["bn3"], nn.conv2d(p["conv3"], y), eps)
+    else:
+        y = nn.relu(nn.frozen_batch_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=stride, padding=1), eps))
+        y = nn.frozen_batch_norm(p["bn2"], nn.conv2d(p["conv2"], y, padding=1), eps)
+    if "downsample" in p:
+        ds = p["downsample"]
+        identity = nn.frozen_batch_norm(ds["1"], nn.conv2d(ds["0"], x, stride=stride), eps)
+    return nn.relu(y + identity)
+
+
+def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """x: [B, 3, H, W] -> {'C2': [B, c2, H/4, W/4], 'C3': .../8, 'C4': .../16, 'C5': [B, c5, H/32, W/32]}
+    (sizes rounded up; channels from `out_channels(depth)`)."""
+    _check(cfg)
+    bottleneck = is_bottleneck(cfg.depth)
+    caffe = cfg.style == "caffe"
+    eps = float(cfg.bn_eps)
+    x = nn.relu(nn.frozen_batch_norm(params["bn1"], nn.conv2d(params["conv1"], x, stride=2, padding=3), eps))
+    x = nn.max_pool2d(x, 3, 2, 1)
+    feats = {}
+    for stage in range(1, 5):
+        blocks = params[f"layer{stage}"]
+        for i in range(len(blocks)):
+            stride = 2 if (i == 0 and stage > 1) else 1
+            x = _block(blocks[str(i)], x, stride, bottleneck, caffe, eps)
+        feats[f"C{stage + 1}"] = x
+    return feats
+
+
+def frozen_prefixes(cfg) -> tuple[str, ...]:
+    """Path prefixes (within the backbone) that `frozen_stages` freezes: the stem for >= 0, then
+    layer1..layerN. mmdetection's frozen_stages=1 freezes the stem and layer1."""
+    n = int(cfg.frozen_stages)
+    if n < 0:
+        return ()
+    return ("conv1/", "bn1/") + tuple(f"layer{i}/" for i in range(1, n + 1))

@@ -1,0 +1,48 @@
+"""Pure layers: each takes its parameters as a dict of tensors and returns a new tensor.
+
+Parameter dicts use torch's names ('weight', 'bias', 'running_mean', 'running_var') so checkpoints from
+torchvision and mmdetection map onto them by renaming prefixes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+
+
+def conv2d(p: Params, x: torch.Tensor, stride: int = 1, padding: int = 0, groups: int = 1) -> torch.Tensor:
+    """2-D convolution. p['weight']: [C_out, C_in/groups, kh, kw], optional p['bias']: [C_out].
+    x: [B, C_in, H, W] -> [B, C_out, H', W']."""
+    return F.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=padding, groups=groups)
+
+
+def frozen_batch_norm(p: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Batch norm with stored statistics, as one per-channel affine:
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+    The statistics never change (no mutable state); weight and bias may still be trained.
+    torchvision's RetinaNet v1 checkpoint expects eps = 0. x: [B, C, H, W] -> same shape."""
+    scale = p["weight"] * torch.rsqrt(p["running_var"] + eps)
+    shift = p["bias"] - p["running_mean"] * scale
+    return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+
+def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """Group normalisation with affine p['weight'], p['bias']: [C]. x: [B, C, H, W] -> same shape."""
+    return F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """max(x, 0), out of place."""
+    return F.relu(x)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
+    """Max pooling. x: [B, C, H, W] -> [B, C, H', W']."""
+    return F.max_pool2d(x, kernel_size, stride, padding)
+
+
+def upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize to exactly `size` = (H, W) (FPN's top-down path). x: [B, C, h, w]."""
+    return F.interpolate(x, size=size, mode="nearest")

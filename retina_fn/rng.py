@@ -1,0 +1,119 @@
+"""Explicit random keys in the JAX manner.
+
+A key is an int64 tensor of shape [2] holding two 32-bit words. Keys are derived from each other by
+integer hashing written with plain tensor ops (xor, shifts, multiplies by constants below 2**31 so no
+product overflows int64), so the same key gives the same numbers on every process, platform and device,
+eagerly or compiled. Nothing here touches torch's or numpy's global generators.
+
+    root = rng.key(0)
+    init_key, data_key = rng.split(root)          # [2, 2]: two independent keys
+    epoch_key = rng.fold_in(data_key, epoch)      # deterministic per epoch
+    gen = rng.numpy_generator(rng.fold_in(epoch_key, index))   # host-side augmentation
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+Key = torch.Tensor  # int64[..., 2], each word in [0, 2**32)
+
+_M32 = 0xFFFFFFFF
+_SPLIT_TAG = 0x5BD1E995
+_FOLD_TAG = 0x1B873593
+_BITS_TAG = 0x68E31DA4
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (xorshift-multiply); x holds values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
+    """Mixes `data` (int64, any shape broadcastable with key[..., 0]) into `key` -> new key words."""
+    k0, k1 = key[..., 0], key[..., 1]
+    d = data & _M32
+    a = _mix32(k0 ^ _mix32(d ^ tag))
+    b = _mix32(k1 ^ _mix32((a + d) & _M32))
+    a = _mix32(a ^ _mix32((b + tag) & _M32))
+    return torch.stack([a, b], dim=-1)
+
+
+def key(seed: int) -> Key:
+    """A root key from a non-negative integer seed below 2**64. Shape [2], int64."""
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    raw = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
+    return _hash(raw, torch.tensor(0, dtype=torch.int64), _FOLD_TAG)
+
+
+def split(key: Key, num: int = 2) -> Key:
+    """`num` new independent keys from `key`: shape [num, 2]. Unpack with `a, b = split(k)`."""
+    idx = torch.arange(num, dtype=torch.int64, device=key.device)
+    return _hash(key.unsqueeze(0).expand(num, 2), idx, _SPLIT_TAG)
+
+
+def fold_in(key: Key, data: int | torch.Tensor) -> Key:
+    """A new key determined by `key` and a non-negative integer below 2**63 (a step, an epoch, an
+    image index, a rank); `data` may be a 0-d int64 tensor, so a step counter needs no host sync."""
+    if isinstance(data, int) and data < 0:
+        raise ValueError(f"fold_in data must be non-negative, got {data}")
+    d = torch.as_tensor(data, dtype=torch.int64, device=key.device)
+    if d.ndim != 0:
+        raise ValueError("fold_in takes one integer; use split for several keys")
+    return _hash(_hash(key, d, _FOLD_TAG), d >> 32, _FOLD_TAG)
+
+
+def _words(key: Key, n: int) -> torch.Tensor:
+    """[n, 2] independent 32-bit words (as int64) from counters 0..n-1."""
+    counter = torch.arange(n, dtype=torch.int64, device=key.device)
+    return _hash(key.unsqueeze(0).expand(n, 2), counter, _BITS_TAG)
+
+
+def bits(key: Key, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform 32-bit words as int64 of the given shape: a pure function of the key."""
+    n = math.prod(shape)
+    return _words(key, (n + 1) // 2).reshape(-1)[:n].reshape(shape)
+
+
+def uniform(key: Key, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform floats in [0, 1) from the top 24 bits of `bits` (exact in float32)."""
+    return ((bits(key, shape) >> 8).to(torch.float64) / float(1 << 24)).to(dtype)
+
+
+def uniform_pair(key: Key, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent float64 uniform tensors in [0, 1), from the two words of one hash per element."""
+    w = _words(key, math.prod(shape)) >> 8
+    u = w.to(torch.float64) / float(1 << 24)
+    return u[:, 0].reshape(shape), u[:, 1].reshape(shape)
+
+
+def bernoulli(key: Key, p: float, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Boolean tensor, True with probability p."""
+    return uniform(key, shape, torch.float64) < p
+
+
+def to_int(key: Key) -> int:
+    """The key as one 64-bit integer (host side; a sync if the key is on an accelerator)."""
+    k0, k1 = (int(v) for v in key.reshape(2).tolist())
+    return (k0 << 32) | k1
+
+
+def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from the key, for host-side sampling with torch."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(to_int(key))
+    return gen
+
+
+def numpy_generator(key: Key) -> np.random.Generator:
+    """A numpy Generator (PCG64) seeded from the key, for host-side data augmentation."""
+    k0, k1 = (int(v) for v in key.reshape(2).tolist())
+    return np.random.Generator(np.random.PCG64([k0, k1]))

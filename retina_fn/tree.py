@@ -1,0 +1,122 @@
+"""The project's one pytree wrapper, over optree.
+
+Containers are dicts and NamedTuples only: both optree and torch's own pytree (used by torch.func) know
+them, so a tree built here passes through `torch.func.grad` unchanged. Dict keys are visited in sorted
+order, which gives every flat view (checkpoints, coalesced all-reduce buffers) one fixed order on every
+process. Paths are '/'-joined keys, e.g. 'backbone/layer1/0/conv1/weight'.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+Tree = Any
+SEP = "/"
+
+
+def map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - mirrors jax.tree.map
+    """Applies `fn` leafwise over `tree` and trees of the same structure in `rest`."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def leaves(tree: Tree) -> list:
+    """The leaves of `tree` in the fixed (sorted-key) order."""
+    return optree.tree_leaves(tree)
+
+
+def _entry_name(entry) -> str:
+    field = getattr(entry, "field", None)
+    return str(field if field is not None else entry.entry)
+
+
+def paths(tree: Tree) -> list[str]:
+    """'/'-joined path of every leaf, in the same order as `leaves`."""
+    return [SEP.join(_entry_name(e) for e in acc) for acc in optree.tree_accessors(tree)]
+
+
+def leaves_with_paths(tree: Tree) -> list[tuple[str, Any]]:
+    """[(path, leaf)] in the fixed order."""
+    return list(zip(paths(tree), leaves(tree)))
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Tree) -> Tree:
+    """Like `map`, but `fn(path, leaf)` also sees the leaf's '/'-joined path."""
+    values = [fn(p, x) for p, x in leaves_with_paths(tree)]
+    return optree.tree_unflatten(optree.tree_structure(tree), values)
+
+
+def flatten_by_path(tree: Tree) -> dict[str, Any]:
+    """A flat {path: leaf} dict in the fixed order (what checkpoints store)."""
+    return dict(leaves_with_paths(tree))
+
+
+def unflatten_by_path(flat: dict[str, Any]) -> dict:
+    """Inverse of `flatten_by_path` for trees made of nested dicts: {'a/b': x} -> {'a': {'b': x}}."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split(SEP)
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"path {path!r} runs through the leaf at {key!r}")
+        if last in node:
+            raise ValueError(f"path {path!r} given twice")
+        node[last] = leaf
+    return out
+
+
+def filter(tree: dict, keep: Callable[[str, Any], bool]) -> dict:  # noqa: A001
+    """The nested-dict subtree of the leaves for which `keep(path, leaf)` holds."""
+    return unflatten_by_path({p: x for p, x in leaves_with_paths(tree) if keep(p, x)})
+
+
+def merge(*trees: dict) -> dict:
+    """Deep union of nested-dict trees with disjoint leaves; inverse of splitting with `filter`."""
+    flat: dict[str, Any] = {}
+    for t in trees:
+        for p, x in leaves_with_paths(t):
+            if p in flat:
+                raise ValueError(f"leaf {p!r} is in more than one tree")
+            flat[p] = x
+    return unflatten_by_path(flat)
+
+
+def global_norm(tree: Tree) -> torch.Tensor:
+    """sqrt(sum of squares) over all floating leaves, as a 0-d float32 tensor (no host sync)."""
+    sq = [torch.sum(torch.square(x.float())) for x in leaves(tree) if torch.is_floating_point(x)]
+    if not sq:
+        return torch.zeros(())
+    return torch.sqrt(torch.stack(sq).sum())
+
+
+def size(tree: Tree) -> int:
+    """Total number of elements over all tensor leaves."""
+    return sum(x.numel() for x in leaves(tree))
+
+
+def cast(tree: Tree, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tree:
+    """Moves every tensor leaf to `device`; floating leaves (only) also to `dtype`."""
+
+    def one(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        target = dtype if (dtype is not None and torch.is_floating_point(x)) else x.dtype
+        return x.to(device=device, dtype=target)
+
+    return map(one, tree)
+
+
+def structure_str(tree: Tree) -> str:
+    """One line per leaf, 'path shape dtype'; for error messages and logs."""
+    return "\n".join(f"{p} {tuple(x.shape)} {x.dtype}" for p, x in leaves_with_paths(tree))
+
+
+def all_equal(a: Tree, b: Tree) -> bool:
+    """True when both trees have the same paths and bitwise-equal tensor leaves."""
+    fa, fb = flatten_by_path(a), flatten_by_path(b)
+    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
