@@ -120,3 +120,14 @@ def all_equal(a: Tree, b: Tree) -> bool:
     fa, fb = flatten_by_path(a), flatten_by_path(b)
     return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
+
+
+def unflatten_like(like: Tree, flat: dict[str, Any]) -> Tree:
+    """A tree with the structure of `like` (NamedTuples included) whose leaf at each path is flat[path].
+    Raises KeyError naming the first path `flat` lacks."""
+    values = []
+    for p in paths(like):
+        if p not in flat:
+            raise KeyError(f"no value for {p!r}")
+        values.append(flat[p])
+    return optree.tree_unflatten(optree.tree_structure(like), values)

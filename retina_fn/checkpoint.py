@@ -1,0 +1,128 @@
+"""Checkpoints of a train state: atomic, verified, weights-only, the last K kept.
+
+A checkpoint is one file `ckpt_<step>.pt` holding {'format', 'step', 'state': {path: tensor}, 'meta'}
+where 'meta' is plain JSON-able data (the resolved config, the label map, the data position). It is
+written to a temporary file in the same directory, flushed and fsync'ed, then renamed over the final
+name, so a crash leaves either the old set of checkpoints or the new one, never a half-written file
+under a checkpoint name. A sidecar `ckpt_<step>.sha256` holds the file's digest; reading verifies it
+and falls back to the previous checkpoint (with a warning naming the bad file) when a file is
+truncated, corrupt or unreadable. Files are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from typing import Any, NamedTuple
+
+import torch
+
+from retina_fn import tree
+
+FORMAT = "retina_fn.checkpoint/1"
+_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file exists but cannot be trusted (truncated, digest mismatch, wrong content)."""
+
+
+class Restored(NamedTuple):
+    path: str
+    step: int
+    state: dict  # nested dicts of tensors
+    meta: dict
+
+
+def path_for(directory: str, step: int) -> str:
+    return os.path.join(directory, f"ckpt_{step:09d}.pt")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = None, keep: int = 3) -> str:
+    """Writes `state` (nested dicts of tensors) and `meta` (JSON-able) as checkpoint `step`, then deletes
+    all but the newest `keep` checkpoints. Returns the path. Tensors are copied to the CPU."""
+    os.makedirs(directory, exist_ok=True)
+    flat = {p: x.detach().to("cpu").clone() if isinstance(x, torch.Tensor) else x
+            for p, x in tree.flatten_by_path(state).items()}
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "step": int(step), "state": flat, "meta": meta or {}}, buffer)
+    data = buffer.getvalue()
+    path = path_for(directory, step)
+    _atomic_write(path, data)
+    _atomic_write(path[:-3] + ".sha256", hashlib.sha256(data).hexdigest().encode())
+    for old in list_checkpoints(directory)[keep:]:
+        for f in (old, old[:-3] + ".sha256"):
+            if os.path.exists(f):
+                os.remove(f)
+    return path
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Checkpoint paths in `directory`, newest (highest step) first."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted((n for n in os.listdir(directory) if _NAME.match(n)), reverse=True)
+    return [os.path.join(directory, n) for n in names]
+
+
+def load(path: str) -> Restored:
+    """Reads and verifies one checkpoint file. Raises CorruptCheckpoint naming the file on any problem."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CorruptCheckpoint(f"{path}: cannot read: {e}") from e
+    digest_file = path[:-3] + ".sha256"
+    if os.path.exists(digest_file):
+        with open(digest_file, "rb") as f:
+            expected = f.read().decode().strip()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CorruptCheckpoint(f"{path}: content does not match its digest (truncated or corrupt file)")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling raises many types; name the file in one error
+        raise CorruptCheckpoint(f"{path}: not a readable checkpoint: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path}: not a {FORMAT} file")
+    return Restored(path, int(obj["step"]), tree.unflatten_by_path(obj["state"]), obj["meta"])
+
+
+def restore_latest(directory: str) -> Restored | None:
+    """The newest checkpoint of `directory` that reads and verifies; a bad one is reported and the
+    previous one used. None when there is no usable checkpoint."""
+    for path in list_checkpoints(directory):
+        try:
+            return load(path)
+        except CorruptCheckpoint as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def restore_into(restored: dict, like: Any, source: str) -> Any:
+    """`restored` (nested dicts, as `load` gives) rebuilt with the structure of the template `like`
+    (NamedTuples included). Raises ValueError listing every path or shape that differs."""
+    a, b = tree.flatten_by_path(restored), tree.flatten_by_path(like)
+    problems = [f"missing {p}" for p in b if p not in a] + [f"unexpected {p}" for p in a if p not in b]
+    problems += [f"{p}: {tuple(a[p].shape)} vs expected {tuple(b[p].shape)}"
+                 for p in a if p in b and isinstance(a[p], torch.Tensor) and a[p].shape != b[p].shape]
+    if problems:
+        raise ValueError(f"{source} does not fit this configuration:\n  " + "\n  ".join(problems[:40]))
+    return tree.unflatten_like(like, a)
