@@ -43,10 +43,10 @@ def area(b: torch.Tensor) -> torch.Tensor:
 
 
 def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    return wh[..., 0] * wh[..., 1]
+    # width and height separately: no [..., N, M, 2] intermediates, about half the peak memory
+    iw = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0]))
+    ih = (torch.minimum(a[..., :, None, 3], b[..., None, :, 3]) - torch.maximum(a[..., :, None, 1], b[..., None, :, 1]))
+    return iw.clamp(min=0) * ih.clamp(min=0)
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.Tensor:
@@ -56,14 +56,14 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.T
     mode 'iof': intersection / area(a), intersection over the *first* argument's area, floored at 1e-6
     (used for crowd regions: how much of an anchor a crowd box covers).
     """
+    if mode not in ("iou", "iof"):
+        raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
     inter = _pairwise_intersection(a, b)
     area_a = area(a)[..., :, None]
     if mode == "iou":
         denom = area_a + area(b)[..., None, :] - inter
-    elif mode == "iof":
-        denom = area_a.expand_as(inter)
     else:
-        raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
+        denom = area_a.expand_as(inter)
     return inter / denom.clamp(min=_UNION_EPS)
 
 

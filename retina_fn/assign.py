@@ -1,0 +1,128 @@
+"""Anchor-to-ground-truth assignment: mmdetection 2.9.0's MaxIoUAssigner followed by its PseudoSampler
+(every positive and negative is kept), batched over padded ground truth with no loop over images or boxes.
+
+Per image, on the valid anchors only and with the valid ground truth only:
+  1. IoU of every anchor with every gt. With ignore_iof_thr > 0, an anchor whose largest IoF
+     (intersection / anchor area) with a valid crowd box exceeds the threshold gets IoU -1 with every gt.
+  2. Per anchor: max IoU and its gt (ties go to the lowest gt index).
+     negative if 0 <= max < neg_iou_thr; positive if max >= pos_iou_thr, matched to that gt.
+  3. Low-quality matches (match_low_quality): for each gt whose best IoU over the anchors is >= min_pos_iou
+     and > 0, every anchor whose IoU with it equals that best becomes positive.
+     low_quality 'mmdet': the anchor is matched to that gt, and the highest such gt index wins (mmdetection
+     loops over gts in order and later ones overwrite). 'torchvision' (Matcher with
+     allow_low_quality_matches): the anchor keeps its own argmax gt from step 2.
+     The '> 0' guard departs from both references in one degenerate case: a gt that overlaps no valid
+     anchor would otherwise claim every anchor with IoU 0 against it.
+  4. An image without valid gt: every valid anchor is negative (crowd boxes do not change that, as in
+     mmdetection, which skips its ignore step when there is no gt). Invalid anchors are neither.
+
+Config fields (cfg = model_cfg.assigner): pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality,
+low_quality ('mmdet' | 'torchvision'), ignore_iof_thr.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from retina_fn.boxes import pairwise_iou
+
+LOW_QUALITY_MODES = ("mmdet", "torchvision")
+
+
+class Assignment(NamedTuple):
+    """Per-anchor assignment for a batch; all [B, A]."""
+
+    positive: torch.Tensor  # bool: a foreground anchor
+    negative: torch.Tensor  # bool: a background anchor (neither positive nor negative: ignored)
+    matched: torch.Tensor  # int64: index into the G gt rows for positives, 0 elsewhere
+    max_iou: torch.Tensor  # float32: largest IoU with a valid gt; -1 for invalid or crowd-ignored anchors
+    # and for every anchor of an image without gt
+
+
+def _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignore_valid) -> None:
+    if anchors.dim() != 2 or anchors.shape[-1] != 4:
+        raise ValueError(f"anchors must have shape [A, 4], got {tuple(anchors.shape)}")
+    if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"gt_boxes must have shape [B, G, 4], got {tuple(gt_boxes.shape)}")
+    b, a = gt_boxes.shape[0], anchors.shape[0]
+    if tuple(anchor_valid.shape) != (b, a) or anchor_valid.dtype != torch.bool:
+        raise ValueError(f"anchor_valid must be bool [B, A] = [{b}, {a}], got {anchor_valid.dtype} "
+                         f"{tuple(anchor_valid.shape)}")
+    if tuple(gt_valid.shape) != tuple(gt_boxes.shape[:2]) or gt_valid.dtype != torch.bool:
+        raise ValueError(f"gt_valid must be bool [B, G] = {list(gt_boxes.shape[:2])}, got {gt_valid.dtype} "
+                         f"{tuple(gt_valid.shape)}")
+    if (ignore_boxes is None) != (ignore_valid is None):
+        raise ValueError("ignore_boxes and ignore_valid must be given together")
+    if ignore_boxes is not None:
+        if ignore_boxes.dim() != 3 or ignore_boxes.shape[0] != b or ignore_boxes.shape[-1] != 4:
+            raise ValueError(f"ignore_boxes must have shape [B={b}, Gi, 4], got {tuple(ignore_boxes.shape)}")
+        if tuple(ignore_valid.shape) != tuple(ignore_boxes.shape[:2]) or ignore_valid.dtype != torch.bool:
+            raise ValueError(f"ignore_valid must be bool [B, Gi] = {list(ignore_boxes.shape[:2])}, got "
+                             f"{ignore_valid.dtype} {tuple(ignore_valid.shape)}")
+
+
+def _check_cfg(cfg) -> None:
+    if cfg.low_quality not in LOW_QUALITY_MODES:
+        raise ValueError(f"model.assigner.low_quality must be one of {LOW_QUALITY_MODES}, got {cfg.low_quality!r}")
+
+
+def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_valid: torch.Tensor,
+                  iof_thr: float) -> torch.Tensor:
+    """[B, A] bool: anchors [A, 4] whose largest IoF (intersection / anchor area) with a valid crowd box
+    of ignore_boxes [B, Gi, 4] (mask ignore_valid [B, Gi]) exceeds iof_thr."""
+    iof = pairwise_iou(anchors, ignore_boxes.float(), mode="iof")  # [B, A, Gi]
+    iof = iof.masked_fill(~ignore_valid[:, None, :], -1.0)
+    if iof.shape[-1] == 0:
+        return torch.zeros(iof.shape[:2], dtype=torch.bool, device=iof.device)
+    return iof.amax(dim=-1) > iof_thr
+
+
+def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True along the last dim of a bool [..., G] mask (0 where there is none)."""
+    g = mask.shape[-1]
+    return (g - 1) - torch.argmax(mask.flip(-1).to(torch.uint8), dim=-1)
+
+
+def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
+           cfg, ignore_boxes: torch.Tensor | None = None, ignore_valid: torch.Tensor | None = None) -> Assignment:
+    """Assigns anchors [A, 4] to padded ground truth gt_boxes [B, G, 4] (mask gt_valid [B, G]).
+
+    anchor_valid [B, A]: the anchors taking part (see anchors.valid_flags). ignore_boxes [B, Gi, 4] with
+    ignore_valid [B, Gi]: crowd regions, used only when cfg.ignore_iof_thr > 0. cfg = model_cfg.assigner.
+    Returns an `Assignment` of [B, A] tensors; see the module docstring for the rules."""
+    _check_cfg(cfg)
+    _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignore_valid)
+    anchors = anchors.float()
+    num_gt = gt_boxes.shape[1]
+
+    # [B, A, G]; the one large float tensor here, edited in place to keep a single copy alive.
+    iou = pairwise_iou(anchors, gt_boxes.float())
+    excluded = ~anchor_valid
+    if ignore_boxes is not None and cfg.ignore_iof_thr > 0:
+        excluded = excluded | crowd_ignored(anchors, ignore_boxes, ignore_valid, cfg.ignore_iof_thr)
+    iou.masked_fill_(excluded[:, :, None] | ~gt_valid[:, None, :], -1.0)
+
+    has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]; without gt every IoU above is -1
+    if num_gt > 0:
+        max_iou, argmax = iou.max(dim=2)  # torch.max returns the first index among ties
+    else:
+        max_iou = torch.full(anchor_valid.shape, -1.0, device=iou.device)
+        argmax = torch.zeros(anchor_valid.shape, dtype=torch.int64, device=iou.device)
+
+    positive = max_iou >= cfg.pos_iou_thr
+    matched = argmax
+    if cfg.match_low_quality and num_gt > 0:
+        best_per_gt = iou.amax(dim=1, keepdim=True)  # [B, 1, G], over valid anchors
+        claims = (best_per_gt >= cfg.min_pos_iou) & (best_per_gt > 0)
+        low_quality = (iou == best_per_gt) & claims  # [B, A, G]; -1 entries never equal a claiming best
+        is_low_quality = low_quality.any(dim=2)
+        positive = positive | is_low_quality
+        if cfg.low_quality == "mmdet":
+            matched = torch.where(is_low_quality, _last_true_index(low_quality), argmax)
+    positive = positive & anchor_valid & has_gt
+    in_negative_band = (max_iou >= 0) & (max_iou < cfg.neg_iou_thr)
+    negative = anchor_valid & ~positive & (in_negative_band | ~has_gt)
+    matched = torch.where(positive, matched, torch.zeros_like(matched))
+    return Assignment(positive=positive, negative=negative, matched=matched, max_iou=max_iou)
