@@ -1,0 +1,277 @@
+"""COCO bbox evaluation (host side): detections -> COCO result dicts -> pycocotools COCOeval numbers.
+
+    results = detections_to_coco(boxes, scores, labels, image_ids, label_map)   # per batch, then gather
+    results = merge_results(per_rank_results)                                  # drop padded duplicates
+    metrics = evaluate(val_ann_file, results, img_ids=ids_that_were_run)
+
+Rules (pycocotools conventions, see the module's tests):
+- Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
+- Only images in `img_ids` are scored (all ground-truth images when None): an image that was run and
+  produced nothing still counts its ground truth as misses, an image never run does not.
+- Metrics are COCOeval's 12 summary numbers; -1 means the ground truth has no object in that setting
+  (for example no large object). With no detections at all every metric is 0 and COCOeval is not run
+  (`loadRes` fails on an empty list).
+- Crowd ground truth is an ignore region (COCOeval's own rule); keep it in the ground-truth file.
+- COCOeval caps detections at 100 per image *and category*; keep at most 100 per image before calling
+  (the post-processing's max_per_img) to follow the official protocol.
+- faster-coco-eval is used when installed and `use_faster` is true; it gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+METRIC_NAMES = (
+    "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
+    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Detections -> result dicts
+
+
+def _to_numpy(x, name: str, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, on any device
+        x = x.detach().cpu().numpy()
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: cannot be read as an array of {np.dtype(dtype).name}: {err}") from None
+
+
+def category_id_table(label_map: Any) -> list[int]:
+    """The file's category id of each contiguous class index, from any of: a sequence of ids; an object
+    with a `category_ids` or `cat_ids` attribute (e.g. retina_fn.data.coco.LabelMap) or a `to_dict()`
+    method; a mapping with a 'category_ids' or 'cat_ids' entry; a mapping {index: category id} with
+    keys 0..K-1."""
+    table = None
+    for attr in ("category_ids", "cat_ids"):
+        if not isinstance(label_map, Mapping) and hasattr(label_map, attr):
+            table = getattr(label_map, attr)
+            break
+    else:
+        if isinstance(label_map, Mapping):
+            if "category_ids" in label_map:
+                table = label_map["category_ids"]
+            elif "cat_ids" in label_map:
+                table = label_map["cat_ids"]
+            else:
+                keys = sorted(label_map)
+                if keys != list(range(len(keys))):
+                    raise ValueError(
+                        "label_map: a mapping must hold 'category_ids' or map class indices 0..K-1 to ids, "
+                        f"got keys {keys[:10]}"
+                    )
+                table = [label_map[k] for k in keys]
+        elif hasattr(label_map, "to_dict"):
+            return category_id_table(label_map.to_dict())
+        elif isinstance(label_map, (Sequence, np.ndarray)) and not isinstance(label_map, (str, bytes)):
+            table = label_map
+    if table is None:
+        raise ValueError(f"label_map: cannot find category ids in a {type(label_map).__name__}")
+    ids = []
+    for i, cid in enumerate(list(table)):
+        if isinstance(cid, (bool, np.bool_)) or not isinstance(cid, (int, np.integer)):
+            raise ValueError(f"label_map: category id of class {i} must be an integer, got {cid!r}")
+        ids.append(int(cid))
+    if not ids:
+        raise ValueError("label_map: no categories")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label_map: category ids repeat: {ids}")
+    return ids
+
+
+def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) -> list[dict]:
+    """COCO result dicts for a set of detections.
+
+    boxes [N, 4] xyxy in original-image pixels, scores [N], labels [N] contiguous class indices,
+    image_ids [N] the annotation file's image ids; valid [N] bool (optional) keeps only True rows.
+    Batched input works too: boxes [B, M, 4], scores/labels/valid [B, M], image_ids [B] or [B, M].
+    Rows whose image id is negative (padding slots of an evaluation batch) are dropped.
+    label_map: see `category_id_table`.
+
+    Returns [{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h], 'score': float}] with Python
+    numbers only (json.dump-able), in input order.
+    """
+    cat_ids = np.asarray(category_id_table(label_map), dtype=np.int64)
+    boxes = _to_numpy(boxes, "boxes", np.float64)
+    scores = _to_numpy(scores, "scores", np.float64)
+    labels = _to_numpy(labels, "labels", np.int64)
+    image_ids = _to_numpy(image_ids, "image_ids", np.int64)
+    if boxes.ndim < 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [..., 4], got {list(boxes.shape)}")
+    lead = boxes.shape[:-1]
+    if scores.shape != lead or labels.shape != lead:
+        raise ValueError(
+            f"scores {list(scores.shape)} and labels {list(labels.shape)} must have the boxes' leading shape "
+            f"{list(lead)}"
+        )
+    if image_ids.shape != lead:
+        if image_ids.shape == lead[:1] and len(lead) == 2:
+            image_ids = np.broadcast_to(image_ids[:, None], lead)
+        else:
+            raise ValueError(f"image_ids {list(image_ids.shape)} must have shape {list(lead)} or {list(lead[:1])}")
+    keep = image_ids >= 0
+    if valid is not None:
+        valid = _to_numpy(valid, "valid", bool)
+        if valid.shape != lead:
+            raise ValueError(f"valid {list(valid.shape)} must have shape {list(lead)}")
+        keep &= valid
+    boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
+
+    bad = np.flatnonzero((labels < 0) | (labels >= len(cat_ids)))
+    if bad.size:
+        raise ValueError(f"labels: class index {int(labels[bad[0]])} outside 0..{len(cat_ids) - 1} "
+                         f"(image id {int(image_ids[bad[0]])})")
+    bad = np.flatnonzero(~(np.isfinite(boxes).all(axis=1) & np.isfinite(scores)))
+    if bad.size:
+        raise ValueError(f"non-finite box or score for image id {int(image_ids[bad[0]])}: "
+                         f"box {boxes[bad[0]].tolist()}, score {float(scores[bad[0]])}")
+
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return [
+        {"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+        for i, c, b, s in zip(image_ids.tolist(), cat_ids[labels].tolist(), xywh.tolist(), scores.tolist())
+    ]
+
+
+def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
+    """Concatenates per-shard result lists, dropping an image's detections from a shard when an earlier
+    shard already had that image (padding of a distributed sampler evaluates some images twice).
+
+    Caveat: an image that produced no detections on its first shard is not known to that shard's list,
+    so a later duplicate's detections are kept; they are the same image's detections, so no harm.
+    """
+    merged: list[dict] = []
+    seen: set[int] = set()
+    for results in result_lists:
+        shard_ids = set()
+        for r in results:
+            image_id = int(r["image_id"])
+            if image_id not in seen:
+                merged.append(r)
+                shard_ids.add(image_id)
+        seen |= shard_ids
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def faster_coco_eval_backend():
+    """(COCO, COCOeval_faster) from faster-coco-eval when it imports, else None. Never required."""
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+    except Exception:  # absent, or a broken build: fall back to pycocotools
+        return None
+    return COCO, COCOeval_faster
+
+
+def _pycocotools():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def _load_ground_truth(coco_gt, coco_cls, out: io.StringIO):
+    """A `coco_cls` instance from a path, a COCO-format dict, or a COCO object of either library."""
+    if isinstance(coco_gt, coco_cls):
+        return coco_gt
+    if isinstance(coco_gt, (str, os.PathLike)):
+        path = os.fspath(coco_gt)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
+        with contextlib.redirect_stdout(out):
+            return coco_cls(path)
+    if isinstance(coco_gt, Mapping):
+        dataset = dict(coco_gt)
+    elif hasattr(coco_gt, "dataset") and isinstance(coco_gt.dataset, Mapping):
+        dataset = coco_gt.dataset
+    else:
+        raise ValueError(f"coco_gt must be a path, a COCO dict or a COCO object, got {type(coco_gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise ValueError(f"coco_gt: the ground truth has no '{key}' list")
+    gt = coco_cls()
+    # loadRes copies the image list from here, so keep the caller's structure untouched.
+    gt.dataset = copy.deepcopy(dict(dataset))
+    with contextlib.redirect_stdout(out):
+        gt.createIndex()
+    return gt
+
+
+def _check_results(results: Sequence[dict], gt) -> None:
+    image_ids = set(gt.getImgIds())
+    cat_ids = set(gt.getCatIds())
+    for i, r in enumerate(results):
+        if not isinstance(r, Mapping):
+            raise ValueError(f"results[{i}] is not a dict")
+        missing = {"image_id", "category_id", "bbox", "score"} - set(r)
+        if missing:
+            raise ValueError(f"results[{i}] lacks {sorted(missing)}")
+        if r["image_id"] not in image_ids:
+            raise ValueError(f"results[{i}]: image id {r['image_id']} is not in the ground truth")
+        if r["category_id"] not in cat_ids:
+            raise ValueError(f"results[{i}]: category id {r['category_id']} is not in the ground truth's "
+                             f"categories {sorted(cat_ids)} (a contiguous index written instead of an id?)")
+        bbox = r["bbox"]
+        if len(bbox) != 4 or not all(math.isfinite(float(v)) for v in bbox):
+            raise ValueError(f"results[{i}]: bbox must be 4 finite numbers [x, y, w, h], got {bbox}")
+
+
+def _eval_image_ids(img_ids, gt) -> list[int]:
+    known = set(gt.getImgIds())
+    if img_ids is None:
+        return sorted(known)
+    ids = sorted({int(i) for i in img_ids})
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ValueError(f"img_ids: {len(unknown)} ids not in the ground truth, e.g. {unknown[:5]}")
+    return ids
+
+
+def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True):
+    """Like `evaluate`, and also returns COCOeval's printed summary: (metrics, summary text)."""
+    backend = faster_coco_eval_backend() if use_faster else None
+    coco_cls, eval_cls = backend if backend is not None else _pycocotools()
+    out = io.StringIO()
+    gt = _load_ground_truth(coco_gt, coco_cls, out)
+    eval_ids = _eval_image_ids(img_ids, gt)
+    _check_results(results, gt)
+    evaluated = set(eval_ids)
+    if not eval_ids or not any(r["image_id"] in evaluated for r in results):
+        return {name: 0.0 for name in METRIC_NAMES}, "no detections on the evaluated images: every metric is 0\n"
+    with contextlib.redirect_stdout(out):
+        # loadRes writes 'area', 'id' and 'iscrowd' into the dicts it gets: give it copies.
+        dt = gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
+        if backend is not None:
+            coco_eval = eval_cls(gt, dt, iouType="bbox", print_function=print)
+        else:
+            coco_eval = eval_cls(gt, dt, iouType="bbox")
+        coco_eval.params.imgIds = eval_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = np.asarray(coco_eval.stats, dtype=np.float64)[: len(METRIC_NAMES)]
+    return {name: float(v) for name, v in zip(METRIC_NAMES, stats)}, out.getvalue()
+
+
+def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:
+    """COCO bbox metrics of `results` against the ground truth.
+
+    coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
+    results: result dicts (see `detections_to_coco`), gathered from every rank and de-duplicated.
+    img_ids: the image ids that were run (default: every ground-truth image).
+    Returns {name: float} for METRIC_NAMES (bbox_mAP, bbox_mAP_50, ..., AR_l); nothing is printed.
+    """
+    return evaluate_with_summary(coco_gt, results, img_ids, use_faster)[0]
