@@ -1,0 +1,123 @@
+"""A map-style torch Dataset from SampleRefs to transformed samples (one image each, numpy arrays).
+
+The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), derived here from the
+SampleRef, so the pixels and boxes of a sample do not depend on the number of workers or replicas.
+
+Unreadable images (missing file, corrupt data, size that disagrees with the annotation file) raise
+`ImageLoadError` naming the file and image id. With `skip_bad_images` (training only) the sample is
+replaced instead by the next readable image of the same aspect group (so the canvas and the batch shape
+stay the same), deterministically, with a warning; the sample carries `replaced=True` and the loader
+counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from retina_fn import rng
+from retina_fn.data import transforms
+from retina_fn.data.coco import CocoSet, ImageLoadError, load_record_image
+from retina_fn.data.sampler import SampleRef
+
+logger = logging.getLogger(__name__)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Samples of a CocoSet under the 1x pipeline.
+
+    train: flip with the per-sample key (and allow `skip_bad_images`); otherwise the eval pipeline, and
+    padding refs become blank samples with image_id -1. key: int64[2] augmentation key (train only).
+    preload: decode every image once, up front (small datasets).
+
+    A sample is a dict: image float32 [3, H, W]; boxes float32 [N, 4]; labels int64 [N];
+    ignore_boxes float32 [M, 4]; image_hw, orig_hw int64 [2]; scale_factor float32 [2]; flipped bool;
+    image_id int; index int; replaced bool.
+    """
+
+    def __init__(self, coco: CocoSet, cfg: transforms.TransformConfig, *, train: bool,
+                 key: torch.Tensor | None = None, skip_bad_images: bool = False, preload: bool = False):
+        if train and key is None:
+            raise ValueError("a training dataset needs an augmentation key")
+        if len(coco) == 0:
+            raise ValueError(f"{coco.ann_file}: no images left after filtering")
+        self.coco = coco
+        self.cfg = cfg
+        self.train = train
+        self.key = key
+        self.skip_bad_images = skip_bad_images and train
+        self.groups = np.array([int(transforms.is_landscape(r.height, r.width)) for r in coco.records],
+                               dtype=np.int64)
+        self._images: list | None = None
+        if preload:
+            self._images = [self._decode_or_error(i) for i in range(len(coco))]
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def _decode_or_error(self, index: int):
+        try:
+            return load_record_image(self.coco.records[index])
+        except ImageLoadError as e:
+            if not self.skip_bad_images:
+                raise
+            return e
+
+    def _image(self, index: int) -> np.ndarray:
+        image = self._images[index] if self._images is not None else self._decode_or_error(index)
+        if isinstance(image, ImageLoadError):
+            raise image
+        return image
+
+    def _readable(self, index: int) -> tuple[int, np.ndarray, bool]:
+        """(index actually used, its image, replaced?) walking the aspect group from `index`."""
+        try:
+            return index, self._image(index), False
+        except ImageLoadError as first:
+            if not self.skip_bad_images:
+                raise
+            members = np.flatnonzero(self.groups == self.groups[index])
+            start = int(np.searchsorted(members, index))
+            for step in range(1, members.size):
+                candidate = int(members[(start + step) % members.size])
+                try:
+                    image = self._image(candidate)
+                except ImageLoadError:
+                    continue
+                logger.warning("skipping unreadable image (%s); index %d stands in for index %d", first,
+                               candidate, index)
+                return candidate, image, True
+            raise ImageLoadError(f"no readable image in the aspect group of {first.path} (image id "
+                                 f"{first.image_id}): {first}", first.path, first.image_id) from first
+
+    def sample_key(self, index: int, epoch: int) -> torch.Tensor:
+        """The augmentation key of dataset index `index` in `epoch`."""
+        return rng.fold_in(rng.fold_in(self.key, epoch), index)
+
+    def blank_sample(self, index: int) -> dict:
+        """An empty evaluation slot on the canvas of `index`'s aspect group: zero image, no boxes,
+        image_id -1, index -1."""
+        record = self.coco.records[index]
+        canvas = transforms.canvas_for(record.height, record.width, self.cfg)
+        return dict(image=np.zeros((3, *canvas), dtype=np.float32), boxes=np.zeros((0, 4), np.float32),
+                    labels=np.zeros((0,), np.int64), ignore_boxes=np.zeros((0, 4), np.float32),
+                    image_hw=np.array(canvas, np.int64), orig_hw=np.array(canvas, np.int64),
+                    scale_factor=np.ones(2, np.float32), flipped=False, image_id=-1, index=-1, replaced=False)
+
+    def __getitem__(self, ref) -> dict:
+        """ref: a SampleRef, or a plain index (epoch 0, not padding)."""
+        if not isinstance(ref, SampleRef):
+            ref = SampleRef(int(ref), 0, False)
+        if ref.padding and not self.train:
+            return self.blank_sample(ref.index)
+        index, image, replaced = self._readable(ref.index)
+        record = self.coco.records[index]
+        if self.train:
+            out = transforms.train_transform(image, record.boxes, record.ignore_boxes, self.cfg,
+                                             self.sample_key(index, ref.epoch))
+        else:
+            out = transforms.eval_transform(image, record.boxes, record.ignore_boxes, self.cfg)
+        out.update(labels=record.labels, image_id=record.image_id, index=index, replaced=replaced)
+        return out

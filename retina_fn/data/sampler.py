@@ -1,0 +1,140 @@
+"""Which samples form each batch on each rank: aspect-ratio groups, a per-epoch order that is a pure
+function of (key, epoch), and equal steps on every rank.
+
+A step's *global batch* holds images_per_device * world_size samples, all from one aspect group, so all
+ranks use the same canvas at the same step; rank r takes the slice [r * ipd, (r + 1) * ipd).
+
+Training (mmdetection's group sampler, made rank-synchronous): each group is permuted, then padded to a
+multiple of the global batch by wrapping around its own permutation (the wrapped entries are flagged
+`padding` but are trained on, as in mmdetection); the group's global batches from all groups are then
+put in a random order. Evaluation: groups in dataset order, the last global batch of a group filled with
+`padding` slots that the dataset turns into blank samples with image_id -1, so no image is counted twice.
+
+The data position is (epoch, step): `set_epoch(epoch, start_step)` resumes exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from retina_fn import rng
+
+
+class SampleRef(NamedTuple):
+    """What a batch sampler hands the dataset: dataset index, epoch (selects the augmentation key),
+    and whether the slot is padding (train: a wrapped repeat; eval: an empty slot)."""
+
+    index: int
+    epoch: int
+    padding: bool = False
+
+
+class EpochPlan(NamedTuple):
+    """indices int64 [S, global_batch] and padding bool [S, global_batch] for one epoch of S steps."""
+
+    indices: np.ndarray
+    padding: np.ndarray
+
+
+def _group_ids(groups: np.ndarray) -> list[np.ndarray]:
+    """Dataset indices of each non-empty group, groups in ascending id order."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.size == 0:
+        raise ValueError(f"groups must be a non-empty 1-d array, got shape {groups.shape}")
+    return [np.flatnonzero(groups == g) for g in np.unique(groups)]
+
+
+def train_plan(groups: np.ndarray, global_batch: int, key: torch.Tensor, epoch: int) -> EpochPlan:
+    """The training order of one epoch; a pure function of (groups, global_batch, key, epoch).
+
+    groups: int [N] aspect group of each dataset index. Every row of the result is one global batch
+    from a single group; each index appears at least once with padding False and exactly once overall
+    apart from wrapped repeats (padding True)."""
+    if global_batch <= 0:
+        raise ValueError(f"global batch must be positive, got {global_batch}")
+    gen = rng.numpy_generator(rng.fold_in(key, epoch))
+    rows, pads = [], []
+    for members in _group_ids(groups):
+        order = members[gen.permutation(members.size)]
+        total = -(-members.size // global_batch) * global_batch
+        rows.append(np.resize(order, total).reshape(-1, global_batch))  # np.resize repeats cyclically
+        pads.append((np.arange(total) >= members.size).reshape(-1, global_batch))
+    rows, pads = np.concatenate(rows), np.concatenate(pads)
+    shuffle = gen.permutation(rows.shape[0])
+    return EpochPlan(rows[shuffle].astype(np.int64), pads[shuffle])
+
+
+def eval_plan(groups: np.ndarray, global_batch: int) -> EpochPlan:
+    """The evaluation order: each group's indices ascending, its last global batch filled with padding
+    slots (index = the group's first member, so the slot knows its canvas; padding True)."""
+    if global_batch <= 0:
+        raise ValueError(f"global batch must be positive, got {global_batch}")
+    rows, pads = [], []
+    for members in _group_ids(groups):
+        total = -(-members.size // global_batch) * global_batch
+        filled = np.full(total, members[0], dtype=np.int64)
+        filled[: members.size] = members
+        rows.append(filled.reshape(-1, global_batch))
+        pads.append((np.arange(total) >= members.size).reshape(-1, global_batch))
+    return EpochPlan(np.concatenate(rows), np.concatenate(pads))
+
+
+class GroupBatchSampler(torch.utils.data.Sampler):
+    """Yields, for one rank, lists of `images_per_device` SampleRefs, one list per step.
+
+    train=True: `train_plan` with `key` (the order key, independent of the augmentation key);
+    train=False: `eval_plan` (no key needed; the epoch stays 0 unless set).
+    `len()` is the number of steps the next iteration yields (steps_per_epoch - start_step).
+    """
+
+    def __init__(self, groups: np.ndarray, *, images_per_device: int, rank: int, world_size: int, train: bool,
+                 key: torch.Tensor | None = None, epoch: int = 0, start_step: int = 0):
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if images_per_device <= 0:
+            raise ValueError(f"images_per_device must be positive, got {images_per_device}")
+        if train and key is None:
+            raise ValueError("a training sampler needs a key")
+        self.groups = np.asarray(groups)
+        self.images_per_device = images_per_device
+        self.rank = rank
+        self.world_size = world_size
+        self.train = train
+        self.key = key
+        self.global_batch = images_per_device * world_size
+        self._eval_plan = None if train else eval_plan(self.groups, self.global_batch)
+        self.steps_per_epoch = self.plan(0).indices.shape[0]  # the same every epoch
+        self.set_epoch(epoch, start_step)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The whole (all ranks) plan of an epoch."""
+        if self.train:
+            return train_plan(self.groups, self.global_batch, self.key, epoch)
+        return self._eval_plan
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Position the next iteration at (epoch, start_step)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch} (steps per epoch)")
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def rank_plan(self, epoch: int) -> EpochPlan:
+        """This rank's columns of the epoch plan: [S, images_per_device]."""
+        p = self.plan(epoch)
+        cols = slice(self.rank * self.images_per_device, (self.rank + 1) * self.images_per_device)
+        return EpochPlan(p.indices[:, cols], p.padding[:, cols])
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        epoch = self.epoch
+        mine = self.rank_plan(epoch)
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield [SampleRef(int(i), epoch, bool(p)) for i, p in zip(mine.indices[step], mine.padding[step])]
