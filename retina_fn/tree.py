@@ -131,3 +131,12 @@ def unflatten_like(like: Tree, flat: dict[str, Any]) -> Tree:
             raise KeyError(f"no value for {p!r}")
         values.append(flat[p])
     return optree.tree_unflatten(optree.tree_structure(like), values)
+
+
+def unflatten_leaves(like: Tree, leaves: list) -> Tree:
+    """A tree shaped like `like` holding `leaves`, given in `leaves(like)` order.
+
+    Built from the tree structure, never by pulling leaves from an iterator inside `map`: under
+    torch.compile a traced map visits dicts in insertion order while `leaves` sorts keys, so that trick
+    permutes leaves silently in compiled code."""
+    return optree.tree_unflatten(optree.tree_structure(like), list(leaves))

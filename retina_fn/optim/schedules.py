@@ -1,0 +1,101 @@
+"""Learning-rate schedules: pure functions of the optimiser step (0-d int64 tensor) -> 0-d float32 lr.
+
+mmdetection's 1x schedule (mmcv's LrUpdaterHook, by epoch, linear warmup):
+
+    regular(step) = base * gamma ** (number of step_epochs e with epoch >= e),  epoch = step // steps_per_epoch
+    lr(step)      = regular(step) * (1 - (1 - step / warmup_iters) * (1 - warmup_ratio))   for step < warmup_iters
+                  = regular(step)                                                           afterwards
+
+Epochs are 0-based and a boundary e takes effect at the first step of epoch e (step >= e * steps_per_epoch).
+'cosine' replaces the step decay by base * (1 + cos(pi * step / (epochs * steps_per_epoch))) / 2, falling to
+0 at the end of training and evaluated per step (mmcv evaluates it per epoch when by_epoch=True); warmup
+multiplies it the same way. A step means one optimiser update, so with gradient accumulation pass the
+number of optimiser updates per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+
+SCHEDULES = ("step", "cosine")
+
+
+def base_learning_rate(optim_cfg, global_batch: int) -> float:
+    """`optim_cfg.lr` when set, else the linear scaling rule base_lr * global_batch / base_batch.
+
+    `global_batch` is the number of images behind one optimiser update: images per device x devices x
+    accumulation steps. mmdetection's 0.01 at 16 images gives 0.00125 for 1 device x 2 images.
+    """
+    if global_batch < 1:
+        raise ValueError(f"global batch must be >= 1 image, got {global_batch}")
+    if optim_cfg.lr is not None:
+        if not optim_cfg.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {optim_cfg.lr}")
+        return float(optim_cfg.lr)
+    if not optim_cfg.base_lr > 0:
+        raise ValueError(f"optim.base_lr must be > 0, got {optim_cfg.base_lr}")
+    if optim_cfg.base_batch < 1:
+        raise ValueError(f"optim.base_batch must be >= 1, got {optim_cfg.base_batch}")
+    return float(optim_cfg.base_lr) * global_batch / optim_cfg.base_batch
+
+
+def _check_schedule_fields(optim_cfg, steps_per_epoch: int) -> None:
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if optim_cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim_cfg.schedule!r}")
+    if optim_cfg.warmup_iters < 0:
+        raise ValueError(f"optim.warmup_iters must be >= 0, got {optim_cfg.warmup_iters}")
+    if not 0.0 <= optim_cfg.warmup_ratio <= 1.0:
+        raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {optim_cfg.warmup_ratio}")
+    if optim_cfg.epochs < 1:
+        raise ValueError(f"optim.epochs must be >= 1, got {optim_cfg.epochs}")
+    epochs = tuple(optim_cfg.step_epochs)
+    if any(int(e) != e or e < 0 for e in epochs) or list(epochs) != sorted(epochs):
+        raise ValueError(f"optim.step_epochs must be increasing non-negative integers, got {epochs}")
+    if not optim_cfg.gamma > 0:
+        raise ValueError(f"optim.gamma must be > 0, got {optim_cfg.gamma}")
+
+
+def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) -> torch.Tensor:
+    """mmcv's linear warmup multiplier, float32 []: 1 - (1 - step/warmup_iters)(1 - ratio) while
+    step < warmup_iters, then 1. `step` is an int64 [] tensor."""
+    if warmup_iters == 0:
+        return torch.ones((), dtype=torch.float32, device=step.device)
+    progress = step.to(torch.float32) / warmup_iters
+    # The same value as 1 - (1 - progress)(1 - ratio), rearranged: in float32 the written form cancels
+    # (1 - float32(0.999) is off by 1e-5 relative), this one gives the ratio itself at step 0.
+    factor = warmup_ratio + (1.0 - warmup_ratio) * progress
+    return torch.where(step < warmup_iters, factor, torch.ones_like(factor))
+
+
+def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Schedule:
+    """fn(step: int64 []) -> lr float32 [] on step's device, from the optim config block (see module doc)."""
+    _check_schedule_fields(optim_cfg, steps_per_epoch)
+    base = base_learning_rate(optim_cfg, global_batch)
+    warmup_iters, warmup_ratio = int(optim_cfg.warmup_iters), float(optim_cfg.warmup_ratio)
+    kind = optim_cfg.schedule
+    step_epochs = tuple(int(e) for e in optim_cfg.step_epochs)
+    gamma = float(optim_cfg.gamma)
+    total_steps = int(optim_cfg.epochs) * steps_per_epoch
+
+    def regular(step: torch.Tensor) -> torch.Tensor:
+        if kind == "cosine":
+            progress = torch.clamp(step.to(torch.float32) / total_steps, 0.0, 1.0)
+            return base * 0.5 * (1.0 + torch.cos(math.pi * progress))
+        epoch = torch.div(step, steps_per_epoch, rounding_mode="floor")
+        decays = torch.zeros((), dtype=torch.float32, device=step.device)
+        for boundary in step_epochs:
+            decays = decays + (epoch >= boundary).to(torch.float32)
+        return base * torch.pow(gamma, decays)
+
+    def schedule(step: torch.Tensor) -> torch.Tensor:
+        step = torch.as_tensor(step, dtype=torch.int64)
+        return (regular(step) * warmup_factor(step, warmup_iters, warmup_ratio)).to(torch.float32)
+
+    return schedule

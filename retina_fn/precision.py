@@ -1,0 +1,239 @@
+"""Mixed-precision settings, autocast contexts, loss scaling as pure state, and overflow checks.
+
+Precisions:
+- 'fp32': no autocast, no loss scaling.
+- 'fp16': autocast to float16 with loss scaling (the Ascend port's apex O1; dynamic by default, static
+  when `train.loss_scale.dynamic` is False, as the port's fixed scale 64).
+- 'bf16': autocast to bfloat16, no loss scaling (bf16 has float32's exponent range).
+
+apex opt levels map onto these: O0 -> fp32, O1 -> fp16, O2 -> fp16. O2 casts the model itself to fp16
+and keeps fp32 master weights; here parameters stay float32 and autocast runs the matmuls and
+convolutions in fp16, which is what O1 does and a close approximation of O2. O3 (pure fp16, no master
+weights) is refused.
+
+How a train step uses the loss scale (all tensors, no host sync, no Python branch on values):
+
+    loss_for_grad = scale_loss(loss, ls_state)
+    grads = unscale_grads(grad_of(loss_for_grad), ls_state)
+    finite = overflow_check(grads, ls_state.scale)
+    new_params, new_opt = opt.update(grads, opt_state, params, lr)
+    params, opt_state = select_tree(finite, (new_params, new_opt), (params, opt_state))
+    ls_state = update_loss_scale(ls_state, finite, cfg.train.loss_scale)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, NamedTuple, Union
+
+import torch
+
+from retina_fn import accel, tree
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+OPT_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "fp16"}
+FP16_MAX = 65504.0
+# Halfway between the two largest float16 values (65472, 65504): a gradient that was saturated in fp16
+# still lands above it after being unscaled and rescaled, whatever the rounding.
+SATURATION_THRESHOLD = 65488.0
+
+
+class Precision(NamedTuple):
+    """name: 'fp32' | 'fp16' | 'bf16'; compute_dtype: the autocast dtype (None: no autocast);
+    loss_scaling: whether the loss is scaled before differentiation."""
+
+    name: str
+    compute_dtype: torch.dtype | None
+    loss_scaling: bool
+
+
+def precision_from_name(name: str) -> Precision:
+    """The Precision called `name` ('fp32' | 'fp16' | 'bf16')."""
+    if name == "fp32":
+        return Precision("fp32", None, False)
+    if name == "fp16":
+        return Precision("fp16", torch.float16, True)
+    if name == "bf16":
+        return Precision("bf16", torch.bfloat16, False)
+    raise ValueError(f"train.precision must be one of {PRECISIONS}, got {name!r}")
+
+
+def precision_from_opt_level(level: str) -> Precision:
+    """apex opt level -> Precision: O0 fp32, O1 fp16, O2 fp16 (approximated, see module doc); O3 is refused."""
+    if level == "O3":
+        raise ValueError(
+            "train.opt_level='O3' (pure fp16 without fp32 master weights) is not supported; use 'O1' or 'O2'"
+        )
+    if level not in OPT_LEVELS:
+        raise ValueError(f"train.opt_level must be one of {tuple(OPT_LEVELS)}, got {level!r}")
+    return precision_from_name(OPT_LEVELS[level])
+
+
+def precision_from_config(train_cfg) -> Precision:
+    """From the train config block: `opt_level` when set (it must then agree with a non-default
+    `precision`), else `precision`."""
+    if train_cfg.opt_level is None:
+        return precision_from_name(train_cfg.precision)
+    chosen = precision_from_opt_level(train_cfg.opt_level)
+    if train_cfg.precision not in ("fp32", chosen.name):
+        raise ValueError(
+            f"train.opt_level={train_cfg.opt_level!r} means precision {chosen.name!r}, "
+            f"but train.precision={train_cfg.precision!r}; set only one of them"
+        )
+    return chosen
+
+
+def autocast(precision: Precision, device_type: str) -> contextlib.AbstractContextManager:
+    """A context running the forward at `precision` on `device_type` ('cpu', 'cuda', 'npu'):
+    torch.autocast for fp16/bf16, a null context for fp32. Wrap the forward inside the loss only."""
+    if precision.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=precision.compute_dtype)
+
+
+def select_tree(pred: torch.Tensor, on_true: tree.Tree, on_false: tree.Tree) -> tree.Tree:
+    """Leafwise torch.where(pred, a, b) for a 0-d bool `pred` over two trees of the same structure."""
+    return tree.map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
+
+
+# ---- loss scaling -------------------------------------------------------------------------------------
+
+
+class LossScaleState(NamedTuple):
+    """scale: float32 [] current loss scale; good_steps: int64 [] finite steps since the last change."""
+
+    scale: torch.Tensor
+    good_steps: torch.Tensor
+
+
+def _check_loss_scale_cfg(cfg) -> None:
+    if not cfg.init > 0:
+        raise ValueError(f"train.loss_scale.init must be > 0, got {cfg.init}")
+    if not cfg.factor > 1:
+        raise ValueError(f"train.loss_scale.factor must be > 1, got {cfg.factor}")
+    if cfg.growth_interval < 1:
+        raise ValueError(f"train.loss_scale.growth_interval must be >= 1, got {cfg.growth_interval}")
+
+
+def init_loss_scale(cfg, device: torch.device | str | None = None) -> LossScaleState:
+    """The starting state from the `train.loss_scale` block (init, growth_interval, factor, dynamic)."""
+    _check_loss_scale_cfg(cfg)
+    return LossScaleState(
+        scale=torch.tensor(float(cfg.init), dtype=torch.float32, device=device),
+        good_steps=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, cfg) -> LossScaleState:
+    """The state after a step whose gradients were finite (`grads_finite`, bool []) or not.
+
+    Dynamic: an overflow divides the scale by `factor` (never below 1) and resets the count; a finite
+    step counts, and the `growth_interval`-th finite step in a row multiplies the scale by `factor` and
+    resets the count. Static (`dynamic=False`): the state is returned unchanged.
+    """
+    _check_loss_scale_cfg(cfg)
+    if not cfg.dynamic:
+        return state
+    counted = torch.where(grads_finite, state.good_steps + 1, torch.zeros_like(state.good_steps))
+    grow = counted >= cfg.growth_interval
+    grown = torch.where(grow, state.scale * cfg.factor, state.scale)
+    shrunk = torch.clamp(state.scale / cfg.factor, min=1.0)
+    return LossScaleState(
+        scale=torch.where(grads_finite, grown, shrunk),
+        good_steps=torch.where(grow, torch.zeros_like(counted), counted),
+    )
+
+
+def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:
+    """loss * scale, in float32 (2**16 times an fp16 loss would overflow fp16)."""
+    return loss.to(torch.float32) * state.scale
+
+
+@torch.no_grad()
+def unscale_grads(grads: tree.Tree, state: LossScaleState) -> tree.Tree:
+    """grads * (1 / scale): new leaves, each in its own dtype.
+
+    The product is taken in float32: 1 / scale itself underflows float16 once the scale passes 2**24.
+    """
+    inverse = torch.reciprocal(state.scale)
+
+    def one(g: torch.Tensor) -> torch.Tensor:
+        if g.dtype == torch.float32:
+            return g * inverse
+        return (g.to(torch.float32) * inverse).to(g.dtype)
+
+    return tree.map(one, grads)
+
+
+# ---- overflow checks: fn(grads, scale) -> bool [] (True: every gradient usable) -------------------------
+
+OverflowCheck = Callable[[tree.Tree, torch.Tensor], torch.Tensor]
+OVERFLOW_CHECKS = ("isfinite", "saturation", "npu")
+
+
+def _leaf_abs_max(grads: tree.Tree) -> torch.Tensor:
+    """float32 [n_leaves]: max |g| per leaf; NaN when a leaf holds NaN (max propagates NaN)."""
+    leaves = tree.leaves(grads)
+    if not leaves:
+        raise ValueError("overflow check given an empty gradient tree")
+    return torch.stack([m.to(torch.float32) for m in torch._foreach_norm(leaves, float("inf"))])
+
+
+def all_finite(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """bool []: every gradient element is finite. `scale` is ignored (same signature as the others)."""
+    return torch.isfinite(_leaf_abs_max(grads)).all()
+
+
+def not_saturated(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """bool []: every gradient element is finite and none looks saturated in float16.
+
+    Ascend 910A runs float16 in saturation mode: an overflow becomes +-65504 instead of inf, so an
+    isfinite test misses it. Gradients of parameters that go through fp16 autocast ops come back as fp16
+    values cast to fp32; any |g * scale| (the gradient as it was before unscaling) at 65504 is taken as an
+    overflow. Pass scale=None (or 1) when checking gradients that are still scaled. This is a heuristic:
+    a saturated intermediate that does not reach a gradient at full size goes unseen; the 'npu' check
+    reads the hardware overflow flag instead.
+    """
+    peak = _leaf_abs_max(grads)
+    if scale is not None:
+        peak = peak * scale.to(torch.float32)
+    return (torch.isfinite(peak) & (peak < SATURATION_THRESHOLD)).all()
+
+
+def npu_flag_check() -> OverflowCheck:
+    """torch_npu's own check, `torch_npu.npu.utils.npu_check_overflow`, plugged in as an overflow check.
+
+    In INF_NAN mode it inspects the tensor it is given (here the per-leaf max |g|); in saturation mode
+    it reads the device's overflow flag, which is cleared afterwards for the next step. Returns a Python
+    bool, so this check syncs with the host and cannot be compiled.
+    """
+    module = accel.torch_npu_module()
+    check = getattr(getattr(getattr(module, "npu", None), "utils", None), "npu_check_overflow", None)
+    if check is None:
+        raise accel.AcceleratorUnavailable(
+            "train.overflow_check='npu' needs torch_npu with torch_npu.npu.utils.npu_check_overflow"
+        )
+    clear_flag = getattr(module.npu, "clear_npu_overflow_flag", None)
+
+    def npu_check(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
+        peak = _leaf_abs_max(grads)
+        overflow = bool(check(peak))
+        if clear_flag is not None:
+            clear_flag()
+        return torch.tensor(not overflow, device=peak.device)
+
+    return npu_check
+
+
+def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
+    """check(grads, scale) -> bool [] (True: step is usable) for `kind` in 'isfinite' | 'saturation' |
+    'npu', or `kind` itself when it is a callable with that signature (a hook for other checks)."""
+    if callable(kind):
+        return kind
+    if kind == "isfinite":
+        return all_finite
+    if kind == "saturation":
+        return not_saturated
+    if kind == "npu":
+        return npu_flag_check()
+    raise ValueError(f"train.overflow_check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")
