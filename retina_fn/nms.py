@@ -1,0 +1,190 @@
+"""Class-aware greedy non-maximum suppression over a padded batch, in plain torch.
+
+Semantics (mmcv / torchvision greedy NMS, per image): sort the valid boxes by score, descending, ties
+in input order; walk down the list keeping a box unless a box kept before it, with the same label,
+overlaps it with IoU strictly greater than the threshold. Boxes of different labels never suppress
+each other.
+
+How the torch implementation gets there without a loop over boxes. In sorted order let
+S[j, i] = (j < i) and same label and IoU(j, i) > threshold ("j would suppress i"). Greedy's answer g
+is the unique solution of
+
+    g[i] = valid[i] and not any_j (g[j] and S[j, i]),
+
+unique because g[i] depends only on g[j] for j < i, so it is fixed by induction over i. We iterate
+k <- valid and not any_j (k[j] and S[j, i]) starting from k = valid. Entry 0 is exact after one
+iteration, and if entries < t are exact after t iterations, entry t becomes exact at iteration t + 1
+(it reads only entries < t). So after at most N iterations k = g, and any fixed point equals g;
+stopping as soon as an iteration changes nothing is therefore exact. In practice the number of
+iterations is the depth of the longest chain of decisions that depend on each other (a few to a few
+tens), not N. Each iteration is one batched [1, N] x [N, N] product plus one host sync to test for
+convergence (post-processing is not the train step).
+
+Cost: O(N^2) time and memory per image: the IoU matrix and its temporaries are float32 N x N
+(about 100 MB each for N = 5000) and S is kept as a float32 N x N matrix for the products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_IMPLS = ("auto", "torch", "torchvision")
+
+
+def _float32_floor(value: float) -> float:
+    """The largest float32 not above `value`. For a float32 IoU v, v > value (real comparison, as
+    torchvision makes it in double) holds exactly when v > _float32_floor(value) in float32."""
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
+
+
+def _pairwise_iou(b: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair within each image: [B, N, 4] -> [B, N, N].
+
+    The formula and its order of operations are the NMS kernels' (intersection w * h, union
+    area_i + area_j - inter, no floor on the union), so the comparisons agree bit for bit with
+    torchvision's CPU kernel; a zero union gives nan, which never exceeds the threshold."""
+    x1, y1, x2, y2 = b.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
+    inter = w * h
+    return inter / (area[:, :, None] + area[:, None, :] - inter)
+
+
+def _score_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Indices sorting each image's boxes by score descending, ties in input order, invalid last."""
+    key = torch.where(valid, scores, torch.full_like(scores, -torch.inf))
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
+
+
+def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+                        max_iters: int | None) -> torch.Tensor:
+    """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N]."""
+    n = boxes.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [j, i]: j < i
+    overlaps = _pairwise_iou(boxes) > _float32_floor(iou_threshold)
+    suppresses = (overlaps & (labels[:, :, None] == labels[:, None, :]) & earlier).to(torch.float32)
+    del overlaps
+    keep = valid
+    for _ in range(n + 1 if max_iters is None else max_iters):
+        # Counts of kept earlier boxes that would suppress each box; exact in float32 for any N < 2**24.
+        hits = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1)
+        updated = valid & (hits == 0)
+        if torch.equal(updated, keep):
+            break
+        keep = updated
+    return keep
+
+
+def _torchvision_keep(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, order: torch.Tensor,
+                      iou_threshold: float) -> torch.Tensor:
+    """The same keep mask (in input order) from torchvision's kernel, one call per image and class.
+
+    Per-class calls, not torchvision.ops.batched_nms: that one offsets boxes by label * (max + 1) for
+    small inputs, which rounds coordinates and can flip decisions at the threshold. Scores are
+    replaced by each box's rank in `order`, so ties are broken exactly as the torch path breaks
+    them whatever sort the kernel uses. On CUDA the kernel may fuse multiply-adds in its IoU, so an
+    IoU within one rounding of the threshold can still be decided differently there."""
+    import torchvision  # noqa: PLC0415 - optional dependency
+
+    batch, n = valid.shape
+    positions = torch.arange(n, 0, -1, device=boxes.device, dtype=torch.float32).expand(batch, n)
+    rank_score = torch.empty_like(positions).scatter(1, order, positions)
+    keep = torch.zeros_like(valid)
+    for b in range(batch):  # host-driven fast path: loops over images and the classes present
+        for c in torch.unique(labels[b][valid[b]]).tolist():
+            members = torch.nonzero(valid[b] & (labels[b] == c)).squeeze(1)
+            kept = torchvision.ops.nms(boxes[b, members], rank_score[b, members], iou_threshold)
+            keep[b, members[kept]] = True
+    return keep
+
+
+def _torchvision_available() -> bool:
+    try:
+        import torchvision  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def _first_kept(order: torch.Tensor, keep_sorted: torch.Tensor, max_output: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `max_output` kept entries in score order, padded: -> (index [B, M], valid [B, M])."""
+    batch, n = order.shape
+    kept_first = torch.sort((~keep_sorted).to(torch.int32), dim=1, stable=True).indices[:, :max_output]
+    index = order.gather(1, kept_first)
+    kept = keep_sorted.gather(1, kept_first)
+    index = torch.where(kept, index, torch.zeros_like(index))
+    if kept.shape[1] < max_output:
+        pad = max_output - kept.shape[1]
+        index = torch.cat([index, index.new_zeros(batch, pad)], dim=1)
+        kept = torch.cat([kept, kept.new_zeros(batch, pad)], dim=1)
+    return index, kept
+
+
+def batched_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    max_output: int,
+    impl: str = "torch",
+    max_iters: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-aware greedy NMS for each image of a padded batch (see the module docstring).
+
+    Args:
+      boxes: [B, N, 4] xyxy; scores: [B, N]; labels: integer [B, N]; valid: bool [B, N] (invalid
+        entries, and entries with a nan score, neither survive nor suppress).
+      iou_threshold: a box is suppressed when its IoU with a kept box of its label is > this.
+      max_output: M, the number of kept boxes returned per image.
+      impl: 'torch' (batched, any device), 'torchvision' (torchvision's kernel per image and class;
+        raises ImportError when torchvision is absent) or 'auto' (torchvision when it imports).
+      max_iters: cap on the torch path's fixed-point iterations (None: until convergence, at most
+        N + 1). If the cap stops it early, only the first max_iters boxes in score order are
+        guaranteed to be decided as greedy NMS would.
+
+    Returns:
+      keep_index: int64 [B, M], indices into N of the kept boxes, by score descending (ties in
+        input order); 0 in padding slots.
+      keep_valid: bool [B, M], True for real entries (the first min(M, #kept) of each row).
+    Computed in float32 with autocast disabled.
+    """
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [B, N, 4], got {tuple(boxes.shape)}")
+    shape = tuple(boxes.shape[:2])
+    for name, tensor in (("scores", scores), ("labels", labels), ("valid", valid)):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must be [B, N] = {shape} like boxes, got {tuple(tensor.shape)}")
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be bool, got {valid.dtype}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if max_output < 0:
+        raise ValueError(f"max_output must be >= 0, got {max_output}")
+    if max_iters is not None and max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1 or None, got {max_iters}")
+
+    batch, n = shape
+    if n == 0:
+        return (torch.zeros(batch, max_output, dtype=torch.int64, device=boxes.device),
+                torch.zeros(batch, max_output, dtype=torch.bool, device=boxes.device))
+    with torch.autocast(device_type=boxes.device.type, enabled=False):
+        boxes = boxes.float()
+        scores = scores.float()
+        valid = valid & ~torch.isnan(scores)
+        order = _score_order(scores, valid)
+        use_torchvision = impl == "torchvision" or (impl == "auto" and _torchvision_available())
+        if use_torchvision:
+            keep_sorted = _torchvision_keep(boxes, labels, valid, order, iou_threshold).gather(1, order)
+        else:
+            keep_sorted = _greedy_keep_sorted(boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)),
+                                              labels.gather(1, order), valid.gather(1, order),
+                                              iou_threshold, max_iters)
+        return _first_kept(order, keep_sorted, max_output)

@@ -1,0 +1,176 @@
+"""Test-time post-processing: head outputs -> a fixed number of scored, labelled boxes per image.
+
+Two candidate selections (model.test.pre_select):
+  'anchor' (mmdetection v2.9.0): per level, the top nms_pre anchors by their best class score; decode
+    and clip every kept anchor; then every (anchor, class) pair with score > score_thr is a candidate.
+  'pair' (torchvision): per level, the (anchor, class) pairs with score > score_thr, the top nms_pre of
+    them; decode and clip.
+Then class-aware greedy NMS over the candidates of all levels and the top max_per_img survivors.
+
+Static shapes: the candidate set is capped at the top `max_candidates` pairs by score (pairs below the
+threshold fill the cap as invalid entries). The cap never changes the result once at least
+max_per_img boxes survive NMS among those top candidates: greedy NMS decides each box from the boxes
+ranked above it only, so on a score-ordered prefix it makes the same decisions as on the whole set,
+and the first max_per_img survivors overall all lie in the prefix. (mmdetection's candidates number at
+most 5 x nms_pre x K; the default cap of 5000 pairs holds far more than 100 survivors in practice.)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from retina_fn import boxes as box_ops
+from retina_fn.nms import batched_nms
+
+_PRE_SELECT = ("anchor", "pair")
+
+
+class Detections(NamedTuple):
+    """Per-image detections, padded to M = max_per_img rows, sorted by score (descending)."""
+
+    boxes: torch.Tensor  # float32 [B, M, 4], xyxy (original-image pixels when rescaled)
+    scores: torch.Tensor  # float32 [B, M], sigmoid probabilities; 0 in padding rows
+    labels: torch.Tensor  # int64 [B, M], 0..K-1; 0 in padding rows
+    valid: torch.Tensor  # bool [B, M]
+
+
+class _Candidates(NamedTuple):
+    boxes: torch.Tensor  # [B, C, 4]
+    scores: torch.Tensor  # [B, C]
+    labels: torch.Tensor  # int64 [B, C]
+    valid: torch.Tensor  # bool [B, C]
+
+
+def _top_sorted(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along dim 1, descending, ties to the lower index: [B, n] -> [B, k]."""
+    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, n, D] at index [B, k] along dim 1 -> [B, k, D]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _decode(anchors, deltas, image_hw, coder_cfg) -> torch.Tensor:
+    """anchors, deltas [B, k, 4] -> boxes clipped to each image's (h, w) [B, k, 4]."""
+    return box_ops.decode(anchors, deltas, coder_cfg.means, coder_cfg.stds, max_shape=image_hw[:, None, :],
+                          scale_clamp=coder_cfg.scale_clamp, clamp_lower=coder_cfg.clamp_lower)
+
+
+def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder_cfg) -> _Candidates:
+    """mmdetection: top nms_pre anchors by max class score, then every pair of them above score_thr.
+    scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> candidates over n' * K pairs."""
+    batch, n, num_classes = scores.shape
+    if 0 < nms_pre < n:
+        chosen = _top_sorted(scores.max(dim=-1).values, nms_pre)
+        scores, deltas, anchors = (_gather_rows(t, chosen) for t in (scores, deltas, anchors))
+    boxes = _decode(anchors, deltas, image_hw, coder_cfg)
+    rows = boxes.shape[1]
+    pair_boxes = boxes.unsqueeze(2).expand(batch, rows, num_classes, 4).reshape(batch, rows * num_classes, 4)
+    pair_scores = scores.reshape(batch, rows * num_classes)
+    labels = torch.arange(num_classes, device=scores.device).repeat(rows).expand(batch, -1)
+    return _Candidates(pair_boxes, pair_scores, labels, pair_scores > score_thr)
+
+
+def _level_candidates_by_pair(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder_cfg) -> _Candidates:
+    """torchvision: pairs above score_thr, the top nms_pre of them by score, decoded.
+    scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> min(nms_pre, n * K) candidates."""
+    batch, n, num_classes = scores.shape
+    flat = scores.reshape(batch, n * num_classes)
+    passing = flat > score_thr
+    count = n * num_classes if nms_pre <= 0 else min(nms_pre, n * num_classes)
+    chosen = _top_sorted(torch.where(passing, flat, torch.full_like(flat, -torch.inf)), count)
+    rows = torch.div(chosen, num_classes, rounding_mode="floor")
+    boxes = _decode(_gather_rows(anchors, rows), _gather_rows(deltas, rows), image_hw, coder_cfg)
+    return _Candidates(boxes, flat.gather(1, chosen), chosen % num_classes, passing.gather(1, chosen))
+
+
+def _cap(c: _Candidates, max_candidates: int) -> _Candidates:
+    """The top max_candidates valid candidates by score (all when there are fewer)."""
+    if max_candidates <= 0 or c.scores.shape[1] <= max_candidates:
+        return c
+    chosen = _top_sorted(torch.where(c.valid, c.scores, torch.full_like(c.scores, -torch.inf)), max_candidates)
+    return _Candidates(_gather_rows(c.boxes, chosen), c.scores.gather(1, chosen), c.labels.gather(1, chosen),
+                       c.valid.gather(1, chosen))
+
+
+def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg) -> None:
+    if cls_logits.ndim != 3:
+        raise ValueError(f"cls_logits must be [B, A, K], got {tuple(cls_logits.shape)}")
+    b, a, _ = cls_logits.shape
+    if tuple(box_deltas.shape) != (b, a, 4):
+        raise ValueError(f"box_deltas must be [B, A, 4] = {(b, a, 4)}, got {tuple(box_deltas.shape)}")
+    if tuple(anchors.shape) != (a, 4):
+        raise ValueError(f"anchors must be [A, 4] = {(a, 4)}, got {tuple(anchors.shape)}")
+    if sum(level_counts) != a or any(c < 0 for c in level_counts):
+        raise ValueError(f"level_counts {tuple(level_counts)} must be non-negative and sum to A = {a}")
+    if tuple(image_hw.shape) != (b, 2):
+        raise ValueError(f"image_hw must be [B, 2] = {(b, 2)}, got {tuple(image_hw.shape)}")
+    if scale_factor is not None and tuple(scale_factor.shape) != (b, 2):
+        raise ValueError(f"scale_factor must be [B, 2] = {(b, 2)} or None, got {tuple(scale_factor.shape)}")
+    if test_cfg.pre_select not in _PRE_SELECT:
+        raise ValueError(f"model.test.pre_select must be one of {_PRE_SELECT}, got {test_cfg.pre_select!r}")
+    if test_cfg.max_per_img < 0:
+        raise ValueError(f"model.test.max_per_img must be >= 0, got {test_cfg.max_per_img}")
+
+
+def detect(
+    cls_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    anchors: torch.Tensor,
+    level_counts: tuple[int, ...],
+    image_hw: torch.Tensor,
+    scale_factor: torch.Tensor | None,
+    test_cfg,
+    coder_cfg,
+    nms_impl: str = "torch",
+) -> Detections:
+    """Detections from the head outputs of a batch.
+
+    Args:
+      cls_logits: [B, A, K]; box_deltas: [B, A, 4]; anchors: [A, 4], levels concatenated in order.
+      level_counts: anchors per level (sums to A), e.g. H_l * W_l * 9 for P3..P7.
+      image_hw: int64 [B, 2], (h, w) of each resized image: decoded boxes are clipped to it.
+      scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
+        (sx, sy, sx, sy) into original-image pixels (mmdetection's rescale, before NMS as there:
+        per-axis scaling leaves IoU unchanged; no clipping afterwards).
+      test_cfg: model.test (nms_pre, pre_select, score_thr, nms_iou, max_per_img, max_candidates);
+        nms_pre <= 0 or max_candidates <= 0 mean no limit.
+      coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
+      nms_impl: retina_fn.nms.batched_nms's impl ('torch' | 'torchvision' | 'auto').
+
+    Returns Detections with M = test_cfg.max_per_img rows per image, sorted by score; scores are
+    sigmoid probabilities, labels 0..K-1; padding rows have valid False, boxes, score and label 0.
+    Ties between equal scores go to the lower anchor index (per level selection) or the earlier
+    candidate (NMS). Computed in float32 with autocast disabled.
+    """
+    _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg)
+    select = _level_candidates_by_anchor if test_cfg.pre_select == "anchor" else _level_candidates_by_pair
+    batch = cls_logits.shape[0]
+    with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+        scores = torch.sigmoid(cls_logits.float())
+        deltas = box_deltas.float()
+        batch_anchors = anchors.float().unsqueeze(0).expand(batch, -1, -1)
+        per_level = []
+        start = 0
+        for count in level_counts:
+            level = slice(start, start + count)
+            start += count
+            per_level.append(select(scores[:, level], deltas[:, level], batch_anchors[:, level], image_hw,
+                                    test_cfg.nms_pre, test_cfg.score_thr, coder_cfg))
+        candidates = _cap(_Candidates(*(torch.cat(parts, dim=1) for parts in zip(*per_level))),
+                          test_cfg.max_candidates)
+
+        boxes = candidates.boxes
+        if scale_factor is not None:
+            boxes = boxes / scale_factor.float().repeat(1, 2)[:, None, :]
+        index, valid = batched_nms(boxes, candidates.scores, candidates.labels, candidates.valid,
+                                   test_cfg.nms_iou, test_cfg.max_per_img, impl=nms_impl)
+        return Detections(
+            boxes=torch.where(valid.unsqueeze(-1), _gather_rows(boxes, index), 0.0),
+            scores=torch.where(valid, candidates.scores.gather(1, index), 0.0),
+            labels=torch.where(valid, candidates.labels.gather(1, index), torch.zeros_like(index)),
+            valid=valid,
+        )
