@@ -20,6 +20,9 @@ def backbone_config(depth: int = 50) -> ml_collections.ConfigDict:
             depth=depth,
             style="pytorch",  # stride on the 3x3 conv; 'caffe' puts it on the first 1x1
             bn_eps=1e-5,
+            norm="frozen_bn",  # 'frozen_bn' (stored statistics) | 'gn' (GroupNorm: training from scratch)
+            gn_groups=32,
+            base_width=64,  # stem and stage-1 channels; every standard ResNet uses 64
             frozen_stages=1,  # stem + layer1 frozen (-1: nothing frozen)
             norm_affine_trainable=True,  # mmdetection trains BN weight/bias; torchvision's FrozenBN does not
             pretrained=placeholder(str),  # a torchvision ResNet checkpoint (resnet50-*.pth)
@@ -84,6 +87,7 @@ def model_config(depth: int = 50, num_classes: int = 80) -> ml_collections.Confi
                 nms_iou=0.5,
                 max_per_img=100,
                 max_candidates=5000,  # static cap on (box, class) pairs entering NMS, see postprocess
+                static_shapes=False,  # True: NMS always sees max_candidates rows (NPU, compiled inference)
             ),
             size_divisor=32,
         )

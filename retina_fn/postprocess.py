@@ -96,6 +96,20 @@ def _cap(c: _Candidates, max_candidates: int) -> _Candidates:
                        c.valid.gather(1, chosen))
 
 
+def _trim_to_valid(c: _Candidates, minimum: int = 128) -> _Candidates:
+    """Drops trailing invalid candidates: keeps the top 2**ceil(log2(n)) rows by score (at least
+    `minimum`), n the largest valid count of an image. NMS costs O(k^2), so this is what keeps an
+    early, uncertain model's evaluation fast; the kept set is unchanged because only invalid rows go.
+    The row count depends on the data (one host sync, a few power-of-two shapes): not for static-shape
+    backends (model.test.static_shapes)."""
+    total = c.scores.shape[1]
+    largest = int(c.valid.sum(dim=1).max()) if total else 0
+    target = max(minimum, 1 << max(largest - 1, 0).bit_length())
+    if target >= total:
+        return c
+    return _cap(c, target)
+
+
 def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg) -> None:
     if cls_logits.ndim != 3:
         raise ValueError(f"cls_logits must be [B, A, K], got {tuple(cls_logits.shape)}")
@@ -136,8 +150,9 @@ def detect(
       scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
         (sx, sy, sx, sy) into original-image pixels (mmdetection's rescale, before NMS as there:
         per-axis scaling leaves IoU unchanged; no clipping afterwards).
-      test_cfg: model.test (nms_pre, pre_select, score_thr, nms_iou, max_per_img, max_candidates);
-        nms_pre <= 0 or max_candidates <= 0 mean no limit.
+      test_cfg: model.test (nms_pre, pre_select, score_thr, nms_iou, max_per_img, max_candidates,
+        static_shapes); nms_pre <= 0 or max_candidates <= 0 mean no limit. Unless static_shapes, the
+        candidates entering NMS are trimmed to a power-of-two count covering every valid one.
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
       nms_impl: retina_fn.nms.batched_nms's impl ('torch' | 'torchvision' | 'auto').
 
@@ -162,6 +177,8 @@ def detect(
                                     test_cfg.nms_pre, test_cfg.score_thr, coder_cfg))
         candidates = _cap(_Candidates(*(torch.cat(parts, dim=1) for parts in zip(*per_level))),
                           test_cfg.max_candidates)
+        if not test_cfg.get("static_shapes", False):
+            candidates = _trim_to_valid(candidates)
 
         boxes = candidates.boxes
         if scale_factor is not None:

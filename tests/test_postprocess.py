@@ -241,6 +241,23 @@ def test_matches_loop_reference(pre_select, seed):
         assert torch.equal(getattr(capped, field), getattr(det, field))
 
 
+@pytest.mark.parametrize("pre_select", ["anchor", "pair"])
+def test_trimming_to_valid_candidates_matches_static_shapes(pre_select):
+    """Without static_shapes NMS sees only a power-of-two prefix covering every valid candidate; the
+    detections must equal those of the full static-shape path."""
+    logits, deltas, anchors, image_hw, scale_factor = random_head_outputs(3)
+    logits = logits - 4.0  # few candidates pass the threshold (26 of 1200), so trimming really cuts rows
+    counts = (160, 80, 40, 20)
+    results = []
+    for static in (True, False):
+        test_cfg, coder_cfg = configs(pre_select=pre_select, nms_pre=100, max_per_img=25, max_candidates=1200,
+                                      static_shapes=static)
+        results.append(detect(logits, deltas, anchors, counts, image_hw, scale_factor, test_cfg, coder_cfg))
+    assert 0 < int(results[0].valid.sum()) < 50
+    for field in Detections._fields:
+        assert torch.equal(getattr(results[0], field), getattr(results[1], field))
+
+
 def test_low_precision_logits_under_autocast():
     logits, deltas, anchors, image_hw, scale_factor = random_head_outputs(3, batch=1)
     test_cfg, coder_cfg = configs(nms_pre=30, max_per_img=10)

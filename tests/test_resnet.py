@@ -99,3 +99,24 @@ def test_features_equal_torchvision_resnet50():
             rel = (ours[k] - ref[k]).abs().max() / ref[k].abs().max()
             print(f"{k} {tuple(shape)} max relative error {float(rel):.2e}")
             assert rel < 1e-4, k
+
+
+def test_group_norm_variant_and_base_width():
+    c = ConfigDict(dict(depth=18, style="pytorch", bn_eps=1e-5, frozen_stages=-1, norm="gn", gn_groups=8,
+                        base_width=32))
+    params = resnet.init(rng.key(3), c)
+    assert "running_mean" not in params["bn1"]
+    assert resnet.out_channels(c) == (32, 64, 128, 256)
+    # GroupNorm has as many affine parameters as BN had; every conv is half as wide in each dimension
+    frozen = resnet.init(rng.key(3), ConfigDict(dict(depth=18, style="pytorch", bn_eps=1e-5, frozen_stages=-1,
+                                                     base_width=32)))
+    assert param_count(params) == param_count(frozen)
+    x = torch.randn(2, 3, 64, 64)
+    feats = resnet.apply(params, x, c)
+    assert feats["C5"].shape == (2, 256, 2, 2)
+    # convs without bias followed by GroupNorm: the features do not depend on the input's scale
+    scaled = resnet.apply(params, 7.0 * x, c)
+    assert torch.allclose(scaled["C5"], feats["C5"], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="gn_groups"):
+        c.gn_groups = 5
+        resnet.init(rng.key(3), c)

@@ -9,6 +9,11 @@ Config fields (cfg = model_cfg.backbone):
   depth: 18 | 34 | 50 | 101 | 152
   style: 'pytorch' (stride on the 3x3 conv, torchvision) | 'caffe' (stride on the first 1x1 conv)
   bn_eps: float, 1e-5 (torchvision's RetinaNet v1 checkpoint expects 0.0)
+  norm: 'frozen_bn' (stored statistics; for pretrained backbones) | 'gn' (GroupNorm with `gn_groups`
+    groups: stateless, so it also trains from scratch, where frozen identity statistics would leave the
+    network unnormalised). The norm slots keep torchvision's names ('bn1', 'downsample'/'1') either way.
+  base_width: channels of the stem and first stage (64 in every standard ResNet); narrower backbones
+    (e.g. 32) for small CPU demos.
   frozen_stages, norm_affine_trainable: read by `trainable_mask`, not by `apply`.
 """
 
@@ -19,17 +24,23 @@ import torch
 from retina_fn import nn, rng
 
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-STAGE_WIDTHS = (64, 128, 256, 512)
+NORMS = ("frozen_bn", "gn")
+
+
+def stage_widths(cfg) -> tuple[int, int, int, int]:
+    w = int(cfg.get("base_width", 64))
+    return (w, 2 * w, 4 * w, 8 * w)
 
 
 def is_bottleneck(depth: int) -> bool:
     return depth >= 50
 
 
-def out_channels(depth: int) -> tuple[int, int, int, int]:
-    """Channels of C2..C5: (256, 512, 1024, 2048) for bottleneck ResNets, (64, ..., 512) otherwise."""
-    expansion = 4 if is_bottleneck(depth) else 1
-    return tuple(w * expansion for w in STAGE_WIDTHS)
+def out_channels(cfg) -> tuple[int, int, int, int]:
+    """Channels of C2..C5: (256, 512, 1024, 2048) for bottleneck ResNets, (64, ..., 512) otherwise
+    (scaled by base_width / 64)."""
+    expansion = 4 if is_bottleneck(cfg.depth) else 1
+    return tuple(w * expansion for w in stage_widths(cfg))
 
 
 def _check(cfg) -> None:
@@ -37,6 +48,22 @@ def _check(cfg) -> None:
         raise ValueError(f"backbone.depth must be one of {sorted(BLOCKS)}, got {cfg.depth}")
     if cfg.style not in ("pytorch", "caffe"):
         raise ValueError(f"backbone.style must be 'pytorch' or 'caffe', got {cfg.style!r}")
+    if cfg.get("norm", "frozen_bn") not in NORMS:
+        raise ValueError(f"backbone.norm must be one of {NORMS}, got {cfg.norm!r}")
+    if cfg.get("norm", "frozen_bn") == "gn" and any(w % int(cfg.gn_groups) for w in stage_widths(cfg)):
+        raise ValueError(f"backbone.gn_groups={cfg.gn_groups} must divide every stage width {stage_widths(cfg)}")
+
+
+def _norm_params(channels: int, cfg) -> dict:
+    if cfg.get("norm", "frozen_bn") == "gn":
+        return {"weight": nn.init.constant((channels,), 1.0), "bias": nn.init.constant((channels,), 0.0)}
+    return nn.init.batch_norm(channels)
+
+
+def _norm(p: dict, x: torch.Tensor, cfg) -> torch.Tensor:
+    if "running_mean" in p:
+        return nn.frozen_batch_norm(p, x, float(cfg.bn_eps))
+    return nn.group_norm(p, x, int(cfg.gn_groups))
 
 
 def init(key: rng.Key, cfg) -> dict:
@@ -45,70 +72,70 @@ def init(key: rng.Key, cfg) -> dict:
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
     keys = iter(rng.split(key, 512))
+    widths = stage_widths(cfg)
+    norm = lambda c: _norm_params(c, cfg)  # noqa: E731
     params: dict = {
-        "conv1": nn.init.conv(next(keys), 64, 3, 7),
-        "bn1": nn.init.batch_norm(64),
+        "conv1": nn.init.conv(next(keys), widths[0], 3, 7),
+        "bn1": norm(widths[0]),
     }
-    c_in = 64
-    for stage, (n_blocks, width) in enumerate(zip(BLOCKS[cfg.depth], STAGE_WIDTHS), start=1):
+    c_in = widths[0]
+    for stage, (n_blocks, width) in enumerate(zip(BLOCKS[cfg.depth], widths), start=1):
         c_out = width * (4 if bottleneck else 1)
         blocks = {}
         for i in range(n_blocks):
             if bottleneck:
                 block = {
                     "conv1": nn.init.conv(next(keys), width, c_in, 1),
-                    "bn1": nn.init.batch_norm(width),
+                    "bn1": norm(width),
                     "conv2": nn.init.conv(next(keys), width, width, 3),
-                    "bn2": nn.init.batch_norm(width),
+                    "bn2": norm(width),
                     "conv3": nn.init.conv(next(keys), c_out, width, 1),
-                    "bn3": nn.init.batch_norm(c_out),
+                    "bn3": norm(c_out),
                 }
             else:
                 block = {
                     "conv1": nn.init.conv(next(keys), width, c_in, 3),
-                    "bn1": nn.init.batch_norm(width),
+                    "bn1": norm(width),
                     "conv2": nn.init.conv(next(keys), width, width, 3),
-                    "bn2": nn.init.batch_norm(width),
+                    "bn2": norm(width),
                 }
             if i == 0 and (c_in != c_out or stage > 1):
-                block["downsample"] = {"0": nn.init.conv(next(keys), c_out, c_in, 1), "1": nn.init.batch_norm(c_out)}
+                block["downsample"] = {"0": nn.init.conv(next(keys), c_out, c_in, 1), "1": norm(c_out)}
             blocks[str(i)] = block
             c_in = c_out
         params[f"layer{stage}"] = blocks
     return params
 
 
-def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, caffe: bool, eps: float) -> torch.Tensor:
+def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg) -> torch.Tensor:
     identity = x
     if bottleneck:
-        s1, s2 = (stride, 1) if caffe else (1, stride)
-        y = nn.relu(nn.frozen_batch_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=s1), eps))
-        y = nn.relu(nn.frozen_batch_norm(p["bn2"], nn.conv2d(p["conv2"], y, stride=s2, padding=1), eps))
-        y = nn.frozen_batch_norm(p["bn3"], nn.conv2d(p["conv3"], y), eps)
+        s1, s2 = (stride, 1) if cfg.style == "caffe" else (1, stride)
+        y = nn.relu(_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=s1), cfg))
+        y = nn.relu(_norm(p["bn2"], nn.conv2d(p["conv2"], y, stride=s2, padding=1), cfg))
+        y = _norm(p["bn3"], nn.conv2d(p["conv3"], y), cfg)
     else:
-        y = nn.relu(nn.frozen_batch_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=stride, padding=1), eps))
-        y = nn.frozen_batch_norm(p["bn2"], nn.conv2d(p["conv2"], y, padding=1), eps)
+        y = nn.relu(_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=stride, padding=1), cfg))
+        y = _norm(p["bn2"], nn.conv2d(p["conv2"], y, padding=1), cfg)
     if "downsample" in p:
         ds = p["downsample"]
-        identity = nn.frozen_batch_norm(ds["1"], nn.conv2d(ds["0"], x, stride=stride), eps)
+        identity = _norm(ds["1"], nn.conv2d(ds["0"], x, stride=stride), cfg)
     return nn.relu(y + identity)
 
 
 def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """x: [B, 3, H, W] -> {'C2': [B, c2, H/4, W/4], 'C3': .../8, 'C4': .../16, 'C5': [B, c5, H/32, W/32]}
-    (sizes rounded up; channels from `out_channels(depth)`)."""
+    (sizes rounded up; channels from `out_channels(cfg)`)."""
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
-    caffe = cfg.style == "caffe"
-    eps = float(cfg.bn_eps)
-    x = nn.relu(nn.frozen_batch_norm(params["bn1"], nn.conv2d(params["conv1"], x, stride=2, padding=3), eps))
+    x = nn.relu(_norm(params["bn1"], nn.conv2d(params["conv1"], x, stride=2, padding=3), cfg))
     x = nn.max_pool2d(x, 3, 2, 1)
     feats = {}
     for stage in range(1, 5):
         blocks = params[f"layer{stage}"]
         for i in range(len(blocks)):
             stride = 2 if (i == 0 and stage > 1) else 1
-            x = _block(blocks[str(i)], x, stride, bottleneck, caffe, eps)
+            x = _block(blocks[str(i)], x, stride, bottleneck, cfg)
         feats[f"C{stage + 1}"] = x
     return feats
 

@@ -25,7 +25,7 @@ def num_anchors_per_cell(model_cfg) -> int:
 def init(key: rng.Key, model_cfg) -> dict:
     """A fresh parameter tree: ResNet (He init), FPN (xavier), head (N(0, 0.01), prior-prob bias)."""
     k_backbone, k_fpn, k_head = rng.split(key, 3)
-    c2, c3, c4, c5 = resnet.out_channels(model_cfg.backbone.depth)
+    c2, c3, c4, c5 = resnet.out_channels(model_cfg.backbone)
     return {
         "backbone": resnet.init(k_backbone, model_cfg.backbone),
         "fpn": fpn.init(k_fpn, (c3, c4, c5), model_cfg.fpn),

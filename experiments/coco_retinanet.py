@@ -1,0 +1,42 @@
+"""Train or evaluate RetinaNet.
+
+    python -m experiments.coco_retinanet --config configs/demo.py --workdir runs/demo
+    python -m experiments.coco_retinanet --config configs/retinanet_r50_fpn_1x_coco.py \
+        --config.data.root=/data/coco --config.optim.lr=0.02 --workdir runs/r50
+    python -m experiments.coco_retinanet --config ... --workdir DIR --mode eval [--weights FILE]
+    torchrun --nproc_per_node=8 -m experiments.coco_retinanet --config ... --workdir DIR
+
+Training resumes on its own from the newest usable checkpoint in DIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import trainer
+from retina_fn.dist.env import read_launch_env
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or evaluate only.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Evaluation: a retina_fn checkpoint, or torchvision / mmdetection "
+                                                "RetinaNet weights (default: the workdir's newest checkpoint).")
+
+
+def main(argv):
+    del argv
+    rank = read_launch_env().rank
+    logging.getLogger("retina_fn").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    cfg = _CONFIG.value
+    if _MODE.value == "train":
+        trainer.train_and_evaluate(cfg, _WORKDIR.value)
+    else:
+        trainer.evaluate_only(cfg, _WORKDIR.value, _WEIGHTS.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,44 @@
+"""Drawing detections on images (host side, Pillow)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+def colour(label: int) -> tuple[int, int, int]:
+    return _PALETTE[int(label) % len(_PALETTE)]
+
+
+def draw_detections(image: np.ndarray | Image.Image, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                    class_names: Sequence[str], score_thr: float = 0.3,
+                    gt_boxes: np.ndarray | None = None) -> Image.Image:
+    """An RGB copy of `image` (uint8 [H, W, 3] or PIL) with boxes [N, 4] xyxy in its pixels, each labelled
+    '<class> <score>'; detections scoring below `score_thr` are left out. Ground truth boxes, when given,
+    are drawn thin and white underneath."""
+    img = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image.copy()
+    img = img.convert("RGB")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    if gt_boxes is not None:
+        for box in np.asarray(gt_boxes, dtype=np.float64):
+            draw.rectangle([float(v) for v in box], outline=(255, 255, 255), width=1)
+    order = np.argsort(-np.asarray(scores))
+    for i in order[::-1]:  # the best on top
+        if scores[i] < score_thr:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        c = colour(labels[i])
+        draw.rectangle([x1, y1, x2, y2], outline=c, width=2)
+        name = class_names[int(labels[i])] if int(labels[i]) < len(class_names) else str(int(labels[i]))
+        text = f"{name} {float(scores[i]):.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        ty = y1 - (bottom - top) - 2 if y1 - (bottom - top) - 2 >= 0 else y1
+        draw.rectangle([x1, ty, x1 + (right - left) + 2, ty + (bottom - top) + 2], fill=c)
+        draw.text((x1 + 1, ty), text, fill=(0, 0, 0), font=font)
+    return img
