@@ -62,7 +62,7 @@ def load_params(path: str, cfg) -> tuple[dict, dict]:
         restored = None
     if restored is not None:
         state = restored.state
-        return tree.merge(state["params"], state["frozen"]), restored.meta
+        return tree.merge(state["params"], state.get("frozen", {})), restored.meta  # no frozen leaves: no key
     from retina_fn import interop
 
     return interop.load_detector_weights(path, cfg.model), {}

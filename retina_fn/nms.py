@@ -20,8 +20,11 @@ iterations is the depth of the longest chain of decisions that depend on each ot
 tens), not N. Each iteration is one batched [1, N] x [N, N] product plus one host sync to test for
 convergence (post-processing is not the train step).
 
-Cost: O(N^2) time and memory per image: the IoU matrix and its temporaries are float32 N x N
-(about 100 MB each for N = 5000) and S is kept as a float32 N x N matrix for the products.
+The work is done in blocks of 256 boxes in score order: a block is first cleared against the boxes
+already kept in earlier blocks (whose decisions are final), then solved by the iteration above. Since
+callers take only the first `max_output` kept boxes, the walk stops once every image has that many;
+for a trained detector that is usually within the first block or two. Worst case (few survivors):
+O(N^2) time, and O(256 N) memory per image.
 """
 
 from __future__ import annotations
@@ -41,18 +44,19 @@ def _float32_floor(value: float) -> float:
     return float(rounded)
 
 
-def _pairwise_iou(b: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair within each image: [B, N, 4] -> [B, N, N].
+def _pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every box of a [B, N, 4] with every box of b [B, M, 4] -> [B, N, M].
 
     The formula and its order of operations are the NMS kernels' (intersection w * h, union
     area_i + area_j - inter, no floor on the union), so the comparisons agree bit for bit with
     torchvision's CPU kernel; a zero union gives nan, which never exceeds the threshold."""
-    x1, y1, x2, y2 = b.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    area_a, area_b = (ax2 - ax1) * (ay2 - ay1), (bx2 - bx1) * (by2 - by1)
+    w = (torch.minimum(ax2[:, :, None], bx2[:, None, :]) - torch.maximum(ax1[:, :, None], bx1[:, None, :])).clamp(min=0)
+    h = (torch.minimum(ay2[:, :, None], by2[:, None, :]) - torch.maximum(ay1[:, :, None], by1[:, None, :])).clamp(min=0)
     inter = w * h
-    return inter / (area[:, :, None] + area[:, None, :] - inter)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter)
 
 
 def _score_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -61,23 +65,45 @@ def _score_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.sort(key, dim=1, descending=True, stable=True).indices
 
 
-def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
-                        max_iters: int | None) -> torch.Tensor:
-    """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N]."""
-    n = boxes.shape[1]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # [j, i]: j < i
-    overlaps = _pairwise_iou(boxes) > _float32_floor(iou_threshold)
-    suppresses = (overlaps & (labels[:, :, None] == labels[:, None, :]) & earlier).to(torch.float32)
-    del overlaps
-    keep = valid
-    for _ in range(n + 1 if max_iters is None else max_iters):
+def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_iters: int | None) -> torch.Tensor:
+    """Solves keep[i] = candidate[i] and not any_j (keep[j] and suppresses[j, i]) for one block."""
+    keep = candidate
+    for _ in range(candidate.shape[1] + 1 if max_iters is None else max_iters):
         # Counts of kept earlier boxes that would suppress each box; exact in float32 for any N < 2**24.
         hits = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1)
-        updated = valid & (hits == 0)
+        updated = candidate & (hits == 0)
         if torch.equal(updated, keep):
             break
         keep = updated
     return keep
+
+
+def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+                        max_iters: int | None, enough: int | None = None, block: int = 256) -> torch.Tensor:
+    """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N].
+
+    Blocks of `block` boxes in score order: a block's boxes are first checked against the boxes kept in
+    earlier blocks (final decisions), then decided among themselves by the fixed-point iteration.
+    Once every image has `enough` kept boxes the rest is left unkept: callers that return only the
+    first `enough` kept boxes get the same answer at a fraction of the O(N^2) cost."""
+    threshold = _float32_floor(iou_threshold)
+    n = boxes.shape[1]
+    decided: list[torch.Tensor] = []
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        bb, bl = boxes[:, start:end], labels[:, start:end]
+        candidate = valid[:, start:end]
+        if decided:
+            kept = torch.cat(decided, dim=1)
+            clash = (_pairwise_iou(bb, boxes[:, :start]) > threshold) & (bl[:, :, None] == labels[:, None, :start])
+            candidate = candidate & ~(clash & kept[:, None, :]).any(dim=2)
+        earlier = torch.ones(end - start, end - start, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
+        suppresses = ((_pairwise_iou(bb, bb) > threshold) & (bl[:, :, None] == bl[:, None, :]) & earlier)
+        decided.append(_block_fixed_point(candidate, suppresses.to(torch.float32), max_iters))
+        if enough is not None and end < n and int(torch.cat(decided, 1).sum(1).min()) >= enough:
+            decided.append(torch.zeros_like(valid[:, end:]))
+            break
+    return torch.cat(decided, dim=1)
 
 
 def _torchvision_keep(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, order: torch.Tensor,
@@ -186,5 +212,5 @@ def batched_nms(
         else:
             keep_sorted = _greedy_keep_sorted(boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4)),
                                               labels.gather(1, order), valid.gather(1, order),
-                                              iou_threshold, max_iters)
+                                              iou_threshold, max_iters, enough=max_output)
         return _first_kept(order, keep_sorted, max_output)

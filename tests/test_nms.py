@@ -72,6 +72,14 @@ def test_matches_greedy_reference_on_random_boxes(threshold, seed):
     check_against_reference(boxes, scores, labels, valid, threshold, max_output=7)
 
 
+@pytest.mark.parametrize("max_output", [5, 40, 2000])
+def test_several_blocks_and_early_stop_match_the_reference(max_output):
+    """700 boxes span three 256-box blocks; a small max_output stops the walk early, a large one walks
+    every block. The kept prefix must equal greedy NMS either way."""
+    boxes, scores, labels, valid = random_case(2, 700, 3, seed=11)
+    check_against_reference(boxes, scores, labels, valid, 0.5, max_output)
+
+
 def test_dense_overlaps_one_class():
     """Many heavily overlapping boxes of one class: long dependency chains for the fixed point."""
     gen = torch.Generator().manual_seed(5)
