@@ -80,6 +80,20 @@ def test_several_blocks_and_early_stop_match_the_reference(max_output):
     check_against_reference(boxes, scores, labels, valid, 0.5, max_output)
 
 
+def test_walk_continues_until_enough_boxes_are_kept():
+    """The first 256-box block holds only three distinct boxes (copies of each other), so it keeps 3;
+    with max_output 5 the walk must go on into the next block to find the other two."""
+    copies = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 0, 110, 10]]).repeat(86, 1)[:256]
+    xy = torch.arange(300, dtype=torch.float32)[:, None] * 20 + 200
+    rest = torch.cat([xy, xy + 10], dim=1)
+    boxes = torch.cat([copies, rest])[None]
+    scores = torch.linspace(1.0, 0.01, boxes.shape[1])[None]
+    labels = torch.zeros(1, boxes.shape[1], dtype=torch.int64)
+    valid = torch.ones(1, boxes.shape[1], dtype=torch.bool)
+    index, keep = check_against_reference(boxes, scores, labels, valid, 0.5, 5)
+    assert index[0].tolist() == [0, 1, 2, 256, 257]
+
+
 def test_dense_overlaps_one_class():
     """Many heavily overlapping boxes of one class: long dependency chains for the fixed point."""
     gen = torch.Generator().manual_seed(5)
