@@ -85,7 +85,7 @@ def test_walk_continues_until_enough_boxes_are_kept():
     with max_output 5 the walk must go on into the next block to find the other two."""
     copies = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 0, 110, 10]]).repeat(86, 1)[:256]
     xy = torch.arange(300, dtype=torch.float32)[:, None] * 20 + 200
-    rest = torch.cat([xy, xy + 10], dim=1)
+    rest = torch.cat([xy, xy, xy + 10, xy + 10], dim=1)
     boxes = torch.cat([copies, rest])[None]
     scores = torch.linspace(1.0, 0.01, boxes.shape[1])[None]
     labels = torch.zeros(1, boxes.shape[1], dtype=torch.int64)
