@@ -43,7 +43,8 @@ def get_config():
     o.clip_norm = 10.0
     o.warmup_iters = 10
     o.schedule = "cosine"
-    o.epochs = 6
-    config.train.log_every = 4
+    o.epochs = 30
+    config.train.log_every = 8
+    config.train.eval_every_epochs = 100  # once, at the end
     config.eval.max_vis_images = 2
     return config

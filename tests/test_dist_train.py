@@ -18,3 +18,19 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path):
         worst = max(worst, diff)
         assert torch.allclose(value, b["params"][path], rtol=1e-5, atol=1e-5), (path, diff)
     print(f"largest parameter difference after 3 steps: {worst:.2e}")
+
+
+def test_two_nodes_over_loopback_train_and_checkpoint_together(tmp_path):
+    from retina_fn import checkpoint
+
+    workdir = tmp_path / "run"
+    args = ["--config", "configs/smoke.py", f"--workdir={workdir}", f"--config.data.root={tmp_path / 'data'}",
+            "--config.train.max_steps=4", "--config.train.validate=False", "--config.data.images_per_device=4",
+            "--config.dist.timeout_s=60"]
+    nodes = launch.run_nodes("train_entry.py", args, nnodes=2, nproc=1, limit_s=300)
+    for node in nodes:
+        assert node.returncode == 0, node.output[-3000:]
+    restored = checkpoint.restore_latest(str(workdir / "checkpoints"))
+    assert restored.step == 4 and restored.meta["world_size"] == 2
+    # 64 training images, 4 per device on 2 nodes: 8 steps per epoch; the run stopped after 4 of them
+    assert restored.meta["data_position"] == {"epoch": 0, "step_in_epoch": 4}
