@@ -108,6 +108,8 @@ def data_config() -> ml_collections.ConfigDict:
             mean=(123.675, 116.28, 103.53),
             std=(58.395, 57.12, 57.375),
             scale=(1333, 800),  # keep-ratio resize limits: (long side, short side)
+            resize_mode="mmdet",  # 'mmdet': resize uint8 (size rounded), then normalise | 'torchvision':
+            # normalise, then resize the float image (size floored); retina_fn.interop.torchvision_preprocess
             flip_prob=0.5,
             landscape_canvas=(800, 1344),  # (H, W) for images with w > h
             portrait_canvas=(1344, 800),  # (H, W) for images with w <= h

@@ -61,8 +61,12 @@ def load_params(path: str, cfg) -> tuple[dict, dict]:
     except checkpoint.CorruptCheckpoint:
         restored = None
     if restored is not None:
+        from retina_fn.interop import detector
+
         state = restored.state
-        return tree.merge(state["params"], state.get("frozen", {})), restored.meta  # no frozen leaves: no key
+        params = tree.merge(state["params"], state.get("frozen", {}))  # no frozen leaves: no key
+        detector.check_params(params, cfg.model, path)
+        return params, restored.meta
     from retina_fn import interop
 
     return interop.load_detector_weights(path, cfg.model), {}

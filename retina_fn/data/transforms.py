@@ -25,12 +25,14 @@ class TransformConfig(NamedTuple):
     flip_prob: float = 0.5
     landscape_canvas: tuple[int, int] = (800, 1344)  # (H, W) for w > h
     portrait_canvas: tuple[int, int] = (1344, 800)  # (H, W) for w <= h
+    resize_mode: str = "mmdet"  # 'mmdet': resize uint8, then normalise | 'torchvision': normalise, then resize
 
     @classmethod
     def from_config(cls, data_cfg) -> "TransformConfig":
         return cls(scale=tuple(data_cfg.scale), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
                    flip_prob=float(data_cfg.flip_prob), landscape_canvas=tuple(data_cfg.landscape_canvas),
-                   portrait_canvas=tuple(data_cfg.portrait_canvas))
+                   portrait_canvas=tuple(data_cfg.portrait_canvas),
+                   resize_mode=str(data_cfg.get("resize_mode", "mmdet")))
 
 
 def is_landscape(height: int, width: int) -> bool:
@@ -116,6 +118,12 @@ def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cf
     ignore_boxes [M, 4] float32 in resized pixels; image_hw (new_h, new_w); orig_hw (h, w);
     scale_factor float32 (sx, sy) = (new_w / w, new_h / h); flipped bool.
     """
+    if cfg.resize_mode == "torchvision":
+        from retina_fn.interop.torchvision_preprocess import torchvision_transform  # imports this module
+
+        return torchvision_transform(image, boxes, ignore_boxes, cfg, flip=flip)
+    if cfg.resize_mode != "mmdet":
+        raise ValueError(f"data.resize_mode must be 'mmdet' or 'torchvision', got {cfg.resize_mode!r}")
     h, w = image.shape[:2]
     new_h, new_w = rescaled_size(h, w, cfg.scale)
     sx, sy = new_w / w, new_h / h

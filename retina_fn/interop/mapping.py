@@ -8,42 +8,64 @@ at the first problem.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from retina_fn import tree
+
+# Containers the usual training scripts wrap a state_dict in: mmdetection/mmcv ('state_dict', next to
+# 'meta'), torchvision's reference scripts and many others ('model').
+_WRAPPERS = ("state_dict", "model")
+_DATA_PARALLEL_PREFIX = "module."
 
 
 class CheckpointMismatch(ValueError):
     """A foreign checkpoint does not fit the parameter tree of the configured model."""
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a local .pth/.pt file with weights-only unpickling and unwraps the usual containers
-    ({'state_dict': ...} as mmdetection writes, {'model': ...}). Returns {key: tensor} on the CPU."""
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The object stored in a local .pth/.pt file, unpickled weights-only onto the CPU.
+    Raises FileNotFoundError or CheckpointMismatch naming the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; name the file in one message
         raise CheckpointMismatch(f"cannot read {path} as a weights-only torch checkpoint: {e}") from e
-    for wrapper in ("state_dict", "model"):
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """{key: tensor} from a loaded checkpoint object: unwraps {'state_dict': ...} / {'model': ...} and
+    drops a 'module.' prefix that every key carries (a model saved inside DataParallel)."""
+    for wrapper in _WRAPPERS:
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointMismatch(f"{path} does not hold a state_dict of tensors")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatch(f"{source} does not hold a state_dict of tensors")
+    keys = [str(k) for k in obj]
+    if all(k.startswith(_DATA_PARALLEL_PREFIX) for k in keys):
+        return {k[len(_DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
     return dict(obj)
 
 
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a local .pth/.pt file with weights-only unpickling and unwraps the usual containers
+    ({'state_dict': ...} as mmdetection writes, {'model': ...}). Returns {key: tensor} on the CPU."""
+    return unwrap_state_dict(read_checkpoint(path), os.fspath(path))
+
+
 def load_mapped(state_dict: dict[str, torch.Tensor], like: dict, mapping: dict[str, str],
-                ignore: Iterable[str] = (), source: str = "checkpoint") -> dict:
+                ignore: Iterable[str] = (), source: str = "checkpoint", notes: Iterable[str] = ()) -> dict:
     """Builds a tree shaped like `like` from `state_dict[mapping[path]]` (float32).
 
     ignore: their keys (or key suffixes such as 'num_batches_tracked') that may be present unused.
+    notes: further problems found by the caller (e.g. a class-count mismatch); they head the report and
+    make it fail even when every key fits.
     Raises CheckpointMismatch listing every missing, mis-shaped and unexpected key at once."""
     ignore = tuple(ignore)
+    notes = list(notes)
     ours = tree.flatten_by_path(like)
     if set(mapping) != set(ours):
         raise ValueError("internal error: the key mapping does not cover the parameter tree")
@@ -60,8 +82,9 @@ def load_mapped(state_dict: dict[str, torch.Tensor], like: dict, mapping: dict[s
         out[path] = value.detach().to(torch.float32).clone()
     used = set(mapping.values())
     unexpected = [k for k in state_dict if k not in used and not any(k == i or k.endswith(i) for i in ignore)]
-    if missing or misshaped or unexpected:
+    if missing or misshaped or unexpected or notes:
         lines = [f"{source} does not match the model:"]
+        lines.extend(f"  {note}" for note in notes)
         for title, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
             if items:
                 lines.append(f"  {len(items)} {title}:")

@@ -1,0 +1,238 @@
+"""Detections for image files, with retina_fn, torchvision or mmdetection RetinaNet weights.
+
+    python -m experiments.predict --config configs/retinanet_r50_fpn_1x_coco.py \\
+        --weights retinanet_r50_fpn_1x_coco_20200130-c2398f9e.pth --images a.jpg b.png --out dets.json \\
+        --draw vis/ --score-thr 0.3
+    python -m experiments.predict --config configs/torchvision_retinanet_v1.py \\
+        --weights retinanet_resnet50_fpn_coco-eeacb38b.pth --images a.jpg --out dets.json
+
+The evaluation pipeline runs unchanged: the configured resize (data.resize_mode), each image on its
+aspect group's fixed canvas (or, with --canvas=tight, on its own size rounded up to model.size_divisor,
+which is what mmdetection and torchvision do at batch size 1), the model, post-processing with
+model.test (every detection above model.test.score_thr, up to max_per_img), boxes in original pixels.
+
+Output (--out): a COCO result list, [{'image_id', 'file_name', 'category_id', 'bbox': [x, y, w, h],
+'score'}], image_id = the image's position in the --images list (0-based). Category ids:
+  - retina_fn checkpoint: the label map stored with it (the training annotation file's ids);
+  - other weights (no label map): by model.num_classes, 91 -> torchvision's layout, where the class
+    index *is* the COCO category id; 80 -> mmdetection's layout, the 80 COCO ids in ascending order;
+    any other K -> index + 1.
+--draw DIR writes DIR/<image name>.png with the boxes scoring at least --score-thr, labelled with the
+class names (COCO names for torchvision / mmdetection weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import evaluation
+from retina_fn import tree
+from retina_fn.data import transforms
+from retina_fn.data.coco import decode_image
+from retina_fn.dist.backend import select_device
+from retina_fn.eval import coco_eval
+from retina_fn.interop import coco_names, detector, torchvision_preprocess
+from retina_fn.train.step import make_eval_step
+
+log = logging.getLogger("retina_fn")
+
+RESIZE_MODES = ("mmdet", "torchvision")
+CANVAS_MODES = ("fixed", "tight")
+
+
+class ImageDetections(NamedTuple):
+    """One image's detections in original pixels: boxes [N, 4] xyxy, scores [N], labels [N] (class index)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def check_canvases_fit(data_cfg) -> None:
+    """Raises ValueError when some image could be resized beyond its canvas: a landscape canvas (H, W)
+    must hold (short limit, long limit) of data.scale, a portrait one (long limit, short limit)."""
+    long_max, short_max = max(data_cfg.scale), min(data_cfg.scale)
+    for name, need in (("landscape_canvas", (short_max, long_max)), ("portrait_canvas", (long_max, short_max))):
+        canvas = tuple(data_cfg[name])
+        if canvas[0] < need[0] or canvas[1] < need[1]:
+            raise ValueError(f"data.{name}={canvas} (H, W) cannot hold every image resized with data.scale="
+                             f"{tuple(data_cfg.scale)}: it needs at least {need}")
+
+
+def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(category id, name) per class index: the retina_fn checkpoint's label map (meta['label_map'])
+    when there is one, else coco_names.label_map_for(num_classes) (see the module docstring)."""
+    label_map = (meta or {}).get("label_map")
+    if label_map:
+        ids = tuple(int(i) for i in label_map["category_ids"])
+        names = tuple(str(n) for n in label_map["names"])
+        if len(ids) != num_classes:
+            raise ValueError(f"the checkpoint's label map has {len(ids)} classes but model.num_classes is "
+                             f"{num_classes}")
+        return ids, names
+    return coco_names.label_map_for(num_classes)
+
+
+def tight_canvas(size_hw: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of `divisor`."""
+    return tuple(int(math.ceil(int(v) / divisor) * divisor) for v in size_hw)
+
+
+def preprocess(image: np.ndarray, cfg, canvas_mode: str = "fixed") -> dict:
+    """One decoded uint8 RGB image -> the eval transform's sample dict (image on its canvas, image_hw,
+    scale_factor, ...), resized as data.resize_mode says."""
+    data_cfg = cfg.data
+    mode = data_cfg.get("resize_mode", "mmdet")
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if canvas_mode not in CANVAS_MODES:
+        raise ValueError(f"canvas mode must be one of {CANVAS_MODES}, got {canvas_mode!r}")
+    tcfg = transforms.TransformConfig.from_config(data_cfg)
+    h, w = image.shape[:2]
+    if mode == "torchvision":
+        resized = torchvision_preprocess.torchvision_size(h, w, tcfg.scale)
+    else:
+        resized = transforms.rescaled_size(h, w, tcfg.scale)
+    if canvas_mode == "tight":
+        canvas = tight_canvas(resized, int(cfg.model.size_divisor))
+        tcfg = tcfg._replace(landscape_canvas=canvas, portrait_canvas=canvas)
+    no_boxes = np.zeros((0, 4), np.float32)
+    if mode == "torchvision":
+        return torchvision_preprocess.torchvision_transform(image, no_boxes, no_boxes, tcfg, flip=False)
+    return transforms.eval_transform(image, no_boxes, no_boxes, tcfg)
+
+
+def _batches(samples: Sequence[dict], batch_size: int) -> list[list[int]]:
+    """Indices of samples grouped by canvas shape (input order within a group), cut into batches."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s["image"].shape), []).append(i)
+    return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+
+def run_model(eval_step, params: dict, samples: Sequence[dict], batch_size: int,
+              device: torch.device) -> list[ImageDetections]:
+    """Detections for every sample (in input order), batch by batch on each canvas."""
+    out: list[ImageDetections | None] = [None] * len(samples)
+    for index in _batches(samples, batch_size):
+        batch = {
+            "image": torch.from_numpy(np.stack([samples[i]["image"] for i in index])).to(device),
+            "image_hw": torch.from_numpy(np.stack([samples[i]["image_hw"] for i in index])).to(device),
+            "scale_factor": torch.from_numpy(np.stack([samples[i]["scale_factor"] for i in index])).to(device),
+        }
+        dets = eval_step(params, batch)
+        boxes, scores, labels, valid = (t.cpu().numpy() for t in (dets.boxes, dets.scores, dets.labels, dets.valid))
+        for row, i in enumerate(index):
+            keep = valid[row]
+            out[i] = ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep])
+    return out
+
+
+def to_results(detections: Sequence[ImageDetections], image_paths: Sequence[str],
+               category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO result dicts for all images; image_id = position, file_name = the file's base name."""
+    results = []
+    for i, (det, path) in enumerate(zip(detections, image_paths)):
+        rows = coco_eval.detections_to_coco(det.boxes.reshape(-1, 4), det.scores, det.labels,
+                                            np.full(len(det.scores), i, dtype=np.int64), list(category_ids))
+        for r in rows:
+            r["file_name"] = os.path.basename(path)
+        results.extend(rows)
+    return results
+
+
+def drawing_paths(image_paths: Sequence[str], out_dir: str) -> list[str]:
+    """DIR/<stem>.png per image; a repeated stem gets its position appended (<stem>_<i>.png)."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in image_paths]
+    seen: dict[str, int] = {}
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+    return [os.path.join(out_dir, f"{s}_{i}.png" if seen[s] > 1 else f"{s}.png") for i, s in enumerate(stems)]
+
+
+def predict(cfg, weights: str, image_paths: Sequence[str], *, batch_size: int | None = None,
+            canvas_mode: str = "fixed", device: torch.device | str | None = None
+            ) -> tuple[list[ImageDetections], tuple[int, ...], tuple[str, ...], list[np.ndarray]]:
+    """(detections per image, category id per class, class names, decoded images) for image files.
+    Raises FileNotFoundError / retina_fn.data.coco.ImageLoadError naming a bad image, ValueError for a
+    config whose canvases cannot hold the resized images, CheckpointMismatch for weights that do not
+    fit the config."""
+    if not image_paths:
+        raise ValueError("no images given (--images)")
+    if canvas_mode == "fixed":
+        check_canvases_fit(cfg.data)
+    device = torch.device(device) if device is not None else select_device(cfg.dist.device).device
+    params, meta = evaluation.load_params(weights, cfg)
+    detector.check_params(params, cfg.model, f"the weights in {weights}")
+    params = tree.cast(params, torch.float32, device)
+    category_ids, names = label_table(int(cfg.model.num_classes), meta)
+    images = [decode_image(p, image_id=i) for i, p in enumerate(image_paths)]
+    samples = [preprocess(img, cfg, canvas_mode) for img in images]
+    eval_step = make_eval_step(cfg, device=device)
+    size = int(batch_size or cfg.data.eval_images_per_device)
+    return run_model(eval_step, params, samples, size, device), category_ids, names, images
+
+
+def write_outputs(detections, image_paths, category_ids, names, images, out_json: str,
+                  draw_dir: str | None = None, score_thr: float = 0.3) -> list[dict[str, Any]]:
+    """Writes the COCO result list to out_json (and PNGs to draw_dir); returns the results."""
+    results = to_results(detections, image_paths, category_ids)
+    parent = os.path.dirname(os.path.abspath(out_json))
+    os.makedirs(parent, exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump(results, f)
+    if draw_dir:
+        from retina_fn.viz import draw_detections
+
+        os.makedirs(draw_dir, exist_ok=True)
+        for det, image, path in zip(detections, images, drawing_paths(image_paths, draw_dir)):
+            draw_detections(image, det.boxes, det.scores, det.labels, names, score_thr).save(path)
+    return results
+
+
+def define_flags() -> dict[str, Any]:
+    """The command-line flags (defined only when run as a program, so importing this module defines
+    none), as {name: FlagHolder}."""
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                                  lock_config=True),
+        "weights": flags.DEFINE_string("weights", None, "A retina_fn checkpoint, or torchvision / mmdetection "
+                                                        "RetinaNet weights."),
+        "images": flags.DEFINE_list("images", [], "Image files (comma-separated; further files may follow as "
+                                                  "plain arguments: --images a.jpg b.png)."),
+        "out": flags.DEFINE_string("out", None, "Where to write the COCO-format detections (JSON)."),
+        "draw": flags.DEFINE_string("draw", None, "Folder for PNGs of the images with their detections drawn."),
+        "score_thr": flags.DEFINE_float("score-thr", 0.3, "Lowest score drawn with --draw (the JSON keeps every "
+                                                          "detection above model.test.score_thr)."),
+        "batch_size": flags.DEFINE_integer("batch_size", None, "Images per forward pass (default "
+                                                                "data.eval_images_per_device)."),
+        "canvas": flags.DEFINE_enum("canvas", "fixed", list(CANVAS_MODES), "'fixed': the aspect group's canvas "
+                                    "(the evaluation pipeline); 'tight': each image padded to a multiple of "
+                                    "model.size_divisor."),
+    }
+
+
+def main(argv, holders: dict[str, Any]):
+    logging.getLogger("retina_fn").setLevel(logging.INFO)
+    value = {name: holder.value for name, holder in holders.items()}
+    image_paths = list(value["images"]) + list(argv[1:])
+    detections, category_ids, names, images = predict(value["config"], value["weights"], image_paths,
+                                                      batch_size=value["batch_size"], canvas_mode=value["canvas"])
+    results = write_outputs(detections, image_paths, category_ids, names, images, value["out"], value["draw"],
+                            value["score_thr"])
+    log.info("%d detections for %d images written to %s", len(results), len(image_paths), value["out"])
+
+
+if __name__ == "__main__":
+    _holders = define_flags()
+    flags.mark_flags_as_required(["config", "weights", "out"])
+    app.run(lambda argv: main(argv, _holders))

@@ -1,0 +1,94 @@
+"""Detector weights from a local file, whatever wrote it: retina_fn, torchvision or mmdetection.
+
+The format is recognised by the keys (`detect_format`); every format goes through the same class-head
+rules (see retina_fn.interop.detector) and the same one-report error on a mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from retina_fn import checkpoint, rng, tree
+from retina_fn.interop import mmdet, torchvision
+from retina_fn.interop.detector import import_detector
+from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("retina_fn", "torchvision", "mmdet", "torchvision_resnet")
+
+
+def detect_format(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """'retina_fn' ('/'-joined paths such as 'backbone/conv1/weight'), 'torchvision' (RetinaNet:
+    'backbone.body.*', 'head.classification_head.*'), 'mmdet' ('neck.*', 'bbox_head.*') or
+    'torchvision_resnet' (an ImageNet classifier: 'conv1.weight', 'layer1.*', 'fc.*').
+    Raises CheckpointMismatch naming a few keys when none fits."""
+    keys = [str(k) for k in state_dict]
+
+    def any_prefix(*prefixes):
+        return any(k.startswith(prefixes) for k in keys)
+
+    if any_prefix("backbone" + tree.SEP, "fpn" + tree.SEP, "head" + tree.SEP):
+        return "retina_fn"
+    if any_prefix("backbone.body.", "head.classification_head.", "head.regression_head."):
+        return "torchvision"
+    if any_prefix("neck.", "bbox_head."):
+        return "mmdet"
+    if "conv1.weight" in state_dict and any_prefix("layer1."):
+        return "torchvision_resnet"
+    if any_prefix("backbone.bottom_up."):
+        raise CheckpointMismatch(f"{source} looks like a detectron2 checkpoint, which is not supported; "
+                                 f"supported: retina_fn, torchvision RetinaNet, mmdetection v2 RetinaNet")
+    sample = ", ".join(sorted(keys)[:6])
+    raise CheckpointMismatch(f"{source}: unknown checkpoint layout (keys such as {sample}); supported: "
+                             f"retina_fn, torchvision RetinaNet, mmdetection v2 RetinaNet")
+
+
+def from_state_dict(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_class_head: bool = False,
+                    key: rng.Key | None = None, source: str = "checkpoint") -> dict:
+    """Our full parameter tree for model_cfg from a state_dict of any supported format (see
+    `detect_format`); a flat retina_fn dict maps path to path. See from_torchvision / from_mmdet."""
+    fmt = detect_format(state_dict, source)
+    if fmt == "torchvision_resnet":
+        raise CheckpointMismatch(
+            f"{source} is a ResNet classification checkpoint, not a detector: use it as the backbone's "
+            f"initialisation (--config.model.backbone.pretrained={source})")
+    if fmt == "torchvision":
+        if float(model_cfg.backbone.bn_eps) != 0.0:
+            log.warning("%s: torchvision's RetinaNet v1 weights were trained with FrozenBN eps 0; the config has "
+                        "model.backbone.bn_eps=%g (configs/torchvision_retinanet_v1.py sets 0.0)", source,
+                        model_cfg.backbone.bn_eps)
+        return torchvision.from_torchvision(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key,
+                                            source=source)
+    if fmt == "mmdet":
+        return mmdet.from_mmdet(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=source)
+    return import_detector(state_dict, model_cfg, lambda p: p, source=source,
+                           reinit_class_head=reinit_class_head, key=key)
+
+
+def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_head: bool = False,
+                          key: rng.Key | None = None) -> dict:
+    """Our full parameter tree {'backbone', 'fpn', 'head'} (float32, CPU) for model_cfg from a local
+    file: a retina_fn checkpoint (its trained and frozen parameters; the digest is verified), a
+    torchvision or mmdetection RetinaNet checkpoint, or a flat {path: tensor} dict. Read weights-only.
+
+    reinit_class_head: keep everything but the classification conv, drawn afresh from `key` (for
+    fine-tuning on model.num_classes classes). Raises FileNotFoundError, CheckpointMismatch (one report
+    of every missing, unexpected and mis-shaped key, or why the file is not a detector)."""
+    path = os.fspath(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
+        try:
+            state = checkpoint.load(path).state
+        except checkpoint.CorruptCheckpoint as e:
+            raise CheckpointMismatch(str(e)) from e
+        if not isinstance(state, dict) or "params" not in state:
+            raise CheckpointMismatch(f"{path}: a retina_fn checkpoint without 'params'")
+        parts = [state["params"]] + ([state["frozen"]] if state.get("frozen") else [])
+        state_dict = tree.flatten_by_path(tree.merge(*parts))
+    else:
+        state_dict = unwrap_state_dict(obj, path)
+    return from_state_dict(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=path)

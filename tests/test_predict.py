@@ -1,0 +1,220 @@
+"""experiments/predict.py: COCO-format detections and drawings for image files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experiments import predict
+from retina_fn import anchors as anchor_lib
+from retina_fn import checkpoint, rng
+from retina_fn.data import transforms
+from retina_fn.interop import COCO80_IDS, COCO80_NAMES, to_torchvision
+from retina_fn.model import retinanet
+from retina_fn.postprocess import detect
+from tests.model_fixtures import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABEL_MAP = {"category_ids": [1, 3, 7], "names": ["cat", "dog", "fox"]}
+
+CONFIG_FILE = '''
+from tests.model_fixtures import tiny_config
+
+
+def get_config():
+    cfg = tiny_config(num_classes=3, canvas=(64, 96))
+    cfg.model.backbone.base_width = 8
+    cfg.data.scale = (96, 64)
+    cfg.data.eval_images_per_device = 2
+    cfg.model.test.max_per_img = 20
+    cfg.dist.device = "cpu"
+    return cfg
+'''
+
+
+def config():
+    cfg = tiny_config(num_classes=3, canvas=(64, 96))
+    cfg.model.backbone.base_width = 8
+    cfg.data.scale = (96, 64)
+    cfg.data.eval_images_per_device = 2
+    cfg.model.test.max_per_img = 20
+    cfg.dist.device = "cpu"
+    return cfg
+
+
+def lively_params(cfg) -> dict:
+    """Random params whose scores sit around 0.5, so every image has detections."""
+    params = retinanet.init(rng.key(0), cfg.model)
+    params["head"]["cls_logits"]["bias"] = torch.linspace(-1.0, 1.0, params["head"]["cls_logits"]["bias"].numel())
+    params["head"]["bbox_reg"]["weight"] = params["head"]["bbox_reg"]["weight"] * 20
+    return params
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    cfg = config()
+    params = lively_params(cfg)
+    trainable, frozen = retinanet.split_trainable(params, cfg.model)
+    ckpt = checkpoint.save(str(root / "run"), 7, {"params": trainable, "frozen": frozen},
+                           meta={"label_map": LABEL_MAP})
+    gen = np.random.default_rng(0)
+    sizes = {"wide.jpg": (48, 64), "tall.png": (70, 40)}
+    images = {}
+    for name, (h, w) in sizes.items():
+        pixels = gen.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        images[name] = np.array(Image.open(root / name).convert("RGB"))
+    (root / "copy").mkdir()
+    Image.fromarray(images["wide.jpg"]).save(root / "copy" / "wide.png")  # same pixels, lossless
+    images["copy/wide.png"] = images["wide.jpg"]
+    (root / "tiny.py").write_text(CONFIG_FILE)
+    return dict(root=root, cfg=cfg, params=params, ckpt=ckpt, images=images)
+
+
+def coco_ground_truth(path, images: dict, paths: list[str]) -> str:
+    """A small COCO file whose image ids are the positions in `paths`, one box per image."""
+    entries, anns = [], []
+    for i, p in enumerate(paths):
+        h, w = images[p].shape[:2]
+        entries.append({"id": i, "file_name": os.path.basename(p), "height": h, "width": w})
+        anns.append({"id": i + 1, "image_id": i, "category_id": LABEL_MAP["category_ids"][i % 3],
+                     "bbox": [2.0, 3.0, w / 2, h / 2], "area": w * h / 4, "iscrowd": 0})
+    cats = [{"id": c, "name": n} for c, n in zip(LABEL_MAP["category_ids"], LABEL_MAP["names"])]
+    with open(path, "w") as f:
+        json.dump({"images": entries, "annotations": anns, "categories": cats}, f)
+    return str(path)
+
+
+def test_results_are_valid_coco_in_original_pixels(files, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root, cfg = files["root"], files["cfg"]
+    names = ["wide.jpg", "tall.png", "copy/wide.png"]
+    paths = [str(root / n) for n in names]
+    dets, cat_ids, class_names, images = predict.predict(cfg, files["ckpt"], paths, device="cpu")
+    assert cat_ids == (1, 3, 7) and class_names == ("cat", "dog", "fox")
+    out = tmp_path / "out" / "dets.json"
+    results = predict.write_outputs(dets, paths, cat_ids, class_names, images, str(out), str(tmp_path / "vis"), 0.3)
+    written = json.loads(out.read_text())
+    assert written == results and len(written) > 0
+
+    for i, name in enumerate(names):
+        mine = [r for r in written if r["image_id"] == i]
+        assert 0 < len(mine) <= cfg.model.test.max_per_img
+        h, w = files["images"][name].shape[:2]
+        for r in mine:
+            x, y, bw, bh = r["bbox"]
+            assert r["file_name"] == os.path.basename(name)
+            assert r["category_id"] in (1, 3, 7) and 0.05 < r["score"] <= 1
+            assert -1e-3 <= x and x + bw <= w + 1e-3 and -1e-3 <= y and y + bh <= h + 1e-3 and bw >= 0 and bh >= 0
+    # the same pixels under another name and position give the same detections
+    strip = lambda rs: [(r["category_id"], r["bbox"], r["score"]) for r in rs]  # noqa: E731
+    assert strip([r for r in written if r["image_id"] == 0]) == strip([r for r in written if r["image_id"] == 2])
+
+    gt = COCO(coco_ground_truth(tmp_path / "gt.json", files["images"], names))
+    evaluator = COCOeval(gt, gt.loadRes(str(out)), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert len(evaluator.stats) == 12
+
+    # a repeated file stem gets the image's position appended
+    assert sorted(os.listdir(tmp_path / "vis")) == ["tall.png", "wide_0.png", "wide_2.png"]
+    for png_name, name in (("wide_0.png", "wide.jpg"), ("tall.png", "tall.png"), ("wide_2.png", "copy/wide.png")):
+        png = Image.open(tmp_path / "vis" / png_name)
+        h, w = files["images"][name].shape[:2]
+        assert png.size == (w, h) and png.format == "PNG"
+    drawn = np.asarray(Image.open(tmp_path / "vis" / "tall.png").convert("RGB"))
+    assert (drawn != files["images"]["tall.png"]).any()  # boxes were drawn (scores reach 0.3)
+
+
+def test_boxes_match_a_hand_rescaled_forward_pass(files):
+    """predict's boxes = the model's boxes in resized pixels divided by (new_w / w, new_h / h)."""
+    cfg, params = files["cfg"], files["params"]
+    path = str(files["root"] / "tall.png")
+    dets, *_ = predict.predict(cfg, files["ckpt"], [path], device="cpu")
+    image = files["images"]["tall.png"]
+    h, w = image.shape[:2]
+    new_h, new_w = transforms.rescaled_size(h, w, (96, 64))  # s = min(96 / 70, 64 / 40) = 96 / 70
+    assert (new_h, new_w) == (96, 55)
+    canvas = (96, 64)  # the portrait canvas
+    x = np.zeros((3, *canvas), np.float32)
+    resized = transforms.resize_image(image, (new_h, new_w)).astype(np.float32)
+    normalised = (resized - np.array(cfg.data.mean, np.float32)) / np.array(cfg.data.std, np.float32)
+    x[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+    with torch.no_grad():
+        logits, deltas = retinanet.apply(params, torch.from_numpy(x)[None], cfg.model)
+    anchors = anchor_lib.anchors(canvas, cfg.model)
+    ref = detect(logits, deltas, anchors, anchor_lib.level_counts(canvas, cfg.model), torch.tensor([[new_h, new_w]]),
+                 None, cfg.model.test, cfg.model.coder)
+    n = int(ref.valid[0].sum())
+    expected = ref.boxes[0, :n].numpy() / np.array([new_w / w, new_h / h, new_w / w, new_h / h], np.float32)
+    assert len(dets[0].scores) == n
+    np.testing.assert_allclose(dets[0].boxes, expected, atol=1e-3)
+    np.testing.assert_allclose(dets[0].scores, ref.scores[0, :n].numpy(), atol=1e-5)
+
+
+def test_label_tables():
+    ids, names = predict.label_table(91, {})
+    assert ids[18] == 18 and names[18] == "dog"  # torchvision: the class index is the COCO id
+    assert predict.label_table(80, None) == (COCO80_IDS, COCO80_NAMES)
+    assert predict.label_table(4, {}) == ((1, 2, 3, 4), ("1", "2", "3", "4"))
+    assert predict.label_table(3, {"label_map": LABEL_MAP}) == ((1, 3, 7), ("cat", "dog", "fox"))
+    with pytest.raises(ValueError, match="label map has 3 classes but model.num_classes is 5"):
+        predict.label_table(5, {"label_map": LABEL_MAP})
+
+
+def test_foreign_weights_use_index_plus_one_ids(files, tmp_path):
+    weights = tmp_path / "tv.pth"
+    torch.save(to_torchvision(files["params"], files["cfg"].model), weights)
+    dets, cat_ids, names, _ = predict.predict(files["cfg"], str(weights), [str(files["root"] / "wide.jpg")],
+                                              device="cpu")
+    assert cat_ids == (1, 2, 3) and names == ("1", "2", "3")
+    results = predict.to_results(dets, ["wide.jpg"], cat_ids)
+    assert {r["category_id"] for r in results} <= {1, 2, 3}
+    assert [r["category_id"] - 1 for r in results] == dets[0].labels.tolist()
+
+
+def test_canvas_must_hold_the_configured_scale(files):
+    cfg = config()
+    cfg.data.scale = (1333, 800)
+    with pytest.raises(ValueError, match=r"data.landscape_canvas=\(64, 96\).*needs at least \(800, 1333\)"):
+        predict.predict(cfg, files["ckpt"], [str(files["root"] / "wide.jpg")], device="cpu")
+
+
+def test_torchvision_resize_mode_and_tight_canvas(files):
+    cfg = config()
+    cfg.data.resize_mode = "torchvision"
+    image = files["images"]["tall.png"]  # 70 x 40: s = 96 / 70, width 40 * 96 / 70 = 54.9
+    sample = predict.preprocess(image, cfg, "tight")
+    assert tuple(sample["image_hw"]) == (96, 54)  # floored (mmdetection rounds to 55)
+    assert sample["image"].shape == (3, 96, 64)  # 54 rounded up to a multiple of 32
+    wide = predict.preprocess(files["images"]["wide.jpg"], cfg, "tight")  # 48 x 64: s = 4 / 3
+    assert tuple(wide["image_hw"]) == (64, 85) and wide["image"].shape == (3, 64, 96)
+    cfg.data.resize_mode = "cv2"
+    with pytest.raises(ValueError, match="data.resize_mode"):
+        predict.preprocess(image, cfg)
+
+
+def test_command_line(files, tmp_path):
+    root = files["root"]
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, "-m", "experiments.predict", f"--config={root / 'tiny.py'}", f"--weights={files['ckpt']}",
+           "--images", str(root / "wide.jpg"), str(root / "tall.png"), f"--out={out}", f"--draw={tmp_path / 'png'}",
+           "--score-thr", "0.2", "--config.model.test.max_per_img=5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for i in (0, 1):
+        assert 0 < sum(r["image_id"] == i for r in results) <= 5  # the override reached the config
+    assert {r["file_name"] for r in results} == {"wide.jpg", "tall.png"}
+    assert sorted(os.listdir(tmp_path / "png")) == ["tall.png", "wide.png"]
