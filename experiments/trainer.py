@@ -162,6 +162,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     eval_metrics: dict[str, float] | None = None
     vis: list = []
     stopped_early = False
+    saved_step = -1
     epoch = start_epoch
     step_in_epoch = start_step
     for epoch in range(start_epoch, epochs):
@@ -210,6 +211,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
                 window_start, window_images = time.perf_counter(), 0
             if ckpt_every and step % ckpt_every == 0 and streak == 0:
                 _save(workdir, state, cfg, train_set.label_map, epoch, step_in_epoch, runtime)
+                saved_step = step
             out_of_time = budget is not None and time.perf_counter() - wall_start >= budget
             if (max_steps is not None and step >= max_steps) or out_of_time:
                 stopped_early = True
@@ -219,7 +221,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
                 break
         epoch_done = step_in_epoch >= steps_per_epoch
         next_position = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
-        if int(state["nonfinite"]) == 0:
+        if int(state["nonfinite"]) == 0 and saved_step != int(state["step"]):
             _save(workdir, state, cfg, train_set.label_map, *next_position, runtime)
         last_epoch = epoch == epochs - 1 or stopped_early
         if val_set is not None and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):

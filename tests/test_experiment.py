@@ -127,3 +127,25 @@ def test_1x_config_matches_the_reference():
     n = npu.get_config()
     assert (n.data.images_per_device, n.optim.lr, n.optim.clip_norm, n.train.opt_level) == (8, 0.04, 10.0, "O1")
     assert (n.train.loss_scale.init, n.train.loss_scale.dynamic) == (64.0, False)
+
+
+def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    """From step 5 on the model's outputs are made non-finite: each step is skipped with a warning, and after
+    train.max_nonfinite_steps in a row the run stops with an error naming the term and the images, leaving
+    the checkpoint of step 4 as the newest."""
+    real_apply = retinanet.apply
+    calls = {"n": 0}
+
+    def poisoned_apply(params, images, model_cfg):
+        calls["n"] += 1
+        logits, deltas = real_apply(params, images, model_cfg)
+        return (logits * float("nan"), deltas) if calls["n"] > 4 else (logits, deltas)
+
+    monkeypatch.setattr(retinanet, "apply", poisoned_apply)
+    cfg = smoke_config(tmp_path / "data", **{"train.checkpoint_every_steps": 2, "train.max_nonfinite_steps": 3,
+                                             "train.validate": False})
+    with pytest.raises(trainer.NonFiniteLoss, match=r"3 consecutive non-finite steps \(last: loss_cls on image ids"):
+        trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+    newest = checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints"))
+    assert newest.step == 4 and int(newest.state["nonfinite"]) == 0
+    assert all(torch.isfinite(v).all() for v in tree.leaves(newest.state["params"]))

@@ -22,6 +22,7 @@ CollectiveError naming the operation and the timeout. On Ascend, HCCL_EXEC_TIMEO
 from __future__ import annotations
 
 import contextlib
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -228,6 +229,17 @@ def _node_mesh(env: LaunchEnv, kind: str, timeout: timedelta):
     return DeviceMesh.from_group([node_group, local_group], kind, mesh=layout, mesh_dim_names=("node", "local"))
 
 
+def _attempt_store(env: LaunchEnv, timeout: timedelta):
+    """The env:// rendezvous store under a prefix naming torchrun's restart attempt.
+
+    After an elastic restart the launcher's store still holds the previous attempt's keys; seen here,
+    gloo's connectFullMesh could read a dead worker's address from them ("Connection refused"). Keys of
+    each attempt under their own prefix cannot be confused."""
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"retina_fn/attempt_{attempt}/", store)
+
+
 def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     """The Runtime for this process, from the `dist` config block (device, timeout_s, bucket_mb) and the
     launcher's environment (`read_launch_env()` unless `env` is given).
@@ -251,7 +263,8 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     check_rendezvous(env)
     if dist.is_initialized():
         raise RuntimeError("a default process group already exists; call Runtime.shutdown() before init() again")
-    options = dict(backend=choice.backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    options = dict(backend=choice.backend, store=_attempt_store(env, timeout), rank=env.rank,
+                   world_size=env.world_size)
     if choice.kind == "cuda":
         options["device_id"] = choice.device  # eager NCCL init, bound to this device
     dist.init_process_group(timeout=timeout, **options)
