@@ -160,7 +160,7 @@ def train_config() -> ml_collections.ConfigDict:
             opt_level=placeholder(str),  # apex-style 'O0' | 'O1' | 'O2'; maps onto precision
             loss_scale=dict(init=2.0**16, growth_interval=2000, factor=2.0, dynamic=True),
             overflow_check="isfinite",  # 'isfinite' | 'saturation' (Ascend 910A fp16 saturates) | 'npu' (torch_npu flag)
-            compile=False,
+            compile=False,  # torch.compile the whole train step
             max_nonfinite_steps=5,
             max_steps=placeholder(int),
             time_budget_s=placeholder(float),

@@ -23,6 +23,7 @@ import torch
 
 from retina_fn import boxes as box_ops
 from retina_fn.nms import batched_nms
+from retina_fn.topk import top_k_sorted_indices
 
 _PRE_SELECT = ("anchor", "pair")
 
@@ -44,8 +45,9 @@ class _Candidates(NamedTuple):
 
 
 def _top_sorted(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along dim 1, descending, ties to the lower index: [B, n] -> [B, k]."""
-    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    """Indices of the k largest entries along dim 1, descending, ties to the lower index: [B, n] -> [B, k]
+    (a stable descending sort's first k, without sorting the whole row: retina_fn.topk)."""
+    return top_k_sorted_indices(key, k)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

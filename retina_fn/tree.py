@@ -75,14 +75,25 @@ def filter(tree: dict, keep: Callable[[str, Any], bool]) -> dict:  # noqa: A001
 
 
 def merge(*trees: dict) -> dict:
-    """Deep union of nested-dict trees with disjoint leaves; inverse of splitting with `filter`."""
-    flat: dict[str, Any] = {}
+    """Deep union of nested-dict trees with disjoint leaves; inverse of splitting with `filter`.
+
+    Plain dict recursion rather than path lists: torch.compile traces it inside a compiled step."""
+    out: dict = {}
     for t in trees:
-        for p, x in leaves_with_paths(t):
-            if p in flat:
-                raise ValueError(f"leaf {p!r} is in more than one tree")
-            flat[p] = x
-    return unflatten_by_path(flat)
+        out = _merge_two(out, t)
+    return out
+
+
+def _merge_two(a: dict, b: dict, prefix: str = "") -> dict:
+    merged = dict(a)
+    for key, value in b.items():
+        if key not in a:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(a[key], dict):
+            merged[key] = _merge_two(a[key], value, f"{prefix}{key}{SEP}")
+        else:
+            raise ValueError(f"leaf {prefix}{key!r} is in more than one tree")
+    return merged
 
 
 def global_norm(tree: Tree) -> torch.Tensor:

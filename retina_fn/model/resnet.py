@@ -3,7 +3,8 @@
 Parameter names follow torchvision's ResNet ('conv1', 'bn1', 'layer1'/'0'/'conv1', 'downsample'/'0'...),
 so an ImageNet checkpoint maps on by path alone. Batch norm is always frozen (stored statistics): the
 functional design has no mutable state, and detection fine-tuning keeps BN statistics fixed anyway
-(mmdetection's norm_eval=True, detectron2's FrozenBN).
+(mmdetection's norm_eval=True, detectron2's FrozenBN). Each frozen BN is folded into the conv before it
+at every call (retina_fn.nn.fold): the same function up to float rounding, one elementwise pass fewer.
 
 Config fields (cfg = model_cfg.backbone):
   depth: 18 | 34 | 50 | 101 | 152
@@ -60,10 +61,12 @@ def _norm_params(channels: int, cfg) -> dict:
     return nn.init.batch_norm(channels)
 
 
-def _norm(p: dict, x: torch.Tensor, cfg) -> torch.Tensor:
-    if "running_mean" in p:
-        return nn.frozen_batch_norm(p, x, float(cfg.bn_eps))
-    return nn.group_norm(p, x, int(cfg.gn_groups))
+def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """A conv and the norm after it. A frozen BN is folded into the conv (one conv with a bias, no
+    elementwise passes: retina_fn.nn.fold); GroupNorm runs after the conv."""
+    if "running_mean" in norm:
+        return nn.conv_frozen_bn(conv, norm, x, float(cfg.bn_eps), stride=stride, padding=padding)
+    return nn.group_norm(norm, nn.conv2d(conv, x, stride=stride, padding=padding), int(cfg.gn_groups))
 
 
 def init(key: rng.Key, cfg) -> dict:
@@ -111,15 +114,15 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg) -> torc
     identity = x
     if bottleneck:
         s1, s2 = (stride, 1) if cfg.style == "caffe" else (1, stride)
-        y = nn.relu(_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=s1), cfg))
-        y = nn.relu(_norm(p["bn2"], nn.conv2d(p["conv2"], y, stride=s2, padding=1), cfg))
-        y = _norm(p["bn3"], nn.conv2d(p["conv3"], y), cfg)
+        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1))
+        y = nn.relu(_conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1))
+        y = _conv_norm(p["conv3"], p["bn3"], y, cfg)
     else:
-        y = nn.relu(_norm(p["bn1"], nn.conv2d(p["conv1"], x, stride=stride, padding=1), cfg))
-        y = _norm(p["bn2"], nn.conv2d(p["conv2"], y, padding=1), cfg)
+        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=stride, padding=1))
+        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1)
     if "downsample" in p:
         ds = p["downsample"]
-        identity = _norm(ds["1"], nn.conv2d(ds["0"], x, stride=stride), cfg)
+        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride)
     return nn.relu(y + identity)
 
 
@@ -128,7 +131,7 @@ def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     (sizes rounded up; channels from `out_channels(cfg)`)."""
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
-    x = nn.relu(_norm(params["bn1"], nn.conv2d(params["conv1"], x, stride=2, padding=3), cfg))
+    x = nn.relu(_conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3))
     x = nn.max_pool2d(x, 3, 2, 1)
     feats = {}
     for stage in range(1, 5):

@@ -14,17 +14,25 @@ Params = dict[str, torch.Tensor]
 
 def conv2d(p: Params, x: torch.Tensor, stride: int = 1, padding: int = 0, groups: int = 1) -> torch.Tensor:
     """2-D convolution. p['weight']: [C_out, C_in/groups, kh, kw], optional p['bias']: [C_out].
-    x: [B, C_in, H, W] -> [B, C_out, H', W']."""
+    x: [B, C_in, H, W] -> [B, C_out, H', W'], in x's memory format (channels_last stays channels_last)."""
     return F.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=padding, groups=groups)
+
+
+def frozen_bn_scale_shift(p: Params, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel affine of a frozen batch norm: scale = weight / sqrt(running_var + eps) and
+    shift = bias - running_mean * scale, each [C]."""
+    scale = p["weight"] * torch.rsqrt(p["running_var"] + eps)
+    shift = p["bias"] - p["running_mean"] * scale
+    return scale, shift
 
 
 def frozen_batch_norm(p: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Batch norm with stored statistics, as one per-channel affine:
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
     The statistics never change (no mutable state); weight and bias may still be trained.
-    torchvision's RetinaNet v1 checkpoint expects eps = 0. x: [B, C, H, W] -> same shape."""
-    scale = p["weight"] * torch.rsqrt(p["running_var"] + eps)
-    shift = p["bias"] - p["running_mean"] * scale
+    torchvision's RetinaNet v1 checkpoint expects eps = 0. x: [B, C, H, W] -> same shape.
+    After a convolution, retina_fn.nn.fold.conv_frozen_bn computes the pair in one step."""
+    scale, shift = frozen_bn_scale_shift(p, eps)
     return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 

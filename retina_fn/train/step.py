@@ -7,8 +7,9 @@
 One step: anchors for the batch's canvas (cached), assignment for the whole batch (no gradient), the
 loss normaliser over the whole batch (averaged over replicas by `reduce` when dist.normalizer is
 'global'), then for each of optim.accum_steps micro-batches the gradient of the loss with respect to the
-trainable parameters only (torch.func.grad with aux; frozen leaves are closed over as constants, so
-nothing is differentiated through the frozen stem), summed. Gradients are averaged over replicas by
+trainable parameters only (torch.func.grad with aux, the transform torch_npu supports; frozen leaves are
+passed as constants, so nothing is differentiated through the frozen stem), summed. Gradients are
+averaged over replicas by
 `reduce` (the distribution layer binds it; identity on one device), unscaled, checked, clipped and
 applied. A step whose gradients are not finite is skipped with torch.where (no Python branch): the
 parameters and optimiser state stay as they were, the loss scale is halved (fp16) and the 'nonfinite'
@@ -84,6 +85,9 @@ def make_train_step(cfg, *, steps_per_epoch: int, global_batch: int, reduce: Red
     on the host), so it is accepted for the interface and unused.
     metrics: 0-d tensors 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm',
     'loss_scale', 'finite' (1.0 when the update was applied), averaged over replicas.
+
+    Compilation: train.compile compiles the whole step (one graph, no breaks on one process; the
+    cross-replica `reduce` stays outside the graph). docs/benchmarks.md has its measured effect.
     """
     model_cfg = cfg.model
     optimizer = make_optimizer(cfg.optim)
@@ -96,43 +100,34 @@ def make_train_step(cfg, *, steps_per_epoch: int, global_batch: int, reduce: Red
     per_image = model_cfg.loss.normalizer == "image"
     cache = AnchorCache(model_cfg).warm(_canvases(cfg), device)
     device_type = torch.device(device).type
+    @torch.no_grad()
+    def targets(anchors, canvas, image_hw, boxes, box_valid, ignore_boxes, ignore_valid):
+        """-> (anchor_valid [B, A], Assignment, sum over images of max(#positives, 1) before reduce)."""
+        anchor_valid = anchor_lib.valid_flags(canvas, image_hw, model_cfg)
+        assignment = assign.assign(anchors, anchor_valid, boxes, box_valid, model_cfg.assigner, ignore_boxes,
+                                   ignore_valid)
+        positives = assignment.positive.logical_and(anchor_valid).sum(1).clamp(min=1).sum().to(torch.float32)
+        return anchor_valid, assignment, positives
 
-    def train_step(state: dict, batch: dict, key: torch.Tensor) -> tuple[dict, dict]:
-        del key
-        canvas = tuple(batch["image"].shape[-2:])
-        anchors = cache.get(canvas, batch["image"].device)
-        with torch.no_grad():
-            anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], model_cfg)
-            assignment = assign.assign(anchors, anchor_valid, batch["boxes"], batch["box_valid"], model_cfg.assigner,
-                                       batch.get("ignore_boxes"), batch.get("ignore_valid"))
-            # mmdetection's normaliser, over the whole step's batch so micro-batches add up exactly
-            normalizer = norm_reduce(assignment.positive.logical_and(anchor_valid).sum(1).clamp(min=1)
-                                     .sum().to(torch.float32))
-        frozen, scale = state["frozen"], state["loss_scale"]
+    def loss_of_outputs(cls_logits, box_deltas, anchors, anchor_valid, assignment, boxes, labels, normalizer, scale):
+        """The (scaled) loss of one micro-batch's head outputs, and its metrics."""
+        loss, metrics = losses.retinanet_loss(
+            cls_logits, box_deltas, anchors, anchor_valid, assignment, boxes, labels, model_cfg.loss,
+            model_cfg.coder, reduce=lambda _: normalizer)
+        if per_image:
+            loss, metrics = loss / accum, {k: v / accum for k, v in metrics.items()}
+        scaled = precision.scale_loss(loss, scale) if prec.loss_scaling else loss
+        return scaled, metrics
 
-        def objective(trainable, mb, mb_valid, mb_assignment):
-            params = tree.merge(trainable, frozen)
-            with precision.autocast(prec, device_type):
-                cls_logits, box_deltas = retinanet.apply(params, mb["image"], model_cfg)
-            loss, metrics = losses.retinanet_loss(
-                cls_logits, box_deltas, anchors, mb_valid, mb_assignment, mb["boxes"], mb["labels"],
-                model_cfg.loss, model_cfg.coder, reduce=lambda _: normalizer)
-            if per_image:
-                loss, metrics = loss / accum, {k: v / accum for k, v in metrics.items()}
-            scaled = precision.scale_loss(loss, scale) if prec.loss_scaling else loss
-            return scaled, metrics
+    def objective(trainable, frozen, images, *loss_args):
+        with precision.autocast(prec, device_type):
+            cls_logits, box_deltas = retinanet.apply(tree.merge(trainable, frozen), images, model_cfg)
+        return loss_of_outputs(cls_logits, box_deltas, *loss_args)
 
-        grad_fn = torch.func.grad(objective, has_aux=True)
-        micro = _split(batch, accum)
-        valid_parts, assignment_parts = torch.chunk(anchor_valid, accum), [
-            assign.Assignment(*parts) for parts in zip(*(torch.chunk(t, accum) for t in assignment))]
-        grads, metrics = None, None
-        for mb, mb_valid, mb_assignment in zip(micro, valid_parts, assignment_parts):
-            g, m = grad_fn(state["params"], mb, mb_valid, mb_assignment)
-            grads = g if grads is None else tree.map(torch.add, grads, g)
-            metrics = m if metrics is None else tree.map(torch.add, metrics, m)
-
-        grads = reduce(grads)
+    def update(grads, state):
+        """Unscale, check, clip and apply the replica-averaged gradients; a non-finite step keeps the old
+        parameters and optimiser state. -> (params, opt_state, loss_scale, finite, grad_norm, lr)."""
+        scale = state["loss_scale"]
         if prec.loss_scaling:
             grads = precision.unscale_grads(grads, scale)
         finite = check(grads, scale.scale if prec.loss_scaling else None)
@@ -141,7 +136,32 @@ def make_train_step(cfg, *, steps_per_epoch: int, global_batch: int, reduce: Red
         new_params, new_opt = optimizer.update(grads, state["opt"], state["params"], lr)
         params, opt_state = precision.select_tree(finite, (new_params, new_opt), (state["params"], state["opt"]))
         new_scale = precision.update_loss_scale(scale, finite, cfg.train.loss_scale) if prec.loss_scaling else scale
+        return params, opt_state, new_scale, finite, grad_norm, lr
 
+    grad_fn = torch.func.grad(objective, has_aux=True)  # with respect to the trainable leaves only
+
+    def train_step(state: dict, batch: dict, key: torch.Tensor) -> tuple[dict, dict]:
+        del key
+        canvas = tuple(batch["image"].shape[-2:])
+        anchors = cache.get(canvas, batch["image"].device)
+        anchor_valid, assignment, positives = targets(anchors, canvas, batch["image_hw"], batch["boxes"],
+                                                         batch["box_valid"], batch.get("ignore_boxes"),
+                                                         batch.get("ignore_valid"))
+        # mmdetection's normaliser, over the whole step's batch so micro-batches add up exactly
+        normalizer = norm_reduce(positives)
+        frozen, scale = state["frozen"], state["loss_scale"]
+
+        micro = _split(batch, accum)
+        valid_parts, assignment_parts = torch.chunk(anchor_valid, accum), [
+            assign.Assignment(*parts) for parts in zip(*(torch.chunk(t, accum) for t in assignment))]
+        grads, metrics = None, None
+        for mb, mb_valid, mb_assignment in zip(micro, valid_parts, assignment_parts):
+            g, m = grad_fn(state["params"], frozen, mb["image"], anchors, mb_valid, mb_assignment, mb["boxes"],
+                           mb["labels"], normalizer, scale)
+            grads = g if grads is None else tree.map(torch.add, grads, g)
+            metrics = m if metrics is None else tree.map(torch.add, metrics, m)
+
+        params, opt_state, new_scale, finite, grad_norm, lr = update(reduce(grads), state)
         metrics = {
             "loss": metrics["loss_cls"] + metrics["loss_box"],
             "loss_cls": metrics["loss_cls"],

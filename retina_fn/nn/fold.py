@@ -1,0 +1,35 @@
+"""Frozen batch norm folded into the convolution that feeds it.
+
+A frozen BN is the per-channel affine y = z * s + t with s = weight / sqrt(running_var + eps) and
+t = bias - running_mean * s. After a convolution z = conv(x, W) + b it gives
+
+    y = conv(x, W * s[:, None, None, None]) + (b * s + t),
+
+one convolution with a bias instead of a convolution and two elementwise passes over its output, in the
+forward and again in the backward. The rewrite is exact in real arithmetic (only float rounding differs)
+and stays differentiable in every input: gradients reach the conv weight through W * s, and a trainable
+BN weight or bias through s and t, as reductions over the weight-sized tensors instead of over the
+activations. Functional parameters make this a pure function of the parameter tree, recomputed each call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from retina_fn.nn.layers import Params, conv2d, frozen_bn_scale_shift
+
+
+def fold_frozen_bn(conv: Params, bn: Params, eps: float = 1e-5) -> Params:
+    """conv {'weight' [C_out, C_in/g, kh, kw], optional 'bias' [C_out]} followed by a frozen BN {'weight',
+    'bias', 'running_mean', 'running_var' [C_out]} -> one conv's {'weight', 'bias'} computing the same."""
+    scale, shift = frozen_bn_scale_shift(bn, eps)
+    weight = conv["weight"] * scale.reshape(-1, 1, 1, 1).to(conv["weight"].dtype)
+    bias = shift if conv.get("bias") is None else conv["bias"] * scale + shift
+    return {"weight": weight, "bias": bias.to(weight.dtype)}
+
+
+def conv_frozen_bn(conv: Params, bn: Params, x: torch.Tensor, eps: float = 1e-5, stride: int = 1,
+                   padding: int = 0) -> torch.Tensor:
+    """frozen_batch_norm(bn, conv2d(conv, x)) computed as one folded convolution.
+    x: [B, C_in, H, W] -> [B, C_out, H', W']."""
+    return conv2d(fold_frozen_bn(conv, bn, eps), x, stride=stride, padding=padding)
