@@ -4,7 +4,8 @@
     make demo      # = python -m experiments.coco_retinanet --config configs/demo.py --workdir runs/demo
 
 Choices for a 2-core CPU and a 10-minute budget: images at their native ~256 px on one square canvas; a
-ResNet-18 of half width with GroupNorm (from scratch, frozen statistics would leave it unnormalised); a
+ResNet-18 of quarter width (16 stem channels) with GroupNorm (from scratch, frozen statistics would leave it
+unnormalised; the width was chosen by measurement: docs/demo.md); a
 64-channel FPN and head with GroupNorm; anchors from 16 px (octave base scale 2) to match the smallest
 objects; AdamW with warmup and cosine decay; GIoU box loss; decoded images kept in memory.
 """
@@ -19,7 +20,7 @@ def get_config():
     m.backbone.depth = 18
     m.backbone.norm = "gn"
     m.backbone.gn_groups = 16
-    m.backbone.base_width = 32
+    m.backbone.base_width = 16
     m.backbone.frozen_stages = -1
     m.fpn.out_channels = 64
     m.head.feat_channels = 64
@@ -50,7 +51,7 @@ def get_config():
     o.clip_norm = 10.0
     o.warmup_iters = 100
     o.schedule = "cosine"
-    o.epochs = 8
+    o.epochs = 12
     t = config.train
     t.log_every = 20
     t.eval_every_epochs = 100  # evaluate once, at the end
