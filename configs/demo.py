@@ -51,10 +51,10 @@ def get_config():
     o.clip_norm = 10.0
     o.warmup_iters = 100
     o.schedule = "cosine"
-    o.epochs = 12
+    o.epochs = 10
     t = config.train
     t.log_every = 20
     t.eval_every_epochs = 100  # evaluate once, at the end
-    t.time_budget_s = 660.0  # a safety stop; the schedule is sized to finish well within it
+    t.time_budget_s = 600.0  # training seconds; a safety stop: the schedule is sized to end well within it
     config.eval.max_vis_images = 6
     return config

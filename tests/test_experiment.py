@@ -149,3 +149,12 @@ def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path
     newest = checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints"))
     assert newest.step == 4 and int(newest.state["nonfinite"]) == 0
     assert all(torch.isfinite(v).all() for v in tree.leaves(newest.state["params"]))
+
+
+def test_time_budget_counts_training_time_and_stops_with_a_checkpoint(tmp_path):
+    # A budget far below one step's time: the run stops after its first step, saves it and still reports.
+    cfg = smoke_config(tmp_path / "data", **{"train.validate": False, "train.time_budget_s": 1e-6})
+    results = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert results["steps"] == 1
+    assert 0 < results["train_s"] <= results["wall_s"]
+    assert checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints")).step == 1
