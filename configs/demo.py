@@ -51,7 +51,7 @@ def get_config():
     o.clip_norm = 10.0
     o.warmup_iters = 100
     o.schedule = "cosine"
-    o.epochs = 10
+    o.epochs = 12
     t = config.train
     t.log_every = 20
     t.eval_every_epochs = 100  # evaluate once, at the end
