@@ -75,6 +75,7 @@ class Options(NamedTuple):
     count_flops: bool = True
     variants: tuple[str, ...] = ()  # our step with one optimisation undone or one proposal applied (_variants)
     seed: int = 0
+    image_size: int | None = None  # data: synthetic JPEGs' base side (each side 0.78..1.25 x); None: canvas
 
 
 def parse_canvas(text: str) -> tuple[int, int]:
@@ -548,7 +549,7 @@ def measure_data(cfg, opts: Options, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:
         source = "configured dataset"
         if not _dataset_files_present(cfg.data):
-            size = max(cfg.data.landscape_canvas) if opts.canvas is None else max(opts.canvas)
+            size = opts.image_size or (max(cfg.data.landscape_canvas) if opts.canvas is None else max(opts.canvas))
             # Twice the images needed: the group sampler drops incomplete per-aspect batches.
             count = 2 * needed + 2 * batch_size
             synthetic.generate_synthetic(tmp, count, 1, opts.seed, image_size=int(size), num_classes=5)
@@ -735,6 +736,8 @@ def _main():
     variants = flags.DEFINE_list("variants", [], "Also time these variants of our step (one optimisation undone "
                                                  "or a proposed one applied): unfolded_bn, nchw, channels_last, "
                                                  "all_trainable, eager, compile_step, sort_topk.")
+    image_size = flags.DEFINE_integer("image-size", None, "data: base side of the stand-in synthetic JPEGs (each "
+                                      "side uniform in 0.78..1.25 x it; default: the canvas's long side).")
     out = flags.DEFINE_string("json", None, "Write the result here.")
 
     def main(argv):
@@ -744,7 +747,7 @@ def _main():
                        iters=iters.value, warmup=warmup.value, rounds=rounds.value, threads=threads.value,
                        peak_tflops=peak.value, compare=compare.value, device=device.value, dense_scores=dense.value,
                        tv_variant=tv_variant.value, tv_channels_last=tv_cl.value, count_flops=not no_flops.value,
-                       variants=tuple(variants.value))
+                       variants=tuple(variants.value), image_size=image_size.value)
         result = run(config.value, opts)
         print(format_table(result))
         if out.value:

@@ -63,10 +63,11 @@ def test_train_and_infer_run_one_iteration_and_write_valid_json(tmp_path):
 def test_data_mode_times_the_loader_over_generated_jpegs():
     cfg = tiny()
     cfg.data.workers = 0
-    result = benchmark.run(cfg, benchmark.Options(mode="data", batch=2, canvas=(64, 64), iters=2, warmup=1))
+    result = benchmark.run(cfg, benchmark.Options(mode="data", batch=2, canvas=(64, 64), iters=2, warmup=1,
+                                                  image_size=80))
     d = result["data"]
     assert d["batches"] == 2 and d["images"] == 4 and d["images_per_s"] > 0
-    assert "synthetic JPEGs" in d["source"] and d["scale"] == (64, 64)
+    assert "synthetic JPEGs of about 80 px" in d["source"] and d["scale"] == (64, 64)
 
 
 def test_command_line_writes_json(tmp_path):
