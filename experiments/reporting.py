@@ -66,11 +66,12 @@ class JsonlWriter:
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The seed's table: NAME | mAP | FPS | Epochs | AMP_Type."""
+    """The seed's table: NAME | mAP | FPS | Epochs | AMP_Type; mAP '-' for a run that was not evaluated."""
     header = "|  NAME  |  mAP  |  FPS  | Epochs | AMP_Type |"
     lines = [header, "| :----: | :---: | :---: | :----: | :------: |"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['bbox_mAP']:.3f} | {r['fps']:.1f} | {r['epochs']:g} | {r['amp_type']} |")
+        m_ap = "-" if math.isnan(r["bbox_mAP"]) else f"{r['bbox_mAP']:.3f}"
+        lines.append(f"| {r['name']} | {m_ap} | {r['fps']:.1f} | {r['epochs']:g} | {r['amp_type']} |")
     return "\n".join(lines)
 
 
