@@ -24,19 +24,10 @@ from tests.model_fixtures import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABEL_MAP = {"category_ids": [1, 3, 7], "names": ["cat", "dog", "fox"]}
 
-CONFIG_FILE = '''
-from tests.model_fixtures import tiny_config
-
-
-def get_config():
-    cfg = tiny_config(num_classes=3, canvas=(64, 96))
-    cfg.model.backbone.base_width = 8
-    cfg.data.scale = (96, 64)
-    cfg.data.eval_images_per_device = 2
-    cfg.model.test.max_per_img = 20
-    cfg.dist.device = "cpu"
-    return cfg
-'''
+# The command line reads configs from files; this one gives the tests' config.
+CONFIG_FILE = """
+from tests.test_predict import config as get_config
+"""
 
 
 def config():
