@@ -3,7 +3,7 @@
 
     make demo      # = python -m experiments.coco_retinanet --config configs/demo.py --workdir runs/demo
 
-Choices for a 2-core CPU and a 10-minute budget: images at their native ~256 px on one square canvas; a
+Choices for a 2-core CPU and a 10-minute budget: images (200 to 320 px) resized to 320 px on one square canvas; a
 ResNet-18 of quarter width (16 stem channels) with GroupNorm (from scratch, frozen statistics would leave it
 unnormalised; the width was chosen by measurement: docs/demo.md); a
 64-channel FPN and head with GroupNorm; anchors from 16 px (octave base scale 2) to match the smallest
