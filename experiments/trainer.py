@@ -172,6 +172,8 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     vis: list = []
     stopped_early = False
     saved_step = -1
+    step = int(state["step"])  # a host copy: the step adds exactly 1 per call, so no device read is needed
+    images_per_step = int(cfg.data.images_per_device) * runtime.world_size
     epoch = start_epoch
     step_in_epoch = start_step
     for epoch in range(start_epoch, epochs):
@@ -185,6 +187,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
             batch_dev = evaluation.to_device(batch, device)
             key = rng.fold_in(state["rng"], state["step"])
             state, metrics = train_step(state, batch_dev, key)
+            step += 1
             step_in_epoch += 1
             streak = int(state["nonfinite"])  # one small host sync per step: the guard needs it
             if device.type == "cuda":
@@ -192,12 +195,10 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             train_clock += time.perf_counter() - tick  # the step and the wait for its batch
             tick = time.perf_counter()
-            n = int(cfg.data.images_per_device) * runtime.world_size
             if step_in_epoch - first > 2:  # the first steps include compilation and warm-up
-                train_images += n
+                train_images += images_per_step
                 train_seconds += dt
-            window_images += n
-            step = int(state["step"])
+            window_images += images_per_step
             if streak:
                 scalars = _host_scalars(metrics)
                 bad = [k for k in ("loss_cls", "loss_box") if not torch.isfinite(torch.tensor(scalars[k]))]
@@ -215,7 +216,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
                 elapsed = time.perf_counter() - window_start
                 ips = window_images / max(elapsed, 1e-9)
                 remaining = (epochs - epoch - 1) * steps_per_epoch + steps_per_epoch - step_in_epoch
-                eta = remaining * n / max(ips, 1e-9)
+                eta = remaining * images_per_step / max(ips, 1e-9)
                 mem = reporting.memory_gb(device)
                 log.info(reporting.progress_line(epoch, epochs, step_in_epoch, steps_per_epoch, eta, scalars, ips, mem))
                 metrics_log.write({"kind": "train", "step": step, "epoch": epoch, **scalars, "images_per_s": ips,
@@ -233,7 +234,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
                 break
         epoch_done = step_in_epoch >= steps_per_epoch
         next_position = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
-        if int(state["nonfinite"]) == 0 and saved_step != int(state["step"]):
+        if int(state["nonfinite"]) == 0 and saved_step != step:
             _save(workdir, state, cfg, train_set.label_map, *next_position, runtime)
         last_epoch = epoch == epochs - 1 or stopped_early
         if val_set is not None and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
@@ -241,7 +242,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
             if runtime.is_main:
                 log.info("eval after epoch %d: %s", epoch + 1,
                          ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k in reporting.RESULT_KEYS))
-                metrics_log.write({"kind": "eval", "step": int(state["step"]), "epoch": epoch, **eval_metrics})
+                metrics_log.write({"kind": "eval", "step": step, "epoch": epoch, **eval_metrics})
         if stopped_early:
             break
 
@@ -249,14 +250,14 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         return {}
     wall = time.perf_counter() - wall_start
     train_ips = train_images / train_seconds if train_seconds else 0.0
-    epochs_done = int(state["step"]) / steps_per_epoch
+    epochs_done = step / steps_per_epoch
     results = {
         "name": cfg.name,
         "bbox_mAP": (eval_metrics or {}).get("bbox_mAP", float("nan")),
-        **{k: v for k, v in (eval_metrics or {}).items()},
+        **(eval_metrics or {}),
         "train_images_per_s": train_ips,
         "epochs": round(epochs_done, 3),
-        "steps": int(state["step"]),
+        "steps": step,
         "precision": _precision_name(cfg),
         "world_size": runtime.world_size,
         "device": str(device),
