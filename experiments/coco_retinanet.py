@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import trainer
-from retina_fn.dist.env import read_launch_env
+from retina_fn.parallel.env import read_launch_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and results.")

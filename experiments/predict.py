@@ -38,7 +38,7 @@ from experiments import evaluation
 from retina_fn import tree
 from retina_fn.data import transforms
 from retina_fn.data.coco import decode_image
-from retina_fn.dist.backend import select_device
+from retina_fn.parallel.backend import select_device
 from retina_fn.eval import coco_eval
 from retina_fn.interop import coco_names, detector, torchvision_preprocess
 from retina_fn.train.step import make_eval_step

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from experiments import evaluation, reporting
-from retina_fn import checkpoint, dist, rng, tree
+from retina_fn import checkpoint, parallel, rng, tree
 from retina_fn.data import coco, loader as data_loader, synthetic
 from retina_fn.model import retinanet
 from retina_fn.train import full_params, init_train_state, make_eval_step, make_train_step
@@ -98,7 +98,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     """Trains cfg on its dataset, evaluating every train.eval_every_epochs epochs, resuming from the
     workdir's newest usable checkpoint. Returns the final results (rank 0; {} elsewhere)."""
     wall_start = time.perf_counter()
-    runtime = dist.init(cfg.dist)
+    runtime = parallel.init(cfg.dist)
     device = runtime.device
     try:
         return _train(cfg, workdir, runtime, device, wall_start)
@@ -294,7 +294,7 @@ def evaluate_only(cfg, workdir: str, weights: str | None) -> dict[str, Any]:
     """Evaluates `weights` (a retina_fn checkpoint or a torchvision/mmdetection RetinaNet file), or the
     workdir's newest checkpoint when weights is None, on the validation set."""
     wall_start = time.perf_counter()
-    runtime = dist.init(cfg.dist)
+    runtime = parallel.init(cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
         prepare_data(cfg, runtime)

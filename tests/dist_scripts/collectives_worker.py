@@ -14,8 +14,8 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from retina_fn import dist, tree
-from retina_fn.dist import collectives
+from retina_fn import parallel, tree
+from retina_fn.parallel import collectives
 from tests.dist_scripts.common import make_dist_cfg
 from tests.dist_scripts.sample_trees import float_part, sample_tree
 
@@ -23,7 +23,7 @@ SMALL_BUCKET_BYTES = 4096
 
 
 class CallCounter:
-    """Wraps torch.distributed.all_reduce (what retina_fn.dist.collectives calls) and counts the calls."""
+    """Wraps torch.distributed.all_reduce (what retina_fn.parallel.collectives calls) and counts the calls."""
 
     def __init__(self):
         self.calls = 0
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
 
-    with dist.init(make_dist_cfg(args.timeout)) as runtime:
+    with parallel.init(make_dist_cfg(args.timeout)) as runtime:
         out = launch_facts(runtime)
         if args.scenario == "full":
             full(runtime, out)

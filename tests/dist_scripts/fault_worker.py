@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from retina_fn import dist
+from retina_fn import parallel
 from tests.dist_scripts.common import make_dist_cfg
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
 
-    runtime = dist.init(make_dist_cfg(args.timeout))
+    runtime = parallel.init(make_dist_cfg(args.timeout))
     grads = {"w": torch.ones(64, 64), "b": {"x": torch.ones(64), "y": torch.ones(3, dtype=torch.float64)}}
     for step in range(args.steps):
         if runtime.rank == 1 and step == args.fail_after:
@@ -37,7 +37,7 @@ def main() -> None:
         started = time.monotonic()
         try:
             mean = runtime.reduce_mean(grads)
-        except dist.CollectiveError as error:
+        except parallel.CollectiveError as error:
             waited = time.monotonic() - started
             print(f"rank {runtime.rank}: step {step} CollectiveError after {waited:.1f} s", flush=True)
             print(error, file=sys.stderr, flush=True)

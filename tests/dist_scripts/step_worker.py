@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from retina_fn import dist, rng, tree
+from retina_fn import parallel, rng, tree
 from retina_fn.train import init_train_state, make_train_step
 from tests.dist_scripts.common import make_dist_cfg
 from tests.model_fixtures import synthetic_batch, tiny_config
@@ -16,7 +16,7 @@ GLOBAL_BATCH = 4
 
 
 def main(out_file: str, steps: int) -> None:
-    runtime = dist.init(make_dist_cfg(timeout_s=60.0))
+    runtime = parallel.init(make_dist_cfg(timeout_s=60.0))
     cfg = tiny_config()
     cfg.optim.weight_decay = 1e-4
     cfg.optim.clip_norm = 5.0

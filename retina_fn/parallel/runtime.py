@@ -1,6 +1,6 @@
 """The process group, device mesh and tree collectives of one training process.
 
-    runtime = dist.init(cfg.dist)               # after torchrun, or alone
+    runtime = parallel.init(cfg.dist)               # after torchrun, or alone
     params = runtime.broadcast_tree(params)     # rank 0's initialisation everywhere
     runtime.verify_same(params)
     train_step = make_train_step(cfg, reduce=runtime.reduce_mean)
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from retina_fn.dist import collectives
-from retina_fn.dist.backend import DeviceChoice, select_device
-from retina_fn.dist.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
+from retina_fn.parallel import collectives
+from retina_fn.parallel.backend import DeviceChoice, select_device
+from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
 
 Tree = Any
 _MB = 2**20

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from retina_fn import accel
-from retina_fn.dist import backend
-from retina_fn.dist.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
+from retina_fn.parallel import backend
+from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
 
 
 def torchrun_vars(rank, world, local_rank, local_world, group_rank, group_world, port="29500"):

@@ -4,10 +4,10 @@ The only package that knows about process groups. The training step receives `ru
 `reduce` callable; with one process that is the identity.
 """
 
-from retina_fn.dist.backend import DeviceChoice, DeviceUnavailable, activate_device, resolve_device, select_device
-from retina_fn.dist.collectives import LeafChecksum, ReplicaMismatch, plan_buckets, tree_checksum
-from retina_fn.dist.env import LaunchEnv, LaunchError, read_launch_env
-from retina_fn.dist.runtime import CollectiveError, Runtime, init
+from retina_fn.parallel.backend import DeviceChoice, DeviceUnavailable, activate_device, resolve_device, select_device
+from retina_fn.parallel.collectives import LeafChecksum, ReplicaMismatch, plan_buckets, tree_checksum
+from retina_fn.parallel.env import LaunchEnv, LaunchError, read_launch_env
+from retina_fn.parallel.runtime import CollectiveError, Runtime, init
 
 __all__ = [
     "CollectiveError",

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn.dist.env import LaunchEnv
+from retina_fn.parallel.env import LaunchEnv
 
 DEVICE_KINDS = ("npu", "cuda", "cpu")
 REQUESTS = ("auto",) + DEVICE_KINDS

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from configs.common import dist_config
-from retina_fn import dist, tree
-from retina_fn.dist import collectives
-from retina_fn.dist.env import LaunchEnv, LaunchError
+from retina_fn import parallel, tree
+from retina_fn.parallel import collectives
+from retina_fn.parallel.env import LaunchEnv, LaunchError
 from tests.dist_scripts import launch
 from tests.dist_scripts import sample_trees as samples
 
@@ -101,7 +101,7 @@ def cpu_dist_cfg(**overrides):
 
 def test_single_process_runtime_has_no_process_group_and_identity_collectives(no_launch_env):
     grads = {"w": torch.ones(3), "pair": Pair(torch.zeros(2), torch.tensor(4))}
-    with dist.init(cpu_dist_cfg()) as runtime:
+    with parallel.init(cpu_dist_cfg()) as runtime:
         assert (runtime.rank, runtime.world_size, runtime.is_main) == (0, 1, True)
         assert runtime.backend is None and runtime.mesh is None and runtime.node_mesh is None
         assert runtime.device == torch.device("cpu")
@@ -116,14 +116,14 @@ def test_single_process_runtime_has_no_process_group_and_identity_collectives(no
 
 def test_init_rejects_bad_config_and_missing_rendezvous(no_launch_env):
     with pytest.raises(ValueError, match="dist.timeout_s must be positive"):
-        dist.init(cpu_dist_cfg(timeout_s=0.0))
+        parallel.init(cpu_dist_cfg(timeout_s=0.0))
     with pytest.raises(ValueError, match="dist.bucket_mb must be positive"):
-        dist.init(cpu_dist_cfg(bucket_mb=-1.0))
+        parallel.init(cpu_dist_cfg(bucket_mb=-1.0))
     with pytest.raises(ValueError, match="dist.device must be one of"):
-        dist.init(cpu_dist_cfg(device="gpu"))
+        parallel.init(cpu_dist_cfg(device="gpu"))
     two_without_master = LaunchEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
     with pytest.raises(LaunchError, match="MASTER_ADDR and MASTER_PORT"):
-        dist.init(cpu_dist_cfg(), env=two_without_master)
+        parallel.init(cpu_dist_cfg(), env=two_without_master)
     assert not torch.distributed.is_initialized()
 
 
@@ -281,17 +281,17 @@ def test_two_nodes_over_loopback_agree_on_reductions(tmp_path):
 def test_cuda_nccl_group_of_one_runs_every_collective_on_device_tensors(no_launch_env):
     """One GPU cannot host two NCCL ranks, so a one-rank NCCL group checks the device code paths: device
     buffers of every dtype, object collectives and the non-gloo barrier."""
-    with dist.init(cpu_dist_cfg(device="auto")) as alone:
+    with parallel.init(cpu_dist_cfg(device="auto")) as alone:
         assert alone.device == torch.device("cuda", 0) and alone.backend is None
-    choice = dist.select_device("cuda", LaunchEnv())
-    assert choice == dist.DeviceChoice("cuda", 0, "nccl", "cuda", True)
+    choice = parallel.select_device("cuda", LaunchEnv())
+    assert choice == parallel.DeviceChoice("cuda", 0, "nccl", "cuda", True)
     address = f"tcp://127.0.0.1:{launch.free_port()}"
     torch.distributed.init_process_group(
         "nccl", init_method=address, rank=0, world_size=1, timeout=timedelta(seconds=60), device_id=choice.device
     )
     try:
         group = torch.distributed.group.WORLD
-        runtime = dist.Runtime(LaunchEnv(), choice, timedelta(seconds=60), bucket_bytes=4096, group=group)
+        runtime = parallel.Runtime(LaunchEnv(), choice, timedelta(seconds=60), bucket_bytes=4096, group=group)
         source = samples.sample_tree(0)
         grads = tree.cast(source, device=choice.device)
         summed = runtime.reduce_sum(grads)
