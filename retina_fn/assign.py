@@ -32,7 +32,15 @@ LOW_QUALITY_MODES = ("mmdet", "torchvision")
 
 
 class Assignment(NamedTuple):
-    """Per-anchor assignment for a batch; all [B, A]."""
+    """Per-anchor assignment for a batch; every field is [B, A].
+
+    Attributes:
+      positive: bool [B, A], a foreground anchor.
+      negative: bool [B, A], a background anchor (neither positive nor negative: ignored).
+      matched: int64 [B, A], index into the G gt rows for positives, 0 elsewhere.
+      max_iou: float32 [B, A], largest IoU with a valid gt; -1 for invalid or crowd-ignored anchors and for
+        every anchor of an image without gt.
+    """
 
     positive: torch.Tensor  # bool: a foreground anchor
     negative: torch.Tensor  # bool: a background anchor (neither positive nor negative: ignored)
@@ -70,8 +78,17 @@ def _check_cfg(cfg) -> None:
 
 def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_valid: torch.Tensor,
                   iof_thr: float) -> torch.Tensor:
-    """[B, A] bool: anchors [A, 4] whose largest IoF (intersection / anchor area) with a valid crowd box
-    of ignore_boxes [B, Gi, 4] (mask ignore_valid [B, Gi]) exceeds iof_thr."""
+    """Anchors whose largest IoF (intersection / anchor area) with a valid crowd box exceeds iof_thr.
+
+    Args:
+      anchors: float [A, 4] xyxy.
+      ignore_boxes: [B, Gi, 4] xyxy crowd boxes (cast to float32).
+      ignore_valid: bool [B, Gi], the real rows of ignore_boxes.
+      iof_thr: the IoF threshold (strictly exceeded).
+
+    Returns:
+      bool [B, A]; all False when Gi = 0.
+    """
     iof = pairwise_iou(anchors, ignore_boxes.float(), mode="iof")  # [B, A, Gi]
     iof = iof.masked_fill(~ignore_valid[:, None, :], -1.0)
     if iof.shape[-1] == 0:
@@ -87,11 +104,25 @@ def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
 
 def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
            cfg, ignore_boxes: torch.Tensor | None = None, ignore_valid: torch.Tensor | None = None) -> Assignment:
-    """Assigns anchors [A, 4] to padded ground truth gt_boxes [B, G, 4] (mask gt_valid [B, G]).
+    """Assigns anchors to padded ground truth; see the module docstring for the rules.
 
-    anchor_valid [B, A]: the anchors taking part (see anchors.valid_flags). ignore_boxes [B, Gi, 4] with
-    ignore_valid [B, Gi]: crowd regions, used only when cfg.ignore_iof_thr > 0. cfg = model_cfg.assigner.
-    Returns an `Assignment` of [B, A] tensors; see the module docstring for the rules."""
+    Args:
+      anchors: float [A, 4] xyxy, shared by the batch.
+      anchor_valid: bool [B, A], the anchors taking part (see retina_fn.anchors.valid_flags).
+      gt_boxes: float [B, G, 4] xyxy, padded ground truth.
+      gt_valid: bool [B, G], the real rows of gt_boxes.
+      cfg: model_cfg.assigner (pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, low_quality,
+        ignore_iof_thr).
+      ignore_boxes: optional float [B, Gi, 4] xyxy crowd regions, used only when cfg.ignore_iof_thr > 0.
+      ignore_valid: optional bool [B, Gi]; given exactly when ignore_boxes is.
+
+    Returns:
+      An `Assignment` of [B, A] tensors (bool positive, bool negative, int64 matched, float32 max_iou).
+
+    Raises:
+      ValueError: a shape or dtype that does not fit, ignore_boxes without ignore_valid (or the reverse),
+        or an unknown cfg.low_quality.
+    """
     _check_cfg(cfg)
     _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignore_valid)
     anchors = anchors.float()

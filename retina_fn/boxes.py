@@ -2,7 +2,8 @@
 (mmdetection 2.x and torchvision conventions).
 
 Shapes: a box tensor is [..., 4]; pairwise functions take [..., N, 4] and [..., M, 4] and return
-[..., N, M], broadcasting the leading dimensions.
+[..., N, M], broadcasting the leading dimensions. Results keep the inputs' floating dtype, except
+`encode` and `decode`, which compute and return float32.
 """
 
 from __future__ import annotations
@@ -17,28 +18,63 @@ _UNION_EPS = 1e-6
 
 
 def xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
-    """(x1, y1, x2, y2) -> (x, y, w, h), COCO's layout."""
+    """(x1, y1, x2, y2) -> (x, y, w, h), COCO's layout.
+
+    Args:
+      b: float [..., 4] xyxy.
+
+    Returns:
+      float [..., 4] xywh, b's dtype.
+    """
     return torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], dim=-1)
 
 
 def xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    """(x, y, w, h) -> (x1, y1, x2, y2)."""
+    """(x, y, w, h) -> (x1, y1, x2, y2).
+
+    Args:
+      b: float [..., 4] xywh.
+
+    Returns:
+      float [..., 4] xyxy, b's dtype.
+    """
     return torch.cat([b[..., :2], b[..., :2] + b[..., 2:]], dim=-1)
 
 
 def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    """(x1, y1, x2, y2) -> (cx, cy, w, h)."""
+    """(x1, y1, x2, y2) -> (cx, cy, w, h).
+
+    Args:
+      b: float [..., 4] xyxy.
+
+    Returns:
+      float [..., 4] (cx, cy, w, h), b's dtype.
+    """
     return torch.cat([(b[..., :2] + b[..., 2:]) * 0.5, b[..., 2:] - b[..., :2]], dim=-1)
 
 
 def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    """(cx, cy, w, h) -> (x1, y1, x2, y2).
+
+    Args:
+      b: float [..., 4] (cx, cy, w, h).
+
+    Returns:
+      float [..., 4] xyxy, b's dtype.
+    """
     half = b[..., 2:] * 0.5
     return torch.cat([b[..., :2] - half, b[..., :2] + half], dim=-1)
 
 
 def area(b: torch.Tensor) -> torch.Tensor:
-    """[..., 4] -> [...]: (x2 - x1) * (y2 - y1)."""
+    """(x2 - x1) * (y2 - y1) of every box.
+
+    Args:
+      b: float [..., 4] xyxy.
+
+    Returns:
+      float [...], b's dtype.
+    """
     return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
 
 
@@ -50,11 +86,22 @@ def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.Tensor:
-    """Overlaps of every box in a [..., N, 4] with every box in b [..., M, 4] -> [..., N, M].
+    """Overlaps of every box in `a` with every box in `b`.
 
     mode 'iou': intersection / union, union floored at 1e-6 (mmdetection's eps).
     mode 'iof': intersection / area(a), intersection over the *first* argument's area, floored at 1e-6
     (used for crowd regions: how much of an anchor a crowd box covers).
+
+    Args:
+      a: float [..., N, 4] xyxy.
+      b: float [..., M, 4] xyxy; leading dims broadcast with a's (e.g. a [A, 4] with b [B, G, 4]).
+      mode: 'iou' or 'iof'.
+
+    Returns:
+      float [..., N, M].
+
+    Raises:
+      ValueError: an unknown mode.
     """
     if mode not in ("iou", "iof"):
         raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
@@ -68,7 +115,15 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.T
 
 
 def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of every pair: [..., N, 4] x [..., M, 4] -> [..., N, M], values in [-1, 1]."""
+    """Generalised IoU of every pair; union and enclosing-box area floored at 1e-6.
+
+    Args:
+      a: float [..., N, 4] xyxy.
+      b: float [..., M, 4] xyxy; leading dims broadcast with a's.
+
+    Returns:
+      float [..., N, M], values in [-1, 1].
+    """
     inter = _pairwise_intersection(a, b)
     union = (area(a)[..., :, None] + area(b)[..., None, :] - inter).clamp(min=_UNION_EPS)
     lt = torch.minimum(a[..., :, None, :2], b[..., None, :, :2])
@@ -79,7 +134,16 @@ def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def elementwise_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """GIoU of matching pairs: [..., 4] x [..., 4] -> [...]."""
+    """GIoU of matching pairs (a[i] with b[i]); `eps` is added to the union and the enclosing-box area.
+
+    Args:
+      a: float [..., 4] xyxy.
+      b: float [..., 4] xyxy, broadcast with a.
+      eps: added to both denominators.
+
+    Returns:
+      float [...], values in [-1, 1].
+    """
     lt = torch.maximum(a[..., :2], b[..., :2])
     rb = torch.minimum(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
@@ -95,8 +159,20 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
 
 
 def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
-    """DeltaXYWH encoding of gt boxes relative to anchors (both [..., 4], broadcast) -> deltas [..., 4]:
-    ((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph)), then (d - means) / stds."""
+    """DeltaXYWH encoding of gt boxes relative to anchors.
+
+    With (px, py, pw, ph) the anchor's centre and size and (gx, gy, gw, gh) the gt's, the deltas are
+    ((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph)), then (d - means) / stds.
+
+    Args:
+      anchors: float [..., 4] xyxy.
+      gt: float [..., 4] xyxy, broadcast with anchors.
+      means: 4 numbers (or a tensor broadcastable to [..., 4]).
+      stds: 4 numbers (or a tensor broadcastable to [..., 4]).
+
+    Returns:
+      float32 [..., 4] deltas (dx, dy, dw, dh).
+    """
     p = xyxy_to_cxcywh(anchors.float())
     g = xyxy_to_cxcywh(gt.float())
     d = torch.cat([(g[..., :2] - p[..., :2]) / p[..., 2:], torch.log(g[..., 2:] / p[..., 2:])], dim=-1)
@@ -106,11 +182,24 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), 
 def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
            max_shape: torch.Tensor | None = None, scale_clamp: float = DEFAULT_SCALE_CLAMP,
            clamp_lower: bool = True) -> torch.Tensor:
-    """Inverse of `encode`: anchors [..., 4], deltas [..., 4] (broadcast) -> boxes [..., 4], in float32.
+    """Inverse of `encode`: deltas relative to anchors -> boxes.
 
     dw, dh are clamped to <= scale_clamp, and also to >= -scale_clamp when clamp_lower (mmdetection
-    clamps both sides, torchvision only the upper). max_shape: [..., 2] as (H, W), broadcastable to the
-    boxes' leading dims; x is clipped to [0, W] and y to [0, H] (not W - 1)."""
+    clamps both sides, torchvision only the upper).
+
+    Args:
+      anchors: float [..., 4] xyxy.
+      deltas: float [..., 4] (dx, dy, dw, dh), broadcast with anchors.
+      means: 4 numbers, as given to `encode`.
+      stds: 4 numbers, as given to `encode`.
+      max_shape: optional [..., 2] as (H, W), broadcastable to the boxes' leading dims; x is clipped to
+        [0, W] and y to [0, H] (not W - 1). None: no clipping.
+      scale_clamp: the bound on |dw|, |dh|.
+      clamp_lower: also clamp dw, dh from below.
+
+    Returns:
+      float32 [..., 4] xyxy boxes.
+    """
     d = deltas.float() * _as_tensor(stds, deltas.float()) + _as_tensor(means, deltas.float())
     dwh = d[..., 2:].clamp(min=-scale_clamp if clamp_lower else None, max=scale_clamp)
     p = xyxy_to_cxcywh(anchors.float())
@@ -123,8 +212,16 @@ def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.
 
 
 def clip(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
-    """Clips x to [0, W] and y to [0, H]. boxes [..., 4]; hw [..., 2] = (H, W), broadcast over boxes'
-    leading dims (e.g. boxes [B, N, 4] with hw [B, 1, 2])."""
+    """Clips x to [0, W] and y to [0, H].
+
+    Args:
+      boxes: float [..., 4] xyxy.
+      hw: [..., 2] = (H, W), any numeric dtype, broadcast over boxes' leading dims (e.g. boxes [B, N, 4]
+        with hw [B, 1, 2]).
+
+    Returns:
+      [..., 4] xyxy, boxes' dtype.
+    """
     hw = torch.as_tensor(hw, device=boxes.device).to(boxes.dtype)
     wh = hw.flip(-1)
     upper = torch.cat([wh, wh], dim=-1)

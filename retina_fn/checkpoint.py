@@ -32,6 +32,15 @@ class CorruptCheckpoint(RuntimeError):
 
 
 class Restored(NamedTuple):
+    """A checkpoint read back by `load`.
+
+    Attributes:
+      path: the file it came from.
+      step: the step it was saved at.
+      state: nested dicts of CPU tensors (NamedTuples come back as dicts; see `restore_into`).
+      meta: the JSON-able metadata saved with it.
+    """
+
     path: str
     step: int
     state: dict  # nested dicts of tensors
@@ -39,6 +48,15 @@ class Restored(NamedTuple):
 
 
 def path_for(directory: str, step: int) -> str:
+    """The checkpoint file name for `step`.
+
+    Args:
+      directory: the checkpoint directory.
+      step: a non-negative step, zero-padded to 9 digits.
+
+    Returns:
+      '<directory>/ckpt_<step:09d>.pt'.
+    """
     return os.path.join(directory, f"ckpt_{step:09d}.pt")
 
 
@@ -57,8 +75,18 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = None, keep: int = 3) -> str:
-    """Writes `state` (nested dicts of tensors) and `meta` (JSON-able) as checkpoint `step`, then deletes
-    all but the newest `keep` checkpoints. Returns the path. Tensors are copied to the CPU."""
+    """Writes checkpoint `step` atomically with its digest, then deletes all but the newest `keep`.
+
+    Args:
+      directory: the checkpoint directory (created when missing).
+      step: the train step, the file's number.
+      state: a tree of tensors (nested dicts, NamedTuples); stored flat by path, tensors copied to the CPU.
+      meta: JSON-able data (the resolved config, the label map, the data position); None: {}.
+      keep: how many of the newest checkpoints to keep.
+
+    Returns:
+      The path written.
+    """
     os.makedirs(directory, exist_ok=True)
     flat = {p: x.detach().to("cpu").clone() if isinstance(x, torch.Tensor) else x
             for p, x in tree.flatten_by_path(state).items()}
@@ -76,7 +104,14 @@ def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = N
 
 
 def list_checkpoints(directory: str) -> list[str]:
-    """Checkpoint paths in `directory`, newest (highest step) first."""
+    """Checkpoint paths in `directory`, newest (highest step) first.
+
+    Args:
+      directory: the checkpoint directory (may be missing).
+
+    Returns:
+      list[str] of 'ckpt_<9 digits>.pt' paths; [] when the directory does not exist.
+    """
     if not os.path.isdir(directory):
         return []
     names = sorted((n for n in os.listdir(directory) if _NAME.match(n)), reverse=True)
@@ -84,7 +119,17 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def load(path: str) -> Restored:
-    """Reads and verifies one checkpoint file. Raises CorruptCheckpoint naming the file on any problem."""
+    """Reads and verifies one checkpoint file (its digest when the sidecar exists, then its content).
+
+    Args:
+      path: a checkpoint file.
+
+    Returns:
+      Restored(path, step, state as nested dicts of CPU tensors, meta).
+
+    Raises:
+      CorruptCheckpoint: naming the file, on any problem (unreadable, digest mismatch, not a checkpoint).
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -106,8 +151,16 @@ def load(path: str) -> Restored:
 
 
 def restore_latest(directory: str) -> Restored | None:
-    """The newest checkpoint of `directory` that reads and verifies; a bad one is reported and the
-    previous one used. None when there is no usable checkpoint."""
+    """The newest checkpoint of `directory` that reads and verifies.
+
+    A bad one is reported (a warning naming the file) and the previous one used.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      Restored, or None when there is no usable checkpoint.
+    """
     for path in list_checkpoints(directory):
         try:
             return load(path)
@@ -117,8 +170,19 @@ def restore_latest(directory: str) -> Restored | None:
 
 
 def restore_into(restored: dict, like: Any, source: str) -> Any:
-    """`restored` (nested dicts, as `load` gives) rebuilt with the structure of the template `like`
-    (NamedTuples included). Raises ValueError listing every path or shape that differs."""
+    """`restored` rebuilt with the structure of the template `like` (NamedTuples included).
+
+    Args:
+      restored: nested dicts, as `load` gives.
+      like: the template tree whose paths and tensor shapes the checkpoint must match.
+      source: what to call the checkpoint in the error message.
+
+    Returns:
+      A tree shaped like `like` holding the restored leaves.
+
+    Raises:
+      ValueError: listing (up to 40 of) the missing or unexpected paths and differing shapes.
+    """
     a, b = tree.flatten_by_path(restored), tree.flatten_by_path(like)
     problems = [f"missing {p}" for p in b if p not in a] + [f"unexpected {p}" for p in a if p not in b]
     problems += [f"{p}: {tuple(a[p].shape)} vs expected {tuple(b[p].shape)}"

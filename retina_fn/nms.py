@@ -163,22 +163,31 @@ def batched_nms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-aware greedy NMS for each image of a padded batch (see the module docstring).
 
+    Computed in float32 with autocast disabled.
+
     Args:
-      boxes: [B, N, 4] xyxy; scores: [B, N]; labels: integer [B, N]; valid: bool [B, N] (invalid
-        entries, and entries with a nan score, neither survive nor suppress).
+      boxes: float [B, N, 4] xyxy.
+      scores: float [B, N].
+      labels: integer [B, N]; only boxes of equal label suppress each other.
+      valid: bool [B, N]; invalid entries, and entries with a nan score, neither survive nor suppress.
       iou_threshold: a box is suppressed when its IoU with a kept box of its label is > this.
       max_output: M, the number of kept boxes returned per image.
-      impl: 'torch' (batched, any device), 'torchvision' (torchvision's kernel per image and class;
-        raises ImportError when torchvision is absent) or 'auto' (torchvision when it imports).
+      impl: 'torch' (batched, any device), 'torchvision' (torchvision's kernel per image and class) or
+        'auto' (torchvision when it imports).
       max_iters: cap on the torch path's fixed-point iterations (None: until convergence, at most
         N + 1). If the cap stops it early, only the first max_iters boxes in score order are
         guaranteed to be decided as greedy NMS would.
 
     Returns:
+      (keep_index, keep_valid):
       keep_index: int64 [B, M], indices into N of the kept boxes, by score descending (ties in
         input order); 0 in padding slots.
       keep_valid: bool [B, M], True for real entries (the first min(M, #kept) of each row).
-    Computed in float32 with autocast disabled.
+
+    Raises:
+      ValueError: inconsistent shapes, non-bool valid, floating labels, an unknown impl, max_output < 0
+        or max_iters < 1.
+      ImportError: impl='torchvision' when torchvision is absent.
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [B, N, 4], got {tuple(boxes.shape)}")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import boxes as box_ops
+from retina_fn import boxes as box_lib  # `boxes` is a local name here
 from retina_fn.nms import batched_nms
 from retina_fn.topk import top_k_sorted_indices
 
@@ -29,7 +29,14 @@ _PRE_SELECT = ("anchor", "pair")
 
 
 class Detections(NamedTuple):
-    """Per-image detections, padded to M = max_per_img rows, sorted by score (descending)."""
+    """Per-image detections, padded to M = max_per_img rows, sorted by score (descending).
+
+    Attributes:
+      boxes: float32 [B, M, 4] xyxy (original-image pixels when rescaled); 0 in padding rows.
+      scores: float32 [B, M], sigmoid probabilities; 0 in padding rows.
+      labels: int64 [B, M], 0..K-1; 0 in padding rows.
+      valid: bool [B, M], True for real detections.
+    """
 
     boxes: torch.Tensor  # float32 [B, M, 4], xyxy (original-image pixels when rescaled)
     scores: torch.Tensor  # float32 [B, M], sigmoid probabilities; 0 in padding rows
@@ -57,7 +64,7 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _decode(anchors, deltas, image_hw, coder_cfg) -> torch.Tensor:
     """anchors, deltas [B, k, 4] -> boxes clipped to each image's (h, w) [B, k, 4]."""
-    return box_ops.decode(anchors, deltas, coder_cfg.means, coder_cfg.stds, max_shape=image_hw[:, None, :],
+    return box_lib.decode(anchors, deltas, coder_cfg.means, coder_cfg.stds, max_shape=image_hw[:, None, :],
                           scale_clamp=coder_cfg.scale_clamp, clamp_lower=coder_cfg.clamp_lower)
 
 
@@ -145,8 +152,13 @@ def detect(
 ) -> Detections:
     """Detections from the head outputs of a batch.
 
+    Ties between equal scores go to the lower anchor index (per level selection) or the earlier
+    candidate (NMS). Computed in float32 with autocast disabled.
+
     Args:
-      cls_logits: [B, A, K]; box_deltas: [B, A, 4]; anchors: [A, 4], levels concatenated in order.
+      cls_logits: float [B, A, K] classification logits.
+      box_deltas: float [B, A, 4] regression deltas.
+      anchors: float [A, 4] xyxy, levels concatenated in order.
       level_counts: anchors per level (sums to A), e.g. H_l * W_l * 9 for P3..P7.
       image_hw: int64 [B, 2], (h, w) of each resized image: decoded boxes are clipped to it.
       scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
@@ -158,10 +170,14 @@ def detect(
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
       nms_impl: retina_fn.nms.batched_nms's impl ('torch' | 'torchvision' | 'auto').
 
-    Returns Detections with M = test_cfg.max_per_img rows per image, sorted by score; scores are
-    sigmoid probabilities, labels 0..K-1; padding rows have valid False, boxes, score and label 0.
-    Ties between equal scores go to the lower anchor index (per level selection) or the earlier
-    candidate (NMS). Computed in float32 with autocast disabled.
+    Returns:
+      Detections with M = test_cfg.max_per_img rows per image, sorted by score: boxes float32 [B, M, 4],
+      scores float32 [B, M] (sigmoid probabilities), labels int64 [B, M] (0..K-1), valid bool [B, M];
+      padding rows have valid False, boxes, score and label 0.
+
+    Raises:
+      ValueError: shapes that do not fit together, level_counts that do not sum to A, an unknown
+        test_cfg.pre_select or a negative test_cfg.max_per_img.
     """
     _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg)
     select = _level_candidates_by_anchor if test_cfg.pre_select == "anchor" else _level_candidates_by_pair

@@ -46,7 +46,17 @@ def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
 
 
 def key(seed: int) -> Key:
-    """A root key from a non-negative integer seed below 2**64. Shape [2], int64."""
+    """A root key from a non-negative integer seed.
+
+    Args:
+      seed: an integer in [0, 2**64).
+
+    Returns:
+      int64 [2], the key (on the CPU).
+
+    Raises:
+      ValueError: the seed is out of range.
+    """
     seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
@@ -55,14 +65,32 @@ def key(seed: int) -> Key:
 
 
 def split(key: Key, num: int = 2) -> Key:
-    """`num` new independent keys from `key`: shape [num, 2]. Unpack with `a, b = split(k)`."""
+    """`num` new independent keys from `key`. Unpack with `a, b = split(k)`.
+
+    Args:
+      key: int64 [2].
+      num: how many keys to make.
+
+    Returns:
+      int64 [num, 2] on key's device.
+    """
     idx = torch.arange(num, dtype=torch.int64, device=key.device)
     return _hash(key.unsqueeze(0).expand(num, 2), idx, _SPLIT_TAG)
 
 
 def fold_in(key: Key, data: int | torch.Tensor) -> Key:
-    """A new key determined by `key` and a non-negative integer below 2**63 (a step, an epoch, an
-    image index, a rank); `data` may be a 0-d int64 tensor, so a step counter needs no host sync."""
+    """A new key determined by `key` and an integer (a step, an epoch, an image index, a rank).
+
+    Args:
+      key: int64 [..., 2], usually [2].
+      data: a non-negative integer below 2**63, or a 0-d int64 tensor, so a step counter needs no host sync.
+
+    Returns:
+      int64, key's shape, on key's device.
+
+    Raises:
+      ValueError: a negative Python int, or a tensor that is not 0-d (use `split` for several keys).
+    """
     if isinstance(data, int) and data < 0:
         raise ValueError(f"fold_in data must be non-negative, got {data}")
     d = torch.as_tensor(data, dtype=torch.int64, device=key.device)
@@ -78,42 +106,98 @@ def _words(key: Key, n: int) -> torch.Tensor:
 
 
 def bits(key: Key, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform 32-bit words as int64 of the given shape: a pure function of the key."""
+    """Uniform 32-bit words: a pure function of the key.
+
+    Args:
+      key: int64 [2].
+      shape: the result's shape.
+
+    Returns:
+      int64 `shape`, each value in [0, 2**32), on key's device.
+    """
     n = math.prod(shape)
     return _words(key, (n + 1) // 2).reshape(-1)[:n].reshape(shape)
 
 
 def uniform(key: Key, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform floats in [0, 1) from the top 24 bits of `bits` (exact in float32)."""
+    """Uniform floats in [0, 1) from the top 24 bits of `bits` (exact in float32).
+
+    Args:
+      key: int64 [2].
+      shape: the result's shape.
+      dtype: the result's floating dtype.
+
+    Returns:
+      `dtype` `shape`, values in [0, 1).
+    """
     return ((bits(key, shape) >> 8).to(torch.float64) / float(1 << 24)).to(dtype)
 
 
 def uniform_pair(key: Key, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent float64 uniform tensors in [0, 1), from the two words of one hash per element."""
+    """Two independent uniform tensors in [0, 1), from the two words of one hash per element.
+
+    Args:
+      key: int64 [2].
+      shape: the shape of each result.
+
+    Returns:
+      (u1, u2), each float64 `shape`, values in [0, 1) on a 2**-24 grid.
+    """
     w = _words(key, math.prod(shape)) >> 8
     u = w.to(torch.float64) / float(1 << 24)
     return u[:, 0].reshape(shape), u[:, 1].reshape(shape)
 
 
 def bernoulli(key: Key, p: float, shape: tuple[int, ...] = ()) -> torch.Tensor:
-    """Boolean tensor, True with probability p."""
+    """Coin flips, True with probability p.
+
+    Args:
+      key: int64 [2].
+      p: the probability of True.
+      shape: the result's shape.
+
+    Returns:
+      bool `shape`.
+    """
     return uniform(key, shape, torch.float64) < p
 
 
 def to_int(key: Key) -> int:
-    """The key as one 64-bit integer (host side; a sync if the key is on an accelerator)."""
+    """The key as one 64-bit integer (host side; a sync if the key is on an accelerator).
+
+    Args:
+      key: int64 [2].
+
+    Returns:
+      int in [0, 2**64): first word in the high 32 bits.
+    """
     k0, k1 = (int(v) for v in key.reshape(2).tolist())
     return (k0 << 32) | k1
 
 
 def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from the key, for host-side sampling with torch."""
+    """A torch.Generator seeded from the key, for host-side sampling with torch.
+
+    Args:
+      key: int64 [2].
+      device: the generator's device.
+
+    Returns:
+      torch.Generator seeded with `to_int(key)`.
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed(to_int(key))
     return gen
 
 
 def numpy_generator(key: Key) -> np.random.Generator:
-    """A numpy Generator (PCG64) seeded from the key, for host-side data augmentation."""
+    """A numpy Generator (PCG64) seeded from the key, for host-side data augmentation.
+
+    Args:
+      key: int64 [2].
+
+    Returns:
+      np.random.Generator over PCG64 seeded with the key's two words.
+    """
     k0, k1 = (int(v) for v in key.reshape(2).tolist())
     return np.random.Generator(np.random.PCG64([k0, k1]))

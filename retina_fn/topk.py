@@ -23,8 +23,17 @@ _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def order_preserving_int(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 in [0, 2**32) with a < b exactly when float a < float b; -0.0 and 0.0 map to one
-    value, and every NaN to one value above +inf (torch.sort's descending order puts NaN first)."""
+    """Maps float32 scores to int64 keys with a < b exactly when float a < float b.
+
+    -0.0 and 0.0 map to one value, and every NaN to one value above +inf (torch.sort's descending order
+    puts NaN first).
+
+    Args:
+      x: float32, any shape.
+
+    Returns:
+      int64, x's shape, values in [0, 2**32).
+    """
     x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x + 0.0)  # one NaN; -0.0 + 0.0 = +0.0
     bits = x.view(torch.int32).to(torch.int64)
     # Non-negative floats already order as their bit patterns; negative ones in reverse, so flip their
@@ -40,12 +49,21 @@ def _top_k_keyed(values: torch.Tensor, index: torch.Tensor, k: int) -> torch.Ten
 
 
 def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
-    """Indices of the k largest entries along dim 1 of key [B, n], descending, ties to the lower index:
-    the same as torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]. -> int64 [B, k].
+    """Indices of the k largest entries along dim 1, descending, ties to the lower index.
 
-    float32, float16 and bfloat16 keys go through the two shortcuts of the module docstring (chunks of
-    `chunk` entries when the row holds more than 4 * k of them); other dtypes, or rows of 2**31 entries
-    or more, fall back to the stable sort."""
+    The same as torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]. float32, float16 and
+    bfloat16 keys go through the two shortcuts of the module docstring (chunks of `chunk` entries when the
+    row holds more than 4 * k * chunk entries); other dtypes, or rows of 2**31 entries or more, fall back
+    to the stable sort.
+
+    Args:
+      key: [B, n], any dtype torch.sort takes.
+      k: how many indices per row; more than n gives n.
+      chunk: entries per chunk (<= 1: no chunking).
+
+    Returns:
+      int64 [B, min(k, n)], positions along dim 1.
+    """
     batch, n = key.shape
     k = min(int(k), n)
     if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS:

@@ -12,15 +12,37 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 
 def colour(label: int) -> tuple[int, int, int]:
+    """The drawing colour of a class.
+
+    Args:
+      label: a class index.
+
+    Returns:
+      (r, g, b) from a fixed 12-colour palette, cycling with the label.
+    """
     return _PALETTE[int(label) % len(_PALETTE)]
 
 
 def draw_detections(image: np.ndarray | Image.Image, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                     class_names: Sequence[str], score_thr: float = 0.3,
                     gt_boxes: np.ndarray | None = None) -> Image.Image:
-    """An RGB copy of `image` (uint8 [H, W, 3] or PIL) with boxes [N, 4] xyxy in its pixels, each labelled
-    '<class> <score>'; detections scoring below `score_thr` are left out. Ground truth boxes, when given,
-    are drawn thin and white underneath."""
+    """An RGB copy of `image` with the detections drawn on it, each labelled '<class> <score>'.
+
+    The best-scoring box is drawn last (on top). Ground truth boxes, when given, are drawn thin and white
+    underneath.
+
+    Args:
+      image: uint8 [H, W, 3] array or a PIL image (not modified).
+      boxes: float [N, 4] xyxy in the image's pixels.
+      scores: float [N].
+      labels: int [N], class indices; one without a name in `class_names` is written as its number.
+      class_names: the name of each class index.
+      score_thr: detections scoring below it are left out.
+      gt_boxes: optional float [G, 4] xyxy.
+
+    Returns:
+      PIL.Image.Image in RGB mode.
+    """
     img = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image.copy()
     img = img.convert("RGB")
     draw = ImageDraw.Draw(img)

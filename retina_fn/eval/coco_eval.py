@@ -48,10 +48,20 @@ def _to_numpy(x, name: str, dtype) -> np.ndarray:
 
 
 def category_id_table(label_map: Any) -> list[int]:
-    """The file's category id of each contiguous class index, from any of: a sequence of ids; an object
-    with a `category_ids` or `cat_ids` attribute (e.g. retina_fn.data.coco.LabelMap) or a `to_dict()`
-    method; a mapping with a 'category_ids' or 'cat_ids' entry; a mapping {index: category id} with
-    keys 0..K-1."""
+    """The annotation file's category id of each contiguous class index.
+
+    Args:
+      label_map: any of: a sequence of ids; an object with a `category_ids` or `cat_ids` attribute (e.g.
+        retina_fn.data.coco.LabelMap) or a `to_dict()` method; a mapping with a 'category_ids' or
+        'cat_ids' entry; a mapping {index: category id} with keys 0..K-1.
+
+    Returns:
+      list[int] of K category ids, entry i for class index i.
+
+    Raises:
+      ValueError: no ids found, a non-integer id, repeated ids, no categories, or mapping keys that are
+        not 0..K-1.
+    """
     table = None
     for attr in ("category_ids", "cat_ids"):
         if not isinstance(label_map, Mapping) and hasattr(label_map, attr):
@@ -92,14 +102,25 @@ def category_id_table(label_map: Any) -> list[int]:
 def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) -> list[dict]:
     """COCO result dicts for a set of detections.
 
-    boxes [N, 4] xyxy in original-image pixels, scores [N], labels [N] contiguous class indices,
-    image_ids [N] the annotation file's image ids; valid [N] bool (optional) keeps only True rows.
-    Batched input works too: boxes [B, M, 4], scores/labels/valid [B, M], image_ids [B] or [B, M].
-    Rows whose image id is negative (padding slots of an evaluation batch) are dropped.
-    label_map: see `category_id_table`.
+    Inputs are torch tensors (any device) or array-likes. Batched input works too: boxes [B, M, 4],
+    scores/labels/valid [B, M], image_ids [B] or [B, M]. Rows whose image id is negative (padding slots
+    of an evaluation batch) are dropped.
 
-    Returns [{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h], 'score': float}] with Python
-    numbers only (json.dump-able), in input order.
+    Args:
+      boxes: float [N, 4] xyxy in original-image pixels.
+      scores: float [N].
+      labels: int [N], contiguous class indices.
+      image_ids: int [N], the annotation file's image ids.
+      label_map: see `category_id_table`.
+      valid: optional bool [N]; only True rows are kept.
+
+    Returns:
+      [{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h], 'score': float}] with Python numbers
+      only (json.dump-able), in input order.
+
+    Raises:
+      ValueError: shapes that do not fit, a class index outside 0..K-1, a non-finite box or score, an
+        input that cannot be read as an array, or a bad label_map.
     """
     cat_ids = np.asarray(category_id_table(label_map), dtype=np.int64)
     boxes = _to_numpy(boxes, "boxes", np.float64)
@@ -149,6 +170,12 @@ def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
 
     Caveat: an image that produced no detections on its first shard is not known to that shard's list,
     so a later duplicate's detections are kept; they are the same image's detections, so no harm.
+
+    Args:
+      result_lists: one list of result dicts per shard (rank), in rank order.
+
+    Returns:
+      list of result dicts, in input order.
     """
     merged: list[dict] = []
     seen: set[int] = set()
@@ -168,7 +195,11 @@ def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
 
 
 def faster_coco_eval_backend():
-    """(COCO, COCOeval_faster) from faster-coco-eval when it imports, else None. Never required."""
+    """The faster-coco-eval classes, when that optional package imports.
+
+    Returns:
+      (COCO, COCOeval_faster) from faster-coco-eval, or None when it is absent or fails to import.
+    """
     try:
         from faster_coco_eval import COCO, COCOeval_faster
     except Exception:  # absent, or a broken build: fall back to pycocotools
@@ -241,7 +272,22 @@ def _eval_image_ids(img_ids, gt) -> list[int]:
 
 
 def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True):
-    """Like `evaluate`, and also returns COCOeval's printed summary: (metrics, summary text)."""
+    """Like `evaluate`, and also returns COCOeval's printed summary.
+
+    Args:
+      coco_gt: as for `evaluate`.
+      results: as for `evaluate`.
+      img_ids: as for `evaluate`.
+      use_faster: use faster-coco-eval when it is installed.
+
+    Returns:
+      (metrics {name: float} for METRIC_NAMES, the text COCOeval printed).
+
+    Raises:
+      FileNotFoundError: coco_gt is a path that does not exist.
+      ValueError: an unusable coco_gt, img_ids not in the ground truth, or malformed results (see
+        `evaluate`).
+    """
     backend = faster_coco_eval_backend() if use_faster else None
     coco_cls, eval_cls = backend if backend is not None else _pycocotools()
     out = io.StringIO()
@@ -267,11 +313,21 @@ def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_fa
 
 
 def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:
-    """COCO bbox metrics of `results` against the ground truth.
+    """COCO bbox metrics of `results` against the ground truth; nothing is printed.
 
-    coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
-    results: result dicts (see `detections_to_coco`), gathered from every rank and de-duplicated.
-    img_ids: the image ids that were run (default: every ground-truth image).
-    Returns {name: float} for METRIC_NAMES (bbox_mAP, bbox_mAP_50, ..., AR_l); nothing is printed.
+    Args:
+      coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
+      results: result dicts (see `detections_to_coco`), gathered from every rank and de-duplicated.
+      img_ids: the image ids that were run (default: every ground-truth image).
+      use_faster: use faster-coco-eval when it is installed (same numbers).
+
+    Returns:
+      {name: float} for METRIC_NAMES (bbox_mAP, bbox_mAP_50, ..., AR_l); all 0.0 when no result falls on
+      an evaluated image.
+
+    Raises:
+      FileNotFoundError: coco_gt is a path that does not exist.
+      ValueError: an unusable coco_gt, img_ids not in the ground truth, or a result that is not a dict,
+        lacks a key, names an unknown image or category id, or has a bbox that is not 4 finite numbers.
     """
     return evaluate_with_summary(coco_gt, results, img_ids, use_faster)[0]

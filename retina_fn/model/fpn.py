@@ -18,7 +18,20 @@ from retina_fn import nn, rng
 
 
 def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
-    """in_channels: channels of (C3, C4, C5). cfg = model_cfg.fpn."""
+    """FPN parameters (xavier uniform weights, zero biases).
+
+    Args:
+      key: rng key, int64 [2].
+      in_channels: channels of (C3, C4, C5).
+      cfg: model_cfg.fpn (out_channels, extra_source, relu_before_extra).
+
+    Returns:
+      {'lateral': {'0','1','2'}, 'output': {'0','1','2'}, 'p6', 'p7'}, each {'weight', 'bias'}, float32 on
+      the CPU; with C = cfg.out_channels, laterals are [C, c_i, 1, 1], the rest [C, c_in, 3, 3].
+
+    Raises:
+      ValueError: cfg.extra_source is neither 'input' nor 'output'.
+    """
     if cfg.extra_source not in ("input", "output"):
         raise ValueError(f"fpn.extra_source must be 'input' or 'output', got {cfg.extra_source!r}")
     c = cfg.out_channels
@@ -34,8 +47,18 @@ def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
 
 
 def apply(params: dict, feats: dict[str, torch.Tensor], cfg) -> list[torch.Tensor]:
-    """feats: {'C3': [B, c3, H/8, W/8], 'C4': ..., 'C5': ...} ->
-    [P3 [B, C, H/8, W/8], P4, P5, P6 [B, C, H/64, W/64], P7 [B, C, H/128, W/128]] (sizes rounded up)."""
+    """The pyramid P3..P7 from backbone features C3..C5.
+
+    Args:
+      params: the tree of `init`.
+      feats: {'C3': float [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16], 'C5': [B, c5, H/32, W/32]}
+        (other entries, such as 'C2', are ignored).
+      cfg: model_cfg.fpn.
+
+    Returns:
+      [P3 [B, C, H/8, W/8], P4 [B, C, H/16, W/16], P5 [B, C, H/32, W/32], P6 [B, C, H/64, W/64],
+      P7 [B, C, H/128, W/128]], float, C = cfg.out_channels (sizes rounded up).
+    """
     inputs = [feats["C3"], feats["C4"], feats["C5"]]
     laterals = [nn.conv2d(params["lateral"][str(i)], x) for i, x in enumerate(inputs)]
     for i in (2, 1):

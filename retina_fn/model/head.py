@@ -20,7 +20,23 @@ from retina_fn import nn, rng
 
 
 def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg) -> dict:
-    """cfg = model_cfg.head."""
+    """Head parameters: N(0, 0.01) weights, zero biases, the classification bias at the prior.
+
+    Args:
+      key: rng key, int64 [2].
+      in_channels: channels of the pyramid levels.
+      num_anchors: anchors per location (n_anchors).
+      num_classes: K.
+      cfg: model_cfg.head (norm 'none' | 'gn', stacked_convs, feat_channels, prior_prob, gn_groups).
+
+    Returns:
+      {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'} (see the module docstring),
+      float32 on the CPU; cls_logits is {'weight' [n_anchors * K, F, 3, 3], 'bias' [n_anchors * K]} and
+      bbox_reg {'weight' [n_anchors * 4, F, 3, 3], 'bias' [n_anchors * 4]}, F = cfg.feat_channels.
+
+    Raises:
+      ValueError: cfg.norm is neither 'none' nor 'gn'.
+    """
     if cfg.norm not in ("none", "gn"):
         raise ValueError(f"head.norm must be 'none' or 'gn', got {cfg.norm!r}")
     gn = cfg.norm == "gn"
@@ -61,8 +77,17 @@ def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
 
 
 def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """levels: [P3 .. P7], each [B, C, h_l, w_l] ->
-    (cls_logits [B, A, K], box_deltas [B, A, 4]) with A = sum_l h_l * w_l * n_anchors."""
+    """The head on every pyramid level, outputs flattened in mmdetection's anchor order.
+
+    Args:
+      params: the tree of `init`.
+      levels: [P3 .. P7], each float [B, C, h_l, w_l].
+      num_classes: K.
+      cfg: model_cfg.head.
+
+    Returns:
+      (cls_logits float [B, A, K], box_deltas float [B, A, 4]) with A = sum_l h_l * w_l * n_anchors.
+    """
     logits, deltas = [], []
     for x in levels:
         logits.append(_flatten(nn.conv2d(params["cls_logits"], _tower(params["cls_convs"], x, cfg), padding=1), num_classes))

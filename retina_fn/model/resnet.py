@@ -15,7 +15,8 @@ Config fields (cfg = model_cfg.backbone):
     network unnormalised). The norm slots keep torchvision's names ('bn1', 'downsample'/'1') either way.
   base_width: channels of the stem and first stage (64 in every standard ResNet); narrower backbones
     (e.g. 32) for small CPU demos.
-  frozen_stages, norm_affine_trainable: read by `trainable_mask`, not by `apply`.
+  frozen_stages, norm_affine_trainable: read by retina_fn.model.retinanet.trainable_mask (frozen_stages
+    through `frozen_prefixes`), not by `apply`.
 """
 
 from __future__ import annotations
@@ -29,17 +30,40 @@ NORMS = ("frozen_bn", "gn")
 
 
 def stage_widths(cfg) -> tuple[int, int, int, int]:
+    """Bottleneck widths of layer1..layer4.
+
+    Args:
+      cfg: model_cfg.backbone; reads base_width (default 64).
+
+    Returns:
+      (w, 2w, 4w, 8w) with w = base_width.
+    """
     w = int(cfg.get("base_width", 64))
     return (w, 2 * w, 4 * w, 8 * w)
 
 
 def is_bottleneck(depth: int) -> bool:
+    """Whether a ResNet of this depth uses bottleneck blocks.
+
+    Args:
+      depth: 18 | 34 | 50 | 101 | 152.
+
+    Returns:
+      True for depth >= 50.
+    """
     return depth >= 50
 
 
 def out_channels(cfg) -> tuple[int, int, int, int]:
-    """Channels of C2..C5: (256, 512, 1024, 2048) for bottleneck ResNets, (64, ..., 512) otherwise
-    (scaled by base_width / 64)."""
+    """Channels of C2..C5.
+
+    Args:
+      cfg: model_cfg.backbone; reads depth and base_width.
+
+    Returns:
+      (256, 512, 1024, 2048) for bottleneck ResNets, (64, 128, 256, 512) otherwise, scaled by
+      base_width / 64.
+    """
     expansion = 4 if is_bottleneck(cfg.depth) else 1
     return tuple(w * expansion for w in stage_widths(cfg))
 
@@ -70,8 +94,21 @@ def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, pa
 
 
 def init(key: rng.Key, cfg) -> dict:
-    """Parameters of the ResNet body without its classifier (torchvision init: He normal fan_out,
-    BN weight 1 and bias 0)."""
+    """Parameters of the ResNet body without its classifier.
+
+    torchvision init: He normal fan_out conv weights (no conv biases), BN weight 1 and bias 0 with
+    identity statistics; with norm 'gn' each norm slot holds only {'weight', 'bias'}.
+
+    Args:
+      key: rng key, int64 [2].
+      cfg: model_cfg.backbone.
+
+    Returns:
+      {'conv1', 'bn1', 'layer1'..'layer4'} in torchvision's names, float32 on the CPU.
+
+    Raises:
+      ValueError: an unknown depth, style or norm, or gn_groups not dividing every stage width.
+    """
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
     keys = iter(rng.split(key, 512))
@@ -127,8 +164,20 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg) -> torc
 
 
 def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    """x: [B, 3, H, W] -> {'C2': [B, c2, H/4, W/4], 'C3': .../8, 'C4': .../16, 'C5': [B, c5, H/32, W/32]}
-    (sizes rounded up; channels from `out_channels(cfg)`)."""
+    """The backbone's feature maps.
+
+    Args:
+      params: the tree of `init` (or a mapped checkpoint).
+      x: float [B, 3, H, W] images.
+      cfg: model_cfg.backbone.
+
+    Returns:
+      {'C2': float [B, c2, H/4, W/4], 'C3': [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16],
+      'C5': [B, c5, H/32, W/32]} (sizes rounded up; channels from `out_channels(cfg)`).
+
+    Raises:
+      ValueError: an invalid cfg (as for `init`).
+    """
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
     x = nn.relu(_conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3))
@@ -144,8 +193,17 @@ def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
 
 
 def frozen_prefixes(cfg) -> tuple[str, ...]:
-    """Path prefixes (within the backbone) that `frozen_stages` freezes: the stem for >= 0, then
-    layer1..layerN. mmdetection's frozen_stages=1 freezes the stem and layer1."""
+    """Path prefixes (within the backbone) that `frozen_stages` freezes.
+
+    The stem for frozen_stages >= 0, then layer1..layerN. mmdetection's frozen_stages=1 freezes the stem
+    and layer1.
+
+    Args:
+      cfg: model_cfg.backbone; reads frozen_stages (-1: nothing frozen).
+
+    Returns:
+      ('conv1/', 'bn1/', 'layer1/', ..., 'layerN/'), or () when frozen_stages < 0.
+    """
     n = int(cfg.frozen_stages)
     if n < 0:
         return ()

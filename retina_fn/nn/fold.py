@@ -20,8 +20,16 @@ from retina_fn.nn.layers import Params, conv2d, frozen_bn_scale_shift
 
 
 def fold_frozen_bn(conv: Params, bn: Params, eps: float = 1e-5) -> Params:
-    """conv {'weight' [C_out, C_in/g, kh, kw], optional 'bias' [C_out]} followed by a frozen BN {'weight',
-    'bias', 'running_mean', 'running_var' [C_out]} -> one conv's {'weight', 'bias'} computing the same."""
+    """One conv's parameters computing a conv followed by a frozen BN (see the module docstring).
+
+    Args:
+      conv: {'weight': float [C_out, C_in/g, kh, kw], optional 'bias': float [C_out]}.
+      bn: frozen BN {'weight', 'bias', 'running_mean', 'running_var'}, each float [C_out].
+      eps: the BN's epsilon.
+
+    Returns:
+      {'weight': [C_out, C_in/g, kh, kw], 'bias': [C_out]}, both in conv['weight']'s dtype.
+    """
     scale, shift = frozen_bn_scale_shift(bn, eps)
     weight = conv["weight"] * scale.reshape(-1, 1, 1, 1).to(conv["weight"].dtype)
     bias = shift if conv.get("bias") is None else conv["bias"] * scale + shift
@@ -31,5 +39,16 @@ def fold_frozen_bn(conv: Params, bn: Params, eps: float = 1e-5) -> Params:
 def conv_frozen_bn(conv: Params, bn: Params, x: torch.Tensor, eps: float = 1e-5, stride: int = 1,
                    padding: int = 0) -> torch.Tensor:
     """frozen_batch_norm(bn, conv2d(conv, x)) computed as one folded convolution.
-    x: [B, C_in, H, W] -> [B, C_out, H', W']."""
+
+    Args:
+      conv: {'weight': float [C_out, C_in, kh, kw], optional 'bias': float [C_out]}.
+      bn: frozen BN {'weight', 'bias', 'running_mean', 'running_var'}, each float [C_out].
+      x: float [B, C_in, H, W].
+      eps: the BN's epsilon.
+      stride: the conv's stride.
+      padding: the conv's zero padding.
+
+    Returns:
+      float [B, C_out, H', W'].
+    """
     return conv2d(fold_frozen_bn(conv, bn, eps), x, stride=stride, padding=padding)

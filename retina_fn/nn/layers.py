@@ -13,44 +13,106 @@ Params = dict[str, torch.Tensor]
 
 
 def conv2d(p: Params, x: torch.Tensor, stride: int = 1, padding: int = 0, groups: int = 1) -> torch.Tensor:
-    """2-D convolution. p['weight']: [C_out, C_in/groups, kh, kw], optional p['bias']: [C_out].
-    x: [B, C_in, H, W] -> [B, C_out, H', W'], in x's memory format (channels_last stays channels_last)."""
+    """2-D convolution.
+
+    Args:
+      p: {'weight': float [C_out, C_in/groups, kh, kw], optional 'bias': float [C_out]}.
+      x: float [B, C_in, H, W].
+      stride: the stride.
+      padding: zero padding on each side.
+      groups: the number of channel groups.
+
+    Returns:
+      float [B, C_out, H', W'], in x's memory format (channels_last stays channels_last).
+    """
     return F.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=padding, groups=groups)
 
 
 def frozen_bn_scale_shift(p: Params, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel affine of a frozen batch norm: scale = weight / sqrt(running_var + eps) and
-    shift = bias - running_mean * scale, each [C]."""
+    """The per-channel affine of a frozen batch norm.
+
+    Args:
+      p: {'weight', 'bias', 'running_mean', 'running_var'}, each float [C].
+      eps: added to running_var.
+
+    Returns:
+      (scale, shift), each float [C]: scale = weight / sqrt(running_var + eps) and
+      shift = bias - running_mean * scale.
+    """
     scale = p["weight"] * torch.rsqrt(p["running_var"] + eps)
     shift = p["bias"] - p["running_mean"] * scale
     return scale, shift
 
 
 def frozen_batch_norm(p: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Batch norm with stored statistics, as one per-channel affine:
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
-    The statistics never change (no mutable state); weight and bias may still be trained.
-    torchvision's RetinaNet v1 checkpoint expects eps = 0. x: [B, C, H, W] -> same shape.
-    After a convolution, retina_fn.nn.fold.conv_frozen_bn computes the pair in one step."""
+    """Batch norm with stored statistics, as one per-channel affine.
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. The statistics never change (no
+    mutable state); weight and bias may still be trained. torchvision's RetinaNet v1 checkpoint expects
+    eps = 0. After a convolution, retina_fn.nn.fold.conv_frozen_bn computes the pair in one step.
+
+    Args:
+      p: {'weight', 'bias', 'running_mean', 'running_var'}, each float [C].
+      x: float [B, C, H, W].
+      eps: added to running_var.
+
+    Returns:
+      [B, C, H, W] in x's dtype.
+    """
     scale, shift = frozen_bn_scale_shift(p, eps)
     return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
 def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Tensor:
-    """Group normalisation with affine p['weight'], p['bias']: [C]. x: [B, C, H, W] -> same shape."""
+    """Group normalisation with a per-channel affine.
+
+    Args:
+      p: {'weight', 'bias'}, each float [C].
+      x: float [B, C, H, W].
+      num_groups: the number of groups; must divide C.
+      eps: added to the variance.
+
+    Returns:
+      float [B, C, H, W].
+    """
     return F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
-    """max(x, 0), out of place."""
+    """max(x, 0), out of place.
+
+    Args:
+      x: float tensor, any shape.
+
+    Returns:
+      A new tensor, x's shape and dtype.
+    """
     return F.relu(x)
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
-    """Max pooling. x: [B, C, H, W] -> [B, C, H', W']."""
+    """Max pooling.
+
+    Args:
+      x: float [B, C, H, W].
+      kernel_size: the window size.
+      stride: the stride.
+      padding: implicit -inf padding on each side.
+
+    Returns:
+      float [B, C, H', W'].
+    """
     return F.max_pool2d(x, kernel_size, stride, padding)
 
 
 def upsample_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize to exactly `size` = (H, W) (FPN's top-down path). x: [B, C, h, w]."""
+    """Nearest-neighbour resize to exactly `size` (FPN's top-down path).
+
+    Args:
+      x: float [B, C, h, w].
+      size: the target (H, W).
+
+    Returns:
+      float [B, C, H, W].
+    """
     return F.interpolate(x, size=size, mode="nearest")

@@ -24,7 +24,13 @@ from retina_fn.optim.masks import Mask, resolve_mask
 
 
 class AdamWState(NamedTuple):
-    """count: int64 [] steps taken; mu, nu: first and second moment trees shaped like params."""
+    """State of `adamw`.
+
+    Attributes:
+      count: int64 [], optimiser steps taken.
+      mu: first moments, a tree shaped like params (same shapes and dtypes).
+      nu: second moments, a tree shaped like params (same shapes and dtypes).
+    """
 
     count: torch.Tensor
     mu: tree.Tree
@@ -32,10 +38,17 @@ class AdamWState(NamedTuple):
 
 
 def bias_correction(beta: float, count: torch.Tensor) -> torch.Tensor:
-    """1 - beta**count as a 0-d float32 tensor.
+    """1 - beta**count, Adam's bias correction.
 
     Written as -expm1(count * log(beta)): float32 pow followed by 1 - x would lose most digits of
     1 - 0.999**t for small t, while log(beta) is taken in double precision here.
+
+    Args:
+      beta: a decay rate in [0, 1); 0 gives exactly 1.
+      count: int64 [], the step count.
+
+    Returns:
+      float32 [] on count's device.
     """
     if beta == 0.0:
         return torch.ones((), dtype=torch.float32, device=count.device)
@@ -48,11 +61,21 @@ def adamw(
     weight_decay: float = 1e-2,
     weight_decay_mask: Mask = None,
 ) -> Optimizer:
-    """AdamW bound to its hyper-parameters; `weight_decay_mask` (bool tree or
-    predicate(path, leaf), see `masks`) limits decay.
+    """AdamW bound to its hyper-parameters (see the module docstring for the update).
 
-    Returns Optimizer(init, update): `init(params) -> AdamWState`, `update(grads, state, params, lr)` ->
-    (new params, new AdamWState) with `lr` a 0-d float tensor, every tree shaped like `params`.
+    Args:
+      betas: (beta1, beta2), each in [0, 1).
+      eps: added to the bias-corrected sqrt(v).
+      weight_decay: the decoupled decay coefficient (p *= 1 - lr * weight_decay).
+      weight_decay_mask: bool tree or predicate(path, leaf) (see `masks`) limiting decay; None: every leaf.
+
+    Returns:
+      Optimizer(init, update): `init(params) -> AdamWState`, `update(grads, state, params, lr)` ->
+      (new params, new AdamWState) with `lr` a float [] tensor, every tree shaped like `params`.
+
+    Raises:
+      ValueError: a beta outside [0, 1), or eps or weight_decay < 0. `update` raises ValueError when
+        grads or the moment states do not have the params' paths.
     """
     beta1, beta2 = (float(b) for b in betas)
     for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):

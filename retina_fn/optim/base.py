@@ -25,10 +25,16 @@ from retina_fn import tree
 
 
 class Optimizer(NamedTuple):
-    """`init(params) -> opt_state`; `update(grads, opt_state, params, lr) -> (new_params, new_opt_state)`.
+    """An optimiser: a pair of pure functions bound to its hyper-parameters.
 
     `inplace` is True only for the apex fused backend, whose update writes into `params` and keeps its
     momentum inside the apex object; callers must then not undo a step with `torch.where` afterwards.
+
+    Attributes:
+      init: init(params) -> opt_state.
+      update: update(grads, opt_state, params, lr) -> (new_params, new_opt_state); lr is a float [] tensor
+        and grads, params and new_params are trees with the same paths.
+      inplace: whether `update` writes into `params` (default False).
     """
 
     init: Callable
@@ -37,12 +43,34 @@ class Optimizer(NamedTuple):
 
 
 def rebuild(like: tree.Tree, leaves: list) -> tree.Tree:
-    """A tree shaped like `like` holding `leaves` (given in `tree.leaves` order); see tree.unflatten_leaves."""
+    """A tree shaped like `like` holding `leaves`; see tree.unflatten_leaves.
+
+    Args:
+      like: the template tree.
+      leaves: one value per leaf of `like`, in `tree.leaves(like)` order.
+
+    Returns:
+      A tree shaped like `like`.
+    """
     return tree.unflatten_leaves(like, leaves)
 
 
 def check_same_paths(name: str, a: tree.Tree, b: tree.Tree, what: str = "params") -> None:
-    """Raises ValueError when `a` (called `name`) and `b` (`what`) do not have the same leaf paths."""
+    """Checks that two trees have the same leaf paths.
+
+    Args:
+      name: what `a` is called in the message.
+      a: a tree.
+      b: the reference tree.
+      what: what `b` is called in the message.
+
+    Returns:
+      None.
+
+    Raises:
+      ValueError: the paths differ; the message counts the leaves and names up to 5 missing and 5
+        unexpected paths.
+    """
     pa, pb = tree.paths(a), tree.paths(b)
     if pa != pb:
         missing = sorted(set(pb) - set(pa))[:5]
@@ -54,7 +82,17 @@ def check_same_paths(name: str, a: tree.Tree, b: tree.Tree, what: str = "params"
 
 
 def first_device(params: tree.Tree) -> torch.device:
-    """The device of the first leaf of `params` (where scalar state such as the step count lives)."""
+    """The device of the first leaf of `params` (where scalar state such as the step count lives).
+
+    Args:
+      params: a non-empty tree of tensors.
+
+    Returns:
+      torch.device of the first leaf in `tree.leaves` order.
+
+    Raises:
+      ValueError: `params` has no leaves (nothing trainable?).
+    """
     leaves = tree.leaves(params)
     if not leaves:
         raise ValueError("the optimiser was given an empty parameter tree (nothing trainable?)")

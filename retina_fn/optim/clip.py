@@ -13,11 +13,22 @@ NORM_EPS = 1e-6
 
 @torch.no_grad()
 def clip_by_global_norm(grads: tree.Tree, max_norm: float | torch.Tensor | None) -> tuple[tree.Tree, torch.Tensor]:
-    """(grads * min(1, max_norm / (norm + 1e-6)), norm) with norm the float32 [] global L2 norm of `grads`.
+    """Scales gradients so that their global L2 norm is at most `max_norm`.
 
-    Every leaf is multiplied (by 1 when the norm is within bounds), so there is no Python branch on the
-    norm. A non-finite norm gives a zero factor (non-finite grads stay non-finite), as in torch.
-    `max_norm=None` returns `grads` unchanged with their norm, for logging.
+    Every leaf is multiplied by min(1, max_norm / (norm + 1e-6)) (by 1 when the norm is within bounds), so
+    there is no Python branch on the norm. A non-finite norm gives a zero factor (non-finite grads stay
+    non-finite), as in torch.
+
+    Args:
+      grads: a tree of floating tensors.
+      max_norm: a positive number, a float [] tensor (not checked), or None: `grads` come back unchanged
+        with their norm, for logging.
+
+    Returns:
+      (clipped grads, a tree shaped like `grads`; norm, float32 [], the global L2 norm before clipping).
+
+    Raises:
+      ValueError: a Python max_norm that is not > 0.
     """
     norm = tree.global_norm(grads)
     if max_norm is None:

@@ -23,25 +23,60 @@ Mask = Union[tree.Tree, Predicate, None]
 
 
 def mask_by_path(params: tree.Tree, keep: Predicate) -> tree.Tree:
-    """A bool tree shaped like `params`: `keep(path, leaf)` for every leaf ('/'-joined path)."""
+    """A bool tree shaped like `params`: `keep(path, leaf)` for every leaf.
+
+    Args:
+      params: a tree of tensors.
+      keep: predicate on ('/'-joined path, leaf).
+
+    Returns:
+      A tree shaped like `params` whose leaves are Python bools.
+    """
     return tree.map_with_path(lambda path, leaf: bool(keep(path, leaf)), params)
 
 
 def decay_predicate(decay_norm_and_bias: bool) -> Predicate:
-    """keep(path, leaf) for weight decay: every leaf, or (decay_norm_and_bias=False) only leaves with 2+ dims.
+    """The weight-decay predicate keep(path, leaf).
 
     1-D (and 0-d) leaves are norm scales/shifts and biases; convolution kernels are 4-D.
+
+    Args:
+      decay_norm_and_bias: True: decay every leaf; False: only leaves with 2+ dims.
+
+    Returns:
+      Predicate (path, leaf) -> bool.
     """
     return lambda _path, leaf: decay_norm_and_bias or leaf.dim() > 1
 
 
 def weight_decay_mask(params: tree.Tree, decay_norm_and_bias: bool) -> tree.Tree:
-    """Bool tree of the leaves that get weight decay (see `decay_predicate`)."""
+    """Bool tree of the leaves that get weight decay (see `decay_predicate`).
+
+    Args:
+      params: a tree of tensors.
+      decay_norm_and_bias: as for `decay_predicate`.
+
+    Returns:
+      A tree shaped like `params` whose leaves are Python bools.
+    """
     return mask_by_path(params, decay_predicate(decay_norm_and_bias))
 
 
 def resolve_mask(mask: Mask, params: tree.Tree, name: str = "mask") -> list[bool]:
-    """The mask as a list of bools in `tree.leaves(params)` order; None means True everywhere."""
+    """The mask as one bool per leaf of `params`.
+
+    Args:
+      mask: a bool tree with the params' paths, a predicate (path, leaf) -> bool, or None (True everywhere).
+      params: the tree the mask applies to.
+      name: what the mask is called in error messages.
+
+    Returns:
+      list[bool] in `tree.leaves(params)` order.
+
+    Raises:
+      ValueError: a bool tree whose paths differ from the params'.
+      TypeError: a bool tree with leaves that are not Python bools.
+    """
     if mask is None:
         return [True] * len(tree.leaves(params))
     if callable(mask):

@@ -9,8 +9,16 @@ mmdetection's 1x schedule (mmcv's LrUpdaterHook, by epoch, linear warmup):
 Epochs are 0-based and a boundary e takes effect at the first step of epoch e (step >= e * steps_per_epoch).
 'cosine' replaces the step decay by base * (1 + cos(pi * step / (epochs * steps_per_epoch))) / 2, falling to
 0 at the end of training and evaluated per step (mmcv evaluates it per epoch when by_epoch=True); warmup
-multiplies it the same way. A step means one optimiser update, so with gradient accumulation pass the
-number of optimiser updates per epoch.
+multiplies it the same way.
+
+A step means one optimiser update, which is one train-step call on one loader batch. optim.accum_steps
+does not change that: the train step (retina_fn.train.step) splits each device's batch into accum_steps
+micro-batches and sums their gradients into that one update. It does not accumulate several loader
+batches, and nothing here rescales the lr for it. So steps_per_epoch is the loader's batches per epoch
+and `global_batch` is images per device x devices, whatever accum_steps is. In particular accum_steps=8
+with 2 images per device does not reproduce mmdetection's 16-image batch on one device (2 images cannot
+even be split into 8 micro-batches): one device takes 16-image updates only with 16 images per device,
+accum_steps > 1 then just splitting each forward/backward pass into smaller micro-batches.
 """
 
 from __future__ import annotations
@@ -28,8 +36,20 @@ SCHEDULES = ("step", "cosine")
 def base_learning_rate(optim_cfg, global_batch: int) -> float:
     """`optim_cfg.lr` when set, else the linear scaling rule base_lr * global_batch / base_batch.
 
-    `global_batch` is the number of images behind one optimiser update: images per device x devices x
-    accumulation steps. mmdetection's 0.01 at 16 images gives 0.00125 for 1 device x 2 images.
+    mmdetection's 0.01 at 16 images gives 0.00125 for 1 device x 2 images.
+
+    Args:
+      optim_cfg: the optim config block (lr, base_lr, base_batch).
+      global_batch: the number of images behind one optimiser update: images per device x devices (what
+        experiments/trainer.py passes). optim.accum_steps does not enter it: micro-batches split the
+        per-device batch (see the module docstring).
+
+    Returns:
+      float, the base learning rate before warmup and decay.
+
+    Raises:
+      ValueError: global_batch < 1, a set lr that is not > 0, or (without lr) base_lr not > 0 or
+        base_batch < 1.
     """
     if global_batch < 1:
         raise ValueError(f"global batch must be >= 1 image, got {global_batch}")
@@ -63,8 +83,17 @@ def _check_schedule_fields(optim_cfg, steps_per_epoch: int) -> None:
 
 
 def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) -> torch.Tensor:
-    """mmcv's linear warmup multiplier, float32 []: 1 - (1 - step/warmup_iters)(1 - ratio) while
-    step < warmup_iters, then 1. `step` is an int64 [] tensor."""
+    """mmcv's linear warmup multiplier: 1 - (1 - step/warmup_iters)(1 - ratio) while step < warmup_iters,
+    then 1.
+
+    Args:
+      step: int64 [], the optimiser step.
+      warmup_iters: warmup length in steps (0: no warmup).
+      warmup_ratio: the multiplier at step 0, in [0, 1].
+
+    Returns:
+      float32 [] on step's device.
+    """
     if warmup_iters == 0:
         return torch.ones((), dtype=torch.float32, device=step.device)
     progress = step.to(torch.float32) / warmup_iters
@@ -75,7 +104,22 @@ def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) ->
 
 
 def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Schedule:
-    """fn(step: int64 []) -> lr float32 [] on step's device, from the optim config block (see module doc)."""
+    """The learning-rate schedule of the optim config block (see the module docstring).
+
+    Args:
+      optim_cfg: the optim config block (lr or base_lr and base_batch, schedule, warmup_iters,
+        warmup_ratio, epochs, step_epochs, gamma).
+      steps_per_epoch: optimiser updates (loader batches) per epoch.
+      global_batch: images per optimiser update over all devices, for `base_learning_rate`.
+
+    Returns:
+      Schedule fn(step) -> lr: step an int64 [] tensor (or an int), lr float32 [] on step's device.
+
+    Raises:
+      ValueError: steps_per_epoch < 1 or an invalid field (unknown schedule, negative warmup_iters,
+        warmup_ratio outside [0, 1], epochs < 1, step_epochs not increasing non-negative integers,
+        gamma not > 0), or as `base_learning_rate`.
+    """
     _check_schedule_fields(optim_cfg, steps_per_epoch)
     base = base_learning_rate(optim_cfg, global_batch)
     warmup_iters, warmup_ratio = int(optim_cfg.warmup_iters), float(optim_cfg.warmup_ratio)

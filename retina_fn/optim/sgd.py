@@ -23,14 +23,30 @@ from retina_fn.optim.masks import Mask, resolve_mask
 
 
 class SGDState(NamedTuple):
-    """count: int64 [] optimiser steps taken; momentum: tree like params ({} when momentum is 0)."""
+    """State of `sgd`.
+
+    Attributes:
+      count: int64 [], optimiser steps taken.
+      momentum: momentum buffers, a tree shaped like params (same shapes and dtypes); {} when momentum is 0.
+    """
 
     count: torch.Tensor
     momentum: tree.Tree
 
 
 def add_weight_decay(grads: list, params: list, weight_decay: float, decay: list[bool]) -> list:
-    """[g + weight_decay * p] for leaves where `decay` holds, g elsewhere (new tensors; leaf lists)."""
+    """Adds L2 weight decay to gradients, leaf by leaf.
+
+    Args:
+      grads: gradient tensors, one per leaf.
+      params: parameter tensors, shaped like `grads`.
+      weight_decay: the decay coefficient.
+      decay: one bool per leaf, True where decay applies.
+
+    Returns:
+      list of [g + weight_decay * p] where `decay` holds and g elsewhere (new tensors where decayed),
+      each shaped like its gradient.
+    """
     if weight_decay == 0.0 or not any(decay):
         return list(grads)
     idx = [i for i, flag in enumerate(decay) if flag]
@@ -47,11 +63,21 @@ def sgd(
     nesterov: bool = False,
     weight_decay_mask: Mask = None,
 ) -> Optimizer:
-    """SGD bound to its hyper-parameters; `weight_decay_mask` (bool tree or
-    predicate(path, leaf), see `masks`) limits decay.
+    """SGD bound to its hyper-parameters (see the module docstring for the update).
 
-    Returns Optimizer(init, update): `init(params) -> SGDState`, `update(grads, state, params, lr)` ->
-    (new params, new SGDState) with `lr` a 0-d float tensor, every tree shaped like `params`.
+    Args:
+      momentum: the momentum factor (0: no buffers).
+      weight_decay: L2 coefficient added to the gradient.
+      nesterov: Nesterov momentum; needs momentum > 0.
+      weight_decay_mask: bool tree or predicate(path, leaf) (see `masks`) limiting decay; None: every leaf.
+
+    Returns:
+      Optimizer(init, update): `init(params) -> SGDState`, `update(grads, state, params, lr)` ->
+      (new params, new SGDState) with `lr` a float [] tensor, every tree shaped like `params`.
+
+    Raises:
+      ValueError: momentum or weight_decay < 0, or nesterov without momentum. `update` raises ValueError
+        when grads or the momentum state do not have the params' paths.
     """
     if momentum < 0.0:
         raise ValueError(f"optim.momentum must be >= 0, got {momentum}")

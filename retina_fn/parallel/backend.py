@@ -28,9 +28,15 @@ class DeviceUnavailable(RuntimeError):
 
 
 class DeviceChoice(NamedTuple):
-    """kind: 'npu' | 'cuda' | 'cpu'; index: device ordinal (None for cpu); backend: 'hccl' | 'nccl' | 'gloo';
-    autocast_device_type: the `device_type` for torch.autocast; compile_advised: whether torch.compile is a
-    sensible default on this kind."""
+    """The device this process drives and what goes with it.
+
+    Attributes:
+      kind: 'npu' | 'cuda' | 'cpu'.
+      index: device ordinal (None for cpu).
+      backend: 'hccl' | 'nccl' | 'gloo'.
+      autocast_device_type: the `device_type` for torch.autocast.
+      compile_advised: whether torch.compile is a sensible default on this kind.
+    """
 
     kind: str
     index: int | None
@@ -63,10 +69,19 @@ def _cuda_handle():
 
 
 def resolve_device(requested: str = "auto", env: LaunchEnv | None = None) -> DeviceChoice:
-    """The DeviceChoice for `requested` ('auto' | 'npu' | 'cuda' | 'cpu') and this process's `env`.
+    """The DeviceChoice for a request and this process's place in the launch. Nothing is set or initialised.
 
-    Nothing is set or initialised. Raises ValueError for an unknown request and DeviceUnavailable when an
-    explicit kind is absent or the env's device index exceeds the visible device count.
+    Args:
+      requested: 'auto' | 'npu' | 'cuda' | 'cpu'.
+      env: this process's LaunchEnv (device_index picks the ordinal); None: a single process, index 0.
+
+    Returns:
+      DeviceChoice.
+
+    Raises:
+      ValueError: an unknown request.
+      DeviceUnavailable: an explicit kind is absent, or the env's device index exceeds the visible device
+        count.
     """
     if requested not in REQUESTS:
         raise ValueError(f"dist.device must be one of {REQUESTS}, got {requested!r}")
@@ -96,7 +111,14 @@ def resolve_device(requested: str = "auto", env: LaunchEnv | None = None) -> Dev
 
 
 def activate_device(choice: DeviceChoice) -> None:
-    """Makes `choice` the current device of this process (must precede creating the process group)."""
+    """Makes `choice` the current device of this process (must precede creating the process group).
+
+    Args:
+      choice: from `resolve_device`; nothing happens for the CPU.
+
+    Returns:
+      None.
+    """
     if choice.kind == "cuda":
         torch.cuda.set_device(choice.index)
     elif choice.kind == "npu":
@@ -104,7 +126,18 @@ def activate_device(choice: DeviceChoice) -> None:
 
 
 def select_device(requested: str = "auto", env: LaunchEnv | None = None) -> DeviceChoice:
-    """`resolve_device(requested, env)`, then `activate_device` on the result; returns the DeviceChoice."""
+    """`resolve_device(requested, env)`, then `activate_device` on the result.
+
+    Args:
+      requested: 'auto' | 'npu' | 'cuda' | 'cpu'.
+      env: this process's LaunchEnv; None: a single process.
+
+    Returns:
+      The activated DeviceChoice.
+
+    Raises:
+      ValueError, DeviceUnavailable: as `resolve_device`.
+    """
     choice = resolve_device(requested, env)
     activate_device(choice)
     return choice

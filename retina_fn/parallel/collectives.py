@@ -26,7 +26,14 @@ class ReplicaMismatch(ValueError):
 
 
 class Bucket(NamedTuple):
-    """Leaves (positions in path order) that travel in one flat buffer of `numel` elements."""
+    """Leaves that travel in one flat buffer.
+
+    Attributes:
+      dtype: the dtype of every leaf in the bucket.
+      device: the device of every leaf in the bucket.
+      indices: positions of the leaves in path order.
+      numel: total elements, the length of the flat buffer.
+    """
 
     dtype: torch.dtype
     device: torch.device
@@ -35,8 +42,21 @@ class Bucket(NamedTuple):
 
 
 def plan_buckets(leaves: Sequence[torch.Tensor], bucket_bytes: int) -> list[Bucket]:
-    """Buckets for `leaves` (already in path order): per (dtype, device) group, in order of first appearance,
-    consecutive leaves are packed while the bucket stays within `bucket_bytes`; an oversized leaf gets its own."""
+    """Cuts `leaves` into buckets for coalesced collectives.
+
+    Per (dtype, device) group, in order of first appearance, consecutive leaves are packed while the bucket
+    stays within `bucket_bytes`; an oversized leaf gets its own.
+
+    Args:
+      leaves: tensors, already in path order.
+      bucket_bytes: the bucket size limit in bytes.
+
+    Returns:
+      list[Bucket] covering every leaf once.
+
+    Raises:
+      ValueError: bucket_bytes <= 0.
+    """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes (dist.bucket_mb)")
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -59,12 +79,30 @@ def plan_buckets(leaves: Sequence[torch.Tensor], bucket_bytes: int) -> list[Buck
 
 
 def pack(leaves: Sequence[torch.Tensor], bucket: Bucket) -> torch.Tensor:
-    """A new 1-D buffer holding the bucket's leaves back to back (always a copy)."""
+    """A new flat buffer holding the bucket's leaves back to back (always a copy).
+
+    Args:
+      leaves: tensors in path order.
+      bucket: which of them to pack.
+
+    Returns:
+      [bucket.numel] tensor of bucket.dtype on bucket.device.
+    """
     return torch.cat([leaves[i].detach().reshape(-1) for i in bucket.indices])
 
 
 def unpack(buffer: torch.Tensor, leaves: Sequence[torch.Tensor], bucket: Bucket, out: list) -> None:
-    """Writes into `out[i]` views of `buffer` shaped like `leaves[i]`, for each leaf i of `bucket`."""
+    """Writes into `out[i]` views of `buffer` shaped like `leaves[i]`, for each leaf i of `bucket`.
+
+    Args:
+      buffer: [bucket.numel], as `pack` made it (after a collective).
+      leaves: the tensors in path order, for their shapes.
+      bucket: which leaves the buffer holds.
+      out: list indexed like `leaves`; written in place.
+
+    Returns:
+      None.
+    """
     pieces = buffer.split([leaves[i].numel() for i in bucket.indices])
     for i, piece in zip(bucket.indices, pieces):
         out[i] = piece.view(leaves[i].shape)
@@ -79,9 +117,21 @@ def _tensor_leaves(tree: Tree, what: str) -> tuple[list[str], list[torch.Tensor]
 
 
 def check_reducible(tree: Tree, op: str, backend: str | None = None) -> None:
-    """TypeError/ValueError naming the first leaf that cannot be all-reduced with `op` ('sum' | 'mean'):
-    non-tensors, bools, integers under 'mean' (the mean of integers is not an integer; reduce_sum them), and
-    with an accelerator backend ('nccl', 'hccl') tensors left on the CPU."""
+    """Checks that every leaf can be all-reduced with `op`.
+
+    Args:
+      tree: a tree of tensors.
+      op: 'sum' | 'mean'.
+      backend: the process group's backend; None or 'gloo' accept CPU tensors.
+
+    Returns:
+      None.
+
+    Raises:
+      TypeError: naming the first non-tensor, bool or complex leaf, or an integer leaf under 'mean' (the
+        mean of integers is not an integer; reduce_sum them).
+      ValueError: an unknown op, or a CPU leaf with an accelerator backend ('nccl', 'hccl').
+    """
     if op not in ("sum", "mean"):
         raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
     paths, leaves = _tensor_leaves(tree, f"reduce_{op}")
@@ -97,9 +147,23 @@ def check_reducible(tree: Tree, op: str, backend: str | None = None) -> None:
 
 
 def all_reduce_tree(tree: Tree, op: str, *, group=None, bucket_bytes: int) -> Tree:
-    """The leafwise sum ('sum') or mean ('mean') of `tree` over the ranks of `group`, same structure and
-    dtypes, as new tensors. For 'mean' each buffer is divided by the group size before the sum (as DDP does),
-    which keeps half-precision sums in range."""
+    """The leafwise sum ('sum') or mean ('mean') of `tree` over the ranks of `group`, as new tensors.
+
+    For 'mean' each buffer is divided by the group size before the sum (as DDP does), which keeps
+    half-precision sums in range.
+
+    Args:
+      tree: a tree of tensors, any shapes; floating for 'mean', floating or integer for 'sum'.
+      op: 'sum' | 'mean'.
+      group: the process group (None: the default group).
+      bucket_bytes: the coalescing bucket size.
+
+    Returns:
+      A tree with the structure, shapes and dtypes of `tree`.
+
+    Raises:
+      TypeError, ValueError: as `check_reducible`.
+    """
     check_reducible(tree, op, dist.get_backend(group))
     leaves = tree_lib.leaves(tree)
     size = dist.get_world_size(group)
@@ -114,7 +178,17 @@ def all_reduce_tree(tree: Tree, op: str, *, group=None, bucket_bytes: int) -> Tr
 
 
 def tree_signature(tree: Tree) -> list[tuple[str, tuple[int, ...], str]]:
-    """[(path, shape, dtype name)] of every leaf, in path order."""
+    """[(path, shape, dtype name)] of every leaf, in path order.
+
+    Args:
+      tree: a tree of tensors.
+
+    Returns:
+      list of (str, tuple[int, ...], str).
+
+    Raises:
+      TypeError: a leaf that is not a tensor.
+    """
     paths, leaves = _tensor_leaves(tree, "tree_signature")
     return [(p, tuple(x.shape), str(x.dtype)) for p, x in zip(paths, leaves)]
 
@@ -133,8 +207,19 @@ def _first_signature_difference(reference: list, other: list) -> str | None:
 
 
 def check_same_structure(tree: Tree, *, src: int = 0, group=None) -> None:
-    """ReplicaMismatch, raised on every rank alike, naming the first rank and path whose (path, shape, dtype)
-    differ from rank `src`'s; one all_gather_object."""
+    """Checks that every rank's tree has rank `src`'s (path, shape, dtype) signature; one all_gather_object.
+
+    Args:
+      tree: this rank's tree of tensors.
+      src: the reference rank.
+      group: the process group (None: the default group).
+
+    Returns:
+      None.
+
+    Raises:
+      ReplicaMismatch: on every rank alike, naming the first differing rank and path.
+    """
     signatures: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(signatures, tree_signature(tree), group=group)
     for rank, signature in enumerate(signatures):
@@ -144,8 +229,20 @@ def check_same_structure(tree: Tree, *, src: int = 0, group=None) -> None:
 
 
 def broadcast_tree(tree: Tree, src: int = 0, *, group=None, bucket_bytes: int) -> Tree:
-    """Rank `src`'s values of `tree` on every rank, as new tensors (same structure, dtypes, devices).
-    The structure is checked first (ReplicaMismatch on every rank if it differs)."""
+    """Rank `src`'s values of `tree` on every rank, as new tensors.
+
+    Args:
+      tree: this rank's tree of tensors; only its structure matters off rank `src`.
+      src: the rank whose values are sent.
+      group: the process group (None: the default group).
+      bucket_bytes: the coalescing bucket size.
+
+    Returns:
+      A tree with the structure, shapes, dtypes and devices of `tree`.
+
+    Raises:
+      ReplicaMismatch: on every rank, when the structures differ (checked first).
+    """
     check_same_structure(tree, src=src, group=group)
     leaves = tree_lib.leaves(tree)
     out: list = [None] * len(leaves)
@@ -157,9 +254,15 @@ def broadcast_tree(tree: Tree, src: int = 0, *, group=None, bucket_bytes: int) -
 
 
 class LeafChecksum(NamedTuple):
-    """shape, dtype name, float64 sum of the values and a digest of the raw bytes. Leaves count as equal when
-    shape, dtype and digest agree (`same_leaf`); the sum only makes messages readable, since its last bits
-    depend on the summation order of the machine."""
+    """A leaf's fingerprint. Leaves count as equal when shape, dtype and digest agree (`same_leaf`); the
+    sum only makes messages readable, since its last bits depend on the summation order of the machine.
+
+    Attributes:
+      shape: the tensor's shape.
+      dtype: the dtype's name.
+      total: float64 sum of the values (nan for complex tensors).
+      digest: 16-byte blake2b hex digest of the raw bytes.
+    """
 
     shape: tuple[int, ...]
     dtype: str
@@ -168,12 +271,27 @@ class LeafChecksum(NamedTuple):
 
 
 def same_leaf(a: LeafChecksum, b: LeafChecksum) -> bool:
-    """True when two checksums describe bitwise-identical tensors."""
+    """True when two checksums describe bitwise-identical tensors.
+
+    Args:
+      a: a LeafChecksum.
+      b: a LeafChecksum.
+
+    Returns:
+      bool: shape, dtype and digest agree.
+    """
     return (a.shape, a.dtype, a.digest) == (b.shape, b.dtype, b.digest)
 
 
 def leaf_checksum(leaf: torch.Tensor) -> LeafChecksum:
-    """The LeafChecksum of one tensor (copies it to the host)."""
+    """The LeafChecksum of one tensor (copies it to the host).
+
+    Args:
+      leaf: a tensor, any shape, dtype and device.
+
+    Returns:
+      LeafChecksum.
+    """
     host = leaf.detach().reshape(-1).cpu().contiguous()
     digest = hashlib.blake2b(host.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
     total = float("nan") if host.is_complex() else float(host.to(torch.float64).sum())
@@ -181,14 +299,31 @@ def leaf_checksum(leaf: torch.Tensor) -> LeafChecksum:
 
 
 def tree_checksum(tree: Tree) -> dict[str, LeafChecksum]:
-    """{path: LeafChecksum} for every leaf of `tree`, in path order. Host-side; for start-up checks."""
+    """{path: LeafChecksum} for every leaf of `tree`, in path order. Host-side; for start-up checks.
+
+    Args:
+      tree: a tree of tensors.
+
+    Returns:
+      dict[str, LeafChecksum].
+
+    Raises:
+      TypeError: a leaf that is not a tensor.
+    """
     paths, leaves = _tensor_leaves(tree, "tree_checksum")
     return {p: leaf_checksum(x) for p, x in zip(paths, leaves)}
 
 
 def first_checksum_difference(checksums: Sequence[dict[str, LeafChecksum]]) -> str | None:
-    """A message naming the first path (sorted order) whose checksum differs between ranks (index = rank),
-    or None when all agree."""
+    """Compares per-rank checksums.
+
+    Args:
+      checksums: one `tree_checksum` result per rank (index = rank).
+
+    Returns:
+      A message naming the first path (sorted order) whose checksum differs between ranks, or None when
+      all agree.
+    """
     reference = checksums[0]
     all_paths = sorted(set().union(*(c.keys() for c in checksums)))
     for path in all_paths:
@@ -207,8 +342,20 @@ def first_checksum_difference(checksums: Sequence[dict[str, LeafChecksum]]) -> s
 
 
 def verify_same(tree: Tree, *, group=None) -> None:
-    """ReplicaMismatch, raised on every rank alike, when `tree` is not bitwise identical on all ranks of
-    `group`; the message names the first differing path. One all_gather_object of per-leaf checksums."""
+    """Checks that `tree` is bitwise identical on all ranks of `group`.
+
+    One all_gather_object of per-leaf checksums.
+
+    Args:
+      tree: this rank's tree of tensors.
+      group: the process group (None: the default group).
+
+    Returns:
+      None.
+
+    Raises:
+      ReplicaMismatch: on every rank alike, naming the first differing path.
+    """
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, tree_checksum(tree), group=group)
     difference = first_checksum_difference(gathered)

@@ -18,12 +18,19 @@ class LaunchError(ValueError):
 
 
 class LaunchEnv(NamedTuple):
-    """One process's place in the launch.
+    """One process's place in the launch; the defaults describe a process running alone.
 
-    rank / world_size: global process index and count. local_rank / local_world_size: index and count on
-    this node. node_rank / num_nodes: this node's index and the node count. master_addr / master_port: the
-    rendezvous endpoint (None for a single process). device_index: the accelerator index this process
-    drives (LOCAL_RANK under torchrun; DEVICE_ID under Ascend scripts).
+    Attributes:
+      rank: global process index.
+      world_size: global process count.
+      local_rank: process index on this node.
+      local_world_size: process count on this node.
+      node_rank: this node's index.
+      num_nodes: the node count.
+      master_addr: the rendezvous host (None for a single process or when unset).
+      master_port: the rendezvous port (None for a single process or when unset).
+      device_index: the accelerator index this process drives (LOCAL_RANK under torchrun; DEVICE_ID under
+        Ascend scripts).
     """
 
     rank: int = 0
@@ -66,14 +73,23 @@ def _first(environ: Mapping[str, str], names: tuple[str, ...], minimum: int) -> 
 
 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
-    """The LaunchEnv described by `environ` (default: os.environ).
+    """The LaunchEnv described by the launcher's environment variables.
 
     Precedence: RANK over RANK_ID, WORLD_SIZE over RANK_SIZE. LOCAL_WORLD_SIZE defaults to the whole world
     (one node) when the launcher does not say; the local rank is LOCAL_RANK, else rank modulo the local world
     size. The device index is LOCAL_RANK under torchrun and DEVICE_ID (when set) otherwise, since Ascend
-    scripts may place processes on any subset of a server's devices. Raises LaunchError naming the variable
-    for non-integers, a rank without a world size (or the reverse), rank >= world size, and similar
-    inconsistencies.
+    scripts may place processes on any subset of a server's devices.
+
+    Args:
+      environ: the variables to read (default: os.environ).
+
+    Returns:
+      LaunchEnv; a single-process one (device_index from DEVICE_ID, else 0) when neither rank nor world
+      size is set.
+
+    Raises:
+      LaunchError: naming the variable, for non-integers, a rank without a world size (or the reverse),
+        rank >= world size, and similar inconsistencies.
     """
     environ = os.environ if environ is None else environ
     rank, rank_name = _first(environ, ("RANK", "RANK_ID"), minimum=0)
@@ -139,7 +155,17 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
 
 
 def check_rendezvous(env: LaunchEnv) -> None:
-    """LaunchError unless a multi-process `env` names its rendezvous endpoint (MASTER_ADDR, MASTER_PORT)."""
+    """Checks that a multi-process `env` names its rendezvous endpoint.
+
+    Args:
+      env: this process's LaunchEnv; a single-process one always passes.
+
+    Returns:
+      None.
+
+    Raises:
+      LaunchError: MASTER_ADDR or MASTER_PORT is missing in a multi-process launch.
+    """
     if not env.distributed:
         return
     endpoint = (("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port))

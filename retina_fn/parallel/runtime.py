@@ -3,7 +3,7 @@
     runtime = parallel.init(cfg.dist)               # after torchrun, or alone
     params = runtime.broadcast_tree(params)     # rank 0's initialisation everywhere
     runtime.verify_same(params)
-    train_step = make_train_step(cfg, reduce=runtime.reduce_mean)
+    train_step = make_train_step(..., reduce=runtime.reduce_mean)
     ...
     results = runtime.gather_objects(my_detections)   # list on rank 0, None elsewhere
     runtime.shutdown()
@@ -44,9 +44,29 @@ class CollectiveError(RuntimeError):
 class Runtime:
     """This process's distributed context. Build it with `init`; attributes are read-only by convention.
 
-    env: LaunchEnv; choice: DeviceChoice; timeout: timedelta; bucket_bytes: coalescing bucket size;
-    mesh: DeviceMesh with one axis 'dp' over all ranks (None for one process); node_mesh: DeviceMesh
-    ('node', 'local') when more than one node takes part, else None.
+    `reduce_mean(tree) -> tree` and `reduce_sum(tree) -> tree` are bound at construction: the identity
+    without a process group (so torch.compile traces through them), else the leafwise mean / sum over
+    ranks, kept out of torch.compile graphs.
+
+    Args:
+      env: this process's LaunchEnv.
+      choice: the activated DeviceChoice.
+      timeout: the timeout of every collective.
+      bucket_bytes: the coalescing bucket size in bytes.
+      group: the process group, None for one process.
+      mesh: see Attributes.
+      node_mesh: see Attributes.
+
+    Attributes:
+      env: LaunchEnv.
+      choice: DeviceChoice.
+      timeout: timedelta.
+      bucket_bytes: int, the coalescing bucket size.
+      group: the process group (None for one process).
+      mesh: DeviceMesh with one axis 'dp' over all ranks (None for one process).
+      node_mesh: DeviceMesh ('node', 'local') when more than one node takes part, else None.
+      reduce_mean: tree -> tree, the leafwise mean over ranks of floating tensors.
+      reduce_sum: tree -> tree, the leafwise sum over ranks of floating or integer tensors.
     """
 
     def __init__(
@@ -76,10 +96,12 @@ class Runtime:
     # -- facts ------------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
+        """This process's global rank."""
         return self.env.rank
 
     @property
     def world_size(self) -> int:
+        """The number of processes."""
         return self.env.world_size
 
     @property
@@ -89,6 +111,7 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
+        """The torch.device this process drives."""
         return self.choice.device
 
     @property
@@ -132,7 +155,19 @@ class Runtime:
             return collectives.all_reduce_tree(tree, "sum", group=self.group, bucket_bytes=self.bucket_bytes)
 
     def broadcast_tree(self, tree: Tree, src: int = 0) -> Tree:
-        """Rank `src`'s `tree` on every rank as new tensors (ReplicaMismatch if structures differ)."""
+        """Rank `src`'s `tree` on every rank.
+
+        Args:
+          tree: this rank's tree of tensors (same structure on every rank).
+          src: the rank whose values are sent.
+
+        Returns:
+          New tensors of the same structure, shapes, dtypes and devices; `tree` itself for one process.
+
+        Raises:
+          ReplicaMismatch: the structures differ between ranks.
+          CollectiveError: the collective failed or timed out.
+        """
         if self.group is None:
             return tree
         with self._guard(f"broadcast_tree from rank {src}"):
@@ -140,19 +175,43 @@ class Runtime:
 
     @staticmethod
     def tree_checksum(tree: Tree) -> dict[str, collectives.LeafChecksum]:
-        """{path: (shape, dtype, float64 sum, byte digest)} of this rank's `tree`."""
+        """{path: (shape, dtype, float64 sum, byte digest)} of this rank's `tree`.
+
+        Args:
+          tree: a tree of tensors.
+
+        Returns:
+          dict[str, LeafChecksum].
+        """
         return collectives.tree_checksum(tree)
 
     def verify_same(self, tree: Tree) -> None:
-        """ReplicaMismatch on every rank, naming the first differing path, unless `tree` is bitwise identical
-        on all ranks."""
+        """Checks that `tree` is bitwise identical on all ranks (nothing to check for one process).
+
+        Args:
+          tree: this rank's tree of tensors.
+
+        Returns:
+          None.
+
+        Raises:
+          ReplicaMismatch: on every rank, naming the first differing path.
+          CollectiveError: the collective failed or timed out.
+        """
         if self.group is None:
             return
         with self._guard("verify_same (all_gather_object)"):
             collectives.verify_same(tree, group=self.group)
 
     def barrier(self) -> None:
-        """Waits for every rank; on gloo a monitored barrier that names the ranks that did not arrive."""
+        """Waits for every rank; on gloo a monitored barrier that names the ranks that did not arrive.
+
+        Returns:
+          None.
+
+        Raises:
+          CollectiveError: a rank did not arrive within the timeout, or the collective failed.
+        """
         if self.group is None:
             return
         with self._guard("barrier"):
@@ -164,7 +223,18 @@ class Runtime:
                 token.cpu()  # waits for the device
 
     def gather_objects(self, obj: Any, dst: int = 0) -> list | None:
-        """[obj of rank 0, obj of rank 1, ...] on rank `dst`, None on the others (picklable objects)."""
+        """Gathers one picklable object from every rank onto rank `dst`.
+
+        Args:
+          obj: this rank's object.
+          dst: the receiving rank.
+
+        Returns:
+          [obj of rank 0, obj of rank 1, ...] on rank `dst`, None on the others ([obj] for one process).
+
+        Raises:
+          CollectiveError: the collective failed or timed out.
+        """
         if self.group is None:
             return [obj]
         with self._guard(f"gather_objects to rank {dst}"):
@@ -176,7 +246,17 @@ class Runtime:
             return received
 
     def all_gather_object(self, obj: Any) -> list:
-        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        """Gathers one picklable object from every rank onto every rank.
+
+        Args:
+          obj: this rank's object.
+
+        Returns:
+          [obj of rank 0, obj of rank 1, ...] ([obj] for one process).
+
+        Raises:
+          CollectiveError: the collective failed or timed out.
+        """
         if self.group is None:
             return [obj]
         with self._guard("all_gather_object"):
@@ -188,7 +268,11 @@ class Runtime:
         return received
 
     def shutdown(self) -> None:
-        """Destroys the process group (idempotent)."""
+        """Destroys the process group (idempotent).
+
+        Returns:
+          None.
+        """
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group()
         self.group = self.mesh = self.node_mesh = None
@@ -241,13 +325,25 @@ def _attempt_store(env: LaunchEnv, timeout: timedelta):
 
 
 def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
-    """The Runtime for this process, from the `dist` config block (device, timeout_s, bucket_mb) and the
-    launcher's environment (`read_launch_env()` unless `env` is given).
+    """The Runtime for this process.
 
     Chooses and activates the device, then (world size > 1) creates the default process group over env://
     with the configured timeout, runs a warm-up all_reduce (HCCL builds communicators lazily; this also
-    proves every rank can talk) and builds the device meshes. Raises LaunchError, DeviceUnavailable or
-    CollectiveError with what went wrong.
+    proves every rank can talk) and builds the device meshes.
+
+    Args:
+      dist_cfg: the `dist` config block (device, timeout_s, bucket_mb).
+      env: the launcher's environment; None: `read_launch_env()`.
+
+    Returns:
+      Runtime.
+
+    Raises:
+      ValueError: timeout_s or bucket_mb not positive, or an unknown dist.device.
+      LaunchError: a malformed launch environment or a missing rendezvous endpoint.
+      DeviceUnavailable: the requested device cannot be used.
+      RuntimeError: a default process group already exists.
+      CollectiveError: the warm-up all_reduce failed or gave the wrong sum.
     """
     if dist_cfg.timeout_s <= 0:
         raise ValueError(f"dist.timeout_s must be positive, got {dist_cfg.timeout_s}")
