@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Union
 
 import torch
 
-from retina_fn import accel, tree
+from retina_fn import tree
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "fp16"}
@@ -168,11 +168,18 @@ def unscale_grads(grads: tree.Tree, state: LossScaleState) -> tree.Tree:
 # ---- overflow checks: fn(grads, scale) -> bool [] (True: every gradient usable) -------------------------
 
 OverflowCheck = Callable[[tree.Tree, torch.Tensor], torch.Tensor]
-OVERFLOW_CHECKS = ("isfinite", "saturation", "npu")
+OVERFLOW_CHECKS = ("isfinite", "saturation", "npu")  # 'npu' is built by retina_fn.accel.npu_flag_check
 
 
-def _leaf_abs_max(grads: tree.Tree) -> torch.Tensor:
-    """float32 [n_leaves]: max |g| per leaf; NaN when a leaf holds NaN (max propagates NaN)."""
+def leaf_abs_max(grads: tree.Tree) -> torch.Tensor:
+    """The largest magnitude in each gradient leaf.
+
+    Args:
+      grads: a tree of float tensors (any shapes and float dtypes).
+
+    Returns:
+      float32 [n_leaves]: max |g| per leaf; NaN when a leaf holds NaN (max propagates NaN).
+    """
     leaves = tree.leaves(grads)
     if not leaves:
         raise ValueError("overflow check given an empty gradient tree")
@@ -181,7 +188,7 @@ def _leaf_abs_max(grads: tree.Tree) -> torch.Tensor:
 
 def all_finite(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
     """bool []: every gradient element is finite. `scale` is ignored (same signature as the others)."""
-    return torch.isfinite(_leaf_abs_max(grads)).all()
+    return torch.isfinite(leaf_abs_max(grads)).all()
 
 
 def not_saturated(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,40 +201,23 @@ def not_saturated(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.
     a saturated intermediate that does not reach a gradient at full size goes unseen; the 'npu' check
     reads the hardware overflow flag instead.
     """
-    peak = _leaf_abs_max(grads)
+    peak = leaf_abs_max(grads)
     if scale is not None:
         peak = peak * scale.to(torch.float32)
     return (torch.isfinite(peak) & (peak < SATURATION_THRESHOLD)).all()
 
 
-def npu_flag_check() -> OverflowCheck:
-    """torch_npu's own check, `torch_npu.npu.utils.npu_check_overflow`, plugged in as an overflow check.
-
-    In INF_NAN mode it inspects the tensor it is given (here the per-leaf max |g|); in saturation mode
-    it reads the device's overflow flag, which is cleared afterwards for the next step. Returns a Python
-    bool, so this check syncs with the host and cannot be compiled.
-    """
-    module = accel.torch_npu_module()
-    check = getattr(getattr(getattr(module, "npu", None), "utils", None), "npu_check_overflow", None)
-    if check is None:
-        raise accel.AcceleratorUnavailable(
-            "train.overflow_check='npu' needs torch_npu with torch_npu.npu.utils.npu_check_overflow"
-        )
-    clear_flag = getattr(module.npu, "clear_npu_overflow_flag", None)
-
-    def npu_check(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
-        peak = _leaf_abs_max(grads)
-        overflow = bool(check(peak))
-        if clear_flag is not None:
-            clear_flag()
-        return torch.tensor(not overflow, device=peak.device)
-
-    return npu_check
-
-
 def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
-    """check(grads, scale) -> bool [] (True: step is usable) for `kind` in 'isfinite' | 'saturation' |
-    'npu', or `kind` itself when it is a callable with that signature (a hook for other checks)."""
+    """The overflow check named `kind`.
+
+    Args:
+      kind: 'isfinite' | 'saturation', or a callable check(grads, scale) -> bool [] itself (a hook: for
+        example `retina_fn.accel.npu_flag_check()`, which reads torch_npu's overflow flag; the engine
+        never probes accelerators, so 'npu' is resolved by the caller, see retina_fn.train.build).
+
+    Returns:
+      check(grads, scale) -> bool [] (True: the step is usable).
+    """
     if callable(kind):
         return kind
     if kind == "isfinite":
@@ -235,5 +225,6 @@ def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
     if kind == "saturation":
         return not_saturated
     if kind == "npu":
-        return npu_flag_check()
+        raise ValueError("train.overflow_check='npu' reads torch_npu's overflow flag: build the check with "
+                         "retina_fn.accel.npu_flag_check() and pass it in (retina_fn.train.build does)")
     raise ValueError(f"train.overflow_check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")

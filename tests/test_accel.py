@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs.common import base_config
 from retina_fn import accel, tree
-from retina_fn.optim import apex_sgd, decay_predicate, sgd
+from retina_fn.accel import apex_sgd
+from retina_fn.optim import decay_predicate, sgd
+from retina_fn.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 APEX_NAMES = ("apex", "apex.optimizers", "apex.multi_tensor_apply", "amp_C")
@@ -256,3 +259,45 @@ def test_importing_the_library_never_probes_accelerators(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# ---- torch_npu's overflow flag as an overflow check -----------------------------------------------------
+
+
+def _grads() -> dict:
+    return {"w": torch.tensor([[0.5, -1.0], [2.0, 3.0]]), "b": torch.tensor([0.25, 1.0])}
+
+
+def test_npu_flag_check_with_a_stand_in_torch_npu(monkeypatch):
+    """Selection logic only: a fake torch_npu whose npu_check_overflow reports a fixed answer."""
+    seen = {"clears": 0, "inputs": []}
+    fake = types.ModuleType("torch_npu")
+    fake.npu = types.SimpleNamespace(
+        utils=types.SimpleNamespace(npu_check_overflow=lambda t: seen["inputs"].append(t) or seen["answer"]),
+        clear_npu_overflow_flag=lambda: seen.__setitem__("clears", seen["clears"] + 1),
+    )
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    accel.clear_probe_cache()
+    try:
+        check = accel.npu_flag_check()
+        cfg = base_config()
+        cfg.train.overflow_check = "npu"
+        assert build.overflow_check(cfg).__name__ == "npu_check"  # what the config's step gets
+        seen["answer"] = True  # overflow
+        assert bool(check(_grads(), torch.tensor(1.0))) is False
+        seen["answer"] = False
+        assert bool(check(_grads(), torch.tensor(1.0))) is True
+        assert seen["clears"] == 2
+        assert float(seen["inputs"][0].max()) == 3.0  # it was shown the gradients' magnitudes
+    finally:
+        accel.clear_probe_cache()
+
+
+def test_npu_flag_check_without_torch_npu_explains(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)
+    accel.clear_probe_cache()
+    try:
+        with pytest.raises(accel.AcceleratorUnavailable, match="torch_npu"):
+            accel.npu_flag_check()
+    finally:
+        accel.clear_probe_cache()

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from configs.common import optim_config
+from configs.common import base_config, optim_config
 from retina_fn import accel, tree
+from retina_fn.train import build_optimizer
 from retina_fn.optim import (
     AdamWState,
     SGDState,
@@ -271,11 +272,13 @@ def test_make_optimizer_follows_the_config():
 def test_make_optimizer_apex_backend_without_apex_explains(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)
     accel.clear_probe_cache()
-    cfg = optim_config()
-    cfg.backend = "apex"
+    cfg = base_config()
+    cfg.optim.backend = "apex"
     try:
+        with pytest.raises(ValueError, match="needs the fused SGD builder passed in"):
+            make_optimizer(cfg.optim)  # the engine never probes: the builder comes from retina_fn.accel
         with pytest.raises(accel.AcceleratorUnavailable, match="unrelated web"):
-            make_optimizer(cfg)
+            build_optimizer(cfg)
     finally:
         accel.clear_probe_cache()
 

@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import accel, tree
+from retina_fn import tree
+from retina_fn.accel.probe import fused_sgd_class
 from retina_fn.optim.base import Optimizer, check_same_paths, first_device
 from retina_fn.optim.masks import Mask, resolve_mask
 
 
-def apex_sgd(
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    weight_decay_mask: Mask = None,
-) -> Optimizer:
+def apex_sgd(momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+             weight_decay_mask: Mask = None) -> Optimizer:  # the arguments of retina_fn.optim.sgd
     """SGD on the installed apex's fused optimiser; Optimizer(init, update, inplace=True) (see module doc).
 
     Raises accel.AcceleratorUnavailable when neither NVIDIA nor Ascend apex is installed.
     """
-    optimizer_class = accel.fused_sgd_class("optim.backend='apex'")
+    optimizer_class = fused_sgd_class("optim.backend='apex'")
     if nesterov and momentum == 0.0:
         raise ValueError("optim.nesterov needs optim.momentum > 0")
     held: dict = {}  # the apex optimiser and the parameter tensors it owns

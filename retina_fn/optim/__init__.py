@@ -13,7 +13,6 @@ from retina_fn.optim.adamw import AdamWState, adamw
 from retina_fn.optim.base import Optimizer
 from retina_fn.optim.build import make_optimizer
 from retina_fn.optim.clip import clip_by_global_norm
-from retina_fn.optim.fused import apex_sgd
 from retina_fn.optim.masks import decay_predicate, mask_by_path, weight_decay_mask
 from retina_fn.optim.schedules import base_learning_rate, make_lr_schedule, warmup_factor
 from retina_fn.optim.sgd import SGDState, sgd
@@ -23,7 +22,6 @@ __all__ = [
     "Optimizer",
     "SGDState",
     "adamw",
-    "apex_sgd",
     "base_learning_rate",
     "clip_by_global_norm",
     "decay_predicate",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from retina_fn.optim.adamw import adamw
 from retina_fn.optim.base import Optimizer
-from retina_fn.optim.fused import apex_sgd
 from retina_fn.optim.masks import decay_predicate
 from retina_fn.optim.sgd import sgd
 
@@ -12,10 +13,17 @@ OPTIMIZERS = ("sgd", "adamw")
 BACKENDS = ("native", "apex")
 
 
-def make_optimizer(optim_cfg) -> Optimizer:
-    """Optimizer from optim_cfg (name, backend, momentum, nesterov, betas, eps, weight_decay, decay_norm_and_bias).
+def make_optimizer(optim_cfg, fused_sgd: Callable[..., Optimizer] | None = None) -> Optimizer:
+    """The optimiser the `optim` block names.
 
-    The learning rate is not bound here: the train step passes `schedule(step)` to every update.
+    Args:
+      optim_cfg: name, backend, momentum, nesterov, betas, eps, weight_decay, decay_norm_and_bias.
+      fused_sgd: the builder of optim.backend='apex' (same keyword arguments as `sgd`), e.g.
+        retina_fn.accel.apex_sgd; this module never probes accelerators itself.
+
+    Returns:
+      Optimizer(init, update). The learning rate is not bound here: the train step passes
+      `schedule(step)` to every update.
     """
     if optim_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
@@ -28,7 +36,10 @@ def make_optimizer(optim_cfg) -> Optimizer:
         return adamw(
             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, weight_decay_mask=mask
         )
-    build = apex_sgd if optim_cfg.backend == "apex" else sgd
+    if optim_cfg.backend == "apex" and fused_sgd is None:
+        raise ValueError("optim.backend='apex' needs the fused SGD builder passed in (retina_fn.accel.apex_sgd; "
+                         "retina_fn.train.build.build_optimizer passes it)")
+    build = fused_sgd if optim_cfg.backend == "apex" else sgd
     return build(
         momentum=optim_cfg.momentum,
         weight_decay=optim_cfg.weight_decay,
