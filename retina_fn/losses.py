@@ -9,13 +9,13 @@ zero) gradient: no parameter ever drops out of the graph, even for a batch witho
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retina_fn import boxes as box_ops
+from retina_fn import boxes as box_lib
 
 # -log(FLT_MIN): mmcv's kernel floors the argument of each log at FLT_MIN, so one log term never
 # exceeds this value (reached for logits beyond about +-87.3).
@@ -31,10 +31,6 @@ class AssignmentLike(Protocol):
     positive: torch.Tensor  # bool [B, A]
     negative: torch.Tensor  # bool [B, A]
     matched: torch.Tensor  # int64 [B, A], index into G; only read where positive
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,13 +124,13 @@ def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_cfg, 
     target_boxes = torch.where(pos, matched_boxes.float(), anchors)
     weight = positive.to(box_deltas.dtype)
     if loss_cfg.box_loss == "l1":
-        target_deltas = box_ops.encode(anchors, target_boxes, coder_cfg.means, coder_cfg.stds)
+        target_deltas = box_lib.encode(anchors, target_boxes, coder_cfg.means, coder_cfg.stds)
         per_anchor = (box_deltas - target_deltas.to(box_deltas.dtype)).abs().sum(-1)
     else:  # 'giou' (torchvision v2): on decoded predictions, no clipping unless image_hw is given
         max_shape = None if image_hw is None else image_hw[:, None, :]
-        predicted = box_ops.decode(anchors, box_deltas, coder_cfg.means, coder_cfg.stds, max_shape=max_shape,
+        predicted = box_lib.decode(anchors, box_deltas, coder_cfg.means, coder_cfg.stds, max_shape=max_shape,
                                    scale_clamp=coder_cfg.scale_clamp, clamp_lower=coder_cfg.clamp_lower)
-        per_anchor = 1.0 - box_ops.elementwise_giou(predicted, target_boxes)
+        per_anchor = 1.0 - box_lib.elementwise_giou(predicted, target_boxes)
     return (per_anchor * weight).sum(-1)
 
 
@@ -148,7 +144,8 @@ def retinanet_loss(
     gt_labels: torch.Tensor,
     loss_cfg,
     coder_cfg,
-    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    *,
+    normalizer: torch.Tensor | None = None,
     image_hw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RetinaNet loss over a batch.
@@ -165,8 +162,10 @@ def retinanet_loss(
         range silently gives an all-zero target: no value check, as that would need a host sync).
       loss_cfg: model.loss (focal_alpha, focal_gamma, cls_weight, box_loss, box_weight, normalizer).
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
-      reduce: applied to the 'batch' normaliser; the distribution layer binds it to a mean over
-        replicas (dist.normalizer 'global'), identity on one device or for 'local'.
+      normalizer: float [] the divisor of the summed terms; None: this batch's own
+        (`loss_normalizer(assignment.positive & anchor_valid, loss_cfg)`). A train step passes the
+        normaliser of its whole step (all micro-batches, averaged over replicas for dist.normalizer
+        'global'), so micro-batch losses add up to the loss of the whole batch.
       image_hw: optional int64 [B, 2]; only the 'giou' loss uses it, to clip decoded predictions
         (torchvision does not clip, so leave it None to match torchvision).
 
@@ -176,15 +175,15 @@ def retinanet_loss(
     anchors and the 4 coordinates (mmdetection), 'giou' is 1 - GIoU(decode(anchor, delta), gt)
     (torchvision v2).
 
-    Normaliser: 'batch' (mmdetection): N = reduce(sum over images of max(#pos_i, 1)), and
-    loss = cls_weight * cls_sum / N + box_weight * box_sum / N. 'image' (torchvision): each image's
-    sums are divided by max(1, #pos_i), then averaged over the images; `reduce` is not applied (a
-    mean of per-image terms is already what averaging gradients over replicas completes).
+    Normaliser N: 'batch' (mmdetection): N = sum over images of max(#pos_i, 1), and
+    loss = cls_weight * cls_sum / N + box_weight * box_sum / N. 'image' (torchvision): N = the number
+    of images, and each image's sums are divided by max(1, #pos_i) before the sum over images is
+    divided by N (a mean over the images).
 
-    Returns (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 inputs); metrics holds
-    0-d tensors 'loss_cls' and 'loss_box' (weighted, so they add up to loss), 'num_pos' (positives
-    in this batch, float) and 'normalizer' (the batch divisor after reduce; for 'image', the
-    unreduced sum over images of max(#pos_i, 1), for logging).
+    Returns:
+      (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 inputs); metrics holds 0-d
+      tensors 'loss' (= loss, detached), 'loss_cls' and 'loss_box' (weighted, so they add up to loss) and
+      'num_pos' (positives in this batch, float). All of them add up over micro-batches that share N.
     """
     _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_boxes, gt_labels, image_hw)
     if loss_cfg.box_loss not in _BOX_LOSSES:
@@ -214,20 +213,39 @@ def retinanet_loss(
                                       image_hw).to(dtype)  # [B]
 
         num_pos = positive.sum(dim=1).to(dtype)  # [B]
-        per_image_norm = num_pos.clamp(min=1.0)
+        if normalizer is None:
+            normalizer = loss_normalizer(positive, loss_cfg)
+        normalizer = normalizer.to(dtype)
         if loss_cfg.normalizer == "batch":
-            normalizer = reduce(per_image_norm.sum())
             loss_cls = loss_cfg.cls_weight * cls_sum.sum() / normalizer
             loss_box = loss_cfg.box_weight * box_sum.sum() / normalizer
         else:
-            normalizer = per_image_norm.sum()
-            loss_cls = loss_cfg.cls_weight * (cls_sum / per_image_norm).mean()
-            loss_box = loss_cfg.box_weight * (box_sum / per_image_norm).mean()
+            per_image_norm = num_pos.clamp(min=1.0)
+            loss_cls = loss_cfg.cls_weight * (cls_sum / per_image_norm).sum() / normalizer
+            loss_box = loss_cfg.box_weight * (box_sum / per_image_norm).sum() / normalizer
         loss = loss_cls + loss_box
         metrics = {
+            "loss": (loss_cls + loss_box).detach(),
             "loss_cls": loss_cls.detach(),
             "loss_box": loss_box.detach(),
             "num_pos": num_pos.sum().detach(),
-            "normalizer": normalizer.detach(),
         }
         return loss, metrics
+
+
+def loss_normalizer(positive: torch.Tensor, loss_cfg) -> torch.Tensor:
+    """The loss divisor of a batch before any averaging over replicas.
+
+    Args:
+      positive: bool [B, A], positive and valid anchors.
+      loss_cfg: model.loss; its `normalizer` chooses 'batch' (mmdetection: the sum over images of
+        max(#positives_i, 1)) or 'image' (torchvision: B, the per-image terms are averaged).
+
+    Returns:
+      float32 [], the divisor `retinanet_loss` takes as `normalizer`.
+    """
+    if loss_cfg.normalizer not in _NORMALIZERS:
+        raise ValueError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
+    if loss_cfg.normalizer == "batch":
+        return positive.sum(dim=1).clamp(min=1).sum().to(torch.float32)
+    return torch.tensor(float(positive.shape[0]), device=positive.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from configs.common import base_config
+from retina_fn.data.random_batch import random_batch
 
 
 def tiny_config(num_classes: int = 3, canvas=(64, 96)):
@@ -25,21 +26,5 @@ def tiny_config(num_classes: int = 3, canvas=(64, 96)):
 def synthetic_batch(num_boxes=(0, 1, 3, 5), canvas=(64, 96), max_boxes: int = 5, num_classes: int = 3, seed: int = 0,
                     dtype=torch.float32):
     """A batch in the conventions' layout with len(num_boxes) images and the given real box counts."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(num_boxes)
-    h, w = canvas
-    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6], dtype=torch.float64)
-    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.35, h * 0.35], dtype=torch.float64) + 8
-    valid = torch.arange(max_boxes)[None, :] < torch.tensor(num_boxes)[:, None]
-    boxes = torch.cat([xy, xy + wh], -1).to(dtype) * valid[..., None]
-    return {
-        "image": torch.randn(b, 3, h, w, generator=g, dtype=torch.float64).to(dtype),
-        "image_hw": torch.tensor([[h, w]] * b),
-        "boxes": boxes,
-        "labels": torch.randint(0, num_classes, (b, max_boxes), generator=g) * valid,
-        "box_valid": valid,
-        "ignore_boxes": torch.zeros(b, 2, 4, dtype=dtype),
-        "ignore_valid": torch.zeros(b, 2, dtype=torch.bool),
-        "scale_factor": torch.ones(b, 2),
-        "image_id": torch.arange(b),
-    }
+    return random_batch(num_boxes, canvas=canvas, max_boxes=max_boxes, num_classes=num_classes, seed=seed,
+                        dtype=dtype)

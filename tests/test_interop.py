@@ -1,12 +1,11 @@
 """Weights in and out without torchvision: mmdetection and torchvision key layouts built by hand here,
-round trips, the mismatch report, class-head handling, format recognition, torchvision preprocessing."""
+round trips, the mismatch report, class-head handling, format recognition."""
 
 from __future__ import annotations
 
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,6 @@ from retina_fn import checkpoint, rng, tree
 from retina_fn.interop import (COCO80_IDS, COCO80_NAMES, COCO91_NAMES, CheckpointMismatch, detect_format,
                                from_mmdet, from_torchvision, label_map_for, load_detector_weights, to_mmdet,
                                to_torchvision)
-from retina_fn.interop import torchvision_preprocess as tvp
 from retina_fn.interop.detector import template
 from retina_fn.model import retinanet
 from tests.model_fixtures import tiny_config
@@ -296,10 +294,13 @@ def test_load_detector_weights_recognises_every_format(tmp_path):
     for name, obj in files.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path)
-        assert tree.all_equal(load_detector_weights(path, cfg.model), params), name
+        assert tree.all_equal(load_detector_weights(path, cfg.model).params, params), name
     trainable, frozen = retinanet.split_trainable(params, cfg.model)
-    saved = checkpoint.save(str(tmp_path / "run"), 3, {"params": trainable, "frozen": frozen, "step": torch.tensor(3)})
-    assert tree.all_equal(load_detector_weights(saved, cfg.model), params)
+    saved = checkpoint.save(str(tmp_path / "run"), 3, {"params": trainable, "frozen": frozen, "step": torch.tensor(3)},
+                            meta={"label_map": {"category_ids": [7]}})
+    loaded = load_detector_weights(saved, cfg.model)
+    assert tree.all_equal(loaded.params, params) and loaded.format == "retina_fn"
+    assert loaded.meta["label_map"] == {"category_ids": [7]}  # the checkpoint's metadata comes along
     assert detect_format(files["torchvision"]) == "torchvision"
     assert detect_format(files["mmdet"]["state_dict"]) == "mmdet"
 
@@ -345,73 +346,3 @@ def test_torchvision_config_builds_the_v1_model():
     assert not any(p.startswith(("backbone/conv1", "backbone/bn1", "backbone/layer1/")) for p in trainable)
     assert not any(re.search(r"/(bn\d|downsample/1)/", p) for p in trainable)  # FrozenBN: affine frozen too
     assert "backbone/layer2/0/conv1/weight" in trainable
-
-
-# ----------------------------------------------------------------------------------------------------
-# torchvision's preprocessing
-
-
-@pytest.mark.parametrize("hw, expected", [
-    ((480, 640), (800, 1066)),  # s = 800 / 480; 640 * s = 1066.67 is floored (mmdetection rounds to 1067)
-    ((427, 640), (800, 1199)),  # 640 * 800 / 427 = 1199.06
-    ((300, 1000), (399, 1333)),  # long side binds: s = 1.333, 300 * s = 399.9
-])
-def test_torchvision_size_floors(hw, expected):
-    assert tvp.torchvision_size(*hw, (1333, 800)) == expected
-
-
-def bilinear_reference(plane: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Half-pixel-centre bilinear resampling of one channel (float64), written with plain loops:
-    source coordinate (dst + 0.5) * in / out - 0.5, below zero clamped to 0, edge pixels repeated."""
-    in_h, in_w = plane.shape
-    out = np.zeros((out_h, out_w))
-    for y in range(out_h):
-        sy = max((y + 0.5) * in_h / out_h - 0.5, 0.0)
-        y0 = min(int(sy), in_h - 1)
-        y1 = min(y0 + 1, in_h - 1)
-        fy = sy - y0
-        for x in range(out_w):
-            sx = max((x + 0.5) * in_w / out_w - 0.5, 0.0)
-            x0 = min(int(sx), in_w - 1)
-            x1 = min(x0 + 1, in_w - 1)
-            fx = sx - x0
-            top = plane[y0, x0] * (1 - fx) + plane[y0, x1] * fx
-            bottom = plane[y1, x0] * (1 - fx) + plane[y1, x1] * fx
-            out[y, x] = top * (1 - fy) + bottom * fy
-    return out
-
-
-def test_torchvision_resize_normalises_then_resamples():
-    gen = np.random.default_rng(0)
-    image = gen.integers(0, 256, size=(9, 13, 3), dtype=np.uint8)
-    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    out = tvp.torchvision_resize(image, (14, 6), mean, std)
-    assert out.shape == (3, 14, 6) and out.dtype == np.float32
-    for c in range(3):
-        normalised = (image[:, :, c] / 255.0 - mean[c] / 255.0) / (std[c] / 255.0)
-        np.testing.assert_allclose(out[c], bilinear_reference(normalised, 14, 6), atol=2e-5)
-
-
-def test_torchvision_transform_boxes_canvas_and_flip():
-    cfg = base_config().data
-    cfg.scale = (96, 64)
-    cfg.landscape_canvas = (64, 96)
-    cfg.portrait_canvas = (96, 64)
-    image = np.random.default_rng(1).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
-    boxes = np.array([[7.0, 9.0, 35.0, 40.0]], dtype=np.float32)
-    out = tvp.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=False)
-    # s = min(64 / 45, 96 / 70) = 96 / 70; h = 45 * 96 / 70 = 61.7 -> 61
-    assert tuple(out["image_hw"]) == (61, 96)
-    new_w = int(out["image_hw"][1])
-    sx, sy = new_w / 70, 61 / 45
-    np.testing.assert_allclose(out["scale_factor"], [sx, sy], rtol=1e-6)
-    np.testing.assert_allclose(out["boxes"][0], [7 * sx, 9 * sy, 35 * sx, 40 * sy], rtol=1e-6)
-    assert out["image"].shape == (3, 64, 96)
-    assert np.all(out["image"][:, 61:, :] == 0) and np.all(out["image"][:, :, new_w:] == 0)
-    flipped = tvp.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=True)
-    np.testing.assert_allclose(flipped["boxes"][0], [(70 - 35) * sx, 9 * sy, (70 - 7) * sx, 40 * sy], rtol=1e-6)
-    mirrored = tvp.torchvision_resize(np.ascontiguousarray(image[:, ::-1]), (61, new_w), cfg.mean, cfg.std)
-    np.testing.assert_array_equal(flipped["image"][:, :61, :new_w], mirrored)
-    with pytest.raises(ValueError, match="does not fit the canvas"):
-        tvp.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=False, canvas_hw=(32, 32))
-    assert tvp.batch_canvas([(320, 426), (479, 320)]) == (480, 448)

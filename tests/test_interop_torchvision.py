@@ -4,8 +4,8 @@ torchvision's retinanet_resnet50_fpn is built without downloads (weights=None), 
 swapped for FrozenBatchNorm2d with eps 0 as torchvision does when it loads the published COCO weights,
 and every weight and statistic randomised (non-degenerate, with a classification bias that lets many
 scores pass 0.05). Its state_dict goes through `from_torchvision`; features, head outputs and final
-detections of our pipeline (torchvision_preprocess -> apply -> detect with the torchvision config ->
-original pixels) are compared with torchvision's on a batch of a landscape and a portrait image.
+detections of our pipeline (transforms.torchvision_transform -> apply -> detect with the torchvision config
+-> original pixels) are compared with torchvision's on a batch of a landscape and a portrait image.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ torchvision = pytest.importorskip("torchvision", reason="torchvision is not inst
 
 from configs import torchvision_retinanet_v1  # noqa: E402
 from retina_fn import tree  # noqa: E402
+from retina_fn.data import resize, transforms  # noqa: E402
 from retina_fn.interop import COCO91_NAMES, from_torchvision, to_torchvision  # noqa: E402
-from retina_fn.interop import torchvision_preprocess as tvp  # noqa: E402
 from retina_fn.model import head, resnet, retinanet  # noqa: E402
-from retina_fn.train.step import make_eval_step  # noqa: E402
+from retina_fn.train import make_eval_step  # noqa: E402
 
 MIN_SIZE, MAX_SIZE = 160, 256  # torchvision's min_size / max_size, small to keep the tests quick
 IMAGE_SIZES = ((240, 320), (320, 213))  # (h, w): one landscape, one portrait
@@ -118,8 +118,8 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def test_state_dict_is_the_published_layout(setup):
     assert len(setup["state_dict"]) == 301  # FrozenBN: no num_batches_tracked, as in the v1 COCO file
     # our whole pipeline: the same padded batch as torchvision's transform produces
-    assert tuple(setup["padded"].shape[-2:]) == tvp.batch_canvas(
-        [tvp.torchvision_size(h, w, (MAX_SIZE, MIN_SIZE)) for h, w in IMAGE_SIZES])
+    assert tuple(setup["padded"].shape[-2:]) == resize.batch_canvas(
+        [resize.torchvision_size(h, w, (MAX_SIZE, MIN_SIZE)) for h, w in IMAGE_SIZES])
 
 
 def test_backbone_features_agree(setup):
@@ -161,10 +161,11 @@ def test_detections_agree_end_to_end(setup):
     model, cfg, params, images = setup["model"], setup["cfg"], setup["params"], setup["images"]
     with torch.no_grad():
         theirs = model(setup["tensors"])
-    sizes = [tvp.torchvision_size(h, w, tuple(cfg.data.scale)) for h, w in IMAGE_SIZES]
-    canvas = tvp.batch_canvas(sizes, int(cfg.model.size_divisor))
+    sizes = [resize.torchvision_size(h, w, tuple(cfg.data.scale)) for h, w in IMAGE_SIZES]
+    canvas = resize.batch_canvas(sizes, int(cfg.model.size_divisor))
     empty = np.zeros((0, 4), np.float32)
-    samples = [tvp.torchvision_transform(im, empty, empty, cfg.data, flip=False, canvas_hw=canvas) for im in images]
+    samples = [transforms.torchvision_transform(im, empty, empty, cfg.data, flip=False, canvas_hw=canvas)
+               for im in images]
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("image", "image_hw", "scale_factor")}
     assert torch.equal(batch["image"], setup["padded"])  # our preprocessing, bit for bit
     ours = make_eval_step(cfg)(params, batch)

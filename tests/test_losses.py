@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs.common import model_config
-from retina_fn.losses import retinanet_loss, sigmoid_focal_loss
+from retina_fn.losses import loss_normalizer, retinanet_loss, sigmoid_focal_loss
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 ALPHA, GAMMA = 0.25, 2.0
@@ -176,7 +176,7 @@ def reference_loss(inputs, loss_cfg, coder_cfg, reduce_factor=1.0):
     else:
         loss_cls = sum(c / max(n, 1) for c, n in zip(cls_sums, pos_counts)) / batch
         loss_box = sum(s / max(n, 1) for s, n in zip(box_sums, pos_counts)) / batch
-        norm = sum(max(n, 1) for n in pos_counts)
+        norm = batch
     return loss_cfg.cls_weight * loss_cls, loss_cfg.box_weight * loss_box, sum(pos_counts), norm
 
 
@@ -215,6 +215,13 @@ def random_inputs(positives_per_image=(0, 1, 3), num_anchors=12, num_classes=3, 
     return logits, deltas, anchors, valid, Assignment(positive, negative, matched), gt_boxes, gt_labels
 
 
+def images(inputs, which: slice):
+    """The loss inputs of some images of the batch (anchors are shared)."""
+    logits, deltas, anchors, valid, asg, gt_boxes, gt_labels = inputs
+    return (logits[which], deltas[which], anchors, valid[which], Assignment(*(t[which] for t in asg)),
+            gt_boxes[which], gt_labels[which])
+
+
 def call(inputs, loss_cfg, coder_cfg, **kwargs):
     logits, deltas, anchors, valid, asg, gt_boxes, gt_labels = inputs
     return retinanet_loss(logits, deltas, anchors, valid, asg, gt_boxes, gt_labels, loss_cfg, coder_cfg, **kwargs)
@@ -232,38 +239,40 @@ def test_loss_matches_loop_reference(normalizer, box_loss):
     assert metrics["loss_box"].item() == pytest.approx(exp_box, rel=1e-5)
     assert loss.item() == pytest.approx(exp_cls + exp_box, rel=1e-5)
     assert metrics["num_pos"].item() == exp_pos == 4
-    assert metrics["normalizer"].item() == exp_norm
+    assert metrics["loss"].item() == pytest.approx(exp_cls + exp_box, rel=1e-5)
+    positive = inputs[4].positive & inputs[3]
+    assert loss_normalizer(positive, loss_cfg).item() == exp_norm
     assert all(v.ndim == 0 for v in metrics.values())
 
 
 def test_batch_normalizer_by_hand_for_0_1_3_positives():
-    """Images with 0, 1 and 3 positives: N = max(0,1) + max(1,1) + max(3,1) = 5; the hook then
-    maps N (here doubling it, as a mean over two replicas with twice the positives would)."""
+    """Images with 0, 1 and 3 positives: N = max(0,1) + max(1,1) + max(3,1) = 5; a given normaliser
+    replaces it (here doubled, as a mean over two replicas with twice the positives would give)."""
     loss_cfg, coder_cfg = configs(normalizer="batch")
     inputs = random_inputs((0, 1, 3))
     loss, metrics = call(inputs, loss_cfg, coder_cfg)
-    assert metrics["normalizer"].item() == 5.0
+    assert loss_normalizer(inputs[4].positive & inputs[3], loss_cfg).item() == 5.0
     assert metrics["num_pos"].item() == 4.0
-    loss_red, metrics_red = call(inputs, loss_cfg, coder_cfg, reduce=lambda n: n * 2)
-    assert metrics_red["normalizer"].item() == 10.0
+    loss_red, metrics_red = call(inputs, loss_cfg, coder_cfg, normalizer=torch.tensor(10.0))
     assert loss_red.item() == pytest.approx(loss.item() / 2, rel=1e-6)
     # Only the sums over the batch matter: the per-image split 0/1/3 vs one image with 4 differs.
     exp_cls, exp_box, _, _ = reference_loss(inputs, loss_cfg, coder_cfg, reduce_factor=2.0)
     assert loss_red.item() == pytest.approx(exp_cls + exp_box, rel=1e-5)
 
 
-def test_image_normalizer_by_hand_and_ignores_reduce():
+def test_image_normalizer_by_hand_and_split_into_micro_batches():
     loss_cfg, coder_cfg = configs(normalizer="image")
     inputs = random_inputs((0, 1, 3))
     loss, _ = call(inputs, loss_cfg, coder_cfg)
-    loss_red, _ = call(inputs, loss_cfg, coder_cfg, reduce=lambda n: n * 2)
-    assert loss_red.item() == loss.item()
+    assert loss_normalizer(inputs[4].positive, loss_cfg).item() == 3.0  # the number of images
+    # Two micro-batches (images 0-1 and 2) with the whole batch's normaliser add up to the loss.
+    summed = sum(call(images(inputs, part), loss_cfg, coder_cfg, normalizer=torch.tensor(3.0))[0].item()
+                 for part in (slice(0, 2), slice(2, 3)))
+    assert summed == pytest.approx(loss.item(), rel=1e-6)
     # Per-image pieces by hand: image sums / max(1, pos_i), averaged over 3 images.
-    logits, deltas, anchors, valid, asg, gt_boxes, gt_labels = inputs
     per_image = []
     for b, n_pos in enumerate((0, 1, 3)):
-        one = (logits[b:b + 1], deltas[b:b + 1], anchors, valid[b:b + 1],
-               Assignment(*(t[b:b + 1] for t in asg)), gt_boxes[b:b + 1], gt_labels[b:b + 1])
+        one = images(inputs, slice(b, b + 1))
         batch_cfg, _ = configs(normalizer="batch")
         single, _ = call(one, batch_cfg, coder_cfg)  # one image: sum / max(1, pos)
         per_image.append(single.item())
@@ -307,7 +316,8 @@ def test_empty_gt_slots_g_zero():
     loss, m = retinanet_loss(torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), torch.rand(5, 4) + torch.tensor([0, 0, 2, 2]),
                              torch.ones(2, 5, dtype=torch.bool), asg, torch.zeros(2, 0, 4),
                              torch.zeros(2, 0, dtype=torch.int64), loss_cfg, coder_cfg)
-    assert torch.isfinite(loss) and m["loss_box"].item() == 0.0 and m["normalizer"].item() == 2.0
+    assert torch.isfinite(loss) and m["loss_box"].item() == 0.0
+    assert loss_normalizer(asg.positive, loss_cfg).item() == 2.0
 
 
 @pytest.mark.parametrize("box_loss", ["l1", "giou"])

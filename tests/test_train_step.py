@@ -1,16 +1,94 @@
-"""The pure train step: purity, accumulation, non-finite handling, clipping, learning."""
+"""The pure train step: the generic engine on a toy objective, and RetinaNet's step built from a config
+(purity, accumulation, non-finite handling, clipping, learning)."""
 
 import pytest
 import torch
 
-from retina_fn import rng, tree
-from retina_fn.train import full_params, init_train_state, make_eval_step, make_train_step
+from configs.common import train_config
+from retina_fn import precision, rng, tree
+from retina_fn.optim import sgd
+from retina_fn.train import (build_optimizer, full_params, init_train_state, make_eval_step, make_train_step,
+                             new_train_state, step)
 from tests.model_fixtures import synthetic_batch, tiny_config
 
 
 def build(cfg, batch_size=4):
-    state = init_train_state(cfg, rng.key(0))
-    return state, make_train_step(cfg, steps_per_epoch=100, global_batch=batch_size)
+    optimizer = build_optimizer(cfg)
+    state = init_train_state(cfg, rng.key(0), optimizer)
+    return state, make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=batch_size)
+
+
+# ---- the generic engine on least squares -----------------------------------------------------------------
+
+
+class LeastSquares:
+    """loss = sum_i (x_i . w + b - y_i)^2 / N with N = the number of rows (prepare's normaliser)."""
+
+    def prepare(self, batch):
+        return {}, torch.tensor(float(batch["x"].shape[0]))
+
+    def loss(self, params, batch, extras, normalizer):
+        residual = batch["x"] @ params["w"] + params["frozen_b"] - batch["y"]
+        loss = (residual ** 2).sum() / normalizer
+        return loss, {"loss": loss.detach()}
+
+
+def toy_problem():
+    x = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0], [2.0, 2.0]], dtype=torch.float64)
+    y = torch.tensor([1.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+    params = {"w": torch.tensor([0.5, -0.25], dtype=torch.float64)}
+    frozen = {"frozen_b": torch.tensor(0.1, dtype=torch.float64)}
+    return {"x": x, "y": y}, params, frozen
+
+
+def toy_state(params, frozen, optimizer):
+    return new_train_state(params, frozen, optimizer, rng.key(0), train_config().loss_scale)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_generic_step_is_a_hand_computed_sgd_step(accum_steps):
+    batch, params, frozen = toy_problem()
+    lr = 0.05
+    train_step = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(lr, dtype=torch.float64),
+                                      accum_steps=accum_steps)
+    state = toy_state(params, frozen, sgd())
+    new_state, metrics = train_step(state, batch, rng.key(0))
+    # By hand: r = x w + b - y = (-0.9, 0.85, -0.15, 0.1); grad = 2 x^T r / 4 = (-0.575, -0.3).
+    x, y, w, b = batch["x"], batch["y"], params["w"], frozen["frozen_b"]
+    r = [float(x[i, 0] * w[0] + x[i, 1] * w[1] + b - y[i]) for i in range(4)]
+    assert r == pytest.approx([-0.9, 0.85, -0.15, 0.1])
+    grad = [2 * sum(float(x[i, j]) * r[i] for i in range(4)) / 4 for j in range(2)]
+    assert grad == pytest.approx([-0.575, -0.3])
+    expected_w = [float(w[j]) - lr * grad[j] for j in range(2)]
+    assert new_state["params"]["w"].tolist() == pytest.approx(expected_w, rel=1e-12)
+    assert float(metrics["loss"]) == pytest.approx(sum(v * v for v in r) / 4, rel=1e-12)
+    assert float(metrics["normalizer"]) == 4.0 and float(metrics["finite"]) == 1.0
+    assert torch.equal(new_state["frozen"]["frozen_b"], frozen["frozen_b"]) and int(new_state["step"]) == 1
+
+
+def test_generic_step_skips_a_nan_batch_and_averages_over_replicas():
+    batch, params, frozen = toy_problem()
+    state = toy_state(params, frozen, sgd())
+    halves = []
+    train_step = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(0.1, dtype=torch.float64),
+                                      reduce=lambda t: (halves.append(t), tree.map(lambda v: v / 2, t))[1])
+    bad = dict(batch, y=batch["y"].clone().index_fill_(0, torch.tensor([2]), float("nan")))
+    new_state, metrics = train_step(state, bad, rng.key(0))
+    assert float(metrics["finite"]) == 0.0 and int(new_state["nonfinite"]) == 1
+    assert torch.equal(new_state["params"]["w"], params["w"])
+    assert len(halves) == 3  # the normaliser, the gradients and the metrics went through `reduce`
+
+
+def test_generic_step_checks_its_arguments():
+    with pytest.raises(ValueError, match="loss_scale_cfg"):
+        step.make_train_step(LeastSquares(), sgd(), lambda s: s, precision=precision.precision_from_name("fp16"))
+    with pytest.raises(ValueError, match="accum_steps=3"):
+        step.split_micro_batches({"x": torch.zeros(4, 2)}, 3)
+    parts = step.split_micro_batches({"x": torch.arange(4), "y": {"z": torch.arange(8).reshape(4, 2)}}, 2)
+    assert parts[1]["x"].tolist() == [2, 3] and parts[1]["y"]["z"].tolist() == [[4, 5], [6, 7]]
+
+
+# ---- RetinaNet's step from a config ----------------------------------------------------------------------
 
 
 def test_step_is_pure():

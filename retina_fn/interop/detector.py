@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from retina_fn import nn, rng, tree
+from retina_fn import anchors, nn, rng, tree
 from retina_fn.interop.mapping import CheckpointMismatch, load_mapped
 from retina_fn.model import retinanet
 
@@ -40,7 +40,7 @@ def fresh_class_head(key: rng.Key, model_cfg) -> dict[str, torch.Tensor]:
     """A new classification conv as `retina_fn.model.head.init` makes it: weight [n * K, C, 3, 3] from
     N(0, 0.01), bias -log((1 - prior) / prior) (n anchors per cell, K = model.num_classes, C =
     head.feat_channels)."""
-    channels = retinanet.num_anchors_per_cell(model_cfg) * int(model_cfg.num_classes)
+    channels = anchors.anchors_per_cell(model_cfg.anchors) * int(model_cfg.num_classes)
     p = nn.init.conv(key, channels, int(model_cfg.head.feat_channels), 3, "normal", std=0.01)
     p["bias"] = nn.init.prior_prob_bias((channels,), float(model_cfg.head.prior_prob))
     return p
@@ -48,7 +48,7 @@ def fresh_class_head(key: rng.Key, model_cfg) -> dict[str, torch.Tensor]:
 
 def class_count_note(key: str, channels: int, model_cfg) -> str:
     """The report line for a classification conv with `channels` outputs that the config does not fit."""
-    n = retinanet.num_anchors_per_cell(model_cfg)
+    n = anchors.anchors_per_cell(model_cfg.anchors)
     k = int(model_cfg.num_classes)
     if channels % n:
         return (f"class head: {key} has {channels} output channels, not a multiple of the {n} anchors per "

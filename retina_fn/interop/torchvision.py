@@ -33,11 +33,11 @@ import re
 
 import torch
 
-from retina_fn import rng, tree
+from retina_fn import anchors, rng, tree
 from retina_fn.interop import coco_names
 from retina_fn.interop.detector import CLASS_HEAD, export_detector, import_detector
 from retina_fn.interop.mapping import CheckpointMismatch, load_mapped
-from retina_fn.model import resnet, retinanet
+from retina_fn.model import resnet
 
 # Logit given to the never-trained torchvision outputs when an 80-class head is exported as 91 classes:
 # sigmoid(-100) ~ 4e-44, far below any score threshold.
@@ -116,7 +116,7 @@ def coco91_channels(num_anchors: int) -> torch.Tensor:
 
 def _coco91_to_80(state_dict: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
     """When the checkpoint's head has 91 classes and the config 80, the 80 COCO channels of it."""
-    n = retinanet.num_anchors_per_cell(model_cfg)
+    n = anchors.anchors_per_cell(model_cfg.anchors)
     weight_key = retinanet_key(CLASS_HEAD + "/weight")
     bias_key = retinanet_key(CLASS_HEAD + "/bias")
     channels = state_dict.get(weight_key)
@@ -169,7 +169,7 @@ def to_torchvision(params: dict, model_cfg, *, coco91: bool = False) -> dict[str
     if int(model_cfg.num_classes) != len(coco_names.COCO80_IDS):
         raise ValueError(f"coco91=True needs an 80-class COCO model, the config has model.num_classes="
                          f"{model_cfg.num_classes}")
-    n = retinanet.num_anchors_per_cell(model_cfg)
+    n = anchors.anchors_per_cell(model_cfg.anchors)
     index = coco91_channels(n)
     weight_key, bias_key = retinanet_key(CLASS_HEAD + "/weight"), retinanet_key(CLASS_HEAD + "/bias")
     weight, bias = state_dict[weight_key], state_dict[bias_key]

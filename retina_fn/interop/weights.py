@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -69,26 +70,49 @@ def from_state_dict(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_cl
                            reinit_class_head=reinit_class_head, key=key)
 
 
-def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_head: bool = False,
-                          key: rng.Key | None = None) -> dict:
-    """Our full parameter tree {'backbone', 'fpn', 'head'} (float32, CPU) for model_cfg from a local
-    file: a retina_fn checkpoint (its trained and frozen parameters; the digest is verified), a
-    torchvision or mmdetection RetinaNet checkpoint, or a flat {path: tensor} dict. Read weights-only.
+class DetectorWeights(NamedTuple):
+    """params: the full parameter tree {'backbone', 'fpn', 'head'} (float32, CPU); meta: a retina_fn
+    checkpoint's metadata (config, label_map, data_position, ...), {} for other files; format: one of
+    FORMATS."""
 
-    reinit_class_head: keep everything but the classification conv, drawn afresh from `key` (for
-    fine-tuning on model.num_classes classes). Raises FileNotFoundError, CheckpointMismatch (one report
-    of every missing, unexpected and mis-shaped key, or why the file is not a detector)."""
+    params: dict
+    meta: dict
+    format: str
+
+
+def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_head: bool = False,
+                          key: rng.Key | None = None) -> DetectorWeights:
+    """Detector weights for model_cfg from a local file, read weights-only.
+
+    Args:
+      path: a retina_fn checkpoint (its trained and frozen parameters; the digest is verified), a
+        torchvision or mmdetection RetinaNet checkpoint, or a flat {path: tensor} dict.
+      model_cfg: the model the weights must fit.
+      reinit_class_head: keep everything but the classification conv, drawn afresh from `key` (for
+        fine-tuning on model.num_classes classes).
+
+    Returns:
+      DetectorWeights(params, meta, format).
+
+    Raises:
+      FileNotFoundError; CheckpointMismatch: one report of every missing, unexpected and mis-shaped key,
+      or why the file is not a detector.
+    """
     path = os.fspath(path)
     obj = read_checkpoint(path)
+    meta: dict = {}
     if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
         try:
-            state = checkpoint.load(path).state
+            restored = checkpoint.load(path)
         except checkpoint.CorruptCheckpoint as e:
             raise CheckpointMismatch(str(e)) from e
+        state, meta = restored.state, dict(restored.meta or {})
         if not isinstance(state, dict) or "params" not in state:
             raise CheckpointMismatch(f"{path}: a retina_fn checkpoint without 'params'")
         parts = [state["params"]] + ([state["frozen"]] if state.get("frozen") else [])
         state_dict = tree.flatten_by_path(tree.merge(*parts))
     else:
         state_dict = unwrap_state_dict(obj, path)
-    return from_state_dict(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=path)
+    fmt = detect_format(state_dict, path)
+    params = from_state_dict(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=path)
+    return DetectorWeights(params, meta, fmt)

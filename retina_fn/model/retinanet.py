@@ -2,7 +2,7 @@
 
     params = init(key, model_cfg)                         # {'backbone', 'fpn', 'head'}
     cls_logits, box_deltas = apply(params, images, model_cfg)   # [B, A, K], [B, A, 4]
-    anchors = anchor_boxes(canvas_hw, model_cfg)          # [A, 4], same order as the outputs
+    anchors = retina_fn.anchors.anchors(canvas_hw, model_cfg)   # [A, 4], same order as the outputs
 
 Batch-norm statistics ('running_mean', 'running_var') are leaves of the same tree but never train;
 `trainable_mask` says, per leaf, what the optimiser updates (the config, not flags hidden in objects).
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import rng, tree
+from retina_fn import anchors, rng, tree
 from retina_fn.model import fpn, head, resnet
 
 BN_STATISTICS = ("running_mean", "running_var")
-
-
-def num_anchors_per_cell(model_cfg) -> int:
-    return len(model_cfg.anchors.ratios) * int(model_cfg.anchors.scales_per_octave)
 
 
 def init(key: rng.Key, model_cfg) -> dict:
@@ -29,7 +25,7 @@ def init(key: rng.Key, model_cfg) -> dict:
     return {
         "backbone": resnet.init(k_backbone, model_cfg.backbone),
         "fpn": fpn.init(k_fpn, (c3, c4, c5), model_cfg.fpn),
-        "head": head.init(k_head, model_cfg.fpn.out_channels, num_anchors_per_cell(model_cfg),
+        "head": head.init(k_head, model_cfg.fpn.out_channels, anchors.anchors_per_cell(model_cfg.anchors),
                           model_cfg.num_classes, model_cfg.head),
     }
 
@@ -44,7 +40,7 @@ def features(params: dict, images: torch.Tensor, model_cfg) -> list[torch.Tensor
 
 def apply(params: dict, images: torch.Tensor, model_cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """images [B, 3, H, W] (normalised, H and W multiples of 32) ->
-    (cls_logits [B, A, K], box_deltas [B, A, 4]) in the anchor order of `anchor_boxes`."""
+    (cls_logits [B, A, K], box_deltas [B, A, 4]) in the anchor order of `retina_fn.anchors.anchors`."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     div = int(model_cfg.size_divisor)

@@ -16,25 +16,30 @@ from __future__ import annotations
 import torch
 
 from retina_fn import precision, rng, tree
-from retina_fn.model import retinanet
-from retina_fn.optim import make_optimizer
+from retina_fn.optim import Optimizer
 
 
-def init_train_state(cfg, key: rng.Key, params: dict | None = None, device: torch.device | str = "cpu") -> dict:
-    """A fresh state. `params` (e.g. with a pretrained backbone) replaces the random init when given."""
-    k_model, k_run = rng.split(key)
-    if params is None:
-        params = retinanet.init(k_model, cfg.model)
-    params = tree.cast(params, torch.float32, device)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
-    opt = make_optimizer(cfg.optim)
+def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rng.Key, loss_scale_cfg,
+                    device: torch.device | str = "cpu") -> dict:
+    """A fresh state around given parameters (any model).
+
+    Args:
+      trainable: the tree the optimiser updates; frozen: the rest of the model's tree ({} for none).
+      optimizer: its `init` builds state['opt'] (an in-place optimiser takes ownership of `trainable`).
+      key: int64 [2], stored as state['rng'].
+      loss_scale_cfg: train.loss_scale (init, growth_interval, factor, dynamic).
+      device: where the counters live (the parameters stay where they are).
+
+    Returns:
+      The state dict of the module docstring.
+    """
     return {
         "params": trainable,
         "frozen": frozen,
-        "opt": opt.init(trainable),
+        "opt": optimizer.init(trainable),
         "step": torch.zeros((), dtype=torch.int64, device=device),
-        "rng": k_run.to(device),
-        "loss_scale": precision.init_loss_scale(cfg.train.loss_scale, device),
+        "rng": key.to(device),
+        "loss_scale": precision.init_loss_scale(loss_scale_cfg, device),
         "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
     }
 

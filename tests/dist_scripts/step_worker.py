@@ -8,7 +8,7 @@ import sys
 import torch
 
 from retina_fn import parallel, rng, tree
-from retina_fn.train import init_train_state, make_train_step
+from retina_fn.train import build_optimizer, init_train_state, make_train_step
 from tests.dist_scripts.common import make_dist_cfg
 from tests.model_fixtures import synthetic_batch, tiny_config
 
@@ -22,9 +22,11 @@ def main(out_file: str, steps: int) -> None:
     cfg.optim.clip_norm = 5.0
     cfg.dist.normalizer = "global"
     per_rank = GLOBAL_BATCH // runtime.world_size
-    state = runtime.broadcast_tree(init_train_state(cfg, rng.key(0)))
+    optimizer = build_optimizer(cfg)
+    state = runtime.broadcast_tree(init_train_state(cfg, rng.key(0), optimizer))
     runtime.verify_same(state["params"])
-    step = make_train_step(cfg, steps_per_epoch=100, global_batch=GLOBAL_BATCH, reduce=runtime.reduce_mean)
+    step = make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=GLOBAL_BATCH,
+                           reduce=runtime.reduce_mean)
     for i in range(steps):
         full = synthetic_batch(num_boxes=(0, 2, 5, 1), seed=i)
         mine = {k: v[runtime.rank * per_rank:(runtime.rank + 1) * per_rank] for k, v in full.items()}

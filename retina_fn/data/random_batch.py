@@ -1,0 +1,59 @@
+"""Random batches in docs/conventions.md's layout, for tests, benchmarks and compile checks (no files)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | None = None,
+                 canvas: tuple[int, int] = (64, 96), max_boxes: int = 5, max_ignore_boxes: int = 2,
+                 num_classes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A batch of noise images, each filling the canvas, with random ground truth.
+
+    Args:
+      num_boxes: real boxes per image (its length is the batch size); None: `batch_size` images with 3..6
+        boxes each (capped at max_boxes), drawn from the seed.
+      batch_size: images when num_boxes is None.
+      canvas: (H, W); max_boxes: G, the padded ground-truth count; max_ignore_boxes: Gi (no crowd regions).
+      num_classes: labels are drawn from 0..num_classes-1.
+      seed: everything is drawn from one torch.Generator seeded with it.
+      dtype: of the image and the boxes (computed in float64 first, so float32 and float64 batches agree).
+      device: where the tensors go.
+
+    Returns:
+      {'image' [B, 3, H, W] standard normal, 'image_hw' int64 [B, 2] = canvas, 'boxes' [B, G, 4] (top-left
+      corner uniform in the upper-left 60% of the canvas, sides 8 + uniform(0, 35%) of the canvas, clipped to
+      it; padding rows 0), 'labels' int64 [B, G] (0 in padding), 'box_valid' bool [B, G], 'ignore_boxes' [B, Gi, 4],
+      'ignore_valid' bool [B, Gi] (all False), 'scale_factor' float32 [B, 2] ones, 'orig_hw' int64 [B, 2],
+      'image_id' int64 [B]}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if num_boxes is None:
+        if batch_size is None:
+            raise ValueError("random_batch needs num_boxes or batch_size")
+        num_boxes = [min(max_boxes, int(n)) for n in torch.randint(3, 7, (batch_size,), generator=g)]
+    b = len(num_boxes)
+    h, w = canvas
+    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6],
+                                                                                      dtype=torch.float64)
+    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.35, h * 0.35],
+                                                                                      dtype=torch.float64) + 8
+    valid = torch.arange(max_boxes)[None, :] < torch.tensor(list(num_boxes))[:, None]
+    limit = torch.tensor([w, h, w, h], dtype=torch.float64)
+    boxes = torch.minimum(torch.cat([xy, xy + wh], -1), limit).to(dtype) * valid[..., None]
+    batch = {
+        "image": torch.randn(b, 3, h, w, generator=g, dtype=torch.float64).to(dtype),
+        "image_hw": torch.tensor([[h, w]] * b),
+        "boxes": boxes,
+        "labels": torch.randint(0, num_classes, (b, max_boxes), generator=g) * valid,
+        "box_valid": valid,
+        "ignore_boxes": torch.zeros(b, max_ignore_boxes, 4, dtype=dtype),
+        "ignore_valid": torch.zeros(b, max_ignore_boxes, dtype=torch.bool),
+        "scale_factor": torch.ones(b, 2),
+        "orig_hw": torch.tensor([[h, w]] * b),
+        "image_id": torch.arange(b),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
