@@ -11,7 +11,7 @@ What differs from mmdetection's retinanet_r50_fpn_1x (configs/common.py):
   - focal / L1 losses normalised per image; post-processing thresholds (anchor, class) pairs per level
     before its top-1000 and keeps 300 boxes;
   - preprocessing normalises, then resizes the float image (size floored), see
-    retina_fn.interop.torchvision_preprocess.
+    retina_fn.data.resize.
 
 Evaluate the published weights (no conversion step; the file is read directly):
     python -m experiments.coco_retinanet --config configs/torchvision_retinanet_v1.py \\

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -34,19 +33,18 @@ import torch
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import evaluation
+from experiments import reporting
 from retina_fn import tree
 from retina_fn.data import transforms
 from retina_fn.data.coco import decode_image
+from retina_fn.data.resize import check_canvases_fit
+from retina_fn.data.transforms import CANVAS_MODES
 from retina_fn.parallel.backend import select_device
 from retina_fn.eval import coco_eval
-from retina_fn.interop import coco_names, detector, torchvision_preprocess
-from retina_fn.train.step import make_eval_step
+from retina_fn.interop import coco_names, load_detector_weights
+from retina_fn.train import make_eval_step
 
-log = logging.getLogger("retina_fn")
-
-RESIZE_MODES = ("mmdet", "torchvision")
-CANVAS_MODES = ("fixed", "tight")
+log = logging.getLogger(__name__)
 
 
 class ImageDetections(NamedTuple):
@@ -55,17 +53,6 @@ class ImageDetections(NamedTuple):
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
-
-
-def check_canvases_fit(data_cfg) -> None:
-    """Raises ValueError when some image could be resized beyond its canvas: a landscape canvas (H, W)
-    must hold (short limit, long limit) of data.scale, a portrait one (long limit, short limit)."""
-    long_max, short_max = max(data_cfg.scale), min(data_cfg.scale)
-    for name, need in (("landscape_canvas", (short_max, long_max)), ("portrait_canvas", (long_max, short_max))):
-        canvas = tuple(data_cfg[name])
-        if canvas[0] < need[0] or canvas[1] < need[1]:
-            raise ValueError(f"data.{name}={canvas} (H, W) cannot hold every image resized with data.scale="
-                             f"{tuple(data_cfg.scale)}: it needs at least {need}")
 
 
 def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -82,33 +69,20 @@ def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], t
     return coco_names.label_map_for(num_classes)
 
 
-def tight_canvas(size_hw: tuple[int, int], divisor: int) -> tuple[int, int]:
-    """(h, w) rounded up to multiples of `divisor`."""
-    return tuple(int(math.ceil(int(v) / divisor) * divisor) for v in size_hw)
-
-
 def preprocess(image: np.ndarray, cfg, canvas_mode: str = "fixed") -> dict:
-    """One decoded uint8 RGB image -> the eval transform's sample dict (image on its canvas, image_hw,
-    scale_factor, ...), resized as data.resize_mode says."""
-    data_cfg = cfg.data
-    mode = data_cfg.get("resize_mode", "mmdet")
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
-    if canvas_mode not in CANVAS_MODES:
-        raise ValueError(f"canvas mode must be one of {CANVAS_MODES}, got {canvas_mode!r}")
-    tcfg = transforms.TransformConfig.from_config(data_cfg)
-    h, w = image.shape[:2]
-    if mode == "torchvision":
-        resized = torchvision_preprocess.torchvision_size(h, w, tcfg.scale)
-    else:
-        resized = transforms.rescaled_size(h, w, tcfg.scale)
-    if canvas_mode == "tight":
-        canvas = tight_canvas(resized, int(cfg.model.size_divisor))
-        tcfg = tcfg._replace(landscape_canvas=canvas, portrait_canvas=canvas)
-    no_boxes = np.zeros((0, 4), np.float32)
-    if mode == "torchvision":
-        return torchvision_preprocess.torchvision_transform(image, no_boxes, no_boxes, tcfg, flip=False)
-    return transforms.eval_transform(image, no_boxes, no_boxes, tcfg)
+    """One decoded image -> the eval transform's sample dict, resized as data.resize_mode says.
+
+    Args:
+        image: uint8 RGB [h, w, 3].
+        cfg: the whole config (data block; model.size_divisor for the tight canvas).
+        canvas_mode: 'fixed' (the aspect group's canvas) or 'tight' (see `CANVAS_MODES`).
+
+    Returns:
+        `retina_fn.data.transforms.preprocess_for_inference`'s dict: image float32 [3, H, W], image_hw,
+        orig_hw, scale_factor, ...
+    """
+    return transforms.preprocess_for_inference(image, transforms.TransformConfig.from_config(cfg.data), canvas_mode,
+                                               int(cfg.model.size_divisor))
 
 
 def _batches(samples: Sequence[dict], batch_size: int) -> list[list[int]]:
@@ -171,8 +145,7 @@ def predict(cfg, weights: str, image_paths: Sequence[str], *, batch_size: int | 
     if canvas_mode == "fixed":
         check_canvases_fit(cfg.data)
     device = torch.device(device) if device is not None else select_device(cfg.dist.device).device
-    params, meta = evaluation.load_params(weights, cfg)
-    detector.check_params(params, cfg.model, f"the weights in {weights}")
+    params, meta, _ = load_detector_weights(weights, cfg.model)
     params = tree.cast(params, torch.float32, device)
     category_ids, names = label_table(int(cfg.model.num_classes), meta)
     images = [decode_image(p, image_id=i) for i, p in enumerate(image_paths)]
@@ -222,7 +195,7 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(argv, holders: dict[str, Any]):
-    logging.getLogger("retina_fn").setLevel(logging.INFO)
+    reporting.set_log_level(logging.INFO)
     value = {name: holder.value for name, holder in holders.items()}
     image_paths = list(value["images"]) + list(argv[1:])
     detections, category_ids, names, images = predict(value["config"], value["weights"], image_paths,

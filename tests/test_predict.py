@@ -15,7 +15,7 @@ from PIL import Image
 from experiments import predict
 from retina_fn import anchors as anchor_lib
 from retina_fn import checkpoint, rng
-from retina_fn.data import transforms
+from retina_fn.data import resize
 from retina_fn.interop import COCO80_IDS, COCO80_NAMES, to_torchvision
 from retina_fn.model import retinanet
 from retina_fn.postprocess import detect
@@ -135,11 +135,11 @@ def test_boxes_match_a_hand_rescaled_forward_pass(files):
     dets, *_ = predict.predict(cfg, files["ckpt"], [path], device="cpu")
     image = files["images"]["tall.png"]
     h, w = image.shape[:2]
-    new_h, new_w = transforms.rescaled_size(h, w, (96, 64))  # s = min(96 / 70, 64 / 40) = 96 / 70
+    new_h, new_w = resize.rescaled_size(h, w, (96, 64))  # s = min(96 / 70, 64 / 40) = 96 / 70
     assert (new_h, new_w) == (96, 55)
     canvas = (96, 64)  # the portrait canvas
     x = np.zeros((3, *canvas), np.float32)
-    resized = transforms.resize_image(image, (new_h, new_w)).astype(np.float32)
+    resized = resize.resize_image(image, (new_h, new_w)).astype(np.float32)
     normalised = (resized - np.array(cfg.data.mean, np.float32)) / np.array(cfg.data.std, np.float32)
     x[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
     with torch.no_grad():

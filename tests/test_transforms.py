@@ -1,54 +1,19 @@
+"""retina_fn/data/transforms.py: the pipeline of one image, for both resize modes."""
+
 import numpy as np
 import pytest
 
 from retina_fn import rng
+from retina_fn.data import resize
 from retina_fn.data import transforms as T
 
 CFG = T.TransformConfig()  # the 1x pipeline: (1333, 800), canvases 800x1344 / 1344x800
-
-
-@pytest.mark.parametrize("hw, expected", [
-    ((480, 640), (800, 1067)),    # s = min(1333/640, 800/480) = 5/3; 640 * 5/3 = 1066.67 -> 1067
-    ((640, 480), (1067, 800)),    # portrait
-    ((2000, 3000), (800, 1200)),  # s = min(0.4443, 0.4) = 0.4
-    ((500, 2000), (333, 1333)),   # long side binds: s = 0.6665; 500 * 0.6665 = 333.25 -> 333
-    ((800, 1333), (800, 1333)),   # already at the limits
-    ((427, 640), (800, 1199)),    # s = 800/427 = 1.873536; 640 * s = 1199.06 -> 1199
-])
-def test_rescaled_size_by_hand(hw, expected):
-    assert T.rescaled_size(*hw, (1333, 800)) == expected
-    assert T.rescaled_size(*hw, (800, 1333)) == expected  # order of the limits does not matter
 
 
 def test_canvas_by_aspect_group():
     assert T.canvas_for(480, 640, CFG) == (800, 1344)
     assert T.canvas_for(640, 480, CFG) == (1344, 800)
     assert T.canvas_for(500, 500, CFG) == (1344, 800)  # w <= h is the portrait group
-
-
-def _bilinear_reference(img, out_h, out_w):
-    """Half-pixel-centre bilinear with edge clamping, one output pixel at a time."""
-    in_h, in_w = img.shape[:2]
-    out = np.zeros((out_h, out_w, img.shape[2]))
-    for y in range(out_h):
-        sy = min(max((y + 0.5) * in_h / out_h - 0.5, 0.0), in_h - 1)
-        y0 = int(np.floor(sy)); y1 = min(y0 + 1, in_h - 1); fy = sy - y0
-        for x in range(out_w):
-            sx = min(max((x + 0.5) * in_w / out_w - 0.5, 0.0), in_w - 1)
-            x0 = int(np.floor(sx)); x1 = min(x0 + 1, in_w - 1); fx = sx - x0
-            top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
-            bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
-            out[y, x] = top * (1 - fy) + bottom * fy
-    return out
-
-
-@pytest.mark.parametrize("src, dst", [((3, 4), (5, 7)), ((6, 8), (3, 5)), ((5, 5), (5, 9))])
-def test_resize_is_plain_bilinear(src, dst):
-    img = np.random.default_rng(1).integers(0, 256, size=(*src, 3), dtype=np.uint8)
-    out = T.resize_image(img, dst)
-    assert out.dtype == np.uint8 and out.shape == (*dst, 3)
-    ref = _bilinear_reference(img.astype(np.float64), *dst)
-    assert np.abs(out.astype(np.float64) - ref).max() <= 1.0  # uint8 rounding
 
 
 def test_boxes_scaled_and_clipped_by_hand():
@@ -116,3 +81,75 @@ def test_flip_comes_from_the_key():
     cfg = CFG._replace(scale=(8, 6), landscape_canvas=(6, 8))
     for k, d in zip(keys[:20], decisions[:20]):
         assert T.train_transform(image, boxes, boxes, cfg, k)["flipped"] is d
+
+
+def test_mmdet_flip_mirrors_the_resized_image():
+    image = np.random.default_rng(4).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
+    cfg = CFG._replace(scale=(96, 64), landscape_canvas=(64, 96))
+    flipped = T.transform(image, np.zeros((0, 4)), np.zeros((0, 4)), cfg, flip=True)
+    new_h, new_w = flipped["image_hw"]
+    mirrored = resize.mmdet_resize_normalize(image, (new_h, new_w), cfg.mean, cfg.std)[:, :, ::-1]
+    np.testing.assert_array_equal(flipped["image"][:, :new_h, :new_w], mirrored)
+
+
+def test_torchvision_transform_boxes_canvas_and_flip():
+    cfg = CFG._replace(scale=(96, 64), landscape_canvas=(64, 96), portrait_canvas=(96, 64))
+    image = np.random.default_rng(1).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
+    boxes = np.array([[7.0, 9.0, 35.0, 40.0]], dtype=np.float32)
+    out = T.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=False)  # cfg says 'mmdet'
+    # s = min(64 / 45, 96 / 70) = 96 / 70; h = 45 * 96 / 70 = 61.7 -> 61 (floored)
+    assert tuple(out["image_hw"]) == (61, 96)
+    sx, sy = 96 / 70, 61 / 45
+    np.testing.assert_allclose(out["scale_factor"], [sx, sy], rtol=1e-6)
+    np.testing.assert_allclose(out["boxes"][0], [7 * sx, 9 * sy, 35 * sx, 40 * sy], rtol=1e-6)
+    assert out["image"].shape == (3, 64, 96) and np.all(out["image"][:, 61:, :] == 0)
+    same = T.transform(image, boxes, np.zeros((0, 4)), cfg._replace(resize_mode="torchvision"), flip=False)
+    for key in ("image", "boxes", "image_hw", "scale_factor"):
+        np.testing.assert_array_equal(out[key], same[key])
+    # the flip mirrors the uint8 input before it is normalised and resized
+    flipped = T.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=True)
+    np.testing.assert_allclose(flipped["boxes"][0], [(70 - 35) * sx, 9 * sy, (70 - 7) * sx, 40 * sy], rtol=1e-6)
+    mirrored = resize.torchvision_normalize_resize(np.ascontiguousarray(image[:, ::-1]), (61, 96), cfg.mean, cfg.std)
+    np.testing.assert_array_equal(flipped["image"][:, :61, :96], mirrored)
+    with pytest.raises(ValueError, match="does not fit the canvas"):
+        T.torchvision_transform(image, boxes, np.zeros((0, 4)), cfg, flip=False, canvas_hw=(32, 32))
+    assert T.torchvision_transform(image, boxes, boxes, cfg, flip=False, canvas_hw=(64, 128))["image"].shape == (
+        3, 64, 128)
+
+
+def test_transform_dispatches_through_the_table(monkeypatch):
+    image = np.zeros((6, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="data.resize_mode"):
+        T.eval_transform(image, np.zeros((0, 4)), np.zeros((0, 4)), CFG._replace(resize_mode="cv2"))
+
+    def constant(img, size_hw, mean, std, out=None):
+        out[...] = 7.0
+        return out
+
+    monkeypatch.setitem(resize.RESIZE_MODES, "halve", resize.ResizeRule(
+        lambda h, w, scale: (h // 2, w // 2), constant, flip_first=False))
+    out = T.eval_transform(image, np.array([[2.0, 2.0, 6.0, 4.0]]), np.zeros((0, 4)),
+                           CFG._replace(resize_mode="halve", landscape_canvas=(4, 8)))
+    assert out["image_hw"].tolist() == [3, 4] and out["image"].shape == (3, 4, 8)
+    assert (out["image"][:, :3, :4] == 7).all() and (out["image"][:, 3:] == 0).all()
+    np.testing.assert_array_equal(out["boxes"], [[1, 1, 3, 2]])
+
+
+@pytest.mark.parametrize("mode", ["mmdet", "torchvision"])
+def test_preprocess_for_inference(mode):
+    cfg = CFG._replace(scale=(96, 64), landscape_canvas=(64, 96), portrait_canvas=(96, 64), resize_mode=mode)
+    image = np.random.default_rng(3).integers(0, 256, size=(70, 40, 3), dtype=np.uint8)
+    fixed = T.preprocess_for_inference(image, cfg)
+    empty = np.zeros((0, 4), np.float32)
+    expected = T.eval_transform(image, empty, empty, cfg)
+    for key in ("image", "boxes", "ignore_boxes", "image_hw", "orig_hw", "scale_factor"):
+        np.testing.assert_array_equal(fixed[key], expected[key])
+    assert fixed["flipped"] is False and fixed["boxes"].shape == (0, 4)
+    np.testing.assert_array_equal(T.preprocess_for_inference(image, cfg, None)["image"], fixed["image"])
+    tight = T.preprocess_for_inference(image, cfg, "tight", size_divisor=32)
+    new_h, new_w = resize.resized_size(70, 40, cfg)  # (96, 55) mmdet, (96, 54) torchvision
+    assert tight["image"].shape == (3, 96, 64) and tight["image_hw"].tolist() == [new_h, new_w]
+    np.testing.assert_array_equal(tight["image"], fixed["image"])  # the portrait canvas is already tight
+    assert T.preprocess_for_inference(image, cfg, "tight", size_divisor=40)["image"].shape == (3, 120, 80)
+    with pytest.raises(ValueError, match="canvas mode must be one of"):
+        T.preprocess_for_inference(image, cfg, "loose")

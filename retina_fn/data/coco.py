@@ -1,5 +1,5 @@
 """COCO-format annotation files: parsing, validation, mmdetection's box and image filters, the category
-table, and image decoding.
+table and the records of its images.
 
 Parsing is done here (json + checks) rather than through pycocotools' loader so that every problem names
 the file, the image id or the annotation id and what is wrong; the evaluator still reads the original
@@ -15,34 +15,30 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
 - Training filters (`filter_empty_gt`, `min_size`): an image is kept when it has at least one annotation
   (mmdetection counts any annotation, crowd or later dropped, not just usable boxes) and its shorter side
   is >= min_size.
+
+Entry-level checks of the file: `retina_fn.data.coco_schema`; image decoding: `retina_fn.data.images`
+(both re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from retina_fn.data.coco_schema import (CocoFormatError, bbox_field, int_field, parse_images, read_json,
+                                        resolve_image_path)
+from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
+
+__all__ = [
+    "DROP_REASONS", "CocoFormatError", "CocoSet", "ImageLoadError", "ImageRecord", "LabelMap", "decode_image",
+    "load_coco", "load_record_image", "load_split", "resolve_image_path",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class CocoFormatError(ValueError):
-    """An annotation file that cannot be used: names the file and the offending entry."""
-
-
-class ImageLoadError(RuntimeError):
-    """An image that is missing or cannot be decoded."""
-
-    def __init__(self, message: str, path: str, image_id: int):
-        super().__init__(message)
-        self.path = path
-        self.image_id = image_id
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ class LabelMap:
         for pos, cat in enumerate(categories):
             if not isinstance(cat, Mapping):
                 raise CocoFormatError(f"{source}: categories[{pos}] is not an object")
-            cid = _int_field(cat, "id", f"{source}: categories[{pos}]")
+            cid = int_field(cat, "id", f"{source}: categories[{pos}]")
             name = cat.get("name")
             if not isinstance(name, str):
                 raise CocoFormatError(f"{source}: category id {cid} has no string 'name'")
@@ -194,51 +190,10 @@ class _ImageAnnotations:
     count: int = 0
 
 
-def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, min_size: int = 0) -> CocoSet:
-    """Reads and validates a COCO-format detection file.
-
-    ann_file: the JSON file; image_root: the folder `file_name`s are relative to. filter_empty_gt and
-    min_size are the training filters (evaluation keeps every image). Raises CocoFormatError naming the
-    file and the image or annotation id for malformed input; logs one summary line of dropped boxes.
-    """
-    data = _read_json(ann_file)
-    label_map = LabelMap.from_categories(data["categories"], ann_file)
-    images = _parse_images(data["images"], ann_file, image_root)
-    counts = {reason: 0 for reason in DROP_REASONS}
-    counts.update(crowd=0, boxes=0)
-    per_image = {image_id: _ImageAnnotations() for image_id in images}
-
-    for pos, ann in enumerate(data.get("annotations", [])):
-        where = f"{ann_file}: annotations[{pos}]"
-        if not isinstance(ann, Mapping):
-            raise CocoFormatError(f"{where} is not an object")
-        ann_id = _int_field(ann, "id", where)
-        where = f"{ann_file}: annotation id {ann_id}"
-        image_id = _int_field(ann, "image_id", where)
-        if image_id not in images:
-            raise CocoFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        where = f"{where} (image id {image_id})"
-        category_id = _int_field(ann, "category_id", where)
-        if category_id not in label_map:
-            raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
-                                  f"(known ids: {list(label_map.category_ids)})")
-        x, y, w, h = _bbox_field(ann, where)
-        acc = per_image[image_id]
-        acc.count += 1
-        height, width = images[image_id][1:3]
-        reason = _drop_reason(ann, x, y, w, h, height, width, where)
-        if reason is not None:
-            counts[reason] += 1
-            continue
-        box = [x, y, x + w, y + h]
-        if ann.get("iscrowd", 0):
-            acc.ignore_boxes.append(box)
-            counts["crowd"] += 1
-        else:
-            acc.boxes.append(box)
-            acc.labels.append(label_map.index_of(category_id))
-            counts["boxes"] += 1
-
+def _kept_records(images: dict, per_image: dict, filter_empty_gt: bool, min_size: int, counts: dict
+                  ) -> list[ImageRecord]:
+    """One ImageRecord per image that passes the training filters, in file order; counts the others
+    (counts['images_empty'], counts['images_small'])."""
     records = []
     counts.update(images_empty=0, images_small=0)
     for image_id, (file_name, height, width, path) in images.items():
@@ -255,7 +210,55 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
             labels=np.asarray(acc.labels, dtype=np.int64).reshape(-1),
             ignore_boxes=np.asarray(acc.ignore_boxes, dtype=np.float32).reshape(-1, 4),
             num_annotations=acc.count))
+    return records
 
+
+def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, min_size: int = 0) -> CocoSet:
+    """Reads and validates a COCO-format detection file.
+
+    ann_file: the JSON file; image_root: the folder `file_name`s are relative to. filter_empty_gt and
+    min_size are the training filters (evaluation keeps every image). Raises CocoFormatError naming the
+    file and the image or annotation id for malformed input; logs one summary line of dropped boxes.
+    """
+    data = read_json(ann_file)
+    label_map = LabelMap.from_categories(data["categories"], ann_file)
+    images = parse_images(data["images"], ann_file, image_root)
+    counts = {reason: 0 for reason in DROP_REASONS}
+    counts.update(crowd=0, boxes=0)
+    per_image = {image_id: _ImageAnnotations() for image_id in images}
+
+    for pos, ann in enumerate(data.get("annotations", [])):
+        where = f"{ann_file}: annotations[{pos}]"
+        if not isinstance(ann, Mapping):
+            raise CocoFormatError(f"{where} is not an object")
+        ann_id = int_field(ann, "id", where)
+        where = f"{ann_file}: annotation id {ann_id}"
+        image_id = int_field(ann, "image_id", where)
+        if image_id not in images:
+            raise CocoFormatError(f"{where}: image_id {image_id} is not in 'images'")
+        where = f"{where} (image id {image_id})"
+        category_id = int_field(ann, "category_id", where)
+        if category_id not in label_map:
+            raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
+                                  f"(known ids: {list(label_map.category_ids)})")
+        x, y, w, h = bbox_field(ann, where)
+        acc = per_image[image_id]
+        acc.count += 1
+        height, width = images[image_id][1:3]
+        reason = _drop_reason(ann, x, y, w, h, height, width, where)
+        if reason is not None:
+            counts[reason] += 1
+            continue
+        box = [x, y, x + w, y + h]
+        if ann.get("iscrowd", 0):
+            acc.ignore_boxes.append(box)
+            counts["crowd"] += 1
+        else:
+            acc.boxes.append(box)
+            acc.labels.append(label_map.index_of(category_id))
+            counts["boxes"] += 1
+
+    records = _kept_records(images, per_image, filter_empty_gt, min_size, counts)
     dropped = sum(counts[r] for r in DROP_REASONS)
     log = logger.warning if dropped else logger.info
     log("%s: %d of %d images kept (%d without annotations, %d with short side < %d removed); %d boxes, "
@@ -279,81 +282,6 @@ def load_split(data_cfg, split: str) -> CocoSet:
     return load_coco(ann, images)
 
 
-def _read_json(ann_file: str) -> dict:
-    try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CocoFormatError(f"{ann_file}: malformed JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CocoFormatError(f"{ann_file}: the top level must be an object, got {type(data).__name__}")
-    for key in ("images", "categories"):
-        if key not in data:
-            raise CocoFormatError(f"{ann_file}: missing top-level key '{key}'")
-    if not isinstance(data["images"], list):
-        raise CocoFormatError(f"{ann_file}: 'images' must be a list")
-    if not isinstance(data.get("annotations", []), list):
-        raise CocoFormatError(f"{ann_file}: 'annotations' must be a list")
-    return data
-
-
-def _parse_images(entries: list, ann_file: str, image_root: str) -> dict[int, tuple[str, int, int, str]]:
-    """image id -> (file_name, height, width, resolved path), in file order."""
-    images: dict[int, tuple[str, int, int, str]] = {}
-    for pos, img in enumerate(entries):
-        where = f"{ann_file}: images[{pos}]"
-        if not isinstance(img, Mapping):
-            raise CocoFormatError(f"{where} is not an object")
-        image_id = _int_field(img, "id", where)
-        where = f"{ann_file}: image id {image_id}"
-        if image_id in images:
-            raise CocoFormatError(f"{where} appears twice in 'images'")
-        height = _int_field(img, "height", where)
-        width = _int_field(img, "width", where)
-        if height <= 0 or width <= 0:
-            raise CocoFormatError(f"{where}: width and height must be positive, got {width}x{height}")
-        file_name = img.get("file_name")
-        if not isinstance(file_name, str) or not file_name:
-            raise CocoFormatError(f"{where}: missing or empty 'file_name'")
-        images[image_id] = (file_name, height, width, resolve_image_path(image_root, file_name, where))
-    return images
-
-
-def resolve_image_path(image_root: str, file_name: str, where: str = "") -> str:
-    """image_root/file_name, refusing absolute names and names that climb out of the root with '..'."""
-    prefix = f"{where}: " if where else ""
-    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")) or os.path.splitdrive(file_name)[0]:
-        raise CocoFormatError(f"{prefix}file_name {file_name!r} is an absolute path; it must be relative "
-                              f"to the image folder")
-    normal = os.path.normpath(file_name.replace("\\", "/"))
-    if normal == ".." or normal.startswith("../"):
-        raise CocoFormatError(f"{prefix}file_name {file_name!r} escapes the image folder with '..'")
-    return os.path.join(image_root, normal)
-
-
-def _int_field(entry: Mapping, key: str, where: str) -> int:
-    if key not in entry:
-        raise CocoFormatError(f"{where}: missing key '{key}'")
-    value = entry[key]
-    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not integral:
-        raise CocoFormatError(f"{where}: '{key}' must be an integer, got {value!r}")
-    return int(value)
-
-
-def _bbox_field(ann: Mapping, where: str) -> tuple[float, float, float, float]:
-    if "bbox" not in ann:
-        raise CocoFormatError(f"{where}: missing key 'bbox'")
-    bbox = ann["bbox"]
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-            or not all(math.isfinite(v) for v in bbox)):
-        raise CocoFormatError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-    return tuple(float(v) for v in bbox)
-
-
 def _drop_reason(ann: Mapping, x: float, y: float, w: float, h: float, height: int, width: int,
                  where: str) -> str | None:
     """Which of mmdetection's annotation filters removes this box, or None to keep it."""
@@ -371,32 +299,3 @@ def _drop_reason(ann: Mapping, x: float, y: float, w: float, h: float, height: i
     if w < 1 or h < 1:
         return "too_small"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images
-
-
-def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Reads an image file as RGB uint8 [H, W, 3], applying its EXIF orientation (as OpenCV's default
-    colour read does). expect_hw: the (height, width) the annotation file states; a different decoded
-    size is an error because the boxes would not fit the pixels. Raises ImageLoadError naming the
-    file and image id."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = np.array(im.convert("RGB"))  # writable, so torch.from_numpy is safe
-    except FileNotFoundError:
-        raise ImageLoadError(f"image file not found: {path} (image id {image_id})", path, image_id) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"cannot decode image {path} (image id {image_id}): {e}", path, image_id) from None
-    if expect_hw is not None and tuple(rgb.shape[:2]) != tuple(expect_hw):
-        raise ImageLoadError(
-            f"image {path} (image id {image_id}) decodes to {rgb.shape[1]}x{rgb.shape[0]} (w x h) but the "
-            f"annotation file says {expect_hw[1]}x{expect_hw[0]} (EXIF orientation is applied)", path, image_id)
-    return rgb
-
-
-def load_record_image(record: ImageRecord) -> np.ndarray:
-    """`decode_image` for a record, checked against the record's size."""
-    return decode_image(record.path, record.image_id, (record.height, record.width))

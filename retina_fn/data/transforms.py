@@ -1,5 +1,7 @@
-"""Host-side image and box transforms of mmdetection's 1x pipeline, as pure functions over numpy arrays:
-keep-ratio resize -> horizontal flip -> normalise -> zero-pad onto the aspect group's fixed canvas.
+"""Host-side image and box transforms, as pure functions over numpy arrays: keep-ratio resize ->
+horizontal flip -> normalise -> zero-pad onto the aspect group's fixed canvas (mmdetection's 1x pipeline
+with data.resize_mode 'mmdet'; torchvision's preprocessing with 'torchvision', see
+`retina_fn.data.resize`, which holds both resize rules in its table RESIZE_MODES).
 
 The only randomness is the flip, drawn from the sample's key (`retina_fn.rng.numpy_generator`), so a
 sample is augmented the same in any worker or process.
@@ -7,13 +9,15 @@ sample is augmented the same in any worker or process.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retina_fn import rng
+from retina_fn.data import resize
+
+CANVAS_MODES = ("fixed", "tight")
 
 
 class TransformConfig(NamedTuple):
@@ -25,10 +29,19 @@ class TransformConfig(NamedTuple):
     flip_prob: float = 0.5
     landscape_canvas: tuple[int, int] = (800, 1344)  # (H, W) for w > h
     portrait_canvas: tuple[int, int] = (1344, 800)  # (H, W) for w <= h
-    resize_mode: str = "mmdet"  # 'mmdet': resize uint8, then normalise | 'torchvision': normalise, then resize
+    resize_mode: str = "mmdet"  # a key of resize.RESIZE_MODES: 'mmdet' | 'torchvision'
 
     @classmethod
     def from_config(cls, data_cfg) -> "TransformConfig":
+        """The transform settings of a config.
+
+        Args:
+            data_cfg: the `data` config block (scale, mean, std, flip_prob, the two canvases and
+                optionally resize_mode, which defaults to 'mmdet').
+
+        Returns:
+            A TransformConfig with tuples of ints / floats.
+        """
         return cls(scale=tuple(data_cfg.scale), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
                    flip_prob=float(data_cfg.flip_prob), landscape_canvas=tuple(data_cfg.landscape_canvas),
                    portrait_canvas=tuple(data_cfg.portrait_canvas),
@@ -36,35 +49,41 @@ class TransformConfig(NamedTuple):
 
 
 def is_landscape(height: int, width: int) -> bool:
-    """The aspect group: True (landscape) when w > h, as mmdetection's group flag w / h > 1."""
+    """The aspect group of an image, as mmdetection's group flag w / h > 1.
+
+    Args:
+        height, width: the original image size in pixels.
+
+    Returns:
+        True (landscape) when w > h, False (portrait) otherwise.
+    """
     return width > height
 
 
 def canvas_for(height: int, width: int, cfg: TransformConfig) -> tuple[int, int]:
-    """(H, W) of the canvas an image of this original size is padded onto."""
+    """The fixed canvas of an image's aspect group.
+
+    Args:
+        height, width: the original image size in pixels.
+        cfg: a TransformConfig (or anything with landscape_canvas and portrait_canvas).
+
+    Returns:
+        (H, W) ints: cfg.landscape_canvas when w > h, else cfg.portrait_canvas.
+    """
     return tuple(cfg.landscape_canvas) if is_landscape(height, width) else tuple(cfg.portrait_canvas)
 
 
-def rescaled_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmdetection's keep-ratio size: s = min(long_max / long, short_max / short), new = int(dim * s + 0.5).
-    Returns (new_h, new_w)."""
-    long_max, short_max = max(scale), min(scale)
-    s = min(long_max / max(height, width), short_max / min(height, width))
-    return int(height * s + 0.5), int(width * s + 0.5)
-
-
-def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of uint8 [h, w, 3] to [H, W, 3] uint8 with half-pixel centres and no antialiasing,
-    the semantics of OpenCV's INTER_LINEAR that mmcv uses (Pillow would antialias when shrinking)."""
-    if tuple(image.shape[:2]) == tuple(size_hw):
-        return image
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(chw, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=False)
-    return out[0].permute(1, 2, 0).contiguous().numpy()
-
-
 def scale_boxes(boxes: np.ndarray, sx: float, sy: float, clip_hw: tuple[int, int]) -> np.ndarray:
-    """Boxes [N, 4] xyxy times (sx, sy, sx, sy), then x clipped to [0, W] and y to [0, H] (float32)."""
+    """Boxes scaled to resized pixels and clipped to the resized image.
+
+    Args:
+        boxes: [N, 4] xyxy (any float dtype).
+        sx, sy: the x and y scale factors.
+        clip_hw: (H, W) of the resized image.
+
+    Returns:
+        float32 [N, 4]: boxes times float32 (sx, sy, sx, sy), x clipped to [0, W] and y to [0, H].
+    """
     factors = np.array([sx, sy, sx, sy], dtype=np.float32)
     out = boxes.astype(np.float32) * factors
     h, w = clip_hw
@@ -74,7 +93,15 @@ def scale_boxes(boxes: np.ndarray, sx: float, sy: float, clip_hw: tuple[int, int
 
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """Horizontal flip of boxes [N, 4] in an image of this width: x1' = W - x2, x2' = W - x1."""
+    """Horizontal flip of boxes in an image of this width.
+
+    Args:
+        boxes: [N, 4] xyxy.
+        width: the image width W.
+
+    Returns:
+        A new [N, 4] array of boxes' dtype: x1' = W - x2, x2' = W - x1, y unchanged.
+    """
     out = boxes.copy()
     out[:, 0] = width - boxes[:, 2]
     out[:, 2] = width - boxes[:, 0]
@@ -82,60 +109,53 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 
 def flip_image(image: np.ndarray) -> np.ndarray:
-    """Mirror [H, W, C] left-right."""
+    """Mirror an image left-right.
+
+    Args:
+        image: [H, W, C].
+
+    Returns:
+        A view [H, W, C] with the columns reversed.
+    """
     return image[:, ::-1]
 
 
-def normalize_and_pad(image: np.ndarray, mean, std, canvas_hw: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB [h, w, 3] -> float32 [3, H, W]: (pixel - mean) / std inside the image and 0 (zero in
-    normalised space, as mmdetection pads after normalising) on the bottom/right padding."""
-    h, w = image.shape[:2]
-    ch, cw = canvas_hw
-    if h > ch or w > cw:
-        raise ValueError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
-                         f"data.scale fit data.landscape_canvas / data.portrait_canvas")
-    canvas = np.zeros((3, ch, cw), dtype=np.float32)
-    inv_std = 1.0 / np.asarray(std, dtype=np.float64)
-    for c in range(3):
-        plane = image[:, :, c].astype(np.float32)
-        plane -= np.float32(mean[c])
-        plane *= np.float32(inv_std[c])
-        canvas[c, :h, :w] = plane
-    return canvas
-
-
 def flip_decision(key: torch.Tensor, prob: float) -> bool:
-    """Whether the sample with this key is flipped: the first uniform draw of its numpy generator < prob."""
+    """Whether the sample with this key is flipped.
+
+    Args:
+        key: the sample's key, int64 [2].
+        prob: the flip probability.
+
+    Returns:
+        True when the first uniform draw of the key's numpy generator is < prob.
+    """
     return bool(rng.numpy_generator(key).random() < prob)
 
 
-def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg: TransformConfig, *,
-              flip: bool) -> dict:
-    """The whole pipeline for one decoded image.
-
-    image uint8 [h, w, 3]; boxes [N, 4] and ignore_boxes [M, 4] xyxy in original pixels.
-    Returns a dict: image float32 [3, H, W] on the canvas of the image's aspect group; boxes [N, 4] and
-    ignore_boxes [M, 4] float32 in resized pixels; image_hw (new_h, new_w); orig_hw (h, w);
-    scale_factor float32 (sx, sy) = (new_w / w, new_h / h); flipped bool.
-    """
-    if cfg.resize_mode == "torchvision":
-        from retina_fn.interop.torchvision_preprocess import torchvision_transform  # imports this module
-
-        return torchvision_transform(image, boxes, ignore_boxes, cfg, flip=flip)
-    if cfg.resize_mode != "mmdet":
-        raise ValueError(f"data.resize_mode must be 'mmdet' or 'torchvision', got {cfg.resize_mode!r}")
+def _apply(rule: resize.ResizeRule, image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg, *,
+           flip: bool, canvas_hw: Sequence[int] | None) -> dict:
+    """`transform` with an explicit resize rule and canvas (None: the aspect group's)."""
     h, w = image.shape[:2]
-    new_h, new_w = rescaled_size(h, w, cfg.scale)
+    new_h, new_w = rule.size(h, w, tuple(cfg.scale))
     sx, sy = new_w / w, new_h / h
-    resized = resize_image(image, (new_h, new_w))
-    boxes = scale_boxes(boxes.reshape(-1, 4), sx, sy, (new_h, new_w))
-    ignore_boxes = scale_boxes(ignore_boxes.reshape(-1, 4), sx, sy, (new_h, new_w))
-    if flip:
-        resized = flip_image(resized)
+    canvas = resize.new_canvas((new_h, new_w), canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw))
+    pixels = canvas[:, :new_h, :new_w]
+    boxes, ignore_boxes = boxes.reshape(-1, 4), ignore_boxes.reshape(-1, 4)
+    if flip and rule.flip_first:  # mirror the input, boxes in original pixels
+        image = flip_image(image)
+        boxes = flip_boxes(boxes.astype(np.float32), w)
+        ignore_boxes = flip_boxes(ignore_boxes.astype(np.float32), w)
+    elif flip:  # mirror the resized image: its normalised pixels are written right to left
+        pixels = pixels[:, :, ::-1]
+    rule.resize_normalize(image, (new_h, new_w), cfg.mean, cfg.std, out=pixels)
+    boxes = scale_boxes(boxes, sx, sy, (new_h, new_w))
+    ignore_boxes = scale_boxes(ignore_boxes, sx, sy, (new_h, new_w))
+    if flip and not rule.flip_first:  # mirror the resized boxes
         boxes = flip_boxes(boxes, new_w)
         ignore_boxes = flip_boxes(ignore_boxes, new_w)
     return dict(
-        image=normalize_and_pad(resized, cfg.mean, cfg.std, canvas_for(h, w, cfg)),
+        image=canvas,
         boxes=boxes,
         ignore_boxes=ignore_boxes,
         image_hw=np.array([new_h, new_w], dtype=np.int64),
@@ -145,13 +165,92 @@ def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cf
     )
 
 
+def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg: TransformConfig, *,
+              flip: bool) -> dict:
+    """The whole pipeline for one decoded image, resized by the rule of cfg.resize_mode
+    (`resize.RESIZE_MODES`).
+
+    Args:
+        image: uint8 RGB [h, w, 3].
+        boxes: [N, 4] xyxy in original pixels (any float dtype); ignore_boxes: [M, 4] likewise.
+        cfg: the TransformConfig.
+        flip: mirror the image left-right.
+
+    Returns:
+        A dict: image float32 [3, H, W] on the canvas of the image's aspect group (zero padding at the
+        bottom / right); boxes float32 [N, 4] and ignore_boxes float32 [M, 4] in resized pixels, clipped
+        to the resized image; image_hw int64 [2] (new_h, new_w); orig_hw int64 [2] (h, w);
+        scale_factor float32 [2] (sx, sy) = (new_w / w, new_h / h); flipped bool.
+        ValueError for an unknown cfg.resize_mode or a resized image larger than its canvas.
+    """
+    return _apply(resize.resize_rule(cfg.resize_mode), image, boxes, ignore_boxes, cfg, flip=flip, canvas_hw=None)
+
+
+def torchvision_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg, *, flip: bool,
+                          canvas_hw: Sequence[int] | None = None) -> dict:
+    """`transform` with torchvision's resize rule whatever cfg.resize_mode says, optionally on a given
+    canvas (e.g. torchvision's own padded batch size, `resize.batch_canvas`).
+
+    Args:
+        image, boxes, ignore_boxes, flip: as for `transform`.
+        cfg: a TransformConfig, or anything with scale, mean, std and the two canvases (the `data` block).
+        canvas_hw: (H, W) of the canvas; None for the aspect group's.
+
+    Returns:
+        The dict of `transform` (image float32 [3, H, W] on that canvas).
+    """
+    return _apply(resize.RESIZE_MODES["torchvision"], image, boxes, ignore_boxes, cfg, flip=flip,
+                  canvas_hw=canvas_hw)
+
+
 def train_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg: TransformConfig,
                     key: torch.Tensor) -> dict:
-    """`transform` with the flip drawn from `key` (int64[2]) with probability cfg.flip_prob."""
+    """`transform` with the flip drawn from the sample's key.
+
+    Args:
+        image, boxes, ignore_boxes, cfg: as for `transform`.
+        key: the sample's key, int64 [2]; flipped with probability cfg.flip_prob (`flip_decision`).
+
+    Returns:
+        The dict of `transform`.
+    """
     return transform(image, boxes, ignore_boxes, cfg, flip=flip_decision(key, cfg.flip_prob))
 
 
 def eval_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg: TransformConfig) -> dict:
-    """`transform` without flipping (mmdetection's test pipeline: same resize, normalise, pad)."""
+    """`transform` without flipping (mmdetection's test pipeline: same resize, normalise, pad).
+
+    Args:
+        image, boxes, ignore_boxes, cfg: as for `transform`.
+
+    Returns:
+        The dict of `transform` (flipped False).
+    """
     return transform(image, boxes, ignore_boxes, cfg, flip=False)
 
+
+def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: str | None = "fixed",
+                             size_divisor: int = 32) -> dict:
+    """`eval_transform` of one decoded image without annotations, for prediction.
+
+    Args:
+        image: uint8 RGB [h, w, 3].
+        cfg: the TransformConfig (its resize_mode picks the resize rule).
+        canvas: 'fixed' (or None): the aspect group's canvas, as in evaluation; 'tight': the resized size
+            rounded up to a multiple of `size_divisor` (what mmdetection and torchvision do at batch size 1).
+        size_divisor: the model's size divisor (model.size_divisor), used by 'tight'.
+
+    Returns:
+        The dict of `transform` with flip=False and boxes / ignore_boxes float32 [0, 4]: image float32
+        [3, H, W], image_hw, orig_hw, scale_factor, flipped. ValueError for an unknown resize mode or
+        canvas mode, or a resized image larger than the fixed canvas.
+    """
+    rule = resize.resize_rule(cfg.resize_mode)
+    canvas = "fixed" if canvas is None else canvas
+    if canvas not in CANVAS_MODES:
+        raise ValueError(f"canvas mode must be one of {CANVAS_MODES}, got {canvas!r}")
+    canvas_hw = None
+    if canvas == "tight":
+        canvas_hw = resize.tight_canvas(rule.size(*image.shape[:2], tuple(cfg.scale)), int(size_divisor))
+    no_boxes = np.zeros((0, 4), np.float32)
+    return _apply(rule, image, no_boxes, no_boxes, cfg, flip=False, canvas_hw=canvas_hw)

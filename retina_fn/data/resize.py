@@ -1,0 +1,257 @@
+"""The resize rules of the input pipeline, one per `data.resize_mode`, and the canvases resized images
+are padded onto. Host-side functions over numpy arrays.
+
+'mmdet' (mmdetection's 1x pipeline):
+  1. size: s = min(long_max / long side, short_max / short side), new side = int(side * s + 0.5)
+     (rounded);
+  2. the uint8 image is resized bilinearly (half-pixel centres, no antialiasing: OpenCV's INTER_LINEAR,
+     which mmcv uses), then normalised to float32 (pixel - mean) / std;
+  3. a flip mirrors the resized image (mmdetection's RandomFlip follows Resize).
+'torchvision' (GeneralizedRCNNTransform):
+  1. size: s = min(min_size / short side, max_size / long side), new side = int(side * s) (floored);
+  2. pixels become float32 in [0, 1] (uint8 / 255), are normalised with mean / 255 and std / 255
+     ((0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) for the default data.mean / data.std), and the
+     *normalised float* image is resized bilinearly (half-pixel centres, no antialiasing);
+  3. a flip mirrors the uint8 input (torchvision's training transforms flip before the model's own
+     transform).
+With data.scale = (1333, 800) both use the limits 1333 (long side) and 800 (short side); torchvision
+calls them max_size and min_size.
+
+Both zero-pad (zero in normalised space) at the bottom / right: onto the aspect group's fixed canvas
+(data.landscape_canvas / data.portrait_canvas), or onto a tight canvas, the resized size rounded up to
+a multiple of the model's size divisor, as mmdetection and torchvision pad a batch.
+
+`RESIZE_MODES` is the one table of modes; `retina_fn.data.transforms.transform` reads it, so a new mode
+is one entry here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SizeRule = Callable[[int, int, Sequence[int]], tuple[int, int]]
+ResizeNormalize = Callable[..., np.ndarray]
+
+
+def rescaled_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmdetection's keep-ratio size (the 'mmdet' size rule).
+
+    Args:
+        height, width: the original image size in pixels.
+        scale: (long side limit, short side limit), in either order (the larger is the long-side limit).
+
+    Returns:
+        (new_h, new_w) ints: s = min(long_max / long, short_max / short), new = int(dim * s + 0.5).
+    """
+    long_max, short_max = max(scale), min(scale)
+    s = min(long_max / max(height, width), short_max / min(height, width))
+    return int(height * s + 0.5), int(width * s + 0.5)
+
+
+def torchvision_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """torchvision's keep-ratio size (the 'torchvision' size rule).
+
+    Args:
+        height, width: the original image size in pixels.
+        scale: (max_size, min_size), in either order (the larger is the long-side limit).
+
+    Returns:
+        (new_h, new_w) ints: s = min(min_size / short, max_size / long), new = int(dim * s) (floored).
+    """
+    max_size, min_size = max(scale), min(scale)
+    s = min(min_size / min(height, width), max_size / max(height, width))
+    return int(height * s), int(width * s)
+
+
+def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
+    """Bilinear resize with half-pixel centres and no antialiasing, the semantics of OpenCV's
+    INTER_LINEAR that mmcv uses (Pillow would antialias when shrinking).
+
+    Args:
+        image: uint8 [h, w, 3].
+        size_hw: (H, W) of the result.
+
+    Returns:
+        uint8 [H, W, 3]; `image` itself when it already has that size.
+    """
+    if tuple(image.shape[:2]) == tuple(size_hw):
+        return image
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+    out = F.interpolate(chw, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=False)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def mmdet_resize_normalize(image: np.ndarray, size_hw: Sequence[int], mean, std,
+                           out: np.ndarray | None = None) -> np.ndarray:
+    """mmdetection's order: resize the uint8 image (`resize_image`), then normalise it in float32.
+
+    Args:
+        image: uint8 RGB [h, w, 3].
+        size_hw: (new_h, new_w).
+        mean, std: 3 per-channel floats in 0..255 units (the data config's).
+        out: optional float32 [3, new_h, new_w] (e.g. a view of a canvas) written in place.
+
+    Returns:
+        float32 [3, new_h, new_w] = (pixel - mean) / std, computed as (pixel - mean) * float32(1 / std);
+        `out` when given.
+    """
+    resized = resize_image(image, size_hw)
+    if out is None:
+        out = np.empty((3, *(int(v) for v in size_hw)), dtype=np.float32)
+    inv_std = 1.0 / np.asarray(std, dtype=np.float64)
+    for c in range(3):
+        plane = resized[:, :, c].astype(np.float32)
+        plane -= np.float32(mean[c])
+        plane *= np.float32(inv_std[c])
+        out[c] = plane
+    return out
+
+
+def torchvision_normalize_resize(image: np.ndarray, size_hw: Sequence[int], mean, std,
+                                 out: np.ndarray | None = None) -> np.ndarray:
+    """torchvision's order: normalise in [0, 1] units, then resize the float image.
+
+    Args:
+        image: uint8 RGB [h, w, 3] (ValueError otherwise).
+        size_hw: (new_h, new_w).
+        mean, std: 3 per-channel floats in 0..255 units (the data config's); used as mean / 255 and
+            std / 255.
+        out: optional float32 [3, new_h, new_w] (e.g. a view of a canvas) written in place.
+
+    Returns:
+        float32 [3, new_h, new_w]: (pixel / 255 - mean / 255) / (std / 255) in float32, resized bilinearly
+        (half-pixel centres, no antialiasing); `out` when given.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 [h, w, 3], got {image.dtype} {tuple(image.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32) / 255
+    mean01 = torch.tensor([float(m) / 255.0 for m in mean], dtype=torch.float32)
+    std01 = torch.tensor([float(s) / 255.0 for s in std], dtype=torch.float32)
+    x = (x - mean01[:, None, None]) / std01[:, None, None]
+    resized = F.interpolate(x[None], size=tuple(int(v) for v in size_hw), mode="bilinear", align_corners=False,
+                            antialias=False)[0].numpy()
+    if out is None:
+        return resized
+    out[...] = resized
+    return out
+
+
+class ResizeRule(NamedTuple):
+    """How one resize mode turns a decoded image into normalised pixels.
+
+    size: (height, width, scale) -> (new_h, new_w), as `rescaled_size` / `torchvision_size`.
+    resize_normalize: (uint8 [h, w, 3], (new_h, new_w), mean, std, out=float32 [3, new_h, new_w] or None)
+        -> float32 [3, new_h, new_w], as `mmdet_resize_normalize` / `torchvision_normalize_resize`.
+    flip_first: True when a flip mirrors the uint8 input and its boxes (original pixels) before resizing;
+        False when it mirrors the resized image and the resized boxes.
+    """
+
+    size: SizeRule
+    resize_normalize: ResizeNormalize
+    flip_first: bool
+
+
+RESIZE_MODES: dict[str, ResizeRule] = {
+    "mmdet": ResizeRule(rescaled_size, mmdet_resize_normalize, flip_first=False),
+    "torchvision": ResizeRule(torchvision_size, torchvision_normalize_resize, flip_first=True),
+}
+
+
+def resize_rule(mode: str) -> ResizeRule:
+    """The table entry of a resize mode.
+
+    Args:
+        mode: a key of `RESIZE_MODES` (data.resize_mode).
+
+    Returns:
+        Its ResizeRule; ValueError naming data.resize_mode and the known modes for any other value.
+    """
+    try:
+        return RESIZE_MODES[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"data.resize_mode must be one of {tuple(RESIZE_MODES)}, got {mode!r}") from None
+
+
+def resized_size(height: int, width: int, cfg) -> tuple[int, int]:
+    """The size an image is resized to under the configured mode.
+
+    Args:
+        height, width: the original image size in pixels.
+        cfg: a TransformConfig (or anything with resize_mode and scale).
+
+    Returns:
+        (new_h, new_w) ints.
+    """
+    return resize_rule(cfg.resize_mode).size(height, width, tuple(cfg.scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Canvases
+
+
+def new_canvas(image_hw: Sequence[int], canvas_hw: Sequence[int]) -> np.ndarray:
+    """The zero canvas a resized image is pasted onto, after checking that it fits (the one fit check
+    of every mode).
+
+    Args:
+        image_hw: (h, w) of the resized image.
+        canvas_hw: (H, W) of the canvas.
+
+    Returns:
+        float32 zeros [3, H, W]; ValueError when h > H or w > W.
+    """
+    h, w = image_hw
+    ch, cw = canvas_hw
+    if h > ch or w > cw:
+        raise ValueError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
+                         f"data.scale fit data.landscape_canvas / data.portrait_canvas")
+    return np.zeros((3, ch, cw), dtype=np.float32)
+
+
+def tight_canvas(size_hw: Sequence[int], divisor: int) -> tuple[int, int]:
+    """The smallest canvas a model with this size divisor takes for one image.
+
+    Args:
+        size_hw: (h, w) of the resized image.
+        divisor: the model's size divisor (model.size_divisor).
+
+    Returns:
+        (H, W) ints: h and w rounded up to multiples of `divisor`.
+    """
+    return tuple(int(math.ceil(int(v) / divisor) * divisor) for v in size_hw)
+
+
+def batch_canvas(sizes_hw: Sequence[Sequence[int]], divisor: int = 32) -> tuple[int, int]:
+    """torchvision's (and mmdetection's) padded size of a batch.
+
+    Args:
+        sizes_hw: the resized (h, w) of each image of the batch.
+        divisor: the model's size divisor.
+
+    Returns:
+        (H, W) ints: the largest h and the largest w, each rounded up to a multiple of `divisor`.
+    """
+    return tight_canvas((max(int(s[0]) for s in sizes_hw), max(int(s[1]) for s in sizes_hw)), divisor)
+
+
+def check_canvases_fit(data_cfg) -> None:
+    """Checks that the fixed canvases can hold every image the configured scale resizes to.
+
+    Args:
+        data_cfg: the `data` config block or a TransformConfig (scale, landscape_canvas, portrait_canvas).
+
+    Returns:
+        None; ValueError naming the canvas when a landscape canvas (H, W) is smaller than (short limit,
+        long limit) of data.scale or a portrait one smaller than (long limit, short limit).
+    """
+    long_max, short_max = max(data_cfg.scale), min(data_cfg.scale)
+    for name, need in (("landscape_canvas", (short_max, long_max)), ("portrait_canvas", (long_max, short_max))):
+        canvas = tuple(getattr(data_cfg, name))
+        if canvas[0] < need[0] or canvas[1] < need[1]:
+            raise ValueError(f"data.{name}={canvas} (H, W) cannot hold every image resized with data.scale="
+                             f"{tuple(data_cfg.scale)}: it needs at least {need}")
