@@ -14,6 +14,42 @@ from ml_collections import config_dict
 placeholder = config_dict.placeholder
 
 
+def set_by_path(cfg, dotted: str, value) -> None:
+    """Sets one field of a config, named by its dotted path, in place.
+
+    Args:
+      cfg: a ConfigDict (or nested dicts); a locked ConfigDict still refuses unknown fields and wrong types.
+      dotted: the field's path from the root, e.g. 'train.compile' or 'model.backbone.channels_last'.
+      value: the new value.
+
+    Returns:
+      None.
+
+    Raises:
+      KeyError (or AttributeError from a ConfigDict): a parent on the path does not exist.
+    """
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
+def override(cfg, **dotted_values):
+    """`set_by_path` for each keyword, in order; dotted paths go in as `**{'optim.lr': 0.01}`.
+
+    Args:
+      cfg: the config to edit in place.
+      **dotted_values: dotted path -> new value.
+
+    Returns:
+      cfg itself, for chaining.
+    """
+    for dotted, value in dotted_values.items():
+        set_by_path(cfg, dotted, value)
+    return cfg
+
+
 def backbone_config(depth: int = 50) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
@@ -109,7 +145,7 @@ def data_config() -> ml_collections.ConfigDict:
             std=(58.395, 57.12, 57.375),
             scale=(1333, 800),  # keep-ratio resize limits: (long side, short side)
             resize_mode="mmdet",  # 'mmdet': resize uint8 (size rounded), then normalise | 'torchvision':
-            # normalise, then resize the float image (size floored); retina_fn.interop.torchvision_preprocess
+            # normalise, then resize the float image (size floored); retina_fn.data.resize
             flip_prob=0.5,
             landscape_canvas=(800, 1344),  # (H, W) for images with w > h
             portrait_canvas=(1344, 800),  # (H, W) for images with w <= h

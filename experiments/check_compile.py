@@ -9,7 +9,7 @@ the largest differences of the metrics (each step) and of the final parameters a
 compile time (first call) and the time per step of each. Adam-type optimisers turn rounding-level
 gradient differences into lr-sized updates wherever a gradient is near zero, so compare with SGD
 (--config.optim.name=sgd) to see the step's own numerical agreement. Slow (minutes on a CPU): an experiment, not a test;
-tests/test_benchmark.py compiles the loss and its gradient on a tiny model instead.
+tests/test_benchmark.py compiles the whole step on a tiny model instead.
 """
 
 from __future__ import annotations
@@ -21,13 +21,21 @@ import torch
 
 from experiments import benchmark
 from retina_fn import rng, tree
-from retina_fn.train import init_train_state, make_train_step
+from retina_fn.data.random_batch import random_batch
+from retina_fn.train import build_optimizer, init_train_state, make_train_step
 
 
 def max_differences(a: tree.Tree, b: tree.Tree) -> dict:
-    """How far tree a is from tree b (same structure): max_abs = the largest |a - b| over all leaves (at
-    leaf `worst`), tree_rel = max_abs / the largest |b| over all leaves, leaf_rel = the largest per-leaf
-    max|a - b| / max|b| (large for leaves whose values are all near zero). Integer leaves must be equal."""
+    """How far tree a is from tree b.
+
+    Args:
+      a, b: trees of the same structure; b is the reference.
+
+    Returns:
+      {'max_abs': the largest |a - b| over all leaves, 'worst': the path of that leaf, 'tree_rel': max_abs /
+      the largest |b| over all leaves, 'leaf_rel': the largest per-leaf max|a - b| / max|b| (large for
+      leaves whose values are all near zero)}; all inf (worst: that leaf) when integer leaves differ.
+    """
     max_abs, leaf_rel, scale, worst = 0.0, 0.0, 0.0, ""
     flat_b = tree.flatten_by_path(b)
     for path, x in tree.flatten_by_path(a).items():
@@ -48,15 +56,31 @@ def max_differences(a: tree.Tree, b: tree.Tree) -> dict:
 
 
 def check(cfg, steps: int, batch_size: int, canvas: tuple[int, int], seed: int = 0) -> dict:
-    """Runs the comparison and returns its figures (see the module docstring)."""
+    """Runs the comparison on the CPU (see the module docstring).
+
+    Args:
+      cfg: the whole config; batch size, canvases and train.compile=False are written into it.
+      steps: steps to run each way (the first compiles); at least 1.
+      batch_size: images per step.
+      canvas: (H, W) of the random batches.
+      seed: of the initial state and of the batches (seed + step).
+
+    Returns:
+      {'graphs', 'graph_breaks', 'break_reasons' (torch._dynamo.explain of one eager step), 'steps',
+      'compile_s', 'compiled_step_s', 'eager_step_s', 'metrics' (max_differences per step), 'params',
+      'opt' (max_differences of the final trees), 'loss_eager', 'loss_compiled', 'torch'}.
+    """
     cfg.data.images_per_device = batch_size
     cfg.data.landscape_canvas = canvas
     cfg.data.portrait_canvas = canvas[::-1]
     cfg.train.compile = False
     device = torch.device("cpu")
-    eager = make_train_step(cfg, steps_per_epoch=1000, global_batch=batch_size, device=device)
-    batches = [benchmark.synthetic_batch(cfg, batch_size, canvas, device, seed + i) for i in range(steps)]
-    state0 = init_train_state(cfg, rng.key(seed), device=device)
+    optimizer = build_optimizer(cfg)
+    eager = make_train_step(cfg, optimizer, steps_per_epoch=1000, global_batch=batch_size, device=device)
+    batches = [random_batch(batch_size=batch_size, canvas=canvas, max_boxes=cfg.data.max_boxes,
+                            max_ignore_boxes=cfg.data.max_ignore_boxes, num_classes=cfg.model.num_classes,
+                            seed=seed + i, device=device) for i in range(steps)]
+    state0 = init_train_state(cfg, rng.key(seed), optimizer, device=device)
 
     explanation = torch._dynamo.explain(eager)(state0, batches[0], rng.key(seed))
     torch._dynamo.reset()

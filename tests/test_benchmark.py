@@ -1,5 +1,6 @@
-"""The benchmark harness on a tiny config, its FLOP counting and speed-up arithmetic, and compiled-vs-eager
-parity of the train step with its loss and update compiled."""
+"""The benchmark harness (experiments/benchmark/) on a tiny config: its runs, JSON and command line, device
+choice, variants and their patches, FLOP counting and speed-up arithmetic, and compiled-vs-eager parity of
+the whole train step."""
 
 import json
 import os
@@ -11,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from experiments import benchmark
-from retina_fn import rng, tree
-from retina_fn.train import init_train_state, make_train_step
+from experiments.benchmark import variants
+from retina_fn import postprocess, rng, tree
+from retina_fn.data.random_batch import random_batch
+from retina_fn.model import resnet
+from retina_fn.train import build_optimizer, init_train_state, make_train_step
 from tests.model_fixtures import synthetic_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,12 +102,42 @@ def test_torchvision_comparison_on_a_small_canvas(mode):
 
 
 def test_bad_arguments_are_named():
+    assert benchmark.parse_canvas("512x768") == (512, 768)
     with pytest.raises(ValueError, match="--canvas"):
         benchmark.parse_canvas("512")
     with pytest.raises(ValueError, match="--variants"):
         benchmark.run(tiny(), benchmark.Options(variants=("no_such",)))
     with pytest.raises(ValueError, match="--iters"):
         benchmark.run(tiny(), benchmark.Options(iters=0))
+    with pytest.raises(ValueError, match="--device .tpu."):
+        benchmark.run(tiny(), benchmark.Options(device="tpu"))
+
+
+def test_device_comes_from_the_parallel_backend():
+    from retina_fn.parallel import backend
+
+    opts = benchmark.Options(mode="infer", batch=1, canvas=(64, 64), iters=1, warmup=0, count_flops=False,
+                             device="cpu")
+    assert benchmark.run(tiny(), opts)["machine"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(backend.DeviceUnavailable, match="--device"):
+            benchmark.run(tiny(), opts._replace(device="cuda"))
+
+
+def test_variants_edit_a_copy_and_patches_are_undone():
+    cfg = tiny()
+    cfg.train.compile = False
+    setups = variants.variant_setups(cfg, ("nchw", "compile_step", "unfolded_bn"))
+    assert [name for name, _, _ in setups] == ["ours", "ours-nchw", "ours-compile_step", "ours-unfolded_bn"]
+    assert setups[0][1] is cfg and cfg.train.compile is False
+    assert setups[1][1].model.backbone.channels_last is False and setups[2][1].train.compile is True
+    original_conv_norm, original_top = resnet._conv_norm, postprocess._top_sorted
+    for name in ("unfolded_bn", "sort_topk"):
+        with pytest.raises(RuntimeError, match="inside"):
+            with variants.VARIANTS[name].patch():
+                assert (resnet._conv_norm, postprocess._top_sorted) != (original_conv_norm, original_top)
+                raise RuntimeError("inside")
+    assert resnet._conv_norm is original_conv_norm and postprocess._top_sorted is original_top
 
 
 def test_flop_count_of_a_convolution_by_hand():
@@ -125,15 +159,24 @@ def test_speedup_from_medians_and_paired_by_round():
     assert sp["paired"] == pytest.approx(1.5)
 
 
-def test_synthetic_batch_follows_the_conventions():
+def test_the_benchmark_batch_follows_the_conventions():
+    """run() times random_batch(batch_size=...) with the config's box counts and classes."""
     cfg = tiny()
-    b = benchmark.synthetic_batch(cfg, 3, (64, 96), torch.device("cpu"), seed=1)
-    assert b["image"].shape == (3, 3, 64, 96) and b["boxes"].shape == (3, 8, 4)
+
+    def build(seed):
+        return random_batch(batch_size=3, canvas=(256, 384), max_boxes=cfg.data.max_boxes,
+                            max_ignore_boxes=cfg.data.max_ignore_boxes, num_classes=cfg.model.num_classes,
+                            seed=seed, device=torch.device("cpu"))
+
+    b = build(1)
+    assert b["image"].shape == (3, 3, 256, 384) and b["boxes"].shape == (3, 8, 4)
+    assert b["ignore_boxes"].shape == (3, cfg.data.max_ignore_boxes, 4) and not bool(b["ignore_valid"].any())
     counts = b["box_valid"].sum(1)
     assert bool(((counts >= 3) & (counts <= 6)).all())
     real = b["boxes"][b["box_valid"]]
-    assert bool((real[:, 2:] > real[:, :2]).all()) and bool((real[:, 2] <= 96).all() & (real[:, 3] <= 64).all())
+    assert bool((real[:, 2:] > real[:, :2]).all()) and bool((real[:, 2] <= 384).all() & (real[:, 3] <= 256).all())
     assert bool((b["boxes"][~b["box_valid"]] == 0).all()) and int(b["labels"].max()) < cfg.model.num_classes
+    assert tree.all_equal(b, build(1)) and not torch.equal(b["image"], build(2)["image"])
 
 
 def test_compiled_train_step_matches_eager():
@@ -142,10 +185,11 @@ def test_compiled_train_step_matches_eager():
     cfg.model.backbone.base_width = 16
     compiled_cfg = cfg.copy_and_resolve_references()
     compiled_cfg.train.compile = True
-    eager = make_train_step(cfg, steps_per_epoch=10, global_batch=2)
-    compiled = make_train_step(compiled_cfg, steps_per_epoch=10, global_batch=2)
+    optimizer = build_optimizer(cfg)
+    eager = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2)
+    compiled = make_train_step(compiled_cfg, optimizer, steps_per_epoch=10, global_batch=2)
     torch._dynamo.reset()
-    s_eager = s_compiled = init_train_state(cfg, rng.key(0))
+    s_eager = s_compiled = init_train_state(cfg, rng.key(0), optimizer)
     for i in range(3):
         batch = synthetic_batch(num_boxes=(1, 3), canvas=(64, 64), max_boxes=8, num_classes=3, seed=i)
         s_eager, m_eager = eager(s_eager, batch, rng.key(i))

@@ -1,0 +1,59 @@
+"""--mode data: images/s of the config's training loader, over generated JPEGs when its dataset is absent."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from experiments.benchmark.options import Options
+from retina_fn import rng
+
+
+def _dataset_files_present(data_cfg) -> bool:
+    if data_cfg.dataset != "coco" or not data_cfg.root:
+        return False
+    return os.path.isfile(os.path.join(data_cfg.root, data_cfg.train_ann))
+
+
+def measure_data(cfg, opts: Options, batch_size: int) -> dict:
+    """Times the config's training loader (retina_fn.data.throughput.measure).
+
+    Synthetic JPEGs (about canvas-sized, in a temporary directory) stand in for a dataset whose files are
+    absent, including data.dataset == 'synthetic'.
+
+    Args:
+      cfg: the whole config; its data block is edited in place to point at the stand-in files.
+      opts: iters, warmup, seed, canvas (sets data.scale), image_size (the stand-in JPEGs' base side).
+      batch_size: images per batch.
+
+    Returns:
+      throughput.measure's figures plus 'source' (which files), 'workers', 'steps_per_epoch', 'scale' and
+      'canvases'.
+    """
+    from retina_fn.data import coco, loader as data_loader, synthetic, throughput
+
+    needed = (opts.warmup + opts.iters) * batch_size
+    with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:
+        source = "configured dataset"
+        if not _dataset_files_present(cfg.data):
+            size = opts.image_size or (max(cfg.data.landscape_canvas) if opts.canvas is None else max(opts.canvas))
+            # Twice the images needed: the group sampler drops incomplete per-aspect batches.
+            count = 2 * needed + 2 * batch_size
+            synthetic.generate_synthetic(tmp, count, 1, opts.seed, image_size=int(size), num_classes=5)
+            cfg.data.root = tmp
+            cfg.data.train_ann = "annotations/instances_train.json"
+            cfg.data.train_images = "train"
+            cfg.data.filter_empty_gt = False
+            cfg.data.min_size = 0
+            source = f"{count} synthetic JPEGs of about {size} px"
+        if opts.canvas is not None:
+            cfg.data.scale = (max(opts.canvas), min(opts.canvas))
+        train_set = coco.load_split(cfg.data, "train")
+        loader = data_loader.make_train_loader(cfg.data, train_set, rank=0, world_size=1, key=rng.key(opts.seed))
+        result = throughput.measure(loader, num_batches=opts.iters, warmup=opts.warmup)
+        steps_per_epoch = loader.steps_per_epoch
+        del loader  # stops its workers before their files go
+        result.update(source=source, workers=int(cfg.data.workers), steps_per_epoch=steps_per_epoch,
+                      scale=tuple(cfg.data.scale), canvases=[tuple(cfg.data.landscape_canvas),
+                                                            tuple(cfg.data.portrait_canvas)])
+    return result
