@@ -11,6 +11,7 @@ objects; AdamW with warmup and cosine decay; GIoU box loss; decoded images kept 
 """
 
 from configs import common
+from retina_fn.data import synthetic
 
 
 def get_config():
@@ -34,6 +35,7 @@ def get_config():
     d = config.data
     d.dataset = "synthetic"
     d.root = "data/synthetic"
+    d.update(synthetic.LAYOUT)  # the generator's file names under the root
     m.num_classes = d.synthetic.get_ref("num_classes")
     d.scale = (320, 320)
     d.landscape_canvas = (320, 320)

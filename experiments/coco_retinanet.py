@@ -16,7 +16,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import trainer
+from experiments import reporting, trainer
 from retina_fn.parallel.env import read_launch_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -29,7 +29,7 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "Evaluation: a retina_fn checkpo
 def main(argv):
     del argv
     rank = read_launch_env().rank
-    logging.getLogger("retina_fn").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    reporting.set_log_level(logging.INFO if rank == 0 else logging.WARNING)
     cfg = _CONFIG.value
     if _MODE.value == "train":
         trainer.train_and_evaluate(cfg, _WORKDIR.value)

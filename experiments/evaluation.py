@@ -1,4 +1,4 @@
-"""Evaluation over a sharded loader and loading weights for evaluation or prediction."""
+"""Evaluation over a sharded loader, and drawing a few validation images with their detections."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from retina_fn import checkpoint, tree
+from retina_fn.data import loader as data_loader
 from retina_fn.eval import coco_eval
 
-log = logging.getLogger("retina_fn")
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+log = logging.getLogger(__name__)
 
 
 def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: int = 0,
@@ -30,7 +25,7 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
     start = time.perf_counter()
     images = 0
     for batch in loader:
-        batch = to_device(batch, runtime.device)
+        batch = data_loader.to_device(batch, runtime.device)
         dets = eval_step(params, batch)
         ids = batch["image_id"].cpu()
         boxes, scores, labels, valid = (t.cpu() for t in (dets.boxes, dets.scores, dets.labels, dets.valid))
@@ -51,25 +46,6 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
     metrics["eval_images_per_s"] = images * runtime.world_size / max(seconds, 1e-9)
     metrics["num_detections"] = float(len(merged))
     return metrics, vis
-
-
-def load_params(path: str, cfg) -> tuple[dict, dict]:
-    """(full parameter tree, meta) from a retina_fn checkpoint or a foreign state_dict (torchvision or
-    mmdetection RetinaNet, recognised by their key names)."""
-    try:
-        restored = checkpoint.load(path)
-    except checkpoint.CorruptCheckpoint:
-        restored = None
-    if restored is not None:
-        from retina_fn.interop import detector
-
-        state = restored.state
-        params = tree.merge(state["params"], state.get("frozen", {}))  # no frozen leaves: no key
-        detector.check_params(params, cfg.model, path)
-        return params, restored.meta
-    from retina_fn import interop
-
-    return interop.load_detector_weights(path, cfg.model), {}
 
 
 def vis_images(vis: list[dict[str, Any]], coco_set, class_names, out_dir: str, score_thr: float = 0.3) -> list[str]:

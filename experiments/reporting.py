@@ -12,9 +12,17 @@ from typing import Any, Sequence
 
 import torch
 
-log = logging.getLogger("retina_fn")
+log = logging.getLogger(__name__)
+
+LOGGERS = ("retina_fn", "experiments")  # the library's and the programs' loggers
 
 RESULT_KEYS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+
+
+def set_log_level(level: int) -> None:
+    """Sets the level of the library's and the programs' loggers (their modules log under __name__)."""
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def memory_gb(device: torch.device) -> float:

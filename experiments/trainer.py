@@ -9,7 +9,6 @@ alone logs and writes files; every rank resumes from the same checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,75 +16,15 @@ from typing import Any
 
 import torch
 
-from experiments import evaluation, reporting
-from retina_fn import checkpoint, parallel, rng, tree
-from retina_fn.data import coco, loader as data_loader, synthetic
-from retina_fn.model import retinanet
-from retina_fn.train import full_params, init_train_state, make_eval_step, make_train_step
+from experiments import evaluation, reporting, train_hooks, train_setup
+from retina_fn import checkpoint, interop, parallel, rng, tree
+from retina_fn.data import coco, loader as data_loader
+from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
 
-log = logging.getLogger("retina_fn")
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced non-finite losses or gradients for too many consecutive steps."""
+log = logging.getLogger(__name__)
 
 
-def prepare_data(cfg, runtime) -> None:
-    """For data.dataset == 'synthetic', generates the dataset under data.root on rank 0 when absent
-    (others wait) and points the config's annotation/image paths at it."""
-    if cfg.data.dataset == "coco":
-        return
-    if cfg.data.dataset != "synthetic":
-        raise ValueError(f"data.dataset must be 'coco' or 'synthetic', got {cfg.data.dataset!r}")
-    s = cfg.data.synthetic
-    if runtime.is_main:
-        paths = synthetic.ensure_synthetic(cfg.data.root, s.num_train, s.num_val, s.seed, s.image_size, s.num_classes)
-        log.info("synthetic dataset at %s\n%s", cfg.data.root, synthetic.format_summary(paths.summary))
-    runtime.barrier()
-    cfg.data.train_ann = "annotations/instances_train.json"
-    cfg.data.train_images = "train"
-    cfg.data.val_ann = "annotations/instances_val.json"
-    cfg.data.val_images = "val"
-
-
-def check_num_classes(cfg, label_map) -> None:
-    if label_map.num_classes != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes is {cfg.model.num_classes} but the annotation file has {label_map.num_classes} "
-            f"categories; set --config.model.num_classes={label_map.num_classes}")
-
-
-def initial_params(cfg, key) -> dict:
-    """Random init, with the backbone from model.backbone.pretrained (a torchvision ResNet file) when set."""
-    params = retinanet.init(key, cfg.model)
-    if cfg.model.backbone.pretrained:
-        from retina_fn import interop
-
-        state_dict = interop.load_state_dict(cfg.model.backbone.pretrained)
-        params["backbone"] = interop.resnet_from_torchvision(state_dict, cfg.model.backbone,
-                                                             source=cfg.model.backbone.pretrained)
-        log.info("backbone initialised from %s", cfg.model.backbone.pretrained)
-    return params
-
-
-def config_json(cfg) -> dict:
-    return json.loads(cfg.to_json_best_effort())
-
-
-def _save(workdir: str, state: dict, cfg, label_map, epoch: int, step_in_epoch: int, runtime) -> None:
-    if runtime.is_main:
-        meta = {"config": config_json(cfg), "label_map": label_map.to_dict(),
-                "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},
-                "world_size": runtime.world_size}
-        path = checkpoint.save(os.path.join(workdir, "checkpoints"), int(state["step"]), state, meta,
-                               keep=cfg.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
-    runtime.barrier()
-
-
-def _host_scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    values = torch.stack([v.detach().float() for v in metrics.values()]).cpu().tolist()
-    return dict(zip(metrics.keys(), values))
+NonFiniteLoss = train_hooks.NonFiniteLoss
 
 
 def _precision_name(cfg) -> str:
@@ -114,158 +53,160 @@ def _any_rank(runtime, flag: bool, device) -> bool:
     return bool(votes["flag"] > 0)
 
 
+class _Run:
+    """Everything one training run holds: the data, the steps, the hooks, and the host-side counters."""
+
+    def __init__(self, cfg, workdir: str, runtime, wall_start: float):
+        self.cfg, self.workdir, self.runtime, self.device = cfg, workdir, runtime, runtime.device
+        self.wall_start = wall_start
+        os.makedirs(workdir, exist_ok=True)
+        train_setup.prepare_data(cfg, runtime)
+        if runtime.is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+        self.train_set = coco.load_split(cfg.data, "train")
+        self.val_set = coco.load_split(cfg.data, "val") if cfg.train.validate else None
+        train_setup.check_num_classes(cfg, self.train_set.label_map)
+        if self.val_set is not None:
+            self.train_set.label_map.check_same(self.val_set.label_map, "the validation annotation file")
+
+        model_key, data_key = rng.split(rng.key(cfg.seed))
+        optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
+        state, self.start_epoch, self.start_step = train_setup.restore_or_init(cfg, workdir, model_key, optimizer,
+                                                                               self.device)
+        self.state = runtime.broadcast_tree(state)
+        runtime.verify_same(self.state["params"])
+        self.step = int(self.state["step"])  # a host copy: the step adds exactly 1 per call, no device read needed
+
+        self.pin = self.device.type != "cpu"
+        self.loader = data_loader.make_train_loader(cfg.data, self.train_set, rank=runtime.rank,
+                                                    world_size=runtime.world_size, key=data_key,
+                                                    start_epoch=self.start_epoch, start_step=self.start_step,
+                                                    pin_memory=self.pin)
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.images_per_step = int(cfg.data.images_per_device) * runtime.world_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.train_set.ann_file}: too few images for one batch of {self.images_per_step}")
+        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=self.steps_per_epoch,
+                                          global_batch=self.images_per_step, reduce=runtime.reduce_mean,
+                                          device=self.device)
+        self.eval_step = make_eval_step(cfg, device=self.device)
+        self.epochs = int(cfg.optim.epochs)
+        self.metrics_log = reporting.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+        self.cadence = train_hooks.Cadence(cfg.train, self.steps_per_epoch)
+        self.meter = train_hooks.ThroughputMeter(self.images_per_step, self.device)
+        self.guard = train_hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
+        self.saver = train_hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime)
+        self.window = _Window(self.images_per_step)
+        self.last_metrics: dict = {}
+        self.train_clock = 0.0  # seconds of training (the steps and their batches' waits)
+        self.eval_metrics: dict[str, float] | None = None
+        self.vis: list = []
+        log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d, "
+                 "%d micro-batches) | %s", cfg.name, runtime, len(self.train_set), self.steps_per_epoch,
+                 self.epochs, self.images_per_step, cfg.data.images_per_device, runtime.world_size,
+                 int(cfg.optim.accum_steps), _precision_name(cfg))
+
+
 def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
-    os.makedirs(workdir, exist_ok=True)
-    prepare_data(cfg, runtime)
-    if runtime.is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    train_set = coco.load_split(cfg.data, "train")
-    val_set = coco.load_split(cfg.data, "val") if cfg.train.validate else None
-    check_num_classes(cfg, train_set.label_map)
-    if val_set is not None:
-        train_set.label_map.check_same(val_set.label_map, "the validation annotation file")
-
-    root = rng.key(cfg.seed)
-    model_key, data_key = rng.split(root)
-    restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
-    start_epoch, start_step = 0, 0
-    template = init_train_state(cfg, model_key, params=None if restored else initial_params(cfg, model_key),
-                                device=device)
-    if restored is not None:
-        state = checkpoint.restore_into(restored.state, template, restored.path)
-        state = tree.cast(state, device=device)
-        position = restored.meta["data_position"]
-        start_epoch, start_step = int(position["epoch"]), int(position["step_in_epoch"])
-        log.info("resumed from %s at step %d (epoch %d, step %d of it)", restored.path, restored.step,
-                 start_epoch + 1, start_step)
-    else:
-        state = template
-    state = runtime.broadcast_tree(state)
-    runtime.verify_same(state["params"])
-
-    pin = device.type != "cpu"
-    train_loader = data_loader.make_train_loader(cfg.data, train_set, rank=runtime.rank,
-                                                 world_size=runtime.world_size, key=data_key,
-                                                 start_epoch=start_epoch, start_step=start_step, pin_memory=pin)
-    steps_per_epoch = train_loader.steps_per_epoch
-    accum = int(cfg.optim.accum_steps)
-    global_batch = cfg.data.images_per_device * runtime.world_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{train_set.ann_file}: too few images for one batch of {global_batch}")
-    train_step = make_train_step(cfg, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
-                                 reduce=runtime.reduce_mean, device=device)
-    eval_step = make_eval_step(cfg, device=device)
-    epochs = int(cfg.optim.epochs)
-    metrics_log = reporting.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d, "
-             "%d micro-batches) | %s", cfg.name, runtime, len(train_set), steps_per_epoch, epochs, global_batch,
-             cfg.data.images_per_device, runtime.world_size, accum, _precision_name(cfg))
-
-    budget = cfg.train.time_budget_s  # seconds of training (the steps), not counting setup or evaluation
-    train_clock = 0.0
-    max_steps = cfg.train.max_steps
-    perf_steps = cfg.train.performance_steps
-    ckpt_every = cfg.train.checkpoint_every_steps
-    train_images, train_seconds = 0, 0.0
-    eval_metrics: dict[str, float] | None = None
-    vis: list = []
-    stopped_early = False
-    saved_step = -1
-    step = int(state["step"])  # a host copy: the step adds exactly 1 per call, so no device read is needed
-    images_per_step = int(cfg.data.images_per_device) * runtime.world_size
-    epoch = start_epoch
-    step_in_epoch = start_step
-    for epoch in range(start_epoch, epochs):
-        first = start_step if epoch == start_epoch else 0
-        train_loader.set_epoch(epoch, first)
-        step_in_epoch = first
-        window_start, window_images = time.perf_counter(), 0
-        tick = time.perf_counter()
-        for batch in train_loader:
-            t0 = time.perf_counter()
-            batch_dev = evaluation.to_device(batch, device)
-            key = rng.fold_in(state["rng"], state["step"])
-            state, metrics = train_step(state, batch_dev, key)
-            step += 1
-            step_in_epoch += 1
-            streak = int(state["nonfinite"])  # one small host sync per step: the guard needs it
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_clock += time.perf_counter() - tick  # the step and the wait for its batch
-            tick = time.perf_counter()
-            if step_in_epoch - first > 2:  # the first steps include compilation and warm-up
-                train_images += images_per_step
-                train_seconds += dt
-            window_images += images_per_step
-            if streak:
-                scalars = _host_scalars(metrics)
-                bad = [k for k in ("loss_cls", "loss_box") if not torch.isfinite(torch.tensor(scalars[k]))]
-                ids = batch["image_id"].tolist()
-                log.warning("step %d: non-finite %s (image ids %s); update skipped (%d in a row)", step,
-                            " and ".join(bad) or "gradient", ids, streak)
-                if streak >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLoss(
-                        f"{streak} consecutive non-finite steps (last: {' and '.join(bad) or 'gradient'} on "
-                        f"image ids {ids}); stopping. The last checkpoint in {workdir}/checkpoints is intact. "
-                        f"Try a lower --config.optim.lr, --config.optim.clip_norm=10 or a longer warmup.")
-            log_now = step % cfg.train.log_every == 0 or step_in_epoch == steps_per_epoch
-            if log_now and runtime.is_main:
-                scalars = _host_scalars(metrics)
-                elapsed = time.perf_counter() - window_start
-                ips = window_images / max(elapsed, 1e-9)
-                remaining = (epochs - epoch - 1) * steps_per_epoch + steps_per_epoch - step_in_epoch
-                eta = remaining * images_per_step / max(ips, 1e-9)
-                mem = reporting.memory_gb(device)
-                log.info(reporting.progress_line(epoch, epochs, step_in_epoch, steps_per_epoch, eta, scalars, ips, mem))
-                metrics_log.write({"kind": "train", "step": step, "epoch": epoch, **scalars, "images_per_s": ips,
-                                   "memory_gb": mem, "wall_s": time.perf_counter() - wall_start})
-                window_start, window_images = time.perf_counter(), 0
-            if ckpt_every and step % ckpt_every == 0 and streak == 0:
-                _save(workdir, state, cfg, train_set.label_map, epoch, step_in_epoch, runtime)
-                saved_step = step
-            out_of_time = budget is not None and _any_rank(runtime, train_clock >= budget, device)
-            if (max_steps is not None and step >= max_steps) or out_of_time:
-                stopped_early = True
-                break
-            if perf_steps is not None and step_in_epoch - first >= perf_steps:
-                step_in_epoch = steps_per_epoch  # the seed's --performance: the rest of the epoch is skipped
-                break
-        epoch_done = step_in_epoch >= steps_per_epoch
-        next_position = (epoch + 1, 0) if epoch_done else (epoch, step_in_epoch)
-        if int(state["nonfinite"]) == 0 and saved_step != step:
-            _save(workdir, state, cfg, train_set.label_map, *next_position, runtime)
-        last_epoch = epoch == epochs - 1 or stopped_early
-        if val_set is not None and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
-            eval_metrics, vis = _evaluate(cfg, eval_step, state, val_set, runtime, pin)
-            if runtime.is_main:
-                log.info("eval after epoch %d: %s", epoch + 1,
-                         ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if k in reporting.RESULT_KEYS))
-                metrics_log.write({"kind": "eval", "step": step, "epoch": epoch, **eval_metrics})
+    run = _Run(cfg, workdir, runtime, wall_start)
+    for epoch in range(run.start_epoch, run.epochs):
+        stopped_early, step_in_epoch, last_batch = _train_epoch(run, epoch)
+        run.meter.epoch_done()
+        streak = int(run.state["nonfinite"])
+        run.guard.check(streak, run.step, run.last_metrics, last_batch)
+        next_position = (epoch + 1, 0) if step_in_epoch >= run.steps_per_epoch else (epoch, step_in_epoch)
+        if streak == 0 and run.saver.saved_step != run.step:
+            run.saver.save(run.state, run.step, *next_position)
+        last_epoch = epoch == run.epochs - 1 or stopped_early
+        if run.val_set is not None and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
+            _evaluate_during_training(run, epoch)
         if stopped_early:
             break
-
     if not runtime.is_main:
         return {}
-    wall = time.perf_counter() - wall_start
-    train_ips = train_images / train_seconds if train_seconds else 0.0
-    epochs_done = step / steps_per_epoch
     results = {
         "name": cfg.name,
-        "bbox_mAP": (eval_metrics or {}).get("bbox_mAP", float("nan")),
-        **(eval_metrics or {}),
-        "train_images_per_s": train_ips,
-        "epochs": round(epochs_done, 3),
-        "steps": step,
+        "bbox_mAP": (run.eval_metrics or {}).get("bbox_mAP", float("nan")),
+        **(run.eval_metrics or {}),
+        "train_images_per_s": run.meter.images_per_s,
+        "epochs": round(run.step / run.steps_per_epoch, 3),
+        "steps": run.step,
         "precision": _precision_name(cfg),
         "world_size": runtime.world_size,
         "device": str(device),
-        "train_s": train_clock,
-        "wall_s": wall,
+        "train_s": run.train_clock,
+        "wall_s": time.perf_counter() - wall_start,
     }
-    write_outputs(cfg, workdir, results, metrics_log, vis, val_set, runtime)
+    write_outputs(cfg, workdir, results, run.metrics_log, run.vis, run.val_set, runtime)
     return results
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, dict]:
+    """Steps through one epoch (from the resume position in the first). Returns (stopped early, steps of the
+    epoch done, the last batch)."""
+    first = run.start_step if epoch == run.start_epoch else 0
+    run.loader.set_epoch(epoch, first)
+    step_in_epoch = first
+    run.window.restart()
+    tick = time.perf_counter()
+    batch: dict = {}
+    for batch in run.loader:
+        run.state, run.last_metrics = run.train_step(run.state, data_loader.to_device(batch, run.device),
+                                                     rng.fold_in(run.state["rng"], run.state["step"]))
+        run.step += 1
+        step_in_epoch += 1
+        run.meter.step_done(step_in_epoch - first)
+        run.window.images += run.images_per_step
+        run.train_clock += time.perf_counter() - tick  # the step and the wait for its batch
+        tick = time.perf_counter()
+        log_now = run.cadence.log_now(run.step, step_in_epoch)
+        save_now = run.cadence.checkpoint_now(run.step)
+        if log_now or save_now:  # the only host reads of device values inside an epoch
+            streak = int(run.state["nonfinite"])
+            run.guard.check(streak, run.step, run.last_metrics, batch)
+            if log_now and run.runtime.is_main:
+                _log_progress(run, epoch, step_in_epoch)
+            if save_now and streak == 0:
+                run.saver.save(run.state, run.step, epoch, step_in_epoch)
+        budget = run.cfg.train.time_budget_s  # seconds of training, not counting setup or evaluation
+        out_of_time = budget is not None and _any_rank(run.runtime, run.train_clock >= budget, run.device)
+        if run.cadence.reached_max_steps(run.step) or out_of_time:
+            return True, step_in_epoch, batch
+        if run.cadence.epoch_cut_short(step_in_epoch - first):
+            return False, run.steps_per_epoch, batch  # the seed's --performance: the rest of the epoch is skipped
+    return False, step_in_epoch, batch
+
+
+def _evaluate_during_training(run: _Run, epoch: int) -> None:
+    run.eval_metrics, run.vis = _evaluate(run.cfg, run.eval_step, run.state, run.val_set, run.runtime, run.pin)
+    if run.runtime.is_main:
+        log.info("eval after epoch %d: %s", epoch + 1,
+                 ", ".join(f"{k} {v:.4f}" for k, v in run.eval_metrics.items() if k in reporting.RESULT_KEYS))
+        run.metrics_log.write({"kind": "eval", "step": run.step, "epoch": epoch, **run.eval_metrics})
+
+
+class _Window:
+    """Images since the last progress line, and when that window started (for the line's images/s)."""
+
+    def __init__(self, images_per_step: int):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+
+def _log_progress(run: _Run, epoch: int, step_in_epoch: int) -> None:
+    """One progress line and one JSONL record (rank 0); starts the next window."""
+    scalars = train_hooks.host_scalars(run.last_metrics)
+    ips = run.window.images / max(time.perf_counter() - run.window.start, 1e-9)
+    remaining = (run.epochs - epoch - 1) * run.steps_per_epoch + run.steps_per_epoch - step_in_epoch
+    eta = remaining * run.images_per_step / max(ips, 1e-9)
+    mem = reporting.memory_gb(run.device)
+    log.info(reporting.progress_line(epoch, run.epochs, step_in_epoch, run.steps_per_epoch, eta, scalars, ips, mem))
+    run.metrics_log.write({"kind": "train", "step": run.step, "epoch": epoch, **scalars, "images_per_s": ips,
+                           "memory_gb": mem, "wall_s": time.perf_counter() - run.wall_start})
+    run.window.restart()
 
 
 def _evaluate(cfg, eval_step, state, val_set, runtime, pin):
@@ -297,15 +238,15 @@ def evaluate_only(cfg, workdir: str, weights: str | None) -> dict[str, Any]:
     runtime = parallel.init(cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
-        prepare_data(cfg, runtime)
+        train_setup.prepare_data(cfg, runtime)
         val_set = coco.load_split(cfg.data, "val")
-        check_num_classes(cfg, val_set.label_map)
+        train_setup.check_num_classes(cfg, val_set.label_map)
         if weights is None:
             restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
             if restored is None:
                 raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints and no --weights given")
             weights = restored.path
-        params, _ = evaluation.load_params(weights, cfg)
+        params = interop.load_detector_weights(weights, cfg.model).params
         params = tree.cast(params, torch.float32, runtime.device)
         eval_step = make_eval_step(cfg, device=runtime.device)
         metrics, vis = _evaluate(cfg, eval_step, {"params": params, "frozen": {}}, val_set, runtime,

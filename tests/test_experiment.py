@@ -24,13 +24,7 @@ def smoke_config(data_root, **overrides):
 
     cfg = smoke.get_config()
     cfg.data.root = str(data_root)
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    return cfg
+    return common.override(cfg, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +124,10 @@ def test_1x_config_matches_the_reference():
 
 
 def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    """From step 5 on the model's outputs are made non-finite: each step is skipped with a warning, and after
-    train.max_nonfinite_steps in a row the run stops with an error naming the term and the images, leaving
-    the checkpoint of step 4 as the newest."""
+    """From step 5 on the model's outputs are made non-finite: each step is skipped, and once the guard (which
+    reads the device's streak counter only at log and checkpoint steps, here every 2 steps) sees
+    train.max_nonfinite_steps or more in a row, the run stops with an error naming the term and the images,
+    leaving the checkpoint of step 4 as the newest (step 6's is not written: its streak is 2)."""
     real_apply = retinanet.apply
     calls = {"n": 0}
 
@@ -144,8 +139,8 @@ def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path
     monkeypatch.setattr(retinanet, "apply", poisoned_apply)
     cfg = smoke_config(tmp_path / "data", **{"train.checkpoint_every_steps": 2, "train.max_nonfinite_steps": 3,
                                              "train.validate": False})
-    with pytest.raises(trainer.NonFiniteLoss, match=r"3 consecutive non-finite steps \(last: loss_cls on image ids"):
-        trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+    with pytest.raises(trainer.NonFiniteLoss, match=r"4 consecutive non-finite steps \(last: loss_cls on image ids"):
+        trainer.train_and_evaluate(cfg, str(tmp_path / "run"))  # steps 5..8 skipped, seen at step 8
     newest = checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints"))
     assert newest.step == 4 and int(newest.state["nonfinite"]) == 0
     assert all(torch.isfinite(v).all() for v in tree.leaves(newest.state["params"]))
@@ -158,3 +153,21 @@ def test_time_budget_counts_training_time_and_stops_with_a_checkpoint(tmp_path):
     assert results["steps"] == 1
     assert 0 < results["train_s"] <= results["wall_s"]
     assert checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints")).step == 1
+
+
+def test_synthetic_dataset_files_are_named_by_the_config(tmp_path):
+    """prepare_data generates the synthetic set and never rewrites the config; a config whose paths do not
+    name the generator's files is refused with the flags that fix it."""
+    from types import SimpleNamespace
+
+    from experiments import train_setup
+
+    alone = SimpleNamespace(is_main=True, barrier=lambda: None)
+    cfg = smoke_config(tmp_path / "data")
+    before = cfg.to_json()
+    train_setup.prepare_data(cfg, alone)
+    assert cfg.to_json() == before
+    assert (tmp_path / "data" / cfg.data.train_ann).is_file() and (tmp_path / "data" / cfg.data.val_images).is_dir()
+    wrong = smoke_config(tmp_path / "data", **{"data.train_ann": "annotations/instances_train2017.json"})
+    with pytest.raises(ValueError, match="--config.data.train_ann=annotations/instances_train.json"):
+        train_setup.prepare_data(wrong, alone)

@@ -98,3 +98,16 @@ def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
                                 world_size=world_size, train=False)
     return DetectionLoader(ds, sampler, Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes),
                            workers=data_cfg.workers, pin_memory=pin_memory)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A loader batch moved to `device` (asynchronously from pinned memory).
+
+    Args:
+      batch: {name: tensor} as the loaders yield it (docs/conventions.md).
+      device: the target device.
+
+    Returns:
+      The same keys, tensors on `device`.
+    """
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -91,6 +91,8 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
       LaunchError: naming the variable, for non-integers, a rank without a world size (or the reverse),
         rank >= world size, and similar inconsistencies.
     """
+    # Long on purpose: one linear read-and-check per variable, each with its own message; splitting it would
+    # scatter the precedence rules stated above.
     environ = os.environ if environ is None else environ
     rank, rank_name = _first(environ, ("RANK", "RANK_ID"), minimum=0)
     world, world_name = _first(environ, ("WORLD_SIZE", "RANK_SIZE"), minimum=1)

@@ -1,0 +1,169 @@
+"""The pieces of the training loop that decide and count: when to log, check, save and stop; throughput;
+the non-finite guard; checkpoint writes. Each is small and host-side; the loop in experiments.trainer
+strings them together.
+
+Host reads of device values happen only where something must be decided on the host: at log steps, at
+checkpoint steps and at the end of an epoch. Between them the device runs ahead of the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from retina_fn import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced non-finite losses or gradients for too many consecutive steps."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU): what a timing boundary needs."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize(device)
+
+
+def host_scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d device tensors -> Python floats, in one transfer (one host sync)."""
+    values = torch.stack([v.detach().float() for v in metrics.values()]).cpu().tolist()
+    return dict(zip(metrics.keys(), values))
+
+
+class Cadence:
+    """Which steps log, save and end an epoch early, from the train config.
+
+    Args:
+      train_cfg: the `train` block (log_every, checkpoint_every_steps, max_steps, performance_steps).
+      steps_per_epoch: loader batches per epoch.
+    """
+
+    def __init__(self, train_cfg, steps_per_epoch: int):
+        self.log_every = int(train_cfg.log_every)
+        self.checkpoint_every = train_cfg.checkpoint_every_steps
+        self.max_steps = train_cfg.max_steps
+        self.performance_steps = train_cfg.performance_steps
+        self.steps_per_epoch = steps_per_epoch
+
+    def log_now(self, step: int, step_in_epoch: int) -> bool:
+        """Every log_every global steps and at the end of each epoch."""
+        return step % self.log_every == 0 or step_in_epoch == self.steps_per_epoch
+
+    def checkpoint_now(self, step: int) -> bool:
+        """Every checkpoint_every_steps global steps (when set)."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+
+    def reached_max_steps(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
+
+    def epoch_cut_short(self, steps_this_epoch: int) -> bool:
+        """The seed's --performance: each epoch stops after performance_steps steps."""
+        return self.performance_steps is not None and steps_this_epoch >= self.performance_steps
+
+
+class ThroughputMeter:
+    """Training images per second, over whole epochs minus their first `warmup` steps (compilation and
+    warm-up), with device synchronisation only at those two boundaries of each epoch.
+
+    Args:
+      images_per_step: images in one optimiser step over all replicas.
+      device: synchronised at the boundaries.
+      warmup: steps at the start of each epoch left out.
+    """
+
+    def __init__(self, images_per_step: int, device: torch.device, warmup: int = 2):
+        self.images_per_step, self.device, self.warmup = images_per_step, device, warmup
+        self.images, self.seconds = 0, 0.0
+        self._start: float | None = None
+        self._counted = 0
+
+    def step_done(self, steps_this_epoch: int) -> None:
+        """Call after each step with the steps done so far in this epoch (this run)."""
+        if steps_this_epoch == self.warmup:
+            synchronize(self.device)
+            self._start, self._counted = time.perf_counter(), 0
+        elif self._start is not None:
+            self._counted += 1
+
+    def epoch_done(self) -> None:
+        """Closes the epoch's window (also call it when the run stops inside an epoch)."""
+        if self._start is not None and self._counted:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self._start
+            self.images += self._counted * self.images_per_step
+        self._start = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class NonFiniteGuard:
+    """Stops the run once `max_streak` consecutive steps were skipped for non-finite values.
+
+    The step counts the streak on the device (state['nonfinite']); the guard reads it only when the loop
+    is at a log or checkpoint step or an epoch's end, so a run that diverges stops at the next of those.
+    """
+
+    def __init__(self, max_streak: int, workdir: str):
+        self.max_streak, self.workdir = int(max_streak), workdir
+
+    def check(self, streak: int, step: int, metrics: dict[str, torch.Tensor], batch: dict) -> None:
+        """Warns about a running streak; raises NonFiniteLoss once it reaches max_streak.
+
+        Args:
+          streak: state['nonfinite'] read on the host; step: the global step; metrics: the step's metrics;
+          batch: the last batch (its image ids are named in the message).
+        """
+        if not streak:
+            return
+        image_ids = batch["image_id"].tolist()
+        scalars = host_scalars(metrics)
+        bad = " and ".join(k for k in ("loss_cls", "loss_box") if not torch.isfinite(torch.tensor(scalars[k])))
+        what = bad or "gradient"
+        log.warning("step %d: non-finite %s (image ids %s); update skipped (%d in a row)", step, what, image_ids,
+                    streak)
+        if streak >= self.max_streak:
+            raise NonFiniteLoss(
+                f"{streak} consecutive non-finite steps (last: {what} on image ids {image_ids}); stopping. The last "
+                f"checkpoint in {self.workdir}/checkpoints is intact. Try a lower --config.optim.lr, "
+                f"--config.optim.clip_norm=10 or a longer warmup.")
+
+
+def config_json(cfg) -> dict:
+    """The config as plain JSON data (what checkpoints and config.json store)."""
+    return json.loads(cfg.to_json_best_effort())
+
+
+class Checkpointer:
+    """Writes the run's checkpoints (rank 0; every rank waits for it) with the data position beside them.
+
+    Args:
+      cfg: the whole config (stored in each checkpoint's metadata; train.keep_checkpoints).
+      workdir: checkpoints go to workdir/checkpoints.
+      label_map: the training set's LabelMap (stored, so predictions keep the annotation file's ids).
+      runtime: the distribution runtime (is_main, world_size, barrier).
+    """
+
+    def __init__(self, cfg, workdir: str, label_map, runtime):
+        self.cfg, self.label_map, self.runtime = cfg, label_map, runtime
+        self.directory = os.path.join(workdir, "checkpoints")
+        self.saved_step = -1
+
+    def save(self, state: dict, step: int, epoch: int, step_in_epoch: int) -> None:
+        """Saves `state` as global step `step`, to resume at (epoch, step_in_epoch)."""
+        if self.runtime.is_main:
+            meta = {"config": config_json(self.cfg), "label_map": self.label_map.to_dict(),
+                    "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},
+                    "world_size": self.runtime.world_size}
+            path = checkpoint.save(self.directory, step, state, meta, keep=self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", path)
+        self.runtime.barrier()
+        self.saved_step = step
