@@ -71,8 +71,14 @@ def precision_from_opt_level(level: str) -> Precision:
 
 def precision_from_config(train_cfg) -> Precision:
     """From the train config block: `opt_level` when set (it must then agree with a non-default
-    `precision`), else `precision`."""
-    if train_cfg.opt_level is None:
+    `precision`), else `precision`.
+
+    An empty `opt_level` ('') counts as unset, like None. A command line cannot set a `placeholder(str)`
+    field back to None (ml-collections parses `--config.train.opt_level=` as ''), so '' is the only way to
+    clear an opt level that a config file sets (retinanet_r50_fpn_1x_coco_npu sets 'O1'); the scripts'
+    `--precision_mode=fp32|fp16|bf16` does exactly that (scripts/common.sh).
+    """
+    if train_cfg.opt_level is None or train_cfg.opt_level == "":
         return precision_from_name(train_cfg.precision)
     chosen = precision_from_opt_level(train_cfg.opt_level)
     if train_cfg.precision not in ("fp32", chosen.name):

@@ -46,6 +46,10 @@ run_case() {
   mkdir -p "$workdir"
   if [[ -n "$data_path" ]]; then overrides+=("--config.data.root=$data_path"); fi
   if [[ -n "$batch_size" ]]; then overrides+=("--config.data.images_per_device=$batch_size"); fi
+  # O0/O1/O2 set the opt level (it decides the precision); fp32/fp16/bf16 set the precision and clear the
+  # opt level the config may set (the default config sets O1). The command line cannot make an ml-collections
+  # string placeholder None again: the empty value arrives as '', which retina_fn.precision.precision_from_config
+  # reads as unset.
   case "$precision_mode" in
     O0|O1|O2) overrides+=("--config.train.opt_level=$precision_mode") ;;
     fp32|fp16|bf16) overrides+=("--config.train.opt_level=" "--config.train.precision=$precision_mode") ;;

@@ -67,6 +67,18 @@ def test_precision_from_config():
     assert precision_from_config(cfg).name == "fp16"
 
 
+def test_an_empty_opt_level_counts_as_unset():
+    # `--config.train.opt_level=` (the scripts' --precision_mode=fp32|fp16|bf16) arrives as ''
+    cfg = train_config()
+    cfg.opt_level = "O1"
+    cfg.opt_level = ""
+    for name in ("fp32", "fp16", "bf16"):
+        cfg.precision = name
+        assert precision_from_config(cfg) == precision_from_name(name)
+    with pytest.raises(ValueError, match="train.opt_level"):
+        precision_from_opt_level("")  # asked for by name, '' is no opt level
+
+
 @pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_autocast_runs_matmul_and_conv_in_the_compute_dtype_on_cpu(name, dtype):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
