@@ -6,7 +6,11 @@ written to a temporary file in the same directory, flushed and fsync'ed, then re
 name, so a crash leaves either the old set of checkpoints or the new one, never a half-written file
 under a checkpoint name. A sidecar `ckpt_<step>.sha256` holds the file's digest; reading verifies it
 and falls back to the previous checkpoint (with a warning naming the bad file) when a file is
-truncated, corrupt or unreadable. Files are read with `torch.load(weights_only=True)`.
+truncated, corrupt or unreadable. Files are read with `torch.load(weights_only=True)`: a file whose
+pickle names anything but tensors and plain data is refused before any of it runs.
+
+A write that fails (a full disk, a read-only file system) raises OSError naming the file; the new
+step leaves nothing behind and the older checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import re
 from typing import Any, NamedTuple
 
@@ -61,17 +66,38 @@ def path_for(directory: str, step: int) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same directory, fsync'ed, then renamed.
+
+    Raises:
+      OSError: (with the failing call's errno, e.g. ENOSPC or EROFS) naming `path`; the temporary file is
+        removed and `path` keeps its previous content, if any.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        message = f"cannot write {path}: {e.strerror or e}"
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _remove_quietly(path: str) -> None:
+    """Removes `path` if it exists; a failure (a read-only directory) is only logged."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove %s: %s", path, e)
 
 
 def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = None, keep: int = 3) -> str:
@@ -86,6 +112,12 @@ def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = N
 
     Returns:
       The path written.
+
+    Raises:
+      OSError: naming the file, when the directory cannot be created or a write fails (a full disk, a
+        read-only file system). Nothing of the new step is left behind (no temporary file, no checkpoint
+        without its digest) and no older checkpoint has been deleted, so `restore_latest` still finds the
+        previous one.
     """
     os.makedirs(directory, exist_ok=True)
     flat = {p: x.detach().to("cpu").clone() if isinstance(x, torch.Tensor) else x
@@ -95,12 +127,26 @@ def save(directory: str, step: int, state: dict, meta: dict[str, Any] | None = N
     data = buffer.getvalue()
     path = path_for(directory, step)
     _atomic_write(path, data)
-    _atomic_write(path[:-3] + ".sha256", hashlib.sha256(data).hexdigest().encode())
+    try:
+        _atomic_write(path[:-3] + ".sha256", hashlib.sha256(data).hexdigest().encode())
+    except OSError:
+        _remove_quietly(path)  # all or nothing: no checkpoint without its digest
+        raise
     for old in list_checkpoints(directory)[keep:]:
         for f in (old, old[:-3] + ".sha256"):
             if os.path.exists(f):
                 os.remove(f)
+    _remove_stale_temporaries(directory)
     return path
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Deletes temporary files that a killed writer left ('ckpt_*.tmp.<pid>' of another process): one process
+    writes a run's checkpoints, so after a successful save no other temporary file is in use."""
+    mine = f".tmp.{os.getpid()}"
+    for name in os.listdir(directory):
+        if name.startswith("ckpt_") and ".tmp." in name and not name.endswith(mine):
+            _remove_quietly(os.path.join(directory, name))
 
 
 def list_checkpoints(directory: str) -> list[str]:
@@ -144,10 +190,38 @@ def load(path: str) -> Restored:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling raises many types; name the file in one error
-        raise CorruptCheckpoint(f"{path}: not a readable checkpoint: {e}") from e
+        refusal = unpickling_refusal(e)
+        raise CorruptCheckpoint(f"{path}: {refusal or f'not a readable checkpoint: {e}'}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path}: not a {FORMAT} file")
     return Restored(path, int(obj["step"]), tree.unflatten_by_path(obj["state"]), obj["meta"])
+
+
+def unpickling_refusal(error: Exception) -> str | None:
+    """Why weights-only unpickling refused a file, in one sentence; None when `error` is something else.
+
+    torch.load(weights_only=True) unpickles tensors and plain data only; a pickle that names any other
+    Python object (a class, a function such as os.system) could run code when loaded and is refused
+    before anything of it runs.
+
+    Args:
+      error: what torch.load raised.
+
+    Returns:
+      The sentence, naming the object or pickle instruction that was refused, or None.
+    """
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        what = f"it names the Python object {found[1]}"
+    else:
+        found = re.search(r"Unsupported operand (\d+)", text)
+        what = f"it uses pickle instruction {found[1]}" if found else "it holds more than tensors and plain data"
+    return (f"refused by weights-only loading: {what}, which could run code when unpickled; nothing of it "
+            f"was run. Load it with torch.load(weights_only=False) only if you trust its source, and save "
+            f"its tensors alone (torch.save(state_dict))")
 
 
 def restore_latest(directory: str) -> Restored | None:

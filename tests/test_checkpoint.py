@@ -83,3 +83,15 @@ def test_restore_into_reports_every_mismatch(tmp_path):
     with pytest.raises(ValueError) as e:
         checkpoint.restore_into(restored, like, "ckpt")
     assert "params/w: (3, 4) vs expected (2, 2)" in str(e.value) and "missing params/extra" in str(e.value)
+
+
+def test_a_save_removes_temporaries_that_a_killed_writer_left(tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    stale = directory / "ckpt_000000003.pt.tmp.999999999"  # a pid that is not this process
+    stale.write_bytes(b"half a checkpoint")
+    unrelated = directory / "notes.tmp.1"
+    unrelated.write_text("not ours")
+    checkpoint.save(str(directory), 4, {"w": torch.ones(2)})
+    assert not stale.exists() and unrelated.exists()
+    assert checkpoint.restore_latest(str(directory)).step == 4

@@ -6,7 +6,11 @@ the file, the image id or the annotation id and what is wrong; the evaluator sti
 JSON with pycocotools.
 
 Rules (mmdetection v2.9.0 `CocoDataset`):
-- bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here).
+- bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here: a box that starts
+  left of or above the image keeps its negative x / y and the resize clips it to the image, as
+  mmdetection's Resize with bbox_clip_border does).
+- Errors (mmdetection would pass them on): a bbox or area that is not a finite number (Python's json
+  reads NaN and Infinity), an image id or an annotation id that appears twice.
 - An annotation is dropped, and counted, when it has a true `ignore` flag, does not overlap the image,
   has `area` <= 0 (the file's area, w * h when absent), or w < 1 or h < 1 (negative sizes included).
 - `iscrowd` boxes that survive these checks become ignore regions, never positives.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -213,6 +218,37 @@ def _kept_records(images: dict, per_image: dict, filter_empty_gt: bool, min_size
     return records
 
 
+def _annotation_ids(ann, pos: int, ann_file: str, images: Mapping, label_map: LabelMap,
+                    seen_ids: dict[int, int]) -> tuple[str, int, int]:
+    """Checks the ids of annotation number `pos` and records its id in `seen_ids`.
+
+    Returns:
+        (where, image_id, category_id): `where` names the file, annotation id and image id in errors.
+
+    Raises:
+        CocoFormatError: not an object, a missing or non-integer id, an annotation id seen before, an
+            image id not in 'images' or a category id not in 'categories'.
+    """
+    where = f"{ann_file}: annotations[{pos}]"
+    if not isinstance(ann, Mapping):
+        raise CocoFormatError(f"{where} is not an object")
+    ann_id = int_field(ann, "id", where)
+    if ann_id in seen_ids:
+        raise CocoFormatError(f"{ann_file}: annotation id {ann_id} appears twice in 'annotations' (at "
+                              f"positions {seen_ids[ann_id]} and {pos}); pycocotools would keep only one")
+    seen_ids[ann_id] = pos
+    where = f"{ann_file}: annotation id {ann_id}"
+    image_id = int_field(ann, "image_id", where)
+    if image_id not in images:
+        raise CocoFormatError(f"{where}: image_id {image_id} is not in 'images'")
+    where = f"{where} (image id {image_id})"
+    category_id = int_field(ann, "category_id", where)
+    if category_id not in label_map:
+        raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
+                              f"(known ids: {list(label_map.category_ids)})")
+    return where, image_id, category_id
+
+
 def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, min_size: int = 0) -> CocoSet:
     """Reads and validates a COCO-format detection file.
 
@@ -226,21 +262,10 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
     counts = {reason: 0 for reason in DROP_REASONS}
     counts.update(crowd=0, boxes=0)
     per_image = {image_id: _ImageAnnotations() for image_id in images}
+    seen_ids: dict[int, int] = {}  # annotation id -> its position in the list
 
     for pos, ann in enumerate(data.get("annotations", [])):
-        where = f"{ann_file}: annotations[{pos}]"
-        if not isinstance(ann, Mapping):
-            raise CocoFormatError(f"{where} is not an object")
-        ann_id = int_field(ann, "id", where)
-        where = f"{ann_file}: annotation id {ann_id}"
-        image_id = int_field(ann, "image_id", where)
-        if image_id not in images:
-            raise CocoFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        where = f"{where} (image id {image_id})"
-        category_id = int_field(ann, "category_id", where)
-        if category_id not in label_map:
-            raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
-                                  f"(known ids: {list(label_map.category_ids)})")
+        where, image_id, category_id = _annotation_ids(ann, pos, ann_file, images, label_map, seen_ids)
         x, y, w, h = bbox_field(ann, where)
         acc = per_image[image_id]
         acc.count += 1
@@ -284,16 +309,17 @@ def load_split(data_cfg, split: str) -> CocoSet:
 
 def _drop_reason(ann: Mapping, x: float, y: float, w: float, h: float, height: int, width: int,
                  where: str) -> str | None:
-    """Which of mmdetection's annotation filters removes this box, or None to keep it."""
+    """Which of mmdetection's annotation filters removes this box, or None to keep it; CocoFormatError
+    when its 'area' is not a finite number (checked for every annotation, dropped or not)."""
+    area = ann.get("area", w * h)
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+        raise CocoFormatError(f"{where}: 'area' must be a finite number, got {area!r}")
     if ann.get("ignore", False):
         return "ignore_flag"
     inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
     inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
     if inter_w * inter_h == 0:
         return "outside_image"
-    area = ann.get("area", w * h)
-    if isinstance(area, bool) or not isinstance(area, (int, float)):
-        raise CocoFormatError(f"{where}: 'area' must be a number, got {area!r}")
     if area <= 0:
         return "zero_area"
     if w < 1 or h < 1:

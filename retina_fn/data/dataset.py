@@ -3,11 +3,12 @@
 The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), derived here from the
 SampleRef, so the pixels and boxes of a sample do not depend on the number of workers or replicas.
 
-Unreadable images (missing file, corrupt data, size that disagrees with the annotation file) raise
-`ImageLoadError` naming the file and image id. With `skip_bad_images` (training only) the sample is
-replaced instead by the next readable image of the same aspect group (so the canvas and the batch shape
-stay the same), deterministically, with a warning; the sample carries `replaced=True` and the loader
-counts it.
+Unreadable images (a missing, empty or truncated file, corrupt data, more pixels than
+`retina_fn.data.images.MAX_IMAGE_PIXELS`, or a size that disagrees with the annotation file once the EXIF
+orientation is applied) raise `ImageLoadError` naming the file and image id. With `skip_bad_images`
+(training only) the sample is replaced instead by the next readable image of the same aspect group (so
+the canvas and the batch shape stay the same), deterministically, with a warning; the sample carries
+`replaced=True` and the loader counts it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,42 @@
-"""Image files: decoding to RGB uint8 arrays, checked against the size the annotation file states."""
+"""Image files: decoding to RGB uint8 arrays as mmdetection v2.9 reads them, checked against the size the
+annotation file states.
+
+mmdetection's `LoadImageFromFile` calls `mmcv.imfrombytes(flag='color')`, i.e. OpenCV's
+`imdecode(IMREAD_COLOR)`, then treats the BGR result as the image (the config's `to_rgb` swaps it to RGB).
+`decode_image` gives the same pixels with Pillow, case by case:
+
+- grey (L, 1, I;16...), palette (P), CMYK and alpha images all become 3-channel 8-bit colour;
+- alpha (RGBA, LA, PA, a palette's transparency) is dropped, not composited (libpng's strip_alpha);
+- 16-bit samples keep their high byte (v >> 8, libpng's strip_16): Pillow would clip grey ones to 255;
+- CMYK JPEGs go through OpenCV's own CMYK formula (Pillow's differs by a level or two);
+- the EXIF orientation is applied (OpenCV does so in imread and imdecode unless IMREAD_IGNORE_ORIENTATION);
+- refusals that OpenCV does not make: a truncated file (OpenCV decodes what there is of a JPEG) and an image
+  over `MAX_IMAGE_PIXELS` (OpenCV's limit is 2**30 pixels).
+"""
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
+
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+# The most pixels an image may have: Pillow's own refusal threshold at its default setting (twice its
+# warning level of 89,478,485). Checked from the file header, before any pixel is decoded, and
+# independent of the process-wide PIL.Image.MAX_IMAGE_PIXELS (which other code may change).
+MAX_IMAGE_PIXELS = 178_956_970
+
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> how the stored pixels are turned for display (the EXIF specification's table).
+_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
+                 5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+                 8: "rotated 90 degrees counter-clockwise"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# What Pillow's plugins raise on damaged files (besides OSError, which covers UnidentifiedImageError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
 
 
 class ImageLoadError(RuntimeError):
@@ -16,31 +49,137 @@ class ImageLoadError(RuntimeError):
 
 
 def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Reads an image file as RGB, applying its EXIF orientation (as OpenCV's default colour read does).
+    """Reads an image file as mmdetection v2.9 does (OpenCV's colour read; see the module docstring).
+
+    The EXIF orientation is applied, as OpenCV >= 3.1 does for IMREAD_COLOR. An annotation file states
+    the size of the pixels its boxes were drawn on: when the orientation is a quarter turn (5 to 8) and
+    the annotation file gives the stored, unturned size, the boxes would not fit the turned pixels, and
+    this is an error that says so (mmdetection would silently pair them).
 
     Args:
         path: the image file.
         image_id: the image's id, named in errors.
-        expect_hw: the (height, width) the annotation file states, or None; a different decoded size is an
-            error because the boxes would not fit the pixels.
+        expect_hw: (height, width) as the annotation file states it, or None for no check.
 
     Returns:
-        uint8 [H, W, 3] RGB, writable (so torch.from_numpy is safe). Raises ImageLoadError naming the file
-        and image id when the file is missing, cannot be decoded or has another size.
+        uint8 [H, W, 3] RGB, C-contiguous and writable (torch.from_numpy is safe).
+
+    Raises:
+        ImageLoadError: naming the file and image id when the file is missing, empty, truncated or
+            otherwise undecodable, has more than MAX_IMAGE_PIXELS pixels, or decodes to another size
+            than expect_hw.
     """
+    where = f"{path} (image id {image_id})"
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = np.array(im.convert("RGB"))  # writable, so torch.from_numpy is safe
+            _check_pixel_count(im, where, path, image_id)
+            orientation = _exif_orientation(im)
+            stored = _to_rgb(im)
     except FileNotFoundError:
-        raise ImageLoadError(f"image file not found: {path} (image id {image_id})", path, image_id) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"cannot decode image {path} (image id {image_id}): {e}", path, image_id) from None
+        raise ImageLoadError(f"image file not found: {where}", path, image_id) from None
+    except _DECODE_ERRORS as e:
+        raise ImageLoadError(f"cannot decode image {where}: {_decode_problem(path, e)}", path,
+                             image_id) from None
+    rgb = apply_orientation(stored, orientation)
     if expect_hw is not None and tuple(rgb.shape[:2]) != tuple(expect_hw):
-        raise ImageLoadError(
-            f"image {path} (image id {image_id}) decodes to {rgb.shape[1]}x{rgb.shape[0]} (w x h) but the "
-            f"annotation file says {expect_hw[1]}x{expect_hw[0]} (EXIF orientation is applied)", path, image_id)
+        raise ImageLoadError(_size_message(where, rgb.shape[:2], stored.shape[:2], orientation, expect_hw),
+                             path, image_id)
     return rgb
+
+
+def _check_pixel_count(im: Image.Image, where: str, path: str, image_id: int) -> None:
+    """ImageLoadError when the header states more than MAX_IMAGE_PIXELS pixels (nothing decoded yet)."""
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(
+            f"image {where} is {width}x{height} (w x h) = {width * height} pixels, over the limit of "
+            f"{MAX_IMAGE_PIXELS} (retina_fn.data.images.MAX_IMAGE_PIXELS): a decompression bomb or a wrong "
+            f"file; raise the constant if the image is genuine", path, image_id)
+
+
+def _decode_problem(path: str, error: Exception) -> str:
+    """What went wrong, in words: an empty file is named as such, otherwise Pillow's message."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    return f"{type(error).__name__}: {error}"
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation 1..8 of an opened image; 1 (as stored) when absent, invalid or unreadable."""
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block is ignored, as OpenCV ignores it
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """The stored pixels of an opened image as uint8 [h, w, 3] RGB, converted as OpenCV's colour read
+    converts them (16-bit: high byte; alpha: dropped; CMYK JPEG: OpenCV's formula)."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "CMYK" and im.format == "JPEG":
+        return _cmyk_jpeg_to_rgb(np.asarray(im), adobe="adobe" in im.info)
+    return np.array(im.convert("RGB"))  # a copy: writable
+
+
+def _cmyk_jpeg_to_rgb(cmyk: np.ndarray, adobe: bool) -> np.ndarray:
+    """OpenCV's CMYK -> colour conversion of a CMYK JPEG's samples.
+
+    Args:
+        cmyk: uint8 [h, w, 4] as Pillow decodes it (Pillow inverts the samples of files with an Adobe
+            marker, which store them inverted; OpenCV reads the samples as stored).
+        adobe: whether the file has an Adobe marker.
+
+    Returns:
+        uint8 [h, w, 3] RGB: for each of c, m, y with the stored samples s and k, k - ((255 - s) * k >> 8).
+    """
+    raw = cmyk.astype(np.int32)
+    if adobe:
+        raw = 255 - raw
+    k = raw[:, :, 3:4]
+    return (k - (((255 - raw[:, :, :3]) * k) >> 8)).astype(np.uint8)
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels turned for display by an EXIF orientation (OpenCV's ApplyExifOrientation).
+
+    Args:
+        pixels: [h, w, C] as stored in the file.
+        orientation: the EXIF orientation, 1..8 (1 and anything else: unchanged).
+
+    Returns:
+        [h, w, C] (orientations 1-4) or [w, h, C] (5-8), C-contiguous.
+    """
+    if orientation in (5, 6, 7, 8):
+        pixels = pixels.transpose(1, 0, 2)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]  # what is left to do after the transpose
+    if orientation == 2:
+        pixels = pixels[:, ::-1]
+    elif orientation == 3:
+        pixels = pixels[::-1, ::-1]
+    elif orientation == 4:
+        pixels = pixels[::-1]
+    return np.ascontiguousarray(pixels)
+
+
+def _size_message(where: str, got_hw, stored_hw, orientation: int, expect_hw) -> str:
+    """The error for an image whose decoded size is not the annotation file's."""
+    h, w = got_hw
+    message = (f"image {where} decodes to {w}x{h} (w x h) but the annotation file says "
+               f"{expect_hw[1]}x{expect_hw[0]}")
+    if orientation == 1:
+        return message
+    turned = f"; its EXIF orientation {orientation} ({_ORIENTATIONS[orientation]}) is applied"
+    if tuple(stored_hw) == tuple(expect_hw):
+        turned += (f" to the stored {stored_hw[1]}x{stored_hw[0]} pixels, the size the annotation file "
+                   f"gives, so its boxes were drawn on the unturned pixels: remove the orientation tag from "
+                   f"the file or give the turned size and boxes in the annotation file")
+    return message + turned
 
 
 def load_record_image(record) -> np.ndarray:
@@ -50,6 +189,9 @@ def load_record_image(record) -> np.ndarray:
         record: a `retina_fn.data.coco.ImageRecord` (or anything with path, image_id, height, width).
 
     Returns:
-        uint8 [height, width, 3] RGB; ImageLoadError as for `decode_image`.
+        uint8 [height, width, 3] RGB.
+
+    Raises:
+        ImageLoadError: as `decode_image`.
     """
     return decode_image(record.path, record.image_id, (record.height, record.width))

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from retina_fn import tree
+from retina_fn.checkpoint import unpickling_refusal
 
 # Containers the usual training scripts wrap a state_dict in: mmdetection/mmcv ('state_dict', next to
 # 'meta'), torchvision's reference scripts and many others ('model').
@@ -26,13 +27,30 @@ class CheckpointMismatch(ValueError):
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The object stored in a local .pth/.pt file, unpickled weights-only onto the CPU.
-    Raises FileNotFoundError or CheckpointMismatch naming the file."""
+
+    A pickle that names anything but tensors and plain data (a class, a function such as os.system) is
+    refused before any of it runs.
+
+    Args:
+      path: the file.
+
+    Returns:
+      What the file holds: dicts, lists, numbers, strings and CPU tensors.
+
+    Raises:
+      FileNotFoundError: naming the file.
+      CheckpointMismatch: naming the file, when it is not a torch file or weights-only loading refuses it
+        (the message names the refused object).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; name the file in one message
+        refusal = unpickling_refusal(e)
+        if refusal:
+            raise CheckpointMismatch(f"{path}: {refusal}") from e
         raise CheckpointMismatch(f"cannot read {path} as a weights-only torch checkpoint: {e}") from e
 
 
