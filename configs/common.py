@@ -183,7 +183,8 @@ def optim_config() -> ml_collections.ConfigDict:
             step_epochs=(8, 11),
             gamma=0.1,
             epochs=12,
-            accum_steps=1,  # micro-batches per optimiser step
+            accum_steps=1,  # loader batches accumulated into one update (the lr and schedule count the images)
+            micro_batches=1,  # parts each loader batch is split into to save memory (the update is the same)
             backend="native",  # 'native' | 'apex' (fused SGD when NVIDIA or Ascend apex is installed)
         )
     )

@@ -83,6 +83,12 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def read_json(path: str) -> Any:
+    """The JSON document at `path`."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

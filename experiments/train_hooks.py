@@ -115,16 +115,17 @@ class NonFiniteGuard:
     def __init__(self, max_streak: int, workdir: str):
         self.max_streak, self.workdir = int(max_streak), workdir
 
-    def check(self, streak: int, step: int, metrics: dict[str, torch.Tensor], batch: dict) -> None:
+    def check(self, streak: int, step: int, metrics: dict[str, torch.Tensor], batches) -> None:
         """Warns about a running streak; raises NonFiniteLoss once it reaches max_streak.
 
         Args:
           streak: state['nonfinite'] read on the host; step: the global step; metrics: the step's metrics;
-          batch: the last batch (its image ids are named in the message).
+          batches: the last step's batch or tuple of loader batches (their image ids are named).
         """
         if not streak:
             return
-        image_ids = batch["image_id"].tolist()
+        batches = batches if isinstance(batches, tuple) else (batches,)
+        image_ids = [i for b in batches for i in b["image_id"].tolist()]
         scalars = host_scalars(metrics)
         bad = " and ".join(k for k in ("loss_cls", "loss_box") if not torch.isfinite(torch.tensor(scalars[k])))
         what = bad or "gradient"
@@ -135,6 +136,11 @@ class NonFiniteGuard:
                 f"{streak} consecutive non-finite steps (last: {what} on image ids {image_ids}); stopping. The last "
                 f"checkpoint in {self.workdir}/checkpoints is intact. Try a lower --config.optim.lr, "
                 f"--config.optim.clip_norm=10 or a longer warmup.")
+
+
+def global_batch(cfg, world_size: int) -> int:
+    """Images behind one optimiser step: images per device x devices x accumulated loader batches."""
+    return int(cfg.data.images_per_device) * int(world_size) * int(cfg.optim.accum_steps)
 
 
 def config_json(cfg) -> dict:
@@ -162,7 +168,8 @@ class Checkpointer:
         if self.runtime.is_main:
             meta = {"config": config_json(self.cfg), "label_map": self.label_map.to_dict(),
                     "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},
-                    "world_size": self.runtime.world_size}
+                    "world_size": self.runtime.world_size,
+                    "global_batch": global_batch(self.cfg, self.runtime.world_size)}
             path = checkpoint.save(self.directory, step, state, meta, keep=self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s", path)
         self.runtime.barrier()

@@ -73,21 +73,26 @@ class _Run:
         model_key, data_key = rng.split(rng.key(cfg.seed))
         optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
         state, self.start_epoch, self.start_step = train_setup.restore_or_init(cfg, workdir, model_key, optimizer,
-                                                                               self.device)
+                                                                               self.device, runtime.world_size)
         self.state = runtime.broadcast_tree(state)
         runtime.verify_same(self.state["params"])
         self.step = int(self.state["step"])  # a host copy: the step adds exactly 1 per call, no device read needed
 
         self.pin = self.device.type != "cpu"
+        self.accum_steps = int(cfg.optim.accum_steps)
         self.loader = data_loader.make_train_loader(cfg.data, self.train_set, rank=runtime.rank,
                                                     world_size=runtime.world_size, key=data_key,
                                                     start_epoch=self.start_epoch, start_step=self.start_step,
-                                                    pin_memory=self.pin)
+                                                    pin_memory=self.pin, accum_steps=self.accum_steps)
         self.steps_per_epoch = self.loader.steps_per_epoch
-        self.images_per_step = int(cfg.data.images_per_device) * runtime.world_size
+        self.images_per_step = train_hooks.global_batch(cfg, runtime.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.train_set.ann_file}: too few images for one batch of {self.images_per_step}")
-        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=self.steps_per_epoch,
+        if self.start_step >= self.steps_per_epoch:  # saved at an epoch's last step: the next epoch starts
+            self.start_epoch, self.start_step = self.start_epoch + 1, 0
+        # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
+        schedule_epoch = min(self.steps_per_epoch, cfg.train.performance_steps or self.steps_per_epoch)
+        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=schedule_epoch,
                                           global_batch=self.images_per_step, reduce=runtime.reduce_mean,
                                           device=self.device)
         self.eval_step = make_eval_step(cfg, device=self.device)
@@ -102,14 +107,24 @@ class _Run:
         self.train_clock = 0.0  # seconds of training (the steps and their batches' waits)
         self.eval_metrics: dict[str, float] | None = None
         self.vis: list = []
-        log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d, "
-                 "%d micro-batches) | %s", cfg.name, runtime, len(self.train_set), self.steps_per_epoch,
-                 self.epochs, self.images_per_step, cfg.data.images_per_device, runtime.world_size,
-                 int(cfg.optim.accum_steps), _precision_name(cfg))
+        self.max_steps = cfg.train.max_steps
+        log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
+                 "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
+                 self.steps_per_epoch, self.epochs, self.images_per_step, cfg.data.images_per_device,
+                 runtime.world_size, self.accum_steps, int(cfg.optim.micro_batches), _precision_name(cfg))
+
+    def finished(self) -> bool:
+        """Whether the checkpoint it resumed from already ends the run (all epochs, or train.max_steps)."""
+        return self.start_epoch >= self.epochs or (self.max_steps is not None and self.step >= self.max_steps)
 
 
 def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     run = _Run(cfg, workdir, runtime, wall_start)
+    results_file = os.path.join(workdir, "results.json")
+    done_before = run.finished()
+    if done_before and os.path.exists(results_file):
+        log.info("%s: already finished at step %d; nothing to do (results: %s)", workdir, run.step, results_file)
+        return reporting.read_json(results_file) if runtime.is_main else {}
     for epoch in range(run.start_epoch, run.epochs):
         stopped_early, step_in_epoch, last_batch = _train_epoch(run, epoch)
         run.meter.epoch_done()
@@ -123,6 +138,8 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
             _evaluate_during_training(run, epoch)
         if stopped_early:
             break
+    if done_before and run.val_set is not None:  # trained to the end earlier, stopped before its results
+        _evaluate_during_training(run, run.epochs - 1)
     if not runtime.is_main:
         return {}
     results = {
@@ -142,16 +159,16 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     return results
 
 
-def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, dict]:
+def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
     """Steps through one epoch (from the resume position in the first). Returns (stopped early, steps of the
-    epoch done, the last batch)."""
+    epoch done, the last step's loader batches)."""
     first = run.start_step if epoch == run.start_epoch else 0
     run.loader.set_epoch(epoch, first)
     step_in_epoch = first
     run.window.restart()
     tick = time.perf_counter()
-    batch: dict = {}
-    for batch in run.loader:
+    batch: tuple = ()
+    for batch in run.loader.updates():
         run.state, run.last_metrics = run.train_step(run.state, data_loader.to_device(batch, run.device),
                                                      rng.fold_in(run.state["rng"], run.state["step"]))
         run.step += 1

@@ -96,3 +96,23 @@ def test_bad_arguments():
         GroupBatchSampler(GROUPS, images_per_device=2, rank=0, world_size=1, train=True)
     with pytest.raises(ValueError, match="non-empty"):
         eval_plan(np.array([]), 2)
+
+
+@pytest.mark.parametrize("world_size, accum", [(1, 4), (2, 2)])
+def test_accumulated_batches_see_what_more_devices_see(world_size, accum):
+    """4 ranks x 2 images and (1 rank x 4 accumulated, 2 ranks x 2 accumulated) batches of 2 take the same 8
+    images at every step, in the same slots ("virtual rank" j * world_size + rank), and resume alike."""
+    wide = _all_ranks(4, 2, True, epoch=1)  # [rank][step] -> list of 2 refs
+    samplers = [GroupBatchSampler(GROUPS, images_per_device=2, rank=r, world_size=world_size, train=True, key=KEY,
+                                  epoch=1, accum_steps=accum) for r in range(world_size)]
+    lists = [list(s) for s in samplers]  # [rank][step * accum + j]
+    assert samplers[0].steps_per_epoch == len(wide[0]) and len(samplers[0]) == len(wide[0]) * accum
+    for step in range(len(wide[0])):
+        for rank in range(world_size):
+            for j in range(accum):
+                assert lists[rank][step * accum + j] == wide[j * world_size + rank][step]
+    resumed = GroupBatchSampler(GROUPS, images_per_device=2, rank=0, world_size=world_size, train=True, key=KEY,
+                                epoch=1, start_step=2, accum_steps=accum)
+    assert list(resumed) == lists[0][2 * accum:]
+    with pytest.raises(ValueError, match="accum_steps"):
+        GroupBatchSampler(GROUPS, images_per_device=2, rank=0, world_size=1, train=True, key=KEY, accum_steps=0)

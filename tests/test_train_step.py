@@ -45,12 +45,12 @@ def toy_state(params, frozen, optimizer):
     return new_train_state(params, frozen, optimizer, rng.key(0), train_config().loss_scale)
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
-def test_generic_step_is_a_hand_computed_sgd_step(accum_steps):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_generic_step_is_a_hand_computed_sgd_step(micro_batches):
     batch, params, frozen = toy_problem()
     lr = 0.05
     train_step = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(lr, dtype=torch.float64),
-                                      accum_steps=accum_steps)
+                                      micro_batches=micro_batches)
     state = toy_state(params, frozen, sgd())
     new_state, metrics = train_step(state, batch, rng.key(0))
     # By hand: r = x w + b - y = (-0.9, 0.85, -0.15, 0.1); grad = 2 x^T r / 4 = (-0.575, -0.3).
@@ -64,6 +64,72 @@ def test_generic_step_is_a_hand_computed_sgd_step(accum_steps):
     assert float(metrics["loss"]) == pytest.approx(sum(v * v for v in r) / 4, rel=1e-12)
     assert float(metrics["normalizer"]) == 4.0 and float(metrics["finite"]) == 1.0
     assert torch.equal(new_state["frozen"]["frozen_b"], frozen["frozen_b"]) and int(new_state["step"]) == 1
+
+
+def rows(batch, which):
+    return {k: v[which] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("reduce_normalizer", [True, False])
+def test_accumulating_loader_batches_by_hand(reduce_normalizer):
+    """Rows {0} and {1, 2, 3} as two loader batches. 'global' divides every squared residual by the summed
+    normaliser 4 (the same as one batch of 4); 'local' averages each batch's own mean: (r0^2 / 1 + (r1^2 +
+    r2^2 + r3^2) / 3) / 2, mmdetection's per-GPU normaliser with its cumulative-gradient hook."""
+    batch, params, frozen = toy_problem()
+    lr = 0.05
+    schedule = lambda s: torch.tensor(lr, dtype=torch.float64)  # noqa: E731
+    train_step = step.make_train_step(LeastSquares(), sgd(), schedule, reduce_normalizer=reduce_normalizer)
+    state = toy_state(params, frozen, sgd())
+    new_state, metrics = train_step(state, (rows(batch, slice(0, 1)), rows(batch, slice(1, 4))), rng.key(0))
+    x, y, w, b = batch["x"], batch["y"], params["w"], frozen["frozen_b"]
+    r = [float(x[i, 0] * w[0] + x[i, 1] * w[1] + b - y[i]) for i in range(4)]  # -0.9, 0.85, -0.15, 0.1
+    weight = [1 / 4] * 4 if reduce_normalizer else [1 / 2, 1 / 6, 1 / 6, 1 / 6]  # d loss / d (r_i^2)
+    grad = [sum(2 * weight[i] * r[i] * float(x[i, j]) for i in range(4)) for j in range(2)]
+    expected = [float(w[j]) - lr * grad[j] for j in range(2)]
+    assert new_state["params"]["w"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert float(metrics["loss"]) == pytest.approx(sum(weight[i] * r[i] ** 2 for i in range(4)), rel=1e-12)
+    assert float(metrics["normalizer"]) == 4.0
+    if reduce_normalizer:  # the same update as the four rows in one batch
+        one, _ = train_step(state, batch, rng.key(0))
+        torch.testing.assert_close(one["params"]["w"], new_state["params"]["w"], rtol=1e-14, atol=0)
+
+
+class InPlaceSGD:
+    """Plain SGD writing into the parameter tensors it is given (what apex's fused SGD does)."""
+
+    inplace = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def init(self, params):
+        return {"count": torch.zeros((), dtype=torch.int64)}
+
+    def update(self, grads, opt_state, params, lr):
+        self.calls += 1
+        with torch.no_grad():
+            for p, g in zip(tree.leaves(params), tree.leaves(grads)):
+                p.sub_(lr * g)
+        return params, {"count": opt_state["count"] + 1}
+
+
+def test_an_in_place_optimiser_is_not_called_on_a_non_finite_step():
+    batch, params, frozen = toy_problem()
+    optimizer = InPlaceSGD()
+    train_step = step.make_train_step(LeastSquares(), optimizer, lambda s: torch.tensor(0.05, dtype=torch.float64))
+    state = toy_state({"w": params["w"].clone()}, frozen, optimizer)
+    owned, before = state["params"]["w"], state["params"]["w"].clone()
+    bad = dict(batch, y=batch["y"].clone().index_fill_(0, torch.tensor([2]), float("nan")))
+    skipped, metrics = train_step(state, bad, rng.key(0))
+    assert float(metrics["finite"]) == 0.0 and optimizer.calls == 0
+    assert skipped["params"]["w"] is owned and torch.equal(owned, before)  # bitwise unchanged, same storage
+    assert torch.equal(skipped["opt"]["count"], state["opt"]["count"])
+    updated, metrics = train_step(skipped, batch, rng.key(1))
+    assert float(metrics["finite"]) == 1.0 and optimizer.calls == 1
+    assert updated["params"]["w"] is owned and not torch.equal(owned, before)  # written in place
+    pure, _ = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(0.05, dtype=torch.float64))(
+        toy_state(params, frozen, sgd()), batch, rng.key(1))
+    torch.testing.assert_close(owned, pure["params"]["w"], rtol=1e-14, atol=0)
 
 
 def test_generic_step_skips_a_nan_batch_and_averages_over_replicas():
@@ -82,7 +148,7 @@ def test_generic_step_skips_a_nan_batch_and_averages_over_replicas():
 def test_generic_step_checks_its_arguments():
     with pytest.raises(ValueError, match="loss_scale_cfg"):
         step.make_train_step(LeastSquares(), sgd(), lambda s: s, precision=precision.precision_from_name("fp16"))
-    with pytest.raises(ValueError, match="accum_steps=3"):
+    with pytest.raises(ValueError, match="micro_batches=3"):
         step.split_micro_batches({"x": torch.zeros(4, 2)}, 3)
     parts = step.split_micro_batches({"x": torch.arange(4), "y": {"z": torch.arange(8).reshape(4, 2)}}, 2)
     assert parts[1]["x"].tolist() == [2, 3] and parts[1]["y"]["z"].tolist() == [[4, 5], [6, 7]]
@@ -108,18 +174,21 @@ def test_step_is_pure():
     assert all(torch.equal(metrics[k], metrics_again[k]) for k in metrics)
 
 
-def test_two_micro_batches_of_two_equal_one_batch_of_four():
+@pytest.mark.parametrize("split", ["micro_batches", "accumulated"])
+def test_two_micro_batches_or_loader_batches_of_two_equal_one_batch_of_four(split):
     batch = synthetic_batch(num_boxes=(0, 2, 5, 1))
+    halves = ({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})
     one = tiny_config()
     one.optim.weight_decay = 1e-4
     two = tiny_config()
     two.optim.weight_decay = 1e-4
-    two.optim.accum_steps = 2
+    if split == "micro_batches":
+        two.optim.micro_batches = 2
     s1, step1 = build(one)
     s2, step2 = build(two)
     for i in range(2):
         s1, m1 = step1(s1, batch, rng.key(i))
-        s2, m2 = step2(s2, batch, rng.key(i))
+        s2, m2 = step2(s2, batch if split == "micro_batches" else halves, rng.key(i))
         assert torch.allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for path, a in tree.flatten_by_path(s1["params"]).items():
         b = tree.flatten_by_path(s2["params"])[path]

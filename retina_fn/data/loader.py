@@ -58,6 +58,20 @@ class DetectionLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def accum_steps(self) -> int:
+        return self.sampler.accum_steps
+
+    def updates(self) -> Iterator[tuple[dict[str, torch.Tensor], ...]]:
+        """The next iteration grouped by optimiser step: tuples of accum_steps consecutive batches (all from
+        one global batch of the plan, so on one canvas)."""
+        group: list[dict[str, torch.Tensor]] = []
+        for batch in self:
+            group.append(batch)
+            if len(group) == self.accum_steps:
+                yield tuple(group)
+                group = []
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         before = dict(self.totals)
         for batch in self._loader:
@@ -73,18 +87,20 @@ class DetectionLoader:
 
 
 def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int, key: torch.Tensor,
-                      start_epoch: int = 0, start_step: int = 0, pin_memory: bool = False) -> DetectionLoader:
+                      start_epoch: int = 0, start_step: int = 0, pin_memory: bool = False,
+                      accum_steps: int = 1) -> DetectionLoader:
     """The training loader of one rank.
 
     data_cfg: the config's `data` block; dataset: the training CocoSet; key: int64[2] data key;
-    (start_epoch, start_step): the position of the first iteration. pin_memory: set when batches go to
-    an accelerator. Every rank gets the same steps_per_epoch and, at each step, the same canvas."""
+    (start_epoch, start_step): the position of the first iteration, in optimiser steps. pin_memory: set
+    when batches go to an accelerator. accum_steps: loader batches per optimiser step (optim.accum_steps;
+    iterate with `updates()`). Every rank gets the same steps_per_epoch and, at each step, the same canvas."""
     order_key, augment_key = rng.split(key)
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=True, key=augment_key,
                           skip_bad_images=data_cfg.skip_bad_images, preload=data_cfg.preload)
     sampler = GroupBatchSampler(ds.groups, images_per_device=data_cfg.images_per_device, rank=rank,
                                 world_size=world_size, train=True, key=order_key, epoch=start_epoch,
-                                start_step=start_step)
+                                start_step=start_step, accum_steps=accum_steps)
     return DetectionLoader(ds, sampler, Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes),
                            workers=data_cfg.workers, pin_memory=pin_memory)
 
@@ -100,14 +116,16 @@ def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
                            workers=data_cfg.workers, pin_memory=pin_memory)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A loader batch moved to `device` (asynchronously from pinned memory).
+def to_device(batch, device: torch.device):
+    """A loader batch (or a tuple of them) moved to `device` (asynchronously from pinned memory).
 
     Args:
-      batch: {name: tensor} as the loaders yield it (docs/conventions.md).
+      batch: {name: tensor} as the loaders yield it (docs/conventions.md), or a tuple of such dicts.
       device: the target device.
 
     Returns:
-      The same keys, tensors on `device`.
+      The same structure, tensors on `device`.
     """
+    if isinstance(batch, tuple):
+        return tuple(to_device(b, device) for b in batch)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

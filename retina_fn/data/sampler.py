@@ -1,8 +1,12 @@
 """Which samples form each batch on each rank: aspect-ratio groups, a per-epoch order that is a pure
 function of (key, epoch), and equal steps on every rank.
 
-A step's *global batch* holds images_per_device * world_size samples, all from one aspect group, so all
-ranks use the same canvas at the same step; rank r takes the slice [r * ipd, (r + 1) * ipd).
+A step (one optimiser update) takes a *global batch* of images_per_device * world_size * accum_steps
+samples, all from one aspect group, so all ranks use the same canvas at the same step. Each rank yields
+accum_steps loader batches per step: the j-th takes the slice of "virtual rank" v = j * world_size + rank,
+[v * ipd, (v + 1) * ipd). So 8 ranks x 2 images and 1 rank x 2 images x 8 accumulated batches see the same
+16 images at every step, and the plan (a function of the global batch, not of the world size) lets a run
+resume on another world size with the same global batch.
 
 Training (mmdetection's group sampler, made rank-synchronous): each group is permuted, then padded to a
 multiple of the global batch by wrapping around its own permutation (the wrapped entries are flagged
@@ -83,28 +87,31 @@ def eval_plan(groups: np.ndarray, global_batch: int) -> EpochPlan:
 
 
 class GroupBatchSampler(torch.utils.data.Sampler):
-    """Yields, for one rank, lists of `images_per_device` SampleRefs, one list per step.
+    """Yields, for one rank, lists of `images_per_device` SampleRefs, `accum_steps` lists per step.
 
     train=True: `train_plan` with `key` (the order key, independent of the augmentation key);
     train=False: `eval_plan` (no key needed; the epoch stays 0 unless set).
-    `len()` is the number of steps the next iteration yields (steps_per_epoch - start_step).
+    `len()` is the number of lists the next iteration yields ((steps_per_epoch - start_step) * accum_steps).
     """
 
     def __init__(self, groups: np.ndarray, *, images_per_device: int, rank: int, world_size: int, train: bool,
-                 key: torch.Tensor | None = None, epoch: int = 0, start_step: int = 0):
+                 key: torch.Tensor | None = None, epoch: int = 0, start_step: int = 0, accum_steps: int = 1):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         if images_per_device <= 0:
             raise ValueError(f"images_per_device must be positive, got {images_per_device}")
         if train and key is None:
             raise ValueError("a training sampler needs a key")
+        if accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {accum_steps}")
         self.groups = np.asarray(groups)
         self.images_per_device = images_per_device
         self.rank = rank
         self.world_size = world_size
         self.train = train
         self.key = key
-        self.global_batch = images_per_device * world_size
+        self.accum_steps = accum_steps
+        self.global_batch = images_per_device * world_size * accum_steps
         self._eval_plan = None if train else eval_plan(self.groups, self.global_batch)
         self.steps_per_epoch = self.plan(0).indices.shape[0]  # the same every epoch
         self.set_epoch(epoch, start_step)
@@ -125,16 +132,20 @@ class GroupBatchSampler(torch.utils.data.Sampler):
         self.start_step = start_step
 
     def rank_plan(self, epoch: int) -> EpochPlan:
-        """This rank's columns of the epoch plan: [S, images_per_device]."""
+        """This rank's columns of the epoch plan: [S, accum_steps, images_per_device]."""
         p = self.plan(epoch)
-        cols = slice(self.rank * self.images_per_device, (self.rank + 1) * self.images_per_device)
+        ipd = self.images_per_device
+        cols = [(j * self.world_size + self.rank) * ipd + np.arange(ipd) for j in range(self.accum_steps)]
+        cols = np.stack(cols)  # [accum_steps, ipd]
         return EpochPlan(p.indices[:, cols], p.padding[:, cols])
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
     def __iter__(self) -> Iterator[list[SampleRef]]:
         epoch = self.epoch
         mine = self.rank_plan(epoch)
         for step in range(self.start_step, self.steps_per_epoch):
-            yield [SampleRef(int(i), epoch, bool(p)) for i, p in zip(mine.indices[step], mine.padding[step])]
+            for j in range(self.accum_steps):
+                yield [SampleRef(int(i), epoch, bool(p)) for i, p in zip(mine.indices[step, j],
+                                                                         mine.padding[step, j])]

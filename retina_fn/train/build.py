@@ -76,14 +76,17 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
     Args:
       cfg: the whole config (model, optim, train, dist, data canvases).
       optimizer: the one `init_train_state` used.
-      steps_per_epoch, global_batch: images per optimiser step over all replicas; they fix the schedule.
+      steps_per_epoch: optimiser steps per epoch; global_batch: images per optimiser step over all replicas
+        and accumulated loader batches (images_per_device x world_size x optim.accum_steps); together they
+        fix the schedule and the linearly scaled lr.
       reduce: a mean over replicas of a tree (gradients, metrics and, for dist.normalizer 'global', the
         loss normaliser); the distribution layer binds it.
       device: where the anchors live and which autocast applies.
       overflow_check_override: replaces train.overflow_check (a callable or a name).
 
     Returns:
-      The step of retina_fn.train.step over retina_fn.detector.Detector; metrics 'loss', 'loss_cls',
+      The step of retina_fn.train.step over retina_fn.detector.Detector, called with one batch or a tuple
+      of optim.accum_steps loader batches; metrics 'loss', 'loss_cls',
       'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With train.compile the
       whole step is compiled (one graph on one process; the cross-replica `reduce` stays outside).
     """
@@ -95,7 +98,7 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
         precision=prec,
         loss_scale_cfg=cfg.train.loss_scale,
         overflow_check=overflow_check(cfg, overflow_check_override),
-        accum_steps=int(cfg.optim.accum_steps),
+        micro_batches=int(cfg.optim.micro_batches),
         clip_norm=cfg.optim.clip_norm,
         reduce=reduce,
         reduce_normalizer=cfg.dist.normalizer == "global",

@@ -1,7 +1,8 @@
 """The generic pure train step: gradients of a given objective, accumulation, precision, clipping, update.
 
-    step = make_train_step(objective, optimizer, schedule, precision=..., accum_steps=..., reduce=...)
-    state, metrics = step(state, batch, key)      # never mutates state or batch
+    step = make_train_step(objective, optimizer, schedule, precision=..., micro_batches=..., reduce=...)
+    state, metrics = step(state, batch, key)              # one loader batch
+    state, metrics = step(state, (b1, b2, b3, b4), key)   # gradient accumulation over 4 loader batches
 
 Nothing here knows about detection. An `Objective` has two methods:
   prepare(batch) -> (extras, normalizer): per-step work outside the gradient over the whole step's batch
@@ -9,14 +10,23 @@ Nothing here knows about detection. An `Objective` has two methods:
   loss(params, batch, extras, normalizer) -> (loss float32 [], metrics {name: 0-d tensor}), with metrics
     that add up over micro-batches sharing one normaliser.
 
-One step: `prepare` on the whole batch; the normaliser averaged over replicas by `reduce` (when
-`reduce_normalizer`, mmdetection's dist.normalizer='global'); the batch and every leaf of `extras` split
-along dim 0 into `accum_steps` micro-batches; for each, the gradient of the (scaled) loss with respect to
-the trainable leaves only (torch.func.grad with aux, which torch_npu supports; frozen leaves enter as
-constants), summed; gradients averaged over replicas by `reduce`, unscaled, checked, clipped and applied.
-A step whose gradients are not finite is skipped with torch.where (no Python branch): parameters and
-optimiser state stay as they were, the loss scale is halved (fp16) and the 'nonfinite' counter grows; the
-host loop decides when to stop.
+One step over k loader batches (k = 1 for a plain dict; each batch may sit on its own canvas):
+  1. `prepare` on each loader batch b -> (extras_b, N_b);
+  2. normalisers: with `reduce_normalizer` (dist.normalizer='global') every batch divides by
+     N = reduce(sum_b N_b), the replicas' mean of the summed normalisers; otherwise ('local', mmdetection
+     2.9's per-GPU normaliser and its cumulative-gradient hook) batch b divides by k * N_b, so the update is
+     the mean over loader batches of each batch's own normalised loss;
+  3. each loader batch and every leaf of its extras split along dim 0 into `micro_batches` equal parts (to
+     save memory: the result is the same as unsplit); for each part, the gradient of the (scaled) loss with
+     respect to the trainable leaves only (torch.func.grad with aux, which torch_npu supports; frozen leaves
+     enter as constants), all summed;
+  4. gradients averaged over replicas by `reduce`, unscaled, checked, clipped and applied.
+With 'global', k loader batches of B images on one device give exactly the update of one step over k
+replicas of B images each (the sum of the loss terms over all images, divided by the mean normaliser).
+A step whose gradients are not finite is skipped: with a pure optimiser by torch.where (no Python branch),
+parameters and optimiser state stay as they were; with an in-place optimiser (`Optimizer.inplace`, apex's
+fused SGD) the update is not called at all, which needs one host read of the finite flag per step. The
+loss scale is halved (fp16) and the 'nonfinite' counter grows; the host loop decides when to stop.
 """
 
 from __future__ import annotations
@@ -47,6 +57,14 @@ def identity(x):
     return x
 
 
+def loader_batches(batches) -> list[dict]:
+    """A step's input as a list of loader batches: a dict is one batch, a tuple or list holds several."""
+    groups = [batches] if isinstance(batches, dict) else list(batches)
+    if not groups or not all(isinstance(b, dict) for b in groups):
+        raise ValueError("a train step takes a batch dict or a non-empty tuple of batch dicts")
+    return groups
+
+
 def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
     """Splits every leaf of a tree along dim 0 into `parts` equal slices.
 
@@ -60,12 +78,32 @@ def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
     leaves = tree.leaves(batch)
     size = leaves[0].shape[0] if leaves else 0
     if parts < 1 or size % parts:
-        raise ValueError(f"batch of {size} images cannot be split into optim.accum_steps={parts} equal "
+        raise ValueError(f"batch of {size} images cannot be split into optim.micro_batches={parts} equal "
                          f"micro-batches")
     if parts == 1:
         return [batch]
     chunked = [torch.chunk(x, parts) for x in leaves]
     return [tree.unflatten_leaves(batch, [c[i] for c in chunked]) for i in range(parts)]
+
+
+def loss_divisors(normalizers: list[torch.Tensor], reduce: Reduce | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What each of k loader batches divides its loss by (see the module docstring).
+
+    Args:
+      normalizers: float32 [] per loader batch, from `Objective.prepare`.
+      reduce: the mean over replicas for a 'global' normaliser; None for 'local'.
+
+    Returns:
+      (k divisors, the normaliser reported in the metrics): global, the replicas' mean of the sum for every
+      batch; local, k * N_b for batch b (the update is the mean of the batches' own normalised losses).
+    """
+    total = normalizers[0]
+    for n in normalizers[1:]:
+        total = total + n
+    if reduce is not None:
+        shared = reduce(total)
+        return [shared] * len(normalizers), shared
+    return [n * len(normalizers) for n in normalizers], total
 
 
 def make_train_step(
@@ -76,7 +114,7 @@ def make_train_step(
     precision: precision_lib.Precision = precision_lib.precision_from_name("fp32"),
     loss_scale_cfg=None,
     overflow_check: precision_lib.OverflowCheck = precision_lib.all_finite,
-    accum_steps: int = 1,
+    micro_batches: int = 1,
     clip_norm: float | None = None,
     reduce: Reduce = identity,
     reduce_normalizer: bool = True,
@@ -92,12 +130,13 @@ def make_train_step(
       loss_scale_cfg: train.loss_scale (dynamic, factor, growth_interval); needed when precision scales.
       overflow_check: check(grads, scale) -> bool []; e.g. precision.all_finite, precision.not_saturated or
         an accelerator's (retina_fn.accel.npu_flag_check()).
-      accum_steps: micro-batches per step (the batch is split; their gradients add up).
+      micro_batches: equal parts each loader batch is split into (memory only: the same update).
       clip_norm: global-norm clipping threshold, None for none.
       reduce: a mean over replicas of a tree (the distribution layer binds it; identity on one device).
       reduce_normalizer: whether the loss normaliser is averaged over replicas too.
       device_type: autocast's device type ('cpu', 'cuda', 'npu').
 
+    The step's batches: one batch dict, or a tuple of them (accumulation; see the module docstring).
     The state is retina_fn.train.state's: 'params' (trainable), 'frozen', 'opt', 'step', 'rng',
     'loss_scale', 'nonfinite'. key: per-step randomness, passed to nothing here (augmentation runs on the
     host); accepted so that objectives with dropout or sampling keep the same interface.
@@ -107,9 +146,10 @@ def make_train_step(
       'grad_norm' (before clipping), 'loss_scale' (1 without scaling) and 'finite' (1.0 when the update
       was applied), all 0-d tensors averaged over replicas.
     """
+    # The step is a closure over its settings (as a jax.jit'd function over static arguments); its pieces
+    # (scaled_loss, update, train_step) share them, which is why this builder is longer than most.
     if precision.loss_scaling and loss_scale_cfg is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale_cfg (train.loss_scale)")
-    norm_reduce = reduce if reduce_normalizer else identity
 
     def scaled_loss(trainable, frozen, batch, extras, normalizer, scale):
         with precision_lib.autocast(precision, device_type):
@@ -127,21 +167,30 @@ def make_train_step(
         finite = overflow_check(grads, scale.scale if precision.loss_scaling else None)
         grads, grad_norm = clip_by_global_norm(grads, clip_norm)
         lr = schedule(state["step"])
-        new_params, new_opt = optimizer.update(grads, state["opt"], state["params"], lr)
-        params, opt_state = precision_lib.select_tree(finite, (new_params, new_opt), (state["params"], state["opt"]))
+        if optimizer.inplace:  # its update cannot be undone afterwards: decide on the host, before it
+            params, opt_state = state["params"], state["opt"]
+            if bool(finite):
+                params, opt_state = optimizer.update(grads, opt_state, params, lr)
+        else:
+            new_params, new_opt = optimizer.update(grads, state["opt"], state["params"], lr)
+            params, opt_state = precision_lib.select_tree(finite, (new_params, new_opt),
+                                                          (state["params"], state["opt"]))
         if precision.loss_scaling:
             scale = precision_lib.update_loss_scale(scale, finite, loss_scale_cfg)
         return params, opt_state, scale, finite, grad_norm, lr
 
-    def train_step(state: dict, batch: dict, key: torch.Tensor) -> tuple[dict, dict]:
+    def train_step(state: dict, batches, key: torch.Tensor) -> tuple[dict, dict]:
         del key
-        extras, normalizer = objective.prepare(batch)
-        normalizer = norm_reduce(normalizer)
+        groups = loader_batches(batches)
+        prepared = [objective.prepare(b) for b in groups]
+        divisors, normalizer = loss_divisors([n for _, n in prepared], reduce if reduce_normalizer else None)
         grads, metrics = None, None
-        for mb, mb_extras in zip(split_micro_batches(batch, accum_steps), split_micro_batches(extras, accum_steps)):
-            g, m = grad_fn(state["params"], state["frozen"], mb, mb_extras, normalizer, state["loss_scale"])
-            grads = g if grads is None else tree.map(torch.add, grads, g)
-            metrics = m if metrics is None else tree.map(torch.add, metrics, m)
+        for batch, (extras, _), divisor in zip(groups, prepared, divisors):
+            for mb, mb_extras in zip(split_micro_batches(batch, micro_batches),
+                                     split_micro_batches(extras, micro_batches)):
+                g, m = grad_fn(state["params"], state["frozen"], mb, mb_extras, divisor, state["loss_scale"])
+                grads = g if grads is None else tree.map(torch.add, grads, g)
+                metrics = m if metrics is None else tree.map(torch.add, metrics, m)
 
         params, opt_state, new_scale, finite, grad_norm, lr = update(reduce(grads), state)
         metrics = dict(
