@@ -58,3 +58,52 @@ def test_elastic_restart_resumes_from_the_newest_checkpoint(tmp_path):
     assert "resumed from" in done.output and "ckpt_000000004.pt" in done.output
     final = checkpoint.restore_latest(str(workdir / "checkpoints"))
     assert final.step == 6 and final.meta["world_size"] == 2
+
+
+def test_local_normalizer_with_two_processes_matches_a_hand_computed_step(tmp_path):
+    """dist.normalizer='local' (mmdetection 2.9's per-GPU normaliser): each process divides its summed
+    loss by its own N_r and the mean of the processes' gradients is applied. The expectation is built here
+    with torch.autograd and a hand-written SGD update; 'global' is run as well, and must differ clearly,
+    so the test fails if 'local' silently behaved like 'global'."""
+    from tests.model_fixtures import synthetic_batch, tiny_config
+    from tests.normalizer_expectation import expected_sgd_step
+
+    boxes, lr = (0, 1, 3, 5), 0.01  # rank 0 gets images with 0 and 1 boxes, rank 1 those with 3 and 5
+    options = ["1", f"--boxes={','.join(map(str, boxes))}", f"--lr={lr}", "--momentum=0", "--weight-decay=0",
+               "--clip-norm=none"]
+    measured = {}
+    for normalizer in ("local", "global"):
+        out = tmp_path / f"{normalizer}.pt"
+        done = launch.run("step_worker.py", [str(out), *options, f"--normalizer={normalizer}"], nproc=2,
+                          limit_s=240)
+        assert done.returncode == 0, done.output[-3000:]
+        measured[normalizer] = torch.load(out, weights_only=True)
+
+    cfg = tiny_config()  # the worker's model; the step settings above make its update plain SGD
+    full = synthetic_batch(num_boxes=boxes, seed=0)  # the worker's batch of step 0
+    expected = {n: expected_sgd_step(cfg, full, 2, n, lr) for n in ("local", "global")}
+    n0, n1 = expected["local"].normalizers
+    assert n0 != n1, expected["local"]
+    assert measured["local"]["metrics"]["normalizer"] == torch.tensor((n0 + n1) / 2)  # the logged mean
+    tol = dict(rtol=1e-5, atol=1e-6)
+
+    def worst(a: dict, b: dict) -> float:
+        assert a.keys() == b.keys()
+        return max(float((a[p] - b[p]).abs().max()) for p in a)
+
+    for normalizer in ("local", "global"):
+        got, want = measured[normalizer], expected[normalizer]
+        assert torch.allclose(got["loss"], want.loss, rtol=1e-5), (normalizer, float(got["loss"]), float(want.loss))
+        for path, value in want.params.items():
+            assert torch.allclose(got["params"][path], value, **tol), (normalizer, path,
+                                                                      float((got["params"][path] - value).abs().max()))
+    local_vs_expected = worst(measured["local"]["params"], expected["local"].params)
+    global_vs_expected = worst(measured["global"]["params"], expected["global"].params)
+    local_vs_global = worst(measured["local"]["params"], measured["global"]["params"])
+    assert local_vs_global > 100 * max(tol["atol"], local_vs_expected), local_vs_global
+    assert not torch.allclose(measured["local"]["loss"], measured["global"]["loss"], rtol=1e-3)
+    print(f"N_r = ({n0:g}, {n1:g}); loss local {float(measured['local']['loss']):.6f} "
+          f"(expected {float(expected['local'].loss):.6f}), global {float(measured['global']['loss']):.6f} "
+          f"(expected {float(expected['global'].loss):.6f}); max |param diff|: local vs expectation "
+          f"{local_vs_expected:.2e}, global vs expectation {global_vs_expected:.2e}, local vs global "
+          f"{local_vs_global:.2e}")
