@@ -301,3 +301,53 @@ def test_npu_flag_check_without_torch_npu_explains(monkeypatch):
             accel.npu_flag_check()
     finally:
         accel.clear_probe_cache()
+
+
+# ---- the Ascend config's real step with apex's fused SGD (stand-in) and with the native optimiser ----------
+
+
+def _ascend_step(backend: str):
+    from configs import retinanet_r50_fpn_1x_coco_npu
+    from retina_fn import rng
+    from retina_fn.train import build_optimizer, init_train_state, make_train_step
+
+    cfg = retinanet_r50_fpn_1x_coco_npu.get_config()  # O1, static loss scale 64, clip 10, lr 0.04
+    cfg.optim.backend = backend
+    cfg.data.images_per_device = 2  # CPU-sized: 2 images of 64 x 64 instead of 8 of 800 x 1344
+    cfg.data.landscape_canvas = cfg.data.portrait_canvas = (64, 64)
+    optimizer = build_optimizer(cfg)  # built once: the state and the step share it
+    state = init_train_state(cfg, rng.key(0), optimizer)
+    step = make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=2)
+    return state, step
+
+
+def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_probes):
+    """Three real steps of configs/retinanet_r50_fpn_1x_coco_npu.py (fp16 autocast with the static scale 64,
+    clipping at 10), the second on a batch with an inf pixel: with optim.backend='apex' (torch's SGD standing
+    in for the fused kernel, updating in place) and 'native', the same parameters; the skipped step leaves the
+    apex parameters bitwise unchanged, in the same tensors."""
+    from retina_fn import rng
+    from retina_fn.data.random_batch import random_batch
+
+    fake_apex(fresh_probes, optimizer_classes={"FusedSGD": RecordingSGD}, kernels=True)
+    batches = [random_batch(batch_size=2, canvas=(64, 64), max_boxes=100, num_classes=80, seed=i) for i in range(3)]
+    batches[1]["image"][0, 0, 5, 5] = float("inf")
+    results = {}
+    for backend in ("apex", "native"):
+        state, step = _ascend_step(backend)
+        finite = []
+        for i, batch in enumerate(batches):
+            before = tree.map(torch.clone, state["params"])
+            owned = tree.leaves(state["params"])
+            state, metrics = step(state, batch, rng.key(i))
+            finite.append(float(metrics["finite"]))
+            if i == 1:  # the skipped step
+                assert tree.all_equal(state["params"], before)
+                if backend == "apex":
+                    assert all(a is b for a, b in zip(tree.leaves(state["params"]), owned))
+        assert finite == [1.0, 0.0, 1.0] and float(metrics["loss_scale"]) == 64.0
+        results[backend] = state
+    assert len(RecordingSGD.instances) == 1  # one fused optimiser, initialised once and used by the step
+    for path, a in tree.flatten_by_path(results["apex"]["params"]).items():
+        b = tree.flatten_by_path(results["native"]["params"])[path]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=path)

@@ -11,14 +11,11 @@ Epochs are 0-based and a boundary e takes effect at the first step of epoch e (s
 0 at the end of training and evaluated per step (mmcv evaluates it per epoch when by_epoch=True); warmup
 multiplies it the same way.
 
-A step means one optimiser update, which is one train-step call on one loader batch. optim.accum_steps
-does not change that: the train step (retina_fn.train.step) splits each device's batch into accum_steps
-micro-batches and sums their gradients into that one update. It does not accumulate several loader
-batches, and nothing here rescales the lr for it. So steps_per_epoch is the loader's batches per epoch
-and `global_batch` is images per device x devices, whatever accum_steps is. In particular accum_steps=8
-with 2 images per device does not reproduce mmdetection's 16-image batch on one device (2 images cannot
-even be split into 8 micro-batches): one device takes 16-image updates only with 16 images per device,
-accum_steps > 1 then just splitting each forward/backward pass into smaller micro-batches.
+A step means one optimiser update. With optim.accum_steps = k it takes k loader batches per device (the
+train step accumulates their gradients, retina_fn.train.step); optim.micro_batches only splits each loader
+batch to save memory. So steps_per_epoch counts updates (the sampler's global batches) and `global_batch`
+is images per device x devices x k: 2 images per device x 1 device x 8 gives mmdetection's 16-image
+update and lr 0.01.
 """
 
 from __future__ import annotations
@@ -40,9 +37,8 @@ def base_learning_rate(optim_cfg, global_batch: int) -> float:
 
     Args:
       optim_cfg: the optim config block (lr, base_lr, base_batch).
-      global_batch: the number of images behind one optimiser update: images per device x devices (what
-        experiments/trainer.py passes). optim.accum_steps does not enter it: micro-batches split the
-        per-device batch (see the module docstring).
+      global_batch: the number of images behind one optimiser update: images per device x devices x
+        optim.accum_steps (what experiments/trainer.py passes; see the module docstring).
 
     Returns:
       float, the base learning rate before warmup and decay.
@@ -109,7 +105,7 @@ def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Sche
     Args:
       optim_cfg: the optim config block (lr or base_lr and base_batch, schedule, warmup_iters,
         warmup_ratio, epochs, step_epochs, gamma).
-      steps_per_epoch: optimiser updates (loader batches) per epoch.
+      steps_per_epoch: optimiser updates per epoch (the sampler's global batches; train.performance_steps when it cuts epochs short).
       global_batch: images per optimiser update over all devices, for `base_learning_rate`.
 
     Returns:
