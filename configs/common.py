@@ -196,7 +196,8 @@ def train_config() -> ml_collections.ConfigDict:
             precision="fp32",  # 'fp32' | 'fp16' (autocast + dynamic loss scaling) | 'bf16'
             opt_level=placeholder(str),  # apex-style 'O0' | 'O1' | 'O2'; maps onto precision
             loss_scale=dict(init=2.0**16, growth_interval=2000, factor=2.0, dynamic=True),
-            overflow_check="isfinite",  # 'isfinite' | 'saturation' (Ascend 910A fp16 saturates) | 'npu' (torch_npu flag)
+            # 'isfinite' | 'saturation' (Ascend 910A fp16 saturates) | 'npu' (torch_npu flag)
+            overflow_check="isfinite",
             compile=False,  # torch.compile the whole train step
             max_nonfinite_steps=5,
             max_steps=placeholder(int),

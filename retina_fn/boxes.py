@@ -158,7 +158,8 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=like.dtype, device=like.device)
 
 
-def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
+def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
+           stds=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
     """DeltaXYWH encoding of gt boxes relative to anchors.
 
     With (px, py, pw, ph) the anchor's centre and size and (gx, gy, gw, gh) the gt's, the deltas are

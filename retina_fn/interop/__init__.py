@@ -12,7 +12,8 @@ from retina_fn.interop.torchvision import from_torchvision, resnet_from_torchvis
 from retina_fn.interop.weights import DetectorWeights, detect_format, from_state_dict, load_detector_weights
 
 __all__ = [
-    "COCO80_IDS", "COCO80_NAMES", "COCO91_NAMES", "CheckpointMismatch", "DetectorWeights", "detect_format", "from_mmdet",
+    "COCO80_IDS", "COCO80_NAMES", "COCO91_NAMES", "CheckpointMismatch", "DetectorWeights", "detect_format",
+    "from_mmdet",
     "from_state_dict", "from_torchvision", "label_map_for", "load_detector_weights", "load_mapped",
     "load_state_dict", "resnet_from_torchvision", "to_mmdet", "to_torchvision",
 ]

@@ -36,7 +36,10 @@ def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
         raise ValueError(f"fpn.extra_source must be 'input' or 'output', got {cfg.extra_source!r}")
     c = cfg.out_channels
     k = rng.split(key, 8)
-    conv = lambda key, c_out, c_in, size: nn.init.conv(key, c_out, c_in, size, "xavier_uniform", bias=True)  # noqa: E731
+
+    def conv(key, c_out, c_in, size):
+        return nn.init.conv(key, c_out, c_in, size, "xavier_uniform", bias=True)
+
     p6_in = in_channels[2] if cfg.extra_source == "input" else c
     return {
         "lateral": {str(i): conv(k[i], c, in_channels[i], 1) for i in range(3)},

@@ -90,6 +90,7 @@ def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg) -> tu
     """
     logits, deltas = [], []
     for x in levels:
-        logits.append(_flatten(nn.conv2d(params["cls_logits"], _tower(params["cls_convs"], x, cfg), padding=1), num_classes))
+        cls_features = _tower(params["cls_convs"], x, cfg)
+        logits.append(_flatten(nn.conv2d(params["cls_logits"], cls_features, padding=1), num_classes))
         deltas.append(_flatten(nn.conv2d(params["bbox_reg"], _tower(params["reg_convs"], x, cfg), padding=1), 4))
     return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)

@@ -57,7 +57,8 @@ def is_trainable(path: str, model_cfg) -> bool:
         local = path[len("backbone/"):]
         if local.startswith(resnet.frozen_prefixes(model_cfg.backbone)):
             return False
-        is_bn_affine = any(f"/{name}/" in f"/{local}" for name in ("bn1", "bn2", "bn3")) or "/downsample/1/" in f"/{local}"
+        is_bn_affine = (any(f"/{name}/" in f"/{local}" for name in ("bn1", "bn2", "bn3"))
+                        or "/downsample/1/" in f"/{local}")
         if is_bn_affine and not model_cfg.backbone.norm_affine_trainable:
             return False
     return True

@@ -105,7 +105,8 @@ def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Sche
     Args:
       optim_cfg: the optim config block (lr or base_lr and base_batch, schedule, warmup_iters,
         warmup_ratio, epochs, step_epochs, gamma).
-      steps_per_epoch: optimiser updates per epoch (the sampler's global batches; train.performance_steps when it cuts epochs short).
+      steps_per_epoch: optimiser updates per epoch (the sampler's global batches; train.performance_steps
+        when it cuts epochs short).
       global_batch: images per optimiser update over all devices, for `base_learning_rate`.
 
     Returns:
