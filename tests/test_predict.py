@@ -15,7 +15,6 @@ from PIL import Image
 from experiments import predict
 from retina_fn import anchors as anchor_lib
 from retina_fn import checkpoint, rng
-from retina_fn.data import resize
 from retina_fn.interop import COCO80_IDS, COCO80_NAMES, to_torchvision
 from retina_fn.model import retinanet
 from retina_fn.postprocess import detect
@@ -128,28 +127,46 @@ def test_results_are_valid_coco_in_original_pixels(files, tmp_path):
     assert (drawn != files["images"]["tall.png"]).any()  # boxes were drawn (scores reach 0.3)
 
 
-def test_boxes_match_a_hand_rescaled_forward_pass(files):
-    """predict's boxes = the model's boxes in resized pixels divided by (new_w / w, new_h / h)."""
+def test_boxes_match_a_hand_rescaled_forward_pass(files, tmp_path):
+    """predict's boxes = the model's boxes on a canvas built by hand, divided by the hand-computed scale.
+
+    Nothing of the input pipeline is reused: the size follows mmdetection's rule written out here, and
+    the image is made so that its bilinear resize (half-pixel centres, edges clamped) is exact integers,
+    worked out with np.interp: pixel = R[row] + C[col] with R a multiple of 8 (72 -> 96 rows: weights in
+    eighths) and C in {0, 106} (40 -> 53 columns: weights in 106ths), so no uint8 rounding rule enters.
+    sx = 53 / 40 differs from sy = 96 / 72, so swapped or unrounded scale factors show."""
     cfg, params = files["cfg"], files["params"]
-    path = str(files["root"] / "tall.png")
+    h, w = 72, 40
+    gen = np.random.default_rng(1)
+    rows = gen.integers(0, 19, size=(h, 3)) * 8  # 0..144
+    cols = gen.integers(0, 2, size=(w, 3)) * 106  # 0 or 106: pixels stay <= 250
+    image = (rows[:, None, :] + cols[None, :, :]).astype(np.uint8)
+    path = str(tmp_path / "ramps.png")
+    Image.fromarray(image).save(path)
     dets, *_ = predict.predict(cfg, files["ckpt"], [path], device="cpu")
-    image = files["images"]["tall.png"]
-    h, w = image.shape[:2]
-    new_h, new_w = resize.rescaled_size(h, w, (96, 64))  # s = min(96 / 70, 64 / 40) = 96 / 70
-    assert (new_h, new_w) == (96, 55)
-    canvas = (96, 64)  # the portrait canvas
-    x = np.zeros((3, *canvas), np.float32)
-    resized = resize.resize_image(image, (new_h, new_w)).astype(np.float32)
-    normalised = (resized - np.array(cfg.data.mean, np.float32)) / np.array(cfg.data.std, np.float32)
-    x[:, :new_h, :new_w] = normalised.transpose(2, 0, 1)
+
+    s = min(96 / 72, 64 / 40)  # data.scale = (96, 64): long side <= 96, short side <= 64
+    new_h, new_w = int(h * s + 0.5), int(w * s + 0.5)
+    assert (new_h, new_w) == (96, 53)
+    src_y = (np.arange(new_h) + 0.5) * h / new_h - 0.5
+    src_x = (np.arange(new_w) + 0.5) * w / new_w - 0.5
+    resized = np.stack([np.interp(src_y, np.arange(h), rows[:, c])[:, None]
+                        + np.interp(src_x, np.arange(w), cols[:, c])[None, :] for c in range(3)])
+    assert np.abs(resized - np.rint(resized)).max() < 1e-9
+    mean, std = np.array(cfg.data.mean)[:, None, None], np.array(cfg.data.std)[:, None, None]
+    canvas = np.zeros((3, 96, 64), np.float32)  # the portrait canvas (w <= h), zero-padded right and bottom
+    canvas[:, :new_h, :new_w] = (np.rint(resized) - mean) / std
+    np.testing.assert_allclose(predict.preprocess(image, cfg)["image"], canvas, atol=1e-6)
+
     with torch.no_grad():
-        logits, deltas = retinanet.apply(params, torch.from_numpy(x)[None], cfg.model)
-    anchors = anchor_lib.anchors(canvas, cfg.model)
-    ref = detect(logits, deltas, anchors, anchor_lib.level_counts(canvas, cfg.model), torch.tensor([[new_h, new_w]]),
-                 None, cfg.model.test, cfg.model.coder)
+        logits, deltas = retinanet.apply(params, torch.from_numpy(canvas)[None], cfg.model)
+    anchors = anchor_lib.anchors((96, 64), cfg.model)
+    ref = detect(logits, deltas, anchors, anchor_lib.level_counts((96, 64), cfg.model),
+                 torch.tensor([[new_h, new_w]]), None, cfg.model.test, cfg.model.coder)
     n = int(ref.valid[0].sum())
-    expected = ref.boxes[0, :n].numpy() / np.array([new_w / w, new_h / h, new_w / w, new_h / h], np.float32)
-    assert len(dets[0].scores) == n
+    assert n > 0 and len(dets[0].scores) == n
+    sx, sy = new_w / w, new_h / h  # 1.325, 1.333...
+    expected = ref.boxes[0, :n].numpy() / np.array([sx, sy, sx, sy])
     np.testing.assert_allclose(dets[0].boxes, expected, atol=1e-3)
     np.testing.assert_allclose(dets[0].scores, ref.scores[0, :n].numpy(), atol=1e-5)
 
