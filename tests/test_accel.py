@@ -330,6 +330,7 @@ def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_pr
     from retina_fn.data.random_batch import random_batch
 
     fake_apex(fresh_probes, optimizer_classes={"FusedSGD": RecordingSGD}, kernels=True)
+    RecordingSGD.instances.clear()
     batches = [random_batch(batch_size=2, canvas=(64, 64), max_boxes=100, num_classes=80, seed=i) for i in range(3)]
     batches[1]["image"][0, 0, 5, 5] = float("inf")
     results = {}
