@@ -175,7 +175,7 @@ def runs(tmp_path_factory):
     return dict(data=data, straight=straight, killed=killed, logs=logs, kills=kills, summary=summary)
 
 
-def test_killed_run_ends_bitwise_equal_to_the_uninterrupted_run(runs):
+def test_killed_run_ends_bitwise_equal_to_the_uninterrupted_run(runs, capsys):
     summary = runs["summary"]
     assert runs["kills"] >= 4, f"fewer than 4 kills landed:\n{summary}"
     a = checkpoint.restore_latest(os.path.join(runs["straight"], "checkpoints"))
@@ -200,8 +200,9 @@ def test_killed_run_ends_bitwise_equal_to_the_uninterrupted_run(runs):
     left = glob.glob(os.path.join(runs["killed"], "checkpoints", "*.tmp.*"))
     assert not left, f"temporary files of killed writers left behind: {left}"
     n_params = sum(1 for p in flat_a if p.startswith("params"))
-    print(f"final state bitwise equal: step {b.step}, {len(flat_a)} leaves ({n_params} under params) "
-          f"torch.equal to the uninterrupted run's, after {runs['kills']} kills")
+    with capsys.disabled():  # shown in `make test`'s output, not only with -s
+        print(f"\n{runs['summary']}\nfinal state bitwise equal: step {b.step}, {len(flat_a)} leaves "
+              f"({n_params} under params) torch.equal to the uninterrupted run's, after {runs['kills']} kills")
 
 
 def test_restarting_a_finished_run_exits_without_training_again(runs):
