@@ -102,12 +102,11 @@ class _Run:
         self.meter = train_hooks.ThroughputMeter(self.images_per_step, self.device)
         self.guard = train_hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
         self.saver = train_hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime)
-        self.window = _Window(self.images_per_step)
+        self.window = _Window()
         self.last_metrics: dict = {}
         self.train_clock = 0.0  # seconds of training (the steps and their batches' waits)
         self.eval_metrics: dict[str, float] | None = None
         self.vis: list = []
-        self.max_steps = cfg.train.max_steps
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
                  self.steps_per_epoch, self.epochs, self.images_per_step, cfg.data.images_per_device,
@@ -115,7 +114,7 @@ class _Run:
 
     def finished(self) -> bool:
         """Whether the checkpoint it resumed from already ends the run (all epochs, or train.max_steps)."""
-        return self.start_epoch >= self.epochs or (self.max_steps is not None and self.step >= self.max_steps)
+        return self.start_epoch >= self.epochs or self.cadence.reached_max_steps(self.step)
 
 
 def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def _evaluate_during_training(run: _Run, epoch: int) -> None:
 class _Window:
     """Images since the last progress line, and when that window started (for the line's images/s)."""
 
-    def __init__(self, images_per_step: int):
+    def __init__(self):
         self.restart()
 
     def restart(self) -> None:

@@ -1,7 +1,7 @@
 """The command line of experiments.benchmark: flags -> Options, run, print the table, write the JSON.
 
     python -m experiments.benchmark --config configs/smoke.py --mode train --batch 1 --canvas 128x128 \\
-        --iters 2 --warmup 1 --json /tmp/bench.json
+        --iters 2 --warmup 1 --json runs/bench/smoke_train.json
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from experiments.benchmark.options import Options
+from experiments.train_hooks import synchronize
 
 
 class Subject(NamedTuple):
@@ -36,24 +37,6 @@ class Subject(NamedTuple):
 def _device_module(device: torch.device):
     """torch.cuda, torch.npu, ... for an accelerator (None for the CPU or a kind torch has no module for)."""
     return None if device.type == "cpu" else getattr(torch, device.type, None)
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the work queued on `device`: torch.cuda.synchronize on CUDA, torch.<kind>.synchronize for
-    other accelerators that have one (torch.npu once torch_npu is imported); nothing on the CPU.
-
-    Args:
-      device: the device the timed work runs on.
-
-    Returns:
-      None.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return
-    module = _device_module(device)
-    if module is not None and hasattr(module, "synchronize"):
-        module.synchronize()
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
