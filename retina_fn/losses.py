@@ -8,18 +8,13 @@ zero) gradient: no parameter ever drops out of the graph, even for a batch witho
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from retina_fn import boxes as box_lib
-
-# -log(FLT_MIN): mmcv's kernel floors the argument of each log at FLT_MIN, so one log term never
-# exceeds this value (reached for logits beyond about +-87.3).
-_MAX_NLL = -math.log(float(np.finfo(np.float32).tiny))
+from retina_fn import focal_loss
 
 _BOX_LOSSES = ("l1", "giou")
 _NORMALIZERS = ("batch", "image")
@@ -45,7 +40,7 @@ def _saturate(nll: torch.Tensor) -> torch.Tensor:
     backward is the analytic derivative, which keeps pushing a hopeless logit (x < -87) in the right
     direction instead of giving it a zero gradient."""
     # (nll - nll.detach()) is exactly 0 in value but carries nll's gradient.
-    return torch.where(nll > _MAX_NLL, _MAX_NLL + (nll - nll.detach()), nll)
+    return torch.where(nll > focal_loss.MAX_NLL, focal_loss.MAX_NLL + (nll - nll.detach()), nll)
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
@@ -114,6 +109,17 @@ def _gather_matched(gt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return gt.gather(1, idx)
 
 
+def _focal_codes(positive: torch.Tensor, negative: torch.Tensor, matched_labels: torch.Tensor,
+                 num_classes: int) -> torch.Tensor:
+    """The fused focal loss's per-anchor codes: the matched class of a positive, BACKGROUND for a negative
+    and for a positive whose label is outside 0..K-1 (the one-hot path gives it an all-zero target of
+    weight 1), IGNORE for every other anchor. positive, negative: bool [B, A]; matched_labels: int64
+    [B, A] -> int64 [B, A]."""
+    in_range = (matched_labels >= 0) & (matched_labels < num_classes)
+    codes = torch.where(positive & in_range, matched_labels, focal_loss.BACKGROUND)
+    return torch.where(positive | negative, codes, focal_loss.IGNORE)
+
+
 def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_cfg, coder_cfg,
                         image_hw) -> torch.Tensor:
     """Box loss summed over positive anchors (and coordinates) per image -> [B]."""
@@ -160,7 +166,8 @@ def retinanet_loss(
         neither positive nor negative are ignored.
       gt_boxes: [B, G, 4] padded ground truth; gt_labels: int64 [B, G] in 0..K-1 (a label outside that
         range silently gives an all-zero target: no value check, as that would need a host sync).
-      loss_cfg: model.loss (focal_alpha, focal_gamma, cls_weight, box_loss, box_weight, normalizer).
+      loss_cfg: model.loss (focal_alpha, focal_gamma, fused_focal, cls_weight, box_loss, box_weight,
+        normalizer).
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
       normalizer: float [] the divisor of the summed terms; None: this batch's own
         (`loss_normalizer(assignment.positive & anchor_valid, loss_cfg)`). A train step passes the
@@ -171,9 +178,10 @@ def retinanet_loss(
 
     Targets: a positive anchor's classification target is the one-hot of its matched gt's label, a
     negative's is all zeros; both weigh 1, ignored and invalid anchors 0. The focal loss is summed over
-    anchors and classes. Box loss on positives only: 'l1' is |delta - encode(anchor, gt)| summed over
-    anchors and the 4 coordinates (mmdetection), 'giou' is 1 - GIoU(decode(anchor, delta), gt)
-    (torchvision v2).
+    anchors and classes; with loss_cfg.fused_focal the same sum comes from retina_fn.focal_loss (integer
+    codes, no one-hot, the gradient computed in the forward pass), equal up to float32 rounding. Box loss
+    on positives only: 'l1' is |delta - encode(anchor, gt)| summed over anchors and the 4 coordinates
+    (mmdetection), 'giou' is 1 - GIoU(decode(anchor, delta), gt) (torchvision v2).
 
     Normaliser N: 'batch' (mmdetection): N = sum over images of max(#pos_i, 1), and
     loss = cls_weight * cls_sum / N + box_weight * box_sum / N. 'image' (torchvision): N = the number
@@ -193,9 +201,8 @@ def retinanet_loss(
 
     with torch.autocast(device_type=cls_logits.device.type, enabled=False):
         dtype = _compute_dtype(cls_logits.dtype)
-        logits = cls_logits.to(dtype)
         deltas = box_deltas.to(dtype)
-        num_classes = logits.shape[-1]
+        num_classes = cls_logits.shape[-1]
 
         positive = assignment.positive & anchor_valid
         negative = assignment.negative & anchor_valid & ~positive
@@ -204,11 +211,17 @@ def retinanet_loss(
         matched_boxes = _gather_matched(gt_boxes, matched)  # [B, A, 4]
         matched_labels = _gather_matched(gt_labels, matched)  # [B, A]
 
-        classes = torch.arange(num_classes, device=logits.device)
-        cls_targets = (matched_labels.unsqueeze(-1) == classes) & positive.unsqueeze(-1)
-        cls_weight = (positive | negative).to(dtype).unsqueeze(-1)
-        focal = sigmoid_focal_loss(logits, cls_targets.to(dtype), loss_cfg.focal_alpha, loss_cfg.focal_gamma)
-        cls_sum = (focal * cls_weight).sum(dim=(1, 2))  # [B]
+        if loss_cfg.fused_focal:
+            codes = _focal_codes(positive, negative, matched_labels, num_classes)
+            cls_sum = focal_loss.sigmoid_focal_loss_sums(cls_logits, codes, loss_cfg.focal_alpha,
+                                                         loss_cfg.focal_gamma)  # [B]
+        else:
+            classes = torch.arange(num_classes, device=cls_logits.device)
+            cls_targets = (matched_labels.unsqueeze(-1) == classes) & positive.unsqueeze(-1)
+            cls_weight = (positive | negative).to(dtype).unsqueeze(-1)
+            focal = sigmoid_focal_loss(cls_logits, cls_targets.to(dtype), loss_cfg.focal_alpha,
+                                       loss_cfg.focal_gamma)
+            cls_sum = (focal * cls_weight).sum(dim=(1, 2))  # [B]
         box_sum = _box_loss_per_image(deltas, anchors, positive, matched_boxes, loss_cfg, coder_cfg,
                                       image_hw).to(dtype)  # [B]
 

@@ -1,0 +1,143 @@
+"""Fused sigmoid focal loss over integer labels: the summed loss and its gradient in one forward pass.
+
+The one-hot formulation (`retina_fn.losses.sigmoid_focal_loss`) builds a float target and a weight the size
+of the logits and chains about ten elementwise operations, each leaving a [B, A, K] float32 tensor for
+autograd to keep or to revisit. Here each anchor carries one integer code instead:
+
+  0..K-1      a positive of that class (target 1 for that class, 0 for the others);
+  IGNORE      weighs nothing, no loss and a zero gradient;
+  any other   background (all K targets 0); BACKGROUND is the code to use.
+
+The forward pass computes every element as if its target were 0, then rewrites the one element per anchor
+whose target is 1 (a gather and a scatter over [B, A]), and returns the per-image sums together with the
+gradient with respect to the logits; the backward pass only scales that saved gradient. The values are
+mmcv's (and `losses.sigmoid_focal_loss`'s): logs from softplus, floored at FLT_MIN in value with the
+unclamped derivative, computed in float32 (float64 stays float64) whatever the logits' dtype.
+
+The function is a `torch.autograd.Function` with a separate `setup_context`, so `torch.func.grad`
+differentiates through it (the train step needs nothing else: no vjp or vmap, which torch_npu lacks); it has
+no vmap rule and no second derivative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+BACKGROUND = -1
+IGNORE = -2
+
+# -log(FLT_MIN): mmcv's kernel floors the argument of each log at FLT_MIN, so one log term never
+# exceeds this value (reached for logits beyond about +-87.3).
+MAX_NLL = -math.log(float(np.finfo(np.float32).tiny))
+
+
+def _focal_and_derivative(z: torch.Tensor, weight: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight * sigmoid(z)^gamma * min(softplus(z), MAX_NLL) and its derivative with respect to z.
+
+    z is the logit of the wrong answer (x for a target-0 element, -x for a target-1 element), so one
+    formula serves both. With P = sigmoid(z), Q = sigmoid(-z) and L = min(softplus(z), MAX_NLL) the
+    derivative is weight * P^gamma * (gamma * Q * L + P): the floored L where the product rule uses the value,
+    softplus's own derivative P where it uses the slope (mmcv's backward). Q is computed directly, not as
+    1 - P, which would cancel for large z. Works in place on its own temporaries; z is left untouched.
+
+    Args:
+      z: float [...] (float32 or float64).
+      weight: alpha for target-1 elements, 1 - alpha for target-0 ones.
+      gamma: the focusing exponent.
+
+    Returns:
+      (loss, derivative), both z.dtype [...].
+    """
+    wrong = torch.sigmoid(z)
+    nll = F.softplus(z).clamp_(max=MAX_NLL)
+    derivative = torch.neg(z).sigmoid_().mul_(gamma).mul_(nll).add_(wrong)
+    focal = wrong.pow_(gamma).mul_(weight)
+    return nll.mul_(focal), derivative.mul_(focal)
+
+
+def _loss_sums_and_grad(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                        gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image focal loss sums and the gradient of their sum with respect to the (upcast) logits.
+
+    Args:
+      logits: float [B, A, K], any float dtype.
+      labels: int64 [B, A] codes (see the module docstring).
+      alpha, gamma: the focal loss parameters.
+
+    Returns:
+      (sums [B], grad [B, A, K]), both float32 (float64 for float64 logits).
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    num_classes = x.shape[-1]
+    loss, grad = _focal_and_derivative(x, 1.0 - alpha, gamma)
+    is_class = ((labels >= 0) & (labels < num_classes)).unsqueeze(-1)  # [B, A, 1]
+    index = torch.where(is_class, labels.unsqueeze(-1), 0)
+    target_loss, target_dz = _focal_and_derivative(x.gather(-1, index).neg_(), alpha, gamma)
+    # Anchors without a class write back the value they already hold.
+    loss.scatter_(-1, index, torch.where(is_class, target_loss, loss.gather(-1, index)))
+    grad.scatter_(-1, index, torch.where(is_class, target_dz.neg_(), grad.gather(-1, index)))
+    weight = (labels != IGNORE).to(x.dtype)  # [B, A]
+    grad.mul_(weight.unsqueeze(-1))
+    return (loss.sum(-1) * weight).sum(-1), grad
+
+
+class _FocalLossSums(torch.autograd.Function):
+    """Per-image focal loss sums whose backward scales the gradient saved by the forward pass."""
+
+    @staticmethod
+    def forward(logits, labels, alpha, gamma):
+        return _loss_sums_and_grad(logits, labels, alpha, gamma)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # The gradient is an output so that it can be saved here (setup_context sees no intermediates).
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no [B, A, K] of zeros for the gradient output's own gradient
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = inputs[0].dtype
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_sums[:, None, None]).to(ctx.logits_dtype), None, None, None
+
+
+def sigmoid_focal_loss_sums(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
+                            gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017; mmcv's values) summed over each image's anchors and classes.
+
+    Equals `losses.sigmoid_focal_loss(logits, one_hot_targets, alpha, gamma)` times a 0/1 anchor weight,
+    summed over anchors and classes, where the targets and the weight come from `labels` (module docstring).
+
+    Args:
+      logits: float [B, A, K] (float32, or bfloat16 / float16 from autocast; float64 for gradient checks).
+      labels: integer [B, A] codes: 0..K-1 a positive of that class, IGNORE weighs nothing, any other value
+        (BACKGROUND) is background.
+      alpha: weight of target-1 elements (1 - alpha for target-0 elements).
+      gamma: the focusing exponent.
+
+    Returns:
+      float32 [B] (float64 for float64 logits): each image's summed loss, computed with autocast disabled.
+      Its gradient with respect to logits has logits' dtype. No second derivatives: autograd refuses them,
+      and torch.func would take the saved gradient for a constant.
+
+    Raises:
+      ValueError: logits not [B, A, K], or labels not an integer [B, A] tensor.
+    """
+    if logits.ndim != 3:
+        raise ValueError(f"sigmoid_focal_loss_sums: logits must be [B, A, K], got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"sigmoid_focal_loss_sums: labels must be [B, A] = {tuple(logits.shape[:2])}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"sigmoid_focal_loss_sums: labels must be an integer tensor, got {labels.dtype}")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        sums, _ = _FocalLossSums.apply(logits, labels.to(torch.int64), alpha, gamma)
+    return sums
