@@ -19,6 +19,8 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
 - Training filters (`filter_empty_gt`, `min_size`): an image is kept when it has at least one annotation
   (mmdetection counts any annotation, crowd or later dropped, not just usable boxes) and its shorter side
   is >= min_size.
+- A file without an 'annotations' key is an image-info file (COCO test-dev's image_info_*.json): it loads
+  (`CocoSet.has_annotations` False) for producing detections; `load_split` refuses it for training.
 
 Entry-level checks of the file: `retina_fn.data.coco_schema`; image decoding: `retina_fn.data.images`
 (both re-exported here).
@@ -170,13 +172,18 @@ class ImageRecord(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class CocoSet:
     """A parsed annotation file: its category table, image records (file order) and counts of what the
-    filters removed (keys: see `DROP_REASONS`, plus 'images_empty' and 'images_small')."""
+    filters removed (keys: see `DROP_REASONS`, plus 'images_empty' and 'images_small').
+
+    has_annotations is False for an image-info file (images and categories, no 'annotations' key, as COCO
+    test-dev's): its records have no boxes, and it can be run and its detections written, not scored or
+    trained on."""
 
     ann_file: str
     image_root: str
     label_map: LabelMap
     records: tuple[ImageRecord, ...]
     counts: Mapping[str, int]
+    has_annotations: bool = True
 
     def __len__(self) -> int:
         return len(self.records)
@@ -284,27 +291,37 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
             counts["boxes"] += 1
 
     records = _kept_records(images, per_image, filter_empty_gt, min_size, counts)
+    has_annotations = "annotations" in data
+    if not has_annotations:
+        logger.info("%s: no 'annotations' (an image-info file): its images can be run for detections, not scored",
+                    ann_file)
     dropped = sum(counts[r] for r in DROP_REASONS)
     log = logger.warning if dropped else logger.info
     log("%s: %d of %d images kept (%d without annotations, %d with short side < %d removed); %d boxes, "
         "%d crowd regions; %d annotations dropped (%s)", ann_file, len(records), len(images),
         counts["images_empty"], counts["images_small"], min_size, counts["boxes"], counts["crowd"], dropped,
         ", ".join(f"{r}={counts[r]}" for r in DROP_REASONS))
-    return CocoSet(ann_file, image_root, label_map, tuple(records), dict(counts))
+    return CocoSet(ann_file, image_root, label_map, tuple(records), dict(counts), has_annotations)
 
 
 def load_split(data_cfg, split: str) -> CocoSet:
     """The 'train' or 'val' file of a config's `data` block (root + train_ann/train_images or the val
-    pair); training applies `filter_empty_gt` and `min_size`."""
+    pair); training applies `filter_empty_gt` and `min_size`. The 'val' file may be an image-info file
+    (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:
         raise ValueError("data.root is not set")
     ann = os.path.join(data_cfg.root, data_cfg[f"{split}_ann"])
     images = os.path.join(data_cfg.root, data_cfg[f"{split}_images"])
-    if split == "train":
-        return load_coco(ann, images, filter_empty_gt=data_cfg.filter_empty_gt, min_size=data_cfg.min_size)
-    return load_coco(ann, images)
+    if split == "val":
+        return load_coco(ann, images)
+    coco_set = load_coco(ann, images, filter_empty_gt=data_cfg.filter_empty_gt, min_size=data_cfg.min_size)
+    if not coco_set.has_annotations:
+        raise CocoFormatError(f"{ann}: no 'annotations' list (an image-info file, such as COCO test-dev's): "
+                              f"nothing to train on; it can only be evaluated for detections "
+                              f"(--config.data.train_ann names the training file)")
+    return coco_set
 
 
 def _drop_reason(ann: Mapping, x: float, y: float, w: float, h: float, height: int, width: int,

@@ -3,6 +3,8 @@
     results = detections_to_coco(boxes, scores, labels, image_ids, label_map)   # per batch, then gather
     results = merge_results(per_rank_results)                                  # drop padded duplicates
     metrics = evaluate(val_ann_file, results, img_ids=ids_that_were_run)
+    detailed = evaluate_detailed(val_ann_file, results, img_ids)   # + per-category precision [T, R, K]
+    write_results("detections_bbox.json", results)                 # the COCO evaluation server's format
 
 Rules (pycocotools conventions, see the module's tests):
 - Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
@@ -14,7 +16,10 @@ Rules (pycocotools conventions, see the module's tests):
 - Crowd ground truth is an ignore region (COCOeval's own rule); keep it in the ground-truth file.
 - COCOeval caps detections at 100 per image *and category*; keep at most 100 per image before calling
   (the post-processing's max_per_img) to follow the official protocol.
-- faster-coco-eval is used when installed and `use_faster` is true; it gives the same numbers.
+- faster-coco-eval is used when installed and `use_faster` is true; it gives the same numbers and leaves
+  the same `eval['precision']` array.
+- An image-info file (images and categories, no 'annotations', as COCO test-dev's) cannot be scored:
+  evaluating against one is a ValueError; write its results file instead.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -193,6 +199,9 @@ def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
+PYCOCOTOOLS = "pycocotools"
+FASTER_COCO_EVAL = "faster-coco-eval"
+
 
 def faster_coco_eval_backend():
     """The faster-coco-eval classes, when that optional package imports.
@@ -207,49 +216,109 @@ def faster_coco_eval_backend():
     return COCO, COCOeval_faster
 
 
-def _pycocotools():
+class Backend(NamedTuple):
+    """One COCO evaluation library: its ground-truth class and its COCOeval class.
+
+    Both libraries leave the same `eval` dict after `accumulate()`: 'precision' float64 [T, R, K, A, M] (IoU
+    threshold, recall threshold, category, area range, max detections; -1 where a category has no ground
+    truth in that setting), 'recall' [T, K, A, M] and 'scores' like 'precision'; faster-coco-eval adds keys.
+    """
+
+    name: str  # PYCOCOTOOLS or FASTER_COCO_EVAL
+    coco_cls: type
+    eval_cls: type
+
+    def cocoeval(self, gt, dt):
+        """A bbox COCOeval of `dt` against `gt` (COCO objects of this library); its messages go to stdout."""
+        if self.name == FASTER_COCO_EVAL:
+            return self.eval_cls(gt, dt, iouType="bbox", print_function=print)
+        return self.eval_cls(gt, dt, iouType="bbox")
+
+
+def backend(use_faster: bool = True) -> Backend:
+    """faster-coco-eval when `use_faster` is true and it imports, pycocotools otherwise."""
+    found = faster_coco_eval_backend() if use_faster else None
+    if found is not None:
+        return Backend(FASTER_COCO_EVAL, *found)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    return COCO, COCOeval
+    return Backend(PYCOCOTOOLS, COCO, COCOeval)
 
 
-def _load_ground_truth(coco_gt, coco_cls, out: io.StringIO):
-    """A `coco_cls` instance from a path, a COCO-format dict, or a COCO object of either library."""
-    if isinstance(coco_gt, coco_cls):
-        return coco_gt
-    if isinstance(coco_gt, (str, os.PathLike)):
-        path = os.fspath(coco_gt)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
+def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
+    """The ground truth as a COCO object of `lib`.
+
+    Args:
+      coco_gt: an annotation file path, a COCO-format dict, or a COCO object of either library (used as is
+        when it is `lib`'s, copied otherwise).
+      lib: the library.
+      out: receives what the library prints.
+
+    Returns:
+      A `lib.coco_cls` instance with its index built.
+
+    Raises:
+      FileNotFoundError: coco_gt is a path that does not exist.
+      ValueError: coco_gt is none of the above, or has no 'images', 'annotations' or 'categories' list (an
+        image-info file, such as COCO test-dev's, has no 'annotations': there is nothing to score against).
+    """
+    source = "coco_gt"
+    if isinstance(coco_gt, lib.coco_cls):
+        gt = coco_gt
+    elif isinstance(coco_gt, (str, os.PathLike)):
+        source = os.fspath(coco_gt)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"ground-truth annotation file not found: {source}")
         with contextlib.redirect_stdout(out):
-            return coco_cls(path)
-    if isinstance(coco_gt, Mapping):
-        dataset = dict(coco_gt)
-    elif hasattr(coco_gt, "dataset") and isinstance(coco_gt.dataset, Mapping):
-        dataset = coco_gt.dataset
+            gt = lib.coco_cls(source)
     else:
-        raise ValueError(f"coco_gt must be a path, a COCO dict or a COCO object, got {type(coco_gt).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise ValueError(f"coco_gt: the ground truth has no '{key}' list")
-    gt = coco_cls()
-    # loadRes copies the image list from here, so keep the caller's structure untouched.
-    gt.dataset = copy.deepcopy(dict(dataset))
-    with contextlib.redirect_stdout(out):
-        gt.createIndex()
+        if isinstance(coco_gt, Mapping):
+            dataset = dict(coco_gt)
+        elif hasattr(coco_gt, "dataset") and isinstance(coco_gt.dataset, Mapping):
+            dataset = coco_gt.dataset
+        else:
+            raise ValueError(f"coco_gt must be a path, a COCO dict or a COCO object, got {type(coco_gt).__name__}")
+        gt = lib.coco_cls()
+        # loadRes copies the image list from here, so keep the caller's structure untouched.
+        gt.dataset = copy.deepcopy(dict(dataset))
+        with contextlib.redirect_stdout(out):
+            gt.createIndex()
+    _require_lists(gt.dataset, source)
     return gt
 
 
-def _check_results(results: Sequence[dict], gt) -> None:
+def _require_lists(dataset: Mapping, source: str) -> None:
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            hint = (" (an image-info file, such as COCO test-dev's: detections on it can be written as a results "
+                    "file, not scored)") if key == "annotations" else ""
+            raise ValueError(f"{source}: the ground truth has no '{key}' list{hint}")
+
+
+def load_results(gt, results: Sequence[dict], out: io.StringIO):
+    """Result dicts as a detections COCO object of gt's library (its `loadRes`).
+
+    Args:
+      gt: a ground-truth COCO object (see `load_ground_truth`).
+      results: non-empty, checked result dicts (loadRes reads the first one to learn the kind).
+      out: receives what the library prints.
+
+    Returns:
+      The detections COCO object; `results` is not modified (loadRes writes 'area', 'id' and 'iscrowd' into
+      the dicts it gets, so it gets copies).
+    """
+    with contextlib.redirect_stdout(out):
+        return gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
+
+
+def check_results(results: Sequence[dict], gt) -> None:
+    """Raises ValueError naming the first result that is not a dict, lacks a key, names an image or category
+    id that is not in `gt` (a COCO object), or has a bbox that is not 4 finite numbers."""
     image_ids = set(gt.getImgIds())
     cat_ids = set(gt.getCatIds())
     for i, r in enumerate(results):
-        if not isinstance(r, Mapping):
-            raise ValueError(f"results[{i}] is not a dict")
-        missing = {"image_id", "category_id", "bbox", "score"} - set(r)
-        if missing:
-            raise ValueError(f"results[{i}] lacks {sorted(missing)}")
+        _check_keys(i, r)
         if r["image_id"] not in image_ids:
             raise ValueError(f"results[{i}]: image id {r['image_id']} is not in the ground truth")
         if r["category_id"] not in cat_ids:
@@ -260,7 +329,17 @@ def _check_results(results: Sequence[dict], gt) -> None:
             raise ValueError(f"results[{i}]: bbox must be 4 finite numbers [x, y, w, h], got {bbox}")
 
 
-def _eval_image_ids(img_ids, gt) -> list[int]:
+def _check_keys(i: int, result) -> None:
+    if not isinstance(result, Mapping):
+        raise ValueError(f"results[{i}] is not a dict")
+    missing = {"image_id", "category_id", "bbox", "score"} - set(result)
+    if missing:
+        raise ValueError(f"results[{i}] lacks {sorted(missing)}")
+
+
+def eval_image_ids(img_ids, gt) -> list[int]:
+    """The sorted image ids to score: `img_ids`, or every image of `gt` when None; ValueError for ids that
+    are not in the ground truth."""
     known = set(gt.getImgIds())
     if img_ids is None:
         return sorted(known)
@@ -269,6 +348,134 @@ def _eval_image_ids(img_ids, gt) -> list[int]:
     if unknown:
         raise ValueError(f"img_ids: {len(unknown)} ids not in the ground truth, e.g. {unknown[:5]}")
     return ids
+
+
+def count_ground_truth(gt, img_ids: Iterable[int], cat_ids: Sequence[int]) -> np.ndarray:
+    """The boxes COCOeval counts as objects to find.
+
+    Args:
+      gt: a ground-truth COCO object.
+      img_ids: the evaluated image ids.
+      cat_ids: K category ids.
+
+    Returns:
+      int64 [K]: non-crowd ground-truth boxes of each category on those images (crowd boxes are ignore
+      regions).
+    """
+    images = set(img_ids)
+    index = {int(c): k for k, c in enumerate(cat_ids)}
+    counts = np.zeros(len(index), dtype=np.int64)
+    for ann in gt.dataset["annotations"]:
+        if ann["image_id"] in images and not ann.get("iscrowd", 0) and ann["category_id"] in index:
+            counts[index[ann["category_id"]]] += 1
+    return counts
+
+
+def category_names(gt, cat_ids: Sequence[int]) -> tuple[str, ...]:
+    """The 'name' of each category id of `gt` (the id as text when a category has none)."""
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt.dataset["categories"]}
+    return tuple(names[int(c)] for c in cat_ids)
+
+
+def all_area_precision(coco_eval, max_dets: int = 100) -> np.ndarray:
+    """COCOeval's accumulated precision at area range 'all' and `max_dets` detections per image.
+
+    Args:
+      coco_eval: a COCOeval of either library after `accumulate()`.
+      max_dets: one of its params.maxDets.
+
+    Returns:
+      float64 [T, R, K]: eval['precision'][:, :, :, 'all', max_dets]; T and K follow params.iouThrs and
+      params.catIds, R params.recThrs; -1 where a category has no ground truth.
+    """
+    p = coco_eval.params
+    area = list(p.areaRngLbl).index("all")
+    dets = [int(m) for m in p.maxDets].index(int(max_dets))
+    return np.asarray(coco_eval.eval["precision"], dtype=np.float64)[:, :, :, area, dets]
+
+
+class CocoEvaluation(NamedTuple):
+    """One COCO bbox evaluation: the summary numbers and the per-category precision behind them.
+
+    metrics: {name: float} for METRIC_NAMES.
+    summary: the text COCOeval printed.
+    precision: float64 [T, R, K]: COCOeval's eval['precision'] at area 'all' and 100 detections per image,
+      the interpolated precision at IoU threshold t and recall threshold r for category k; -1 where category
+      k has no ground truth on the evaluated images. With no detections at all (COCOeval not run) it is what
+      COCOeval gives then: 0 where there is ground truth.
+    iou_thrs: float64 [T] (0.50, 0.55, ..., 0.95).
+    rec_thrs: float64 [R] (0.00, 0.01, ..., 1.00).
+    cat_ids: int64 [K], ascending (COCOeval's order).
+    names: K category names, in cat_ids order.
+    num_gt: int64 [K]: non-crowd ground-truth boxes per category on the evaluated images.
+    backend: PYCOCOTOOLS or FASTER_COCO_EVAL.
+    """
+
+    metrics: dict[str, float]
+    summary: str
+    precision: np.ndarray
+    iou_thrs: np.ndarray
+    rec_thrs: np.ndarray
+    cat_ids: np.ndarray
+    names: tuple[str, ...]
+    num_gt: np.ndarray
+    backend: str
+
+
+def evaluate_detailed(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> CocoEvaluation:
+    """Like `evaluate`, and also returns COCOeval's printed summary and its per-category precision.
+
+    Args:
+      coco_gt: as for `evaluate`.
+      results: as for `evaluate`.
+      img_ids: as for `evaluate`.
+      use_faster: use faster-coco-eval when it is installed.
+
+    Returns:
+      CocoEvaluation.
+
+    Raises:
+      FileNotFoundError: coco_gt is a path that does not exist.
+      ValueError: an unusable coco_gt (one without annotations included), img_ids not in the ground truth,
+        or malformed results (see `evaluate`).
+    """
+    lib = backend(use_faster)
+    out = io.StringIO()
+    gt = load_ground_truth(coco_gt, lib, out)
+    eval_ids = eval_image_ids(img_ids, gt)
+    check_results(results, gt)
+    evaluated = set(eval_ids)
+    if not eval_ids or not any(r["image_id"] in evaluated for r in results):
+        params = lib.cocoeval(gt, None).params
+        cat_ids = np.asarray(sorted(gt.getCatIds()), dtype=np.int64)
+        num_gt = count_ground_truth(gt, eval_ids, cat_ids)
+        shape = (len(params.iouThrs), len(params.recThrs), len(cat_ids))
+        precision = np.broadcast_to(np.where(num_gt > 0, 0.0, -1.0), shape).copy()
+        return CocoEvaluation({name: 0.0 for name in METRIC_NAMES},
+                              "no detections on the evaluated images: every metric is 0\n", precision,
+                              np.asarray(params.iouThrs, dtype=np.float64), np.asarray(params.recThrs, np.float64),
+                              cat_ids, category_names(gt, cat_ids), num_gt, lib.name)
+    dt = load_results(gt, results, out)
+    with contextlib.redirect_stdout(out):
+        coco_eval = lib.cocoeval(gt, dt)
+        coco_eval.params.imgIds = eval_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = np.asarray(coco_eval.stats, dtype=np.float64)[: len(METRIC_NAMES)]
+    p = coco_eval.params
+    cat_ids = np.asarray([int(c) for c in p.catIds], dtype=np.int64)
+    return CocoEvaluation(
+        metrics={name: float(v) for name, v in zip(METRIC_NAMES, stats)},
+        summary=out.getvalue(),
+        precision=all_area_precision(coco_eval),
+        iou_thrs=np.asarray(p.iouThrs, dtype=np.float64),
+        rec_thrs=np.asarray(p.recThrs, dtype=np.float64),
+        cat_ids=cat_ids,
+        names=category_names(gt, cat_ids),
+        num_gt=count_ground_truth(gt, eval_ids, cat_ids),
+        backend=lib.name,
+    )
 
 
 def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True):
@@ -288,28 +495,8 @@ def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_fa
       ValueError: an unusable coco_gt, img_ids not in the ground truth, or malformed results (see
         `evaluate`).
     """
-    backend = faster_coco_eval_backend() if use_faster else None
-    coco_cls, eval_cls = backend if backend is not None else _pycocotools()
-    out = io.StringIO()
-    gt = _load_ground_truth(coco_gt, coco_cls, out)
-    eval_ids = _eval_image_ids(img_ids, gt)
-    _check_results(results, gt)
-    evaluated = set(eval_ids)
-    if not eval_ids or not any(r["image_id"] in evaluated for r in results):
-        return {name: 0.0 for name in METRIC_NAMES}, "no detections on the evaluated images: every metric is 0\n"
-    with contextlib.redirect_stdout(out):
-        # loadRes writes 'area', 'id' and 'iscrowd' into the dicts it gets: give it copies.
-        dt = gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
-        if backend is not None:
-            coco_eval = eval_cls(gt, dt, iouType="bbox", print_function=print)
-        else:
-            coco_eval = eval_cls(gt, dt, iouType="bbox")
-        coco_eval.params.imgIds = eval_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    stats = np.asarray(coco_eval.stats, dtype=np.float64)[: len(METRIC_NAMES)]
-    return {name: float(v) for name, v in zip(METRIC_NAMES, stats)}, out.getvalue()
+    evaluation = evaluate_detailed(coco_gt, results, img_ids, use_faster)
+    return evaluation.metrics, evaluation.summary
 
 
 def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:
@@ -327,7 +514,32 @@ def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = 
 
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: an unusable coco_gt, img_ids not in the ground truth, or a result that is not a dict,
-        lacks a key, names an unknown image or category id, or has a bbox that is not 4 finite numbers.
+      ValueError: an unusable coco_gt (an image-info file without 'annotations' included), img_ids not in
+        the ground truth, or a result that is not a dict, lacks a key, names an unknown image or category
+        id, or has a bbox that is not 4 finite numbers.
     """
-    return evaluate_with_summary(coco_gt, results, img_ids, use_faster)[0]
+    return evaluate_detailed(coco_gt, results, img_ids, use_faster).metrics
+
+
+def write_results(path: str, results: Sequence[dict]) -> str:
+    """Writes result dicts as a COCO results file (the format the COCO evaluation server takes): a JSON
+    list of {'image_id', 'category_id' (the annotation file's id), 'bbox' [x, y, w, h], 'score'}; other keys
+    are kept. Written to a temporary file first, then renamed.
+
+    Args:
+      path: the file to write; its folder must exist.
+      results: result dicts (see `detections_to_coco`).
+
+    Returns:
+      path.
+
+    Raises:
+      ValueError: a result that is not a dict or lacks one of the four keys.
+    """
+    for i, r in enumerate(results):
+        _check_keys(i, r)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(list(results), f)
+    os.replace(tmp, path)
+    return path
