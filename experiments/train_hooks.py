@@ -8,13 +8,16 @@ checkpoint steps and at the end of an epoch. Between them the device runs ahead 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import time
+from typing import Any
 
 import torch
 
+from experiments import reporting
 from retina_fn import checkpoint
 
 log = logging.getLogger(__name__)
@@ -174,3 +177,88 @@ class Checkpointer:
             log.info("checkpoint %s", path)
         self.runtime.barrier()
         self.saved_step = step
+
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, which needs the optional tensorboard package.
+
+    Returns:
+      The SummaryWriter class.
+
+    Raises:
+      ImportError: tensorboard is not installed (the message says how to install it or turn it off).
+    """
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("train.tensorboard=True needs the tensorboard package: pip install tensorboard (or the "
+                          "project's [tensorboard] extra), or set --config.train.tensorboard=False; metrics.jsonl "
+                          "is written either way")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
+class TensorBoardScalars:
+    """Each metrics record's numbers as TensorBoard scalars: tag '<kind>/<field>' (e.g. 'train/loss_cls',
+    'train/lr', 'train/images_per_s', 'eval/bbox_mAP') at the record's global step. The event file is opened
+    at the first record (so a process that writes none leaves none) and flushed after every record.
+
+    Args:
+      log_dir: the folder of the event files.
+    """
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self._writer_class = summary_writer_class()  # fails at the start of a run, not at its first log step
+        self._writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Adds every int or float field of `record` but 'step' (bools and strings are skipped).
+
+        Args:
+          record: a metrics record with 'kind' ('train' or 'eval') and 'step' (the global step).
+        """
+        if self._writer is None:
+            self._writer = self._writer_class(log_dir=self.log_dir)
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{record['kind']}/{key}", value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MetricsLog:
+    """The run's metrics records: workdir/metrics.jsonl, the source of truth (the curves are read back from it),
+    and with train.tensorboard=True the same records as TensorBoard scalars under workdir/tensorboard.
+
+    Args:
+      workdir: the run's folder.
+      tensorboard: also write TensorBoard scalars (raises ImportError at once when tensorboard is missing).
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = False):
+        self.jsonl = reporting.JsonlWriter(os.path.join(workdir, METRICS_FILE))
+        self.tensorboard = TensorBoardScalars(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Appends `record` (with 'kind' and 'step') to the JSONL file, then to TensorBoard when enabled."""
+        self.jsonl.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every record of the JSONL file, in order."""
+        return self.jsonl.read()
+
+    def close(self) -> None:
+        """Closes the TensorBoard event file (the JSONL file is opened per record)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()

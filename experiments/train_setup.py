@@ -1,4 +1,5 @@
-"""What a run needs before its first step: the dataset on disk, checked classes, the starting state."""
+"""What a run needs before its first step: the dataset on disk, the starting state. (The class count is
+resolved in experiments.class_count.)"""
 
 from __future__ import annotations
 
@@ -45,14 +46,6 @@ def prepare_data(cfg, runtime) -> None:
         paths = synthetic.ensure_synthetic(cfg.data.root, s.num_train, s.num_val, s.seed, s.image_size, s.num_classes)
         log.info("synthetic dataset at %s\n%s", cfg.data.root, synthetic.format_summary(paths.summary))
     runtime.barrier()
-
-
-def check_num_classes(cfg, label_map) -> None:
-    """Raises ValueError when model.num_classes differs from the annotation file's category count."""
-    if label_map.num_classes != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes is {cfg.model.num_classes} but the annotation file has {label_map.num_classes} "
-            f"categories; set --config.model.num_classes={label_map.num_classes}")
 
 
 def initial_params(cfg, key: rng.Key) -> dict:

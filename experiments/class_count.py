@@ -1,0 +1,234 @@
+"""model.num_classes: a positive int, or 'auto' for the class count of the data or the weights at hand.
+
+'auto' (the default of `configs.common.base_config`) is resolved by the programs, once, before the model is
+built, so the library's model code only ever sees an int:
+
+- training (`from_training_set`): the training annotation file's category count; the label map
+  (class index -> category id, name) is logged and stored with every checkpoint. The validation file must
+  list the same categories (`check_same_categories`).
+- evaluation only (`for_evaluation`): the validation file's category count; a retina_fn checkpoint's stored
+  label map must equal the validation file's categories (`check_checkpoint_categories`).
+- prediction (`from_weights`): a retina_fn checkpoint's label map, else the classification conv of the
+  weights (output channels / anchors per cell).
+- programs that read neither data nor weights (benchmarks, compile checks): `require_int` asks for an int.
+
+An explicit int is checked against the same source and never changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from retina_fn import anchors, checkpoint, tree
+from retina_fn.data.coco import CocoSet, LabelMap
+from retina_fn.interop import mmdet, torchvision
+from retina_fn.interop.detector import CLASS_HEAD
+from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
+from retina_fn.interop.weights import detect_format
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+# The classification conv's weight in each detector format's key naming.
+_CLASS_WEIGHT_KEYS = {
+    "retina_fn": CLASS_HEAD + tree.SEP + "weight",
+    "torchvision": torchvision.retinanet_key(CLASS_HEAD + tree.SEP + "weight"),
+    "mmdet": mmdet.mmdet_key(CLASS_HEAD + tree.SEP + "weight"),
+}
+
+
+def is_auto(model_cfg) -> bool:
+    """Whether model.num_classes is 'auto' (still to be resolved)."""
+    return isinstance(model_cfg.num_classes, str) and model_cfg.num_classes == AUTO
+
+
+def explicit(model_cfg) -> int:
+    """model.num_classes as an int, when it is one.
+
+    Args:
+      model_cfg: the `model` config block.
+
+    Returns:
+      The class count.
+
+    Raises:
+      ValueError: model.num_classes is not a positive int (and not 'auto', which this function does not take).
+    """
+    value = model_cfg.num_classes
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.num_classes must be a positive integer or {AUTO!r}, got {value!r}")
+    return value
+
+
+def _settle(cfg, count: int, source: str) -> None:
+    """Sets an 'auto' model.num_classes to `count`, or checks that the explicit int equals it.
+
+    Raises:
+      ValueError: naming `source` and the flag that fits it, when an explicit int differs.
+    """
+    if is_auto(cfg.model):
+        cfg.model.num_classes = count
+        log.info("model.num_classes='auto': %d classes, from %s", count, source)
+        return
+    if explicit(cfg.model) != count:
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {source} has {count} classes; set "
+                         f"--config.model.num_classes={count} (or {AUTO!r})")
+
+
+def format_label_map(label_map: LabelMap) -> str:
+    """'0: 1 circle, 1: 2 square, ...' (class index: category id, name)."""
+    return ", ".join(f"{i}: {cid} {name}" for i, (cid, name) in enumerate(zip(label_map.category_ids,
+                                                                                label_map.names)))
+
+
+def category_differences(a: LabelMap, b: LabelMap) -> str:
+    """What differs between two category tables, '' when they are equal.
+
+    Args:
+      a, b: the two label maps (the first and the second file).
+
+    Returns:
+      e.g. "ids only in the first: [3 'dog']; ids only in the second: [4 'bird']; same id, other name:
+      [1 'cat' vs 'kitten']".
+    """
+    names_a = dict(zip(a.category_ids, a.names))
+    names_b = dict(zip(b.category_ids, b.names))
+    parts = []
+    only_a = [f"{i} {names_a[i]!r}" for i in a.category_ids if i not in names_b]
+    only_b = [f"{i} {names_b[i]!r}" for i in b.category_ids if i not in names_a]
+    renamed = [f"{i} {names_a[i]!r} vs {names_b[i]!r}" for i in a.category_ids
+               if i in names_b and names_a[i] != names_b[i]]
+    if only_a:
+        parts.append(f"ids only in the first: [{', '.join(only_a)}]")
+    if only_b:
+        parts.append(f"ids only in the second: [{', '.join(only_b)}]")
+    if renamed:
+        parts.append(f"same id, other name: [{', '.join(renamed)}]")
+    return "; ".join(parts)
+
+
+def check_same_categories(train_set: CocoSet, val_set: CocoSet) -> None:
+    """Refuses a validation file whose categories differ from the training file's: class indices follow
+    the sorted category ids, so evaluation would score every class against another one.
+
+    Raises:
+      ValueError: naming both annotation files and the differing ids and names.
+    """
+    differences = category_differences(train_set.label_map, val_set.label_map)
+    if differences:
+        raise ValueError(f"the training and validation annotation files list different categories (first: "
+                         f"{train_set.ann_file}, second: {val_set.ann_file}): {differences}. Both must list the "
+                         f"same category ids and names.")
+
+
+def from_training_set(cfg, train_set: CocoSet) -> None:
+    """Resolves model.num_classes from the training annotation file (see the module docstring) and logs the
+    label map.
+
+    Args:
+      cfg: the whole config; an 'auto' model.num_classes is replaced by the category count (in place).
+      train_set: the parsed training annotation file.
+
+    Raises:
+      ValueError: an explicit model.num_classes other than the file's category count, or not a positive int.
+    """
+    _settle(cfg, train_set.label_map.num_classes, train_set.ann_file)
+    log.info("label map of %s (class index: category id, name): %s", train_set.ann_file,
+             format_label_map(train_set.label_map))
+
+
+def check_checkpoint_categories(meta: dict, val_set: CocoSet, weights: str) -> None:
+    """Refuses a retina_fn checkpoint trained on other categories than the validation file lists (its
+    detections would be scored against the wrong classes). Weights without a stored label map (torchvision,
+    mmdetection files) pass: their class count was checked when they were loaded.
+
+    Raises:
+      ValueError: naming the weights file, the validation file and the differing ids and names.
+    """
+    stored = (meta or {}).get("label_map")
+    if not stored:
+        return
+    differences = category_differences(LabelMap.from_dict(stored), val_set.label_map)
+    if differences:
+        raise ValueError(f"{weights} was trained on other categories than {val_set.ann_file} lists (first: the "
+                         f"checkpoint's label map, second: the validation file): {differences}")
+
+
+def for_evaluation(cfg, val_set: CocoSet) -> None:
+    """Resolves model.num_classes for evaluation: the validation file's category count.
+
+    Raises:
+      ValueError: an explicit model.num_classes other than the file's category count, or not a positive int.
+    """
+    _settle(cfg, val_set.label_map.num_classes, val_set.ann_file)
+
+
+def count_in_weights(path: str, model_cfg) -> tuple[int, str]:
+    """The class count a weights file was made for, and what said so.
+
+    Args:
+      path: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
+      model_cfg: the `model` block (its anchors give the anchors per cell).
+
+    Returns:
+      (count, source): a retina_fn checkpoint's stored label map, else the classification conv's output
+      channels / anchors per cell.
+
+    Raises:
+      FileNotFoundError; CheckpointMismatch: not a detector, no classification conv, or a conv whose outputs
+      are not a multiple of the anchors per cell.
+    """
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
+        try:
+            restored = checkpoint.load(path)
+        except checkpoint.CorruptCheckpoint as e:
+            raise CheckpointMismatch(str(e)) from e
+        label_map = (restored.meta or {}).get("label_map")
+        if label_map:
+            return len(label_map["category_ids"]), f"the label map stored in {path}"
+        state_dict = tree.flatten_by_path(restored.state.get("params", {}))
+    else:
+        state_dict = unwrap_state_dict(obj, path)
+    fmt = detect_format(state_dict, path)
+    key = _CLASS_WEIGHT_KEYS.get(fmt)
+    if key is None or key not in state_dict:
+        raise CheckpointMismatch(f"{path} ({fmt}) has no classification conv ({key}) to count classes from")
+    channels, per_cell = int(state_dict[key].shape[0]), anchors.anchors_per_cell(model_cfg.anchors)
+    if channels % per_cell:
+        raise CheckpointMismatch(f"{path}: {key} has {channels} output channels, not a multiple of the {per_cell} "
+                                 f"anchors per cell of model.anchors")
+    return channels // per_cell, f"{path} ({key}: {channels} channels / {per_cell} anchors per cell)"
+
+
+def from_weights(cfg, path: str) -> None:
+    """Resolves an 'auto' model.num_classes from a weights file (`count_in_weights`); an explicit int is left
+    for the loader to check against the weights.
+
+    Raises:
+      FileNotFoundError; CheckpointMismatch (see `count_in_weights`).
+    """
+    if is_auto(cfg.model):
+        count, source = count_in_weights(os.fspath(path), cfg.model)
+        _settle(cfg, count, source)
+
+
+def require_int(cfg, program: str) -> int:
+    """model.num_classes for a program that reads neither an annotation file nor weights.
+
+    Args:
+      cfg: the whole config.
+      program: the program's name, for the message.
+
+    Returns:
+      The explicit class count.
+
+    Raises:
+      ValueError: model.num_classes is 'auto' (nothing to take the count from) or not a positive int.
+    """
+    if is_auto(cfg.model):
+        raise ValueError(f"model.num_classes is {AUTO!r}, which takes the class count from the training annotation "
+                         f"file or the weights; {program} reads neither: set --config.model.num_classes=N")
+    return explicit(cfg.model)
