@@ -15,6 +15,15 @@ def _dataset_files_present(data_cfg) -> bool:
     return os.path.isfile(os.path.join(data_cfg.root, data_cfg.train_ann))
 
 
+def _recorded(batches, seen: list):
+    """`batches`, each one's (ground-truth rows G, image dtype, MB per canvas) appended to `seen`."""
+    for batch in batches:
+        image = batch["image"]
+        seen.append((int(batch["box_valid"].shape[1]), str(image.dtype).replace("torch.", ""),
+                     image[0].numel() * image.element_size() / 1e6))
+        yield batch
+
+
 def measure_data(cfg, opts: Options, batch_size: int) -> dict:
     """Times the config's training loader (retina_fn.data.throughput.measure).
 
@@ -27,7 +36,10 @@ def measure_data(cfg, opts: Options, batch_size: int) -> dict:
       batch_size: images per batch.
 
     Returns:
-      throughput.measure's figures plus 'source' (which files), 'workers', 'steps_per_epoch', 'scale' and
+      throughput.measure's figures plus 'source' (which files), 'workers' (data.workers resolved),
+      'images_per_s_per_worker' (images/s over max(workers, 1)), 'image_dtype' and 'canvas_mb' (what one
+      canvas ships: float32 normalised or uint8 with data.uint8_canvas), 'gt_rows' (the ground-truth rows G
+      of each batch drawn: data.max_boxes, or its bucket with data.box_buckets), 'steps_per_epoch', 'scale' and
       'canvases'.
     """
     from retina_fn.data import coco, loader as data_loader, synthetic, throughput
@@ -50,10 +62,14 @@ def measure_data(cfg, opts: Options, batch_size: int) -> dict:
             cfg.data.scale = (max(opts.canvas), min(opts.canvas))
         train_set = coco.load_split(cfg.data, "train")
         loader = data_loader.make_train_loader(cfg.data, train_set, rank=0, world_size=1, key=rng.key(opts.seed))
-        result = throughput.measure(loader, num_batches=opts.iters, warmup=opts.warmup)
+        seen: list[tuple[int, str, float]] = []
+        result = throughput.measure(_recorded(loader, seen), num_batches=opts.iters, warmup=opts.warmup)
         steps_per_epoch = loader.steps_per_epoch
         del loader  # stops its workers before their files go
-        result.update(source=source, workers=int(cfg.data.workers), steps_per_epoch=steps_per_epoch,
+        workers = data_loader.resolve_workers(cfg.data.workers)
+        result.update(source=source, workers=workers, images_per_s_per_worker=result["images_per_s"] / max(workers, 1),
+                      image_dtype=seen[-1][1], canvas_mb=seen[-1][2], gt_rows=[g for g, _, _ in seen],
+                      steps_per_epoch=steps_per_epoch,
                       scale=tuple(cfg.data.scale), canvases=[tuple(cfg.data.landscape_canvas),
                                                             tuple(cfg.data.portrait_canvas)])
     return result

@@ -33,7 +33,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     padding refs become blank samples with image_id -1. key: int64[2] augmentation key (train only).
     preload: decode every image once, up front (small datasets).
 
-    A sample is a dict: image float32 [3, H, W]; boxes float32 [N, 4]; labels int64 [N];
+    A sample is a dict: image float32 [3, H, W] (uint8 with cfg.uint8_canvas); boxes float32 [N, 4]; labels int64 [N];
     ignore_boxes float32 [M, 4]; image_hw, orig_hw int64 [2]; scale_factor float32 [2]; flipped bool;
     image_id int; index int; replaced bool.
     """
@@ -98,11 +98,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         return rng.fold_in(rng.fold_in(self.key, epoch), index)
 
     def blank_sample(self, index: int) -> dict:
-        """An empty evaluation slot on the canvas of `index`'s aspect group: zero image, no boxes,
-        image_id -1, index -1."""
+        """An empty evaluation slot on the canvas of `index`'s aspect group: zero image (of the canvas dtype),
+        no boxes, image_id -1, index -1."""
         record = self.coco.records[index]
         canvas = transforms.canvas_for(record.height, record.width, self.cfg)
-        return dict(image=np.zeros((3, *canvas), dtype=np.float32), boxes=np.zeros((0, 4), np.float32),
+        return dict(image=np.zeros((3, *canvas), dtype=transforms.canvas_dtype(self.cfg)),
+                    boxes=np.zeros((0, 4), np.float32),
                     labels=np.zeros((0,), np.int64), ignore_boxes=np.zeros((0, 4), np.float32),
                     image_hw=np.array(canvas, np.int64), orig_hw=np.array(canvas, np.int64),
                     scale_factor=np.ones(2, np.float32), flipped=False, image_id=-1, index=-1, replaced=False)

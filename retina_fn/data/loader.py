@@ -8,23 +8,31 @@ dicts, plus running totals of what the pipeline had to give up (boxes beyond max
         for batch in loader: ...
 
 The data key is split once: one half orders the epochs, the other keys the per-sample augmentation.
+
+Moving batches to the device: `pin_memory_for(device)` says whether the loader pins its batches (CUDA and
+NPU), and `prefetch_to_device` copies the next batch while the current step runs (on CUDA from a side
+stream, so the copy overlaps the previous step's kernels). `resolve_workers` turns data.workers ('auto' or
+an int) into a process count.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+import os
+from typing import Iterable, Iterator
 
 import torch
 
 from retina_fn import rng
-from retina_fn.data.batching import Collate
+from retina_fn.data.batching import Collate, pad_ground_truth
 from retina_fn.data.coco import CocoSet
 from retina_fn.data.dataset import DetectionDataset
 from retina_fn.data.sampler import GroupBatchSampler
 from retina_fn.data.transforms import TransformConfig
 
 logger = logging.getLogger(__name__)
+
+AUTO_WORKERS_CAP = 16  # data.workers='auto' never starts more loader processes per training process
 
 
 class DetectionLoader:
@@ -64,12 +72,14 @@ class DetectionLoader:
 
     def updates(self) -> Iterator[tuple[dict[str, torch.Tensor], ...]]:
         """The next iteration grouped by optimiser step: tuples of accum_steps consecutive batches (all from
-        one global batch of the plan, so on one canvas)."""
+        one global batch of the plan, so on one canvas), their ground truth padded to the group's largest G
+        (box buckets: `batching.pad_ground_truth`), so a step sees one shape per bucket."""
         group: list[dict[str, torch.Tensor]] = []
         for batch in self:
             group.append(batch)
             if len(group) == self.accum_steps:
-                yield tuple(group)
+                g = max(b["box_valid"].shape[1] for b in group)
+                yield tuple(pad_ground_truth(b, g) for b in group)
                 group = []
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -86,34 +96,79 @@ class DetectionLoader:
                            "unreadable images replaced", self.epoch, self.sampler.rank, dropped, replaced)
 
 
+def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) -> int:
+    """The loader processes of one training process.
+
+    Args:
+      setting: data.workers: an int >= 0 (0: load in the training process), or 'auto'.
+      local_processes: training processes on this machine (LOCAL_WORLD_SIZE), which share its CPUs.
+      cpus: CPUs this process may use; None: os.sched_getaffinity where it exists, else os.cpu_count().
+
+    Returns:
+      The int itself, or for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU
+      per training process stays with the training loop).
+
+    Raises:
+      ValueError: naming data.workers, for anything else.
+    """
+    if setting == "auto":
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(cpus // max(1, int(local_processes)) - 1, AUTO_WORKERS_CAP))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise ValueError(f"data.workers must be an int >= 0 or 'auto', got {setting!r}")
+    return setting
+
+
 def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int, key: torch.Tensor,
                       start_epoch: int = 0, start_step: int = 0, pin_memory: bool = False,
-                      accum_steps: int = 1) -> DetectionLoader:
+                      accum_steps: int = 1, local_processes: int = 1) -> DetectionLoader:
     """The training loader of one rank.
 
     data_cfg: the config's `data` block; dataset: the training CocoSet; key: int64[2] data key;
     (start_epoch, start_step): the position of the first iteration, in optimiser steps. pin_memory: set
-    when batches go to an accelerator. accum_steps: loader batches per optimiser step (optim.accum_steps;
-    iterate with `updates()`). Every rank gets the same steps_per_epoch and, at each step, the same canvas."""
+    when batches go to an accelerator (`pin_memory_for`). accum_steps: loader batches per optimiser step
+    (optim.accum_steps; iterate with `updates()`). local_processes: training processes on this machine, for
+    data.workers='auto' (`resolve_workers`). Every rank gets the same steps_per_epoch and, at each step, the
+    same canvas."""
     order_key, augment_key = rng.split(key)
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=True, key=augment_key,
                           skip_bad_images=data_cfg.skip_bad_images, preload=data_cfg.preload)
     sampler = GroupBatchSampler(ds.groups, images_per_device=data_cfg.images_per_device, rank=rank,
                                 world_size=world_size, train=True, key=order_key, epoch=start_epoch,
                                 start_step=start_step, accum_steps=accum_steps)
-    return DetectionLoader(ds, sampler, Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes),
-                           workers=data_cfg.workers, pin_memory=pin_memory)
+    return DetectionLoader(ds, sampler, _collate(data_cfg), workers=resolve_workers(data_cfg.workers, local_processes),
+                           pin_memory=pin_memory)
 
 
 def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
-                     pin_memory: bool = False) -> DetectionLoader:
+                     pin_memory: bool = False, local_processes: int = 1) -> DetectionLoader:
     """The evaluation loader of one rank: no flip, every image exactly once over all ranks, padding slots
-    (image_id -1) filling the last batch of each aspect group; batches of data.eval_images_per_device."""
+    (image_id -1) filling the last batch of each aspect group; batches of data.eval_images_per_device.
+    pin_memory and local_processes as for `make_train_loader`."""
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=False, preload=data_cfg.preload)
     sampler = GroupBatchSampler(ds.groups, images_per_device=data_cfg.eval_images_per_device, rank=rank,
                                 world_size=world_size, train=False)
-    return DetectionLoader(ds, sampler, Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes),
-                           workers=data_cfg.workers, pin_memory=pin_memory)
+    return DetectionLoader(ds, sampler, _collate(data_cfg), workers=resolve_workers(data_cfg.workers, local_processes),
+                           pin_memory=pin_memory)
+
+
+def _collate(data_cfg) -> Collate:
+    """The collate function of a `data` block (max_boxes, max_ignore_boxes, box_buckets)."""
+    return Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes, tuple(data_cfg.get("box_buckets", ())))
+
+
+def pin_memory_for(device: torch.device) -> bool:
+    """Whether batches bound for `device` should come in page-locked memory (so that non-blocking copies are
+    asynchronous): for CUDA and Ascend NPUs, never for the CPU.
+
+    Args:
+      device: the training device.
+
+    Returns:
+      True for device types 'cuda' and 'npu'.
+    """
+    return device.type in ("cuda", "npu")
 
 
 def to_device(batch, device: torch.device):
@@ -129,3 +184,52 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, tuple):
         return tuple(to_device(b, device) for b in batch)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
+    """The items of `batches` (batch dicts or tuples of them) on `device`, each copied while the step before
+    it runs.
+
+    On CUDA the copy of item n+1 is issued on a side stream before item n is handed out, so it overlaps the
+    kernels queued for item n (asynchronous when the loader pins its memory); the compute stream waits for it
+    only when item n+1 is handed out, and the caching allocator is told that its tensors are used there
+    (record_stream), so their memory is not reused before that use ends. Elsewhere each item is moved by
+    `to_device` when it is handed out.
+
+    Args:
+      batches: an iterable of loader batches, e.g. `DetectionLoader.updates()`.
+      device: the target device.
+
+    Returns:
+      An iterator of the same items with every tensor on `device`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        for item in batches:
+            yield to_device(item, device)
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def issue(item):
+        with torch.cuda.stream(copy_stream):
+            return to_device(item, device)
+
+    it = iter(batches)
+    end = object()
+    item = next(it, end)
+    ahead = None if item is end else issue(item)
+    while ahead is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        for tensor in _tensors(ahead):
+            tensor.record_stream(compute)
+        current = ahead
+        item = next(it, end)
+        ahead = None if item is end else issue(item)
+        yield current
+
+
+def _tensors(item) -> list[torch.Tensor]:
+    """The tensors of a batch dict or a tuple of them."""
+    dicts = item if isinstance(item, tuple) else (item,)
+    return [t for d in dicts for t in d.values()]

@@ -7,6 +7,8 @@ are padded onto. Host-side functions over numpy arrays.
   2. the uint8 image is resized bilinearly (half-pixel centres, no antialiasing: OpenCV's INTER_LINEAR,
      which mmcv uses), then normalised to float32 (pixel - mean) / std;
   3. a flip mirrors the resized image (mmdetection's RandomFlip follows Resize).
+  Since normalising follows resizing, step 2's normalisation can run later, on the device: with
+  data.uint8_canvas the canvas carries the resized uint8 pixels (`ResizeRule.resize_uint8`).
 'torchvision' (GeneralizedRCNNTransform):
   1. size: s = min(min_size / short side, max_size / long side), new side = int(side * s) (floored);
   2. pixels become float32 in [0, 1] (uint8 / 255), are normalised with mean / 255 and std / 255
@@ -77,13 +79,15 @@ def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
         size_hw: (H, W) of the result.
 
     Returns:
-        uint8 [H, W, 3]; `image` itself when it already has that size.
+        uint8 [H, W, 3], a view of the interpolation's [3, H, W] result (so `[:, :, c]` is a contiguous
+        plane and `.transpose(2, 0, 1)` the planar image, with no interleaving copy); `image` itself when it
+        already has that size.
     """
     if tuple(image.shape[:2]) == tuple(size_hw):
         return image
     chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
     out = F.interpolate(chw, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=False)
-    return out[0].permute(1, 2, 0).contiguous().numpy()
+    return out[0].numpy().transpose(1, 2, 0)
 
 
 def mmdet_resize_normalize(image: np.ndarray, size_hw: Sequence[int], mean, std,
@@ -149,15 +153,19 @@ class ResizeRule(NamedTuple):
         -> float32 [3, new_h, new_w], as `mmdet_resize_normalize` / `torchvision_normalize_resize`.
     flip_first: True when a flip mirrors the uint8 input and its boxes (original pixels) before resizing;
         False when it mirrors the resized image and the resized boxes.
+    resize_uint8: (uint8 [h, w, 3], (new_h, new_w)) -> uint8 [new_h, new_w, 3], the resize alone, for a mode
+        whose normalisation follows its resize and can therefore run later, on the device
+        (data.uint8_canvas); None for a mode that normalises before resizing.
     """
 
     size: SizeRule
     resize_normalize: ResizeNormalize
     flip_first: bool
+    resize_uint8: Callable[[np.ndarray, Sequence[int]], np.ndarray] | None = None
 
 
 RESIZE_MODES: dict[str, ResizeRule] = {
-    "mmdet": ResizeRule(rescaled_size, mmdet_resize_normalize, flip_first=False),
+    "mmdet": ResizeRule(rescaled_size, mmdet_resize_normalize, flip_first=False, resize_uint8=resize_image),
     "torchvision": ResizeRule(torchvision_size, torchvision_normalize_resize, flip_first=True),
 }
 
@@ -194,23 +202,24 @@ def resized_size(height: int, width: int, cfg) -> tuple[int, int]:
 # Canvases
 
 
-def new_canvas(image_hw: Sequence[int], canvas_hw: Sequence[int]) -> np.ndarray:
+def new_canvas(image_hw: Sequence[int], canvas_hw: Sequence[int], dtype=np.float32) -> np.ndarray:
     """The zero canvas a resized image is pasted onto, after checking that it fits (the one fit check
     of every mode).
 
     Args:
         image_hw: (h, w) of the resized image.
         canvas_hw: (H, W) of the canvas.
+        dtype: float32 for normalised pixels, uint8 for resized pixels normalised later (data.uint8_canvas).
 
     Returns:
-        float32 zeros [3, H, W]; ValueError when h > H or w > W.
+        zeros [3, H, W] of `dtype`; ValueError when h > H or w > W.
     """
     h, w = image_hw
     ch, cw = canvas_hw
     if h > ch or w > cw:
         raise ValueError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
                          f"data.scale fit data.landscape_canvas / data.portrait_canvas")
-    return np.zeros((3, ch, cw), dtype=np.float32)
+    return np.zeros((3, ch, cw), dtype=dtype)
 
 
 def tight_canvas(size_hw: Sequence[int], divisor: int) -> tuple[int, int]:

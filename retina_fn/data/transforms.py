@@ -3,6 +3,11 @@ horizontal flip -> normalise -> zero-pad onto the aspect group's fixed canvas (m
 with data.resize_mode 'mmdet'; torchvision's preprocessing with 'torchvision', see
 `retina_fn.data.resize`, which holds both resize rules in its table RESIZE_MODES).
 
+With data.uint8_canvas the canvas carries the resized uint8 pixels (zero padding) instead, a quarter of the
+bytes, and the normalisation runs on the device (`retina_fn.model.inputs.normalize`), giving the same float32
+image bit for bit. Only a mode that resizes the uint8 image before normalising it ('mmdet') can do that;
+'torchvision' normalises first and resizes the float image, so it refuses a uint8 canvas.
+
 The only randomness is the flip, drawn from the sample's key (`retina_fn.rng.numpy_generator`), so a
 sample is augmented the same in any worker or process.
 """
@@ -30,6 +35,7 @@ class TransformConfig(NamedTuple):
     landscape_canvas: tuple[int, int] = (800, 1344)  # (H, W) for w > h
     portrait_canvas: tuple[int, int] = (1344, 800)  # (H, W) for w <= h
     resize_mode: str = "mmdet"  # a key of resize.RESIZE_MODES: 'mmdet' | 'torchvision'
+    uint8_canvas: bool = False  # ship resized uint8 pixels; normalised on the device (mmdet mode only)
 
     @classmethod
     def from_config(cls, data_cfg) -> "TransformConfig":
@@ -37,15 +43,45 @@ class TransformConfig(NamedTuple):
 
         Args:
             data_cfg: the `data` config block (scale, mean, std, flip_prob, the two canvases and
-                optionally resize_mode, which defaults to 'mmdet').
+                optionally resize_mode, which defaults to 'mmdet', and uint8_canvas, default False).
 
         Returns:
             A TransformConfig with tuples of ints / floats.
+
+        Raises:
+            ValueError: uint8_canvas with an unknown resize_mode or one that normalises before resizing
+                ('torchvision').
         """
-        return cls(scale=tuple(data_cfg.scale), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-                   flip_prob=float(data_cfg.flip_prob), landscape_canvas=tuple(data_cfg.landscape_canvas),
-                   portrait_canvas=tuple(data_cfg.portrait_canvas),
-                   resize_mode=str(data_cfg.get("resize_mode", "mmdet")))
+        cfg = cls(scale=tuple(data_cfg.scale), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+                  flip_prob=float(data_cfg.flip_prob), landscape_canvas=tuple(data_cfg.landscape_canvas),
+                  portrait_canvas=tuple(data_cfg.portrait_canvas),
+                  resize_mode=str(data_cfg.get("resize_mode", "mmdet")),
+                  uint8_canvas=bool(data_cfg.get("uint8_canvas", False)))
+        if cfg.uint8_canvas:
+            _uint8_resize(resize.resize_rule(cfg.resize_mode), f"data.resize_mode={cfg.resize_mode!r}")
+        return cfg
+
+
+def canvas_dtype(cfg) -> np.dtype:
+    """The dtype of the canvases a config's transforms produce.
+
+    Args:
+        cfg: a TransformConfig, or anything with an optional uint8_canvas (e.g. the `data` block).
+
+    Returns:
+        np.uint8 with uint8_canvas (resized pixels, normalised later on the device), else np.float32.
+    """
+    return np.dtype(np.uint8 if getattr(cfg, "uint8_canvas", False) else np.float32)
+
+
+def _uint8_resize(rule: resize.ResizeRule, mode: str):
+    """The rule's uint8 resize; ValueError naming data.uint8_canvas when the mode has none."""
+    if rule.resize_uint8 is None:
+        able = tuple(name for name, r in resize.RESIZE_MODES.items() if r.resize_uint8 is not None)
+        raise ValueError(f"data.uint8_canvas=True needs a resize mode that resizes the uint8 image before "
+                         f"normalising it {able}; {mode} normalises first and resizes the float image, which a "
+                         f"uint8 canvas cannot carry exactly: set data.uint8_canvas=False")
+    return rule.resize_uint8
 
 
 def is_landscape(height: int, width: int) -> bool:
@@ -134,21 +170,28 @@ def flip_decision(key: torch.Tensor, prob: float) -> bool:
 
 
 def _apply(rule: resize.ResizeRule, image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg, *,
-           flip: bool, canvas_hw: Sequence[int] | None) -> dict:
-    """`transform` with an explicit resize rule and canvas (None: the aspect group's)."""
+           flip: bool, canvas_hw: Sequence[int] | None, mode: str) -> dict:
+    """`transform` with an explicit resize rule (named `mode` in errors) and canvas (None: the aspect
+    group's)."""
+    dtype = canvas_dtype(cfg)
+    resize_uint8 = _uint8_resize(rule, mode) if dtype == np.uint8 else None
     h, w = image.shape[:2]
     new_h, new_w = rule.size(h, w, tuple(cfg.scale))
     sx, sy = new_w / w, new_h / h
-    canvas = resize.new_canvas((new_h, new_w), canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw))
+    canvas = resize.new_canvas((new_h, new_w), canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw),
+                               dtype)
     pixels = canvas[:, :new_h, :new_w]
     boxes, ignore_boxes = boxes.reshape(-1, 4), ignore_boxes.reshape(-1, 4)
     if flip and rule.flip_first:  # mirror the input, boxes in original pixels
         image = flip_image(image)
         boxes = flip_boxes(boxes.astype(np.float32), w)
         ignore_boxes = flip_boxes(ignore_boxes.astype(np.float32), w)
-    elif flip:  # mirror the resized image: its normalised pixels are written right to left
+    elif flip:  # mirror the resized image: its pixels are written right to left
         pixels = pixels[:, :, ::-1]
-    rule.resize_normalize(image, (new_h, new_w), cfg.mean, cfg.std, out=pixels)
+    if resize_uint8 is None:
+        rule.resize_normalize(image, (new_h, new_w), cfg.mean, cfg.std, out=pixels)
+    else:
+        pixels[...] = resize_uint8(image, (new_h, new_w)).transpose(2, 0, 1)
     boxes = scale_boxes(boxes, sx, sy, (new_h, new_w))
     ignore_boxes = scale_boxes(ignore_boxes, sx, sy, (new_h, new_w))
     if flip and not rule.flip_first:  # mirror the resized boxes
@@ -178,12 +221,15 @@ def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cf
 
     Returns:
         A dict: image float32 [3, H, W] on the canvas of the image's aspect group (zero padding at the
-        bottom / right); boxes float32 [N, 4] and ignore_boxes float32 [M, 4] in resized pixels, clipped
-        to the resized image; image_hw int64 [2] (new_h, new_w); orig_hw int64 [2] (h, w);
-        scale_factor float32 [2] (sx, sy) = (new_w / w, new_h / h); flipped bool.
-        ValueError for an unknown cfg.resize_mode or a resized image larger than its canvas.
+        bottom / right; with cfg.uint8_canvas, uint8 [3, H, W] resized pixels, normalised later on the
+        device by `retina_fn.model.inputs.normalize`); boxes float32 [N, 4] and ignore_boxes float32
+        [M, 4] in resized pixels, clipped to the resized image; image_hw int64 [2] (new_h, new_w);
+        orig_hw int64 [2] (h, w); scale_factor float32 [2] (sx, sy) = (new_w / w, new_h / h); flipped bool.
+        ValueError for an unknown cfg.resize_mode, a resized image larger than its canvas, or
+        cfg.uint8_canvas with a mode that normalises before resizing.
     """
-    return _apply(resize.resize_rule(cfg.resize_mode), image, boxes, ignore_boxes, cfg, flip=flip, canvas_hw=None)
+    return _apply(resize.resize_rule(cfg.resize_mode), image, boxes, ignore_boxes, cfg, flip=flip, canvas_hw=None,
+                  mode=f"data.resize_mode={cfg.resize_mode!r}")
 
 
 def torchvision_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg, *, flip: bool,
@@ -197,10 +243,10 @@ def torchvision_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np
         canvas_hw: (H, W) of the canvas; None for the aspect group's.
 
     Returns:
-        The dict of `transform` (image float32 [3, H, W] on that canvas).
+        The dict of `transform` (image float32 [3, H, W] on that canvas); ValueError with uint8_canvas set.
     """
     return _apply(resize.RESIZE_MODES["torchvision"], image, boxes, ignore_boxes, cfg, flip=flip,
-                  canvas_hw=canvas_hw)
+                  canvas_hw=canvas_hw, mode="torchvision's resize")
 
 
 def train_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg: TransformConfig,
@@ -242,8 +288,8 @@ def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: st
 
     Returns:
         The dict of `transform` with flip=False and boxes / ignore_boxes float32 [0, 4]: image float32
-        [3, H, W], image_hw, orig_hw, scale_factor, flipped. ValueError for an unknown resize mode or
-        canvas mode, or a resized image larger than the fixed canvas.
+        [3, H, W] (uint8 with cfg.uint8_canvas), image_hw, orig_hw, scale_factor, flipped. ValueError for
+        an unknown resize mode or canvas mode, or a resized image larger than the fixed canvas.
     """
     rule = resize.resize_rule(cfg.resize_mode)
     canvas = "fixed" if canvas is None else canvas
@@ -253,4 +299,5 @@ def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: st
     if canvas == "tight":
         canvas_hw = resize.tight_canvas(rule.size(*image.shape[:2], tuple(cfg.scale)), int(size_divisor))
     no_boxes = np.zeros((0, 4), np.float32)
-    return _apply(rule, image, no_boxes, no_boxes, cfg, flip=False, canvas_hw=canvas_hw)
+    return _apply(rule, image, no_boxes, no_boxes, cfg, flip=False, canvas_hw=canvas_hw,
+                  mode=f"data.resize_mode={cfg.resize_mode!r}")
