@@ -21,10 +21,13 @@ With model.num_classes=80 the loader keeps the checkpoint's 80 real COCO outputs
 order of the COCO annotation file's label map); with 91 the label index is the COCO category id, which
 is what experiments/predict.py writes.
 
-Known differences from torchvision itself: images sit on this project's fixed canvases (800 x 1344 /
-1344 x 800) rather than the batch's own size rounded up to 32, so the P6/P7 anchor grid steps (canvas //
-feature size) and features within the receptive field of the padded border can differ a little; on the
-same canvas the outputs agree (tests/test_interop_torchvision.py).
+Images sit on this project's fixed canvases (800 x 1344 / 1344 x 800) rather than each image's own size
+rounded up to 32; with model.canvas_exact (the default) the network, the P6 / P7 anchor grid steps
+(torchvision's padded size // feature size) and the post-processing follow each image's own padded size,
+so `experiments.predict` and `--mode eval` give torchvision's detections on those canvases
+(tests/test_golden_torchvision.py: every one of torchvision's top-100 detections has a twin on five images
+of different sizes and aspect ratios). Training anchors use the canvas's grid, as torchvision's own
+training uses the batch's padded size.
 """
 
 from configs import common

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from retina_fn import extent
+
 STYLES = ("mmdet", "torchvision")
 
 
@@ -149,6 +151,32 @@ def anchors(canvas_hw, model_cfg, device: torch.device | str | None = None) -> t
     return torch.cat(levels, dim=0).to(device)
 
 
+def image_anchors(canvas_hw, image_hw: torch.Tensor, model_cfg) -> torch.Tensor:
+    """Each image's anchors as the reference places them on that image padded alone: [B, A, 4] float32
+    from image_hw [B, 2] int64, in `anchors`'s order on the canvas (cells outside the image's extent
+    keep the grid running past it; `valid_flags` marks them).
+
+    'mmdet' grids step by the nominal stride, so every row equals `anchors(canvas_hw)`. torchvision
+    steps by (padded size) // (feature size) of the image it runs on, which at P6 / P7 depends on the
+    padded size (800 // 13 = 61 at P6 for an 800-high image, 1344 // 21 = 64 on a 1344 canvas)."""
+    cfg = model_cfg.anchors
+    _check_anchor_cfg(cfg)
+    canvas_hw = _check_canvas(canvas_hw)
+    if cfg.style != "torchvision":
+        return anchors(canvas_hw, model_cfg, image_hw.device).unsqueeze(0).expand(image_hw.shape[0], -1, -1)
+    pad_hw = extent.padded_hw(image_hw, int(model_cfg.size_divisor), canvas_hw)  # [B, 2]
+    levels = []
+    for (fh, fw), s in zip(level_sizes(canvas_hw, cfg.strides), cfg.strides):
+        step = (pad_hw // extent.level_extent(pad_hw, int(s))).to(torch.float32)  # [B, 2] (sy, sx)
+        ys = torch.arange(fh, dtype=torch.float32, device=image_hw.device)[None, :] * step[:, 0:1]  # [B, fh]
+        xs = torch.arange(fw, dtype=torch.float32, device=image_hw.device)[None, :] * step[:, 1:2]  # [B, fw]
+        yy, xx = ys[:, :, None].expand(-1, fh, fw), xs[:, None, :].expand(-1, fh, fw)
+        shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(image_hw.shape[0], -1, 1, 4)
+        base = base_anchors(s, cfg).to(image_hw.device)
+        levels.append((shifts + base[None, None]).reshape(image_hw.shape[0], -1, 4))
+    return torch.cat(levels, dim=1)
+
+
 def valid_flags(canvas_hw, image_hw: torch.Tensor, model_cfg) -> torch.Tensor:
     """mmdetection's per-image anchor validity: [B, A] bool from image_hw [B, 2] int64 (resized (h, w)).
 
@@ -167,13 +195,9 @@ def valid_flags(canvas_hw, image_hw: torch.Tensor, model_cfg) -> torch.Tensor:
     if divisor < 1:
         raise ValueError(f"model.size_divisor must be >= 1, got {model_cfg.size_divisor}")
     n = anchors_per_cell(cfg)
-    canvas = torch.tensor(canvas_hw, dtype=torch.int64, device=image_hw.device)
-    pad_hw = torch.minimum(_ceil_div(image_hw.to(torch.int64), divisor) * divisor, canvas)  # [B, 2]
+    pad_hw = extent.padded_hw(image_hw, divisor, canvas_hw)  # [B, 2]
     flags = []
     for (fh, fw), s in zip(level_sizes(canvas_hw, cfg.strides), cfg.strides):
-        limit = torch.minimum(_ceil_div(pad_hw, int(s)), torch.tensor([fh, fw], device=image_hw.device))
-        rows = torch.arange(fh, device=image_hw.device) < limit[:, 0:1]  # [B, fh]
-        cols = torch.arange(fw, device=image_hw.device) < limit[:, 1:2]  # [B, fw]
-        cell = rows[:, :, None] & cols[:, None, :]  # [B, fh, fw]
+        cell = extent.extent_mask(pad_hw, int(s), (fh, fw))  # [B, fh, fw]
         flags.append(cell[..., None].expand(-1, fh, fw, n).reshape(image_hw.shape[0], -1))
     return torch.cat(flags, dim=1)

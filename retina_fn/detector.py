@@ -20,7 +20,7 @@ import torch
 
 from retina_fn import anchors as anchor_lib
 from retina_fn import assign, losses, postprocess
-from retina_fn.model import retinanet
+from retina_fn.model import inputs, retinanet
 
 
 class AnchorCache:
@@ -84,7 +84,8 @@ def loss(params: dict, batch: dict, targets: Targets, *, anchors: torch.Tensor, 
 
     Args:
       params: the full parameter tree {'backbone', 'fpn', 'head'}.
-      batch: reads image float [B, 3, H, W], boxes float32 [B, G, 4], labels int64 [B, G], image_hw [B, 2].
+      batch: reads image float or uint8 [B, 3, H, W] (uint8: normalised on the device,
+        model.inputs.model_input), boxes float32 [B, G, 4], labels int64 [B, G], image_hw [B, 2].
       targets: `compute_targets` for this batch (or its slice of a micro-batch split).
       anchors: float32 [A, 4] of the batch's canvas.
       normalizer: float32 [], the divisor of the summed loss terms (see losses.retinanet_loss).
@@ -94,7 +95,8 @@ def loss(params: dict, batch: dict, targets: Targets, *, anchors: torch.Tensor, 
       (loss float32 [], metrics {'loss', 'loss_cls', 'loss_box', 'num_pos'}: 0-d tensors that add up over
       micro-batches sharing one normaliser).
     """
-    cls_logits, box_deltas = retinanet.apply(params, batch["image"], model_cfg)
+    cls_logits, box_deltas = retinanet.apply(params, inputs.model_input(batch, model_cfg), model_cfg,
+                                             batch["image_hw"])
     return losses.retinanet_loss(cls_logits, box_deltas, anchors, targets.anchor_valid, targets.assignment,
                                  batch["boxes"], batch["labels"], model_cfg.loss, model_cfg.coder,
                                  normalizer=normalizer)
@@ -106,17 +108,26 @@ def predict(params: dict, batch: dict, anchors: torch.Tensor, level_counts: tupl
 
     Args:
       params: the full parameter tree.
-      batch: reads image float [B, 3, H, W], image_hw int64 [B, 2] and, when present, scale_factor float32
-        [B, 2] (then boxes come back in original-image pixels).
+      batch: reads image float or uint8 [B, 3, H, W] (uint8: normalised on the device,
+        model.inputs.model_input), image_hw int64 [B, 2] and, when present, scale_factor float32 [B, 2]
+        (then boxes come back in original-image pixels).
       anchors: float32 [A, 4] and level_counts: anchors per level, of the batch's canvas.
-      model_cfg: the model config (test, coder).
+      model_cfg: the model config (test, coder, canvas_exact).
 
     Returns:
-      postprocess.Detections with [B, model.test.max_per_img] rows.
+      postprocess.Detections with [B, model.test.max_per_img] rows. With model.canvas_exact, those of
+      each image padded alone to model.size_divisor: anchors outside its extent are never candidates.
     """
-    cls_logits, box_deltas = retinanet.apply(params, batch["image"], model_cfg)
+    cls_logits, box_deltas = retinanet.apply(params, inputs.model_input(batch, model_cfg), model_cfg,
+                                             batch["image_hw"])
+    anchor_valid = None
+    if model_cfg.get("canvas_exact", False):
+        canvas = tuple(batch["image"].shape[-2:])
+        anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], model_cfg)
+        if model_cfg.anchors.style == "torchvision":  # its P6 / P7 grid steps follow each image's size
+            anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], model_cfg)
     return postprocess.detect(cls_logits, box_deltas, anchors, level_counts, batch["image_hw"],
-                              batch.get("scale_factor"), model_cfg.test, model_cfg.coder)
+                              batch.get("scale_factor"), model_cfg.test, model_cfg.coder, anchor_valid=anchor_valid)
 
 
 class Detector:

@@ -119,20 +119,23 @@ def _trim_to_valid(c: _Candidates, minimum: int = 128) -> _Candidates:
     return _cap(c, target)
 
 
-def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg) -> None:
+def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg,
+                  anchor_valid) -> None:
     if cls_logits.ndim != 3:
         raise ValueError(f"cls_logits must be [B, A, K], got {tuple(cls_logits.shape)}")
     b, a, _ = cls_logits.shape
     if tuple(box_deltas.shape) != (b, a, 4):
         raise ValueError(f"box_deltas must be [B, A, 4] = {(b, a, 4)}, got {tuple(box_deltas.shape)}")
-    if tuple(anchors.shape) != (a, 4):
-        raise ValueError(f"anchors must be [A, 4] = {(a, 4)}, got {tuple(anchors.shape)}")
+    if tuple(anchors.shape) not in ((a, 4), (b, a, 4)):
+        raise ValueError(f"anchors must be [A, 4] = {(a, 4)} or [B, A, 4], got {tuple(anchors.shape)}")
     if sum(level_counts) != a or any(c < 0 for c in level_counts):
         raise ValueError(f"level_counts {tuple(level_counts)} must be non-negative and sum to A = {a}")
     if tuple(image_hw.shape) != (b, 2):
         raise ValueError(f"image_hw must be [B, 2] = {(b, 2)}, got {tuple(image_hw.shape)}")
     if scale_factor is not None and tuple(scale_factor.shape) != (b, 2):
         raise ValueError(f"scale_factor must be [B, 2] = {(b, 2)} or None, got {tuple(scale_factor.shape)}")
+    if anchor_valid is not None and tuple(anchor_valid.shape) != (b, a):
+        raise ValueError(f"anchor_valid must be [B, A] = {(b, a)} or None, got {tuple(anchor_valid.shape)}")
     if test_cfg.pre_select not in _PRE_SELECT:
         raise ValueError(f"model.test.pre_select must be one of {_PRE_SELECT}, got {test_cfg.pre_select!r}")
     if test_cfg.max_per_img < 0:
@@ -149,6 +152,7 @@ def detect(
     test_cfg,
     coder_cfg,
     nms_impl: str = "torch",
+    anchor_valid: torch.Tensor | None = None,
 ) -> Detections:
     """Detections from the head outputs of a batch.
 
@@ -158,7 +162,7 @@ def detect(
     Args:
       cls_logits: float [B, A, K] classification logits.
       box_deltas: float [B, A, 4] regression deltas.
-      anchors: float [A, 4] xyxy, levels concatenated in order.
+      anchors: float [A, 4] xyxy, levels concatenated in order, or [B, A, 4]: each image's own.
       level_counts: anchors per level (sums to A), e.g. H_l * W_l * 9 for P3..P7.
       image_hw: int64 [B, 2], (h, w) of each resized image: decoded boxes are clipped to it.
       scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
@@ -169,6 +173,9 @@ def detect(
         candidates entering NMS are trimmed to a power-of-two count covering every valid one.
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
       nms_impl: retina_fn.nms.batched_nms's impl ('torch' | 'torchvision' | 'auto').
+      anchor_valid: bool [B, A] or None: anchors that are False never become candidates (their scores
+        are set below any probability before the per-level selection), as if they did not exist: the
+        reference's feature maps of an image padded alone have only the anchors inside its extent.
 
     Returns:
       Detections with M = test_cfg.max_per_img rows per image, sorted by score: boxes float32 [B, M, 4],
@@ -179,13 +186,15 @@ def detect(
       ValueError: shapes that do not fit together, level_counts that do not sum to A, an unknown
         test_cfg.pre_select or a negative test_cfg.max_per_img.
     """
-    _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg)
+    _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg, anchor_valid)
     select = _level_candidates_by_anchor if test_cfg.pre_select == "anchor" else _level_candidates_by_pair
     batch = cls_logits.shape[0]
     with torch.autocast(device_type=cls_logits.device.type, enabled=False):
         scores = torch.sigmoid(cls_logits.float())
+        if anchor_valid is not None:
+            scores = torch.where(anchor_valid.unsqueeze(-1), scores, -1.0)
         deltas = box_deltas.float()
-        batch_anchors = anchors.float().unsqueeze(0).expand(batch, -1, -1)
+        batch_anchors = anchors.float() if anchors.dim() == 3 else anchors.float().unsqueeze(0).expand(batch, -1, -1)
         per_level = []
         start = 0
         for count in level_counts:

@@ -22,20 +22,10 @@ from retina_fn.data import resize, transforms  # noqa: E402
 from retina_fn.interop import COCO91_NAMES, from_torchvision, to_torchvision  # noqa: E402
 from retina_fn.model import head, resnet, retinanet  # noqa: E402
 from retina_fn.train import make_eval_step  # noqa: E402
+from tests.golden.make_torchvision_golden import frozen_bn_everywhere  # noqa: E402
 
 MIN_SIZE, MAX_SIZE = 160, 256  # torchvision's min_size / max_size, small to keep the tests quick
 IMAGE_SIZES = ((240, 320), (320, 213))  # (h, w): one landscape, one portrait
-
-
-def frozen_bn_everywhere(module: torch.nn.Module) -> None:
-    """Replaces every BatchNorm2d by a FrozenBatchNorm2d with eps 0 (the published v1 setting)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=0.0))
-        else:
-            frozen_bn_everywhere(child)
 
 
 def _calibrate_branch(convs: list[torch.nn.Conv2d], last: torch.nn.Conv2d, levels: list[torch.Tensor],

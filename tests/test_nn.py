@@ -67,3 +67,20 @@ def test_prior_probability_bias():
     assert torch.allclose(torch.sigmoid(b), torch.full((3,), 0.01))
     with pytest.raises(ValueError):
         nn.init.prior_prob_bias((1,), 1.0)
+
+
+def test_masked_group_norm_equals_group_norm_of_the_cropped_map():
+    g = torch.Generator().manual_seed(3)
+    p = {"weight": torch.rand(8, generator=g) + 0.5, "bias": torch.randn(8, generator=g)}
+    x = torch.randn(2, 8, 6, 7, generator=g) * 3 + 1
+    mask = torch.zeros(2, 1, 6, 7)
+    mask[0, :, :4, :5] = 1
+    mask[1, :, :6, :3] = 1
+    y = nn.group_norm(p, x, 4, mask=mask)
+    for b, (h, w) in enumerate(((4, 5), (6, 3))):
+        crop = F.group_norm(x[b:b + 1, :, :h, :w], 4, p["weight"], p["bias"])
+        assert torch.allclose(y[b:b + 1, :, :h, :w], crop, rtol=1e-5, atol=1e-5)
+    # what lies outside the mask cannot change what lies inside
+    x2 = x.clone()
+    x2[0, :, 4:, :] = 1e3
+    assert torch.allclose(nn.group_norm(p, x2, 4, mask=mask)[0, :, :4, :5], y[0, :, :4, :5], atol=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from retina_fn import nn, rng
+from retina_fn.extent import ExtentMasks, zero_outside
 
 
 def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
@@ -49,7 +50,7 @@ def init(key: rng.Key, in_channels: tuple[int, int, int], cfg) -> dict:
     }
 
 
-def apply(params: dict, feats: dict[str, torch.Tensor], cfg) -> list[torch.Tensor]:
+def apply(params: dict, feats: dict[str, torch.Tensor], cfg, masks: ExtentMasks | None = None) -> list[torch.Tensor]:
     """The pyramid P3..P7 from backbone features C3..C5.
 
     Args:
@@ -57,6 +58,8 @@ def apply(params: dict, feats: dict[str, torch.Tensor], cfg) -> list[torch.Tenso
       feats: {'C3': float [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16], 'C5': [B, c5, H/32, W/32]}
         (other entries, such as 'C2', are ignored).
       cfg: model_cfg.fpn.
+      masks: each image's extent (retina_fn.extent), or None: with masks, the inputs of the 3x3 convs
+        are zeroed outside it, so the outputs inside it equal the image's alone.
 
     Returns:
       [P3 [B, C, H/8, W/8], P4 [B, C, H/16, W/16], P5 [B, C, H/32, W/32], P6 [B, C, H/64, W/64],
@@ -67,9 +70,10 @@ def apply(params: dict, feats: dict[str, torch.Tensor], cfg) -> list[torch.Tenso
     for i in (2, 1):
         finer = laterals[i - 1]
         laterals[i - 1] = finer + nn.upsample_nearest(laterals[i], finer.shape[-2:])
-    outs = [nn.conv2d(params["output"][str(i)], x, padding=1) for i, x in enumerate(laterals)]
+    outs = [nn.conv2d(params["output"][str(i)], zero_outside(x, masks, 8 << i), padding=1)
+            for i, x in enumerate(laterals)]
     p6_source = inputs[2] if cfg.extra_source == "input" else outs[2]
-    p6 = nn.conv2d(params["p6"], p6_source, stride=2, padding=1)
+    p6 = nn.conv2d(params["p6"], zero_outside(p6_source, masks, 32), stride=2, padding=1)
     p7_source = nn.relu(p6) if cfg.relu_before_extra else p6
-    p7 = nn.conv2d(params["p7"], p7_source, stride=2, padding=1)
+    p7 = nn.conv2d(params["p7"], zero_outside(p7_source, masks, 64), stride=2, padding=1)
     return outs + [p6, p7]

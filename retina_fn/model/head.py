@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from retina_fn import nn, rng
+from retina_fn.extent import ExtentMasks, zero_outside
 
 
 def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg) -> dict:
@@ -60,13 +61,16 @@ def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg
     return {"cls_convs": cls_convs, "reg_convs": reg_convs, "cls_logits": cls_logits, "bbox_reg": bbox_reg}
 
 
-def _tower(convs: dict, x: torch.Tensor, cfg) -> torch.Tensor:
+def _tower(convs: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None, stride: int) -> torch.Tensor:
+    """The stacked 3x3 convs (+ GroupNorm) + ReLU; x and the output are zero outside the extent when
+    masks are given (each conv reads its neighbours)."""
     for i in range(len(convs)):
         p = convs[str(i)]
         x = nn.conv2d(p, x, padding=1)
         if "norm" in p:
-            x = nn.group_norm(p["norm"], x, cfg.gn_groups)
-        x = nn.relu(x)
+            gn_mask = None if masks is None else masks.mask(stride, x.shape[-2:], x.dtype)
+            x = nn.group_norm(p["norm"], x, cfg.gn_groups, mask=gn_mask)
+        x = zero_outside(nn.relu(x), masks, stride)
     return x
 
 
@@ -76,7 +80,8 @@ def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, h * w * (x.shape[1] // per_anchor), per_anchor)
 
 
-def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg, masks: ExtentMasks | None = None,
+          strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """The head on every pyramid level, outputs flattened in mmdetection's anchor order.
 
     Args:
@@ -84,13 +89,20 @@ def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg) -> tu
       levels: [P3 .. P7], each float [B, C, h_l, w_l].
       num_classes: K.
       cfg: model_cfg.head.
+      masks: each image's extent (retina_fn.extent), or None: with masks, every conv input is zeroed
+        outside it (outputs there are not the reference's; post-processing drops those anchors).
+      strides: the levels' strides (read with masks only).
 
     Returns:
       (cls_logits float [B, A, K], box_deltas float [B, A, 4]) with A = sum_l h_l * w_l * n_anchors.
     """
+    if masks is not None and len(strides) != len(levels):
+        raise ValueError(f"head.apply got {len(levels)} levels but {len(strides)} strides")
     logits, deltas = [], []
-    for x in levels:
-        cls_features = _tower(params["cls_convs"], x, cfg)
+    for x, stride in zip(levels, strides if masks is not None else [None] * len(levels)):
+        x = zero_outside(x, masks, stride)
+        cls_features = _tower(params["cls_convs"], x, cfg, masks, stride)
         logits.append(_flatten(nn.conv2d(params["cls_logits"], cls_features, padding=1), num_classes))
-        deltas.append(_flatten(nn.conv2d(params["bbox_reg"], _tower(params["reg_convs"], x, cfg), padding=1), 4))
+        reg_features = _tower(params["reg_convs"], x, cfg, masks, stride)
+        deltas.append(_flatten(nn.conv2d(params["bbox_reg"], reg_features, padding=1), 4))
     return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from retina_fn import nn, rng
+from retina_fn.extent import ExtentMasks, zero_outside
 
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 NORMS = ("frozen_bn", "gn")
@@ -85,12 +86,16 @@ def _norm_params(channels: int, cfg) -> dict:
     return nn.init.batch_norm(channels)
 
 
-def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, padding: int = 0) -> torch.Tensor:
+def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, padding: int = 0,
+               masks: ExtentMasks | None = None, out_stride: int = 1) -> torch.Tensor:
     """A conv and the norm after it. A frozen BN is folded into the conv (one conv with a bias, no
-    elementwise passes: retina_fn.nn.fold); GroupNorm runs after the conv."""
+    elementwise passes: retina_fn.nn.fold); GroupNorm runs after the conv, with masks its statistics
+    over each image's extent at the output's stride only."""
     if "running_mean" in norm:
         return nn.conv_frozen_bn(conv, norm, x, float(cfg.bn_eps), stride=stride, padding=padding)
-    return nn.group_norm(norm, nn.conv2d(conv, x, stride=stride, padding=padding), int(cfg.gn_groups))
+    y = nn.conv2d(conv, x, stride=stride, padding=padding)
+    gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:], y.dtype)
+    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask)
 
 
 def init(key: rng.Key, cfg) -> dict:
@@ -147,29 +152,42 @@ def init(key: rng.Key, cfg) -> dict:
     return params
 
 
-def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg) -> torch.Tensor:
+def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: ExtentMasks | None,
+           in_stride: int) -> torch.Tensor:
+    """One residual block; x sits at `in_stride` of the image and the output at in_stride * stride.
+    With masks, every input of a 3x3 conv is zeroed outside the image's extent (retina_fn.extent) and
+    GroupNorm takes its statistics inside it."""
+    out_stride = in_stride * stride
     identity = x
     if bottleneck:
         s1, s2 = (stride, 1) if cfg.style == "caffe" else (1, stride)
-        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1))
-        y = nn.relu(_conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1))
-        y = _conv_norm(p["conv3"], p["bn3"], y, cfg)
+        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1, masks=masks, out_stride=in_stride * s1))
+        y = zero_outside(y, masks, in_stride * s1)
+        y = nn.relu(_conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1, masks=masks,
+                               out_stride=out_stride))
+        y = _conv_norm(p["conv3"], p["bn3"], y, cfg, masks=masks, out_stride=out_stride)
     else:
-        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=stride, padding=1))
-        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1)
+        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), cfg, stride=stride,
+                               padding=1, masks=masks, out_stride=out_stride))
+        y = _conv_norm(p["conv2"], p["bn2"], zero_outside(y, masks, out_stride), cfg, padding=1, masks=masks,
+                       out_stride=out_stride)
     if "downsample" in p:
         ds = p["downsample"]
-        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride)
+        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride, masks=masks, out_stride=out_stride)
     return nn.relu(y + identity)
 
 
-def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) -> dict[str, torch.Tensor]:
     """The backbone's feature maps.
 
     Args:
       params: the tree of `init` (or a mapped checkpoint).
-      x: float [B, 3, H, W] images.
+      x: float [B, 3, H, W] images, zero outside each image.
       cfg: model_cfg.backbone.
+      masks: each image's extent (retina_fn.extent), or None. With masks, every cell inside an
+        image's extent equals what the network computes on that image padded alone (the stem's and
+        blocks' 3x3 / max-pool inputs are zeroed outside it; GroupNorm statistics stay inside it);
+        cells outside hold values no cell inside depends on.
 
     Returns:
       {'C2': float [B, c2, H/4, W/4], 'C3': [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16],
@@ -180,14 +198,15 @@ def apply(params: dict, x: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
-    x = nn.relu(_conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3))
-    x = nn.max_pool2d(x, 3, 2, 1)
-    feats = {}
+    x = nn.relu(_conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3, masks=masks, out_stride=2))
+    x = nn.max_pool2d(zero_outside(x, masks, 2), 3, 2, 1)
+    feats, at = {}, 4
     for stage in range(1, 5):
         blocks = params[f"layer{stage}"]
         for i in range(len(blocks)):
             stride = 2 if (i == 0 and stage > 1) else 1
-            x = _block(blocks[str(i)], x, stride, bottleneck, cfg)
+            x = _block(blocks[str(i)], x, stride, bottleneck, cfg, masks, at)
+            at *= stride
         feats[f"C{stage + 1}"] = x
     return feats
 

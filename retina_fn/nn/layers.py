@@ -63,19 +63,36 @@ def frozen_batch_norm(p: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Te
     return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
-def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5) -> torch.Tensor:
-    """Group normalisation with a per-channel affine.
+def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Group normalisation with a per-channel affine, its statistics optionally over a region only.
 
     Args:
       p: {'weight', 'bias'}, each float [C].
       x: float [B, C, H, W].
       num_groups: the number of groups; must divide C.
       eps: added to the variance.
+      mask: None (statistics over the whole map, F.group_norm), or float [B, 1, H, W] of 0 / 1: each
+        image's mean and variance over the cells where it is 1 only (a map cropped to that region
+        would give the same values there), so cells outside cannot change those inside.
 
     Returns:
-      float [B, C, H, W].
+      float [B, C, H, W]; with a mask, computed in float32 (or x's wider dtype) and returned in x's dtype.
     """
-    return F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
+    if mask is None:
+        return F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
+    b, c, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    grouped = x.to(dtype).reshape(b, num_groups, c // num_groups, h * w)
+    m = mask.to(dtype).reshape(b, 1, 1, h * w)
+    count = m.sum(dim=(2, 3), keepdim=True) * (c // num_groups)
+    mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / count
+    centred = grouped - mean
+    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count  # two passes: no cancellation
+    y = (centred * torch.rsqrt(var + eps)).reshape(b, c, h, w)
+    y = y * p["weight"].to(dtype)[None, :, None, None] + p["bias"].to(dtype)[None, :, None, None]
+    return y.to(x.dtype)
+
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
