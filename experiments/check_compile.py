@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from experiments import benchmark
+from experiments import benchmark, class_count
 from retina_fn import rng, tree
 from retina_fn.data.random_batch import random_batch
 from retina_fn.train import build_optimizer, init_train_state, make_train_step
@@ -70,6 +70,7 @@ def check(cfg, steps: int, batch_size: int, canvas: tuple[int, int], seed: int =
       'compile_s', 'compiled_step_s', 'eager_step_s', 'metrics' (max_differences per step), 'params',
       'opt' (max_differences of the final trees), 'loss_eager', 'loss_compiled', 'torch'}.
     """
+    num_classes = class_count.require_int(cfg, "experiments.check_compile")  # before any model is built
     cfg.data.images_per_device = batch_size
     cfg.data.landscape_canvas = canvas
     cfg.data.portrait_canvas = canvas[::-1]
@@ -78,8 +79,8 @@ def check(cfg, steps: int, batch_size: int, canvas: tuple[int, int], seed: int =
     optimizer = build_optimizer(cfg)
     eager = make_train_step(cfg, optimizer, steps_per_epoch=1000, global_batch=batch_size, device=device)
     batches = [random_batch(batch_size=batch_size, canvas=canvas, max_boxes=cfg.data.max_boxes,
-                            max_ignore_boxes=cfg.data.max_ignore_boxes, num_classes=cfg.model.num_classes,
-                            seed=seed + i, device=device) for i in range(steps)]
+                            max_ignore_boxes=cfg.data.max_ignore_boxes,
+                            num_classes=num_classes, seed=seed + i, device=device) for i in range(steps)]
     state0 = init_train_state(cfg, rng.key(seed), optimizer, device=device)
 
     explanation = torch._dynamo.explain(eager)(state0, batches[0], rng.key(seed))

@@ -102,24 +102,34 @@ def loss(params: dict, batch: dict, targets: Targets, *, anchors: torch.Tensor, 
                                  normalizer=normalizer)
 
 
-def predict(params: dict, batch: dict, anchors: torch.Tensor, level_counts: tuple[int, ...], model_cfg
-            ) -> postprocess.Detections:
-    """Detections for a batch: the forward pass and post-processing (no gradient needed).
+def head_outputs(params: dict, batch: dict, model_cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network half of `predict`: (cls_logits float [B, A, K], box_deltas float [B, A, 4]).
 
     Args:
       params: the full parameter tree.
       batch: reads image float or uint8 [B, 3, H, W] (uint8: normalised on the device,
-        model.inputs.model_input), image_hw int64 [B, 2] and, when present, scale_factor float32 [B, 2]
-        (then boxes come back in original-image pixels).
+        model.inputs.model_input) and image_hw int64 [B, 2].
+      model_cfg: the model config.
+    """
+    return retinanet.apply(params, inputs.model_input(batch, model_cfg), model_cfg, batch["image_hw"])
+
+
+def detections(cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict, anchors: torch.Tensor,
+               level_counts: tuple[int, ...], model_cfg) -> postprocess.Detections:
+    """The post-processing half of `predict`, on the head outputs of a batch.
+
+    Args:
+      cls_logits: float [B, A, K]; box_deltas: float [B, A, 4] (`head_outputs`).
+      batch: reads image (its canvas size), image_hw int64 [B, 2] and, when present, scale_factor float32
+        [B, 2] (then boxes come back in original-image pixels).
       anchors: float32 [A, 4] and level_counts: anchors per level, of the batch's canvas.
       model_cfg: the model config (test, coder, canvas_exact).
 
     Returns:
       postprocess.Detections with [B, model.test.max_per_img] rows. With model.canvas_exact, those of
-      each image padded alone to model.size_divisor: anchors outside its extent are never candidates.
+      each image padded alone to model.size_divisor: anchors outside its extent are never candidates, and
+      torchvision-style anchors follow the image's own padded size.
     """
-    cls_logits, box_deltas = retinanet.apply(params, inputs.model_input(batch, model_cfg), model_cfg,
-                                             batch["image_hw"])
     anchor_valid = None
     if model_cfg.get("canvas_exact", False):
         canvas = tuple(batch["image"].shape[-2:])
@@ -128,6 +138,23 @@ def predict(params: dict, batch: dict, anchors: torch.Tensor, level_counts: tupl
             anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], model_cfg)
     return postprocess.detect(cls_logits, box_deltas, anchors, level_counts, batch["image_hw"],
                               batch.get("scale_factor"), model_cfg.test, model_cfg.coder, anchor_valid=anchor_valid)
+
+
+def predict(params: dict, batch: dict, anchors: torch.Tensor, level_counts: tuple[int, ...], model_cfg
+            ) -> postprocess.Detections:
+    """Detections for a batch: `head_outputs`, then `detections` (no gradient needed).
+
+    Args:
+      params: the full parameter tree.
+      batch: as for `head_outputs` and `detections`.
+      anchors: float32 [A, 4] and level_counts: anchors per level, of the batch's canvas.
+      model_cfg: the model config.
+
+    Returns:
+      postprocess.Detections with [B, model.test.max_per_img] rows (see `detections`).
+    """
+    cls_logits, box_deltas = head_outputs(params, batch, model_cfg)
+    return detections(cls_logits, box_deltas, batch, anchors, level_counts, model_cfg)
 
 
 class Detector:
@@ -166,6 +193,10 @@ class Detector:
 
     def predict(self, params: dict, batch: dict) -> postprocess.Detections:
         """`predict` with the anchors of the batch's canvas (see the module function)."""
+        return self.detections(*head_outputs(params, batch, self.model_cfg), batch)
+
+    def detections(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict) -> postprocess.Detections:
+        """`detections` with the anchors of the batch's canvas (see the module function)."""
         canvas = tuple(batch["image"].shape[-2:])
-        return predict(params, batch, self.anchors.get(canvas, batch["image"].device),
-                       self.anchors.level_counts(canvas), self.model_cfg)
+        return detections(cls_logits, box_deltas, batch, self.anchors.get(canvas, batch["image"].device),
+                          self.anchors.level_counts(canvas), self.model_cfg)

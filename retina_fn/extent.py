@@ -36,8 +36,9 @@ def padded_hw(image_hw: torch.Tensor, divisor: int, canvas_hw) -> torch.Tensor:
     """
     if divisor < 1:
         raise ValueError(f"model.size_divisor must be >= 1, got {divisor}")
-    canvas = torch.tensor([int(v) for v in canvas_hw], dtype=torch.int64, device=image_hw.device)
-    return torch.minimum(_ceil_div(image_hw.to(torch.int64), int(divisor)) * int(divisor), canvas)
+    pad = _ceil_div(image_hw.to(torch.int64), int(divisor)) * int(divisor)
+    # Python-scalar bounds: no host-to-device copy (capturable in a CUDA graph)
+    return torch.stack([pad[:, 0].clamp(max=int(canvas_hw[0])), pad[:, 1].clamp(max=int(canvas_hw[1]))], dim=1)
 
 
 def level_extent(pad_hw: torch.Tensor, stride: int) -> torch.Tensor:

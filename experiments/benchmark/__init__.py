@@ -21,7 +21,7 @@ torch.utils.flop_counter.FlopCounterMode (convolutions and matrix products; forw
 backward for train), the achieved TFLOP/s and, with --peak-tflops, the MFU.
 
 --variants times our step again with one optimisation undone or one proposal applied (unfolded_bn, nchw,
-channels_last, all_trainable, eager, compile_step, sort_topk; see experiments.benchmark.variants) and
+channels_last, all_trainable, eager, compile_step, cuda_graph, sort_topk; see experiments.benchmark.variants) and
 reports each one's speed-up of ours.
 
 --compare torchvision measures torchvision's RetinaNet R50-FPN in the same process on the same batch,
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from experiments import class_count
 from experiments.benchmark.data_mode import measure_data
 from experiments.benchmark.measurement import (PeakMemory, Subject, count_flops, load_average, machine_info, measure,
                                                speedup)
@@ -85,7 +86,8 @@ def run(cfg, opts: Options) -> dict:
       comparison, 'ratio_images_per_s', 'speedup_vs_torchvision' and 'torchvision_version'.
 
     Raises:
-      ValueError: bad options (check_options, parse errors) or an unknown --device;
+      ValueError: bad options (check_options, parse errors), an unknown --device, or model.num_classes 'auto'
+        in train/infer mode (random batches have no annotation file to count classes in);
       backend.DeviceUnavailable: the requested device kind is absent.
     """
     check_options(opts, VARIANTS, torchvision_available)
@@ -98,7 +100,7 @@ def run(cfg, opts: Options) -> dict:
     result = {
         "config": cfg.name, "mode": opts.mode, "batch": batch_size, "canvas": list(canvas),
         "precision": precision_lib.precision_from_config(cfg.train).name, "compile": bool(cfg.train.compile),
-        "channels_last": bool(cfg.model.backbone.channels_last), "num_classes": int(cfg.model.num_classes),
+        "channels_last": bool(cfg.model.backbone.channels_last), "num_classes": cfg.model.num_classes,
         "iters": opts.iters, "warmup": opts.warmup, "rounds": opts.rounds, "machine": machine_info(device),
     }
     if opts.mode == "data":
@@ -107,7 +109,8 @@ def run(cfg, opts: Options) -> dict:
         return result
 
     batch = random_batch(batch_size=batch_size, canvas=canvas, max_boxes=int(cfg.data.max_boxes),
-                         max_ignore_boxes=int(cfg.data.max_ignore_boxes), num_classes=int(cfg.model.num_classes),
+                         max_ignore_boxes=int(cfg.data.max_ignore_boxes),
+                         num_classes=class_count.require_int(cfg, "experiments.benchmark (random batches)"),
                          seed=opts.seed, device=device)
     setups = variant_setups(cfg, opts.variants)
     if opts.mode == "train":

@@ -2,21 +2,26 @@
 
     python -m experiments.benchmark --config configs/smoke.py --mode train --batch 1 --canvas 128x128 \\
         --iters 2 --warmup 1 --json runs/bench/smoke_train.json
+    python -m experiments.benchmark --suite gpu --out runs/gpu_suite [--dry-run]   # experiments.benchmark.suite
 """
 
 from __future__ import annotations
 
+import logging
+
 
 def main() -> None:
-    """Defines the flags, parses argv and runs one benchmark (see experiments.benchmark's docstring).
+    """Defines the flags, parses argv and runs one benchmark (see experiments.benchmark's docstring), or with
+    --suite a prepared suite (experiments.benchmark.suite).
 
     Returns:
-      None; prints the table and writes --json.
+      None; prints the table and writes --json (a suite: its files under --out).
     """
     from absl import app, flags
     from ml_collections import config_flags
 
     from experiments import benchmark
+    from experiments.benchmark import suite
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
 
@@ -48,8 +53,33 @@ def main() -> None:
     image_size = flags.DEFINE_integer("image-size", None, "data: base side of the stand-in synthetic JPEGs (each "
                                       "side uniform in 0.78..1.25 x it; default: the canvas's long side).")
     out = flags.DEFINE_string("json", None, "Write the result here.")
+    suite_name = flags.DEFINE_enum("suite", None, list(suite.SUITES), "Run a prepared suite instead (--out, "
+                                   "--dry-run, --compile-cap, --budget; see experiments.benchmark.suite).")
+    suite_out = flags.DEFINE_string("out", None, "--suite: the folder for gpu_suite.json and gpu_suite.md.")
+    dry_run = flags.DEFINE_bool("dry-run", False, "--suite: a tiny CPU run of the same rows (plumbing only).")
+    compile_cap = flags.DEFINE_float("compile-cap", None, "--suite: seconds the compiled rows may take at most "
+                                     "(default: the suite's).")
+    budget = flags.DEFINE_float("budget", None, "--suite: the whole suite's time budget in seconds (default: "
+                                "the suite's).")
+
+    def run_suite(argv):
+        del argv
+        plan = suite.gpu_plan(dry_run.value)
+        plan = plan._replace(compile_cap_s=compile_cap.value or plan.compile_cap_s,
+                             budget_s=budget.value or plan.budget_s)
+        for name in ("retina_fn", "experiments"):
+            logging.getLogger(name).setLevel(logging.INFO)
+        result = suite.run_suite(plan, suite_out.value, dry_run=dry_run.value)
+        print(suite.markdown(result))
+        print(f"wrote {suite_out.value}/gpu_suite.json and gpu_suite.md")
 
     def run_from_flags(argv):
+        if suite_name.value:
+            if not suite_out.value:
+                raise app.UsageError("--suite needs --out DIR")
+            return run_suite(argv)
+        if not config.value or not out.value:
+            raise app.UsageError("--config and --json are required (or --suite)")
         del argv
         opts = benchmark.Options(
             mode=mode.value, batch=batch.value, canvas=benchmark.parse_canvas(canvas.value) if canvas.value else None,
@@ -64,7 +94,6 @@ def main() -> None:
             benchmark.write_json(out.value, result)
             print(f"wrote {out.value}")
 
-    flags.mark_flags_as_required(["config", "json"])
     app.run(run_from_flags)
 
 

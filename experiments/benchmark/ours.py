@@ -11,10 +11,9 @@ import torch
 
 from experiments.benchmark.measurement import Subject, count_flops, time_call
 from experiments.benchmark.variants import with_patch
-from retina_fn import postprocess, rng
+from retina_fn import rng
 from retina_fn import precision as precision_lib
-from retina_fn.detector import Detector
-from retina_fn.model import retinanet
+from retina_fn.detector import Detector, head_outputs
 from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
 
 STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
@@ -48,7 +47,7 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 
     def flops():
         eager_cfg = cfg.copy_and_resolve_references()  # the FLOP counter's dispatch mode cannot enter compiled code
-        eager_cfg.train.compile = False
+        eager_cfg.train.compile = eager_cfg.train.cuda_graph = False  # nor a graph
         eager = make_train_step(eager_cfg, optimizer, steps_per_epoch=STEPS_PER_EPOCH, global_batch=batch_size,
                                 device=device)
         return count_flops(lambda: eager(state["s"], batch, rng.key(seed)))
@@ -69,7 +68,8 @@ def _fresh_params(cfg, device: torch.device, dense_scores: bool, seed: int) -> d
 
 def ours_infer(cfg, batch: dict, device: torch.device, dense_scores: bool, seed: int = 0, name: str = "ours",
                patch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Subject:
-    """The eval step (forward + post-processing) on a fresh model; torch.compile'd when train.compile.
+    """The eval step (forward + post-processing) on a fresh model; torch.compile'd when train.compile, its
+    forward a CUDA graph when train.cuda_graph (not both: a compiled caller cannot trace the graph's runner).
 
     Args:
       cfg: the whole config.
@@ -82,13 +82,22 @@ def ours_infer(cfg, batch: dict, device: torch.device, dense_scores: bool, seed:
 
     Returns:
       The Subject; its FLOP count runs the eager eval step.
+
+    Raises:
+      ValueError: train.compile and train.cuda_graph together.
     """
+    if cfg.train.compile and cfg.train.cuda_graph:
+        raise ValueError("infer: train.compile and train.cuda_graph together are not supported (the eval step "
+                         "would compile the graph's runner); choose one")
     params = _fresh_params(cfg, device, dense_scores, seed)
+    eager_cfg = cfg.copy_and_resolve_references()  # the FLOP counter's dispatch mode cannot enter a graph
+    eager_cfg.train.cuda_graph = False
     with patch():
         eval_step = make_eval_step(cfg, device=device)
+        eager_step = make_eval_step(eager_cfg, device=device) if cfg.train.cuda_graph else eval_step
     timed = torch.compile(eval_step) if cfg.train.compile else eval_step
     return Subject(name, with_patch(patch, lambda: timed(params, batch)),
-                   with_patch(patch, lambda: count_flops(lambda: eval_step(params, batch))))
+                   with_patch(patch, lambda: count_flops(lambda: eager_step(params, batch))))
 
 
 def ours_detect_share(cfg, batch: dict, device: torch.device, dense_scores: bool, iters: int, seed: int = 0) -> dict:
@@ -107,21 +116,19 @@ def ours_detect_share(cfg, batch: dict, device: torch.device, dense_scores: bool
       outputs, 'detect_share': detect_s / (detect_s + forward_s)}.
     """
     params = _fresh_params(cfg, device, dense_scores, seed)
-    canvas = tuple(batch["image"].shape[-2:])
-    anchors = Detector(cfg.model, [canvas], device).anchors
+    detector = Detector(cfg.model, [tuple(batch["image"].shape[-2:])], device)
     prec = precision_lib.precision_from_config(cfg.train)
 
     @torch.no_grad()
     def forward():
         with precision_lib.autocast(prec, device.type):
-            return retinanet.apply(params, batch["image"], cfg.model)
+            return head_outputs(params, batch, cfg.model)
 
     logits, deltas = forward()
 
     @torch.no_grad()
     def detect():
-        return postprocess.detect(logits, deltas, anchors.get(canvas, device), anchors.level_counts(canvas),
-                                  batch["image_hw"], batch["scale_factor"], cfg.model.test, cfg.model.coder)
+        return detector.detections(logits, deltas, batch)
 
     detect()
     out = {key: statistics.median(time_call(fn, device) for _ in range(max(iters, 1)))

@@ -39,12 +39,13 @@ def patched(module, name: str, value):
         setattr(module, name, original)
 
 
-def _separate_conv_bn(conv, norm, x, cfg, stride=1, padding=0):
+def _separate_conv_bn(conv, norm, x, cfg, stride=1, padding=0, masks=None, out_stride=1):
     """resnet._conv_norm before BN folding: a conv, then the frozen BN as its own affine pass."""
     y = nn.conv2d(conv, x, stride=stride, padding=padding)
     if "running_mean" in norm:
         return nn.frozen_batch_norm(norm, y, float(cfg.bn_eps))
-    return nn.group_norm(norm, y, int(cfg.gn_groups))
+    gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:], y.dtype)
+    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask)
 
 
 def _stable_sort_top_k(key: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,6 +75,10 @@ VARIANTS: dict[str, Variant] = {
     "all_trainable": Variant("stem and layer1 trainable too (frozen_stages=-1)", {"model.backbone.frozen_stages": -1}),
     "eager": Variant("no torch.compile at all", {"train.compile": False}),
     "compile_step": Variant("the whole step compiled (train.compile)", {"train.compile": True}),
+    "cuda_graph": Variant("the train step and the eval forward as CUDA graphs (train.cuda_graph)",
+                          {"train.cuda_graph": True}),
+    "not_canvas_exact": Variant("no extent masks: features see the canvas's padding (model.canvas_exact=False)",
+                                {"model.canvas_exact": False}),
     "sort_topk": Variant("post-processing's top-k by a full stable sort (before retina_fn.topk)",
                          patch=lambda: patched(postprocess, "_top_sorted", _stable_sort_top_k)),
 }

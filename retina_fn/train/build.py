@@ -7,22 +7,31 @@
 
 This is where the config meets the generic engine (retina_fn.train.step) and the detector
 (retina_fn.detector), and where accelerator extras (apex's fused SGD, torch_npu's overflow flag) are taken
-from retina_fn.accel and passed in.
+from retina_fn.accel and passed in. train.compile compiles the step (train.compile_scope: all of it, or its
+gradient part); train.cuda_graph puts the train step and the eval step's network forward behind CUDA graphs
+(retina_fn.train.graph), the compiled function when train.compile is on too.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
+from torch.torch_version import TorchVersion
 
 from retina_fn import accel, precision, rng, tree
-from retina_fn.detector import Detector
+from retina_fn.detector import Detector, head_outputs
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer, make_lr_schedule, make_optimizer
 from retina_fn.postprocess import Detections
+from retina_fn.train import graph
 from retina_fn.train import step as step_lib
 from retina_fn.train.state import new_train_state
+
+log = logging.getLogger(__name__)
+
+COMPILE_SCOPES = ("auto",) + step_lib.COMPILE_SCOPES
 
 
 def canvases(cfg) -> list[tuple[int, int]]:
@@ -68,9 +77,35 @@ def init_train_state(cfg, key: rng.Key, optimizer: Optimizer, params: dict | Non
     return new_train_state(trainable, frozen, optimizer, k_run, cfg.train.loss_scale, device)
 
 
+def resolve_compile_scope(scope: str, device_type: str, torch_version: str = torch.__version__) -> str:
+    """train.compile_scope with 'auto' resolved.
+
+    'auto' is 'gradients' on CUDA with torch older than 2.13: there inductor stops with an AssertionError in
+    its loop reordering (`reorder_loops_by_dep_pair`) when the optimiser's `torch._foreach_*` update sits in
+    one graph with the step's reductions of other shapes (pytorch#176591, fixed in 2.13 by pytorch#176849);
+    keeping the update out of the compiled graph avoids it. Elsewhere 'auto' is 'step'.
+
+    Args:
+      scope: 'auto' | 'step' | 'gradients'.
+      device_type: 'cuda', 'cpu', 'npu', ...
+      torch_version: the torch version string (default: the running torch's).
+
+    Returns:
+      'step' or 'gradients'.
+
+    Raises:
+      ValueError: an unknown scope.
+    """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"train.compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    if scope != "auto":
+        return scope
+    return "gradients" if device_type == "cuda" and TorchVersion(torch_version) < (2, 13) else "step"
+
+
 def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_batch: int,
                     reduce: step_lib.Reduce = step_lib.identity, device: torch.device | str = "cpu",
-                    overflow_check_override=None) -> step_lib.TrainStep:
+                    overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
     """The RetinaNet train step of a config: `train_step(state, batch, key) -> (new_state, metrics)`.
 
     Args:
@@ -83,14 +118,25 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
         loss normaliser); the distribution layer binds it.
       device: where the anchors live and which autocast applies.
       overflow_check_override: replaces train.overflow_check (a callable or a name).
+      graph_capture: with train.cuda_graph, record with this instead of CUDA graphs (tests pass an eager
+        stand-in; see retina_fn.train.graph.Capture).
 
     Returns:
       The step of retina_fn.train.step over retina_fn.detector.Detector, called with one batch or a tuple
       of optim.accum_steps loader batches; metrics 'loss', 'loss_cls',
       'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With train.compile the
-      whole step is compiled (one graph on one process; the cross-replica `reduce` stays outside).
+      step is compiled, whole or its gradient part (`resolve_compile_scope`; one graph on one process, the
+      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device and a pure optimiser,
+      the step is a retina_fn.train.graph.GraphedFunction: the state it returns is its static buffers and
+      its metrics are overwritten by the next call (see that module); elsewhere it logs why and runs eagerly.
     """
     prec = precision.precision_from_config(cfg.train)
+    device_type = torch.device(device).type
+    compile_scope = resolve_compile_scope(cfg.train.compile_scope, device_type)
+    if cfg.train.compile:
+        log.info("train.compile: compiling the %s (train.compile_scope=%r, torch %s on %s)",
+                 "whole step" if compile_scope == "step" else "gradient part of the step (the update runs eagerly)",
+                 cfg.train.compile_scope, torch.__version__, device_type)
     train_step = step_lib.make_train_step(
         Detector(cfg.model, canvases(cfg), device),
         optimizer,
@@ -102,15 +148,31 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
         clip_norm=cfg.optim.clip_norm,
         reduce=reduce,
         reduce_normalizer=cfg.dist.normalizer == "global",
-        device_type=torch.device(device).type,
+        device_type=device_type,
+        compile_fn=torch.compile if cfg.train.compile else None,
+        compile_scope=compile_scope,
     )
-    return torch.compile(train_step) if cfg.train.compile else train_step
+    if not cfg.train.cuda_graph:
+        return train_step
+    if optimizer.inplace:
+        log.warning("train.cuda_graph: the train step runs without CUDA graphs: optim.backend='apex' updates in "
+                    "place, reads the learning rate on the host and decides skipped steps there (the native "
+                    "optimisers select on the device and can be captured)")
+        return train_step
+    return graph.graph_or_eager(train_step, device, what="the train step", updates_state=True,
+                                lift_constants=not cfg.train.compile, capture=graph_capture)
 
 
-def make_eval_step(cfg, device: torch.device | str = "cpu") -> Callable[[dict, dict], Detections]:
+def make_eval_step(cfg, device: torch.device | str = "cpu", graph_capture: graph.Capture | None = None
+                   ) -> Callable[[dict, dict], Detections]:
     """`eval_step(params, batch) -> Detections` ([B, model.test.max_per_img], boxes in original-image
     pixels when the batch has scale_factor) at the configured precision, from the full parameter tree and a
-    batch with image [B, 3, H, W], image_hw [B, 2] and scale_factor [B, 2]."""
+    batch with image [B, 3, H, W], image_hw [B, 2] and scale_factor [B, 2].
+
+    With train.cuda_graph the network's forward runs as a CUDA graph per canvas (its parameters copied into
+    the graph's buffers on each call) and post-processing, which reads values on the host (NMS), runs
+    eagerly on its outputs; the detections equal `Detector.predict`'s. graph_capture: as make_train_step's.
+    """
     prec = precision.precision_from_config(cfg.train)
     detector = Detector(cfg.model, canvases(cfg), device)
     device_type = torch.device(device).type
@@ -120,4 +182,23 @@ def make_eval_step(cfg, device: torch.device | str = "cpu") -> Callable[[dict, d
         with precision.autocast(prec, device_type):
             return detector.predict(params, batch)
 
-    return eval_step
+    if not cfg.train.cuda_graph:
+        return eval_step
+
+    @torch.no_grad()
+    def forward(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network half of detector.predict: (cls_logits [B, A, K], box_deltas [B, A, 4])."""
+        with precision.autocast(prec, device_type):
+            return head_outputs(params, batch, cfg.model)
+
+    graphed = graph.graph_or_eager(forward, device, what="the eval forward", updates_state=False,
+                                   capture=graph_capture)
+    if graphed is forward:
+        return eval_step
+
+    @torch.no_grad()
+    def graphed_eval_step(params: dict, batch: dict) -> Detections:
+        """The post-processing half of detector.predict, on the graph's outputs."""
+        return detector.detections(*graphed(params, batch), batch)
+
+    return graphed_eval_step

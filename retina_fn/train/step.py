@@ -25,8 +25,12 @@ With 'global', k loader batches of B images on one device give exactly the updat
 replicas of B images each (the sum of the loss terms over all images, divided by the mean normaliser).
 A step whose gradients are not finite is skipped: with a pure optimiser by torch.where (no Python branch),
 parameters and optimiser state stay as they were; with an in-place optimiser (`Optimizer.inplace`, apex's
-fused SGD) the update is not called at all, which needs one host read of the finite flag per step. The
+fused SGD) the update is not called at all, which needs one host read of the finite flag per step (so
+such a step cannot be captured as a CUDA graph: retina_fn.train.graph needs the pure optimisers). The
 loss scale is halved (fp16) and the 'nonfinite' counter grows; the host loop decides when to stop.
+
+`compile_fn` compiles the whole step or only its gradient part (`compile_scope`); the second keeps the
+optimiser's foreach update out of the compiled graph (see retina_fn.train.build.resolve_compile_scope).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from retina_fn.optim import Optimizer, clip_by_global_norm
 
 Reduce = Callable[[tree.Tree], tree.Tree]
 TrainStep = Callable[[dict, dict, torch.Tensor], tuple[dict, dict]]
+COMPILE_SCOPES = ("step", "gradients")
 
 
 class Objective(Protocol):
@@ -119,6 +124,8 @@ def make_train_step(
     reduce: Reduce = identity,
     reduce_normalizer: bool = True,
     device_type: str = "cpu",
+    compile_fn: Callable[[Callable], Callable] | None = None,
+    compile_scope: str = "step",
 ) -> TrainStep:
     """Builds `train_step(state, batch, key) -> (new_state, metrics)`.
 
@@ -135,6 +142,10 @@ def make_train_step(
       reduce: a mean over replicas of a tree (the distribution layer binds it; identity on one device).
       reduce_normalizer: whether the loss normaliser is averaged over replicas too.
       device_type: autocast's device type ('cpu', 'cuda', 'npu').
+      compile_fn: compiles a function (torch.compile); None runs everything eagerly.
+      compile_scope: what compile_fn compiles: 'step', the whole step (one graph on one process); or
+        'gradients', steps 1 to 3 (normalisers, micro-batches, the summed gradients and metrics), with the
+        update of step 4 (unscale, check, clip, optimiser) running eagerly after it.
 
     The step's batches: one batch dict, or a tuple of them (accumulation; see the module docstring).
     The state is retina_fn.train.state's: 'params' (trainable), 'frozen', 'opt', 'step', 'rng',
@@ -147,9 +158,11 @@ def make_train_step(
       was applied), all 0-d tensors averaged over replicas.
     """
     # The step is a closure over its settings (as a jax.jit'd function over static arguments); its pieces
-    # (scaled_loss, update, train_step) share them, which is why this builder is longer than most.
+    # (scaled_loss, update, gradients, train_step) share them, which is why this builder is longer than most.
     if precision.loss_scaling and loss_scale_cfg is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale_cfg (train.loss_scale)")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
 
     def scaled_loss(trainable, frozen, batch, extras, normalizer, scale):
         with precision_lib.autocast(precision, device_type):
@@ -179,8 +192,8 @@ def make_train_step(
             scale = precision_lib.update_loss_scale(scale, finite, loss_scale_cfg)
         return params, opt_state, scale, finite, grad_norm, lr
 
-    def train_step(state: dict, batches, key: torch.Tensor) -> tuple[dict, dict]:
-        del key
+    def gradients(state: dict, batches) -> tuple[tree.Tree, dict, torch.Tensor]:
+        """Steps 1 to 3: (summed gradients of this replica, summed metrics, the reported normaliser)."""
         groups = loader_batches(batches)
         prepared = [objective.prepare(b) for b in groups]
         divisors, normalizer = loss_divisors([n for _, n in prepared], reduce if reduce_normalizer else None)
@@ -191,7 +204,14 @@ def make_train_step(
                 g, m = grad_fn(state["params"], state["frozen"], mb, mb_extras, divisor, state["loss_scale"])
                 grads = g if grads is None else tree.map(torch.add, grads, g)
                 metrics = m if metrics is None else tree.map(torch.add, metrics, m)
+        return grads, metrics, normalizer
 
+    if compile_fn is not None and compile_scope == "gradients":
+        gradients = compile_fn(gradients)
+
+    def train_step(state: dict, batches, key: torch.Tensor) -> tuple[dict, dict]:
+        del key
+        grads, metrics, normalizer = gradients(state, batches)
         params, opt_state, new_scale, finite, grad_norm, lr = update(reduce(grads), state)
         metrics = dict(
             metrics,
@@ -211,4 +231,4 @@ def make_train_step(
         )
         return new_state, reduce(metrics)
 
-    return train_step
+    return compile_fn(train_step) if compile_fn is not None and compile_scope == "step" else train_step

@@ -1,0 +1,408 @@
+"""CUDA-graph capture of a pure step: a thin stateful runner around a pure function, like a jit cache.
+
+    step = graph_or_eager(train_step, device, what="the train step", updates_state=True)
+    state, metrics = step(state, batch, key)     # copy the batch in, replay, hand back the static state
+    run = graph_or_eager(forward, device, what="the eval forward", updates_state=False)
+    outputs = run(params, inputs)
+
+The step itself stays pure (retina_fn.train.step); everything stateful about graphs lives here, in
+`GraphedFunction`, which holds
+
+- static state buffers: one copy of the state tree (params, optimiser state, step counter, loss scale) that
+  every graph reads and, with `updates_state`, overwrites with the new state inside the graph;
+- per input signature (the paths, shapes and dtypes of the batch and the key: one per canvas), static input
+  buffers and one captured graph; a call copies its inputs into them and replays.
+
+Warm-up runs the pure function on the static buffers and throws its results away (on a side stream, so that
+lazy initialisation and algorithm choice happen before the capture), so it never advances the state; the
+capture then records one call, including the optimiser update and the copy of the new state into the static
+buffers; the first replay performs the first real step. The learning rate and the step counter are device
+tensors: the schedule reads state['step'] inside the graph, and the step adds 1 to it there, so a replay needs
+nothing from the host.
+
+Donation, as jax's donate_argnums: the state a call returns *is* the static buffers, and the metrics are the
+graph's static outputs; the next call overwrites both. Read what you need (or clone it) before the next call.
+Passing the returned state back costs nothing; passing any other state (a restored checkpoint, another
+run's) copies it into the buffers first, leaf by leaf, and leaves the caller's tensors untouched.
+
+What a captured function must not do (CUDA graphs replay kernels, not Python): read device values on the
+host (`.item()`, `bool(t)`, `torch.equal`, data-dependent shapes such as `nonzero` or boolean indexing),
+branch in Python on tensor values, or allocate outside the graph's pool. `host_syncs` lists such operations
+of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(..., device=)`,
+a host-to-device copy that capture refuses) are handled by `HostConstants`: made once during warm-up and
+read from device memory by the graph. In-place optimisers (apex's fused SGD, `Optimizer.inplace`) decide
+skipped steps with a host read of the finite flag and read the learning rate on the host: they cannot be
+captured; the native optimisers select on the device (`torch.where`) and can.
+
+Where capture is impossible (no CUDA device, or the capture itself fails), `graph_or_eager` and the runner
+log why and run the function eagerly: the results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import traceback
+from typing import Any, Callable, Protocol
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from retina_fn import tree
+
+log = logging.getLogger(__name__)
+
+# Operations that wait for the device and read a value on the host, or whose output shape depends on values.
+_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero", "masked_select", "_unique",
+                       "_unique2", "unique_dim", "unique_consecutive"})
+_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # with a bool index: nonzero
+_HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})  # torch.tensor / torch.as_tensor of Python data
+
+
+class _SyncRecorder(TorchDispatchMode):
+    """Counts host-sync and host-data operations, with the innermost caller outside torch of the first one."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: collections.Counter = collections.Counter()
+        self.host_data: collections.Counter = collections.Counter()
+        self.where: dict[str, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        found = None
+        if name in _SYNC_OPS:
+            found = self.syncs
+        elif name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                        for i in (args[1] if len(args) > 1 and args[1] is not None else ())):
+            name, found = f"{name} (bool index)", self.syncs
+        elif name in _HOST_DATA_OPS:
+            found = self.host_data
+        if found is not None:
+            found[name] += 1
+            if name not in self.where:
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+                self.where[name] = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(fn: Callable, *args, **kwargs) -> dict:
+    """Runs fn(*args, **kwargs) once and lists what in it a CUDA graph could not capture as it is.
+
+    Works on any device (the CPU included): it records operations, not device behaviour.
+
+    Args:
+      fn: the function (eager; a torch.compile'd function hides its operations).
+      *args, **kwargs: its arguments.
+
+    Returns:
+      {'syncs': {op: count} of host reads of device values and data-dependent shapes (`.item()`, `bool(t)`,
+      `torch.equal`, `nonzero`, boolean indexing, ...): these make capture fail; 'host_data': {op: count}
+      of tensors built from Python data (`torch.tensor`, `torch.as_tensor`): `HostConstants` lifts these
+      during capture; 'where': {op: 'file:line' of its first caller outside torch}}.
+    """
+    recorder = _SyncRecorder()
+    with recorder:
+        fn(*args, **kwargs)
+    return {"syncs": dict(recorder.syncs), "host_data": dict(recorder.host_data), "where": recorder.where}
+
+
+def _freeze(value) -> Any:
+    """A hashable key for Python data (nested lists and tuples of numbers, bools, None, dtypes and devices);
+    None when the value is anything else."""
+    if isinstance(value, (list, tuple)):
+        parts = tuple(_freeze(v) for v in value)
+        return None if any(p is None for p in parts) else (type(value).__name__, parts)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return type(value).__name__, value  # the type too: 1, 1.0 and True hash alike but make other tensors
+    return None
+
+
+class HostConstants(TorchFunctionMode):
+    """Lifts tensors built from Python data onto an accelerator out of a captured call.
+
+    `torch.tensor(data, device='cuda')` (or `torch.as_tensor`) copies host memory to the device and waits for
+    it, which a CUDA graph capture refuses. While `recording` (the warm-up), each such call is made normally
+    and its tensor kept under (function, data, dtype, device, ...); while not recording (the capture), the same
+    call returns the kept tensor, which the graph then reads from device memory on every replay. Calls for the
+    CPU, or with tensor or other non-Python data, pass through. The kept tensors must never be written in
+    place (pure code does not).
+
+    Attributes:
+      recording: True to make and keep new constants; False to only hand out kept ones.
+      constants: {key: tensor}, what was made (it must outlive every replay of the graph that reads it).
+    """
+
+    FACTORIES = (torch.tensor, torch.as_tensor)
+
+    def __init__(self):
+        super().__init__()
+        self.recording = True
+        self.constants: dict = {}
+
+    @staticmethod
+    def _key(func, args, kwargs):
+        """The call's key, or None when it is not a Python-data factory call for a non-CPU device."""
+        device = kwargs.get("device", args[2] if func is torch.as_tensor and len(args) > 2 else None)
+        if device is None or torch.device(device).type == "cpu":
+            return None
+        frozen = (_freeze(args), _freeze(tuple(sorted(kwargs.items()))))
+        return None if None in frozen else (func.__name__, *frozen)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and args and not isinstance(args[0], torch.Tensor):
+            key = self._key(func, args, kwargs)
+            if key is not None:
+                if key not in self.constants:
+                    if not self.recording:
+                        raise RuntimeError(f"{func.__name__}{args} for {kwargs.get('device')} was first called "
+                                           f"during graph capture, not during warm-up: the captured function "
+                                           f"builds tensors from Python data that change between calls")
+                    self.constants[key] = func(*args, **kwargs)
+                return self.constants[key]
+        return func(*args, **kwargs)
+
+
+class CaptureError(RuntimeError):
+    """The capture of a graph failed (the function did something a CUDA graph cannot record)."""
+
+
+class Capture(Protocol):
+    """How a runner turns one call into something replayable.
+
+    capture(body, warmup) -> replay: `warmup()` runs the function on the static buffers and discards the
+    result (call it as often as needed first); `body()` runs it and writes its results into the static
+    buffers and the runner's output holder. `replay()` must have the effect of `body()` on the current
+    contents of the static buffers. Raises CaptureError when recording is impossible.
+    """
+
+    def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]: ...
+
+
+class _Replay:
+    """One captured CUDA graph and the constants it reads (kept alive as long as the graph)."""
+
+    def __init__(self, graph, constants: HostConstants | None):
+        self.graph, self.constants = graph, constants
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+class CudaGraphCapture:
+    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture.
+
+    All graphs of one capture object share one memory pool: a runner replays its graphs one at a time on one
+    stream and keeps every graph's outputs referenced, so one graph's temporaries may reuse another's.
+    Capture uses capture_error_mode='thread_local', so that other threads (the data loader's pin-memory
+    thread) may keep calling CUDA while this one captures.
+
+    Args:
+      device: the CUDA device.
+      warmup_steps: warm-up calls before the capture (cuDNN algorithm choice, lazy initialisation, the
+        first call of a compiled function).
+      lift_constants: run warm-up and capture under `HostConstants`. Leave it off for a torch.compile'd
+        function (inductor folds its constants itself, and a mode around it would change what it traces).
+    """
+
+    def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        self.device = torch.device(device)
+        self.warmup_steps = warmup_steps
+        self.lift_constants = lift_constants
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]:
+        constants = HostConstants() if self.lift_constants else None
+        lifting = constants if constants is not None else contextlib.nullcontext()
+        side = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.device(self.device), torch.cuda.stream(side), lifting:
+            for _ in range(self.warmup_steps):
+                warmup()
+        current.wait_stream(side)
+        if constants is not None:
+            constants.recording = False
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device), lifting, torch.cuda.graph(graph, pool=self.pool,
+                                                                            capture_error_mode="thread_local"):
+                body()
+        except RuntimeError as e:
+            raise CaptureError(str(e)) from e
+        return _Replay(graph, constants)
+
+
+def _signature(inputs: tuple) -> tuple:
+    """(path, shape, dtype) of every leaf of every input tree: the static shape a graph is recorded for."""
+    sig = []
+    for i, x in enumerate(inputs):
+        for path, leaf in tree.leaves_with_paths(x):
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"graph inputs must be trees of tensors; input {i} has {type(leaf).__name__} at "
+                                f"{path!r}")
+            sig.append((i, path, tuple(leaf.shape), leaf.dtype))
+    return tuple(sig)
+
+
+def _describe(signature: tuple) -> str:
+    """The largest input leaf of a signature, e.g. 'image [2, 3, 64, 64] (and 9 more leaves)'."""
+    index, path, shape, _ = max(signature, key=lambda s: (len(s[2]), torch.Size(s[2]).numel()))
+    return f"{path or f'input {index}'} {list(shape)} (and {len(signature) - 1} more leaves)"
+
+
+class _Entry:
+    """One recorded input signature: its static input buffers, its replay and the output holder."""
+
+    def __init__(self, inputs: list, replay: Callable[[], None], holder: list, graphed: bool):
+        self.inputs, self.input_leaves = inputs, [leaf for x in inputs for leaf in tree.leaves(x)]
+        self.replay, self.holder, self.graphed = replay, holder, graphed
+
+
+class GraphedFunction:
+    """The stateful runner around a pure function (see the module docstring): static buffers and one graph
+    per input signature.
+
+    The function is fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step: state the
+    train state, inputs (batch, key)), else fn(state, *inputs) -> outputs (the eval forward: state the
+    parameters). state and every input are trees of tensors; new_state has the state's structure, shapes and
+    dtypes, and its leaves are new tensors or the given leaves themselves (as a pure function returns).
+
+    Args:
+      fn: the pure function (eager or torch.compile'd).
+      device: where the static buffers live (the graphs' device).
+      capture: how a call is recorded (CudaGraphCapture; tests pass an eager stand-in).
+      updates_state: whether fn returns a new state to keep (see above).
+      name: what fn is, for log messages.
+
+    Calling it: runner(state, *inputs) -> (static state, outputs) when updates_state, else outputs; the
+    returned tensors are overwritten by the next call (donation, see the module docstring).
+    """
+
+    def __init__(self, fn: Callable, device: torch.device | str, capture: Capture, *, updates_state: bool,
+                 name: str = "the step"):
+        self.fn, self.device, self.capture = fn, torch.device(device), capture
+        self.updates_state, self.name = updates_state, name
+        self.state: Any = None  # the static state tree, made on the first call
+        self._state_leaves: list[torch.Tensor] = []
+        self._entries: dict[tuple, _Entry] = {}
+
+    @property
+    def signatures(self) -> int:
+        """How many input signatures have been recorded (graphed or fallen back to eager)."""
+        return len(self._entries)
+
+    def _static(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x, device=self.device).copy_(x)
+
+    def load_state(self, state) -> None:
+        """Copies `state` into the static state buffers (made from it on the first call); leaves that already
+        are the buffers are skipped.
+
+        Args:
+          state: a tree with the structure, shapes and dtypes of the first state given.
+
+        Raises:
+          ValueError: the state's structure, a shape or a dtype differs from the buffers'.
+        """
+        if self.state is None:
+            self.state = tree.map(self._static, state)
+            self._state_leaves = tree.leaves(self.state)
+            return
+        leaves = tree.leaves(state)
+        if len(leaves) != len(self._state_leaves):
+            raise ValueError(f"{self.name}: the state has {len(leaves)} leaves, the graph's buffers "
+                             f"{len(self._state_leaves)}; a runner keeps one state structure")
+        for (path, src), dst in zip(tree.leaves_with_paths(state), self._state_leaves):
+            if src is dst:
+                continue
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(f"{self.name}: state leaf {path!r} is {tuple(src.shape)} {src.dtype}, the "
+                                 f"graph's buffer {tuple(dst.shape)} {dst.dtype}")
+            dst.copy_(src)
+
+    def _commit(self, new_state) -> None:
+        """Copies a new state into the static state buffers (inside the graph when captured)."""
+        new_leaves = tree.leaves(new_state)
+        if len(new_leaves) != len(self._state_leaves):
+            raise ValueError(f"{self.name} returned a state of {len(new_leaves)} leaves for one of "
+                             f"{len(self._state_leaves)}")
+        buffers = {id(b) for b in self._state_leaves}
+        pairs = [(dst, src.clone() if id(src) in buffers else src)  # a buffer moved elsewhere: read it first
+                 for src, dst in zip(new_leaves, self._state_leaves) if src is not dst]
+        for dst, src in pairs:
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise ValueError(f"{self.name} returned a state leaf of {tuple(src.shape)} {src.dtype} for a "
+                                 f"buffer of {tuple(dst.shape)} {dst.dtype}")
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+    def _record(self, signature: tuple, inputs: tuple) -> _Entry:
+        static_inputs = [tree.map(self._static, x) for x in inputs]
+        holder: list = []
+
+        def warmup() -> None:
+            self.fn(self.state, *static_inputs)
+
+        def body() -> None:
+            result = self.fn(self.state, *static_inputs)
+            if self.updates_state:
+                new_state, result = result
+                self._commit(new_state)
+            holder[:] = [result]
+
+        try:
+            replay, graphed = self.capture(body, warmup), True
+            log.info("%s: CUDA graph recorded for %s", self.name, _describe(signature))
+        except CaptureError as e:
+            replay, graphed = body, False
+            log.warning("%s: CUDA graph capture failed for %s, so this shape runs eagerly (same results, "
+                        "slower). A captured function must not read device values on the host (.item(), "
+                        "bool(tensor), torch.equal, nonzero or boolean indexing); "
+                        "retina_fn.train.graph.host_syncs lists them on any device. Error: %s",
+                        self.name, _describe(signature), e)
+        return _Entry(static_inputs, replay, holder, graphed)
+
+    def __call__(self, state, *inputs):
+        self.load_state(state)
+        signature = _signature(inputs)
+        entry = self._entries.get(signature)
+        if entry is None:
+            entry = self._entries[signature] = self._record(signature, inputs)
+        srcs = [leaf for x in inputs for leaf in tree.leaves(x)]
+        for dst, src in zip(entry.input_leaves, srcs):
+            dst.copy_(src, non_blocking=True)
+        entry.replay()
+        (outputs,) = entry.holder
+        return (self.state, outputs) if self.updates_state else outputs
+
+
+def graph_or_eager(fn: Callable, device: torch.device | str, *, what: str, updates_state: bool,
+                   lift_constants: bool = True, warmup_steps: int = 2, capture: Capture | None = None) -> Callable:
+    """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere.
+
+    Args:
+      fn: the pure function (see GraphedFunction).
+      device: where it runs.
+      what: its name in log messages (e.g. 'the train step').
+      updates_state: see GraphedFunction.
+      lift_constants: CudaGraphCapture's (False for a torch.compile'd fn).
+      warmup_steps: CudaGraphCapture's.
+      capture: use this instead of CUDA graphs, on any device (tests pass an eager stand-in).
+
+    Returns:
+      A callable with fn's arguments (see GraphedFunction for what it returns), or fn.
+    """
+    device = torch.device(device)
+    if capture is None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            log.warning("train.cuda_graph: %s runs without CUDA graphs on %s (graph capture needs a CUDA device)",
+                        what, device)
+            return fn
+        capture = CudaGraphCapture(device, warmup_steps=warmup_steps, lift_constants=lift_constants)
+    return GraphedFunction(fn, device, capture, updates_state=updates_state, name=what)
