@@ -5,6 +5,7 @@
         --draw vis/ --score-thr 0.3
     python -m experiments.predict --config configs/torchvision_retinanet_v1.py \\
         --weights retinanet_resnet50_fpn_coco-eeacb38b.pth --images a.jpg --out dets.json
+    python -m experiments.predict --exported exported/demo --images a.jpg --out dets.json --draw vis/
 
 The evaluation pipeline runs unchanged: the configured resize (data.resize_mode), each image on its
 aspect group's fixed canvas (or, with --canvas=tight, on its own size rounded up to model.size_divisor,
@@ -17,8 +18,13 @@ Output (--out): a COCO result list, [{'image_id', 'file_name', 'category_id', 'b
   - other weights (no label map): by model.num_classes, 91 -> torchvision's layout, where the class
     index *is* the COCO category id; 80 -> mmdetection's layout, the 80 COCO ids in ascending order;
     any other K -> index + 1.
+model.num_classes='auto' takes the class count from the weights (experiments.class_count.from_weights).
 --draw DIR writes DIR/<image name>.png with the boxes scoring at least --score-thr, labelled with the
 class names (COCO names for torchvision / mmdetection weights).
+
+--exported DIR runs a folder written by experiments.export instead of the eager model (no --config or
+--weights): its torch.export program, fed as its model.json says (its resize, on its one canvas, its batch
+size), with its label map; the outputs are the same files.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import reporting
+from experiments import class_count, export_format, reporting
 from retina_fn import tree
 from retina_fn.data import transforms
 from retina_fn.data.coco import decode_image
@@ -145,6 +151,7 @@ def predict(cfg, weights: str, image_paths: Sequence[str], *, batch_size: int | 
     if canvas_mode == "fixed":
         check_canvases_fit(cfg.data)
     device = torch.device(device) if device is not None else select_device(cfg.dist.device).device
+    class_count.from_weights(cfg, weights)  # model.num_classes 'auto' -> the weights' class count
     params, meta, _ = load_detector_weights(weights, cfg.model)
     params = tree.cast(params, torch.float32, device)
     category_ids, names = label_table(int(cfg.model.num_classes), meta)
@@ -153,6 +160,23 @@ def predict(cfg, weights: str, image_paths: Sequence[str], *, batch_size: int | 
     eval_step = make_eval_step(cfg, device=device)
     size = int(batch_size or cfg.data.eval_images_per_device)
     return run_model(eval_step, params, samples, size, device), category_ids, names, images
+
+
+def predict_exported(export_dir: str, image_paths: Sequence[str]
+                     ) -> tuple[list[ImageDetections], tuple[int, ...], tuple[str, ...], list[np.ndarray]]:
+    """`predict`'s tuple from an export folder's torch.export program (CPU) instead of the eager model.
+    Raises FileNotFoundError / ValueError for a folder that is not an export with a .pt2, and `predict`'s
+    errors for bad images or images that do not fit the export's canvas."""
+    if not image_paths:
+        raise ValueError("no images given (--images)")
+    spec = export_format.read_spec(export_dir)
+    run = export_format.load_program(export_dir, spec)
+    transform_cfg = export_format.transform_config(spec)
+    images = [decode_image(p, image_id=i) for i, p in enumerate(image_paths)]
+    samples = [transforms.preprocess_for_inference(img, transform_cfg) for img in images]
+    label_map = spec["label_map"]
+    detections = run_model(lambda _, batch: run(batch), {}, samples, int(spec["batch"]), torch.device("cpu"))
+    return detections, tuple(label_map["category_ids"]), tuple(label_map["names"]), images
 
 
 def write_outputs(detections, image_paths, category_ids, names, images, out_json: str,
@@ -191,15 +215,38 @@ def define_flags() -> dict[str, Any]:
         "canvas": flags.DEFINE_enum("canvas", "fixed", list(CANVAS_MODES), "'fixed': the aspect group's canvas "
                                     "(the evaluation pipeline); 'tight': each image padded to a multiple of "
                                     "model.size_divisor."),
+        "exported": flags.DEFINE_string("exported", None, "A folder written by experiments.export: run its "
+                                        "torch.export program instead of --config / --weights."),
     }
+
+
+def check_flags(value: dict[str, Any]) -> None:
+    """Either --exported alone or --config with --weights; --batch_size and --canvas=tight go with the latter.
+    Raises app.UsageError naming the flags at fault."""
+    if value["exported"] is None:
+        missing = [f"--{name}" for name in ("config", "weights") if value[name] is None]
+        if missing:
+            raise app.UsageError(f"{' and '.join(missing)} required (or --exported DIR)")
+        return
+    clashing = [f"--{name}" for name in ("config", "weights", "batch_size") if value[name] is not None]
+    if value["canvas"] != "fixed":
+        clashing.append("--canvas")
+    if clashing:
+        raise app.UsageError(f"--exported runs an export folder with its own config, weights, batch and canvas; "
+                             f"drop {', '.join(clashing)}")
 
 
 def main(argv, holders: dict[str, Any]):
     reporting.set_log_level(logging.INFO)
     value = {name: holder.value for name, holder in holders.items()}
+    check_flags(value)
     image_paths = list(value["images"]) + list(argv[1:])
-    detections, category_ids, names, images = predict(value["config"], value["weights"], image_paths,
-                                                      batch_size=value["batch_size"], canvas_mode=value["canvas"])
+    if value["exported"] is not None:
+        detections, category_ids, names, images = predict_exported(value["exported"], image_paths)
+    else:
+        detections, category_ids, names, images = predict(value["config"], value["weights"], image_paths,
+                                                          batch_size=value["batch_size"],
+                                                          canvas_mode=value["canvas"])
     results = write_outputs(detections, image_paths, category_ids, names, images, value["out"], value["draw"],
                             value["score_thr"])
     log.info("%d detections for %d images written to %s", len(results), len(image_paths), value["out"])
@@ -207,5 +254,5 @@ def main(argv, holders: dict[str, Any]):
 
 if __name__ == "__main__":
     _holders = define_flags()
-    flags.mark_flags_as_required(["config", "weights", "out"])
+    flags.mark_flags_as_required(["out"])
     app.run(lambda argv: main(argv, _holders))

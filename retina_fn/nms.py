@@ -35,6 +35,12 @@ import torch
 _IMPLS = ("auto", "torch", "torchvision")
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _float32_floor(value: float) -> float:
     """The largest float32 not above `value`. For a float32 IoU v, v > value (real comparison, as
     torchvision makes it in double) holds exactly when v > _float32_floor(value) in float32."""
@@ -66,9 +72,15 @@ def _score_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_iters: int | None) -> torch.Tensor:
-    """Solves keep[i] = candidate[i] and not any_j (keep[j] and suppresses[j, i]) for one block."""
+    """Solves keep[i] = candidate[i] and not any_j (keep[j] and suppresses[j, i]) for one block.
+
+    Under torch.export the convergence test cannot be a Python branch on a tensor: the same iteration
+    then runs as a `torch.while_loop` (`_exported_fixed_point`)."""
+    limit = candidate.shape[1] + 1 if max_iters is None else max_iters
+    if _exporting():
+        return _exported_fixed_point(candidate, suppresses, limit)
     keep = candidate
-    for _ in range(candidate.shape[1] + 1 if max_iters is None else max_iters):
+    for _ in range(limit):
         # Counts of kept earlier boxes that would suppress each box; exact in float32 for any N < 2**24.
         hits = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1)
         updated = candidate & (hits == 0)
@@ -78,6 +90,32 @@ def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_it
     return keep
 
 
+def _exported_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, limit: int) -> torch.Tensor:
+    """`_block_fixed_point`'s loop as one `torch.while_loop` (an ONNX Loop once translated): the same
+    update, applied until it changes nothing or `limit` times, so the same keep mask.
+
+    Args:
+      candidate: bool [B, n]; suppresses: float32 [B, n, n]; limit: the most updates.
+
+    Returns:
+      bool [B, n].
+    """
+    # The loop's carried tensors must keep their strides from one iteration to the next.
+    candidate = candidate.clone(memory_format=torch.contiguous_format)
+
+    def go_on(keep, changed, count):
+        return changed & (count < limit)
+
+    def update(keep, changed, count):
+        hits = torch.bmm(keep.to(torch.float32).unsqueeze(1), suppresses).squeeze(1)
+        updated = candidate & (hits == 0)
+        return updated, (updated != keep).any(), count + 1
+
+    start = (candidate.clone(), torch.ones((), dtype=torch.bool, device=candidate.device),
+             torch.zeros((), dtype=torch.int64, device=candidate.device))
+    return torch.while_loop(go_on, update, start)[0]
+
+
 def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
                         max_iters: int | None, enough: int | None = None, block: int = 256) -> torch.Tensor:
     """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N].
@@ -85,7 +123,8 @@ def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.
     Blocks of `block` boxes in score order: a block's boxes are first checked against the boxes kept in
     earlier blocks (final decisions), then decided among themselves by the fixed-point iteration.
     Once every image has `enough` kept boxes the rest is left unkept: callers that return only the
-    first `enough` kept boxes get the same answer at a fraction of the O(N^2) cost."""
+    first `enough` kept boxes get the same answer at a fraction of the O(N^2) cost. (Not under
+    torch.export, where that test would branch on a tensor: every block is decided, same answer.)"""
     threshold = _float32_floor(iou_threshold)
     n = boxes.shape[1]
     decided: list[torch.Tensor] = []
@@ -100,7 +139,8 @@ def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.
         earlier = torch.ones(end - start, end - start, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
         suppresses = ((_pairwise_iou(bb, bb) > threshold) & (bl[:, :, None] == bl[:, None, :]) & earlier)
         decided.append(_block_fixed_point(candidate, suppresses.to(torch.float32), max_iters))
-        if enough is not None and end < n and int(torch.cat(decided, 1).sum(1).min()) >= enough:
+        if (enough is not None and end < n and not _exporting()
+                and int(torch.cat(decided, 1).sum(1).min()) >= enough):
             decided.append(torch.zeros_like(valid[:, end:]))
             break
     return torch.cat(decided, dim=1)

@@ -22,6 +22,12 @@ _INDEX_BITS = 31  # rows of up to 2**31 entries; 32 bits of score above them fit
 _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def order_preserving_int(x: torch.Tensor) -> torch.Tensor:
     """Maps float32 scores to int64 keys with a < b exactly when float a < float b.
 
@@ -53,8 +59,9 @@ def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Te
 
     The same as torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]. float32, float16 and
     bfloat16 keys go through the two shortcuts of the module docstring (chunks of `chunk` entries when the
-    row holds more than 4 * k * chunk entries); other dtypes, or rows of 2**31 entries or more, fall back
-    to the stable sort.
+    row holds more than 4 * k * chunk entries); other dtypes, rows of 2**31 entries or more, and tracing
+    by torch.export fall back to the stable sort (an exported program may be translated to ONNX, whose
+    opsets before 26 have no bit view of a float as an integer; its TopK is a stable sort).
 
     Args:
       key: [B, n], any dtype torch.sort takes.
@@ -66,7 +73,7 @@ def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Te
     """
     batch, n = key.shape
     k = min(int(k), n)
-    if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS:
+    if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS or _exporting():
         return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
     positions = torch.arange(n, device=key.device, dtype=torch.int64)
     if chunk <= 1 or n <= 4 * k * chunk:
