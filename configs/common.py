@@ -67,12 +67,13 @@ def backbone_config(depth: int = 50) -> ml_collections.ConfigDict:
     )
 
 
-def model_config(depth: int = 50, num_classes: int = 80) -> ml_collections.ConfigDict:
+def model_config(depth: int = 50, num_classes: int | str = 80) -> ml_collections.ConfigDict:
     """mmdetection v2.9.0 retinanet_r50_fpn: the model, its anchors, coder, assigner, losses and
-    test-time post-processing."""
+    test-time post-processing. num_classes: an int, or 'auto' (see base_config)."""
     return ml_collections.ConfigDict(
         dict(
-            num_classes=num_classes,
+            # An int or 'auto' (either may be given on the command line: the field's type is object).
+            num_classes=config_dict.FieldReference(num_classes, field_type=object),
             backbone=backbone_config(depth),
             fpn=dict(
                 out_channels=256,
@@ -110,6 +111,7 @@ def model_config(depth: int = 50, num_classes: int = 80) -> ml_collections.Confi
             loss=dict(
                 focal_alpha=0.25,
                 focal_gamma=2.0,
+                fused_focal=False,  # True: one-pass loss and gradient over integer labels (retina_fn.focal_loss)
                 cls_weight=1.0,
                 box_loss="l1",  # 'l1' on deltas | 'giou' on decoded boxes
                 box_weight=1.0,
@@ -126,6 +128,13 @@ def model_config(depth: int = 50, num_classes: int = 80) -> ml_collections.Confi
                 static_shapes=False,  # True: NMS always sees max_candidates rows (NPU, compiled inference)
             ),
             size_divisor=32,
+            # A uint8 batch image (data.uint8_canvas) is normalised with these on the device
+            # (retina_fn.model.inputs); base_config ties them to data.mean / data.std.
+            pixel_mean=(123.675, 116.28, 103.53),
+            pixel_std=(58.395, 57.12, 57.375),
+            # True: each image's outputs equal those of the image padded alone to size_divisor, whatever
+            # its canvas and batch companions (retina_fn.extent); False: the canvas's padding is seen.
+            canvas_exact=True,
         )
     )
 
@@ -146,17 +155,25 @@ def data_config() -> ml_collections.ConfigDict:
             scale=(1333, 800),  # keep-ratio resize limits: (long side, short side)
             resize_mode="mmdet",  # 'mmdet': resize uint8 (size rounded), then normalise | 'torchvision':
             # normalise, then resize the float image (size floored); retina_fn.data.resize
+            # True: the loader ships resized uint8 canvases (a quarter of the bytes), normalised on the device
+            # into the same float32 image (retina_fn.model.inputs); 'mmdet' resize mode only
+            uint8_canvas=False,
             flip_prob=0.5,
             landscape_canvas=(800, 1344),  # (H, W) for images with w > h
             portrait_canvas=(1344, 800),  # (H, W) for images with w <= h
             max_boxes=100,  # ground truth padded to this count; more boxes: see data.batching
+            # Pad each batch's ground truth to the smallest of these (clipped to max_boxes) that holds its
+            # largest count, one static shape per bucket; () pads to max_boxes. Same assignment and loss.
+            box_buckets=(),
             max_ignore_boxes=20,
             filter_empty_gt=True,
             min_size=32,
             skip_bad_images=False,
             images_per_device=2,
             eval_images_per_device=2,
-            workers=2,
+            # loader processes per training process: an int (0: load in the training process) or 'auto':
+            # min(CPUs per local process - 1, 16) (retina_fn.data.loader.resolve_workers)
+            workers=config_dict.FieldReference("auto", field_type=object),
             preload=False,  # decode every image once into memory (small datasets)
         )
     )
@@ -198,11 +215,16 @@ def train_config() -> ml_collections.ConfigDict:
             loss_scale=dict(init=2.0**16, growth_interval=2000, factor=2.0, dynamic=True),
             # 'isfinite' | 'saturation' (Ascend 910A fp16 saturates) | 'npu' (torch_npu flag)
             overflow_check="isfinite",
-            compile=False,  # torch.compile the whole train step
+            compile=False,  # torch.compile the train step
+            # what train.compile compiles: 'step' (all of it) | 'gradients' (the update stays eager) | 'auto'
+            # ('gradients' on CUDA with torch < 2.13, whose inductor fails on the foreach update: pytorch#176591)
+            compile_scope="auto",
+            cuda_graph=False,  # capture the train step and the eval forward as CUDA graphs (retina_fn.train.graph)
             max_nonfinite_steps=5,
             max_steps=placeholder(int),
             time_budget_s=placeholder(float),
             log_every=50,
+            tensorboard=False,  # also write metrics.jsonl's records as TensorBoard scalars (needs tensorboard)
             eval_every_epochs=1,
             checkpoint_every_steps=placeholder(int),
             keep_checkpoints=3,
@@ -224,15 +246,24 @@ def dist_config() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
+    config = ml_collections.ConfigDict(
         dict(
             name="retinanet",
             seed=0,
-            model=model_config(),
+            # 'auto': the class count of the training annotation file (in evaluation: the validation file;
+            # in prediction: the weights), resolved by the programs before the model is built
+            # (experiments/class_count.py). Configs for published weights set their int.
+            model=model_config(num_classes="auto"),
             data=data_config(),
             optim=optim_config(),
             train=train_config(),
             dist=dist_config(),
-            eval=dict(max_vis_images=4, use_faster_coco_eval=True),
+            # error_analysis: the COCO error breakdown after the final evaluation (experiments/evaluation.py):
+            # True / False always / never; unset: on sets of at most 1000 images (minutes on COCO val)
+            eval=dict(max_vis_images=4, use_faster_coco_eval=True, error_analysis=placeholder(bool)),
         )
     )
+    # One value each: what the loader normalises with is what the device normalises uint8 canvases with.
+    config.model.pixel_mean = config.data.get_ref("mean")
+    config.model.pixel_std = config.data.get_ref("std")
+    return config

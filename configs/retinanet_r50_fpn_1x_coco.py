@@ -14,5 +14,6 @@ from configs import common
 def get_config():
     config = common.base_config()
     config.name = "retinanet_r50_fpn_1x_coco"
+    config.model.num_classes = 80  # COCO's 80 categories, as the published weights (not 'auto')
     config.data.root = "data/coco"
     return config

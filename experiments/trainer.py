@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from experiments import evaluation, reporting, train_hooks, train_setup
+from experiments import class_count, evaluation, reporting, train_hooks, train_setup
 from retina_fn import checkpoint, interop, parallel, rng, tree
 from retina_fn.data import coco, loader as data_loader
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
@@ -35,7 +35,8 @@ def _precision_name(cfg) -> str:
 
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     """Trains cfg on its dataset, evaluating every train.eval_every_epochs epochs, resuming from the
-    workdir's newest usable checkpoint. Returns the final results (rank 0; {} elsewhere)."""
+    workdir's newest usable checkpoint. Returns the final results (rank 0; {} elsewhere). An 'auto'
+    model.num_classes is set in cfg to the training annotation file's category count."""
     wall_start = time.perf_counter()
     runtime = parallel.init(cfg.dist)
     device = runtime.device
@@ -60,15 +61,17 @@ class _Run:
         self.cfg, self.workdir, self.runtime, self.device = cfg, workdir, runtime, runtime.device
         self.wall_start = wall_start
         os.makedirs(workdir, exist_ok=True)
+        # first: a missing tensorboard (train.tensorboard=True) stops the run here; nothing is written until a record
+        self.metrics_log = train_hooks.MetricsLog(workdir, tensorboard=cfg.train.tensorboard)
         train_setup.prepare_data(cfg, runtime)
+        self.train_set = coco.load_split(cfg.data, "train")
+        self.val_set = coco.load_split(cfg.data, "val") if cfg.train.validate else None
+        class_count.from_training_set(cfg, self.train_set)  # model.num_classes 'auto' -> the file's count
+        if self.val_set is not None:
+            class_count.check_same_categories(self.train_set, self.val_set)
         if runtime.is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-        self.train_set = coco.load_split(cfg.data, "train")
-        self.val_set = coco.load_split(cfg.data, "val") if cfg.train.validate else None
-        train_setup.check_num_classes(cfg, self.train_set.label_map)
-        if self.val_set is not None:
-            self.train_set.label_map.check_same(self.val_set.label_map, "the validation annotation file")
 
         model_key, data_key = rng.split(rng.key(cfg.seed))
         optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
@@ -78,12 +81,13 @@ class _Run:
         runtime.verify_same(self.state["params"])
         self.step = int(self.state["step"])  # a host copy: the step adds exactly 1 per call, no device read needed
 
-        self.pin = self.device.type != "cpu"
+        self.pin = data_loader.pin_memory_for(self.device)
         self.accum_steps = int(cfg.optim.accum_steps)
         self.loader = data_loader.make_train_loader(cfg.data, self.train_set, rank=runtime.rank,
                                                     world_size=runtime.world_size, key=data_key,
                                                     start_epoch=self.start_epoch, start_step=self.start_step,
-                                                    pin_memory=self.pin, accum_steps=self.accum_steps)
+                                                    pin_memory=self.pin, accum_steps=self.accum_steps,
+                                                    local_processes=runtime.env.local_world_size)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.images_per_step = train_hooks.global_batch(cfg, runtime.world_size)
         if self.steps_per_epoch == 0:
@@ -92,12 +96,17 @@ class _Run:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
         schedule_epoch = min(self.steps_per_epoch, cfg.train.performance_steps or self.steps_per_epoch)
-        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=schedule_epoch,
+        step_cfg = cfg
+        if cfg.train.cuda_graph and runtime.world_size > 1:  # collectives inside a captured step: not supported
+            log.warning("train.cuda_graph: the train step runs without CUDA graphs with %d processes (only the "
+                        "eval forward is captured)", runtime.world_size)
+            step_cfg = cfg.copy_and_resolve_references()
+            step_cfg.train.cuda_graph = False
+        self.train_step = make_train_step(step_cfg, optimizer, steps_per_epoch=schedule_epoch,
                                           global_batch=self.images_per_step, reduce=runtime.reduce_mean,
                                           device=self.device)
         self.eval_step = make_eval_step(cfg, device=self.device)
         self.epochs = int(cfg.optim.epochs)
-        self.metrics_log = reporting.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
         self.cadence = train_hooks.Cadence(cfg.train, self.steps_per_epoch)
         self.meter = train_hooks.ThroughputMeter(self.images_per_step, self.device)
         self.guard = train_hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
@@ -105,8 +114,7 @@ class _Run:
         self.window = _Window()
         self.last_metrics: dict = {}
         self.train_clock = 0.0  # seconds of training (the steps and their batches' waits)
-        self.eval_metrics: dict[str, float] | None = None
-        self.vis: list = []
+        self.evaluated: evaluation.EvalRun | None = None  # the newest evaluation (rank 0)
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
                  self.steps_per_epoch, self.epochs, self.images_per_step, cfg.data.images_per_device,
@@ -141,10 +149,11 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         _evaluate_during_training(run, run.epochs - 1)
     if not runtime.is_main:
         return {}
+    eval_metrics = run.evaluated.metrics if run.evaluated is not None else {}
     results = {
         "name": cfg.name,
-        "bbox_mAP": (run.eval_metrics or {}).get("bbox_mAP", float("nan")),
-        **(run.eval_metrics or {}),
+        "bbox_mAP": eval_metrics.get("bbox_mAP", float("nan")),
+        **eval_metrics,
         "train_images_per_s": run.meter.images_per_s,
         "epochs": round(run.step / run.steps_per_epoch, 3),
         "steps": run.step,
@@ -154,7 +163,8 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         "train_s": run.train_clock,
         "wall_s": time.perf_counter() - wall_start,
     }
-    write_outputs(cfg, workdir, results, run.metrics_log, run.vis, run.val_set, runtime)
+    write_outputs(cfg, workdir, results, run.metrics_log, run.evaluated, run.val_set, runtime)
+    run.metrics_log.close()
     return results
 
 
@@ -167,8 +177,9 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
     run.window.restart()
     tick = time.perf_counter()
     batch: tuple = ()
-    for batch in run.loader.updates():
-        run.state, run.last_metrics = run.train_step(run.state, data_loader.to_device(batch, run.device),
+    # Each step's batches reach the device while the step before runs (data_loader.prefetch_to_device).
+    for batch in data_loader.prefetch_to_device(run.loader.updates(), run.device):
+        run.state, run.last_metrics = run.train_step(run.state, batch,
                                                      rng.fold_in(run.state["rng"], run.state["step"]))
         run.step += 1
         step_in_epoch += 1
@@ -195,11 +206,12 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
 
 
 def _evaluate_during_training(run: _Run, epoch: int) -> None:
-    run.eval_metrics, run.vis = _evaluate(run.cfg, run.eval_step, run.state, run.val_set, run.runtime, run.pin)
+    run.evaluated = _evaluate(run.cfg, run.eval_step, run.state, run.val_set, run.runtime, run.pin)
     if run.runtime.is_main:
+        metrics = run.evaluated.metrics
         log.info("eval after epoch %d: %s", epoch + 1,
-                 ", ".join(f"{k} {v:.4f}" for k, v in run.eval_metrics.items() if k in reporting.RESULT_KEYS))
-        run.metrics_log.write({"kind": "eval", "step": run.step, "epoch": epoch, **run.eval_metrics})
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in reporting.RESULT_KEYS))
+        run.metrics_log.write({"kind": "eval", "step": run.step, "epoch": epoch, **metrics})
 
 
 class _Window:
@@ -227,20 +239,23 @@ def _log_progress(run: _Run, epoch: int, step_in_epoch: int) -> None:
 
 def _evaluate(cfg, eval_step, state, val_set, runtime, pin):
     loader = data_loader.make_eval_loader(cfg.data, val_set, rank=runtime.rank, world_size=runtime.world_size,
-                                          pin_memory=pin)
+                                          pin_memory=pin, local_processes=runtime.env.local_world_size)
     return evaluation.run_evaluation(eval_step, full_params(state), loader, runtime, val_set,
                                      max_vis=cfg.eval.max_vis_images, use_faster=cfg.eval.use_faster_coco_eval)
 
 
-def write_outputs(cfg, workdir, results, metrics_log, vis, val_set, runtime) -> None:
-    """results.json, the seed's results table, curves.png and a few validation images with detections."""
+def write_outputs(cfg, workdir, results, metrics_log, evaluated, val_set, runtime) -> None:
+    """results.json, the seed's results table, curves.png, the evaluation's reports (added to results:
+    evaluation.write_reports) and a few validation images with detections."""
+    if evaluated is not None:
+        results.update(evaluation.write_reports(cfg.eval, workdir, evaluated, val_set))
     kind = str(runtime.device.type).upper()
     row = {"name": f"{runtime.world_size}p-{kind}", "bbox_mAP": results["bbox_mAP"],
            "fps": results["train_images_per_s"], "epochs": results["epochs"], "amp_type": results["precision"]}
     reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
     reporting.plot_curves(metrics_log.read(), os.path.join(workdir, "curves.png"))
-    if vis and val_set is not None:
-        evaluation.vis_images(vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
+    if evaluated is not None and evaluated.vis:
+        evaluation.vis_images(evaluated.vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
     log.info("results in %s: bbox mAP %.4f | AP50 %.4f | AP75 %.4f | %.1f train img/s | %.0f s wall",
              os.path.join(workdir, "results.json"), results["bbox_mAP"], results.get("bbox_mAP_50", float("nan")),
              results.get("bbox_mAP_75", float("nan")), results["train_images_per_s"], results["wall_s"])
@@ -249,31 +264,35 @@ def write_outputs(cfg, workdir, results, metrics_log, vis, val_set, runtime) -> 
 
 def evaluate_only(cfg, workdir: str, weights: str | None) -> dict[str, Any]:
     """Evaluates `weights` (a retina_fn checkpoint or a torchvision/mmdetection RetinaNet file), or the
-    workdir's newest checkpoint when weights is None, on the validation set."""
+    workdir's newest checkpoint when weights is None, on the validation set. An 'auto' model.num_classes is
+    set in cfg to the validation file's category count; a checkpoint's stored label map must match that file."""
     wall_start = time.perf_counter()
     runtime = parallel.init(cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
         train_setup.prepare_data(cfg, runtime)
         val_set = coco.load_split(cfg.data, "val")
-        train_setup.check_num_classes(cfg, val_set.label_map)
+        class_count.for_evaluation(cfg, val_set)  # model.num_classes 'auto' -> the file's count
         if weights is None:
             restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
             if restored is None:
                 raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints and no --weights given")
             weights = restored.path
-        params = interop.load_detector_weights(weights, cfg.model).params
-        params = tree.cast(params, torch.float32, runtime.device)
+        loaded = interop.load_detector_weights(weights, cfg.model)
+        class_count.check_checkpoint_categories(loaded.meta, val_set, weights)
+        params = tree.cast(loaded.params, torch.float32, runtime.device)
         eval_step = make_eval_step(cfg, device=runtime.device)
-        metrics, vis = _evaluate(cfg, eval_step, {"params": params, "frozen": {}}, val_set, runtime,
-                                 runtime.device.type != "cpu")
+        evaluated = _evaluate(cfg, eval_step, {"params": params, "frozen": {}}, val_set, runtime,
+                              data_loader.pin_memory_for(runtime.device))
         if not runtime.is_main:
             return {}
+        metrics = evaluated.metrics
         results = {"name": cfg.name, "weights": weights, **metrics, "world_size": runtime.world_size,
                    "wall_s": time.perf_counter() - wall_start}
+        results.update(evaluation.write_reports(cfg.eval, workdir, evaluated, val_set))
         reporting.write_json_atomic(os.path.join(workdir, "eval_results.json"), results)
-        if vis:
-            evaluation.vis_images(vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
+        if evaluated.vis:
+            evaluation.vis_images(evaluated.vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
         log.info("evaluation of %s: %s", weights, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return results
     finally:

@@ -115,6 +115,8 @@ def test_overrides_land_and_typos_fail_clearly(tmp_path):
 def test_every_config_loads_and_builds_a_model(name):
     cfg = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
     cfg.lock()
+    if cfg.model.num_classes == "auto":  # what a run resolves from its annotation file (experiments.class_count)
+        cfg.model.num_classes = 3
     params = retinanet.init(rng.key(0), cfg.model)
     logits, deltas = retinanet.apply(params, torch.zeros(1, 3, 128, 128), cfg.model)
     assert logits.shape[-1] == cfg.model.num_classes and deltas.shape[-1] == 4

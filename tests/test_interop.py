@@ -9,8 +9,7 @@ import re
 import pytest
 import torch
 
-from configs import torchvision_retinanet_v1
-from configs.common import base_config
+from configs import retinanet_r50_fpn_1x_coco, torchvision_retinanet_v1
 from retina_fn import checkpoint, rng, tree
 from retina_fn.interop import (COCO80_IDS, COCO80_NAMES, COCO91_NAMES, CheckpointMismatch, detect_format,
                                from_mmdet, from_torchvision, label_map_for, load_detector_weights, to_mmdet,
@@ -135,7 +134,7 @@ def test_mmdet_bare_state_dict_and_group_norm_head():
 
 
 def test_full_size_mmdet_layout_matches_the_published_model():
-    cfg = base_config()  # mmdetection's retinanet_r50_fpn_1x
+    cfg = retinanet_r50_fpn_1x_coco.get_config()  # mmdetection's retinanet_r50_fpn_1x
     params = tree.map(lambda x: torch.zeros(tuple(x.shape)), template(cfg.model))
     sd = to_mmdet(params, cfg.model)["state_dict"]
     # 301 tensors as in torchvision's v1 file plus num_batches_tracked for ResNet-50's 53 BN layers
