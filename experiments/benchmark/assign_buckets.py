@@ -105,10 +105,10 @@ def format_table(result: dict) -> str:
 
 def main() -> None:
     """The command line (see the module docstring)."""
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from experiments.benchmark.report import write_json
+    from experiments.benchmark import report
 
     config = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                              lock_config=True)
@@ -121,22 +121,11 @@ def main() -> None:
     device = flags.DEFINE_enum("device", "auto", list(backend.REQUESTS), "Where to run.")
     out = flags.DEFINE_string("json", None, "Also write the result here.")
 
-    def run(argv):
-        del argv
-        if threads.value:
-            torch.set_num_threads(int(threads.value))
-        cfg = config.value
-        hw = parse_canvas(canvas.value) if canvas.value else tuple(cfg.data.landscape_canvas)
-        result = measure_assignment(cfg, batch=batch.value, canvas=hw, boxes=[int(b) for b in boxes.value],
-                                    iters=iters.value, warmup=warmup.value,
-                                    device=backend.resolve_device(device.value).device)
-        print(format_table(result))
-        if out.value:
-            write_json(out.value, result)
-            print(f"wrote {out.value}")
-
-    flags.mark_flags_as_required(["config"])
-    app.run(run)
+    report.run_tool(lambda: measure_assignment(
+        config.value, batch=batch.value,
+        canvas=parse_canvas(canvas.value) if canvas.value else tuple(config.value.data.landscape_canvas),
+        boxes=[int(b) for b in boxes.value], iters=iters.value, warmup=warmup.value,
+        device=backend.resolve_device(device.value).device), format_table, threads, out)
 
 
 if __name__ == "__main__":

@@ -163,10 +163,10 @@ def format_table(result: dict) -> str:
 
 def main() -> None:
     """The command line (see the module docstring)."""
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from experiments.benchmark.report import write_json
+    from experiments.benchmark import report
 
     config = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                              lock_config=True)
@@ -180,20 +180,10 @@ def main() -> None:
     threads = flags.DEFINE_integer("threads", None, "torch.set_num_threads in this process.")
     out = flags.DEFINE_string("json", None, "Also write the result here.")
 
-    def run(argv):
-        del argv
-        if threads.value:
-            torch.set_num_threads(int(threads.value))
-        result = measure_loader_speed(config.value, batch=batch.value, workers=[int(w) for w in workers.value],
-                                      iters=iters.value, warmup=warmup.value, image_size=image_size.value,
-                                      stage_images=stage_images.value, data_root=data_root.value)
-        print(format_table(result))
-        if out.value:
-            write_json(out.value, result)
-            print(f"wrote {out.value}")
-
-    flags.mark_flags_as_required(["config"])
-    app.run(run)
+    report.run_tool(lambda: measure_loader_speed(
+        config.value, batch=batch.value, workers=[int(w) for w in workers.value], iters=iters.value,
+        warmup=warmup.value, image_size=image_size.value, stage_images=stage_images.value,
+        data_root=data_root.value), format_table, threads, out)
 
 
 if __name__ == "__main__":

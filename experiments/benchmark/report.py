@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
@@ -71,3 +72,33 @@ def write_json(path: str, result: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, sort_keys=True, default=str)
+
+
+def run_tool(measure: Callable[[], dict], format_result: Callable[[dict], str], threads, out) -> None:
+    """The command line of a benchmark tool: parse the flags, set the thread count, measure, print the
+    table, write the JSON when asked.
+
+    Args:
+      measure: runs the measurement from the parsed flags and returns its result.
+      format_result: result -> the printed table.
+      threads: the tool's --threads flag holder (None or 0: torch's choice).
+      out: the tool's --json flag holder (None: print only).
+
+    Returns:
+      None (absl's app.run exits when done).
+    """
+    import torch
+    from absl import app, flags
+
+    def run(argv):
+        del argv
+        if threads.value:
+            torch.set_num_threads(int(threads.value))
+        result = measure()
+        print(format_result(result))
+        if out.value:
+            write_json(out.value, result)
+            print(f"wrote {out.value}")
+
+    flags.mark_flags_as_required(["config"])
+    app.run(run)
