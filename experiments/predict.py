@@ -29,7 +29,6 @@ size), with its label map; the outputs are the same files.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, NamedTuple, Sequence
@@ -185,8 +184,7 @@ def write_outputs(detections, image_paths, category_ids, names, images, out_json
     results = to_results(detections, image_paths, category_ids)
     parent = os.path.dirname(os.path.abspath(out_json))
     os.makedirs(parent, exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(results, f)
+    coco_eval.write_results(out_json, results)
     if draw_dir:
         from retina_fn.viz import draw_detections
 

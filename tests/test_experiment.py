@@ -158,9 +158,9 @@ def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path
     real_apply = retinanet.apply
     calls = {"n": 0}
 
-    def poisoned_apply(params, images, model_cfg):
+    def poisoned_apply(params, images, model_cfg, image_hw=None):
         calls["n"] += 1
-        logits, deltas = real_apply(params, images, model_cfg)
+        logits, deltas = real_apply(params, images, model_cfg, image_hw)
         return (logits * float("nan"), deltas) if calls["n"] > 4 else (logits, deltas)
 
     monkeypatch.setattr(retinanet, "apply", poisoned_apply)
