@@ -100,9 +100,7 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
     if coco_set.has_annotations:
         scores = coco_eval.evaluate_detailed(coco_set.ann_file, merged, img_ids=img_ids, use_faster=use_faster)
         metrics = dict(scores.metrics)
-    else:
-        log.info("%s has no 'annotations' (an image-info file): %d detections on %d images, no mAP",
-                 coco_set.ann_file, len(merged), len(img_ids))
+    else:  # an image-info file: write_reports says so when it writes the detections
         scores, metrics = None, {name: math.nan for name in coco_eval.METRIC_NAMES}
     metrics["eval_images_per_s"] = images * runtime.world_size / max(seconds, 1e-9)
     metrics["num_detections"] = float(len(merged))

@@ -32,13 +32,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from retina_fn.topk import exporting
+
 _IMPLS = ("auto", "torch", "torchvision")
-
-
-def _exporting() -> bool:
-    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
 
 
 def _float32_floor(value: float) -> float:
@@ -77,7 +73,7 @@ def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_it
     Under torch.export the convergence test cannot be a Python branch on a tensor: the same iteration
     then runs as a `torch.while_loop` (`_exported_fixed_point`)."""
     limit = candidate.shape[1] + 1 if max_iters is None else max_iters
-    if _exporting():
+    if exporting():
         return _exported_fixed_point(candidate, suppresses, limit)
     keep = candidate
     for _ in range(limit):
@@ -139,7 +135,7 @@ def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.
         earlier = torch.ones(end - start, end - start, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
         suppresses = ((_pairwise_iou(bb, bb) > threshold) & (bl[:, :, None] == bl[:, None, :]) & earlier)
         decided.append(_block_fixed_point(candidate, suppresses.to(torch.float32), max_iters))
-        if (enough is not None and end < n and not _exporting()
+        if (enough is not None and end < n and not exporting()
                 and int(torch.cat(decided, 1).sum(1).min()) >= enough):
             decided.append(torch.zeros_like(valid[:, end:]))
             break

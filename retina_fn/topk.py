@@ -22,8 +22,9 @@ _INDEX_BITS = 31  # rows of up to 2**31 entries; 32 bits of score above them fit
 _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _exporting() -> bool:
-    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
+def exporting() -> bool:
+    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before).
+    Top-k here and NMS (retina_fn.nms) take their export paths from it."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
 
@@ -73,7 +74,7 @@ def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Te
     """
     batch, n = key.shape
     k = min(int(k), n)
-    if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS or _exporting():
+    if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS or exporting():
         return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
     positions = torch.arange(n, device=key.device, dtype=torch.int64)
     if chunk <= 1 or n <= 4 * k * chunk:

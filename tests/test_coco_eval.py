@@ -6,7 +6,7 @@ import torch
 
 from retina_fn.data import synthetic
 from retina_fn.eval import coco_eval
-from retina_fn.eval.coco_eval import detections_to_coco, evaluate, evaluate_with_summary, merge_results
+from retina_fn.eval.coco_eval import detections_to_coco, evaluate, evaluate_detailed, merge_results
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_ground_truth_as_detections_scores_one(val_set):
     ann_file, coco = val_set
     boxes, scores, labels, image_ids, cat_ids = _gt_as_arrays(coco)
     results = detections_to_coco(boxes, scores, labels, image_ids, cat_ids)
-    metrics, summary = evaluate_with_summary(str(ann_file), results)
+    evaluation = evaluate_detailed(str(ann_file), results)
+    metrics, summary = evaluation.metrics, evaluation.summary
     for name in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
                  "AR_100", "AR_s", "AR_m", "AR_l"):
         assert metrics[name] == pytest.approx(1.0), name
@@ -146,7 +147,8 @@ def test_only_evaluated_images_count(val_set):
 
 def test_empty_results_give_zeros(val_set):
     ann_file, _ = val_set
-    metrics, summary = evaluate_with_summary(ann_file, [])
+    evaluation = evaluate_detailed(ann_file, [])
+    metrics, summary = evaluation.metrics, evaluation.summary
     assert set(metrics) == set(coco_eval.METRIC_NAMES)
     assert all(v == 0.0 for v in metrics.values())
     assert "no detections" in summary

@@ -478,27 +478,6 @@ def evaluate_detailed(coco_gt, results: Sequence[dict], img_ids=None, use_faster
     )
 
 
-def evaluate_with_summary(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True):
-    """Like `evaluate`, and also returns COCOeval's printed summary.
-
-    Args:
-      coco_gt: as for `evaluate`.
-      results: as for `evaluate`.
-      img_ids: as for `evaluate`.
-      use_faster: use faster-coco-eval when it is installed.
-
-    Returns:
-      (metrics {name: float} for METRIC_NAMES, the text COCOeval printed).
-
-    Raises:
-      FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: an unusable coco_gt, img_ids not in the ground truth, or malformed results (see
-        `evaluate`).
-    """
-    evaluation = evaluate_detailed(coco_gt, results, img_ids, use_faster)
-    return evaluation.metrics, evaluation.summary
-
-
 def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:
     """COCO bbox metrics of `results` against the ground truth; nothing is printed.
 

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from retina_fn import extent
+
 
 def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               real: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,9 +53,7 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
     # Python scalars: each op rounds them to float32, as numpy's float32(mean) and float32(1 / std) do; they
     # need no host-to-device copy, so a captured or compiled step can hold them as constants.
     planes = [(pixels[:, c] - float(mean[c])) * float(1.0 / float(std[c])) for c in range(3)]
-    rows = torch.arange(h, device=image.device)[None, :] < image_hw[:, 0:1]  # [B, H]
-    cols = torch.arange(w, device=image.device)[None, :] < image_hw[:, 1:2]  # [B, W]
-    inside = rows[:, :, None] & cols[:, None, :]  # [B, H, W]
+    inside = extent.extent_mask(image_hw, 1, (h, w))  # [B, H, W]: rows < h and columns < w
     if real is not None:
         inside = inside & real[:, None, None]
     return torch.where(inside[:, None], torch.stack(planes, dim=1), 0.0)
