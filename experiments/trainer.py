@@ -96,13 +96,7 @@ class _Run:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
         schedule_epoch = min(self.steps_per_epoch, cfg.train.performance_steps or self.steps_per_epoch)
-        step_cfg = cfg
-        if cfg.train.cuda_graph and runtime.world_size > 1:  # collectives inside a captured step: not supported
-            log.warning("train.cuda_graph: the train step runs without CUDA graphs with %d processes (only the "
-                        "eval forward is captured)", runtime.world_size)
-            step_cfg = cfg.copy_and_resolve_references()
-            step_cfg.train.cuda_graph = False
-        self.train_step = make_train_step(step_cfg, optimizer, steps_per_epoch=schedule_epoch,
+        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=schedule_epoch,
                                           global_batch=self.images_per_step, reduce=runtime.reduce_mean,
                                           device=self.device)
         self.eval_step = make_eval_step(cfg, device=self.device)

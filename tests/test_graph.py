@@ -160,6 +160,17 @@ def test_on_a_cpu_or_with_an_inplace_optimizer_the_step_runs_eagerly_and_says_wh
     assert eval_step.__name__ == "eval_step"
 
 
+def test_with_a_cross_replica_reduce_the_train_step_runs_eagerly_and_says_why(caplog):
+    cfg = smoke_cfg(cuda_graph=True)
+    optimizer = build_optimizer(cfg)
+    with caplog.at_level(logging.WARNING, logger="retina_fn.train"):
+        replicated = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2,
+                                     reduce=lambda tree: tree, graph_capture=EagerCapture())
+        single = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, graph_capture=EagerCapture())
+    assert "more than one process" in caplog.text and caplog.text.count("more than one process") == 1
+    assert not isinstance(replicated, graph.GraphedFunction) and isinstance(single, graph.GraphedFunction)
+
+
 def test_host_syncs_lists_what_a_graph_cannot_capture():
     def reads_on_the_host(x):
         if bool(x.sum() > 0):  # a Python branch on a tensor value

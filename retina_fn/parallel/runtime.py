@@ -32,6 +32,7 @@ import torch.distributed as dist
 from retina_fn.parallel import collectives
 from retina_fn.parallel.backend import DeviceChoice, select_device
 from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
+from retina_fn.train.step import identity
 
 Tree = Any
 _MB = 2**20
@@ -88,7 +89,7 @@ class Runtime:
         self.node_mesh = node_mesh
         if group is None:
             # One process: plain identities, which torch.compile can trace through.
-            self.reduce_mean = self.reduce_sum = _identity
+            self.reduce_mean = self.reduce_sum = identity  # the train step knows it: no collective to capture
         else:
             self.reduce_mean = torch.compiler.disable(self._reduce_mean)
             self.reduce_sum = torch.compiler.disable(self._reduce_sum)
@@ -282,10 +283,6 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _identity(tree: Tree) -> Tree:
-    return tree
 
 
 def _node_mesh(env: LaunchEnv, kind: str, timeout: timedelta):

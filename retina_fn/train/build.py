@@ -126,9 +126,10 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
       of optim.accum_steps loader batches; metrics 'loss', 'loss_cls',
       'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With train.compile the
       step is compiled, whole or its gradient part (`resolve_compile_scope`; one graph on one process, the
-      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device and a pure optimiser,
-      the step is a retina_fn.train.graph.GraphedFunction: the state it returns is its static buffers and
-      its metrics are overwritten by the next call (see that module); elsewhere it logs why and runs eagerly.
+      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device, one process (`reduce` the
+      identity) and a pure optimiser, the step is a retina_fn.train.graph.GraphedFunction: the state it
+      returns is its static buffers and its metrics are overwritten by the next call (see that module);
+      elsewhere it logs why and runs eagerly.
     """
     prec = precision.precision_from_config(cfg.train)
     device_type = torch.device(device).type
@@ -158,6 +159,10 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
         log.warning("train.cuda_graph: the train step runs without CUDA graphs: optim.backend='apex' updates in "
                     "place, reads the learning rate on the host and decides skipped steps there (the native "
                     "optimisers select on the device and can be captured)")
+        return train_step
+    if reduce is not step_lib.identity:
+        log.warning("train.cuda_graph: the train step runs without CUDA graphs with more than one process (its "
+                    "all-reduce is not captured); the eval forward still is")
         return train_step
     return graph.graph_or_eager(train_step, device, what="the train step", updates_state=True,
                                 lift_constants=not cfg.train.compile, capture=graph_capture)
