@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import torch
 
 from configs import common
-from retina_fn import nn, postprocess
+from retina_fn import extent, nn, postprocess
 from retina_fn.model import resnet
+from retina_fn.nn import layers
 
 
 @contextlib.contextmanager
@@ -39,13 +40,33 @@ def patched(module, name: str, value):
         setattr(module, name, original)
 
 
-def _separate_conv_bn(conv, norm, x, cfg, stride=1, padding=0, masks=None, out_stride=1):
+def _separate_conv_bn(conv, norm, x, cfg, stride=1, padding=0, masks=None, out_stride=1, relu=False,
+                      zero_outside_after=False):
     """resnet._conv_norm before BN folding: a conv, then the frozen BN as its own affine pass."""
     y = nn.conv2d(conv, x, stride=stride, padding=padding)
     if "running_mean" in norm:
-        return nn.frozen_batch_norm(norm, y, float(cfg.bn_eps))
+        y = nn.frozen_batch_norm(norm, y, float(cfg.bn_eps))
+        y = nn.relu(y) if relu else y
+        return extent.zero_outside(y, masks, out_stride) if zero_outside_after else y
     gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:], y.dtype)
-    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask)
+    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask, relu=relu, zero_outside=zero_outside_after)
+
+
+def _masked_group_norm_ops(x, weight, bias, mask, num_groups, eps=1e-5, relu=False, zero_outside=False):
+    """nn.masked_group_norm before its hand-written backward: two-pass statistics, the affine, the ReLU and
+    the zeroing in plain tensor ops, differentiated by autograd (about seven elementwise passes each way)."""
+    b, c, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    grouped = x.to(dtype).reshape(b, num_groups, c // num_groups, h * w)
+    m = mask.to(dtype).reshape(b, 1, 1, h * w)
+    count = m.sum(dim=(2, 3), keepdim=True) * (c // num_groups)
+    mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / count
+    centred = grouped - mean
+    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count
+    y = (centred * torch.rsqrt(var + eps)).reshape(b, c, h, w)
+    y = (y * weight.to(dtype)[None, :, None, None] + bias.to(dtype)[None, :, None, None]).to(x.dtype)
+    y = nn.relu(y) if relu else y
+    return y * mask.to(y.dtype) if zero_outside else y
 
 
 def _stable_sort_top_k(key: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,6 +100,9 @@ VARIANTS: dict[str, Variant] = {
                           {"train.cuda_graph": True}),
     "not_canvas_exact": Variant("no extent masks: features see the canvas's padding (model.canvas_exact=False)",
                                 {"model.canvas_exact": False}),
+    "masked_gn_ops": Variant("canvas-exact GroupNorm in plain tensor ops with autograd's backward (before "
+                             "retina_fn.nn.masked_group_norm)",
+                             patch=lambda: patched(layers, "masked_group_norm", _masked_group_norm_ops)),
     "sort_topk": Variant("post-processing's top-k by a full stable sort (before retina_fn.topk)",
                          patch=lambda: patched(postprocess, "_top_sorted", _stable_sort_top_k)),
 }

@@ -69,8 +69,9 @@ def _tower(convs: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None, stride:
         x = nn.conv2d(p, x, padding=1)
         if "norm" in p:
             gn_mask = None if masks is None else masks.mask(stride, x.shape[-2:], x.dtype)
-            x = nn.group_norm(p["norm"], x, cfg.gn_groups, mask=gn_mask)
-        x = zero_outside(nn.relu(x), masks, stride)
+            x = nn.group_norm(p["norm"], x, cfg.gn_groups, mask=gn_mask, relu=True, zero_outside=True)
+        else:
+            x = zero_outside(nn.relu(x), masks, stride)
     return x
 
 

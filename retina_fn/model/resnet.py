@@ -87,15 +87,19 @@ def _norm_params(channels: int, cfg) -> dict:
 
 
 def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, padding: int = 0,
-               masks: ExtentMasks | None = None, out_stride: int = 1) -> torch.Tensor:
-    """A conv and the norm after it. A frozen BN is folded into the conv (one conv with a bias, no
-    elementwise passes: retina_fn.nn.fold); GroupNorm runs after the conv, with masks its statistics
-    over each image's extent at the output's stride only."""
+               masks: ExtentMasks | None = None, out_stride: int = 1, relu: bool = False,
+               zero_outside_after: bool = False) -> torch.Tensor:
+    """A conv, the norm after it, and optionally a ReLU and the zeroing outside the extent (before a layer
+    that reads neighbours). A frozen BN is folded into the conv (one conv with a bias, no elementwise passes:
+    retina_fn.nn.fold); GroupNorm runs after the conv, with masks its statistics over each image's extent at
+    the output's stride only, fused with the ReLU and the zeroing (retina_fn.nn.masked_group_norm)."""
     if "running_mean" in norm:
-        return nn.conv_frozen_bn(conv, norm, x, float(cfg.bn_eps), stride=stride, padding=padding)
+        y = nn.conv_frozen_bn(conv, norm, x, float(cfg.bn_eps), stride=stride, padding=padding)
+        y = nn.relu(y) if relu else y
+        return zero_outside(y, masks, out_stride) if zero_outside_after else y
     y = nn.conv2d(conv, x, stride=stride, padding=padding)
     gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:], y.dtype)
-    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask)
+    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask, relu=relu, zero_outside=zero_outside_after)
 
 
 def init(key: rng.Key, cfg) -> dict:
@@ -161,16 +165,15 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: 
     identity = x
     if bottleneck:
         s1, s2 = (stride, 1) if cfg.style == "caffe" else (1, stride)
-        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1, masks=masks, out_stride=in_stride * s1))
-        y = zero_outside(y, masks, in_stride * s1)
-        y = nn.relu(_conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1, masks=masks,
-                               out_stride=out_stride))
+        y = _conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1, masks=masks, out_stride=in_stride * s1, relu=True,
+                       zero_outside_after=True)
+        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1, masks=masks, out_stride=out_stride,
+                       relu=True)
         y = _conv_norm(p["conv3"], p["bn3"], y, cfg, masks=masks, out_stride=out_stride)
     else:
-        y = nn.relu(_conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), cfg, stride=stride,
-                               padding=1, masks=masks, out_stride=out_stride))
-        y = _conv_norm(p["conv2"], p["bn2"], zero_outside(y, masks, out_stride), cfg, padding=1, masks=masks,
-                       out_stride=out_stride)
+        y = _conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), cfg, stride=stride, padding=1,
+                       masks=masks, out_stride=out_stride, relu=True, zero_outside_after=True)
+        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1, masks=masks, out_stride=out_stride)
     if "downsample" in p:
         ds = p["downsample"]
         identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride, masks=masks, out_stride=out_stride)
@@ -198,8 +201,9 @@ def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) 
     """
     _check(cfg)
     bottleneck = is_bottleneck(cfg.depth)
-    x = nn.relu(_conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3, masks=masks, out_stride=2))
-    x = nn.max_pool2d(zero_outside(x, masks, 2), 3, 2, 1)
+    x = _conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3, masks=masks, out_stride=2, relu=True,
+                   zero_outside_after=True)
+    x = nn.max_pool2d(x, 3, 2, 1)
     feats, at = {}, 4
     for stage in range(1, 5):
         blocks = params[f"layer{stage}"]

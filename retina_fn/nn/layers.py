@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from retina_fn.nn.masked_group_norm import masked_group_norm
+
 Params = dict[str, torch.Tensor]
 
 
@@ -64,8 +66,9 @@ def frozen_batch_norm(p: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Te
 
 
 def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Group normalisation with a per-channel affine, its statistics optionally over a region only.
+               mask: torch.Tensor | None = None, relu: bool = False, zero_outside: bool = False) -> torch.Tensor:
+    """Group normalisation with a per-channel affine, its statistics optionally over a region only, and
+    optionally the ReLU and the zeroing outside the region that follow it (one fused step with a mask).
 
     Args:
       p: {'weight', 'bias'}, each float [C].
@@ -75,24 +78,17 @@ def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
       mask: None (statistics over the whole map, F.group_norm), or float [B, 1, H, W] of 0 / 1: each
         image's mean and variance over the cells where it is 1 only (a map cropped to that region
         would give the same values there), so cells outside cannot change those inside.
+      relu: apply max(y, 0) to the output.
+      zero_outside: with a mask, set the output to 0 where the mask is 0 (ignored without a mask).
 
     Returns:
-      float [B, C, H, W]; with a mask, computed in float32 (or x's wider dtype) and returned in x's dtype.
+      float [B, C, H, W]; with a mask, computed in float32 (or x's wider dtype) and returned in x's dtype
+      (retina_fn.nn.masked_group_norm: one pass for the statistics, a hand-written backward).
     """
     if mask is None:
-        return F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
-    b, c, h, w = x.shape
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    grouped = x.to(dtype).reshape(b, num_groups, c // num_groups, h * w)
-    m = mask.to(dtype).reshape(b, 1, 1, h * w)
-    count = m.sum(dim=(2, 3), keepdim=True) * (c // num_groups)
-    mean = (grouped * m).sum(dim=(2, 3), keepdim=True) / count
-    centred = grouped - mean
-    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count  # two passes: no cancellation
-    y = (centred * torch.rsqrt(var + eps)).reshape(b, c, h, w)
-    y = y * p["weight"].to(dtype)[None, :, None, None] + p["bias"].to(dtype)[None, :, None, None]
-    return y.to(x.dtype)
-
+        y = F.group_norm(x, num_groups, p["weight"], p["bias"], eps)
+        return F.relu(y) if relu else y
+    return masked_group_norm(x, p["weight"], p["bias"], mask, num_groups, eps, relu=relu, zero_outside=zero_outside)
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
