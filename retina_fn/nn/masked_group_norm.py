@@ -25,35 +25,33 @@ from __future__ import annotations
 import torch
 
 
-def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """[B, G] -> [B, C]: each group's value repeated over its C / G channels."""
+def _to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """float [B, G] (one value per group) -> [B, C, 1, 1], each group's value on its C / G channels."""
     b, g = t.shape
-    return t[:, :, None].expand(b, g, channels // g).reshape(b, channels)
-
-
-def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, C] -> [B, G]: the sum over each group's channels."""
-    b, c = t.shape
-    return t.view(b, groups, c // groups).sum(dim=2)
+    return t[:, :, None].expand(b, g, channels // g).reshape(b, channels, 1, 1)
 
 
 class _MaskedGroupNorm(torch.autograd.Function):
+    # Per-channel quantities are [B, G, C / G] (views of [B, C]): group sums and per-channel products need
+    # no copies.
+
     @staticmethod
     def forward(x, weight, bias, mask, num_groups, eps, relu, zero_outside):
         dtype = torch.promote_types(x.dtype, torch.float32)
+        b, c = x.shape[:2]
+        g, cg = num_groups, c // num_groups
         with torch.autocast(x.device.type, enabled=False):  # the statistics stay in float32 under autocast
             xf, m = x.to(dtype), mask.to(dtype)
-            b, c = x.shape[:2]
             xm = xf * m
-            s1 = xm.sum(dim=(2, 3))
-            s2 = (xm * xf).sum(dim=(2, 3))
-            count = (m.sum(dim=(1, 2, 3)) * (c // num_groups)).clamp_min(1.0)[:, None]  # [B, 1]
-            mean = _group_sum(s1, num_groups) / count
-            var = (_group_sum(s2, num_groups) / count - mean * mean).clamp_min(0.0)
+            s1 = xm.sum(dim=(2, 3)).view(b, g, cg)
+            s2 = (xm * xf).sum(dim=(2, 3)).view(b, g, cg)
+            count = (m.sum(dim=(1, 2, 3)) * cg).clamp_min(1.0)[:, None]  # [B, 1]
+            mean = s1.sum(dim=2) / count  # [B, G]
+            var = (s2.sum(dim=2) / count - mean * mean).clamp_min(0.0)
             rstd = torch.rsqrt(var + eps)
-            scale = _per_channel(rstd, c) * weight.to(dtype)
-            shift = bias.to(dtype) - _per_channel(mean, c) * scale
-            y = torch.addcmul(shift[:, :, None, None], xf, scale[:, :, None, None])
+            scale = rstd[:, :, None] * weight.to(dtype).view(g, cg)  # [B, G, C / G]
+            shift = bias.to(dtype).view(g, cg) - mean[:, :, None] * scale
+            y = torch.addcmul(shift.view(b, c, 1, 1), xf, scale.view(b, c, 1, 1))
             if relu:
                 y = y.relu_()
             if zero_outside:
@@ -71,27 +69,27 @@ class _MaskedGroupNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd, _dcount):
         x, weight, mask, mean, rstd, count, y = ctx.saved_tensors
-        g = ctx.num_groups
+        b, c = x.shape[:2]
+        g, cg = ctx.num_groups, c // ctx.num_groups
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             if ctx.relu:  # y is 0 wherever the ReLU or the mask zeroed it: one pass covers both
                 dy = torch.ops.aten.threshold_backward(dy, y, 0)
             elif ctx.zero_outside:
                 dy = dy * mask.to(dy.dtype)
-            xf, dyf, m, wf = x.to(dtype), dy.to(dtype), mask.to(dtype), weight.to(dtype)
-            c = x.shape[1]
-            s_dy = dyf.sum(dim=(2, 3))  # [B, C]
-            rstd_c, mean_c = _per_channel(rstd, c), _per_channel(mean, c)
-            s_dy_xhat = rstd_c * ((dyf * xf).sum(dim=(2, 3)) - mean_c * s_dy)  # sum(dy * xhat), [B, C]
-            p = _group_sum(wf * s_dy, g)  # [B, G]
-            q = _group_sum(wf * s_dy_xhat, g)
+            xf, dyf, m, wg = x.to(dtype), dy.to(dtype), mask.to(dtype), weight.to(dtype).view(g, cg)
+            s_dy = dyf.sum(dim=(2, 3)).view(b, g, cg)
+            s_dy_x = (dyf * xf).sum(dim=(2, 3)).view(b, g, cg)
+            s_dy_xhat = rstd[:, :, None] * (s_dy_x - mean[:, :, None] * s_dy)  # sum(dy * xhat) per channel
+            p = (wg * s_dy).sum(dim=2)  # [B, G]
+            q = (wg * s_dy_xhat).sum(dim=2)
             u = -rstd * rstd * q / count  # dx = a * dy + m * (u * x + v)
             v = -rstd / count * (p - rstd * q * mean)
-            a = rstd_c * wf
-            dx = torch.addcmul(_per_channel(v, c)[:, :, None, None], xf, _per_channel(u, c)[:, :, None, None])
-            dx = dx.mul_(m).addcmul_(dyf, a[:, :, None, None])
-            dweight = s_dy_xhat.sum(dim=0) if ctx.needs_input_grad[1] else None
-            dbias = s_dy.sum(dim=0) if ctx.needs_input_grad[2] else None
+            a = rstd[:, :, None] * wg
+            dx = torch.addcmul(_to_channels(v, c), xf, _to_channels(u, c))
+            dx = dx.mul_(m).addcmul_(dyf, a.view(b, c, 1, 1))
+            dweight = s_dy_xhat.sum(dim=0).view(c) if ctx.needs_input_grad[1] else None
+            dbias = s_dy.sum(dim=0).view(c) if ctx.needs_input_grad[2] else None
         return (dx.to(x.dtype), None if dweight is None else dweight.to(weight.dtype),
                 None if dbias is None else dbias.to(weight.dtype), None, None, None, None, None)
 
