@@ -91,8 +91,11 @@ def test_resnet_with_folding_equals_resnet_with_separate_batch_norm(monkeypatch)
     x = torch.randn(2, 3, 64, 64, generator=g)
     folded = resnet.apply(params, x, cfg)
 
-    def separate(conv, norm, x, cfg, stride=1, padding=0, masks=None, out_stride=1):
-        return nn.frozen_batch_norm(norm, nn.conv2d(conv, x, stride=stride, padding=padding), float(cfg.bn_eps))
+    def separate(conv, norm, x, cfg, stride=1, padding=0, masks=None, out_stride=1, relu=False,
+                 zero_outside_after=False):
+        assert masks is None
+        y = nn.frozen_batch_norm(norm, nn.conv2d(conv, x, stride=stride, padding=padding), float(cfg.bn_eps))
+        return nn.relu(y) if relu else y
 
     monkeypatch.setattr(resnet, "_conv_norm", separate)
     plain = resnet.apply(params, x, cfg)
