@@ -9,7 +9,8 @@ built, so the library's model code only ever sees an int:
 - evaluation only (`for_evaluation`): the validation file's category count; a retina_fn checkpoint's stored
   label map must equal the validation file's categories (`check_checkpoint_categories`).
 - prediction (`from_weights`): a retina_fn checkpoint's label map, else the classification conv of the
-  weights (output channels / anchors per cell).
+  weights (output channels / anchors per cell; `retina_fn.interop.weights.count_in_weights`, which
+  `retina_fn.predictor` uses too).
 - programs that read neither data nor weights (benchmarks, compile checks): `require_int` asks for an int.
 
 An explicit int is checked against the same source and never changed.
@@ -20,23 +21,12 @@ from __future__ import annotations
 import logging
 import os
 
-from retina_fn import anchors, checkpoint, tree
 from retina_fn.data.coco import CocoSet, LabelMap
-from retina_fn.interop import mmdet, torchvision
-from retina_fn.interop.detector import CLASS_HEAD
-from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
-from retina_fn.interop.weights import detect_format
+from retina_fn.interop.weights import count_in_weights
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-
-# The classification conv's weight in each detector format's key naming.
-_CLASS_WEIGHT_KEYS = {
-    "retina_fn": CLASS_HEAD + tree.SEP + "weight",
-    "torchvision": torchvision.retinanet_key(CLASS_HEAD + tree.SEP + "weight"),
-    "mmdet": mmdet.mmdet_key(CLASS_HEAD + tree.SEP + "weight"),
-}
 
 
 def is_auto(model_cfg) -> bool:
@@ -163,44 +153,6 @@ def for_evaluation(cfg, val_set: CocoSet) -> None:
       ValueError: an explicit model.num_classes other than the file's category count, or not a positive int.
     """
     _settle(cfg, val_set.label_map.num_classes, val_set.ann_file)
-
-
-def count_in_weights(path: str, model_cfg) -> tuple[int, str]:
-    """The class count a weights file was made for, and what said so.
-
-    Args:
-      path: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
-      model_cfg: the `model` block (its anchors give the anchors per cell).
-
-    Returns:
-      (count, source): a retina_fn checkpoint's stored label map, else the classification conv's output
-      channels / anchors per cell.
-
-    Raises:
-      FileNotFoundError; CheckpointMismatch: not a detector, no classification conv, or a conv whose outputs
-      are not a multiple of the anchors per cell.
-    """
-    obj = read_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
-        try:
-            restored = checkpoint.load(path)
-        except checkpoint.CorruptCheckpoint as e:
-            raise CheckpointMismatch(str(e)) from e
-        label_map = (restored.meta or {}).get("label_map")
-        if label_map:
-            return len(label_map["category_ids"]), f"the label map stored in {path}"
-        state_dict = tree.flatten_by_path(restored.state.get("params", {}))
-    else:
-        state_dict = unwrap_state_dict(obj, path)
-    fmt = detect_format(state_dict, path)
-    key = _CLASS_WEIGHT_KEYS.get(fmt)
-    if key is None or key not in state_dict:
-        raise CheckpointMismatch(f"{path} ({fmt}) has no classification conv ({key}) to count classes from")
-    channels, per_cell = int(state_dict[key].shape[0]), anchors.anchors_per_cell(model_cfg.anchors)
-    if channels % per_cell:
-        raise CheckpointMismatch(f"{path}: {key} has {channels} output channels, not a multiple of the {per_cell} "
-                                 f"anchors per cell of model.anchors")
-    return channels // per_cell, f"{path} ({key}: {channels} channels / {per_cell} anchors per cell)"
 
 
 def from_weights(cfg, path: str) -> None:

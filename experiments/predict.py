@@ -7,10 +7,12 @@
         --weights retinanet_resnet50_fpn_coco-eeacb38b.pth --images a.jpg --out dets.json
     python -m experiments.predict --exported exported/demo --images a.jpg --out dets.json --draw vis/
 
-The evaluation pipeline runs unchanged: the configured resize (data.resize_mode), each image on its
-aspect group's fixed canvas (or, with --canvas=tight, on its own size rounded up to model.size_divisor,
-which is what mmdetection and torchvision do at batch size 1), the model, post-processing with
-model.test (every detection above model.test.score_thr, up to max_per_img), boxes in original pixels.
+The files are decoded as evaluation decodes them and handed to `retina_fn.predictor.Predictor` (the same
+detector a notebook calls on images in memory), which runs the evaluation pipeline unchanged: the
+configured resize (data.resize_mode), each image on its aspect group's fixed canvas (or, with
+--canvas=tight, on its own size rounded up to model.size_divisor, which is what mmdetection and
+torchvision do at batch size 1), the model, post-processing with model.test (every detection above
+model.test.score_thr, up to max_per_img), boxes in original pixels.
 
 Output (--out): a COCO result list, [{'image_id', 'file_name', 'category_id', 'bbox': [x, y, w, h],
 'score'}], image_id = the image's position in the --images list (0-based). Category ids:
@@ -39,15 +41,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import class_count, export_format, reporting
-from retina_fn import tree
 from retina_fn.data import transforms
 from retina_fn.data.coco import decode_image
-from retina_fn.data.resize import check_canvases_fit
 from retina_fn.data.transforms import CANVAS_MODES
-from retina_fn.parallel.backend import select_device
 from retina_fn.eval import coco_eval
-from retina_fn.interop import coco_names, load_detector_weights
-from retina_fn.train import make_eval_step
+from retina_fn.predictor import Predictor, run_batches
+from retina_fn.predictor import label_table  # noqa: F401  (experiments.export imports it from here)
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +57,6 @@ class ImageDetections(NamedTuple):
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
-
-
-def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(category id, name) per class index: the retina_fn checkpoint's label map (meta['label_map'])
-    when there is one, else coco_names.label_map_for(num_classes) (see the module docstring)."""
-    label_map = (meta or {}).get("label_map")
-    if label_map:
-        ids = tuple(int(i) for i in label_map["category_ids"])
-        names = tuple(str(n) for n in label_map["names"])
-        if len(ids) != num_classes:
-            raise ValueError(f"the checkpoint's label map has {len(ids)} classes but model.num_classes is "
-                             f"{num_classes}")
-        return ids, names
-    return coco_names.label_map_for(num_classes)
 
 
 def preprocess(image: np.ndarray, cfg, canvas_mode: str = "fixed") -> dict:
@@ -90,30 +75,12 @@ def preprocess(image: np.ndarray, cfg, canvas_mode: str = "fixed") -> dict:
                                                int(cfg.model.size_divisor))
 
 
-def _batches(samples: Sequence[dict], batch_size: int) -> list[list[int]]:
-    """Indices of samples grouped by canvas shape (input order within a group), cut into batches."""
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(tuple(s["image"].shape), []).append(i)
-    return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
-
-
 def run_model(eval_step, params: dict, samples: Sequence[dict], batch_size: int,
               device: torch.device) -> list[ImageDetections]:
-    """Detections for every sample (in input order), batch by batch on each canvas."""
-    out: list[ImageDetections | None] = [None] * len(samples)
-    for index in _batches(samples, batch_size):
-        batch = {
-            "image": torch.from_numpy(np.stack([samples[i]["image"] for i in index])).to(device),
-            "image_hw": torch.from_numpy(np.stack([samples[i]["image_hw"] for i in index])).to(device),
-            "scale_factor": torch.from_numpy(np.stack([samples[i]["scale_factor"] for i in index])).to(device),
-        }
-        dets = eval_step(params, batch)
-        boxes, scores, labels, valid = (t.cpu().numpy() for t in (dets.boxes, dets.scores, dets.labels, dets.valid))
-        for row, i in enumerate(index):
-            keep = valid[row]
-            out[i] = ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep])
-    return out
+    """Detections for every sample (in input order), batch by batch on each canvas
+    (`retina_fn.predictor.run_batches` with eval_step(params, batch))."""
+    return [ImageDetections(*found) for found in
+            run_batches(lambda batch: eval_step(params, batch), samples, batch_size, device)]
 
 
 def to_results(detections: Sequence[ImageDetections], image_paths: Sequence[str],
@@ -141,24 +108,19 @@ def drawing_paths(image_paths: Sequence[str], out_dir: str) -> list[str]:
 def predict(cfg, weights: str, image_paths: Sequence[str], *, batch_size: int | None = None,
             canvas_mode: str = "fixed", device: torch.device | str | None = None
             ) -> tuple[list[ImageDetections], tuple[int, ...], tuple[str, ...], list[np.ndarray]]:
-    """(detections per image, category id per class, class names, decoded images) for image files.
+    """(detections per image, category id per class, class names, decoded images) for image files: the
+    files decoded as evaluation decodes them, then one `retina_fn.predictor.Predictor` call.
+    An 'auto' model.num_classes is resolved in cfg itself (`class_count.from_weights`).
     Raises FileNotFoundError / retina_fn.data.coco.ImageLoadError naming a bad image, ValueError for a
     config whose canvases cannot hold the resized images, CheckpointMismatch for weights that do not
     fit the config."""
     if not image_paths:
         raise ValueError("no images given (--images)")
-    if canvas_mode == "fixed":
-        check_canvases_fit(cfg.data)
-    device = torch.device(device) if device is not None else select_device(cfg.dist.device).device
     class_count.from_weights(cfg, weights)  # model.num_classes 'auto' -> the weights' class count
-    params, meta, _ = load_detector_weights(weights, cfg.model)
-    params = tree.cast(params, torch.float32, device)
-    category_ids, names = label_table(int(cfg.model.num_classes), meta)
+    predictor = Predictor(cfg, weights, device=device, batch_size=batch_size, canvas_mode=canvas_mode)
     images = [decode_image(p, image_id=i) for i, p in enumerate(image_paths)]
-    samples = [preprocess(img, cfg, canvas_mode) for img in images]
-    eval_step = make_eval_step(cfg, device=device)
-    size = int(batch_size or cfg.data.eval_images_per_device)
-    return run_model(eval_step, params, samples, size, device), category_ids, names, images
+    detections = [ImageDetections(found.boxes, found.scores, found.labels) for found in predictor(images)]
+    return detections, predictor.category_ids, predictor.names, images
 
 
 def predict_exported(export_dir: str, image_paths: Sequence[str]

@@ -18,6 +18,7 @@ LAYERS = [
     ("train",),
     ("data", "eval", "checkpoint", "interop", "viz"),
     ("parallel",),
+    ("predictor",),
 ]
 
 

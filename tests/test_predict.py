@@ -15,7 +15,7 @@ from PIL import Image
 from experiments import predict
 from retina_fn import anchors as anchor_lib
 from retina_fn import checkpoint, rng
-from retina_fn.interop import COCO80_IDS, COCO80_NAMES, to_torchvision
+from retina_fn.interop import to_torchvision
 from retina_fn.model import retinanet
 from retina_fn.postprocess import detect
 from tests.model_fixtures import tiny_config
@@ -169,16 +169,6 @@ def test_boxes_match_a_hand_rescaled_forward_pass(files, tmp_path):
     expected = ref.boxes[0, :n].numpy() / np.array([sx, sy, sx, sy])
     np.testing.assert_allclose(dets[0].boxes, expected, atol=1e-3)
     np.testing.assert_allclose(dets[0].scores, ref.scores[0, :n].numpy(), atol=1e-5)
-
-
-def test_label_tables():
-    ids, names = predict.label_table(91, {})
-    assert ids[18] == 18 and names[18] == "dog"  # torchvision: the class index is the COCO id
-    assert predict.label_table(80, None) == (COCO80_IDS, COCO80_NAMES)
-    assert predict.label_table(4, {}) == ((1, 2, 3, 4), ("1", "2", "3", "4"))
-    assert predict.label_table(3, {"label_map": LABEL_MAP}) == ((1, 3, 7), ("cat", "dog", "fox"))
-    with pytest.raises(ValueError, match="label map has 3 classes but model.num_classes is 5"):
-        predict.label_table(5, {"label_map": LABEL_MAP})
 
 
 def test_foreign_weights_use_index_plus_one_ids(files, tmp_path):

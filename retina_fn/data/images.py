@@ -74,7 +74,7 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
         with Image.open(path) as im:
             _check_pixel_count(im, where, path, image_id)
             orientation = _exif_orientation(im)
-            stored = _to_rgb(im)
+            stored = pil_to_rgb(im)
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {where}", path, image_id) from None
     except _DECODE_ERRORS as e:
@@ -116,9 +116,17 @@ def _exif_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """The stored pixels of an opened image as uint8 [h, w, 3] RGB, converted as OpenCV's colour read
-    converts them (16-bit: high byte; alpha: dropped; CMYK JPEG: OpenCV's formula)."""
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """The stored pixels of a Pillow image as uint8 [h, w, 3] RGB, converted as OpenCV's colour read
+    converts them (grey and palette: replicated to three channels; 16-bit: high byte; alpha: dropped, not
+    composited; CMYK JPEG: OpenCV's formula). No EXIF orientation is applied (`decode_image` does that).
+
+    Args:
+        im: an opened or in-memory PIL image of any mode.
+
+    Returns:
+        uint8 [h, w, 3] RGB, C-contiguous and writable.
+    """
     if im.mode in _SIXTEEN_BIT_MODES:
         grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)

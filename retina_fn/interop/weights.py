@@ -1,7 +1,8 @@
 """Detector weights from a local file, whatever wrote it: retina_fn, torchvision or mmdetection.
 
 The format is recognised by the keys (`detect_format`); every format goes through the same class-head
-rules (see retina_fn.interop.detector) and the same one-report error on a mismatch.
+rules (see retina_fn.interop.detector) and the same one-report error on a mismatch. `count_in_weights`
+reads the class count a file was made for (what model.num_classes='auto' resolves to).
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import checkpoint, rng, tree
+from retina_fn import anchors, checkpoint, rng, tree
 from retina_fn.interop import mmdet, torchvision
-from retina_fn.interop.detector import import_detector
+from retina_fn.interop.detector import CLASS_HEAD, import_detector
 from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("retina_fn", "torchvision", "mmdet", "torchvision_resnet")
+
+# The classification conv's weight in each detector format's key naming.
+_CLASS_WEIGHT_KEYS = {
+    "retina_fn": CLASS_HEAD + tree.SEP + "weight",
+    "torchvision": torchvision.retinanet_key(CLASS_HEAD + tree.SEP + "weight"),
+    "mmdet": mmdet.mmdet_key(CLASS_HEAD + tree.SEP + "weight"),
+}
 
 
 def detect_format(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
@@ -116,3 +124,42 @@ def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_he
     fmt = detect_format(state_dict, path)
     params = from_state_dict(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=path)
     return DetectorWeights(params, meta, fmt)
+
+
+def count_in_weights(path: str | os.PathLike, model_cfg) -> tuple[int, str]:
+    """The class count a weights file was made for, and what said so.
+
+    Args:
+      path: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
+      model_cfg: the `model` block (its anchors give the anchors per cell).
+
+    Returns:
+      (count, source): a retina_fn checkpoint's stored label map, else the classification conv's output
+      channels / anchors per cell.
+
+    Raises:
+      FileNotFoundError; CheckpointMismatch: not a detector, no classification conv, or a conv whose outputs
+      are not a multiple of the anchors per cell.
+    """
+    path = os.fspath(path)
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
+        try:
+            restored = checkpoint.load(path)
+        except checkpoint.CorruptCheckpoint as e:
+            raise CheckpointMismatch(str(e)) from e
+        label_map = (restored.meta or {}).get("label_map")
+        if label_map:
+            return len(label_map["category_ids"]), f"the label map stored in {path}"
+        state_dict = tree.flatten_by_path(restored.state.get("params", {}))
+    else:
+        state_dict = unwrap_state_dict(obj, path)
+    fmt = detect_format(state_dict, path)
+    key = _CLASS_WEIGHT_KEYS.get(fmt)
+    if key is None or key not in state_dict:
+        raise CheckpointMismatch(f"{path} ({fmt}) has no classification conv ({key}) to count classes from")
+    channels, per_cell = int(state_dict[key].shape[0]), anchors.anchors_per_cell(model_cfg.anchors)
+    if channels % per_cell:
+        raise CheckpointMismatch(f"{path}: {key} has {channels} output channels, not a multiple of the {per_cell} "
+                                 f"anchors per cell of model.anchors")
+    return channels // per_cell, f"{path} ({key}: {channels} channels / {per_cell} anchors per cell)"
