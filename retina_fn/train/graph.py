@@ -30,9 +30,9 @@ host (`.item()`, `bool(t)`, `torch.equal`, data-dependent shapes such as `nonzer
 branch in Python on tensor values, or allocate outside the graph's pool. `graph_host.host_syncs` lists such
 operations of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(...,
 device=)`, a host-to-device copy that capture refuses) are handled by `graph_host.HostConstants`: made once
-during warm-up and read from device memory by the graph. In-place optimisers (apex's fused SGD, `Optimizer.inplace`) decide
-skipped steps with a host read of the finite flag and read the learning rate on the host: they cannot be
-captured; the native optimisers select on the device (`torch.where`) and can.
+during warm-up and read from device memory by the graph. In-place optimisers (apex's fused SGD,
+`Optimizer.inplace`) decide skipped steps with a host read of the finite flag and read the learning rate on
+the host: they cannot be captured; the native optimisers select on the device (`torch.where`) and can.
 
 Where capture is impossible (no CUDA device, or the capture itself fails), `graph_or_eager` and the runner
 log why and run the function eagerly: the results are the same, only slower.
