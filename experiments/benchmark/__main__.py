@@ -20,7 +20,7 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from experiments import benchmark
+    from experiments import benchmark, cli
     from experiments.benchmark import suite, suite_plan, suite_report
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
@@ -94,7 +94,7 @@ def main() -> None:
             benchmark.write_json(out.value, result)
             print(f"wrote {out.value}")
 
-    app.run(run_from_flags)
+    cli.run(run_from_flags)
 
 
 if __name__ == "__main__":
