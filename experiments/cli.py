@@ -118,7 +118,7 @@ def unknown_field(config, path: str, flag: str = "config") -> str | None:
       flag: the config flag's name.
 
     Returns:
-      e.g. "--config.optim.lrr: optim has no field 'lrr'; did you mean --config.optim.lr?", or None when
+      e.g. "--config.optim.lrr: optim has no field 'lrr'. Did you mean --config.optim.lr?", or None when
       every part of the path is a field (the problem is something else).
     """
     node, walked = config, []
@@ -130,9 +130,9 @@ def unknown_field(config, path: str, flag: str = "config") -> str | None:
         if part not in keys:
             close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
             prefix = f"--{flag}." + "".join(f"{w}." for w in walked)
-            hint = (f"did you mean {' or '.join(prefix + c for c in close)}?" if close
-                    else f"its fields are {', '.join(sorted(keys))}")
-            return f"--{flag}.{path}: {where} has no field {part!r}; {hint}"
+            hint = (f"Did you mean {' or '.join(prefix + c for c in close)}?" if close
+                    else f"Its fields: {', '.join(sorted(keys))}.")
+            return f"--{flag}.{path}: {where} has no field {part!r}. {hint}"
         node = node[part]
         walked.append(part)
     return None

@@ -69,7 +69,7 @@ def error_lines(stderr: str) -> list[str]:
     ("missing_file", "error: annotation file not found: {tmp}/no_coco/annotations/instances_train2017.json "
                      "(data.root='{tmp}/no_coco' joined with data.train_ann='annotations/instances_train2017.json'; "
                      "point --config.data.root or --config.data.train_ann at the file)"),
-    ("typo", "error: --config.optim.lrr: optim has no field 'lrr'; did you mean --config.optim.lr?"),
+    ("typo", "error: --config.optim.lrr: optim has no field 'lrr'. Did you mean --config.optim.lr?"),
     ("bad_annotation", "error: {tmp}/ann/train.json: malformed JSON: Expecting value: line 1 column 13 (char 12)"),
     ("bad_image", "error: cannot decode image {tmp}/broken.jpg (image id 0): "),
     ("checkpoint_mismatch", "error: {tmp}/ckpt/ckpt_000000001.pt does not match the model:"),
@@ -143,9 +143,9 @@ def test_flag_mistakes_are_one_line(tmp_path, monkeypatch, capsys):
     cfg = str(tmp_path / "cfg.py")
     assert parse(tmp_path, monkeypatch, f"--config={cfg}", "--config.optim.lr=0.1", "rest") == ["prog", "rest"]
     for args, message in [
-        (["--config.optim.moment=0.5"], "--config.optim.moment: optim has no field 'moment'; did you mean "
+        (["--config.optim.moment=0.5"], "--config.optim.moment: optim has no field 'moment'. Did you mean "
                                         "--config.optim.momentum?"),
-        (["--config.optim.zzz=0.5"], "--config.optim.zzz: optim has no field 'zzz'; its fields are lr, momentum"),
+        (["--config.optim.zzz=0.5"], "--config.optim.zzz: optim has no field 'zzz'. Its fields: lr, momentum."),
         (["--config.optim.lr.x=1"], "--config.optim.lr.x: optim.lr is a value (float), not a group of fields"),
         (["--config.optim.lr=fast"], "flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
         (["--batch=two"], "flag --batch=two: invalid literal for int() with base 10: 'two'"),
