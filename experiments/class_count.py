@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 
+from retina_fn import errors
 from retina_fn.data.coco import CocoSet, LabelMap
+from retina_fn.interop.mapping import CheckpointMismatch
 from retina_fn.interop.weights import count_in_weights
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,11 @@ def explicit(model_cfg) -> int:
       The class count.
 
     Raises:
-      ValueError: model.num_classes is not a positive int (and not 'auto', which this function does not take).
+      ConfigError (a ValueError): model.num_classes is not a positive int (and not 'auto', which this function does not take).
     """
     value = model_cfg.num_classes
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model.num_classes must be a positive integer or {AUTO!r}, got {value!r}")
+        raise errors.ConfigError(f"model.num_classes must be a positive integer or {AUTO!r}, got {value!r}")
     return value
 
 
@@ -56,15 +58,15 @@ def _settle(cfg, count: int, source: str) -> None:
     """Sets an 'auto' model.num_classes to `count`, or checks that the explicit int equals it.
 
     Raises:
-      ValueError: naming `source` and the flag that fits it, when an explicit int differs.
+      ConfigError (a ValueError): naming `source` and the flag that fits it, when an explicit int differs.
     """
     if is_auto(cfg.model):
         cfg.model.num_classes = count
         log.info("model.num_classes='auto': %d classes, from %s", count, source)
         return
     if explicit(cfg.model) != count:
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {source} has {count} classes; set "
-                         f"--config.model.num_classes={count} (or {AUTO!r})")
+        raise errors.ConfigError(f"model.num_classes is {cfg.model.num_classes} but {source} has {count} classes; set "
+                                 f"--config.model.num_classes={count} (or {AUTO!r})")
 
 
 def format_label_map(label_map: LabelMap) -> str:
@@ -104,13 +106,13 @@ def check_same_categories(train_set: CocoSet, val_set: CocoSet) -> None:
     the sorted category ids, so evaluation would score every class against another one.
 
     Raises:
-      ValueError: naming both annotation files and the differing ids and names.
+      ConfigError (a ValueError): naming both annotation files and the differing ids and names.
     """
     differences = category_differences(train_set.label_map, val_set.label_map)
     if differences:
-        raise ValueError(f"the training and validation annotation files list different categories (first: "
-                         f"{train_set.ann_file}, second: {val_set.ann_file}): {differences}. Both must list the "
-                         f"same category ids and names.")
+        raise errors.ConfigError(f"the training and validation annotation files list different categories "
+                                 f"(first: {train_set.ann_file}, second: {val_set.ann_file}): {differences}. Both "
+                                 f"must list the same category ids and names.")
 
 
 def from_training_set(cfg, train_set: CocoSet) -> None:
@@ -122,7 +124,7 @@ def from_training_set(cfg, train_set: CocoSet) -> None:
       train_set: the parsed training annotation file.
 
     Raises:
-      ValueError: an explicit model.num_classes other than the file's category count, or not a positive int.
+      ConfigError (a ValueError): an explicit model.num_classes other than the file's category count, or not a positive int.
     """
     _settle(cfg, train_set.label_map.num_classes, train_set.ann_file)
     log.info("label map of %s (class index: category id, name): %s", train_set.ann_file,
@@ -135,22 +137,23 @@ def check_checkpoint_categories(meta: dict, val_set: CocoSet, weights: str) -> N
     mmdetection files) pass: their class count was checked when they were loaded.
 
     Raises:
-      ValueError: naming the weights file, the validation file and the differing ids and names.
+      CheckpointMismatch (a ValueError): naming the weights file, the validation file and the differing ids and
+      names.
     """
     stored = (meta or {}).get("label_map")
     if not stored:
         return
     differences = category_differences(LabelMap.from_dict(stored), val_set.label_map)
     if differences:
-        raise ValueError(f"{weights} was trained on other categories than {val_set.ann_file} lists (first: the "
-                         f"checkpoint's label map, second: the validation file): {differences}")
+        raise CheckpointMismatch(f"{weights} was trained on other categories than {val_set.ann_file} lists (first: "
+                                 f"the checkpoint's label map, second: the validation file): {differences}")
 
 
 def for_evaluation(cfg, val_set: CocoSet) -> None:
     """Resolves model.num_classes for evaluation: the validation file's category count.
 
     Raises:
-      ValueError: an explicit model.num_classes other than the file's category count, or not a positive int.
+      ConfigError (a ValueError): an explicit model.num_classes other than the file's category count, or not a positive int.
     """
     _settle(cfg, val_set.label_map.num_classes, val_set.ann_file)
 
@@ -178,9 +181,10 @@ def require_int(cfg, program: str) -> int:
       The explicit class count.
 
     Raises:
-      ValueError: model.num_classes is 'auto' (nothing to take the count from) or not a positive int.
+      ConfigError (a ValueError): model.num_classes is 'auto' (nothing to take the count from) or not a positive int.
     """
     if is_auto(cfg.model):
-        raise ValueError(f"model.num_classes is {AUTO!r}, which takes the class count from the training annotation "
-                         f"file or the weights; {program} reads neither: set --config.model.num_classes=N")
+        raise errors.ConfigError(f"model.num_classes is {AUTO!r}, which takes the class count from the training "
+                                 f"annotation file or the weights; {program} reads neither: set "
+                                 f"--config.model.num_classes=N")
     return explicit(cfg.model)

@@ -6,17 +6,19 @@
     python -m experiments.coco_retinanet --config ... --workdir DIR --mode eval [--weights FILE]
     torchrun --nproc_per_node=8 -m experiments.coco_retinanet --config ... --workdir DIR
 
-Training resumes on its own from the newest usable checkpoint in DIR/checkpoints.
+Training resumes on its own from the newest usable checkpoint in DIR/checkpoints. A fixable mistake (a missing
+file, a bad annotation file or image, weights that do not fit, a mistyped or invalid config value) ends in one
+`error: ...` line and exit status 2 (experiments.cli; RETINA_FN_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import host_memory, reporting, trainer
+from experiments import cli, host_memory, reporting, trainer
 from retina_fn.parallel.env import read_launch_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -40,4 +42,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from retina_fn.data import loader as data_loader
-from retina_fn.eval import analysis, coco_eval
+from retina_fn.eval import analysis, coco_eval, coco_results
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
         dets = eval_step(params, batch)
         ids = batch["image_id"].cpu()
         boxes, scores, labels, valid = (t.cpu() for t in (dets.boxes, dets.scores, dets.labels, dets.valid))
-        results.extend(coco_eval.detections_to_coco(boxes, scores, labels, ids, coco_set.label_map, valid=valid))
+        results.extend(coco_results.detections_to_coco(boxes, scores, labels, ids, coco_set.label_map, valid=valid))
         images += int((ids >= 0).sum())
         for i in range(len(ids)):
             if len(vis) < max_vis and int(ids[i]) >= 0:
@@ -95,7 +95,7 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
     gathered = runtime.gather_objects(results)
     if not runtime.is_main:
         return None
-    merged = coco_eval.merge_results(gathered)
+    merged = coco_results.merge_results(gathered)
     img_ids = [r.image_id for r in coco_set.records]
     if coco_set.has_annotations:
         scores = coco_eval.evaluate_detailed(coco_set.ann_file, merged, img_ids=img_ids, use_faster=use_faster)
@@ -120,7 +120,7 @@ def write_reports(eval_cfg, workdir: str, evaluated: EvalRun, coco_set) -> dict[
       Entries for results.json: 'detections_file' (the results file's path); with ground truth also
       'per_class' (analysis.per_class_table's rows) and, when it ran, 'error_breakdown' ({kind: AP}).
     """
-    path = coco_eval.write_results(os.path.join(workdir, DETECTIONS_FILE), evaluated.results)
+    path = coco_results.write_results(os.path.join(workdir, DETECTIONS_FILE), evaluated.results)
     extra: dict[str, Any] = {"detections_file": path}
     scores = evaluated.scores
     if scores is None:

@@ -1,6 +1,7 @@
-"""The folder `experiments.export` writes, and reading it back: file names, the tensors' names, model.json and
-the torch.export program as a callable (what `experiments.predict --exported` runs).
+"""The folder `experiments.export` writes, and reading it back: file names, the tensors' names, model.json (what
+`make_spec` writes) and the torch.export program as a callable (what `experiments.predict --exported` runs).
 
+    spec = make_spec(cfg, batch=1, ...)                # model.json's content, written by experiments.export
     spec = read_spec("exported/demo")                  # model.json, checked
     run = load_program("exported/demo", spec)          # run(batch) -> postprocess.Detections
     cfg = transform_config(spec)                       # the input pipeline onto the export's canvas
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from retina_fn import errors
 from retina_fn.data import transforms
 from retina_fn.postprocess import Detections
 
@@ -25,6 +27,90 @@ ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("image", "image_hw", "scale_factor")
 OUTPUT_NAMES = ("boxes", "scores", "labels", "valid")
 
+_SIZE_RULES = {
+    "mmdet": "s = min(long_max / max(h, w), short_max / min(h, w)); new_h = int(h * s + 0.5), "
+             "new_w = int(w * s + 0.5) (rounded)",
+    "torchvision": "s = min(short_max / min(h, w), long_max / max(h, w)); new_h = int(h * s), new_w = int(w * s) "
+                   "(floored)",
+}
+_RESIZES = {
+    "mmdet": "the uint8 RGB image is resized bilinearly to (new_h, new_w) with half-pixel centres "
+             "(source = (dest + 0.5) * in / out - 0.5, clamped to the edges), no antialiasing, back to uint8 "
+             "(separable, the horizontal pass first, each pass with fixed-point weights and rounded to uint8: "
+             "experiments/onnx_predict.py does it bit for bit; OpenCV's INTER_LINEAR is within 1 level of it), "
+             "then normalised per channel in float32: (pixel - mean) * float32(1 / std)",
+    "torchvision": "the uint8 RGB image is normalised per channel in float32, (pixel / 255 - mean / 255) / "
+                   "(std / 255), then the float image is resized bilinearly to (new_h, new_w) with half-pixel "
+                   "centres (source = (dest + 0.5) * in / out - 0.5, clamped to the edges), no antialiasing",
+}
+
+
+
+def make_spec(cfg, *, batch: int, category_ids: Sequence[int], names: Sequence[str], files: dict[str, str],
+              weights: str, opset: int | None) -> dict[str, Any]:
+    """The JSON description written beside the programs (experiments.export's docstring describes the tensors).
+
+    Args:
+      cfg: the export config (`export_config`).
+      batch: N, images per call.
+      category_ids, names: per class index, as experiments.predict.label_table gives them.
+      files: {'exported': file name, 'onnx': file name}, those written.
+      weights: the weights file the parameters came from (its base name is recorded).
+      opset: the ONNX opset, or None without ONNX.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    h, w = cfg.data.landscape_canvas
+    m = int(cfg.model.test.max_per_img)
+    mode = str(cfg.data.resize_mode)
+    test = cfg.model.test
+    return {
+        "format": SPEC_FORMAT,
+        "version": SPEC_VERSION,
+        "name": str(cfg.name),
+        "weights": os.path.basename(weights),
+        "files": dict(files),
+        "onnx_opset": opset,
+        "batch": batch,
+        "canvas": [h, w],
+        "precision": "float32",
+        "max_detections": m,
+        "inputs": [
+            {"name": "image", "dtype": "float32", "shape": [batch, 3, h, w],
+             "meaning": "normalised RGB (see preprocess), each resized image at the top left, zero elsewhere"},
+            {"name": "image_hw", "dtype": "int64", "shape": [batch, 2], "meaning": "(h, w) of each resized image"},
+            {"name": "scale_factor", "dtype": "float32", "shape": [batch, 2],
+             "meaning": "(new_w / w, new_h / h): resized over original size; (1, 1) gives boxes in canvas pixels"},
+        ],
+        "outputs": [
+            {"name": "boxes", "dtype": "float32", "shape": [batch, m, 4],
+             "meaning": "x1, y1, x2, y2 in original-image pixels"},
+            {"name": "scores", "dtype": "float32", "shape": [batch, m], "meaning": "descending probabilities"},
+            {"name": "labels", "dtype": "int64", "shape": [batch, m], "meaning": "class index into label_map"},
+            {"name": "valid", "dtype": "bool", "shape": [batch, m],
+             "meaning": "True for real detections (the first rows); padding rows are zero"},
+        ],
+        "preprocess": {
+            "resize_mode": mode,
+            "scale": [int(v) for v in cfg.data.scale],
+            "mean": [float(v) for v in cfg.data.mean],
+            "std": [float(v) for v in cfg.data.std],
+            "color": "RGB",
+            "size": _SIZE_RULES[mode].replace("long_max", f"long_max={max(cfg.data.scale)}")
+                                     .replace("short_max", f"short_max={min(cfg.data.scale)}"),
+            "resize": _RESIZES[mode],
+            "pad": f"the normalised image at rows < new_h and columns < new_w of a zero [3, {h}, {w}] canvas",
+        },
+        "boxes_to_original": "done inside: boxes are divided by (sx, sy, sx, sy) from scale_factor; not clipped "
+                             "afterwards (they are clipped to image_hw before the division)",
+        "label_map": {"category_ids": [int(i) for i in category_ids], "names": [str(n) for n in names]},
+        "postprocess": {"score_thr": float(test.score_thr), "nms_iou": float(test.nms_iou),
+                        "nms_pre": int(test.nms_pre), "pre_select": str(test.pre_select),
+                        "max_per_img": m, "max_candidates": int(test.max_candidates)},
+    }
+
+
 
 def read_spec(directory: str) -> dict[str, Any]:
     """The model.json of an export folder.
@@ -33,19 +119,25 @@ def read_spec(directory: str) -> dict[str, Any]:
       directory: a folder written by experiments.export.
 
     Returns:
-      The spec (experiments.export.make_spec's dict).
+      The spec (`make_spec`'s dict).
 
     Raises:
-      FileNotFoundError: no model.json in the folder; ValueError: not an export of this format and version.
+      MissingFileError (a FileNotFoundError): no model.json in the folder; InputFormatError (a ValueError): not
+      an export of this format and version.
     """
     path = os.path.join(directory, SPEC_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no {SPEC_FILE}: not a folder written by experiments.export")
+        raise errors.MissingFileError(f"{directory} has no {SPEC_FILE}: not a folder written by experiments.export")
     with open(path) as f:
-        spec = json.load(f)
+        try:
+            spec = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise errors.InputFormatError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise errors.InputFormatError(f"{path}: the top level must be an object, got {type(spec).__name__}")
     if spec.get("format") != SPEC_FORMAT or spec.get("version") != SPEC_VERSION:
-        raise ValueError(f"{path}: format {spec.get('format')!r} version {spec.get('version')!r}; expected "
-                         f"{SPEC_FORMAT!r} version {SPEC_VERSION}")
+        raise errors.InputFormatError(f"{path}: format {spec.get('format')!r} version {spec.get('version')!r}; "
+                                      f"expected {SPEC_FORMAT!r} version {SPEC_VERSION}")
     return spec
 
 
@@ -78,12 +170,12 @@ def load_program(directory: str, spec: dict[str, Any]) -> Callable[[dict], Detec
       whose rows are dropped); returns Detections with B rows (ValueError for another B).
 
     Raises:
-      FileNotFoundError: the folder has no .pt2 (exported with --format onnx).
+      MissingFileError (a FileNotFoundError): the folder has no .pt2 (exported with --format onnx).
     """
     name = spec["files"].get("exported")
     if name is None:
-        raise FileNotFoundError(f"{directory} holds no torch.export program (it was exported with --format onnx); "
-                                f"export with --format exported or both")
+        raise errors.MissingFileError(f"{directory} holds no torch.export program (it was exported with --format "
+                                      f"onnx); export with --format exported or both")
     program = torch.export.load(os.path.join(directory, name)).module()
     size = int(spec["batch"])
 

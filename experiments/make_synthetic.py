@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 
+from experiments import cli
 from retina_fn.data import synthetic
 
 
@@ -28,19 +29,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def generate(args: argparse.Namespace) -> int:
+    """Writes the dataset the parsed arguments describe and prints its summary; returns 0."""
     start = time.perf_counter()
-    try:
-        paths = synthetic.generate_synthetic(args.out, args.num_train, args.num_val, args.seed, args.image_size,
-                                             args.num_classes)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = synthetic.generate_synthetic(args.out, args.num_train, args.num_val, args.seed, args.image_size,
+                                         args.num_classes)
     elapsed = time.perf_counter() - start
     print(synthetic.format_summary(paths.summary))
     print(f"wrote {paths.root} in {elapsed:.1f} s")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line (argv: the arguments without the program name; None: sys.argv's).
+
+    Returns:
+      0, or 2 after printing 'error: ...' for a bad parameter (experiments.cli); argparse exits with 2 itself
+      for flags it cannot parse.
+    """
+    return cli.call(generate, parse_args(argv))
 
 
 if __name__ == "__main__":

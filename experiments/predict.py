@@ -213,6 +213,8 @@ def main(argv, holders: dict[str, Any]):
 
 
 if __name__ == "__main__":
+    from experiments import cli
+
     _holders = define_flags()
     flags.mark_flags_as_required(["out"])
-    app.run(lambda argv: main(argv, _holders))
+    cli.run(lambda argv: main(argv, _holders))

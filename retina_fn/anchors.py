@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import extent
+from retina_fn import errors, extent
 
 STYLES = ("mmdet", "torchvision")
 
@@ -37,21 +37,22 @@ def _check_canvas(canvas_hw) -> tuple[int, int]:
 
 def _check_anchor_cfg(cfg) -> None:
     if cfg.style not in STYLES:
-        raise ValueError(f"model.anchors.style must be one of {STYLES}, got {cfg.style!r}")
+        raise errors.ConfigError(f"model.anchors.style must be one of {STYLES}, got {cfg.style!r}")
     if cfg.scales_per_octave < 1:
-        raise ValueError(f"model.anchors.scales_per_octave must be >= 1, got {cfg.scales_per_octave}")
+        raise errors.ConfigError(f"model.anchors.scales_per_octave must be >= 1, got {cfg.scales_per_octave}")
     if cfg.octave_base_scale <= 0:
-        raise ValueError(f"model.anchors.octave_base_scale must be > 0, got {cfg.octave_base_scale}")
+        raise errors.ConfigError(f"model.anchors.octave_base_scale must be > 0, got {cfg.octave_base_scale}")
     if len(cfg.ratios) == 0 or any(r <= 0 for r in cfg.ratios):
-        raise ValueError(f"model.anchors.ratios must be a non-empty tuple of positive h/w ratios, got {cfg.ratios}")
+        raise errors.ConfigError(f"model.anchors.ratios must be a non-empty tuple of positive h/w ratios, got "
+                                 f"{cfg.ratios}")
     if len(cfg.strides) == 0:
-        raise ValueError("model.anchors.strides must name at least one level")
+        raise errors.ConfigError("model.anchors.strides must name at least one level")
 
 
 def _halvings(stride: int) -> int:
     """log2(stride) for a power-of-two stride."""
     if int(stride) != stride or stride < 1 or (int(stride) & (int(stride) - 1)) != 0:
-        raise ValueError(f"model.anchors.strides must be powers of two (stride-2 layers), got {stride}")
+        raise errors.ConfigError(f"model.anchors.strides must be powers of two (stride-2 layers), got {stride}")
     return int(stride).bit_length() - 1
 
 
@@ -193,7 +194,7 @@ def valid_flags(canvas_hw, image_hw: torch.Tensor, model_cfg) -> torch.Tensor:
         raise ValueError(f"image_hw must be an integer tensor, got {image_hw.dtype}")
     divisor = int(model_cfg.size_divisor)
     if divisor < 1:
-        raise ValueError(f"model.size_divisor must be >= 1, got {model_cfg.size_divisor}")
+        raise errors.ConfigError(f"model.size_divisor must be >= 1, got {model_cfg.size_divisor}")
     n = anchors_per_cell(cfg)
     pad_hw = extent.padded_hw(image_hw, divisor, canvas_hw)  # [B, 2]
     flags = []

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from retina_fn import errors
 from retina_fn.boxes import pairwise_iou
 
 LOW_QUALITY_MODES = ("mmdet", "torchvision")
@@ -73,7 +74,8 @@ def _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignor
 
 def _check_cfg(cfg) -> None:
     if cfg.low_quality not in LOW_QUALITY_MODES:
-        raise ValueError(f"model.assigner.low_quality must be one of {LOW_QUALITY_MODES}, got {cfg.low_quality!r}")
+        raise errors.ConfigError(f"model.assigner.low_quality must be one of {LOW_QUALITY_MODES}, got "
+                                 f"{cfg.low_quality!r}")
 
 
 def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_valid: torch.Tensor,

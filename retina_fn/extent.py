@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from retina_fn import errors
+
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return (a + b - 1) // b
@@ -35,7 +37,7 @@ def padded_hw(image_hw: torch.Tensor, divisor: int, canvas_hw) -> torch.Tensor:
       int64 [B, 2]: min(ceil(image_hw / divisor) * divisor, canvas_hw).
     """
     if divisor < 1:
-        raise ValueError(f"model.size_divisor must be >= 1, got {divisor}")
+        raise errors.ConfigError(f"model.size_divisor must be >= 1, got {divisor}")
     pad = _ceil_div(image_hw.to(torch.int64), int(divisor)) * int(divisor)
     # Python-scalar bounds: no host-to-device copy (capturable in a CUDA graph)
     return torch.stack([pad[:, 0].clamp(max=int(canvas_hw[0])), pad[:, 1].clamp(max=int(canvas_hw[1]))], dim=1)

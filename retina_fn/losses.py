@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from retina_fn import boxes as box_lib
-from retina_fn import focal_loss
+from retina_fn import errors, focal_loss
 
 _BOX_LOSSES = ("l1", "giou")
 _NORMALIZERS = ("batch", "image")
@@ -195,9 +195,9 @@ def retinanet_loss(
     """
     _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_boxes, gt_labels, image_hw)
     if loss_cfg.box_loss not in _BOX_LOSSES:
-        raise ValueError(f"model.loss.box_loss must be one of {_BOX_LOSSES}, got {loss_cfg.box_loss!r}")
+        raise errors.ConfigError(f"model.loss.box_loss must be one of {_BOX_LOSSES}, got {loss_cfg.box_loss!r}")
     if loss_cfg.normalizer not in _NORMALIZERS:
-        raise ValueError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
+        raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
 
     with torch.autocast(device_type=cls_logits.device.type, enabled=False):
         dtype = _compute_dtype(cls_logits.dtype)
@@ -258,7 +258,7 @@ def loss_normalizer(positive: torch.Tensor, loss_cfg) -> torch.Tensor:
       float32 [], the divisor `retinanet_loss` takes as `normalizer`.
     """
     if loss_cfg.normalizer not in _NORMALIZERS:
-        raise ValueError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
+        raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
     if loss_cfg.normalizer == "batch":
         return positive.sum(dim=1).clamp(min=1).sum().to(torch.float32)
     return torch.tensor(float(positive.shape[0]), device=positive.device)

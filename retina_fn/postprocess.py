@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from retina_fn import boxes as box_lib  # `boxes` is a local name here
+from retina_fn import errors
 from retina_fn.nms import batched_nms
 from retina_fn.topk import top_k_sorted_indices
 
@@ -137,9 +138,9 @@ def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale
     if anchor_valid is not None and tuple(anchor_valid.shape) != (b, a):
         raise ValueError(f"anchor_valid must be [B, A] = {(b, a)} or None, got {tuple(anchor_valid.shape)}")
     if test_cfg.pre_select not in _PRE_SELECT:
-        raise ValueError(f"model.test.pre_select must be one of {_PRE_SELECT}, got {test_cfg.pre_select!r}")
+        raise errors.ConfigError(f"model.test.pre_select must be one of {_PRE_SELECT}, got {test_cfg.pre_select!r}")
     if test_cfg.max_per_img < 0:
-        raise ValueError(f"model.test.max_per_img must be >= 0, got {test_cfg.max_per_img}")
+        raise errors.ConfigError(f"model.test.max_per_img must be >= 0, got {test_cfg.max_per_img}")
 
 
 def detect(

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Union
 
 import torch
 
-from retina_fn import tree
+from retina_fn import errors, tree
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "fp16"}
@@ -55,17 +55,17 @@ def precision_from_name(name: str) -> Precision:
         return Precision("fp16", torch.float16, True)
     if name == "bf16":
         return Precision("bf16", torch.bfloat16, False)
-    raise ValueError(f"train.precision must be one of {PRECISIONS}, got {name!r}")
+    raise errors.ConfigError(f"train.precision must be one of {PRECISIONS}, got {name!r}")
 
 
 def precision_from_opt_level(level: str) -> Precision:
     """apex opt level -> Precision: O0 fp32, O1 fp16, O2 fp16 (approximated, see module doc); O3 is refused."""
     if level == "O3":
-        raise ValueError(
+        raise errors.ConfigError(
             "train.opt_level='O3' (pure fp16 without fp32 master weights) is not supported; use 'O1' or 'O2'"
         )
     if level not in OPT_LEVELS:
-        raise ValueError(f"train.opt_level must be one of {tuple(OPT_LEVELS)}, got {level!r}")
+        raise errors.ConfigError(f"train.opt_level must be one of {tuple(OPT_LEVELS)}, got {level!r}")
     return precision_from_name(OPT_LEVELS[level])
 
 
@@ -82,7 +82,7 @@ def precision_from_config(train_cfg) -> Precision:
         return precision_from_name(train_cfg.precision)
     chosen = precision_from_opt_level(train_cfg.opt_level)
     if train_cfg.precision not in ("fp32", chosen.name):
-        raise ValueError(
+        raise errors.ConfigError(
             f"train.opt_level={train_cfg.opt_level!r} means precision {chosen.name!r}, "
             f"but train.precision={train_cfg.precision!r}; set only one of them"
         )
@@ -114,11 +114,11 @@ class LossScaleState(NamedTuple):
 
 def _check_loss_scale_cfg(cfg) -> None:
     if not cfg.init > 0:
-        raise ValueError(f"train.loss_scale.init must be > 0, got {cfg.init}")
+        raise errors.ConfigError(f"train.loss_scale.init must be > 0, got {cfg.init}")
     if not cfg.factor > 1:
-        raise ValueError(f"train.loss_scale.factor must be > 1, got {cfg.factor}")
+        raise errors.ConfigError(f"train.loss_scale.factor must be > 1, got {cfg.factor}")
     if cfg.growth_interval < 1:
-        raise ValueError(f"train.loss_scale.growth_interval must be >= 1, got {cfg.growth_interval}")
+        raise errors.ConfigError(f"train.loss_scale.growth_interval must be >= 1, got {cfg.growth_interval}")
 
 
 def init_loss_scale(cfg, device: torch.device | str | None = None) -> LossScaleState:
@@ -233,4 +233,4 @@ def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
     if kind == "npu":
         raise ValueError("train.overflow_check='npu' reads torch_npu's overflow flag: build the check with "
                          "retina_fn.accel.npu_flag_check() and pass it in (retina_fn.train.build does)")
-    raise ValueError(f"train.overflow_check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")
+    raise errors.ConfigError(f"train.overflow_check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from configs import smoke
 from configs.common import base_config
+from retina_fn import checkpoint, rng
 from retina_fn.data.random_batch import random_batch
+from retina_fn.model import retinanet
 
 
 def tiny_config(num_classes: int = 3, canvas=(64, 96)):
@@ -28,3 +31,11 @@ def synthetic_batch(num_boxes=(0, 1, 3, 5), canvas=(64, 96), max_boxes: int = 5,
     """A batch in the conventions' layout with len(num_boxes) images and the given real box counts."""
     return random_batch(num_boxes, canvas=canvas, max_boxes=max_boxes, num_classes=num_classes, seed=seed,
                         dtype=dtype)
+
+
+def smoke_checkpoint(directory) -> str:
+    """A retina_fn checkpoint of configs/smoke.py's model (5 classes) with random weights, for the programs'
+    tests; returns its path."""
+    cfg = smoke.get_config()
+    trainable, frozen = retinanet.split_trainable(retinanet.init(rng.key(0), cfg.model), cfg.model)
+    return checkpoint.save(str(directory), 1, {"params": trainable, "frozen": frozen})

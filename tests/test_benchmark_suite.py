@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from configs import smoke
-from experiments.benchmark import suite
+from experiments.benchmark import suite, suite_plan, suite_report
 from experiments.benchmark.torchvision_ref import torchvision_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,12 +29,12 @@ def test_the_script_dry_run_measures_every_row_and_writes_json_markdown_and_log(
     result = json.loads((out / "gpu_suite.json").read_text())
     assert result["dry_run"] and result["plan"]["config"] == "smoke" and result["machine"]["torch"]
     rows = {(r["mode"], r["name"]): r for r in result["rows"]}
-    assert list(rows) == [(r.mode, r.name) for r in suite.gpu_rows() if not r.worker] + \
-        [(r.mode, r.name) for r in suite.gpu_rows() if r.worker]
+    assert list(rows) == [(r.mode, r.name) for r in suite_plan.gpu_rows() if not r.worker] + \
+        [(r.mode, r.name) for r in suite_plan.gpu_rows() if r.worker]
     for (mode, name), r in rows.items():
         if name == "torchvision" and not torchvision_available():
             assert r["status"] == "skipped" and "not installed" in r["note"]
-        elif not suite.gpu_rows()[[(x.mode, x.name) for x in suite.gpu_rows()].index((mode, name))].worker:
+        elif not suite_plan.gpu_rows()[[(x.mode, x.name) for x in suite_plan.gpu_rows()].index((mode, name))].worker:
             assert r["status"] == "ok", (mode, name, r.get("note"))
             assert r["result"]["images_per_s"] > 0 and r["x_eager"] > 0
     # on a CPU the graph rows say that they ran eagerly, and why
@@ -54,9 +54,9 @@ def test_the_script_dry_run_measures_every_row_and_writes_json_markdown_and_log(
 
 
 def test_the_worker_runs_its_rows_in_a_process_and_skips_missing_fields(tmp_path):
-    plan = suite.gpu_plan(dry_run=True)
-    rows = [suite.Row("train", "eager", "eager"),
-            suite.Row("train", "future_flag", "a flag no config has yet", {"model.loss.no_such_flag": True})]
+    plan = suite_plan.gpu_plan(dry_run=True)
+    rows = [suite_plan.Row("train", "eager", "eager"),
+            suite_plan.Row("train", "future_flag", "a flag no config has yet", {"model.loss.no_such_flag": True})]
     results = suite.run_worker_rows(rows, plan, str(tmp_path), timeout_s=300)
     assert results["train eager"]["status"] == "ok" and results["train eager"]["result"]["images_per_s"] > 0
     assert results["train eager"]["seconds"] > 0
@@ -69,15 +69,15 @@ def test_the_batch_is_padded_to_its_box_bucket():
     cfg = smoke.get_config()
     cfg.data.images_per_device = 3
     cfg.data.landscape_canvas = (64, 96)
-    plain = suite.suite_batch(cfg, "cpu")
+    plain = suite_plan.suite_batch(cfg, "cpu")
     assert plain["boxes"].shape == (3, cfg.data.max_boxes, 4) and plain["image"].shape == (3, 3, 64, 96)
-    cfg.data.box_buckets = suite.BOX_BUCKETS
-    bucketed = suite.suite_batch(cfg, "cpu")
+    cfg.data.box_buckets = suite_plan.BOX_BUCKETS
+    bucketed = suite_plan.suite_batch(cfg, "cpu")
     counts = bucketed["box_valid"].sum(1)
     assert counts.tolist() == plain["box_valid"].sum(1).tolist() and 3 <= int(counts.max()) <= 6
     assert bucketed["boxes"].shape == (3, 8, 4)  # the smallest bucket holding 6 boxes
-    assert suite.missing_fields(cfg, {"data.box_buckets": (8,), "model.loss.fused_focal": True}) == []
-    assert suite.missing_fields(cfg, {"data.nope": 1, "nope.deeper": 2}) == ["data.nope", "nope.deeper"]
+    assert suite_plan.missing_fields(cfg, {"data.box_buckets": (8,), "model.loss.fused_focal": True}) == []
+    assert suite_plan.missing_fields(cfg, {"data.nope": 1, "nope.deeper": 2}) == ["data.nope", "nope.deeper"]
 
 
 def test_ratios_and_the_markdown_table():
@@ -90,17 +90,17 @@ def test_ratios_and_the_markdown_table():
             {"mode": "train", "name": "compile", "status": "timeout", "note": "the cap ran out after 300 s"},
             {"mode": "infer", "name": "cuda_graph", "status": "ok", "log": ["WARNING: capture failed | eager"],
              "result": ok("infer", "x", 300.0)["result"]}]
-    suite.add_ratios(rows, peak_tflops=989.0)
+    suite_report.add_ratios(rows, peak_tflops=989.0)
     graph_row = rows[1]
     assert graph_row["x_eager"] == pytest.approx(1.5) and graph_row["x_torchvision"] == pytest.approx(2.0)
     assert graph_row["achieved_tflops"] == pytest.approx(1.4e12 * 120 / 1e12)
     assert graph_row["mfu"] == pytest.approx(graph_row["achieved_tflops"] / 989.0)
     assert rows[4]["x_eager"] is None and rows[4]["mfu"] is None  # infer has no eager row or FLOPs here
     result = {"suite": "gpu", "dry_run": False, "elapsed_s": 420.0, "rows": rows, "profile": None,
-              "plan": suite.gpu_plan()._replace(rows=None)._asdict(),
+              "plan": suite_plan.gpu_plan()._replace(rows=None)._asdict(),
               "machine": {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": 91000,
                           "torchvision": None, "compile_scope_auto": "gradients"}}
-    table = suite.markdown(result)
+    table = suite_report.markdown(result)
     assert "NVIDIA H200 | torch 2.11.0+cu130 | CUDA 13.0" in table and "torchvision not installed" in table
     assert "| train | cuda_graph | 120.0 |" in table and "| 1.50 | 2.00 | 168.0 (17.0%) | ok |" in table
     assert "| train | compile | - |" in table and "timeout; the cap ran out after 300 s |" in table

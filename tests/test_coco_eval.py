@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from retina_fn.data import synthetic
-from retina_fn.eval import coco_eval
-from retina_fn.eval.coco_eval import detections_to_coco, evaluate, evaluate_detailed, merge_results
+from retina_fn.eval import coco_backend, coco_eval
+from retina_fn.eval.coco_eval import evaluate, evaluate_detailed
+from retina_fn.eval.coco_results import detections_to_coco, merge_results
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_merge_results_keeps_first_shard_per_image():
 
 
 def test_faster_coco_eval_gives_the_same_numbers(val_set):
-    if coco_eval.faster_coco_eval_backend() is None:
+    if coco_backend.faster_coco_eval_backend() is None:
         pytest.skip("faster-coco-eval is not installed (optional dependency)")
     ann_file, coco = val_set
     boxes, scores, labels, image_ids, cat_ids = _gt_as_arrays(coco)

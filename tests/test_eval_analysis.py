@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from retina_fn.eval import analysis, coco_eval
+from retina_fn.eval import analysis, coco_backend, coco_eval
 
-BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(coco_eval.faster_coco_eval_backend() is None,
+BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(coco_backend.faster_coco_eval_backend() is None,
                                                                 reason="faster-coco-eval is not installed"))]
 IOU_THRS = np.linspace(0.5, 0.95, 10)
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -106,12 +106,12 @@ def test_per_class_ap_matches_a_brute_force_evaluation(use_faster):
 
 
 def test_both_libraries_leave_the_same_arrays():
-    if coco_eval.faster_coco_eval_backend() is None:
+    if coco_backend.faster_coco_eval_backend() is None:
         pytest.skip("faster-coco-eval is not installed")
     gt, results = hand_built()
     slow = coco_eval.evaluate_detailed(gt, results, use_faster=False)
     fast = coco_eval.evaluate_detailed(gt, results, use_faster=True)
-    assert (slow.backend, fast.backend) == (coco_eval.PYCOCOTOOLS, coco_eval.FASTER_COCO_EVAL)
+    assert (slow.backend, fast.backend) == (coco_backend.PYCOCOTOOLS, coco_backend.FASTER_COCO_EVAL)
     assert slow.precision.shape == fast.precision.shape == (10, 101, 4)
     np.testing.assert_allclose(slow.precision, fast.precision, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(slow.num_gt, fast.num_gt)

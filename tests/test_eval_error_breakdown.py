@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from retina_fn.data import synthetic
-from retina_fn.eval import analysis, coco_eval
+from retina_fn.eval import analysis, coco_backend, coco_eval
 from retina_fn.eval.error_breakdown import KINDS, error_breakdown
 
-BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(coco_eval.faster_coco_eval_backend() is None,
+BACKENDS = [False, pytest.param(True, marks=pytest.mark.skipif(coco_backend.faster_coco_eval_backend() is None,
                                                                 reason="faster-coco-eval is not installed"))]
 
 
@@ -127,7 +127,7 @@ def test_curves_are_ordered_and_c50_c75_are_the_evaluations_own(noisy_set, use_f
 
 
 def test_both_libraries_agree(noisy_set):
-    if coco_eval.faster_coco_eval_backend() is None:
+    if coco_backend.faster_coco_eval_backend() is None:
         pytest.skip("faster-coco-eval is not installed")
     ann_file, results = noisy_set
     slow, fast = error_breakdown(ann_file, results, use_faster=False), error_breakdown(ann_file, results)

@@ -20,13 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from configs import demo, retinanet_r50_fpn_1x_coco
-from experiments import export, export_format, onnx_predict, predict
+from configs import demo, retinanet_r50_fpn_1x_coco, smoke
+from experiments import export, export_format, export_program, export_timing, onnx_predict, predict
 from retina_fn import checkpoint, nms, rng, topk
 from retina_fn.data import transforms
 from retina_fn.detector import Detector
 from retina_fn.interop import COCO80_IDS, to_mmdet
 from retina_fn.model import retinanet
+from tests.model_fixtures import smoke_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANVAS = (128, 128)
@@ -41,6 +42,11 @@ needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f"not installed: {', 
 # Runs experiments/onnx_predict.py as a script in a process where `import torch` fails.
 NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
+# Runs `python -m experiments.export` in a process where `import onnx` and `import onnxscript` fail, as on a
+# plain `pip install -e .`.
+NO_ONNX = ("import runpy, sys; sys.modules['onnx'] = sys.modules['onnxscript'] = None; "
+           "sys.argv = ['experiments.export'] + sys.argv[1:]; "
+           "runpy.run_module('experiments.export', run_name='__main__')")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def eager_config(module):
     """The config on the export's canvas as experiments.predict runs it (static_shapes as configured: off)."""
     cfg = module.get_config()
     cfg.data.scale = CANVAS
-    cfg = export.export_config(cfg, CANVAS)
+    cfg = export_program.export_config(cfg, CANVAS)
     cfg.model.test.static_shapes = False
     cfg.dist.device = "cpu"
     return cfg
@@ -247,7 +253,7 @@ def test_model_json_describes_the_program(demo_export):
 def test_timing_covers_every_runtime_written(demo_export):
     cfg = demo.get_config()
     cfg.data.scale = CANVAS
-    rates = export.time_export(cfg, demo_export["ckpt"], demo_export["out"], iters=1, rounds=1)
+    rates = export_timing.time_export(cfg, demo_export["ckpt"], demo_export["out"], iters=1, rounds=1)
     assert list(rates) == ["eager", "exported"] + ([] if ONNX_MISSING else ["onnxruntime"])
     assert all(wall > 0 and cpu > 0 for wall, cpu in rates.values())
 
@@ -377,6 +383,36 @@ def test_r50_export_gives_the_eager_detections(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The default format on an install without the onnx extra
+
+
+def test_the_default_format_without_onnx_writes_the_program_and_says_what_it_skipped(tmp_path, monkeypatch):
+    """--format auto (the default) in a process where onnx cannot be imported: the .pt2 is written and runs, one
+    log line names the skipped ONNX model and the extra that adds it; an explicit ONNX request fails instead.
+    The smoke model on a 64 x 64 canvas with a short NMS list: the cheapest export there is."""
+    ckpt = smoke_checkpoint(tmp_path / "run")
+    out = tmp_path / "out"
+    proc, _ = run([sys.executable, "-c", NO_ONNX, "--config=configs/smoke.py", f"--weights={ckpt}", f"--out={out}",
+                   "--canvas=64x64", "--config.data.scale=64,64", "--config.model.test.max_candidates=100",
+                   "--config.model.test.nms_pre=100", "--config.model.canvas_exact=False"])
+    skipped = [line for line in proc.stderr.splitlines() if "ONNX is skipped" in line]
+    assert len(skipped) == 1 and "onnx and onnxscript are not installed" in skipped[0], proc.stderr[-3000:]
+    assert "pip install -e '.[onnx]'" in skipped[0]
+    assert sorted(os.listdir(out)) == ["model.json", "model.pt2"]
+    spec = export_format.read_spec(str(out))
+    assert spec["files"] == {"exported": "model.pt2"} and spec["onnx_opset"] is None
+    batch = dict(zip(("image", "image_hw", "scale_factor"), export_program.example_inputs(1, (64, 64))))
+    detections = export_format.load_program(str(out), spec)(batch)
+    assert detections.boxes.shape == (1, smoke.get_config().model.test.max_per_img, 4)
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # the same absence in this process
+    for fmt in ("onnx", "both"):
+        with pytest.raises(ImportError, match=rf"--format {fmt} needs onnx and onnxscript.*pip install -e "):
+            export.export(smoke.get_config(), ckpt, str(tmp_path / fmt), fmt=fmt)
+        assert not (tmp_path / fmt).exists()  # refused before anything is written
+
+
+# ----------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -384,10 +420,10 @@ def test_canvas_and_folder_errors(tmp_path):
     cfg = retinanet_r50_fpn_1x_coco.get_config()
     with pytest.raises(ValueError, match=r"cannot hold every image resized with data.scale=\(1333, 800\).*"
                                          r"--config.data.scale=512,512"):
-        export.export_config(cfg, (512, 512))
+        export_program.export_config(cfg, (512, 512))
     with pytest.raises(ValueError, match="multiples of model.size_divisor=32"):
-        export.export_config(cfg, (1344, 1350))
-    assert export.export_config(cfg).data.portrait_canvas == (1344, 1344)  # holds both aspect groups
+        export_program.export_config(cfg, (1344, 1350))
+    assert export_program.export_config(cfg).data.portrait_canvas == (1344, 1344)  # holds both aspect groups
     assert not cfg.model.test.static_shapes  # the config given is left alone
     with pytest.raises(FileNotFoundError, match="not a folder written by experiments.export"):
         export_format.read_spec(str(tmp_path))

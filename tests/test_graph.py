@@ -15,7 +15,7 @@ from retina_fn import rng, tree
 from retina_fn.data.random_batch import random_batch
 from retina_fn.optim import Optimizer
 from retina_fn.train import build, build_optimizer, full_params, graph, init_train_state, make_eval_step
-from retina_fn.train import make_train_step
+from retina_fn.train import graph_host, make_train_step
 from retina_fn.train import step as step_lib
 
 CANVASES = ((64, 64), (64, 96))
@@ -178,11 +178,11 @@ def test_host_syncs_lists_what_a_graph_cannot_capture():
         kept = x[x > 0]  # boolean indexing: a data-dependent shape
         return torch.equal(kept, kept), torch.nonzero(x), torch.tensor([1.0, 2.0])
 
-    found = graph.host_syncs(reads_on_the_host, torch.arange(-1.0, 4.0))
+    found = graph_host.host_syncs(reads_on_the_host, torch.arange(-1.0, 4.0))
     assert found["syncs"] == {"_local_scalar_dense": 2, "index (bool index)": 1, "equal": 1, "nonzero": 1}
     assert found["host_data"] == {"lift_fresh": 1}
     assert found["where"]["equal"].endswith(f"test_graph.py:{reads_on_the_host.__code__.co_firstlineno + 4}")
-    assert graph.host_syncs(lambda x: (x * 2).sum(), torch.ones(3)) == {"syncs": {}, "host_data": {}, "where": {}}
+    assert graph_host.host_syncs(lambda x: (x * 2).sum(), torch.ones(3)) == {"syncs": {}, "host_data": {}, "where": {}}
 
 
 def test_the_train_step_and_the_eval_forward_never_read_the_device_on_the_host():
@@ -191,15 +191,15 @@ def test_the_train_step_and_the_eval_forward_never_read_the_device_on_the_host()
     optimizer = build_optimizer(cfg)
     state = init_train_state(cfg, rng.key(0), optimizer)
     step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2)
-    assert graph.host_syncs(step, state, batch_for(cfg, 0), rng.key(0))["syncs"] == {}
+    assert graph_host.host_syncs(step, state, batch_for(cfg, 0), rng.key(0))["syncs"] == {}
     runs: list = []
     make_eval_step(smoke_cfg(cuda_graph=True), graph_capture=lambda body, warmup: runs.append(warmup) or body)(
         full_params(state), batch_for(cfg, 1))
-    assert graph.host_syncs(runs[0])["syncs"] == {}  # warmup() runs the eval forward on the static buffers
+    assert graph_host.host_syncs(runs[0])["syncs"] == {}  # warmup() runs the eval forward on the static buffers
 
 
 def test_host_constants_are_made_once_while_recording_and_handed_out_during_capture():
-    constants = graph.HostConstants()
+    constants = graph_host.HostConstants()
     with constants:
         a = torch.tensor([1.0, 2.0], device="meta")
         b = torch.as_tensor((1, 2), dtype=torch.int64, device="meta")

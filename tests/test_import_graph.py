@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first; a module may import its own layer or lower ones. Kept in step with docs/conventions.md.
 LAYERS = [
-    ("tree", "rng", "boxes", "topk", "nms", "extent", "anchors"),
+    ("errors", "tree", "rng", "boxes", "topk", "nms", "extent", "anchors"),
     ("nn", "assign", "focal_loss", "losses", "postprocess", "precision", "optim"),
     ("accel", "model"),
     ("detector",),

@@ -36,7 +36,9 @@ canvas). For infer, both models get a zero classification bias (--dense-scores, 
 early in training; with the prior-probability bias nothing would pass and NMS would see no boxes.
 
 Modules: options (Options, flags' checks), measurement (timing, memory, FLOPs, machine), ours (our subjects),
-variants, torchvision_ref, data_mode, report (table, JSON); __main__ holds the command line.
+variants, torchvision_ref, data_mode, report (table, JSON); the prepared suites: suite (running one), suite_plan
+(rows, plans, the batch), suite_report (ratios, tables), worker (the compiled rows' process); __main__ holds the
+command line.
 """
 
 from __future__ import annotations

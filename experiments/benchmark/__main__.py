@@ -20,8 +20,8 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from experiments import benchmark
-    from experiments.benchmark import suite
+    from experiments import benchmark, cli
+    from experiments.benchmark import suite, suite_plan, suite_report
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
 
@@ -53,7 +53,7 @@ def main() -> None:
     image_size = flags.DEFINE_integer("image-size", None, "data: base side of the stand-in synthetic JPEGs (each "
                                       "side uniform in 0.78..1.25 x it; default: the canvas's long side).")
     out = flags.DEFINE_string("json", None, "Write the result here.")
-    suite_name = flags.DEFINE_enum("suite", None, list(suite.SUITES), "Run a prepared suite instead (--out, "
+    suite_name = flags.DEFINE_enum("suite", None, list(suite_plan.SUITES), "Run a prepared suite instead (--out, "
                                    "--dry-run, --compile-cap, --budget; see experiments.benchmark.suite).")
     suite_out = flags.DEFINE_string("out", None, "--suite: the folder for gpu_suite.json and gpu_suite.md.")
     dry_run = flags.DEFINE_bool("dry-run", False, "--suite: a tiny CPU run of the same rows (plumbing only).")
@@ -64,13 +64,13 @@ def main() -> None:
 
     def run_suite(argv):
         del argv
-        plan = suite.gpu_plan(dry_run.value)
+        plan = suite_plan.gpu_plan(dry_run.value)
         plan = plan._replace(compile_cap_s=compile_cap.value or plan.compile_cap_s,
                              budget_s=budget.value or plan.budget_s)
         for name in ("retina_fn", "experiments"):
             logging.getLogger(name).setLevel(logging.INFO)
         result = suite.run_suite(plan, suite_out.value, dry_run=dry_run.value)
-        print(suite.markdown(result))
+        print(suite_report.markdown(result))
         print(f"wrote {suite_out.value}/gpu_suite.json and gpu_suite.md")
 
     def run_from_flags(argv):
@@ -94,7 +94,7 @@ def main() -> None:
             benchmark.write_json(out.value, result)
             print(f"wrote {out.value}")
 
-    app.run(run_from_flags)
+    cli.run(run_from_flags)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Collection, NamedTuple
 
+from retina_fn import errors
+
 MODES = ("train", "infer", "data")
 COMPARISONS = ("none", "torchvision")
 
@@ -43,11 +45,11 @@ def parse_canvas(text: str) -> tuple[int, int]:
       (H, W), e.g. (512, 768).
 
     Raises:
-      ValueError: naming --canvas, when the text is not of that form.
+      ConfigError (a ValueError): naming --canvas, when the text is not of that form.
     """
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--canvas must be HxW with positive integers, e.g. 512x512; got {text!r}")
+        raise errors.ConfigError(f"--canvas must be HxW with positive integers, e.g. 512x512; got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -64,21 +66,21 @@ def check_options(opts: Options, known_variants: Collection[str], torchvision_im
       None.
 
     Raises:
-      ValueError: an unknown mode, comparison or variant, non-positive iterations or rounds, a negative
-        warm-up, or a torchvision comparison without torchvision.
+      ConfigError (a ValueError): an unknown mode, comparison or variant, non-positive iterations or rounds, a
+        negative warm-up, or a torchvision comparison without torchvision.
     """
     if opts.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {opts.mode!r}")
+        raise errors.ConfigError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     if opts.compare not in COMPARISONS:
-        raise ValueError(f"--compare must be one of {COMPARISONS}, got {opts.compare!r}")
+        raise errors.ConfigError(f"--compare must be one of {COMPARISONS}, got {opts.compare!r}")
     if opts.iters < 1 or opts.warmup < 0 or opts.rounds < 1:
-        raise ValueError(f"need --iters >= 1, --warmup >= 0, --rounds >= 1; got {opts.iters}, {opts.warmup}, "
-                         f"{opts.rounds}")
+        raise errors.ConfigError(f"need --iters >= 1, --warmup >= 0, --rounds >= 1; got {opts.iters}, "
+                                 f"{opts.warmup}, {opts.rounds}")
     unknown = [name for name in opts.variants if name not in known_variants]
     if unknown:
-        raise ValueError(f"--variants: unknown {unknown}; known: {sorted(known_variants)}")
+        raise errors.ConfigError(f"--variants: unknown {unknown}; known: {sorted(known_variants)}")
     if opts.compare == "torchvision" and not torchvision_importable():
-        raise ValueError("--compare torchvision: torchvision does not import in this environment")
+        raise errors.ConfigError("--compare torchvision: torchvision does not import in this environment")
 
 
 def apply_options(cfg, opts: Options):

@@ -22,6 +22,9 @@ mode, on the eager row (FlopCounterMode: convolutions and matrix products, the s
 
 Writes DIR/gpu_suite.json (everything: the machine, card, torch, CUDA and cuDNN versions, every row with its
 timings, notes and errors, the profile) and DIR/gpu_suite.md (the table).
+
+This module runs a plan; the rows, plans and the synthetic batch are experiments.benchmark.suite_plan's, the
+ratios and tables experiments.benchmark.suite_report's, and experiments.benchmark.worker runs the compiled rows.
 """
 
 from __future__ import annotations
@@ -35,143 +38,17 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from configs import common
-from experiments.benchmark.measurement import machine_info, measure
+from experiments.benchmark.measurement import measure
 from experiments.benchmark.options import Options
 from experiments.benchmark.ours import ours_infer, ours_train
-from experiments.benchmark.report import write_json
+from experiments.benchmark.suite_plan import Plan, Row, load_config, missing_fields, suite_batch
+from experiments.benchmark.suite_report import add_ratios, card_info, peak_tflops, write_outputs
 from experiments.benchmark.torchvision_ref import torchvision_available, tv_infer, tv_train
 from experiments.train_hooks import synchronize
-from retina_fn.data import batching
-from retina_fn.data.random_batch import random_batch
-from retina_fn.train import build
-
-SUITES = ("gpu",)
-BOX_BUCKETS = (8, 16, 32, 64)  # the box_buckets rows' data.box_buckets (data.max_boxes is always the last)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, by card name (for MFU)
-
-
-class Row(NamedTuple):
-    """One measurement of a suite.
-
-    Attributes:
-      mode: 'train' | 'infer'.
-      name: its name in the table ('eager', 'cuda_graph', 'torchvision', ...).
-      doc: what it changes.
-      overrides: dotted config path -> value, applied to a copy of the suite's config.
-      worker: run it in the worker process under the compile time cap.
-    """
-
-    mode: str
-    name: str
-    doc: str
-    overrides: Mapping[str, Any] = {}
-    worker: bool = False
-
-
-class Plan(NamedTuple):
-    """What a suite runs and how.
-
-    Attributes:
-      config: the config module under configs/ (e.g. 'retinanet_r50_fpn_1x_coco').
-      canvas: (H, W); batch: images per step; precision: 'fp32' | 'fp16' | 'bf16'; channels_last: the backbone's.
-      iters, warmup: timed and untimed calls per row.
-      device: 'cuda' | 'cpu' | 'auto' (retina_fn.parallel.backend's names).
-      budget_s: the whole suite's time budget in seconds; rows that would start later are skipped.
-      compile_cap_s: the longest the worker may take (less when less of the budget is left).
-      rows: the rows, in order; the worker's run after all others.
-      profile_steps: profiled calls of the fastest train row (0: no profile).
-    """
-
-    config: str
-    canvas: tuple[int, int]
-    batch: int
-    precision: str
-    channels_last: bool
-    iters: int
-    warmup: int
-    device: str
-    budget_s: float
-    compile_cap_s: float
-    rows: tuple[Row, ...]
-    profile_steps: int = 3
-
-
-def gpu_rows() -> tuple[Row, ...]:
-    """The 'gpu' suite's rows (see the module docstring)."""
-    graph, fused = {"train.cuda_graph": True}, {"model.loss.fused_focal": True}
-    buckets = {"data.box_buckets": BOX_BUCKETS}
-    return (
-        Row("train", "eager", "the pure step, eager"),
-        Row("train", "cuda_graph", "the whole step as one CUDA graph", graph),
-        Row("train", "torchvision", "torchvision's RetinaNet R50-FPN: model(images, targets), backward, SGD"),
-        Row("infer", "eager", "forward + post-processing, eager"),
-        Row("infer", "cuda_graph", "the forward as a CUDA graph, post-processing eager", graph),
-        Row("infer", "torchvision", "torchvision's RetinaNet R50-FPN, model.eval()"),
-        Row("train", "fused_focal", "fused focal loss (one pass, integer labels)", fused),
-        Row("train", "fused_focal+cuda_graph", "fused focal loss, CUDA graph", {**fused, **graph}),
-        Row("train", "box_buckets", f"ground truth padded to a bucket of {BOX_BUCKETS}", buckets),
-        Row("train", "box_buckets+cuda_graph", "box buckets, CUDA graph", {**buckets, **graph}),
-        Row("train", "fused_focal+box_buckets+cuda_graph", "all three", {**fused, **buckets, **graph}),
-        # compile+cuda_graph first: the likeliest fastest row gets the time cap's first minutes; 'compile' then
-        # reuses inductor's caches of the same graph
-        Row("train", "compile+cuda_graph", "the compiled step (train.compile_scope 'auto') captured as a CUDA graph",
-            {"train.compile": True, **graph}, worker=True),
-        Row("train", "compile", "torch.compile (train.compile_scope 'auto')", {"train.compile": True}, worker=True),
-        Row("infer", "compile", "torch.compile of the eval step", {"train.compile": True}, worker=True),
-    )
-
-
-def gpu_plan(dry_run: bool = False) -> Plan:
-    """The 'gpu' suite: R50-FPN 1x, 800 x 1344, batch 16, bf16, about 8 minutes; dry_run: the same rows on the
-    CPU with configs/smoke.py at 64 x 64, batch 2, one call each (about a minute on two cores, most of it the
-    compile time cap: it checks the plumbing, its figures mean nothing)."""
-    if dry_run:
-        return Plan("smoke", (64, 64), 2, "bf16", True, iters=1, warmup=1, device="cpu", budget_s=600.0,
-                    compile_cap_s=60.0, rows=gpu_rows(), profile_steps=1)
-    return Plan("retinanet_r50_fpn_1x_coco", (800, 1344), 16, "bf16", True, iters=10, warmup=3, device="cuda",
-                budget_s=480.0, compile_cap_s=300.0, rows=gpu_rows())
-
-
-def load_config(plan: Plan):
-    """The plan's config with its canvas, batch, precision and channels_last written in."""
-    module = __import__(f"configs.{plan.config}", fromlist=["get_config"])
-    cfg = module.get_config()
-    h, w = plan.canvas
-    return common.override(cfg, **{"data.images_per_device": plan.batch, "data.eval_images_per_device": plan.batch,
-                                   "data.landscape_canvas": (h, w), "data.portrait_canvas": (w, h),
-                                   "train.precision": plan.precision, "train.opt_level": None,
-                                   "model.backbone.channels_last": plan.channels_last})
-
-
-def missing_fields(cfg, overrides: Mapping[str, Any]) -> list[str]:
-    """The dotted paths of `overrides` that the config does not have."""
-    missing = []
-    for dotted in overrides:
-        node = cfg
-        for key in dotted.split("."):
-            if not hasattr(node, "keys") or key not in node.keys():
-                missing.append(dotted)
-                break
-            node = node[key]
-    return missing
-
-
-def suite_batch(cfg, device: torch.device, seed: int = 0) -> dict:
-    """The synthetic batch of a row: 3 to 6 random boxes per image (drawn from the seed alone, so every row
-    trains on the same counts), padded as the loader pads (retina_fn.data.batching): to data.max_boxes or,
-    with data.box_buckets, to the smallest bucket holding the largest count."""
-    batch_size = int(cfg.data.images_per_device)
-    counts = [int(n) for n in torch.randint(3, 7, (batch_size,), generator=torch.Generator().manual_seed(seed))]
-    sizes = batching.bucket_sizes(tuple(cfg.data.get("box_buckets", ())), int(cfg.data.max_boxes))
-    rows = batching.padded_count(max(counts), sizes)
-    return random_batch(counts, canvas=tuple(cfg.data.landscape_canvas), max_boxes=rows,
-                        max_ignore_boxes=int(cfg.data.max_ignore_boxes), num_classes=int(cfg.model.num_classes),
-                        seed=seed, device=device)
 
 
 def _subject(cfg, row: Row, batch: dict, device: torch.device, opts: Options):
@@ -321,101 +198,6 @@ def run_worker_rows(rows: list[Row], plan: Plan, out_dir: str, timeout_s: float)
     return results
 
 
-def card_info(device: torch.device) -> dict:
-    """What the GPU suite's header shows: machine_info plus the card, CUDA, cuDNN and torchvision versions and
-    the compile scope train.compile resolves to here."""
-    info = machine_info(device)
-    info["cuda"] = torch.version.cuda
-    info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    if torchvision_available():
-        info["torchvision"] = __import__("torchvision").__version__
-    else:
-        info["torchvision"] = None
-    info["compile_scope_auto"] = build.resolve_compile_scope("auto", device.type)
-    return info
-
-
-def _peak_tflops(info: dict) -> float | None:
-    gpu = info.get("gpu") or ""
-    return next((v for name, v in PEAK_BF16_TFLOPS.items() if name in gpu), None)
-
-
-def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
-    """Fills each ok row's 'x_eager', 'x_torchvision' (images/s ratios to the same mode's rows), and
-    'mfu' / 'achieved_tflops' from its mode's counted FLOPs (in place)."""
-    def images_per_s(mode, name):
-        return next((r["result"]["images_per_s"] for r in rows
-                     if r["mode"] == mode and r["name"] == name and r["status"] == "ok"), None)
-
-    def flops(mode):
-        return next((r["result"]["flops_per_image"] for r in rows if r["mode"] == mode and r["status"] == "ok"
-                     and r["result"].get("flops_per_image")), None)
-
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        res = r["result"]
-        eager, tv = images_per_s(r["mode"], "eager"), images_per_s(r["mode"], "torchvision")
-        r["x_eager"] = res["images_per_s"] / eager if eager else None
-        r["x_torchvision"] = res["images_per_s"] / tv if tv else None
-        per_image = flops(r["mode"])
-        r["achieved_tflops"] = per_image * res["images_per_s"] / 1e12 if per_image else None
-        r["mfu"] = r["achieved_tflops"] / peak_tflops if r["achieved_tflops"] and peak_tflops else None
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _status(row: dict) -> str:
-    """A row's status for the table: ok / skipped / error / timeout, its note and its logged warnings."""
-    parts = [row["status"]] + ([row["note"]] if row.get("note") else [])
-    parts += [line for line in row.get("log", ()) if line.startswith("WARNING")]
-    return "; ".join(parts).replace("|", "/").replace("\n", " ")[:400]
-
-
-def markdown(result: dict) -> str:
-    """The suite's table (and profile) as markdown."""
-    m, p = result["machine"], result["plan"]
-    lines = [
-        f"# {result['suite']} suite{' (dry run: plumbing only, figures meaningless)' if result['dry_run'] else ''}",
-        "",
-        f"{p['config']} | canvas {p['canvas'][0]}x{p['canvas'][1]} | batch {p['batch']} | {p['precision']} | "
-        f"channels_last {p['channels_last']} | {p['iters']} timed calls after {p['warmup']} warm-up",
-        "",
-        f"{m.get('gpu') or m.get('cpu')} | torch {m['torch']} | CUDA {m['cuda']} | cuDNN {m['cudnn']} | "
-        f"torchvision {m['torchvision'] or 'not installed'} | train.compile_scope 'auto' here: "
-        f"{m['compile_scope_auto']} | {result['elapsed_s']:.0f} s in all",
-        "",
-        "| mode | row | img/s | s/step median (p10-p90) | first call s | peak GB | x eager | x torchvision | "
-        "TFLOP/s (MFU) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        if r["status"] == "ok":
-            res, s = r["result"], r["result"]["step_s"]
-            mfu = f" ({r['mfu']:.1%})" if r.get("mfu") else ""
-            lines.append(
-                f"| {r['mode']} | {r['name']} | {res['images_per_s']:.1f} | {s['median']:.4f} ({s['p10']:.4f}-"
-                f"{s['p90']:.4f}) | {_fmt(res['first_call_s'], '.1f')} | {res['peak_memory_mb'] / 1024:.1f} | "
-                f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('x_torchvision'), '.2f')} | "
-                f"{_fmt(r.get('achieved_tflops'), '.1f')}{mfu} | {_status(r)} |")
-        else:
-            lines.append(f"| {r['mode']} | {r['name']} | - | - | - | - | - | - | - | {_status(r)} |")
-    profile = result.get("profile")
-    if profile:
-        lines += ["", f"## Top kernels of the fastest train row ({profile['row']}, {profile.get('steps')} calls, "
-                      f"{profile.get('sort_by')})", ""]
-        lines += ["```", profile["table"], "```"] if "table" in profile else [f"profile failed: {profile['error']}"]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: dict, out_dir: str) -> None:
-    """Writes gpu_suite.json and gpu_suite.md (after every row, so a killed suite leaves what it measured)."""
-    write_json(os.path.join(out_dir, "gpu_suite.json"), result)
-    with open(os.path.join(out_dir, "gpu_suite.md"), "w") as f:
-        f.write(markdown(result))
-
 
 def run_suite(plan: Plan, out_dir: str, dry_run: bool = False) -> dict:
     """Runs a plan's rows, then the profile, then the worker rows; writes gpu_suite.json and gpu_suite.md after
@@ -438,7 +220,7 @@ def run_suite(plan: Plan, out_dir: str, dry_run: bool = False) -> dict:
     device = backend.resolve_device(plan.device).device
     cfg = load_config(plan)
     info = card_info(device)
-    peak = _peak_tflops(info)
+    peak = peak_tflops(info)
     result = {"suite": "gpu", "dry_run": dry_run, "plan": {**plan._asdict(), "rows": None}, "machine": info,
               "peak_tflops": peak, "rows": [], "profile": None, "elapsed_s": 0.0}
     rows = result["rows"]
@@ -484,3 +266,4 @@ def run_suite(plan: Plan, out_dir: str, dry_run: bool = False) -> dict:
     result["elapsed_s"] = time.perf_counter() - start
     write_outputs(result, out_dir)
     return result
+

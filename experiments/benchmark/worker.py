@@ -22,16 +22,17 @@ def _tuples(value):
 
 def main(spec_path: str) -> None:
     """Runs the spec's rows (see the module docstring)."""
-    from experiments.benchmark import suite
+    from experiments.benchmark import suite, suite_plan
     from retina_fn.parallel import backend
 
     with open(spec_path) as f:
         spec = json.load(f)
-    rows = [suite.Row(r["mode"], r["name"], r["doc"], {k: _tuples(v) for k, v in r["overrides"].items()}, r["worker"])
+    rows = [suite_plan.Row(r["mode"], r["name"], r["doc"], {k: _tuples(v) for k, v in r["overrides"].items()},
+                           r["worker"])
             for r in spec["plan"]["rows"]]
-    plan = suite.Plan(**{**spec["plan"], "canvas": tuple(spec["plan"]["canvas"]), "rows": tuple(rows)})
+    plan = suite_plan.Plan(**{**spec["plan"], "canvas": tuple(spec["plan"]["canvas"]), "rows": tuple(rows)})
     device = backend.resolve_device(plan.device).device
-    cfg = suite.load_config(plan)
+    cfg = suite_plan.load_config(plan)
     results: dict = {}
 
     def write() -> None:

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from retina_fn import errors
+
 
 def keep_largest(boxes: np.ndarray, limit: int) -> np.ndarray:
     """Indices (ascending) of at most `limit` boxes [N, 4] with the largest areas; ties keep the earlier."""
@@ -49,7 +51,7 @@ def bucket_sizes(box_buckets: Sequence[int], max_boxes: int) -> tuple[int, ...]:
       ValueError: naming data.box_buckets, for a bucket that is not a positive int.
     """
     if any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0 for b in box_buckets):
-        raise ValueError(f"data.box_buckets must be positive ints, got {tuple(box_buckets)}")
+        raise errors.ConfigError(f"data.box_buckets must be positive ints, got {tuple(box_buckets)}")
     return tuple(sorted({min(int(b), max_boxes) for b in box_buckets} | {max_boxes}))
 
 

@@ -36,6 +36,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from retina_fn import errors
 from retina_fn.data.coco_schema import (CocoFormatError, bbox_field, int_field, parse_images, read_json,
                                         resolve_image_path)
 from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
@@ -307,13 +308,18 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
 def load_split(data_cfg, split: str) -> CocoSet:
     """The 'train' or 'val' file of a config's `data` block (root + train_ann/train_images or the val
     pair); training applies `filter_empty_gt` and `min_size`. The 'val' file may be an image-info file
-    (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError)."""
+    (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError). A missing file is a
+    MissingFileError naming the config fields that point at it."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:
-        raise ValueError("data.root is not set")
+        raise errors.ConfigError("data.root is not set: --config.data.root=DIR names the dataset's folder")
     ann = os.path.join(data_cfg.root, data_cfg[f"{split}_ann"])
     images = os.path.join(data_cfg.root, data_cfg[f"{split}_images"])
+    if not os.path.isfile(ann):
+        raise errors.MissingFileError(
+            f"annotation file not found: {ann} (data.root={data_cfg.root!r} joined with data.{split}_ann="
+            f"{data_cfg[f'{split}_ann']!r}; point --config.data.root or --config.data.{split}_ann at the file)")
     if split == "val":
         return load_coco(ann, images)
     coco_set = load_coco(ann, images, filter_empty_gt=data_cfg.filter_empty_gt, min_size=data_cfg.min_size)

@@ -10,9 +10,11 @@ import math
 import os
 from typing import Mapping
 
+from retina_fn import errors
 
-class CocoFormatError(ValueError):
-    """An annotation file that cannot be used: names the file and the offending entry."""
+
+class CocoFormatError(errors.InputFormatError):
+    """An annotation file that cannot be used: names the file and the offending entry (a ValueError)."""
 
 
 def read_json(ann_file: str) -> dict:
@@ -23,13 +25,14 @@ def read_json(ann_file: str) -> dict:
 
     Returns:
         The parsed dict, with 'images' (a list), 'categories' and, if any, 'annotations' (a list).
-        FileNotFoundError for a missing file, CocoFormatError for malformed JSON or a bad top level.
+        MissingFileError (a FileNotFoundError) for a missing file, CocoFormatError for malformed JSON or a
+        bad top level.
     """
     try:
         with open(ann_file, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {ann_file}") from None
+        raise errors.MissingFileError(f"annotation file not found: {ann_file}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoFormatError(f"{ann_file}: malformed JSON: {e}") from None
     if not isinstance(data, dict):

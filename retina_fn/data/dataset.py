@@ -20,7 +20,7 @@ import torch
 
 from retina_fn import rng
 from retina_fn.data import transforms
-from retina_fn.data.coco import CocoSet, ImageLoadError, load_record_image
+from retina_fn.data.coco import CocoFormatError, CocoSet, ImageLoadError, load_record_image
 from retina_fn.data.sampler import SampleRef
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         if train and key is None:
             raise ValueError("a training dataset needs an augmentation key")
         if len(coco) == 0:
-            raise ValueError(f"{coco.ann_file}: no images left after filtering")
+            raise CocoFormatError(f"{coco.ann_file}: no images left after filtering (images without annotations "
+                                  f"are left out with data.filter_empty_gt, small ones with data.min_size)")
         self.coco = coco
         self.cfg = cfg
         self.train = train

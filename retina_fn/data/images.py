@@ -23,6 +23,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from retina_fn import errors
+
 # The most pixels an image may have: Pillow's own refusal threshold at its default setting (twice its
 # warning level of 89,478,485). Checked from the file header, before any pixel is decoded, and
 # independent of the process-wide PIL.Image.MAX_IMAGE_PIXELS (which other code may change).
@@ -39,10 +41,15 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct
                   Image.DecompressionBombError)
 
 
-class ImageLoadError(RuntimeError):
-    """An image that is missing or cannot be decoded."""
+class ImageLoadError(errors.UserError, RuntimeError):
+    """An image that is missing or cannot be decoded.
 
-    def __init__(self, message: str, path: str, image_id: int):
+    Attributes:
+      path: the image file; image_id: its id in the annotation file (None when rebuilt from the message
+        alone, as torch's DataLoader rebuilds a worker's exception).
+    """
+
+    def __init__(self, message: str, path: str | None = None, image_id: int | None = None):
         super().__init__(message)
         self.path = path
         self.image_id = image_id

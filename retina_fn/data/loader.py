@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from retina_fn import rng
+from retina_fn import errors, rng
 from retina_fn.data.batching import Collate, pad_ground_truth
 from retina_fn.data.coco import CocoSet
 from retina_fn.data.dataset import DetectionDataset
@@ -116,7 +116,7 @@ def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) 
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(0, min(cpus // max(1, int(local_processes)) - 1, AUTO_WORKERS_CAP))
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ValueError(f"data.workers must be an int >= 0 or 'auto', got {setting!r}")
+        raise errors.ConfigError(f"data.workers must be an int >= 0 or 'auto', got {setting!r}")
     return setting
 
 

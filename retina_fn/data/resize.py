@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retina_fn import errors
+
 SizeRule = Callable[[int, int, Sequence[int]], tuple[int, int]]
 ResizeNormalize = Callable[..., np.ndarray]
 
@@ -182,7 +184,7 @@ def resize_rule(mode: str) -> ResizeRule:
     try:
         return RESIZE_MODES[mode]
     except (KeyError, TypeError):
-        raise ValueError(f"data.resize_mode must be one of {tuple(RESIZE_MODES)}, got {mode!r}") from None
+        raise errors.ConfigError(f"data.resize_mode must be one of {tuple(RESIZE_MODES)}, got {mode!r}") from None
 
 
 def resized_size(height: int, width: int, cfg) -> tuple[int, int]:
@@ -217,8 +219,8 @@ def new_canvas(image_hw: Sequence[int], canvas_hw: Sequence[int], dtype=np.float
     h, w = image_hw
     ch, cw = canvas_hw
     if h > ch or w > cw:
-        raise ValueError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
-                         f"data.scale fit data.landscape_canvas / data.portrait_canvas")
+        raise errors.ConfigError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
+                                 f"data.scale fit data.landscape_canvas / data.portrait_canvas")
     return np.zeros((3, ch, cw), dtype=dtype)
 
 
@@ -262,5 +264,5 @@ def check_canvases_fit(data_cfg) -> None:
     for name, need in (("landscape_canvas", (short_max, long_max)), ("portrait_canvas", (long_max, short_max))):
         canvas = tuple(getattr(data_cfg, name))
         if canvas[0] < need[0] or canvas[1] < need[1]:
-            raise ValueError(f"data.{name}={canvas} (H, W) cannot hold every image resized with data.scale="
-                             f"{tuple(data_cfg.scale)}: it needs at least {need}")
+            raise errors.ConfigError(f"data.{name}={canvas} (H, W) cannot hold every image resized with data.scale="
+                                     f"{tuple(data_cfg.scale)}: it needs at least {need}")

@@ -24,7 +24,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from retina_fn import rng
+from retina_fn import errors, rng
 
 
 class SampleRef(NamedTuple):
@@ -103,7 +103,7 @@ class GroupBatchSampler(torch.utils.data.Sampler):
         if train and key is None:
             raise ValueError("a training sampler needs a key")
         if accum_steps < 1:
-            raise ValueError(f"optim.accum_steps must be >= 1, got {accum_steps}")
+            raise errors.ConfigError(f"optim.accum_steps must be >= 1, got {accum_steps}")
         self.groups = np.asarray(groups)
         self.images_per_device = images_per_device
         self.rank = rank

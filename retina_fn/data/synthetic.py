@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from retina_fn import errors
 from retina_fn.data.synthetic_render import image_size_range, render_image
 from retina_fn.data.synthetic_shapes import SHAPE_NAMES, check_num_classes
 
@@ -78,11 +79,11 @@ def _check_params(num_train: int, num_val: int, seed: int, image_size: int, num_
     check_num_classes(num_classes)
     for name, count in (("num_train", num_train), ("num_val", num_val)):
         if not 0 <= int(count) < VAL_ID_OFFSET:
-            raise ValueError(f"{name} must be in 0..{VAL_ID_OFFSET - 1}, got {count}")
+            raise errors.ConfigError(f"{name} must be in 0..{VAL_ID_OFFSET - 1}, got {count}")
     if int(image_size) < 64:
-        raise ValueError(f"image_size must be at least 64, got {image_size}")
+        raise errors.ConfigError(f"image_size must be at least 64, got {image_size}")
     if int(seed) < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise errors.ConfigError(f"seed must be non-negative, got {seed}")
 
 
 def image_ids(split: str, count: int) -> list[int]:
@@ -295,7 +296,7 @@ def ensure_synthetic(root: str | os.PathLike, num_train: int, num_val: int, seed
     if marker is None:
         existing = [name for name in ("train", "val", "annotations") if (root / name).exists()]
         if existing:
-            raise FileExistsError(
+            raise errors.OutputExistsError(
                 f"{root} holds {existing} but no {MARKER_FILE}; not a generated synthetic dataset, refusing to "
                 "overwrite it (choose an empty directory)"
             )

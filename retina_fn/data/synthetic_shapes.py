@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retina_fn import errors
+
 SHAPE_NAMES = ("circle", "square", "triangle", "ring", "cross", "star", "crescent")
 
 _SUPERSAMPLE = 4
@@ -26,10 +28,11 @@ def check_num_classes(num_classes: int) -> None:
         num_classes: K, the number of shape classes asked for (the first K of SHAPE_NAMES).
 
     Returns:
-        None; ValueError naming num_classes unless 1 <= K <= len(SHAPE_NAMES).
+        None; ConfigError (a ValueError) naming num_classes unless 1 <= K <= len(SHAPE_NAMES).
     """
     if not 1 <= int(num_classes) <= len(SHAPE_NAMES):
-        raise ValueError(f"num_classes must be in 1..{len(SHAPE_NAMES)} (shapes {SHAPE_NAMES}), got {num_classes}")
+        raise errors.ConfigError(f"num_classes must be in 1..{len(SHAPE_NAMES)} (shapes {SHAPE_NAMES}), got "
+                                 f"{num_classes}")
 
 
 def _regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0, center=(0.0, 0.0)) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from retina_fn import rng
+from retina_fn import errors, rng
 from retina_fn.data import resize
 
 CANVAS_MODES = ("fixed", "tight")
@@ -78,9 +78,9 @@ def _uint8_resize(rule: resize.ResizeRule, mode: str):
     """The rule's uint8 resize; ValueError naming data.uint8_canvas when the mode has none."""
     if rule.resize_uint8 is None:
         able = tuple(name for name, r in resize.RESIZE_MODES.items() if r.resize_uint8 is not None)
-        raise ValueError(f"data.uint8_canvas=True needs a resize mode that resizes the uint8 image before "
-                         f"normalising it {able}; {mode} normalises first and resizes the float image, which a "
-                         f"uint8 canvas cannot carry exactly: set data.uint8_canvas=False")
+        raise errors.ConfigError(f"data.uint8_canvas=True needs a resize mode that resizes the uint8 image before "
+                                 f"normalising it {able}; {mode} normalises first and resizes the float image, which a "
+                                 f"uint8 canvas cannot carry exactly: set data.uint8_canvas=False")
     return rule.resize_uint8
 
 

@@ -43,7 +43,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from retina_fn.eval import coco_eval
+from retina_fn.eval import coco_backend, coco_eval, coco_results
 
 KINDS = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 DESCRIPTIONS = {
@@ -82,7 +82,7 @@ class ErrorBreakdown(NamedTuple):
     skipped: dict[str, str]
 
 
-def _precision(lib: coco_eval.Backend, gt, dt, img_ids: Sequence[int], cat_ids: Sequence[int],
+def _precision(lib: coco_backend.Backend, gt, dt, img_ids: Sequence[int], cat_ids: Sequence[int],
                iou_thrs: Sequence[float], out: io.StringIO) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval at area 'all', MAX_DETS detections, the given images, categories and IoU thresholds.
 
@@ -103,7 +103,7 @@ def _precision(lib: coco_eval.Backend, gt, dt, img_ids: Sequence[int], cat_ids: 
     return coco_eval.all_area_precision(ev, MAX_DETS), np.asarray(ev.params.recThrs, dtype=np.float64)
 
 
-def _confusions_ignored(lib: coco_eval.Backend, gt, dt, eval_ids: Sequence[int], cat_ids: np.ndarray,
+def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[int], cat_ids: np.ndarray,
                         num_gt: np.ndarray, ignored: dict[int, set[int]], num_recall: int,
                         out: io.StringIO) -> np.ndarray:
     """Precision at IoU 0.1 when the detections of each category c on boxes of the categories ignored[c]
@@ -141,7 +141,7 @@ def _confusions_ignored(lib: coco_eval.Backend, gt, dt, eval_ids: Sequence[int],
     return precision
 
 
-def _coco_object(lib: coco_eval.Backend, images: list[dict], gt, annotations: list[dict], out: io.StringIO):
+def _coco_object(lib: coco_backend.Backend, images: list[dict], gt, annotations: list[dict], out: io.StringIO):
     """A COCO object of `lib` with the given images and annotations (not copied) and gt's categories."""
     coco = lib.coco_cls()
     coco.dataset = {"images": images, "categories": gt.dataset["categories"], "annotations": annotations}
@@ -163,7 +163,7 @@ def error_breakdown(coco_gt, results: Sequence[dict], img_ids=None, use_faster: 
 
     Args:
       coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
-      results: result dicts (see coco_eval.detections_to_coco); those on images outside img_ids are left out.
+      results: result dicts (see coco_results.detections_to_coco); those on images outside img_ids are left out.
       img_ids: the image ids that were run (default: every ground-truth image).
       use_faster: use faster-coco-eval when it is installed (same numbers).
 
@@ -175,18 +175,18 @@ def error_breakdown(coco_gt, results: Sequence[dict], img_ids=None, use_faster: 
       ValueError: an unusable coco_gt (an image-info file without 'annotations' included), img_ids not in
         the ground truth, malformed results, or no result on the evaluated images.
     """
-    lib = coco_eval.backend(use_faster)
+    lib = coco_backend.backend(use_faster)
     out = io.StringIO()
-    gt = coco_eval.load_ground_truth(coco_gt, lib, out)
-    eval_ids = coco_eval.eval_image_ids(img_ids, gt)
-    coco_eval.check_results(results, gt)
+    gt = coco_backend.load_ground_truth(coco_gt, lib, out)
+    eval_ids = coco_backend.eval_image_ids(img_ids, gt)
+    coco_results.check_results(results, gt)
     evaluated = set(eval_ids)
     results = [r for r in results if r["image_id"] in evaluated]
     if not results:
         raise ValueError("error_breakdown: no detections on the evaluated images, nothing to break down")
-    dt = coco_eval.load_results(gt, results, out)
+    dt = coco_backend.load_results(gt, results, out)
     cat_ids = np.asarray(sorted(int(c) for c in gt.getCatIds()), dtype=np.int64)
-    num_gt = coco_eval.count_ground_truth(gt, eval_ids, cat_ids)
+    num_gt = coco_backend.count_ground_truth(gt, eval_ids, cat_ids)
 
     thresholds, rec_thrs = _precision(lib, gt, dt, eval_ids, cat_ids, [0.75, 0.5, _LOOSE_IOU], out)
     curves = {"C75": thresholds[0], "C50": thresholds[1], "Loc": thresholds[2]}
@@ -205,4 +205,4 @@ def error_breakdown(coco_gt, results: Sequence[dict], img_ids=None, use_faster: 
     curves["FN"] = np.where(defined, 1.0, -1.0)
     kinds = tuple(k for k in KINDS if k in curves)
     return ErrorBreakdown(kinds, np.stack([curves[k] for k in kinds]), rec_thrs, cat_ids,
-                          coco_eval.category_names(gt, cat_ids), num_gt, skipped)
+                          coco_backend.category_names(gt, cat_ids), num_gt, skipped)

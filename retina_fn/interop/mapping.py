@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
-from retina_fn import tree
+from retina_fn import errors, tree
 from retina_fn.checkpoint import unpickling_refusal
 
 # Containers the usual training scripts wrap a state_dict in: mmdetection/mmcv ('state_dict', next to
@@ -21,8 +21,8 @@ _WRAPPERS = ("state_dict", "model")
 _DATA_PARALLEL_PREFIX = "module."
 
 
-class CheckpointMismatch(ValueError):
-    """A foreign checkpoint does not fit the parameter tree of the configured model."""
+class CheckpointMismatch(errors.UserError, ValueError):
+    """Weights or a checkpoint that do not fit the configured model (or are not a detector's weights)."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -38,13 +38,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
       What the file holds: dicts, lists, numbers, strings and CPU tensors.
 
     Raises:
-      FileNotFoundError: naming the file.
+      MissingFileError (a FileNotFoundError): naming the file.
       CheckpointMismatch: naming the file, when it is not a torch file or weights-only loading refuses it
         (the message names the refused object).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise errors.MissingFileError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; name the file in one message

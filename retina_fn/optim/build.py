@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from retina_fn import errors
 from retina_fn.optim.adamw import adamw
 from retina_fn.optim.base import Optimizer
 from retina_fn.optim.masks import decay_predicate
@@ -26,13 +27,14 @@ def make_optimizer(optim_cfg, fused_sgd: Callable[..., Optimizer] | None = None)
       `schedule(step)` to every update.
     """
     if optim_cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
+        raise errors.ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {optim_cfg.name!r}")
     if optim_cfg.backend not in BACKENDS:
-        raise ValueError(f"optim.backend must be one of {BACKENDS}, got {optim_cfg.backend!r}")
+        raise errors.ConfigError(f"optim.backend must be one of {BACKENDS}, got {optim_cfg.backend!r}")
     mask = None if optim_cfg.decay_norm_and_bias else decay_predicate(False)
     if optim_cfg.name == "adamw":
         if optim_cfg.backend != "native":
-            raise ValueError("optim.backend='apex' provides fused SGD only; use optim.name='sgd' or backend='native'")
+            raise errors.ConfigError("optim.backend='apex' provides fused SGD only; use optim.name='sgd' or "
+                                     "backend='native'")
         return adamw(
             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, weight_decay_mask=mask
         )

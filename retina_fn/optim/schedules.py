@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from retina_fn import errors
+
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 SCHEDULES = ("step", "cosine")
@@ -51,12 +53,12 @@ def base_learning_rate(optim_cfg, global_batch: int) -> float:
         raise ValueError(f"global batch must be >= 1 image, got {global_batch}")
     if optim_cfg.lr is not None:
         if not optim_cfg.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {optim_cfg.lr}")
+            raise errors.ConfigError(f"optim.lr must be > 0, got {optim_cfg.lr}")
         return float(optim_cfg.lr)
     if not optim_cfg.base_lr > 0:
-        raise ValueError(f"optim.base_lr must be > 0, got {optim_cfg.base_lr}")
+        raise errors.ConfigError(f"optim.base_lr must be > 0, got {optim_cfg.base_lr}")
     if optim_cfg.base_batch < 1:
-        raise ValueError(f"optim.base_batch must be >= 1, got {optim_cfg.base_batch}")
+        raise errors.ConfigError(f"optim.base_batch must be >= 1, got {optim_cfg.base_batch}")
     return float(optim_cfg.base_lr) * global_batch / optim_cfg.base_batch
 
 
@@ -64,18 +66,18 @@ def _check_schedule_fields(optim_cfg, steps_per_epoch: int) -> None:
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     if optim_cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim_cfg.schedule!r}")
+        raise errors.ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {optim_cfg.schedule!r}")
     if optim_cfg.warmup_iters < 0:
-        raise ValueError(f"optim.warmup_iters must be >= 0, got {optim_cfg.warmup_iters}")
+        raise errors.ConfigError(f"optim.warmup_iters must be >= 0, got {optim_cfg.warmup_iters}")
     if not 0.0 <= optim_cfg.warmup_ratio <= 1.0:
-        raise ValueError(f"optim.warmup_ratio must be in [0, 1], got {optim_cfg.warmup_ratio}")
+        raise errors.ConfigError(f"optim.warmup_ratio must be in [0, 1], got {optim_cfg.warmup_ratio}")
     if optim_cfg.epochs < 1:
-        raise ValueError(f"optim.epochs must be >= 1, got {optim_cfg.epochs}")
+        raise errors.ConfigError(f"optim.epochs must be >= 1, got {optim_cfg.epochs}")
     epochs = tuple(optim_cfg.step_epochs)
     if any(int(e) != e or e < 0 for e in epochs) or list(epochs) != sorted(epochs):
-        raise ValueError(f"optim.step_epochs must be increasing non-negative integers, got {epochs}")
+        raise errors.ConfigError(f"optim.step_epochs must be increasing non-negative integers, got {epochs}")
     if not optim_cfg.gamma > 0:
-        raise ValueError(f"optim.gamma must be > 0, got {optim_cfg.gamma}")
+        raise errors.ConfigError(f"optim.gamma must be > 0, got {optim_cfg.gamma}")
 
 
 def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch.torch_version import TorchVersion
 
-from retina_fn import accel, precision, rng, tree
+from retina_fn import accel, errors, precision, rng, tree
 from retina_fn.detector import Detector, head_outputs
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer, make_lr_schedule, make_optimizer
@@ -97,7 +97,7 @@ def resolve_compile_scope(scope: str, device_type: str, torch_version: str = tor
       ValueError: an unknown scope.
     """
     if scope not in COMPILE_SCOPES:
-        raise ValueError(f"train.compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+        raise errors.ConfigError(f"train.compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     if scope != "auto":
         return scope
     return "gradients" if device_type == "cuda" and TorchVersion(torch_version) < (2, 13) else "step"

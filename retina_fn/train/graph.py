@@ -27,12 +27,12 @@ run's) copies it into the buffers first, leaf by leaf, and leaves the caller's t
 
 What a captured function must not do (CUDA graphs replay kernels, not Python): read device values on the
 host (`.item()`, `bool(t)`, `torch.equal`, data-dependent shapes such as `nonzero` or boolean indexing),
-branch in Python on tensor values, or allocate outside the graph's pool. `host_syncs` lists such operations
-of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(..., device=)`,
-a host-to-device copy that capture refuses) are handled by `HostConstants`: made once during warm-up and
-read from device memory by the graph. In-place optimisers (apex's fused SGD, `Optimizer.inplace`) decide
-skipped steps with a host read of the finite flag and read the learning rate on the host: they cannot be
-captured; the native optimisers select on the device (`torch.where`) and can.
+branch in Python on tensor values, or allocate outside the graph's pool. `graph_host.host_syncs` lists such
+operations of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(...,
+device=)`, a host-to-device copy that capture refuses) are handled by `graph_host.HostConstants`: made once
+during warm-up and read from device memory by the graph. In-place optimisers (apex's fused SGD,
+`Optimizer.inplace`) decide skipped steps with a host read of the finite flag and read the learning rate on
+the host: they cannot be captured; the native optimisers select on the device (`torch.where`) and can.
 
 Where capture is impossible (no CUDA device, or the capture itself fails), `graph_or_eager` and the runner
 log why and run the function eagerly: the results are the same, only slower.
@@ -40,130 +40,16 @@ log why and run the function eagerly: the results are the same, only slower.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import traceback
 from typing import Any, Callable, Protocol
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from retina_fn import tree
+from retina_fn.train.graph_host import HostConstants
 
 log = logging.getLogger(__name__)
-
-# Operations that wait for the device and read a value on the host, or whose output shape depends on values.
-_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "item", "equal", "nonzero", "masked_select", "_unique",
-                       "_unique2", "unique_dim", "unique_consecutive"})
-_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # with a bool index: nonzero
-_HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})  # torch.tensor / torch.as_tensor of Python data
-
-
-class _SyncRecorder(TorchDispatchMode):
-    """Counts host-sync and host-data operations, with the innermost caller outside torch of the first one."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: collections.Counter = collections.Counter()
-        self.host_data: collections.Counter = collections.Counter()
-        self.where: dict[str, str] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        found = None
-        if name in _SYNC_OPS:
-            found = self.syncs
-        elif name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                        for i in (args[1] if len(args) > 1 and args[1] is not None else ())):
-            name, found = f"{name} (bool index)", self.syncs
-        elif name in _HOST_DATA_OPS:
-            found = self.host_data
-        if found is not None:
-            found[name] += 1
-            if name not in self.where:
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-                self.where[name] = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs(fn: Callable, *args, **kwargs) -> dict:
-    """Runs fn(*args, **kwargs) once and lists what in it a CUDA graph could not capture as it is.
-
-    Works on any device (the CPU included): it records operations, not device behaviour.
-
-    Args:
-      fn: the function (eager; a torch.compile'd function hides its operations).
-      *args, **kwargs: its arguments.
-
-    Returns:
-      {'syncs': {op: count} of host reads of device values and data-dependent shapes (`.item()`, `bool(t)`,
-      `torch.equal`, `nonzero`, boolean indexing, ...): these make capture fail; 'host_data': {op: count}
-      of tensors built from Python data (`torch.tensor`, `torch.as_tensor`): `HostConstants` lifts these
-      during capture; 'where': {op: 'file:line' of its first caller outside torch}}.
-    """
-    recorder = _SyncRecorder()
-    with recorder:
-        fn(*args, **kwargs)
-    return {"syncs": dict(recorder.syncs), "host_data": dict(recorder.host_data), "where": recorder.where}
-
-
-def _freeze(value) -> Any:
-    """A hashable key for Python data (nested lists and tuples of numbers, bools, None, dtypes and devices);
-    None when the value is anything else."""
-    if isinstance(value, (list, tuple)):
-        parts = tuple(_freeze(v) for v in value)
-        return None if any(p is None for p in parts) else (type(value).__name__, parts)
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
-        return type(value).__name__, value  # the type too: 1, 1.0 and True hash alike but make other tensors
-    return None
-
-
-class HostConstants(TorchFunctionMode):
-    """Lifts tensors built from Python data onto an accelerator out of a captured call.
-
-    `torch.tensor(data, device='cuda')` (or `torch.as_tensor`) copies host memory to the device and waits for
-    it, which a CUDA graph capture refuses. While `recording` (the warm-up), each such call is made normally
-    and its tensor kept under (function, data, dtype, device, ...); while not recording (the capture), the same
-    call returns the kept tensor, which the graph then reads from device memory on every replay. Calls for the
-    CPU, or with tensor or other non-Python data, pass through. The kept tensors must never be written in
-    place (pure code does not).
-
-    Attributes:
-      recording: True to make and keep new constants; False to only hand out kept ones.
-      constants: {key: tensor}, what was made (it must outlive every replay of the graph that reads it).
-    """
-
-    FACTORIES = (torch.tensor, torch.as_tensor)
-
-    def __init__(self):
-        super().__init__()
-        self.recording = True
-        self.constants: dict = {}
-
-    @staticmethod
-    def _key(func, args, kwargs):
-        """The call's key, or None when it is not a Python-data factory call for a non-CPU device."""
-        device = kwargs.get("device", args[2] if func is torch.as_tensor and len(args) > 2 else None)
-        if device is None or torch.device(device).type == "cpu":
-            return None
-        frozen = (_freeze(args), _freeze(tuple(sorted(kwargs.items()))))
-        return None if None in frozen else (func.__name__, *frozen)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.FACTORIES and args and not isinstance(args[0], torch.Tensor):
-            key = self._key(func, args, kwargs)
-            if key is not None:
-                if key not in self.constants:
-                    if not self.recording:
-                        raise RuntimeError(f"{func.__name__}{args} for {kwargs.get('device')} was first called "
-                                           f"during graph capture, not during warm-up: the captured function "
-                                           f"builds tensors from Python data that change between calls")
-                    self.constants[key] = func(*args, **kwargs)
-                return self.constants[key]
-        return func(*args, **kwargs)
 
 
 class CaptureError(RuntimeError):
@@ -364,7 +250,7 @@ class GraphedFunction:
             log.warning("%s: CUDA graph capture failed for %s, so this shape runs eagerly (same results, "
                         "slower). A captured function must not read device values on the host (.item(), "
                         "bool(tensor), torch.equal, nonzero or boolean indexing); "
-                        "retina_fn.train.graph.host_syncs lists them on any device. Error: %s",
+                        "retina_fn.train.graph_host.host_syncs lists them on any device. Error: %s",
                         self.name, _describe(signature), e)
         return _Entry(static_inputs, replay, holder, graphed)
 
