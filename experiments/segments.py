@@ -68,6 +68,9 @@ def whole_run(segments: Sequence[dict]) -> dict:
 
 def describe(segments: Sequence[dict]) -> str:
     """One line per segment for the log: steps, processes, accumulation, seconds, images/s."""
+    def rate(s: dict) -> str:
+        return f"{s['images_per_s']:.1f} img/s" if s["measured_s"] > 0 else "img/s not measured (warm-up steps only)"
+
     return "\n".join(f"  segment {i + 1}: steps {s['start_step']}..{s['end_step']} on {s['world_size']} process(es) "
                      f"x accum {s['accum_steps']} (global batch {s['global_batch']}): {s['train_s']:.1f} s training, "
-                     f"{s['wall_s']:.1f} s wall, {s['images_per_s']:.1f} img/s" for i, s in enumerate(segments))
+                     f"{s['wall_s']:.1f} s wall, {rate(s)}" for i, s in enumerate(segments))

@@ -94,8 +94,8 @@ def restore_or_init(cfg, workdir: str, key: rng.Key, optimizer: Optimizer, devic
     state = tree.cast(checkpoint.restore_into(restored.state, template, restored.path), device=device)
     position = restored.meta["data_position"]
     epoch, step_in_epoch = int(position["epoch"]), int(position["step_in_epoch"])
-    log.info("resumed from %s at step %d (epoch %d, step %d of it); global batch %d = %d per device x %d "
-             "process(es) x %d accumulated (the checkpoint's segments: %d process(es) x %s)", restored.path,
-             restored.step, epoch + 1, step_in_epoch, batch.global_batch, batch.images_per_device, batch.world_size,
-             batch.accum_steps, meta.get("world_size", 1), meta.get("accum_steps", "?"))
+    log.info("resumed from %s at step %d (epoch %d, step %d of it), written by %d process(es); global batch %d = %d "
+             "per device x %d process(es) x %d accumulated", restored.path, restored.step, epoch + 1, step_in_epoch,
+             meta.get("world_size", 1), batch.global_batch, batch.images_per_device, batch.world_size,
+             batch.accum_steps)
     return StartingPoint(state, epoch, step_in_epoch, batch, segments.earlier_segments(meta))

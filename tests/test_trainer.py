@@ -1,6 +1,7 @@
 """The training loop's bookkeeping: the schedule follows the epochs the run takes."""
 
 import json
+import os
 
 import pytest
 
@@ -26,15 +27,25 @@ def test_performance_steps_keep_the_schedule_on_the_epochs_taken(tmp_path):
 def test_a_resumed_run_reports_the_whole_run_and_each_of_its_segments(tmp_path):
     """3 steps, then (a second start: train.max_steps raised) 3 more. results.json reports both segments (steps,
     processes, accumulation, seconds, images/s), the whole run as their sums, and the seed's closing lines say
-    the same; the first segment is what the first start reported, carried in the checkpoint's metadata."""
+    the same; the first segment is what the first start reported, carried in the checkpoint's metadata. The first
+    start also checkpoints by time (train.checkpoint_every_s far below a step's time: after every step), the second
+    only at its end."""
     from experiments import reporting
     from retina_fn import checkpoint
 
-    settings = {"train.validate": False, "data.images_per_device": 2, "optim.epochs": 1}
+    settings = {"train.validate": False, "data.images_per_device": 2, "optim.epochs": 1, "data.workers": 0}
     workdir = tmp_path / "run"
-    first = trainer.train_and_evaluate(smoke_config(tmp_path / "data", **settings, **{"train.max_steps": 3}),
-                                       str(workdir))
+
+    def saved_steps():
+        return [int(os.path.basename(p)[5:14]) for p in checkpoint.list_checkpoints(str(workdir / "checkpoints"))]
+
+    first = trainer.train_and_evaluate(
+        smoke_config(tmp_path / "data", **settings, **{"train.max_steps": 3, "train.checkpoint_every_s": 1e-9}),
+        str(workdir))
+    assert saved_steps() == [3, 2, 1]
+    carried = checkpoint.restore_latest(str(workdir / "checkpoints")).meta["segments"]
     trainer.train_and_evaluate(smoke_config(tmp_path / "data", **settings, **{"train.max_steps": 6}), str(workdir))
+    assert saved_steps() == [6, 3, 2]
     results = json.load(open(workdir / "results.json"))
     one, two = results["segments"]
     assert (one["start_step"], one["end_step"], two["start_step"], two["end_step"]) == (0, 3, 3, 6)
@@ -43,8 +54,11 @@ def test_a_resumed_run_reports_the_whole_run_and_each_of_its_segments(tmp_path):
         # 2 warm-up steps of the segment's first epoch are not measured: 1 step of 2 images is
         assert segment["measured_images"] == 2 and segment["images_per_s"] == segment["measured_images"] / segment[
             "measured_s"]
-    assert one["train_s"] == first["train_s"] and one["images_per_s"] == first["train_images_per_s"]
-    assert one["wall_s"] <= first["wall_s"]  # recorded at its last checkpoint, before its results were written
+    # the first segment as its checkpoint recorded it, at the save of step 3 (the first start's own results, written
+    # after that save, also count the save's seconds in its measured window and wall time)
+    assert carried == [one]
+    assert one["train_s"] == first["train_s"] and one["measured_images"] == first["segments"][0]["measured_images"]
+    assert one["wall_s"] <= first["wall_s"]
 
     images_per_s = (one["measured_images"] + two["measured_images"]) / (one["measured_s"] + two["measured_s"])
     wall_s = one["wall_s"] + two["wall_s"]
