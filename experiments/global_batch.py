@@ -51,12 +51,13 @@ def accum_setting(optim_cfg) -> int | str:
     return value
 
 
-def stored_global_batch(meta: dict) -> int:
+def stored_global_batch(meta: dict, images_per_device: int) -> int:
     """The global batch a checkpoint was trained with (its metadata's 'global_batch'; checkpoints written before
     that field existed had no accumulation over loader batches: images per device x processes).
 
     Args:
       meta: a checkpoint's metadata.
+      images_per_device: what to assume when an old checkpoint's stored config does not say.
 
     Returns:
       The global batch, an int.
@@ -64,7 +65,7 @@ def stored_global_batch(meta: dict) -> int:
     if meta.get("global_batch") is not None:
         return int(meta["global_batch"])
     old_cfg = meta.get("config", {})
-    return int(old_cfg.get("data", {}).get("images_per_device", 1)) * int(meta.get("world_size", 1))
+    return int(old_cfg.get("data", {}).get("images_per_device", images_per_device)) * int(meta.get("world_size", 1))
 
 
 def _divisors(n: int) -> list[int]:
@@ -134,7 +135,7 @@ def plan(cfg, world_size: int, meta: dict | None = None, source: str | None = No
     if configured is not None and int(configured) < 1:
         raise ValueError(f"optim.global_batch must be >= 1, got {configured}")
     if meta is not None:
-        target = stored_global_batch(meta)
+        target = stored_global_batch(meta, ipd)
         origin = f"{source} was trained with a global batch of {target} images per step"
         if configured is not None and int(configured) != target:
             raise GlobalBatchError(f"{origin}, but optim.global_batch={configured}: a run keeps its global batch "

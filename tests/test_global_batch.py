@@ -73,7 +73,8 @@ def test_a_configured_global_batch_cannot_change_a_running_run():
 
 def test_checkpoints_from_before_the_field_count_images_per_device_times_processes():
     old = {"world_size": 4, "config": {"data": {"images_per_device": 2}}}
-    assert global_batch.stored_global_batch(old) == 8
+    assert global_batch.stored_global_batch(old, images_per_device=8) == 8
+    assert global_batch.stored_global_batch({"world_size": 4}, images_per_device=3) == 12
     assert global_batch.plan(cfg_with(2, "auto"), 1, old, "ckpt").accum_steps == 4
 
 
