@@ -84,7 +84,7 @@ def start_elastic_agent(script: str, args: list[str], *, port: int, log_path, is
     """One torchrun agent of an elastic job (c10d rendezvous at 127.0.0.1:`port`, `nnodes` = 'MIN:MAX') in a new
     process group, its output to `log_path`. `is_host`: this agent hosts the rendezvous store (the others must
     find it running). One rendezvous store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): with torch 2.13's
-    shared store a node joining a running group waits forever for the round's MASTER_ADDR. Workers run in
+    shared store a node joining a running group times out waiting for the round's MASTER_ADDR. Workers run in
     sessions of their own (torchrun starts them so): stopping the agent's group does not stop them."""
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
