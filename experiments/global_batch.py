@@ -79,11 +79,17 @@ def _nearest(values: list[int], around: int) -> list[int]:
 
 def alternatives(global_batch: int, images_per_device: int, world_size: int) -> str:
     """The settings that make `global_batch` (for a refusal message): process counts at this images per device,
-    and images per device at this process count, each with its accumulation.
+    and images per device at this process count, each with its accumulation (at most 8 of each, those nearest
+    the present setting).
+
+    Args:
+      global_batch: the images per step to make.
+      images_per_device: the present data.images_per_device.
+      world_size: the processes present.
 
     Returns:
-      One clause, e.g. 'with 2 images per device run 1, 3 or 9 processes (accum_steps 9, 3, 1); with 2 processes
-      none'.
+      One clause, e.g. 'with 2 image(s) per device run 1, 3 or 9 process(es) (accum_steps 9, 3, 1); no images per
+      device works with 2 processes'.
     """
     clauses = []
     if global_batch % images_per_device == 0:
