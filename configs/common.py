@@ -200,7 +200,12 @@ def optim_config() -> ml_collections.ConfigDict:
             step_epochs=(8, 11),
             gamma=0.1,
             epochs=12,
-            accum_steps=1,  # loader batches accumulated into one update (the lr and schedule count the images)
+            # loader batches accumulated into one update (the lr and schedule count the images): an int, or 'auto':
+            # optim.global_batch / (images per device x processes present), derived at every (re)start
+            accum_steps=config_dict.FieldReference(1, field_type=object),
+            # images per update over all processes, the run's invariant across restarts and resizes (stored in
+            # checkpoints); unset: images per device x processes x accum_steps (1 for 'auto') at the first start
+            global_batch=placeholder(int),
             micro_batches=1,  # parts each loader batch is split into to save memory (the update is the same)
             backend="native",  # 'native' | 'apex' (fused SGD when NVIDIA or Ascend apex is installed)
         )
@@ -227,6 +232,8 @@ def train_config() -> ml_collections.ConfigDict:
             tensorboard=False,  # also write metrics.jsonl's records as TensorBoard scalars (needs tensorboard)
             eval_every_epochs=1,
             checkpoint_every_steps=placeholder(int),
+            # also checkpoint after this many seconds of training since the last checkpoint (rank 0's clock decides)
+            checkpoint_every_s=placeholder(float),
             keep_checkpoints=3,
             validate=True,
             performance_steps=placeholder(int),  # stop each epoch after this many steps (the seed's --performance)

@@ -83,6 +83,25 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seed_closing_lines(results: dict[str, Any]) -> list[str]:
+    """The seed's closing lines (scripts/train_*.sh print them) from a run's results.json: the whole run's
+    throughput and duration, all of its segments included when it was interrupted and resumed.
+
+    Args:
+      results: results.json's content (train_images_per_s, wall_s, bbox_mAP: experiments.trainer).
+
+    Returns:
+      ['Final Performance images/sec : <whole run's images/s, 2 decimals>',
+       'Final Train Accuracy : <bbox mAP, 3 decimals>' or 'Final Train Accuracy : (not evaluated)',
+       'E2E Training Duration sec : <the segments' wall seconds summed, rounded>'].
+    """
+    accuracy = float(results.get("bbox_mAP", float("nan")))
+    return [f"Final Performance images/sec : {results['train_images_per_s']:.2f}",
+            "Final Train Accuracy : (not evaluated)" if math.isnan(accuracy) else
+            f"Final Train Accuracy : {accuracy:.3f}",
+            f"E2E Training Duration sec : {round(results['wall_s'])}"]
+
+
 def read_json(path: str) -> Any:
     """The JSON document at `path`."""
     with open(path) as f:

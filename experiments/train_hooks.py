@@ -107,6 +107,16 @@ class ThroughputMeter:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    def measured(self) -> tuple[int, float]:
+        """(images, seconds) counted so far, the open epoch's window included up to now (which synchronises the
+        device when that window has counted steps)."""
+        images, seconds = self.images, self.seconds
+        if self._start is not None and self._counted:
+            synchronize(self.device)
+            images += self._counted * self.images_per_step
+            seconds += time.perf_counter() - self._start
+        return images, seconds
+
 
 class NonFiniteGuard:
     """Stops the run once `max_streak` consecutive steps were skipped for non-finite values.
@@ -141,9 +151,62 @@ class NonFiniteGuard:
                 f"--config.optim.clip_norm=10 or a longer warmup.")
 
 
-def global_batch(cfg, world_size: int) -> int:
-    """Images behind one optimiser step: images per device x devices x accumulated loader batches."""
-    return int(cfg.data.images_per_device) * int(world_size) * int(cfg.optim.accum_steps)
+class TimedCheckpoints:
+    """train.checkpoint_every_s: a checkpoint once that many seconds of training have passed since the last one,
+    so the work a failure can lose is bounded in time, with every rank saving at the same step.
+
+    Clocks differ between ranks, so rank 0's decides and the others follow. Deciding costs a broadcast from
+    rank 0, so with several processes it happens only at decision steps that rank 0 schedules from its own
+    step time: about CHECKS_PER_INTERVAL per interval (at most every_s / CHECKS_PER_INTERVAL seconds apart, and
+    at the step where the interval is expected to end). Between them a step pays nothing: no collective, no
+    host read. A save lands at most one decision gap late when the step time is steady. With one process
+    every step is a decision step (a clock read).
+
+    Args:
+      every_s: seconds of training between checkpoints; None turns the timer off.
+      runtime: the distribution runtime (is_main, world_size, broadcast_object).
+      step: the global step training starts from.
+      train_s: the run's training clock at that step.
+    """
+
+    CHECKS_PER_INTERVAL = 20
+
+    def __init__(self, every_s: float | None, runtime, step: int, train_s: float):
+        if every_s is not None and every_s <= 0:
+            raise ValueError(f"train.checkpoint_every_s must be > 0 seconds, got {every_s}")
+        self.every_s, self.runtime = every_s, runtime
+        self.next_check = step + 1
+        self._saved_at = train_s  # the training clock at the last checkpoint (or the start)
+        self._mark = (step, train_s)  # where rank 0's step-time estimate starts
+
+    def due(self, step: int, train_s: float) -> bool:
+        """Whether to checkpoint after `step`, the same answer on every rank. Call it after every step on every
+        rank; at decision steps it is a collective.
+
+        Args:
+          step: the global step just taken; train_s: this rank's training clock (only rank 0's is read).
+        """
+        if self.every_s is None or step < self.next_check:
+            return False
+        decision = self._decide(step, train_s) if self.runtime.is_main else None
+        save, self.next_check = self.runtime.broadcast_object(decision)
+        return save
+
+    def _decide(self, step: int, train_s: float) -> tuple[bool, int]:
+        """Rank 0: (save now, the next decision step)."""
+        elapsed = train_s - self._saved_at
+        save = elapsed >= self.every_s
+        if self.runtime.world_size == 1:
+            return save, step + 1
+        step_s = (train_s - self._mark[1]) / max(step - self._mark[0], 1)
+        self._mark = (step, train_s)
+        until_due = self.every_s if save else self.every_s - elapsed
+        gap_s = min(until_due, self.every_s / self.CHECKS_PER_INTERVAL)
+        return save, step + max(1, int(gap_s / max(step_s, 1e-9)))
+
+    def saved(self, train_s: float) -> None:
+        """Restarts the interval: a checkpoint (for any reason) was written at training clock `train_s`."""
+        self._saved_at = train_s
 
 
 def config_json(cfg) -> dict:
@@ -159,20 +222,22 @@ class Checkpointer:
       workdir: checkpoints go to workdir/checkpoints.
       label_map: the training set's LabelMap (stored, so predictions keep the annotation file's ids).
       runtime: the distribution runtime (is_main, world_size, barrier).
+      batch: the run's experiments.global_batch.BatchPlan (its global batch is stored: the run's invariant).
     """
 
-    def __init__(self, cfg, workdir: str, label_map, runtime):
-        self.cfg, self.label_map, self.runtime = cfg, label_map, runtime
+    def __init__(self, cfg, workdir: str, label_map, runtime, batch):
+        self.cfg, self.label_map, self.runtime, self.batch = cfg, label_map, runtime, batch
         self.directory = os.path.join(workdir, "checkpoints")
         self.saved_step = -1
 
-    def save(self, state: dict, step: int, epoch: int, step_in_epoch: int) -> None:
-        """Saves `state` as global step `step`, to resume at (epoch, step_in_epoch)."""
+    def save(self, state: dict, step: int, epoch: int, step_in_epoch: int, segments: list | None = None) -> None:
+        """Saves `state` as global step `step`, to resume at (epoch, step_in_epoch), with the run's segments up to
+        this step (experiments.segments; read on rank 0 only)."""
         if self.runtime.is_main:
             meta = {"config": config_json(self.cfg), "label_map": self.label_map.to_dict(),
                     "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},
-                    "world_size": self.runtime.world_size,
-                    "global_batch": global_batch(self.cfg, self.runtime.world_size)}
+                    "world_size": self.runtime.world_size, "global_batch": self.batch.global_batch,
+                    "accum_steps": self.batch.accum_steps, "segments": list(segments or [])}
             path = checkpoint.save(self.directory, step, state, meta, keep=self.cfg.train.keep_checkpoints)
             log.info("checkpoint %s", path)
         self.runtime.barrier()

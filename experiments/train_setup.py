@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from experiments.train_hooks import global_batch
+from experiments import global_batch, segments
 from retina_fn import checkpoint, rng, tree
 from retina_fn.data import synthetic
 from retina_fn.model import retinanet
@@ -63,53 +63,39 @@ def initial_params(cfg, key: rng.Key) -> dict:
 
 
 class StartingPoint(NamedTuple):
-    """state: the train state on the device; epoch, step_in_epoch: where the data resumes."""
+    """state: the train state on the device; epoch, step_in_epoch: where the data resumes; batch: the
+    experiments.global_batch.BatchPlan of this start; segments: the run's earlier segments (experiments.segments),
+    [] for a first start."""
 
     state: dict
     epoch: int
     step_in_epoch: int
-
-
-def check_same_global_batch(meta: dict, cfg, world_size: int, path: str) -> None:
-    """Refuses to resume with another global batch: the epoch's order, the steps per epoch and so the
-    schedule are functions of it. Another world size with the same global batch continues exactly.
-
-    Raises:
-      ValueError naming the checkpoint's and this run's global batches and the flags that restore it.
-    """
-    old_world = int(meta.get("world_size", 1))
-    old_cfg = meta.get("config", {})
-    old = meta.get("global_batch")
-    if old is None:  # checkpoints written before the field existed: no accumulation over loader batches then
-        old = int(old_cfg.get("data", {}).get("images_per_device", cfg.data.images_per_device)) * old_world
-    new = global_batch(cfg, world_size)
-    if int(old) == new:
-        return
-    ipd = int(cfg.data.images_per_device)
-    hint = (f"--config.optim.accum_steps={old // (ipd * world_size)}" if old % (ipd * world_size) == 0
-            else f"--config.data.images_per_device and --config.optim.accum_steps with images_per_device x "
-                 f"{world_size} x accum_steps = {old}")
-    raise ValueError(f"{path} was trained with a global batch of {old} images per step ({old_world} process(es)); "
-                     f"this run has {new} ({ipd} per device x {world_size} x optim.accum_steps="
-                     f"{int(cfg.optim.accum_steps)}). Resuming would change the data order and the schedule; "
-                     f"keep the global batch: {hint}")
+    batch: global_batch.BatchPlan
+    segments: list
 
 
 def restore_or_init(cfg, workdir: str, key: rng.Key, optimizer: Optimizer, device: torch.device,
                     world_size: int = 1) -> StartingPoint:
     """The newest usable checkpoint of workdir/checkpoints restored into a fresh state's structure, or the
-    fresh state itself (from `initial_params`) when there is none. Raises ValueError when the checkpoint's
-    global batch differs from this run's (`check_same_global_batch`)."""
+    fresh state itself (from `initial_params`) when there is none, with the global batch and accumulation of
+    `world_size` processes (`global_batch.plan`: the checkpoint's global batch is kept).
+
+    Raises:
+      global_batch.GlobalBatchError: the processes present cannot make the run's global batch; raised before
+        anything is built or written.
+    """
     restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
-    if restored is not None:
-        check_same_global_batch(restored.meta or {}, cfg, world_size, restored.path)
+    meta = (restored.meta or {}) if restored is not None else None
+    batch = global_batch.plan(cfg, world_size, meta, restored.path if restored is not None else None)
     params = None if restored else initial_params(cfg, key)
     template = init_train_state(cfg, key, optimizer, params=params, device=device)
     if restored is None:
-        return StartingPoint(template, 0, 0)
+        return StartingPoint(template, 0, 0, batch, [])
     state = tree.cast(checkpoint.restore_into(restored.state, template, restored.path), device=device)
     position = restored.meta["data_position"]
     epoch, step_in_epoch = int(position["epoch"]), int(position["step_in_epoch"])
-    log.info("resumed from %s at step %d (epoch %d, step %d of it)", restored.path, restored.step, epoch + 1,
-             step_in_epoch)
-    return StartingPoint(state, epoch, step_in_epoch)
+    log.info("resumed from %s at step %d (epoch %d, step %d of it), written by %d process(es); global batch %d = %d "
+             "per device x %d process(es) x %d accumulated", restored.path, restored.step, epoch + 1, step_in_epoch,
+             meta.get("world_size", 1), batch.global_batch, batch.images_per_device, batch.world_size,
+             batch.accum_steps)
+    return StartingPoint(state, epoch, step_in_epoch, batch, segments.earlier_segments(meta))

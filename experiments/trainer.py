@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from experiments import class_count, evaluation, reporting, train_hooks, train_setup
+from experiments import class_count, evaluation, reporting, segments, train_hooks, train_setup
 from retina_fn import checkpoint, interop, parallel, rng, tree
 from retina_fn.data import coco, loader as data_loader
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
@@ -69,27 +69,29 @@ class _Run:
         class_count.from_training_set(cfg, self.train_set)  # model.num_classes 'auto' -> the file's count
         if self.val_set is not None:
             class_count.check_same_categories(self.train_set, self.val_set)
-        if runtime.is_main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
         model_key, data_key = rng.split(rng.key(cfg.seed))
         optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
-        state, self.start_epoch, self.start_step = train_setup.restore_or_init(cfg, workdir, model_key, optimizer,
-                                                                               self.device, runtime.world_size)
-        self.state = runtime.broadcast_tree(state)
+        # Refuses a global batch the processes present cannot make, before anything of this start is written.
+        start = train_setup.restore_or_init(cfg, workdir, model_key, optimizer, self.device, runtime.world_size)
+        self.start_epoch, self.start_step, self.batch = start.epoch, start.step_in_epoch, start.batch
+        if runtime.is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+        self.state = runtime.broadcast_tree(start.state)
         runtime.verify_same(self.state["params"])
         self.step = int(self.state["step"])  # a host copy: the step adds exactly 1 per call, no device read needed
+        self.first_step, self.earlier_segments = self.step, start.segments
 
         self.pin = data_loader.pin_memory_for(self.device)
-        self.accum_steps = int(cfg.optim.accum_steps)
+        self.accum_steps = self.batch.accum_steps
         self.loader = data_loader.make_train_loader(cfg.data, self.train_set, rank=runtime.rank,
                                                     world_size=runtime.world_size, key=data_key,
                                                     start_epoch=self.start_epoch, start_step=self.start_step,
                                                     pin_memory=self.pin, accum_steps=self.accum_steps,
                                                     local_processes=runtime.env.local_world_size)
         self.steps_per_epoch = self.loader.steps_per_epoch
-        self.images_per_step = train_hooks.global_batch(cfg, runtime.world_size)
+        self.images_per_step = self.batch.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.train_set.ann_file}: too few images for one batch of {self.images_per_step}")
         if self.start_step >= self.steps_per_epoch:  # saved at an epoch's last step: the next epoch starts
@@ -104,10 +106,11 @@ class _Run:
         self.cadence = train_hooks.Cadence(cfg.train, self.steps_per_epoch)
         self.meter = train_hooks.ThroughputMeter(self.images_per_step, self.device)
         self.guard = train_hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
-        self.saver = train_hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime)
+        self.saver = train_hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime, self.batch)
         self.window = _Window()
         self.last_metrics: dict = {}
-        self.train_clock = 0.0  # seconds of training (the steps and their batches' waits)
+        self.train_clock = 0.0  # seconds of training in this segment (the steps and their batches' waits)
+        self.timed_saves = train_hooks.TimedCheckpoints(cfg.train.checkpoint_every_s, runtime, self.step, 0.0)
         self.evaluated: evaluation.EvalRun | None = None  # the newest evaluation (rank 0)
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
@@ -117,6 +120,20 @@ class _Run:
     def finished(self) -> bool:
         """Whether the checkpoint it resumed from already ends the run (all epochs, or train.max_steps)."""
         return self.start_epoch >= self.epochs or self.cadence.reached_max_steps(self.step)
+
+    def segments(self) -> list[dict]:
+        """The run's segments up to now: the resumed checkpoint's, then this process's (experiments.segments)."""
+        images, seconds = self.meter.measured()
+        mine = segments.record(start_step=self.first_step, end_step=self.step, world_size=self.runtime.world_size,
+                               accum_steps=self.accum_steps, global_batch=self.images_per_step,
+                               train_s=self.train_clock, wall_s=time.perf_counter() - self.wall_start,
+                               measured_images=images, measured_s=seconds)
+        return [*self.earlier_segments, mine]
+
+    def save(self, epoch: int, step_in_epoch: int) -> None:
+        """A checkpoint of the current state, to resume at (epoch, step_in_epoch), with the segments so far."""
+        self.saver.save(self.state, self.step, epoch, step_in_epoch, self.segments() if self.runtime.is_main else None)
+        self.timed_saves.saved(self.train_clock)
 
 
 def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
@@ -133,7 +150,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         run.guard.check(streak, run.step, run.last_metrics, last_batch)
         next_position = (epoch + 1, 0) if step_in_epoch >= run.steps_per_epoch else (epoch, step_in_epoch)
         if streak == 0 and run.saver.saved_step != run.step:
-            run.saver.save(run.state, run.step, *next_position)
+            run.save(*next_position)
         last_epoch = epoch == run.epochs - 1 or stopped_early
         if run.val_set is not None and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
             _evaluate_during_training(run, epoch)
@@ -144,19 +161,24 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     if not runtime.is_main:
         return {}
     eval_metrics = run.evaluated.metrics if run.evaluated is not None else {}
+    run_segments = run.segments()
+    whole = segments.whole_run(run_segments)  # a resumed run reports all of its segments, not only this one
     results = {
         "name": cfg.name,
         "bbox_mAP": eval_metrics.get("bbox_mAP", float("nan")),
         **eval_metrics,
-        "train_images_per_s": run.meter.images_per_s,
+        "train_images_per_s": whole["train_images_per_s"],
         "epochs": round(run.step / run.steps_per_epoch, 3),
         "steps": run.step,
         "precision": _precision_name(cfg),
         "world_size": runtime.world_size,
         "device": str(device),
-        "train_s": run.train_clock,
-        "wall_s": time.perf_counter() - wall_start,
+        "train_s": whole["train_s"],
+        "wall_s": whole["wall_s"],
+        "segments": run_segments,
     }
+    if len(run_segments) > 1:
+        log.info("the run's %d segments:\n%s", len(run_segments), segments.describe(run_segments))
     write_outputs(cfg, workdir, results, run.metrics_log, run.evaluated, run.val_set, runtime)
     run.metrics_log.close()
     return results
@@ -182,14 +204,15 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
         run.train_clock += time.perf_counter() - tick  # the step and the wait for its batch
         tick = time.perf_counter()
         log_now = run.cadence.log_now(run.step, step_in_epoch)
-        save_now = run.cadence.checkpoint_now(run.step)
+        timed_save = run.timed_saves.due(run.step, run.train_clock)  # a collective at rank 0's decision steps
+        save_now = run.cadence.checkpoint_now(run.step) or timed_save
         if log_now or save_now:  # the only host reads of device values inside an epoch
             streak = int(run.state["nonfinite"])
             run.guard.check(streak, run.step, run.last_metrics, batch)
             if log_now and run.runtime.is_main:
                 _log_progress(run, epoch, step_in_epoch)
             if save_now and streak == 0:
-                run.saver.save(run.state, run.step, epoch, step_in_epoch)
+                run.save(epoch, step_in_epoch)
         budget = run.cfg.train.time_budget_s  # seconds of training, not counting setup or evaluation
         out_of_time = budget is not None and _any_rank(run.runtime, run.train_clock >= budget, run.device)
         if run.cadence.reached_max_steps(run.step) or out_of_time:

@@ -244,6 +244,14 @@ def test_two_process_object_gathers(two_process_run):
     assert two_process_run[1]["gathered"] is None
     for out in two_process_run:
         assert out["all_gathered"] == items
+        assert out["broadcast_object"] == items[0]
+
+
+def test_two_process_timed_checkpoints_follow_rank_0s_clock(two_process_run):
+    """Rank 0's steps take 1 s, rank 1's 2.5 s, a checkpoint is due every 100 s: both ranks save at steps 100
+    and 200 (rank 0's clock); on its own clock rank 1 would have saved at 40, 80, ..."""
+    for out in two_process_run:
+        assert out["timed_saves"] == [100, 200]
 
 
 # ---------------------------------------------------------------- two nodes over loopback

@@ -8,7 +8,7 @@ import torch
 
 from retina_fn import accel
 from retina_fn.parallel import backend
-from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
+from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env, store_prefix
 
 
 def torchrun_vars(rank, world, local_rank, local_world, group_rank, group_world, port="29500"):
@@ -92,6 +92,17 @@ def test_bad_launch_variables_are_named_in_the_error(environ, names):
         read_launch_env(environ)
     for name in names:
         assert name in str(info.value)
+
+
+def test_store_prefix_names_the_attempt_only_in_the_agents_long_lived_store():
+    """With the agent's store (static rendezvous, or c10d sharing it) keys of earlier attempts stay, so each
+    attempt has its own prefix; with one store per rendezvous round the prefix must not depend on the restart
+    count, which agents count on their own (a node that joined later has its own count)."""
+    agent_store = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert store_prefix(agent_store) == "retina_fn/attempt_2/"
+    fresh_store = {"TORCHELASTIC_USE_AGENT_STORE": "False"}
+    assert store_prefix(dict(fresh_store, TORCHELASTIC_RESTART_COUNT="2")) == store_prefix(fresh_store) == "retina_fn/"
+    assert store_prefix({}) == "retina_fn/"
 
 
 def test_rendezvous_endpoint_is_required_for_more_than_one_process():

@@ -91,9 +91,10 @@ PRECISION_SCRIPTS = {  # script -> torchrun --nproc_per_node (NPROC_PER_NODE uns
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [[ "$1 $2" == "-m torch.distributed.run" ]]; then
   printf '%s\\0' "$@" > "$LAUNCH_RECORD"
+  printf '%s' "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}" > "$LAUNCH_RECORD.store"
   prev=""
   for arg in "$@"; do if [[ "$prev" == --workdir ]]; then workdir="$arg"; fi; prev="$arg"; done
-  echo '{"train_images_per_s": 1.0}' > "$workdir/results.json"
+  echo '{"train_images_per_s": 1.0, "wall_s": 12.4}' > "$workdir/results.json"
   exit 0
 fi
 exec "$REAL_PYTHON" "$@"
@@ -137,6 +138,7 @@ def test_every_script_maps_the_precision_mode_onto_the_config(tmp_path, monkeypa
     done = run_script(script, *args, env=env, timeout=60)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Final Performance images/sec : 1.00" in done.stdout
+    assert "E2E Training Duration sec : 12" in done.stdout  # the run's own figure (all its segments)
     launch_args = (tmp_path / "launch").read_text().split("\0")[:-1]
     assert f"--nproc_per_node={PRECISION_SCRIPTS[script]}" in launch_args
     entry = launch_args.index("experiments.coco_retinanet")
@@ -147,6 +149,69 @@ def test_every_script_maps_the_precision_mode_onto_the_config(tmp_path, monkeypa
     precision, opt_level = PRECISION_MODES[mode] if mode else ("fp16", "O1")  # no mode: the config's O1
     assert precision_from_config(cfg.train).name == precision
     assert cfg.train.opt_level == opt_level
+
+
+def recorded_launch(tmp_path, script: str, *args: str, nproc: str | None = None):
+    """Runs `script` with the stand-in python; returns (the script's result, torchrun's options, the entry point's
+    config, TORCH_DISABLE_SHARE_RDZV_TCP_STORE as the launch saw it)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(parents=True)
+    (fake_bin / "python").write_text(FAKE_PYTHON)
+    (fake_bin / "python").chmod(0o755)
+    env = script_env()
+    env.pop("NPROC_PER_NODE", None)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if nproc:
+        env["NPROC_PER_NODE"] = nproc
+    env.update(PATH=f"{fake_bin}{os.pathsep}{env['PATH']}", REAL_PYTHON=sys.executable,
+               LAUNCH_RECORD=str(tmp_path / "launch"))
+    done = run_script(script, f"--workdir={tmp_path / 'run'}", *args, env=env, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch_args = (tmp_path / "launch").read_text().split("\0")[:-1]
+    entry = launch_args.index("experiments.coco_retinanet")
+    return done, launch_args[2:entry - 1], launch_args[entry + 1:], (tmp_path / "launch.store").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_an_elastic_range_launches_the_c10d_rendezvous_and_keeps_the_global_batch(tmp_path, monkeypatch):
+    """--nnodes=1:2 on 8 devices per node: c10d rendezvous at --master_addr:--master_port hosted by node 0, 3
+    restarts by default, the store of each round its own; the global batch is 8 images (the config's images per
+    device) x 8 x 2 nodes = 128, the accumulation derived at each start."""
+    done, options, entry_args, store = recorded_launch(
+        tmp_path, "train_performance_multinodes.sh", "--nnodes=1:2", "--node_rank=0", "--master_addr=10.0.0.1")
+    assert options == ["--nnodes=1:2", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:23333",
+                       "--rdzv_id=RetinaNet_ID0427_for_PyTorch_multinodes_perf", "--rdzv_conf=is_host=1",
+                       "--max-restarts=3"]
+    assert store == "1"
+    monkeypatch.chdir(ROOT)
+    cfg = resolve_entry_config(entry_args)
+    assert (cfg.optim.accum_steps, cfg.optim.global_batch) == ("auto", 128)
+    assert "Final Performance images/sec : 1.00" in done.stdout and not done.stderr.strip()
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_an_elastic_range_names_the_node_counts_that_cannot_make_the_global_batch(tmp_path, monkeypatch):
+    """--nnodes=2:3 x 1 process x 4 images: a global batch of 12, which 2 nodes (8 images per round) cannot make;
+    --max_restarts and --global_batch override the defaults, a second node hosts no store and prints nothing."""
+    done, options, entry_args, _ = recorded_launch(
+        tmp_path, "train_performance_multinodes.sh", "--nnodes=2:3", "--node_rank=1", "--batch_size=4",
+        "--max_restarts=5", nproc="1")
+    assert "--rdzv_conf=is_host=0" in options and "--max-restarts=5" in options
+    assert ("note: 2 node(s) x 1 x 4 images cannot make the global batch of 12; the run refuses to start with that "
+            "membership") in done.stderr
+    assert "3 node(s)" not in done.stderr and "Final Performance" not in done.stdout
+    monkeypatch.chdir(ROOT)
+    assert resolve_entry_config(entry_args).optim.global_batch == 12
+    _, _, entry_args, _ = recorded_launch(tmp_path / "given", "train_full_8p.sh", "--nnodes=1:2",
+                                          "--global_batch=64")
+    assert resolve_entry_config(entry_args).optim.global_batch == 64
+
+
+def test_a_fixed_node_count_keeps_the_static_rendezvous(tmp_path):
+    _, options, _, store = recorded_launch(tmp_path, "train_full_1p.sh", "--max_restarts=2")
+    assert options == ["--nnodes=1", "--node_rank=0", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                       "--master_port=29688", "--max-restarts=2"]
+    assert store == "unset"
 
 
 @pytest.fixture(scope="module")

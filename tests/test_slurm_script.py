@@ -85,3 +85,38 @@ def test_outside_a_job_it_says_how_to_start_it(tmp_path):
     done = subprocess.run(["bash", SCRIPT, "--config", "configs/smoke.py"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode != 0 and "SLURM_JOB_NODELIST: not set: submit this script with sbatch" in done.stderr
+
+
+# A stand-in for `python` on the nodes: the torchrun launch is recorded per node (NUL-separated arguments, and
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE as it saw it) instead of training.
+FAKE_NODE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\0' "$@" > "$SLURM_FAKE_RECORD/launch$SLURM_NODEID"
+printf '%s' "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}" > "$SLURM_FAKE_RECORD/store$SLURM_NODEID"
+"""
+
+
+def test_min_nodes_makes_the_job_elastic(tmp_path):
+    """MIN_NODES=1 in a 2-node job: each node runs torchrun --nnodes=1:2 with the c10d rendezvous hosted by node 0,
+    3 restarts, a rendezvous store per round, and the accumulation derived from the nodes present; srun keeps the
+    job running when a node fails (--no-kill) and does not stop the others when one exits (no --kill-on-bad-exit)."""
+    env = fake_slurm(tmp_path, nodes=2)
+    (tmp_path / "bin" / "python").write_text(FAKE_NODE_PYTHON)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    env["MIN_NODES"] = "1"
+    done = subprocess.run(["bash", SCRIPT, "--config", "configs/smoke.py", "--workdir", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "elastic, 1 to 2 nodes, 3 restarts" in done.stdout
+    record = tmp_path / "record"
+    srun_args = (record / "srun_args").read_text().splitlines()
+    assert "--no-kill" in srun_args and not any(a.startswith("--kill-on-bad-exit") for a in srun_args)
+    for node in (0, 1):
+        launched = (record / f"launch{node}").read_text().split("\0")[:-1]
+        assert launched[:2] == ["-m", "torch.distributed.run"]
+        assert launched[2:10] == ["--nnodes=1:2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                                  f"--rdzv_endpoint=127.0.0.1:{env['MASTER_PORT']}", "--rdzv_id=retina_fn_4242",
+                                  f"--rdzv_conf=is_host={int(node == 0)}", "--max-restarts=3", "-m"]
+        assert launched[10:] == ["experiments.coco_retinanet", "--config", "configs/smoke.py", "--workdir",
+                                 str(tmp_path / "run"), "--config.optim.accum_steps=auto"]
+        assert (record / f"store{node}").read_text() == "1"

@@ -177,3 +177,25 @@ def check_rendezvous(env: LaunchEnv) -> None:
             f"world size {env.world_size} needs {' and '.join(missing)} for the env:// rendezvous "
             "(torchrun sets them; Ascend launch scripts must export them)"
         )
+
+
+def store_prefix(environ: Mapping[str, str] | None = None) -> str:
+    """The key prefix of this process group in the env:// rendezvous store.
+
+    When torchrun's agent hosts that store (TORCHELASTIC_USE_AGENT_STORE=True: static rendezvous, or c10d with
+    the store shared) it outlives restarts and still holds the previous attempt's keys; seen here, gloo's
+    connectFullMesh could read a dead worker's address from them ("Connection refused"), so each attempt gets
+    its own prefix. Otherwise (c10d with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which membership changes need)
+    rank 0 hosts a fresh store on a fresh port for every rendezvous round, nothing is stale, and a prefix must
+    not name the restart count: agents count their own restarts, so a node that joined later would disagree.
+
+    Args:
+      environ: the environment (default os.environ).
+
+    Returns:
+      'retina_fn/attempt_<TORCHELASTIC_RESTART_COUNT>/' with the agent's store, else 'retina_fn/'.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        return f"retina_fn/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return "retina_fn/"

@@ -22,7 +22,6 @@ CollectiveError naming the operation and the timeout. On Ascend, HCCL_EXEC_TIMEO
 from __future__ import annotations
 
 import contextlib
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 from retina_fn.parallel import collectives
 from retina_fn.parallel.backend import DeviceChoice, select_device
-from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env
+from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env, store_prefix
 from retina_fn.train.step import identity
 
 Tree = Any
@@ -204,6 +203,26 @@ class Runtime:
         with self._guard("verify_same (all_gather_object)"):
             collectives.verify_same(tree, group=self.group)
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s picklable `obj` on every rank (a host-side decision shared, e.g. when to checkpoint).
+
+        Args:
+          obj: the object on rank `src`; ignored elsewhere.
+          src: the sending rank.
+
+        Returns:
+          Rank `src`'s object (`obj` itself for one process).
+
+        Raises:
+          CollectiveError: the collective failed or timed out.
+        """
+        if self.group is None:
+            return obj
+        with self._guard(f"broadcast_object from rank {src}"):
+            box = [obj]
+            dist.broadcast_object_list(box, src=src, group=self.group)
+            return box[0]
+
     def barrier(self) -> None:
         """Waits for every rank; on gloo a monitored barrier that names the ranks that did not arrive.
 
@@ -311,14 +330,9 @@ def _node_mesh(env: LaunchEnv, kind: str, timeout: timedelta):
 
 
 def _attempt_store(env: LaunchEnv, timeout: timedelta):
-    """The env:// rendezvous store under a prefix naming torchrun's restart attempt.
-
-    After an elastic restart the launcher's store still holds the previous attempt's keys; seen here,
-    gloo's connectFullMesh could read a dead worker's address from them ("Connection refused"). Keys of
-    each attempt under their own prefix cannot be confused."""
+    """The env:// rendezvous store under `store_prefix()`."""
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"retina_fn/attempt_{attempt}/", store)
+    return dist.PrefixStore(store_prefix(), store)
 
 
 def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
@@ -356,6 +370,11 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     check_rendezvous(env)
     if dist.is_initialized():
         raise RuntimeError("a default process group already exists; call Runtime.shutdown() before init() again")
+    # Before the group exists: torch._dynamo (imported by Runtime's torch.compiler.disable) imports modules that
+    # take `group.WORLD` as a default argument (torch.distributed.nn.functional); imported later, they would pin
+    # the group past destroy_process_group, and its gloo threads, torn down at interpreter exit while a peer is
+    # still connected, abort the process ("terminate called without an active exception").
+    import torch._dynamo  # noqa: F401
     options = dict(backend=choice.backend, store=_attempt_store(env, timeout), rank=env.rank,
                    world_size=env.world_size)
     if choice.kind == "cuda":

@@ -2,7 +2,8 @@
 
 --scenario full: launch facts, reduce_sum / reduce_mean of sample_tree(rank) with a count of the
 all_reduce calls (default and 4096-byte buckets), input purity, broadcast_tree, verify_same (equal, then
-rank 1 perturbs a leaf), a structure mismatch, a bad dtype, gather_objects, all_gather_object, barrier.
+rank 1 perturbs a leaf), a structure mismatch, a bad dtype, gather_objects, all_gather_object, broadcast_object,
+timed checkpoints on clocks that differ between ranks, barrier.
 --scenario reduce: launch facts and the two reductions only (the multi-node test).
 """
 
@@ -110,9 +111,25 @@ def full(runtime, out: dict) -> None:
     item = {"rank": runtime.rank, "image_ids": list(range(runtime.rank * 3, runtime.rank * 3 + 3))}
     out["gathered"] = runtime.gather_objects(item)
     out["all_gathered"] = runtime.all_gather_object(item)
+    out["broadcast_object"] = runtime.broadcast_object(item)
+    timed_saves(runtime, out)
     runtime.barrier()
     # Still in step after all of the above: a final reduction agrees.
     out["final_sum"] = runtime.reduce_sum({"one": torch.ones(2)})
+
+
+def timed_saves(runtime, out: dict) -> None:
+    """experiments.train_hooks.TimedCheckpoints (a checkpoint every 100 s of training) over 250 steps, each rank on
+    its own clock: rank 0's steps take 1 s, rank 1's 2.5 s. Records the steps each rank saved at."""
+    from experiments.train_hooks import TimedCheckpoints
+
+    step_s = 1.0 if runtime.rank == 0 else 2.5
+    timer = TimedCheckpoints(100.0, runtime, step=0, train_s=0.0)
+    out["timed_saves"] = []
+    for step in range(1, 251):
+        if timer.due(step, step * step_s):
+            out["timed_saves"].append(step)
+            timer.saved(step * step_s)
 
 
 def main() -> None:

@@ -77,3 +77,22 @@ def run_nodes(script: str, args: list[str], *, nnodes: int, nproc: int, limit_s:
     started = time.monotonic()
     launchers = [start(script, args, port=port, nproc=nproc, nnodes=nnodes, node_rank=n) for n in range(nnodes)]
     return [wait(p, started, limit_s) for p in launchers]
+
+
+def start_elastic_agent(script: str, args: list[str], *, port: int, log_path, is_host: bool, nnodes: str = "1:2",
+                        nproc: int = 1, max_restarts: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """One torchrun agent of an elastic job (c10d rendezvous at 127.0.0.1:`port`, `nnodes` = 'MIN:MAX') in a new
+    process group, its output to `log_path`. `is_host`: this agent hosts the rendezvous store (the others must
+    find it running). One rendezvous store per round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): with torch 2.13's
+    shared store a node joining a running group times out waiting for the round's MASTER_ADDR. Workers run in
+    sessions of their own (torchrun starts them so): stopping the agent's group does not stop them."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic_test",
+        f"--rdzv_conf=is_host={int(is_host)},last_call_timeout=1", f"--max-restarts={max_restarts}",
+        "--monitor_interval=0.2", os.path.join(SCRIPTS, script), *args,
+    ]  # fmt: skip
+    full_env = dict(worker_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **(env or {}))
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)

@@ -13,6 +13,8 @@ test_two_processes_of_batch_2_equal_one_process_of_batch_4 runs).
 from __future__ import annotations
 
 import argparse
+import gc
+import weakref
 
 import torch
 
@@ -61,6 +63,7 @@ def make_cfg(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> None:
     runtime = parallel.init(make_dist_cfg(timeout_s=60.0))
+    group = weakref.ref(runtime.group) if runtime.group is not None else None
     cfg = make_cfg(args)
     global_batch = len(args.boxes)
     if global_batch % runtime.world_size:
@@ -81,6 +84,11 @@ def main(args: argparse.Namespace) -> None:
                     "metrics": {k: v.detach().clone() for k, v in metrics.items()},
                     "world_size": runtime.world_size}, args.out_file)
     runtime.shutdown()
+    if group is not None:
+        # A group that outlives shutdown keeps gloo's worker threads running into interpreter exit, where one
+        # releasing a collective's tensors aborts the process (see retina_fn.parallel.runtime.init).
+        gc.collect()
+        print(f"rank {runtime.rank}: process group freed at shutdown: {group() is None}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The loop's timed checkpoints (train.checkpoint_every_s) on a scripted clock: which steps save, and how often
+the ranks have to talk to agree on it."""
+
+import pytest
+
+from experiments.train_hooks import TimedCheckpoints
+
+
+class FakeRuntime:
+    """Rank 0 of `world_size` processes; broadcast_object counts the decisions shared."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.is_main, self.broadcasts = world_size, True, 0
+
+    def broadcast_object(self, obj):
+        self.broadcasts += 1
+        return obj
+
+
+def run(timer, steps: int, step_s: float) -> list[int]:
+    """Steps 1..steps of step_s seconds each; returns the steps that saved (calling saved() as the loop does)."""
+    saves = []
+    for step in range(1, steps + 1):
+        if timer.due(step, step * step_s):
+            saves.append(step)
+            timer.saved(step * step_s)
+    return saves
+
+
+def test_one_process_decides_at_every_step():
+    runtime = FakeRuntime(1)
+    timer = TimedCheckpoints(10.0, runtime, step=0, train_s=0.0)
+    assert run(timer, 35, 1.0) == [10, 20, 30]  # 10 s of training after the start, then after each save
+    assert runtime.broadcasts == 35
+
+
+def test_several_processes_decide_about_twenty_times_per_interval():
+    """Steps of 1 s, a checkpoint every 100 s: decision steps 1, 6, 11, ..., 96 (every 100 / 20 = 5 s), then 100,
+    where the interval is due, so the save lands on step 100 exactly; then 105, ..., 195 and 200 (20 decisions),
+    and 205, ..., 300 (20): 61 broadcasts in 300 steps."""
+    runtime = FakeRuntime(4)
+    timer = TimedCheckpoints(100.0, runtime, step=0, train_s=0.0)
+    assert run(timer, 300, 1.0) == [100, 200, 300]
+    assert runtime.broadcasts == 21 + 20 + 20
+
+
+def test_slower_steps_space_the_decisions_by_rank_0s_step_time():
+    """Steps of 4 s, a checkpoint every 100 s: decisions at most 100 / 20 = 5 s apart are one step apart (a gap
+    is at least one step); the saves land on steps 25 and 50 (100 s and 200 s)."""
+    runtime = FakeRuntime(2)
+    timer = TimedCheckpoints(100.0, runtime, step=0, train_s=0.0)
+    assert run(timer, 50, 4.0) == [25, 50]
+    assert runtime.broadcasts == 50
+
+
+def test_a_resumed_run_counts_from_its_own_start():
+    """Resumed at step 40 with its training clock at 0: steps of 1 s save at 50 and 60."""
+    timer = TimedCheckpoints(10.0, FakeRuntime(1), step=40, train_s=0.0)
+    saves = []
+    for step in range(41, 70):
+        if timer.due(step, step - 40.0):
+            saves.append(step)
+            timer.saved(step - 40.0)
+    assert saves == [50, 60]
+
+
+def test_any_checkpoint_restarts_the_interval():
+    timer = TimedCheckpoints(10.0, FakeRuntime(1), step=0, train_s=0.0)
+    assert not timer.due(5, 5.0)
+    timer.saved(5.0)  # e.g. the step cadence or an epoch's end saved at 5 s
+    assert [s for s in range(6, 20) if timer.due(s, float(s))] == [15, 16, 17, 18, 19]  # due until saved()
+
+
+def test_off_without_a_setting_and_refuses_non_positive_seconds():
+    runtime = FakeRuntime(2)
+    timer = TimedCheckpoints(None, runtime, step=0, train_s=0.0)
+    assert run(timer, 50, 100.0) == [] and runtime.broadcasts == 0
+    with pytest.raises(ValueError, match="train.checkpoint_every_s must be > 0"):
+        TimedCheckpoints(0.0, runtime, step=0, train_s=0.0)
