@@ -215,6 +215,11 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
                 run.save(epoch, step_in_epoch)
         budget = run.cfg.train.time_budget_s  # seconds of training, not counting setup or evaluation
         out_of_time = budget is not None and _any_rank(run.runtime, run.train_clock >= budget, run.device)
+        if out_of_time and run.step < run.epochs * run.steps_per_epoch and run.runtime.is_main:
+            log.warning("train.time_budget_s=%g reached after %.0f s of training, at step %d of the schedule's %d: "
+                        "training stops before the schedule ends (a checkpoint and the evaluation follow, so the "
+                        "metrics are not the recipe's); --config.train.time_budget_s=None trains the whole schedule",
+                        budget, run.train_clock, run.step, run.epochs * run.steps_per_epoch)
         if run.cadence.reached_max_steps(run.step) or out_of_time:
             return True, step_in_epoch, batch
         if run.cadence.epoch_cut_short(step_in_epoch - first):

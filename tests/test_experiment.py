@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -173,11 +174,14 @@ def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path
     assert all(torch.isfinite(v).all() for v in tree.leaves(newest.state["params"]))
 
 
-def test_time_budget_counts_training_time_and_stops_with_a_checkpoint(tmp_path):
-    # A budget far below one step's time: the run stops after its first step, saves it and still reports.
+def test_time_budget_counts_training_time_and_stops_with_a_checkpoint(tmp_path, caplog):
+    # A budget far below one step's time: the run stops after its first step, saves it, says so and still reports.
     cfg = smoke_config(tmp_path / "data", **{"train.validate": False, "train.time_budget_s": 1e-6})
-    results = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+    with caplog.at_level(logging.WARNING, logger="experiments.trainer"):
+        results = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert results["steps"] == 1
+    assert any("time_budget_s=1e-06 reached" in r.getMessage() and "at step 1 of the schedule's" in r.getMessage()
+               for r in caplog.records)
     assert 0 < results["train_s"] <= results["wall_s"]
     assert checkpoint.restore_latest(str(tmp_path / "run" / "checkpoints")).step == 1
 
