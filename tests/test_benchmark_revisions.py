@@ -23,7 +23,7 @@ def test_rounds_alternate_and_pair(monkeypatch):
     def fake_run_once(tree, args, out_json):
         side = "head" if tree == revisions.ROOT else "base"
         calls.append(side)
-        return {"batch": 8, "ours": {"step_s": next(step_s[side])}}
+        return {"batch": 8, "ours": {"step_s": {"median": next(step_s[side])}}}
 
     monkeypatch.setattr(revisions, "run_once", fake_run_once)
     result = revisions.compare("HEAD", ["--config", "configs/demo.py"], rounds=3)

@@ -65,17 +65,8 @@ def test_the_worker_runs_its_rows_in_a_process_and_skips_missing_fields(tmp_path
     assert os.listdir(tmp_path) == []  # the spec and results files are removed
 
 
-def test_the_batch_is_padded_to_its_box_bucket():
+def test_missing_fields_names_the_overrides_a_config_lacks():
     cfg = smoke.get_config()
-    cfg.data.images_per_device = 3
-    cfg.data.landscape_canvas = (64, 96)
-    plain = suite_plan.suite_batch(cfg, "cpu")
-    assert plain["boxes"].shape == (3, cfg.data.max_boxes, 4) and plain["image"].shape == (3, 3, 64, 96)
-    cfg.data.box_buckets = suite_plan.BOX_BUCKETS
-    bucketed = suite_plan.suite_batch(cfg, "cpu")
-    counts = bucketed["box_valid"].sum(1)
-    assert counts.tolist() == plain["box_valid"].sum(1).tolist() and 3 <= int(counts.max()) <= 6
-    assert bucketed["boxes"].shape == (3, 8, 4)  # the smallest bucket holding 6 boxes
     assert suite_plan.missing_fields(cfg, {"data.box_buckets": (8,), "model.loss.fused_focal": True}) == []
     assert suite_plan.missing_fields(cfg, {"data.nope": 1, "nope.deeper": 2}) == ["data.nope", "nope.deeper"]
 

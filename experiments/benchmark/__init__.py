@@ -55,7 +55,7 @@ from experiments.benchmark.report import format_table, write_json
 from experiments.benchmark.torchvision_ref import TV_VARIANTS, torchvision_available, tv_infer, tv_train
 from experiments.benchmark.variants import VARIANTS, variant_setups
 from retina_fn import precision as precision_lib
-from retina_fn.data.random_batch import random_batch
+from retina_fn.data.random_batch import config_batch
 from retina_fn.parallel import backend
 
 __all__ = [
@@ -110,10 +110,8 @@ def run(cfg, opts: Options) -> dict:
         result["machine"]["load_avg_end"] = load_average()
         return result
 
-    batch = random_batch(batch_size=batch_size, canvas=canvas, max_boxes=int(cfg.data.max_boxes),
-                         max_ignore_boxes=int(cfg.data.max_ignore_boxes),
-                         num_classes=class_count.require_int(cfg, "experiments.benchmark (random batches)"),
-                         seed=opts.seed, device=device)
+    batch = config_batch(cfg, class_count.require_int(cfg, "experiments.benchmark (random batches)"), device,
+                         seed=opts.seed)
     setups = variant_setups(cfg, opts.variants)
     if opts.mode == "train":
         subjects = [ours_train(c, batch, device, opts.seed, name, patch) for name, c, patch in setups]

@@ -20,7 +20,7 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from experiments import benchmark, cli
+    from experiments import benchmark, cli, host_memory
     from experiments.benchmark import suite, suite_plan, suite_report
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
@@ -88,6 +88,7 @@ def main() -> None:
             compare=compare.value, device=device.value, dense_scores=dense.value, tv_variant=tv_variant.value,
             tv_channels_last=tv_cl.value, count_flops=not no_flops.value, variants=tuple(variants.value),
             image_size=image_size.value)
+        host_memory.keep_freed_memory()  # as the trainer: a CPU step reuses its freed buffers
         result = benchmark.run(config.value, opts)
         print(benchmark.format_table(result))
         if out.value:

@@ -74,7 +74,7 @@ def compare(base: str, args: Sequence[str], rounds: int, repo: str = ROOT) -> di
             row = {}
             for side, tree in (("base", base_tree), ("head", repo)):
                 result = run_once(tree, args, os.path.join(tmp, f"{side}_{i}.json"))
-                row[f"{side}_s"] = result["ours"]["step_s"]
+                row[f"{side}_s"] = result["ours"]["step_s"]["median"]
                 row["images_per_step"] = result["batch"]
             samples.append(row)
             print(f"round {i + 1}/{rounds}: base {row['base_s']:.3f} s/step, this checkout {row['head_s']:.3f} s/step",

@@ -45,10 +45,11 @@ from configs import common
 from experiments.benchmark.measurement import measure
 from experiments.benchmark.options import Options
 from experiments.benchmark.ours import ours_infer, ours_train
-from experiments.benchmark.suite_plan import Plan, Row, load_config, missing_fields, suite_batch
+from experiments.benchmark.suite_plan import Plan, Row, load_config, missing_fields
 from experiments.benchmark.suite_report import add_ratios, card_info, peak_tflops, write_outputs
 from experiments.benchmark.torchvision_ref import torchvision_available, tv_infer, tv_train
 from experiments.train_hooks import synchronize
+from retina_fn.data.random_batch import config_batch
 
 
 def _subject(cfg, row: Row, batch: dict, device: torch.device, opts: Options):
@@ -103,7 +104,7 @@ def run_row(cfg, row: Row, plan: Plan, device: torch.device, count_flops: bool =
     try:
         row_cfg = common.override(cfg.copy_and_resolve_references(), **row.overrides)
         opts = Options(mode=row.mode, iters=plan.iters, warmup=plan.warmup, rounds=1, count_flops=count_flops)
-        batch = suite_batch(row_cfg, device)
+        batch = config_batch(row_cfg, int(row_cfg.model.num_classes), device)
         subject = _subject(row_cfg, row, batch, device, opts)
         result = measure([subject], plan.batch, opts, device)[row.name]
         return {"status": "ok", "result": result, "log": recorder.lines}
@@ -126,7 +127,7 @@ def profile_row(cfg, row: Row, plan: Plan, device: torch.device, steps: int) -> 
     try:
         row_cfg = common.override(cfg.copy_and_resolve_references(), **row.overrides)
         opts = Options(mode=row.mode, iters=1, warmup=0, count_flops=False)
-        subject = _subject(row_cfg, row, suite_batch(row_cfg, device), device, opts)
+        subject = _subject(row_cfg, row, config_batch(row_cfg, int(row_cfg.model.num_classes), device), device, opts)
         for _ in range(2):  # compile / capture / warm-up outside the profile
             subject.call()
         synchronize(device)

@@ -1,9 +1,10 @@
 """What a prepared benchmark suite runs: its rows (one measurement each: a mode and config overrides), its plan
-(config, canvas, batch, precision, budgets) and the synthetic batch every row times.
+(config, canvas, batch, precision, budgets); the synthetic batch every row times is
+retina_fn.data.random_batch.config_batch.
 
     plan = gpu_plan(dry_run=False)      # the 'gpu' suite: R50-FPN 1x, 800 x 1344, batch 16, bf16
     cfg = load_config(plan)             # the plan's config with its canvas, batch and precision written in
-    batch = suite_batch(cfg, device)    # 3 to 6 random boxes per image, padded as the loader pads
+    batch = config_batch(cfg, num_classes, device)   # retina_fn.data.random_batch: padded as the loader pads
 
 Running a plan is experiments.benchmark.suite's; its tables are experiments.benchmark.suite_report's.
 """
@@ -15,8 +16,6 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from configs import common
-from retina_fn.data import batching
-from retina_fn.data.random_batch import random_batch
 
 SUITES = ("gpu",)
 BOX_BUCKETS = (8, 16, 32, 64)  # the box_buckets rows' data.box_buckets (data.max_boxes is always the last)
@@ -126,17 +125,4 @@ def missing_fields(cfg, overrides: Mapping[str, Any]) -> list[str]:
                 break
             node = node[key]
     return missing
-
-
-def suite_batch(cfg, device: torch.device, seed: int = 0) -> dict:
-    """The synthetic batch of a row: 3 to 6 random boxes per image (drawn from the seed alone, so every row
-    trains on the same counts), padded as the loader pads (retina_fn.data.batching): to data.max_boxes or,
-    with data.box_buckets, to the smallest bucket holding the largest count."""
-    batch_size = int(cfg.data.images_per_device)
-    counts = [int(n) for n in torch.randint(3, 7, (batch_size,), generator=torch.Generator().manual_seed(seed))]
-    sizes = batching.bucket_sizes(tuple(cfg.data.get("box_buckets", ())), int(cfg.data.max_boxes))
-    rows = batching.padded_count(max(counts), sizes)
-    return random_batch(counts, canvas=tuple(cfg.data.landscape_canvas), max_boxes=rows,
-                        max_ignore_boxes=int(cfg.data.max_ignore_boxes), num_classes=int(cfg.model.num_classes),
-                        seed=seed, device=device)
 

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from retina_fn.data import batching
+
 
 def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | None = None,
                  canvas: tuple[int, int] = (64, 96), max_boxes: int = 5, max_ignore_boxes: int = 2,
@@ -57,3 +59,27 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
         "image_id": torch.arange(b),
     }
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def config_batch(cfg, num_classes: int, device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """A random batch of a config's shape, padded as its loader pads: data.images_per_device images on
+    data.landscape_canvas with 3 to 6 boxes each (drawn from the seed alone, so every config of a comparison
+    trains on the same counts), the ground truth padded to data.max_boxes or, with data.box_buckets, to the
+    smallest bucket holding the largest count (retina_fn.data.batching).
+
+    Args:
+      cfg: the whole config (its data block).
+      num_classes: labels are drawn from [0, num_classes).
+      device: where the tensors are made.
+      seed: the draw.
+
+    Returns:
+      The batch dict of `random_batch`, with G the padded count.
+    """
+    batch_size = int(cfg.data.images_per_device)
+    counts = [int(n) for n in torch.randint(3, 7, (batch_size,), generator=torch.Generator().manual_seed(seed))]
+    sizes = batching.bucket_sizes(tuple(cfg.data.get("box_buckets", ())), int(cfg.data.max_boxes))
+    rows = batching.padded_count(max(counts), sizes)
+    return random_batch(counts, canvas=tuple(cfg.data.landscape_canvas), max_boxes=rows,
+                        max_ignore_boxes=int(cfg.data.max_ignore_boxes), num_classes=num_classes, seed=seed,
+                        device=device)
