@@ -47,14 +47,19 @@ def lively_params(cfg) -> dict:
     return params
 
 
+def labelled_checkpoint(root, cfg) -> tuple[dict, str]:
+    """`lively_params` of cfg saved as a checkpoint with LABEL_MAP under root/run; (params, its path)."""
+    params = lively_params(cfg)
+    trainable, frozen = retinanet.split_trainable(params, cfg.model)
+    return params, checkpoint.save(str(root / "run"), 7, {"params": trainable, "frozen": frozen},
+                                   meta={"label_map": LABEL_MAP})
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     cfg = config()
-    params = lively_params(cfg)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
-    ckpt = checkpoint.save(str(root / "run"), 7, {"params": trainable, "frozen": frozen},
-                           meta={"label_map": LABEL_MAP})
+    params, ckpt = labelled_checkpoint(root, cfg)
     gen = np.random.default_rng(0)
     sizes = {"wide.jpg": (48, 64), "tall.png": (70, 40)}
     images = {}

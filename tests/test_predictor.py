@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from experiments import predict
-from retina_fn import checkpoint, predictor as predictor_lib
+from retina_fn import predictor as predictor_lib
 from retina_fn.interop import COCO80_IDS, COCO80_NAMES, to_torchvision
-from retina_fn.model import retinanet
 from retina_fn.predictor import Prediction, Predictor, label_table
-from tests.test_predict import CONFIG_FILE, LABEL_MAP, config, lively_params
+from tests.test_predict import CONFIG_FILE, LABEL_MAP, config, labelled_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,11 +28,7 @@ def files(tmp_path_factory):
     """A checkpoint with a label map, the tiny config as a file, and two images: a.jpg 48 x 64 (landscape
     canvas 64 x 96), b.png 70 x 40 (portrait canvas 96 x 64)."""
     root = tmp_path_factory.mktemp("predictor")
-    cfg = config()
-    params = lively_params(cfg)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
-    ckpt = checkpoint.save(str(root / "run"), 7, {"params": trainable, "frozen": frozen},
-                           meta={"label_map": LABEL_MAP})
+    params, ckpt = labelled_checkpoint(root, config())
     gen = np.random.default_rng(0)
     for name, (h, w) in {"a.jpg": (48, 64), "b.png": (70, 40)}.items():
         Image.fromarray(gen.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / name)
