@@ -8,6 +8,7 @@ def test_the_batch_is_padded_to_its_box_bucket():
     cfg = smoke.get_config()
     cfg.data.images_per_device = 3
     cfg.data.landscape_canvas = (64, 96)
+    cfg.data.box_buckets = ()
     plain = config_batch(cfg, 3)
     assert plain["boxes"].shape == (3, cfg.data.max_boxes, 4) and plain["image"].shape == (3, 3, 64, 96)
     cfg.data.box_buckets = (8, 16, 32, 64)
