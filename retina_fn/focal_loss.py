@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from retina_fn.precision import float32_region
 
 BACKGROUND = -1
 IGNORE = -2
@@ -138,6 +139,6 @@ def sigmoid_focal_loss_sums(logits: torch.Tensor, labels: torch.Tensor, alpha: f
                          f"got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"sigmoid_focal_loss_sums: labels must be an integer tensor, got {labels.dtype}")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with float32_region(logits.device.type):
         sums, _ = _FocalLossSums.apply(logits, labels.to(torch.int64), alpha, gamma)
     return sums

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from retina_fn import boxes as box_lib
 from retina_fn import errors, focal_loss
+from retina_fn.precision import float32_region
 
 _BOX_LOSSES = ("l1", "giou")
 _NORMALIZERS = ("batch", "image")
@@ -57,7 +58,7 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     if logits.shape != targets.shape:
         raise ValueError(f"sigmoid_focal_loss: logits {tuple(logits.shape)} and targets "
                          f"{tuple(targets.shape)} must have the same shape")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with float32_region(logits.device.type):
         dtype = _compute_dtype(logits.dtype)
         x = logits.to(dtype)
         t = targets.to(dtype)
@@ -199,7 +200,7 @@ def retinanet_loss(
     if loss_cfg.normalizer not in _NORMALIZERS:
         raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
 
-    with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+    with float32_region(cls_logits.device.type):
         dtype = _compute_dtype(cls_logits.dtype)
         deltas = box_deltas.to(dtype)
         num_classes = cls_logits.shape[-1]

@@ -25,6 +25,7 @@ from retina_fn import boxes as box_lib  # `boxes` is a local name here
 from retina_fn import errors
 from retina_fn.nms import batched_nms
 from retina_fn.topk import top_k_sorted_indices
+from retina_fn.precision import float32_region
 
 _PRE_SELECT = ("anchor", "pair")
 
@@ -190,7 +191,7 @@ def detect(
     _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg, anchor_valid)
     select = _level_candidates_by_anchor if test_cfg.pre_select == "anchor" else _level_candidates_by_pair
     batch = cls_logits.shape[0]
-    with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+    with float32_region(cls_logits.device.type):
         scores = torch.sigmoid(cls_logits.float())
         if anchor_valid is not None:
             scores = torch.where(anchor_valid.unsqueeze(-1), scores, -1.0)

@@ -97,6 +97,16 @@ def autocast(precision: Precision, device_type: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device_type, dtype=precision.compute_dtype)
 
 
+def float32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off on `device_type`: torch.autocast(enabled=False) where autocast is on,
+    a null context where it is already off. The same arithmetic either way; the idle region is skipped because
+    torch.export records every autocast region as a higher-order op and inlines each one with a recompile of
+    the whole graph (a GroupNorm network's export took twice as long)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def select_tree(pred: torch.Tensor, on_true: tree.Tree, on_false: tree.Tree) -> tree.Tree:
     """Leafwise torch.where(pred, a, b) for a 0-d bool `pred` over two trees of the same structure."""
     return tree.map(lambda a, b: torch.where(pred, a, b), on_true, on_false)

@@ -23,6 +23,7 @@ small against their spread, and the statistics are clamped at zero variance.
 from __future__ import annotations
 
 import torch
+from retina_fn.precision import float32_region
 
 
 def _to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ class _MaskedGroupNorm(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)
         b, c = x.shape[:2]
         g, cg = num_groups, c // num_groups
-        with torch.autocast(x.device.type, enabled=False):  # the statistics stay in float32 under autocast
+        with float32_region(x.device.type):  # the statistics stay in float32 under autocast
             xf, m = x.to(dtype), mask.to(dtype)
             xm = xf * m
             s1 = xm.sum(dim=(2, 3)).view(b, g, cg)
@@ -72,7 +73,7 @@ class _MaskedGroupNorm(torch.autograd.Function):
         b, c = x.shape[:2]
         g, cg = ctx.num_groups, c // ctx.num_groups
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             if ctx.relu:  # y is 0 wherever the ReLU or the mask zeroed it: one pass covers both
                 dy = torch.ops.aten.threshold_backward(dy, y, 0)
             elif ctx.zero_outside:
