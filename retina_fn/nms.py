@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from retina_fn.precision import float32_region
 from retina_fn.topk import exporting
 
 _IMPLS = ("auto", "torch", "torchvision")
@@ -246,7 +247,7 @@ def batched_nms(
     if n == 0:
         return (torch.zeros(batch, max_output, dtype=torch.int64, device=boxes.device),
                 torch.zeros(batch, max_output, dtype=torch.bool, device=boxes.device))
-    with torch.autocast(device_type=boxes.device.type, enabled=False):
+    with float32_region(boxes.device.type):
         boxes = boxes.float()
         scores = scores.float()
         valid = valid & ~torch.isnan(scores)

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first; a module may import its own layer or lower ones. Kept in step with docs/conventions.md.
 LAYERS = [
-    ("errors", "tree", "rng", "boxes", "topk", "nms", "extent", "anchors"),
-    ("nn", "assign", "focal_loss", "losses", "postprocess", "precision", "optim"),
+    ("errors", "tree", "rng", "precision", "boxes", "topk", "nms", "extent", "anchors"),
+    ("nn", "assign", "focal_loss", "losses", "postprocess", "optim"),
     ("accel", "model"),
     ("detector",),
     ("train",),
