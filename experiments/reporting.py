@@ -8,9 +8,10 @@ import logging
 import math
 import os
 import resource
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ def set_log_level(level: int) -> None:
 
 def memory_gb(device: torch.device) -> float:
     """Peak memory so far: max allocated on CUDA/NPU, peak resident set size of this process on the CPU."""
+    import torch  # noqa: PLC0415 - here, so that the launch scripts print results.json's lines without torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     if device.type == "npu":

@@ -35,3 +35,17 @@ def test_jsonl_writer_appends_and_reads_back(tmp_path):
     log.write({"step": 1, "loss": 2.0})
     log.write({"step": 2, "loss": 1.5})
     assert log.read() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_the_closing_lines_are_printed_without_loading_torch():
+    """scripts/common.sh prints results.json's closing lines with a fresh interpreter after every launch: reporting
+    must not import torch (a second and a half per launch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from experiments.reporting import seed_closing_lines; "
+            "print(seed_closing_lines({'train_images_per_s': 2.0, 'wall_s': 9.6})[0], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split("\n")[0] == "Final Performance images/sec : 2.00 False"
