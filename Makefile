@@ -19,7 +19,7 @@ setup: $(STAMP)
 # One test process per core (pytest-xdist; a file's tests stay in one process so they share its fixtures).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 demo: $(STAMP)
 	$(PY) -m experiments.coco_retinanet --config configs/demo.py --workdir runs/demo
