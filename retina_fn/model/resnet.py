@@ -157,14 +157,10 @@ def init(key: rng.Key, cfg) -> dict:
 
 
 def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: ExtentMasks | None,
-           in_stride: int, x_zeroed: bool = False) -> torch.Tensor:
+           in_stride: int) -> torch.Tensor:
     """One residual block; x sits at `in_stride` of the image and the output at in_stride * stride.
     With masks, every input of a 3x3 conv is zeroed outside the image's extent (retina_fn.extent) and
-    GroupNorm takes its statistics inside it. x_zeroed: x is already 0 outside the extent.
-
-    A GroupNorm basic block with masks returns its output zeroed outside the extent too: both branches end in
-    a GroupNorm that zeroes in its fused pass, so the sum and the ReLU stay 0 there, and the next block's 3x3
-    conv needs no pass of its own over x (inside the extent every value is the same either way)."""
+    GroupNorm takes its statistics inside it."""
     out_stride = in_stride * stride
     identity = x
     if bottleneck:
@@ -175,24 +171,13 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: 
                        relu=True)
         y = _conv_norm(p["conv3"], p["bn3"], y, cfg, masks=masks, out_stride=out_stride)
     else:
-        zeroes_output = _zeroes_output(bottleneck, cfg, masks)
-        x_in = x if x_zeroed else zero_outside(x, masks, in_stride)
-        identity = x_in if zeroes_output else x
-        y = _conv_norm(p["conv1"], p["bn1"], x_in, cfg, stride=stride, padding=1, masks=masks,
-                       out_stride=out_stride, relu=True, zero_outside_after=True)
-        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1, masks=masks, out_stride=out_stride,
-                       zero_outside_after=zeroes_output)
+        y = _conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), cfg, stride=stride, padding=1,
+                       masks=masks, out_stride=out_stride, relu=True, zero_outside_after=True)
+        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1, masks=masks, out_stride=out_stride)
     if "downsample" in p:
         ds = p["downsample"]
-        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride, masks=masks, out_stride=out_stride,
-                              zero_outside_after=_zeroes_output(bottleneck, cfg, masks))
+        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride, masks=masks, out_stride=out_stride)
     return nn.relu(y + identity)
-
-
-def _zeroes_output(bottleneck: bool, cfg, masks: ExtentMasks | None) -> bool:
-    """Whether `_block` returns its output zeroed outside the extent: GroupNorm basic blocks with masks (for a
-    folded BN the zeroing would be a pass of its own, and a bottleneck's first conv is 1x1)."""
-    return masks is not None and not bottleneck and cfg.get("norm", "frozen_bn") == "gn"
 
 
 def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) -> dict[str, torch.Tensor]:
@@ -224,9 +209,7 @@ def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) 
         blocks = params[f"layer{stage}"]
         for i in range(len(blocks)):
             stride = 2 if (i == 0 and stage > 1) else 1
-            x_zeroed = i > 0 or stage > 1  # not the max pool's output
-            x = _block(blocks[str(i)], x, stride, bottleneck, cfg, masks, at,
-                       x_zeroed=x_zeroed and _zeroes_output(bottleneck, cfg, masks))
+            x = _block(blocks[str(i)], x, stride, bottleneck, cfg, masks, at)
             at *= stride
         feats[f"C{stage + 1}"] = x
     return feats
