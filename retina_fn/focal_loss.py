@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
 from retina_fn.precision import float32_region
 
 BACKGROUND = -1

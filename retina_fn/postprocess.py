@@ -24,8 +24,8 @@ import torch
 from retina_fn import boxes as box_lib  # `boxes` is a local name here
 from retina_fn import errors
 from retina_fn.nms import batched_nms
-from retina_fn.topk import top_k_sorted_indices
 from retina_fn.precision import float32_region
+from retina_fn.topk import top_k_sorted_indices
 
 _PRE_SELECT = ("anchor", "pair")
 

@@ -326,9 +326,10 @@ def _ascend_step(backend: str):
 
 def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_probes):
     """Three real steps of configs/retinanet_r50_fpn_1x_coco_npu.py (fp16 autocast with the static scale 64,
-    clipping at 10; a ResNet-18 with 32-channel pyramid and head in place of R50), the second on a batch with an inf pixel: with optim.backend='apex' (torch's SGD standing
-    in for the fused kernel, updating in place) and 'native', the same parameters; the skipped step leaves the
-    apex parameters bitwise unchanged, in the same tensors."""
+    clipping at 10; a ResNet-18 with 32-channel pyramid and head in place of R50), the second on a batch with an
+    inf pixel: with optim.backend='apex' (torch's SGD standing in for the fused kernel, updating in place) and
+    'native', the same parameters; the skipped step leaves the apex parameters bitwise unchanged, in the same
+    tensors."""
     from retina_fn import rng
     from retina_fn.data.random_batch import random_batch
 

@@ -23,6 +23,7 @@ small against their spread, and the statistics are clamped at zero variance.
 from __future__ import annotations
 
 import torch
+
 from retina_fn.precision import float32_region
 
 
