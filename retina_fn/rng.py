@@ -43,6 +43,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
     """Mixes `data` (int64, any shape broadcastable with key[..., 0]) into `key` -> new key words."""
+    if key.device.type == "meta":  # shapes only (a parameter template): nothing to mix, and most meta ops
+        # run Python reference code whose first use imports torch._dynamo
+        shape = np.broadcast_shapes(tuple(key.shape[:-1]), tuple(data.shape))
+        return torch.empty((*shape, 2), dtype=torch.int64, device="meta")
     k0, k1 = key[..., 0], key[..., 1]
     d = data & _M32
     a = _mix32(k0 ^ _mix32(d ^ tag))
@@ -80,6 +84,8 @@ def split(key: Key, num: int = 2) -> Key:
     Returns:
       int64 [num, 2] on key's device.
     """
+    if key.device.type == "meta":  # shapes only, see _hash (arange on 'meta' is Python reference code too)
+        return torch.empty((num, 2), dtype=torch.int64, device=key.device)
     idx = torch.arange(num, dtype=torch.int64, device=key.device)
     return _hash(key.unsqueeze(0).expand(num, 2), idx, _SPLIT_TAG)
 

@@ -50,6 +50,24 @@ def test_uniform_statistics():
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
 
 
+def test_meta_keys_give_the_shapes_and_dtypes_of_real_ones():
+    """On the 'meta' device (parameter templates) the hash is skipped; every derived key and draw must
+    still have the shape and dtype the real computation gives."""
+    from retina_fn.nn import init
+
+    def draws(k):
+        a, b = rng.split(k)
+        return [a, rng.split(k, 3), rng.fold_in(b, 5), rng.fold_in(rng.split(k, 4), torch.tensor(2)),
+                rng.bits(a, (3, 5)), rng.uniform(b, (7,)), *rng.uniform_pair(a, (2, 3)), rng.bernoulli(b, 0.5, (4,)),
+                init.standard_normal(a, (6, 2, 3, 3)), init.xavier_uniform(b, (4, 6))]
+
+    real = draws(rng.key(3))
+    with torch.device("meta"):
+        meta = draws(rng.key(3))
+    assert all(m.device.type == "meta" for m in meta)
+    assert [(m.shape, m.dtype) for m in meta] == [(r.shape, r.dtype) for r in real]
+
+
 def test_host_generators_are_seeded_by_the_key():
     k = rng.key(5)
     assert np.array_equal(rng.numpy_generator(k).random(4), rng.numpy_generator(k).random(4))
