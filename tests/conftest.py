@@ -15,8 +15,6 @@ _THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
 torch.set_num_threads(_THREADS)
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
-    # inductor's C++ kernels compile in a pool of one process per core by default; here the cores are taken
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_THREADS))
 
 # The files that take longest (`--durations`, summed per file; about two thirds of the suite's time), longest
 # first. `make test` hands whole files to the workers in collection order (--dist loadfile
