@@ -84,3 +84,16 @@ def test_masked_group_norm_equals_group_norm_of_the_cropped_map():
     x2 = x.clone()
     x2[0, :, 4:, :] = 1e3
     assert torch.allclose(nn.group_norm(p, x2, 4, mask=mask)[0, :, :4, :5], y[0, :, :4, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_init", ["kaiming_fan_out", "xavier_uniform", "normal"])
+def test_conv_init_on_meta_keys_has_the_real_shapes(weight_init):
+    """A shapes-only template (a key on 'meta') gets empty tensors of exactly the real parameters' shapes and
+    dtypes; an unknown init is refused there too."""
+    real = nn.init.conv(rng.key(0), 8, 4, 3, weight_init, bias=True)
+    with torch.device("meta"):
+        meta = nn.init.conv(rng.key(0), 8, 4, 3, weight_init, bias=True)
+        with pytest.raises(ValueError, match="unknown weight_init"):
+            nn.init.conv(rng.key(0), 8, 4, 3, "orthogonal")
+    assert {k: (v.shape, v.dtype, v.device.type) for k, v in meta.items()} == {
+        k: (v.shape, v.dtype, "meta") for k, v in real.items()}
