@@ -44,7 +44,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
     """Mixes `data` (int64, any shape broadcastable with key[..., 0]) into `key` -> new key words."""
     if key.device.type == "meta":  # shapes only (a parameter template): nothing to mix, and most meta ops
-        # run Python reference code whose first use imports torch._dynamo
+        # run Python reference code whose first use imports torch._dynamo (torch.broadcast_shapes: sympy)
         shape = np.broadcast_shapes(tuple(key.shape[:-1]), tuple(data.shape))
         return torch.empty((*shape, 2), dtype=torch.int64, device="meta")
     k0, k1 = key[..., 0], key[..., 1]

@@ -139,16 +139,14 @@ def conv(key: rng.Key, c_out: int, c_in: int, k: int, weight_init: str = "kaimin
       ValueError: an unknown weight_init.
     """
     shape = (c_out, c_in, k, k)
-    if weight_init not in ("kaiming_fan_out", "xavier_uniform", "normal"):
+    draws = {"kaiming_fan_out": kaiming_normal_fan_out, "xavier_uniform": xavier_uniform,
+             "normal": lambda key_, shape_: normal(key_, shape_, std)}
+    if weight_init not in draws:
         raise ValueError(f"unknown weight_init {weight_init!r}")
     if key.device.type == "meta":  # a shapes-only template (interop): no values to draw
         w = torch.empty(shape, dtype=torch.float32, device="meta")
-    elif weight_init == "kaiming_fan_out":
-        w = kaiming_normal_fan_out(key, shape)
-    elif weight_init == "xavier_uniform":
-        w = xavier_uniform(key, shape)
     else:
-        w = normal(key, shape, std)
+        w = draws[weight_init](key, shape)
     p = {"weight": w}
     if bias:
         p["bias"] = constant((c_out,), bias_value)
