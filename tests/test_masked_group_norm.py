@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retina_fn.nn.masked_group_norm import masked_group_norm
+from retina_fn.nn.masked_group_norm import masked_group_norm, masked_group_norm_maps
 
 # (h, w) of each image's region on a 7 x 9 map: the full map, one pixel, one row, one column, a rectangle
 EXTENTS = ((7, 9), (1, 1), (1, 9), (7, 1), (4, 6))
@@ -107,3 +107,37 @@ def test_groups_must_divide_channels():
     x, weight, bias, mask = _inputs()
     with pytest.raises(ValueError, match="3 groups do not divide 8 channels"):
         masked_group_norm(x, weight, bias, mask, 3)
+
+
+def test_several_maps_in_one_call_equal_one_call_per_map():
+    """A head's levels share one call: outputs and gradients (torch.func.grad, float32, channels_last) are
+    bitwise those of one call per map, including weight and bias, whose per-map parts are summed in the
+    order autograd sums them across separate calls."""
+    x, weight, bias, mask = (t.float() for t in _inputs())
+    maps = [x, x[:, :, :4, :5] * 0.5 - 1, x[:, :, 2:5, 3:6].flip(0)]
+    maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+    masks = [mask, mask[:, :, :4, :5], mask[:, :, :3, :3]]
+    dys = [torch.randn(m.shape, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(maps)]
+
+    def loss(params, together):
+        xs, w, b = params
+        if together:
+            ys = masked_group_norm_maps(xs, w, b, masks, GROUPS, relu=True, zero_outside=True)
+        else:
+            ys = [masked_group_norm(xi, w, b, mi, GROUPS, relu=True, zero_outside=True) for xi, mi in zip(xs, masks)]
+        return sum((y * dy).sum() for y, dy in zip(ys, dys)), ys
+
+    grads_1, (_, ys_1) = torch.func.grad_and_value(loss, has_aux=True)((maps, weight, bias), True)
+    grads_n, (_, ys_n) = torch.func.grad_and_value(loss, has_aux=True)((maps, weight, bias), False)
+    assert all(torch.equal(a, b) for a, b in zip(ys_1, ys_n))
+    assert all(torch.equal(a, b) for a, b in zip(grads_1[0], grads_n[0]))
+    assert torch.equal(grads_1[1], grads_n[1]) and torch.equal(grads_1[2], grads_n[2])
+    first_only = torch.func.grad(lambda w: (masked_group_norm(maps[0], w, bias, masks[0], GROUPS, relu=True,
+                                                              zero_outside=True) * dys[0]).sum())(weight)
+    assert not torch.allclose(grads_1[1], first_only)  # every map's part is in the sum
+
+
+def test_one_mask_per_map():
+    x, weight, bias, mask = _inputs()
+    with pytest.raises(ValueError, match="2 maps and 1 masks"):
+        masked_group_norm_maps([x, x], weight, bias, [mask], GROUPS)

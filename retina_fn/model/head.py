@@ -61,18 +61,20 @@ def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg
     return {"cls_convs": cls_convs, "reg_convs": reg_convs, "cls_logits": cls_logits, "bbox_reg": bbox_reg}
 
 
-def _tower(convs: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None, stride: int) -> torch.Tensor:
-    """The stacked 3x3 convs (+ GroupNorm) + ReLU; x and the output are zero outside the extent when
-    masks are given (each conv reads its neighbours)."""
+def _tower(convs: dict, xs: list[torch.Tensor], cfg, masks: ExtentMasks | None,
+           strides: list[int | None]) -> list[torch.Tensor]:
+    """The stacked 3x3 convs (+ GroupNorm) + ReLU on every level, one layer at a time (a layer's masked
+    GroupNorm is one call over all levels); inputs and outputs are zero outside the extent when masks are
+    given (each conv reads its neighbours)."""
     for i in range(len(convs)):
         p = convs[str(i)]
-        x = nn.conv2d(p, x, padding=1)
+        xs = [nn.conv2d(p, x, padding=1) for x in xs]
         if "norm" in p:
-            gn_mask = None if masks is None else masks.mask(stride, x.shape[-2:], x.dtype)
-            x = nn.group_norm(p["norm"], x, cfg.gn_groups, mask=gn_mask, relu=True, zero_outside=True)
+            gn_masks = None if masks is None else [masks.mask(s, x.shape[-2:], x.dtype) for x, s in zip(xs, strides)]
+            xs = nn.group_norm_maps(p["norm"], xs, cfg.gn_groups, masks=gn_masks, relu=True, zero_outside=True)
         else:
-            x = zero_outside(nn.relu(x), masks, stride)
-    return x
+            xs = [zero_outside(nn.relu(x), masks, s) for x, s in zip(xs, strides)]
+    return xs
 
 
 def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
@@ -99,11 +101,10 @@ def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg, masks
     """
     if masks is not None and len(strides) != len(levels):
         raise ValueError(f"head.apply got {len(levels)} levels but {len(strides)} strides")
-    logits, deltas = [], []
-    for x, stride in zip(levels, strides if masks is not None else [None] * len(levels)):
-        x = zero_outside(x, masks, stride)
-        cls_features = _tower(params["cls_convs"], x, cfg, masks, stride)
-        logits.append(_flatten(nn.conv2d(params["cls_logits"], cls_features, padding=1), num_classes))
-        reg_features = _tower(params["reg_convs"], x, cfg, masks, stride)
-        deltas.append(_flatten(nn.conv2d(params["bbox_reg"], reg_features, padding=1), 4))
+    strides = list(strides) if masks is not None else [None] * len(levels)
+    xs = [zero_outside(x, masks, s) for x, s in zip(levels, strides)]
+    cls_features = _tower(params["cls_convs"], xs, cfg, masks, strides)
+    logits = [_flatten(nn.conv2d(params["cls_logits"], f, padding=1), num_classes) for f in cls_features]
+    reg_features = _tower(params["reg_convs"], xs, cfg, masks, strides)
+    deltas = [_flatten(nn.conv2d(params["bbox_reg"], f, padding=1), 4) for f in reg_features]
     return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from retina_fn.nn.masked_group_norm import masked_group_norm
+from retina_fn.nn.masked_group_norm import masked_group_norm, masked_group_norm_maps
 
 Params = dict[str, torch.Tensor]
 
@@ -90,6 +90,29 @@ def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
         return F.relu(y) if relu else y
     return masked_group_norm(x, p["weight"], p["bias"], mask, num_groups, eps, relu=relu, zero_outside=zero_outside)
 
+
+
+def group_norm_maps(p: Params, xs: list[torch.Tensor], num_groups: int, eps: float = 1e-5,
+                    masks: list[torch.Tensor] | None = None, relu: bool = False,
+                    zero_outside: bool = False) -> list[torch.Tensor]:
+    """`group_norm` with the same parameters on several maps (a shared head's pyramid levels).
+
+    With masks the maps go through one autograd call (retina_fn.nn.masked_group_norm_maps: the per-call
+    overhead once, not once per map); the values and gradients are those of one `group_norm` per map.
+
+    Args:
+      p: {'weight', 'bias'}, each float [C].
+      xs: n float [B, C, H_i, W_i].
+      num_groups, eps, relu, zero_outside: as `group_norm`.
+      masks: None, or n float [B, 1, H_i, W_i] of 0 / 1 (`group_norm`'s mask for the map of that index).
+
+    Returns:
+      n float [B, C, H_i, W_i].
+    """
+    if masks is None:
+        return [group_norm(p, x, num_groups, eps, relu=relu) for x in xs]
+    return masked_group_norm_maps(xs, p["weight"], p["bias"], masks, num_groups, eps, relu=relu,
+                                  zero_outside=zero_outside)
 
 def relu(x: torch.Tensor) -> torch.Tensor:
     """max(x, 0), out of place.

@@ -5,7 +5,10 @@ tensor ops that takes about seven elementwise passes forward and as many again i
 here the forward is one pass for the masked sums of x and x squared and one fused affine pass, and the
 backward is written by hand: two unmasked per-channel sums (of dy and dy * x) and one pass that assembles
 dx. It is a `torch.autograd.Function` with `setup_context`, so `torch.func.grad` and torch.compile
-compose with it (no vmap or vjp rule is needed on the training path).
+compose with it (no vmap or vjp rule is needed on the training path). Under torch.func.grad each call of
+such a Function costs about a millisecond of Python (functorch wraps it in a new single-level Function per
+call), more than the arithmetic on a head's small maps: `masked_group_norm_maps` normalises several maps
+that share weight and bias (a head layer's pyramid levels) in one call, with the same values and gradients.
 
 The maths, per image b and group g with the mask m (1 inside the region), n = sum(m) * C / G:
   mean = sum(m * x) / n, var = sum(m * x^2) / n - mean^2, rstd = (var + eps)^-1/2
@@ -33,67 +36,96 @@ def _to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     return t[:, :, None].expand(b, g, channels // g).reshape(b, channels, 1, 1)
 
 
+def _forward_one(x, weight, bias, mask, g: int, eps: float, relu: bool, zero_outside: bool):
+    """One map: (y in x's dtype, mean [B, G], rstd [B, G], count [B, 1]); see the module docstring."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    b, c = x.shape[:2]
+    cg = c // g
+    xf, m = x.to(dtype), mask.to(dtype)
+    xm = xf * m
+    s1 = xm.sum(dim=(2, 3)).view(b, g, cg)
+    s2 = (xm * xf).sum(dim=(2, 3)).view(b, g, cg)
+    count = (m.sum(dim=(1, 2, 3)) * cg).clamp_min(1.0)[:, None]  # [B, 1]
+    mean = s1.sum(dim=2) / count  # [B, G]
+    var = (s2.sum(dim=2) / count - mean * mean).clamp_min(0.0)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd[:, :, None] * weight.to(dtype).view(g, cg)  # [B, G, C / G]
+    shift = bias.to(dtype).view(g, cg) - mean[:, :, None] * scale
+    y = torch.addcmul(shift.view(b, c, 1, 1), xf, scale.view(b, c, 1, 1))
+    if relu:
+        y = y.relu_()
+    if zero_outside:
+        y = y.mul_(m)
+    return y.to(x.dtype), mean, rstd, count
+
+
+def _backward_one(dy, x, weight, mask, mean, rstd, count, y, g: int, relu: bool, zero_outside: bool):
+    """One map's (dx in x's dtype, dweight, dbias in weight's dtype); y is the output (read with relu only)."""
+    b, c = x.shape[:2]
+    cg = c // g
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if relu:  # y is 0 wherever the ReLU or the mask zeroed it: one pass covers both
+        dy = torch.ops.aten.threshold_backward(dy, y, 0)
+    elif zero_outside:
+        dy = dy * mask.to(dy.dtype)
+    xf, dyf, m, wg = x.to(dtype), dy.to(dtype), mask.to(dtype), weight.to(dtype).view(g, cg)
+    s_dy = dyf.sum(dim=(2, 3)).view(b, g, cg)
+    s_dy_x = (dyf * xf).sum(dim=(2, 3)).view(b, g, cg)
+    s_dy_xhat = rstd[:, :, None] * (s_dy_x - mean[:, :, None] * s_dy)  # sum(dy * xhat) per channel
+    p = (wg * s_dy).sum(dim=2)  # [B, G]
+    q = (wg * s_dy_xhat).sum(dim=2)
+    u = -rstd * rstd * q / count  # dx = a * dy + m * (u * x + v)
+    v = -rstd / count * (p - rstd * q * mean)
+    a = rstd[:, :, None] * wg
+    dx = torch.addcmul(_to_channels(v, c), xf, _to_channels(u, c))
+    dx = dx.mul_(m).addcmul_(dyf, a.view(b, c, 1, 1))
+    dweight = s_dy_xhat.sum(dim=0).view(c).to(weight.dtype)
+    dbias = s_dy.sum(dim=0).view(c).to(weight.dtype)
+    return dx.to(x.dtype), dweight, dbias
+
+
 class _MaskedGroupNorm(torch.autograd.Function):
+    # Several maps (a pyramid's levels) sharing weight and bias go through one call: under torch.func.grad
+    # each call of an autograd.Function costs about a millisecond of Python around it, more than the
+    # arithmetic of a small map. Inputs: weight, bias, the four settings, then n maps and their n masks.
+    # Outputs: n results, then per map its mean, rstd and count (non-differentiable, saved for backward).
     # Per-channel quantities are [B, G, C / G] (views of [B, C]): group sums and per-channel products need
     # no copies.
 
     @staticmethod
-    def forward(x, weight, bias, mask, num_groups, eps, relu, zero_outside):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        b, c = x.shape[:2]
-        g, cg = num_groups, c // num_groups
-        with float32_region(x.device.type):  # the statistics stay in float32 under autocast
-            xf, m = x.to(dtype), mask.to(dtype)
-            xm = xf * m
-            s1 = xm.sum(dim=(2, 3)).view(b, g, cg)
-            s2 = (xm * xf).sum(dim=(2, 3)).view(b, g, cg)
-            count = (m.sum(dim=(1, 2, 3)) * cg).clamp_min(1.0)[:, None]  # [B, 1]
-            mean = s1.sum(dim=2) / count  # [B, G]
-            var = (s2.sum(dim=2) / count - mean * mean).clamp_min(0.0)
-            rstd = torch.rsqrt(var + eps)
-            scale = rstd[:, :, None] * weight.to(dtype).view(g, cg)  # [B, G, C / G]
-            shift = bias.to(dtype).view(g, cg) - mean[:, :, None] * scale
-            y = torch.addcmul(shift.view(b, c, 1, 1), xf, scale.view(b, c, 1, 1))
-            if relu:
-                y = y.relu_()
-            if zero_outside:
-                y = y.mul_(m)
-        return y.to(x.dtype), mean, rstd, count
+    def forward(weight, bias, num_groups, eps, relu, zero_outside, *maps_and_masks):
+        n = len(maps_and_masks) // 2
+        with float32_region(maps_and_masks[0].device.type):  # the statistics stay in float32 under autocast
+            outs = [_forward_one(x, weight, bias, m, num_groups, eps, relu, zero_outside)
+                    for x, m in zip(maps_and_masks[:n], maps_and_masks[n:])]
+        return tuple(o[0] for o in outs) + tuple(t for o in outs for t in o[1:])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, mask, num_groups, _, relu, zero_outside = inputs
-        y, mean, rstd, count = output
-        ctx.save_for_backward(x, weight, mask, mean, rstd, count, y if relu else None)
-        ctx.num_groups, ctx.relu, ctx.zero_outside = num_groups, relu, zero_outside
-        ctx.mark_non_differentiable(mean, rstd, count)
+        weight, _, num_groups, _, relu, zero_outside, *maps_and_masks = inputs
+        n = len(maps_and_masks) // 2
+        stats = output[n:]
+        ctx.save_for_backward(weight, *maps_and_masks, *stats, *(output[:n] if relu else ()))
+        ctx.n, ctx.num_groups, ctx.relu, ctx.zero_outside = n, num_groups, relu, zero_outside
+        ctx.mark_non_differentiable(*stats)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _drstd, _dcount):
-        x, weight, mask, mean, rstd, count, y = ctx.saved_tensors
-        b, c = x.shape[:2]
-        g, cg = ctx.num_groups, c // ctx.num_groups
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with float32_region(x.device.type):
-            if ctx.relu:  # y is 0 wherever the ReLU or the mask zeroed it: one pass covers both
-                dy = torch.ops.aten.threshold_backward(dy, y, 0)
-            elif ctx.zero_outside:
-                dy = dy * mask.to(dy.dtype)
-            xf, dyf, m, wg = x.to(dtype), dy.to(dtype), mask.to(dtype), weight.to(dtype).view(g, cg)
-            s_dy = dyf.sum(dim=(2, 3)).view(b, g, cg)
-            s_dy_x = (dyf * xf).sum(dim=(2, 3)).view(b, g, cg)
-            s_dy_xhat = rstd[:, :, None] * (s_dy_x - mean[:, :, None] * s_dy)  # sum(dy * xhat) per channel
-            p = (wg * s_dy).sum(dim=2)  # [B, G]
-            q = (wg * s_dy_xhat).sum(dim=2)
-            u = -rstd * rstd * q / count  # dx = a * dy + m * (u * x + v)
-            v = -rstd / count * (p - rstd * q * mean)
-            a = rstd[:, :, None] * wg
-            dx = torch.addcmul(_to_channels(v, c), xf, _to_channels(u, c))
-            dx = dx.mul_(m).addcmul_(dyf, a.view(b, c, 1, 1))
-            dweight = s_dy_xhat.sum(dim=0).view(c) if ctx.needs_input_grad[1] else None
-            dbias = s_dy.sum(dim=0).view(c) if ctx.needs_input_grad[2] else None
-        return (dx.to(x.dtype), None if dweight is None else dweight.to(weight.dtype),
-                None if dbias is None else dbias.to(weight.dtype), None, None, None, None, None)
+    def backward(ctx, *grads):
+        n, saved = ctx.n, ctx.saved_tensors
+        weight, xs, masks, stats = saved[0], saved[1:n + 1], saved[n + 1:2 * n + 1], saved[2 * n + 1:5 * n + 1]
+        ys = saved[5 * n + 1:] if ctx.relu else (None,) * n
+        dxs, dweight, dbias = [None] * n, None, None
+        with float32_region(xs[0].device.type):
+            # The last map first, summing dweight and dbias in the order autograd's engine would if each map
+            # had its own call: the results do not depend on how many maps share a call.
+            for i in reversed(range(n)):
+                mean, rstd, count = stats[3 * i:3 * i + 3]
+                dxs[i], dw, db = _backward_one(grads[i], xs[i], weight, masks[i], mean, rstd, count, ys[i],
+                                               ctx.num_groups, ctx.relu, ctx.zero_outside)
+                dweight = dw if dweight is None else dweight + dw
+                dbias = db if dbias is None else dbias + db
+        return (dweight if ctx.needs_input_grad[0] else None, dbias if ctx.needs_input_grad[1] else None,
+                None, None, None, None, *dxs, *([None] * n))
 
 
 def masked_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
@@ -120,7 +152,29 @@ def masked_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Returns:
       [B, C, H, W] in x's dtype. Differentiable in x, weight and bias (not in mask).
     """
-    if x.shape[1] % num_groups:
-        raise ValueError(f"group norm: {num_groups} groups do not divide {x.shape[1]} channels")
-    return _MaskedGroupNorm.apply(x, weight, bias, mask, int(num_groups), float(eps), bool(relu),
-                                  bool(zero_outside))[0]
+    return masked_group_norm_maps([x], weight, bias, [mask], num_groups, eps, relu, zero_outside)[0]
+
+
+def masked_group_norm_maps(xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                           masks: list[torch.Tensor], num_groups: int, eps: float = 1e-5, relu: bool = False,
+                           zero_outside: bool = False) -> list[torch.Tensor]:
+    """`masked_group_norm` of several maps that share weight and bias (a head's pyramid levels) in one
+    autograd call: the same values and gradients as one call per map, with the per-call overhead once.
+
+    Args:
+      xs: n float [B, C, H_i, W_i] (one dtype and device; the sizes may differ).
+      weight, bias: float [C].
+      masks: n float or bool [B, 1, H_i, W_i], as `masked_group_norm`'s mask for the map of the same index.
+      num_groups, eps, relu, zero_outside: as `masked_group_norm`.
+
+    Returns:
+      n tensors [B, C, H_i, W_i] in the maps' dtype.
+    """
+    if not xs or len(xs) != len(masks):
+        raise ValueError(f"group norm: {len(xs)} maps and {len(masks)} masks (one mask per map, at least one)")
+    for x in xs:
+        if x.shape[1] % num_groups:
+            raise ValueError(f"group norm: {num_groups} groups do not divide {x.shape[1]} channels")
+    out = _MaskedGroupNorm.apply(weight, bias, int(num_groups), float(eps), bool(relu), bool(zero_outside),
+                                 *xs, *masks)
+    return list(out[:len(xs)])
