@@ -129,9 +129,11 @@ def test_predict_on_tight_canvases_gives_torchvision_detections(golden):
 
 
 def test_eval_mode_writes_torchvision_detections_as_a_coco_results_file(golden, tmp_path):
-    """`coco_retinanet --mode eval --weights` on a COCO-format folder of the five images whose annotation
-    file is an image-info file (images and categories, no annotations, as COCO test-dev's): categories
-    0..90 make class index = category id = torchvision's label."""
+    """`coco_retinanet --mode eval --weights` on a COCO-format folder whose annotation file is an image-info
+    file (images and categories, no annotations, as COCO test-dev's): categories 0..90 make class index =
+    category id = torchvision's label. Two of the five images, one per canvas (the 1100 x 800 portrait and
+    the 2.3:1 landscape): what this test adds to the predict test above, which checks all five through the
+    same step, is the loader, the evaluator and the results file, the same code for every image."""
     import subprocess
     import sys
 
@@ -140,7 +142,9 @@ def test_eval_mode_writes_torchvision_detections_as_a_coco_results_file(golden, 
     root = tmp_path / "coco"
     (root / "images").mkdir(parents=True)
     entries = []
-    for i, (path, img) in enumerate(zip(golden["paths"], golden["images"])):
+    chosen = (2, 4)
+    for i in chosen:
+        img = golden["images"][i]
         Image.fromarray(img).save(root / "images" / f"{i}.png")
         entries.append(dict(id=i + 1, file_name=f"{i}.png", height=img.shape[0], width=img.shape[1]))
     info = dict(images=entries, categories=[dict(id=k, name=n) for k, n in enumerate(COCO91_NAMES)])
@@ -155,7 +159,8 @@ def test_eval_mode_writes_torchvision_detections_as_a_coco_results_file(golden, 
                    check=True, cwd=Path(__file__).parents[1], timeout=1200)
     results = json.loads((workdir / "detections_bbox.json").read_text())
     data, twins = golden["data"], []
-    for i in range(len(golden["images"])):
+    assert {r["image_id"] for r in results} == {i + 1 for i in chosen}
+    for i in chosen:
         mine = [r for r in results if r["image_id"] == i + 1]
         boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)]).reshape(-1, 4)
         scores = np.array([r["score"] for r in mine])
@@ -163,4 +168,4 @@ def test_eval_mode_writes_torchvision_detections_as_a_coco_results_file(golden, 
         ref = [data[f"image{i}/det_{k}"] for k in ("boxes", "scores", "labels")]
         twins.append(count_twins(*ref, boxes, scores, labels))
     print("twins of torchvision's top-100 per image (eval mode results file):", twins)
-    assert twins == [100] * len(golden["images"])
+    assert twins == [100] * len(chosen)
