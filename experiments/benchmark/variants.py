@@ -69,7 +69,6 @@ def _masked_group_norm_ops(x, weight, bias, mask, num_groups, eps=1e-5, relu=Fal
     return y * mask.to(y.dtype) if zero_outside else y
 
 
-
 def _masked_gn_maps_ops(xs, weight, bias, masks, num_groups, eps=1e-5, relu=False, zero_outside=False):
     """nn.masked_group_norm_maps in the same older form, one map at a time."""
     return [_masked_group_norm_ops(x, weight, bias, m, num_groups, eps, relu, zero_outside) for x, m in zip(xs, masks)]
@@ -81,6 +80,7 @@ def _masked_gn_as_ops():
     with patched(layers, "masked_group_norm", _masked_group_norm_ops), \
             patched(layers, "masked_group_norm_maps", _masked_gn_maps_ops):
         yield
+
 
 def _stable_sort_top_k(key: torch.Tensor, k: int) -> torch.Tensor:
     """postprocess._top_sorted before retina_fn.topk: a full stable sort, then the first k."""
@@ -115,7 +115,7 @@ VARIANTS: dict[str, Variant] = {
                                 {"model.canvas_exact": False}),
     "masked_gn_ops": Variant("canvas-exact GroupNorm in plain tensor ops with autograd's backward (before "
                              "retina_fn.nn.masked_group_norm)",
-                             patch=lambda: _masked_gn_as_ops()),
+                             patch=_masked_gn_as_ops),
     "sort_topk": Variant("post-processing's top-k by a full stable sort (before retina_fn.topk)",
                          patch=lambda: patched(postprocess, "_top_sorted", _stable_sort_top_k)),
 }

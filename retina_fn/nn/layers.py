@@ -91,7 +91,6 @@ def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
     return masked_group_norm(x, p["weight"], p["bias"], mask, num_groups, eps, relu=relu, zero_outside=zero_outside)
 
 
-
 def group_norm_maps(p: Params, xs: list[torch.Tensor], num_groups: int, eps: float = 1e-5,
                     masks: list[torch.Tensor] | None = None, relu: bool = False,
                     zero_outside: bool = False) -> list[torch.Tensor]:
@@ -113,6 +112,7 @@ def group_norm_maps(p: Params, xs: list[torch.Tensor], num_groups: int, eps: flo
         return [group_norm(p, x, num_groups, eps, relu=relu) for x in xs]
     return masked_group_norm_maps(xs, p["weight"], p["bias"], masks, num_groups, eps, relu=relu,
                                   zero_outside=zero_outside)
+
 
 def relu(x: torch.Tensor) -> torch.Tensor:
     """max(x, 0), out of place.
