@@ -1,6 +1,4 @@
 # One-command entry points. Each target creates (or reuses) .venv in the checkout and installs the project.
-# --no-compile: Python byte-compiles the modules a run imports when it first imports them, instead of pip
-# compiling every file of torch and the extras at install time (half of a fresh setup's time).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,8 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet --no-compile -e ".[dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 setup: $(STAMP)
