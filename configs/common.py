@@ -246,7 +246,9 @@ def dist_config() -> ml_collections.ConfigDict:
         dict(
             device="auto",  # 'auto' | 'npu' | 'cuda' | 'cpu'
             timeout_s=1800.0,
-            normalizer="global",  # loss normaliser averaged over replicas ('global') or per replica ('local')
+            # the loss divisor of each replica: its own positives ('local': mmdetection 2.9 and torchvision divide
+            # each GPU's loss by its own count) or the mean over replicas ('global': the update of one large batch)
+            normalizer="local",
             bucket_mb=25.0,
         )
     )

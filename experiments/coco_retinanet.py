@@ -18,7 +18,7 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, host_memory, reporting, trainer
+from experiments import cli, reporting, trainer
 from retina_fn.parallel.env import read_launch_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -30,7 +30,6 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "Evaluation: a retina_fn checkpo
 
 def main(argv):
     del argv
-    host_memory.keep_freed_memory()  # a CPU step reuses its freed buffers instead of faulting them in again
     rank = read_launch_env().rank
     reporting.set_log_level(logging.INFO if rank == 0 else logging.WARNING)
     cfg = _CONFIG.value

@@ -14,6 +14,8 @@ import ctypes
 import ctypes.util
 import logging
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h)
@@ -23,14 +25,20 @@ _TRIM_THRESHOLD = 1 << 30
 _TOP_PAD = 64 << 20
 
 
-def keep_freed_memory() -> bool:
-    """Tells glibc's malloc to keep freed blocks for reuse instead of returning them to the system.
+def keep_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """Tells glibc's malloc to keep freed blocks for reuse instead of returning them to the system, when the
+    step runs on the CPU (the case it was measured for; a GPU step's buffers are the device allocator's).
 
-    Process-wide and idempotent; call it once at start-up of a CPU training or benchmark process.
+    Process-wide and idempotent; call it once at start-up of a training or benchmark process.
+
+    Args:
+      device: the device the step runs on; anything but the CPU leaves the allocator as it is.
 
     Returns:
-      True when the settings were applied (glibc), False where the C library has no mallopt.
+      True when the settings were applied (glibc, CPU), False otherwise.
     """
+    if torch.device(device).type != "cpu":
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from experiments import class_count, evaluation, reporting, segments, train_hooks, train_setup
+from experiments import class_count, evaluation, host_memory, reporting, segments, train_hooks, train_setup
 from retina_fn import checkpoint, interop, parallel, rng, tree
 from retina_fn.data import coco, loader as data_loader
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
@@ -40,6 +40,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     wall_start = time.perf_counter()
     runtime = parallel.init(cfg.dist)
     device = runtime.device
+    host_memory.keep_freed_memory(device)  # a CPU step reuses its freed buffers instead of faulting them in again
     try:
         return _train(cfg, workdir, runtime, device, wall_start)
     finally:

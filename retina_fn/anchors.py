@@ -152,28 +152,36 @@ def anchors(canvas_hw, model_cfg, device: torch.device | str | None = None) -> t
     return torch.cat(levels, dim=0).to(device)
 
 
-def image_anchors(canvas_hw, image_hw: torch.Tensor, model_cfg) -> torch.Tensor:
+def level_bases(model_cfg, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """`base_anchors` of every level, in strides order: [n, 4] float32 each, on `device`."""
+    return [base_anchors(s, model_cfg.anchors).to(device) for s in model_cfg.anchors.strides]
+
+
+def image_anchors(canvas_hw, image_hw: torch.Tensor, model_cfg, bases: list[torch.Tensor] | None = None
+                  ) -> torch.Tensor:
     """Each image's anchors as the reference places them on that image padded alone: [B, A, 4] float32
     from image_hw [B, 2] int64, in `anchors`'s order on the canvas (cells outside the image's extent
     keep the grid running past it; `valid_flags` marks them).
 
     'mmdet' grids step by the nominal stride, so every row equals `anchors(canvas_hw)`. torchvision
     steps by (padded size) // (feature size) of the image it runs on, which at P6 / P7 depends on the
-    padded size (800 // 13 = 61 at P6 for an 800-high image, 1344 // 21 = 64 on a 1344 canvas)."""
+    padded size (800 // 13 = 61 at P6 for an 800-high image, 1344 // 21 = 64 on a 1344 canvas).
+
+    bases: `level_bases` on image_hw's device, made once by the caller (None: made here, from host data)."""
     cfg = model_cfg.anchors
     _check_anchor_cfg(cfg)
     canvas_hw = _check_canvas(canvas_hw)
     if cfg.style != "torchvision":
         return anchors(canvas_hw, model_cfg, image_hw.device).unsqueeze(0).expand(image_hw.shape[0], -1, -1)
     pad_hw = extent.padded_hw(image_hw, int(model_cfg.size_divisor), canvas_hw)  # [B, 2]
+    bases = level_bases(model_cfg, image_hw.device) if bases is None else bases
     levels = []
-    for (fh, fw), s in zip(level_sizes(canvas_hw, cfg.strides), cfg.strides):
+    for (fh, fw), s, base in zip(level_sizes(canvas_hw, cfg.strides), cfg.strides, bases):
         step = (pad_hw // extent.level_extent(pad_hw, int(s))).to(torch.float32)  # [B, 2] (sy, sx)
         ys = torch.arange(fh, dtype=torch.float32, device=image_hw.device)[None, :] * step[:, 0:1]  # [B, fh]
         xs = torch.arange(fw, dtype=torch.float32, device=image_hw.device)[None, :] * step[:, 1:2]  # [B, fw]
         yy, xx = ys[:, :, None].expand(-1, fh, fw), xs[:, None, :].expand(-1, fh, fw)
         shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(image_hw.shape[0], -1, 1, 4)
-        base = base_anchors(s, cfg).to(image_hw.device)
         levels.append((shifts + base[None, None]).reshape(image_hw.shape[0], -1, 4))
     return torch.cat(levels, dim=1)
 

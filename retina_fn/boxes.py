@@ -154,8 +154,14 @@ def elementwise_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> tor
     return inter / union - (hull - union) / hull
 
 
-def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+def _identity_coder(means, stds) -> bool:
+    return all(float(m) == 0.0 for m in means) and all(float(v) == 1.0 for v in stds)
+
+
+def _per_coordinate(d: torch.Tensor, fn) -> torch.Tensor:
+    """fn(column, i) on each of the 4 coordinates of d [..., 4], restacked: the coder's constants stay Python
+    floats (no tensor made from host data: no host-to-device copy inside a step)."""
+    return torch.stack([fn(d[..., i], i) for i in range(4)], dim=-1)
 
 
 def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
@@ -168,8 +174,8 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
     Args:
       anchors: float [..., 4] xyxy.
       gt: float [..., 4] xyxy, broadcast with anchors.
-      means: 4 numbers (or a tensor broadcastable to [..., 4]).
-      stds: 4 numbers (or a tensor broadcastable to [..., 4]).
+      means: 4 numbers.
+      stds: 4 numbers.
 
     Returns:
       float32 [..., 4] deltas (dx, dy, dw, dh).
@@ -177,7 +183,9 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
     p = xyxy_to_cxcywh(anchors.float())
     g = xyxy_to_cxcywh(gt.float())
     d = torch.cat([(g[..., :2] - p[..., :2]) / p[..., 2:], torch.log(g[..., 2:] / p[..., 2:])], dim=-1)
-    return (d - _as_tensor(means, d)) / _as_tensor(stds, d)
+    if _identity_coder(means, stds):
+        return d
+    return _per_coordinate(d, lambda c, i: (c - float(means[i])) / float(stds[i]))
 
 
 def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
@@ -201,7 +209,9 @@ def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.
     Returns:
       float32 [..., 4] xyxy boxes.
     """
-    d = deltas.float() * _as_tensor(stds, deltas.float()) + _as_tensor(means, deltas.float())
+    d = deltas.float()
+    if not _identity_coder(means, stds):
+        d = _per_coordinate(d, lambda c, i: c * float(stds[i]) + float(means[i]))
     dwh = d[..., 2:].clamp(min=-scale_clamp if clamp_lower else None, max=scale_clamp)
     p = xyxy_to_cxcywh(anchors.float())
     centre = p[..., :2] + p[..., 2:] * d[..., :2]

@@ -31,11 +31,13 @@ class AnchorCache:
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg
         self._anchors: dict = {}
+        self._bases: dict = {}
 
     def warm(self, canvases: Sequence[tuple[int, int]], device) -> "AnchorCache":
-        """Computes the anchors of every canvas (H, W) on `device`; returns self."""
+        """Computes the anchors of every canvas (H, W), and each level's base anchors, on `device`; returns self."""
         for hw in canvases:
             self.get(tuple(hw), device)
+        self.bases(device)
         return self
 
     def get(self, canvas_hw: tuple[int, int], device) -> torch.Tensor:
@@ -44,6 +46,13 @@ class AnchorCache:
         if key not in self._anchors:
             self._anchors[key] = anchor_lib.anchors(key[:2], self.model_cfg).to(device)
         return self._anchors[key]
+
+    def bases(self, device) -> list[torch.Tensor]:
+        """Args: device. Returns: each level's base anchors [n, 4] float32 (anchors.level_bases) on `device`."""
+        key = str(torch.device(device))
+        if key not in self._bases:
+            self._bases[key] = anchor_lib.level_bases(self.model_cfg, device)
+        return self._bases[key]
 
     def level_counts(self, canvas_hw: tuple[int, int]) -> tuple[int, ...]:
         """Args: canvas_hw (H, W). Returns: anchors per pyramid level P3..P7 (they sum to A)."""
@@ -115,7 +124,8 @@ def head_outputs(params: dict, batch: dict, model_cfg) -> tuple[torch.Tensor, to
 
 
 def detections(cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict, anchors: torch.Tensor,
-               level_counts: tuple[int, ...], model_cfg) -> postprocess.Detections:
+               level_counts: tuple[int, ...], model_cfg, bases: list[torch.Tensor] | None = None
+               ) -> postprocess.Detections:
     """The post-processing half of `predict`, on the head outputs of a batch.
 
     Args:
@@ -124,6 +134,8 @@ def detections(cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict, 
         [B, 2] (then boxes come back in original-image pixels).
       anchors: float32 [A, 4] and level_counts: anchors per level, of the batch's canvas.
       model_cfg: the model config (test, coder, canvas_exact).
+      bases: each level's base anchors on the batch's device (AnchorCache.bases), for torchvision-style
+        anchors; None: made from host data on each call.
 
     Returns:
       postprocess.Detections with [B, model.test.max_per_img] rows. With model.canvas_exact, those of
@@ -135,7 +147,7 @@ def detections(cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict, 
         canvas = tuple(batch["image"].shape[-2:])
         anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], model_cfg)
         if model_cfg.anchors.style == "torchvision":  # its P6 / P7 grid steps follow each image's size
-            anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], model_cfg)
+            anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], model_cfg, bases)
     return postprocess.detect(cls_logits, box_deltas, anchors, level_counts, batch["image_hw"],
                               batch.get("scale_factor"), model_cfg.test, model_cfg.coder, anchor_valid=anchor_valid)
 
@@ -198,5 +210,6 @@ class Detector:
     def detections(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict) -> postprocess.Detections:
         """`detections` with the anchors of the batch's canvas (see the module function)."""
         canvas = tuple(batch["image"].shape[-2:])
-        return detections(cls_logits, box_deltas, batch, self.anchors.get(canvas, batch["image"].device),
-                          self.anchors.level_counts(canvas), self.model_cfg)
+        device = batch["image"].device
+        return detections(cls_logits, box_deltas, batch, self.anchors.get(canvas, device),
+                          self.anchors.level_counts(canvas), self.model_cfg, self.anchors.bases(device))

@@ -76,7 +76,7 @@ def extent_mask(pad_hw: torch.Tensor, stride: int, map_hw) -> torch.Tensor:
 
 
 class ExtentMasks:
-    """The masks of one forward pass, made once per (stride, map size, dtype) and reused.
+    """The masks of one forward pass, made once per (stride, map size) and reused.
 
     A per-call cache (built inside the forward function from its inputs, dropped with it), not
     module state: the forward stays a pure function of params, images and image sizes.
@@ -89,16 +89,19 @@ class ExtentMasks:
         self.pad_hw = pad_hw
         self._masks: dict = {}
 
-    def mask(self, stride: int, map_hw, dtype: torch.dtype) -> torch.Tensor:
-        """Args: stride; map_hw (h, w); dtype. Returns: [B, 1, h, w] of 1 inside the extent, 0 outside."""
-        key = (int(stride), int(map_hw[0]), int(map_hw[1]), dtype)
+    def mask(self, stride: int, map_hw) -> torch.Tensor:
+        """Args: stride; map_hw (h, w). Returns: bool [B, 1, h, w], True inside the extent."""
+        key = (int(stride), int(map_hw[0]), int(map_hw[1]))
         if key not in self._masks:
-            self._masks[key] = extent_mask(self.pad_hw, stride, map_hw).unsqueeze(1).to(dtype)
+            self._masks[key] = extent_mask(self.pad_hw, stride, map_hw).unsqueeze(1)
         return self._masks[key]
 
     def zero_outside(self, x: torch.Tensor, stride: int) -> torch.Tensor:
-        """Args: x float [B, C, h, w] at `stride`. Returns: x with every cell outside the extent set to 0."""
-        return x * self.mask(stride, x.shape[-2:], x.dtype)
+        """Args: x float [B, C, h, w] at `stride`. Returns: x with every cell outside the extent set to 0.
+
+        A select, not a product with the mask: a non-finite value outside (an fp16 overflow) becomes 0 there
+        instead of NaN, which the next 3x3 convolution would read into the image."""
+        return torch.where(self.mask(stride, x.shape[-2:]), x, 0.0)
 
 
 def zero_outside(x: torch.Tensor, masks: ExtentMasks | None, stride: int) -> torch.Tensor:

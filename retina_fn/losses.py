@@ -262,4 +262,4 @@ def loss_normalizer(positive: torch.Tensor, loss_cfg) -> torch.Tensor:
         raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
     if loss_cfg.normalizer == "batch":
         return positive.sum(dim=1).clamp(min=1).sum().to(torch.float32)
-    return torch.tensor(float(positive.shape[0]), device=positive.device)
+    return torch.full((), float(positive.shape[0]), dtype=torch.float32, device=positive.device)

@@ -144,11 +144,21 @@ def test_1x_config_matches_the_reference():
     assert (o.name, o.base_lr, o.base_batch, o.momentum, o.weight_decay) == ("sgd", 0.01, 16, 0.9, 1e-4)
     assert (o.warmup_iters, o.warmup_ratio, tuple(o.step_epochs), o.gamma, o.epochs) == (500, 0.001, (8, 11), 0.1, 12)
     assert o.clip_norm is None and cfg.train.precision == "fp32"
+    assert cfg.dist.normalizer == "local"  # each GPU divides its loss by its own positives, as mmdetection 2.9
     from configs import retinanet_r50_fpn_1x_coco_npu as npu
 
     n = npu.get_config()
     assert (n.data.images_per_device, n.optim.lr, n.optim.clip_norm, n.train.opt_level) == (8, 0.04, 10.0, "O1")
     assert (n.train.loss_scale.init, n.train.loss_scale.dynamic) == (64.0, False)
+    assert n.dist.normalizer == "local"
+
+
+@pytest.mark.parametrize("name", ["retinanet_r18_fpn_1x_coco", "retinanet_r101_fpn_1x_coco", "own_dataset",
+                                  "torchvision_retinanet_v1"])
+def test_configs_of_the_reference_recipes_use_the_per_replica_normaliser(name):
+    # mmdetection 2.9 and torchvision's reference scripts both divide each replica's loss by its own count.
+    cfg = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
+    assert cfg.dist.normalizer == "local"
 
 
 def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch):

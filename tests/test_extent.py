@@ -38,5 +38,20 @@ def test_masks_zero_outside_and_are_reused():
     x = torch.ones(1, 2, 4, 4)
     y = masks.zero_outside(x, 16)
     assert y[0, :, :2, :4].eq(1).all() and y[0, :, 2:].eq(0).all()
-    assert masks.mask(16, (4, 4), torch.float32) is masks.mask(16, (4, 4), torch.float32)
+    assert masks.mask(16, (4, 4)) is masks.mask(16, (4, 4))
+    assert masks.mask(16, (4, 4)).dtype == torch.bool
     assert extent.zero_outside(x, None, 16) is x
+
+
+@pytest.mark.parametrize("outside", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_value_outside_the_extent_never_reaches_the_image(outside):
+    # An fp16 overflow outside an image's extent: zeroing must make it 0, not NaN (inf * 0), or the next 3x3
+    # convolution reads it into the cells along the border.
+    masks = extent.ExtentMasks(torch.tensor([[32, 32]]))
+    x = torch.ones(1, 1, 4, 4)
+    x[0, 0, 2:, :] = outside
+    x[0, 0, :, 2:] = outside
+    y = masks.zero_outside(x, 16)  # the extent at stride 16 is the top-left 2 x 2
+    assert y[0, 0, :2, :2].eq(1).all() and y[0, 0, 2:].eq(0).all() and y[0, 0, :, 2:].eq(0).all()
+    conv = torch.nn.functional.conv2d(y, torch.ones(1, 1, 3, 3), padding=1)
+    assert conv[0, 0, :2, :2].tolist() == [[4.0, 4.0], [4.0, 4.0]]  # each inside cell sees the 2 x 2 block of ones

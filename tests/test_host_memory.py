@@ -13,7 +13,9 @@ _PROBE = textwrap.dedent("""
     import numpy as np
     from experiments import host_memory
     if sys.argv[1] == "keep":
-        assert host_memory.keep_freed_memory()
+        assert host_memory.keep_freed_memory("cpu")
+    if sys.argv[1] == "cuda":  # a GPU run leaves the host allocator as it is
+        assert not host_memory.keep_freed_memory("cuda")
     def step():
         blocks = [np.ones(n << 18, dtype=np.float32) for n in (16, 4, 8, 2, 16)]
         del blocks
@@ -36,3 +38,4 @@ def test_freed_blocks_are_reused_without_page_faults():
     pages_per_step = (46 << 20) // 4096
     assert _step_faults("system") > 3 * pages_per_step // 10  # glibc gives blocks back and faults them in again
     assert _step_faults("keep") < pages_per_step // 20
+    assert _step_faults("cuda") > 3 * pages_per_step // 10

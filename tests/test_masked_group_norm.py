@@ -141,3 +141,26 @@ def test_one_mask_per_map():
     x, weight, bias, mask = _inputs()
     with pytest.raises(ValueError, match="2 maps and 1 masks"):
         masked_group_norm_maps([x, x], weight, bias, [mask], GROUPS)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_non_finite_values_outside_the_region_change_nothing_inside(relu):
+    # With zero_outside (what a canvas-exact 3x3 conv after it needs), cells outside each image's region may hold
+    # anything, an fp16 overflow included: the values inside, the zeros outside and the gradients are those of
+    # the same map with finite values there.
+    x, weight, bias, mask = _inputs()
+    outside = mask == 0
+    poisoned = torch.where(outside.expand_as(x), torch.full_like(x, float("inf")), x)
+    poisoned[:, :, -1, -1] = torch.where(outside[:, 0, -1, -1], float("nan"), x[:, :, -1, -1].T).T
+    clean = torch.where(outside.expand_as(x), torch.zeros_like(x), x)
+    results = []
+    for source in (poisoned, clean):
+        leaves = [t.clone().requires_grad_() for t in (source, weight, bias)]
+        y = masked_group_norm(*leaves, mask.bool(), GROUPS, relu=relu, zero_outside=True)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+        grads = torch.autograd.grad(y, leaves, dy)
+        results.append((y, grads))
+    (y, grads), (y_clean, grads_clean) = results
+    assert torch.isfinite(y).all() and torch.equal(y, y_clean)
+    for name, g, r in zip(("x", "weight", "bias"), grads, grads_clean):
+        assert torch.isfinite(g).all() and torch.allclose(g, r, rtol=0, atol=1e-12), name

@@ -70,7 +70,7 @@ def _tower(convs: dict, xs: list[torch.Tensor], cfg, masks: ExtentMasks | None,
         p = convs[str(i)]
         xs = [nn.conv2d(p, x, padding=1) for x in xs]
         if "norm" in p:
-            gn_masks = None if masks is None else [masks.mask(s, x.shape[-2:], x.dtype) for x, s in zip(xs, strides)]
+            gn_masks = None if masks is None else [masks.mask(s, x.shape[-2:]) for x, s in zip(xs, strides)]
             xs = nn.group_norm_maps(p["norm"], xs, cfg.gn_groups, masks=gn_masks, relu=True, zero_outside=True)
         else:
             xs = [zero_outside(nn.relu(x), masks, s) for x, s in zip(xs, strides)]

@@ -98,7 +98,7 @@ def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, pa
         y = nn.relu(y) if relu else y
         return zero_outside(y, masks, out_stride) if zero_outside_after else y
     y = nn.conv2d(conv, x, stride=stride, padding=padding)
-    gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:], y.dtype)
+    gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:])
     return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask, relu=relu, zero_outside=zero_outside_after)
 
 

@@ -75,11 +75,11 @@ def group_norm(p: Params, x: torch.Tensor, num_groups: int, eps: float = 1e-5,
       x: float [B, C, H, W].
       num_groups: the number of groups; must divide C.
       eps: added to the variance.
-      mask: None (statistics over the whole map, F.group_norm), or float [B, 1, H, W] of 0 / 1: each
-        image's mean and variance over the cells where it is 1 only (a map cropped to that region
+      mask: None (statistics over the whole map, F.group_norm), or bool [B, 1, H, W] (True inside): each
+        image's mean and variance over the cells where it is True only (a map cropped to that region
         would give the same values there), so cells outside cannot change those inside.
       relu: apply max(y, 0) to the output.
-      zero_outside: with a mask, set the output to 0 where the mask is 0 (ignored without a mask).
+      zero_outside: with a mask, set the output to 0 where the mask is False (ignored without a mask).
 
     Returns:
       float [B, C, H, W]; with a mask, computed in float32 (or x's wider dtype) and returned in x's dtype
@@ -103,7 +103,7 @@ def group_norm_maps(p: Params, xs: list[torch.Tensor], num_groups: int, eps: flo
       p: {'weight', 'bias'}, each float [C].
       xs: n float [B, C, H_i, W_i].
       num_groups, eps, relu, zero_outside: as `group_norm`.
-      masks: None, or n float [B, 1, H_i, W_i] of 0 / 1 (`group_norm`'s mask for the map of that index).
+      masks: None, or n bool [B, 1, H_i, W_i] (`group_norm`'s mask for the map of that index).
 
     Returns:
       n float [B, C, H_i, W_i].

@@ -36,16 +36,23 @@ def _to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     return t[:, :, None].expand(b, g, channels // g).reshape(b, channels, 1, 1)
 
 
+def _inside(mask: torch.Tensor) -> torch.Tensor:
+    """The region as bool [B, 1, H, W], from a bool or 0 / 1 float mask."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _forward_one(x, weight, bias, mask, g: int, eps: float, relu: bool, zero_outside: bool):
     """One map: (y in x's dtype, mean [B, G], rstd [B, G], count [B, 1]); see the module docstring."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     b, c = x.shape[:2]
     cg = c // g
-    xf, m = x.to(dtype), mask.to(dtype)
-    xm = xf * m
+    inside = _inside(mask)
+    xf = x.to(dtype)
+    # Selects, not products with the mask: a non-finite value outside the region changes nothing inside.
+    xm = torch.where(inside, xf, 0.0)
     s1 = xm.sum(dim=(2, 3)).view(b, g, cg)
-    s2 = (xm * xf).sum(dim=(2, 3)).view(b, g, cg)
-    count = (m.sum(dim=(1, 2, 3)) * cg).clamp_min(1.0)[:, None]  # [B, 1]
+    s2 = (xm * xm).sum(dim=(2, 3)).view(b, g, cg)
+    count = (inside.sum(dim=(1, 2, 3)).to(dtype) * cg).clamp_min(1.0)[:, None]  # [B, 1]
     mean = s1.sum(dim=2) / count  # [B, G]
     var = (s2.sum(dim=2) / count - mean * mean).clamp_min(0.0)
     rstd = torch.rsqrt(var + eps)
@@ -55,7 +62,7 @@ def _forward_one(x, weight, bias, mask, g: int, eps: float, relu: bool, zero_out
     if relu:
         y = y.relu_()
     if zero_outside:
-        y = y.mul_(m)
+        y = y.masked_fill_(~inside, 0.0)
     return y.to(x.dtype), mean, rstd, count
 
 
@@ -64,11 +71,15 @@ def _backward_one(dy, x, weight, mask, mean, rstd, count, y, g: int, relu: bool,
     b, c = x.shape[:2]
     cg = c // g
     dtype = torch.promote_types(x.dtype, torch.float32)
+    inside = _inside(mask)
     if relu:  # y is 0 wherever the ReLU or the mask zeroed it: one pass covers both
         dy = torch.ops.aten.threshold_backward(dy, y, 0)
     elif zero_outside:
-        dy = dy * mask.to(dy.dtype)
-    xf, dyf, m, wg = x.to(dtype), dy.to(dtype), mask.to(dtype), weight.to(dtype).view(g, cg)
+        dy = torch.where(inside, dy, 0.0)
+    # With zero_outside, dy is 0 outside the region: x is read there as 0 so that a non-finite x cannot make 0 * x
+    # a NaN in the sums.
+    xf = torch.where(inside, x, 0.0).to(dtype) if zero_outside else x.to(dtype)
+    dyf, wg = dy.to(dtype), weight.to(dtype).view(g, cg)
     s_dy = dyf.sum(dim=(2, 3)).view(b, g, cg)
     s_dy_x = (dyf * xf).sum(dim=(2, 3)).view(b, g, cg)
     s_dy_xhat = rstd[:, :, None] * (s_dy_x - mean[:, :, None] * s_dy)  # sum(dy * xhat) per channel
@@ -78,7 +89,7 @@ def _backward_one(dy, x, weight, mask, mean, rstd, count, y, g: int, relu: bool,
     v = -rstd / count * (p - rstd * q * mean)
     a = rstd[:, :, None] * wg
     dx = torch.addcmul(_to_channels(v, c), xf, _to_channels(u, c))
-    dx = dx.mul_(m).addcmul_(dyf, a.view(b, c, 1, 1))
+    dx = dx.masked_fill_(~inside, 0.0).addcmul_(dyf, a.view(b, c, 1, 1))
     dweight = s_dy_xhat.sum(dim=0).view(c).to(weight.dtype)
     dbias = s_dy.sum(dim=0).view(c).to(weight.dtype)
     return dx.to(x.dtype), dweight, dbias
@@ -142,12 +153,12 @@ def masked_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
       x: float [B, C, H, W] (any memory format; float16 / bfloat16 are computed in float32).
       weight: float [C], the per-channel scale.
       bias: float [C], the per-channel shift.
-      mask: float or bool [B, 1, H, W] of 0 / 1, at least one 1 per image (an image without one is
+      mask: bool (or 0 / 1 float) [B, 1, H, W], at least one True per image (an image without one is
         normalised as if its mean were 0 and its variance 0).
       num_groups: G, dividing C.
       eps: added to the variance.
       relu: apply max(y, 0) to the normalised output (in the same pass; its backward is folded in).
-      zero_outside: multiply the output by the mask.
+      zero_outside: set the output to 0 outside the mask.
 
     Returns:
       [B, C, H, W] in x's dtype. Differentiable in x, weight and bias (not in mask).
@@ -164,7 +175,7 @@ def masked_group_norm_maps(xs: list[torch.Tensor], weight: torch.Tensor, bias: t
     Args:
       xs: n float [B, C, H_i, W_i] (one dtype and device; the sizes may differ).
       weight, bias: float [C].
-      masks: n float or bool [B, 1, H_i, W_i], as `masked_group_norm`'s mask for the map of the same index.
+      masks: n bool (or 0 / 1 float) [B, 1, H_i, W_i], as `masked_group_norm`'s mask for the map of the same index.
       num_groups, eps, relu, zero_outside: as `masked_group_norm`.
 
     Returns:

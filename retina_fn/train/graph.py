@@ -47,13 +47,25 @@ from typing import Any, Callable, Protocol
 import torch
 
 from retina_fn import tree
-from retina_fn.train.graph_host import HostConstants
+from retina_fn.train.graph_host import HostConstants, host_syncs
 
 log = logging.getLogger(__name__)
 
 
 class CaptureError(RuntimeError):
     """The capture of a graph failed (the function did something a CUDA graph cannot record)."""
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The error a failure started with: a capture that fails inside `torch.cuda.graph` raises a second error
+    while the context closes ('operation failed due to a previous error during capture'), chained to the first."""
+    seen = {id(error)}
+    while True:
+        earlier = error.__cause__ or error.__context__
+        if earlier is None or id(earlier) in seen:
+            return error
+        seen.add(id(earlier))
+        error = earlier
 
 
 class Capture(Protocol):
@@ -120,7 +132,9 @@ class CudaGraphCapture:
                                                                             capture_error_mode="thread_local"):
                 body()
         except RuntimeError as e:
-            raise CaptureError(str(e)) from e
+            torch.cuda.set_stream(current)  # a failed capture can leave its side stream current
+            cause = first_error(e)
+            raise CaptureError(str(cause) if cause is e else f"{cause} (then: {e})") from e
         return _Replay(graph, constants)
 
 
@@ -247,11 +261,12 @@ class GraphedFunction:
             log.info("%s: CUDA graph recorded for %s", self.name, _describe(signature))
         except CaptureError as e:
             replay, graphed = body, False
+            found = host_syncs(self.fn, self.state, *static_inputs)
+            places = "; ".join(f"{op} at {', '.join(where)}" for op, where in found["where"].items()) or "none"
             log.warning("%s: CUDA graph capture failed for %s, so this shape runs eagerly (same results, "
-                        "slower). A captured function must not read device values on the host (.item(), "
-                        "bool(tensor), torch.equal, nonzero or boolean indexing); "
-                        "retina_fn.train.graph_host.host_syncs lists them on any device. Error: %s",
-                        self.name, _describe(signature), e)
+                        "slower). Error: %s. A captured function must not read device values on the host "
+                        "(.item(), bool(tensor), torch.equal, nonzero, boolean indexing, .tolist(), .cpu()); "
+                        "retina_fn.train.graph_host.host_syncs found: %s", self.name, _describe(signature), e, places)
         return _Entry(static_inputs, replay, holder, graphed)
 
     def __call__(self, state, *inputs):

@@ -2,8 +2,8 @@
 
     found = host_syncs(train_step, state, batch, key)   # on any device, the CPU included
     found["syncs"]      # {op: count}: host reads of device values and data-dependent shapes; capture fails on them
-    found["host_data"]  # {op: count}: tensors built from Python data, which HostConstants lifts
-    found["where"]      # {op: 'file:line'} of each one's first caller outside torch
+    found["host_data"]  # {op: count}: tensors built from Python data (host-to-device copies), which HostConstants lifts
+    found["where"]      # {op: ['file:line', ...]}: the distinct callers outside torch of each one
 
 `HostConstants` is the TorchFunctionMode a capture runs under: `torch.tensor(data, device='cuda')` is a
 host-to-device copy that capture refuses, so such tensors are made once during warm-up and handed out again,
@@ -25,32 +25,59 @@ _SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "item", "equal", "no
                        "_unique2", "unique_dim", "unique_consecutive"})
 _INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # with a bool index: nonzero
 _HOST_DATA_OPS = frozenset({"lift_fresh", "lift_fresh_copy"})  # torch.tensor / torch.as_tensor of Python data
+# Tensor methods that hand data to the host. On a CPU tensor they dispatch no operation at all (the memory is
+# already the host's), so they are caught where they are called, as torch functions.
+_HOST_READ_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy",
+                      torch.Tensor.cpu: "Tensor.cpu"}
 
 
-class _SyncRecorder(TorchDispatchMode):
-    """Counts host-sync and host-data operations, with the innermost caller outside torch of the first one."""
+class _Record:
+    """Counts of what was found, and where each kind was called from."""
 
     def __init__(self):
-        super().__init__()
         self.syncs: collections.Counter = collections.Counter()
         self.host_data: collections.Counter = collections.Counter()
-        self.where: dict[str, str] = {}
+        self.where: dict[str, list[str]] = {}
+
+    def add(self, found: collections.Counter, name: str) -> None:
+        found[name] += 1
+        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+        place = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        places = self.where.setdefault(name, [])
+        if place not in places:
+            places.append(place)
+
+
+class _DispatchRecorder(TorchDispatchMode):
+    """Host-sync and host-data operations, as they reach the dispatcher."""
+
+    def __init__(self, record: _Record):
+        super().__init__()
+        self.record = record
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        found = None
         if name in _SYNC_OPS:
-            found = self.syncs
+            self.record.add(self.record.syncs, name)
         elif name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                         for i in (args[1] if len(args) > 1 and args[1] is not None else ())):
-            name, found = f"{name} (bool index)", self.syncs
+            self.record.add(self.record.syncs, f"{name} (bool index)")
         elif name in _HOST_DATA_OPS:
-            found = self.host_data
-        if found is not None:
-            found[name] += 1
-            if name not in self.where:
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-                self.where[name] = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+            self.record.add(self.record.host_data, name)
+        return func(*args, **(kwargs or {}))
+
+
+class _MethodRecorder(TorchFunctionMode):
+    """Tensor methods that read a tensor on the host (`_HOST_READ_METHODS`), on any device."""
+
+    def __init__(self, record: _Record):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _HOST_READ_METHODS.get(func)
+        if name is not None:
+            self.record.add(self.record.syncs, name)
         return func(*args, **(kwargs or {}))
 
 
@@ -65,14 +92,15 @@ def host_syncs(fn: Callable, *args, **kwargs) -> dict:
 
     Returns:
       {'syncs': {op: count} of host reads of device values and data-dependent shapes (`.item()`, `bool(t)`,
-      `torch.equal`, `nonzero`, boolean indexing, ...): these make capture fail; 'host_data': {op: count}
-      of tensors built from Python data (`torch.tensor`, `torch.as_tensor`): `HostConstants` lifts these
-      during capture; 'where': {op: 'file:line' of its first caller outside torch}}.
+      `torch.equal`, `nonzero`, boolean indexing, `.tolist()`, `.numpy()`, `.cpu()`, ...): these make capture
+      fail; 'host_data': {op: count} of tensors built from Python data (`torch.tensor`, `torch.as_tensor`), each
+      a host-to-device copy: `HostConstants` lifts these during capture; 'where': {op: ['file:line', ...]}, the
+      distinct callers outside torch of each op}.
     """
-    recorder = _SyncRecorder()
-    with recorder:
+    record = _Record()
+    with _MethodRecorder(record), _DispatchRecorder(record):
         fn(*args, **kwargs)
-    return {"syncs": dict(recorder.syncs), "host_data": dict(recorder.host_data), "where": recorder.where}
+    return {"syncs": dict(record.syncs), "host_data": dict(record.host_data), "where": record.where}
 
 
 def _freeze(value) -> Any:
