@@ -261,13 +261,13 @@ def base_config() -> ml_collections.ConfigDict:
             seed=0,
             # 'auto': the class count of the training annotation file (in evaluation: the validation file;
             # in prediction: the weights), resolved by the programs before the model is built
-            # (experiments/class_count.py). Configs for published weights set their int.
+            # (retina_fn/class_count.py). Configs for published weights set their int.
             model=model_config(num_classes="auto"),
             data=data_config(),
             optim=optim_config(),
             train=train_config(),
             dist=dist_config(),
-            # error_analysis: the COCO error breakdown after the final evaluation (experiments/evaluation.py):
+            # error_analysis: the COCO error breakdown after the final evaluation (retina_fn/engine/evaluation.py):
             # True / False always / never; unset: on sets of at most 1000 images (minutes on COCO val)
             eval=dict(max_vis_images=4, use_faster_coco_eval=True, error_analysis=placeholder(bool)),
         )

@@ -187,3 +187,15 @@ def run(main: Callable[[list[str]], Any]) -> None:
     """absl's app.run(main) with `parse_flags` and `call`: a user's mistake, in the flags or in main, ends in
     one 'error: ...' line and exit status 2."""
     app.run(lambda argv: call(main, argv), flags_parser=parse_flags)
+
+
+def parse_canvas(text: str) -> tuple[int, int]:
+    """A --canvas value: 'HxW' with positive integers, e.g. '512x768' -> (512, 768).
+
+    Raises:
+      ConfigError: naming --canvas, when the text is not of that form.
+    """
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise errors.ConfigError(f"--canvas must be HxW with positive integers, e.g. 512x512; got {text!r}")
+    return int(parts[0]), int(parts[1])

@@ -18,7 +18,8 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli, reporting, trainer
+from experiments import cli
+from retina_fn.engine import reporting, trainer
 from retina_fn.parallel.env import read_launch_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)

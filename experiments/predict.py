@@ -20,7 +20,7 @@ Output (--out): a COCO result list, [{'image_id', 'file_name', 'category_id', 'b
   - other weights (no label map): by model.num_classes, 91 -> torchvision's layout, where the class
     index *is* the COCO category id; 80 -> mmdetection's layout, the 80 COCO ids in ascending order;
     any other K -> index + 1.
-model.num_classes='auto' takes the class count from the weights (experiments.class_count.from_weights).
+model.num_classes='auto' takes the class count from the weights (retina_fn.class_count.from_weights).
 --draw DIR writes DIR/<image name>.png with the boxes scoring at least --score-thr, labelled with the
 class names (COCO names for torchvision / mmdetection weights).
 
@@ -40,13 +40,14 @@ import torch
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import class_count, export_format, reporting
+from retina_fn import class_count
 from retina_fn.data import transforms
 from retina_fn.data.coco import decode_image
 from retina_fn.data.transforms import CANVAS_MODES
+from retina_fn.engine import reporting
 from retina_fn.eval import coco_eval
+from retina_fn.export import folder as export_format
 from retina_fn.predictor import Predictor, run_batches
-from retina_fn.predictor import label_table  # noqa: F401  (experiments.export imports it from here)
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,7 @@ from retina_fn import tree
 from retina_fn.data import transforms
 from retina_fn.data.image_input import as_rgb_uint8
 from retina_fn.data.resize import check_canvases_fit
-from retina_fn.interop import coco_names
-from retina_fn.interop.weights import count_in_weights, load_detector_weights
+from retina_fn.interop.weights import count_in_weights, label_table, load_detector_weights
 from retina_fn.parallel.backend import select_device
 from retina_fn.postprocess import Detections
 from retina_fn.train import make_eval_step
@@ -57,31 +56,6 @@ class Prediction(NamedTuple):
     scores: np.ndarray
     labels: np.ndarray
     names: tuple[str, ...]
-
-
-def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The category id and name of each class index.
-
-    Args:
-        num_classes: the model's class count K.
-        meta: a retina_fn checkpoint's metadata ({} or None for other weights).
-
-    Returns:
-        (ids, names), K each: the checkpoint's label map (meta['label_map']) when there is one, else
-        `coco_names.label_map_for(K)` (91: torchvision's layout, 80: mmdetection's, other K: ids 1..K).
-
-    Raises:
-        ValueError: the stored label map has another class count than K.
-    """
-    label_map = (meta or {}).get("label_map")
-    if label_map:
-        ids = tuple(int(i) for i in label_map["category_ids"])
-        names = tuple(str(n) for n in label_map["names"])
-        if len(ids) != num_classes:
-            raise ValueError(f"the checkpoint's label map has {len(ids)} classes but model.num_classes is "
-                             f"{num_classes}")
-        return ids, names
-    return coco_names.label_map_for(num_classes)
 
 
 def load_config(config):

@@ -112,7 +112,7 @@ run_case() {
   # the whole run's figures from results.json, every segment of a resumed or resized run included
   python - "$workdir/results.json" <<'PY'
 import json, sys
-from experiments.reporting import seed_closing_lines
+from retina_fn.engine.reporting import seed_closing_lines
 print("\n".join(seed_closing_lines(json.load(open(sys.argv[1])))))
 PY
 }

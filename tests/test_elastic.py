@@ -36,7 +36,7 @@ import time
 import pytest
 import torch
 
-from experiments import trainer
+from retina_fn.engine import trainer
 from retina_fn import checkpoint, tree
 from tests.dist_scripts import launch
 

@@ -1,4 +1,4 @@
-"""The evaluation's reports (experiments.evaluation.write_reports) and the eval mode end to end: the results
+"""The evaluation's reports (retina_fn.engine.evaluation.write_reports) and the eval mode end to end: the results
 file, the per-class table, the figures, the error breakdown, and an image-info annotation file (no
 'annotations', as COCO test-dev's) that gets a results file and no mAP."""
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-from experiments import evaluation, trainer
+from retina_fn.engine import evaluation, trainer
 from retina_fn import checkpoint, rng
 from retina_fn.data import coco, synthetic
 from retina_fn.eval import coco_eval

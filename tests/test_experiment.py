@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from configs import common
-from experiments import trainer
+from retina_fn.engine import trainer
 from retina_fn import checkpoint, rng, tree
 from retina_fn.model import retinanet
 
@@ -40,7 +40,7 @@ def untrained_eval(cfg, workdir) -> dict:
     """Validation metrics of the parameters a run of `cfg` starts from, before any step: the trainer's model
     key (the first of rng.split(rng.key(cfg.seed))) through train_setup.initial_params, saved as a step-0
     checkpoint and scored by trainer.evaluate_only (the program's evaluation path) into `workdir`."""
-    from experiments import train_setup
+    from retina_fn.engine import resume as train_setup
 
     model_key, _ = rng.split(rng.key(cfg.seed))
     trainable, frozen = retinanet.split_trainable(train_setup.initial_params(cfg, model_key), cfg.model)
@@ -116,7 +116,7 @@ def test_overrides_land_and_typos_fail_clearly(tmp_path):
 def test_every_config_loads_and_builds_a_model(name):
     cfg = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
     cfg.lock()
-    if cfg.model.num_classes == "auto":  # what a run resolves from its annotation file (experiments.class_count)
+    if cfg.model.num_classes == "auto":  # what a run resolves from its annotation file (retina_fn.class_count)
         cfg.model.num_classes = 3
     params = retinanet.init(rng.key(0), cfg.model)
     logits, deltas = retinanet.apply(params, torch.zeros(1, 3, 128, 128), cfg.model)
@@ -187,7 +187,7 @@ def test_non_finite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path
 def test_time_budget_counts_training_time_and_stops_with_a_checkpoint(tmp_path, caplog):
     # A budget far below one step's time: the run stops after its first step, saves it, says so and still reports.
     cfg = smoke_config(tmp_path / "data", **{"train.validate": False, "train.time_budget_s": 1e-6})
-    with caplog.at_level(logging.WARNING, logger="experiments.trainer"):
+    with caplog.at_level(logging.WARNING, logger="retina_fn.engine.trainer"):
         results = trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert results["steps"] == 1
     assert any("time_budget_s=1e-06 reached" in r.getMessage() and "at step 1 of the schedule's" in r.getMessage()
@@ -201,7 +201,7 @@ def test_synthetic_dataset_files_are_named_by_the_config(tmp_path):
     name the generator's files is refused with the flags that fix it."""
     from types import SimpleNamespace
 
-    from experiments import train_setup
+    from retina_fn.engine import resume as train_setup
 
     alone = SimpleNamespace(is_main=True, barrier=lambda: None)
     cfg = smoke_config(tmp_path / "data")

@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from configs import demo, retinanet_r50_fpn_1x_coco, smoke
-from experiments import export, export_format, export_program, export_timing, onnx_predict, predict
+from experiments import onnx_predict, predict
+from retina_fn import export
+from retina_fn.export import folder as export_format, program as export_program, timing as export_timing
 from retina_fn import checkpoint, nms, rng, topk
 from retina_fn.data import transforms
 from retina_fn.detector import Detector

@@ -1,4 +1,4 @@
-"""experiments.host_memory: freed memory is reused without new page faults (as the kernel counts them)."""
+"""retina_fn.engine.host_memory: freed memory is reused without new page faults (as the kernel counts them)."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import pytest
 _PROBE = textwrap.dedent("""
     import resource, sys
     import numpy as np
-    from experiments import host_memory
+    from retina_fn.engine import host_memory
     if sys.argv[1] == "keep":
         assert host_memory.keep_freed_memory("cpu")
     if sys.argv[1] == "cuda":  # a GPU run leaves the host allocator as it is

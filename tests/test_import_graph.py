@@ -16,9 +16,10 @@ LAYERS = [
     ("accel", "model"),
     ("detector",),
     ("train",),
-    ("data", "eval", "checkpoint", "interop", "viz"),
+    ("data", "eval", "checkpoint", "interop", "viz", "class_count"),
     ("parallel",),
-    ("predictor",),
+    ("export", "predictor"),
+    ("engine",),
 ]
 
 

@@ -225,7 +225,7 @@ def test_restarting_a_finished_run_exits_without_training_again(runs):
     step2, files2, metrics2, results2 = snapshot()
     print(f"restart of the finished run: exit {rc} in {seconds:.1f} s; last lines:\n{tail(log_path, 4)}")
     assert rc == 0, f"restarting the finished run failed ({rc}):\n{tail(log_path)}"
-    # Everything below is the trainer's part (experiments/trainer.py): a finished run must notice that it is
+    # Everything below is the trainer's part (retina_fn/engine/trainer.py): a finished run must notice that it is
     # finished and leave its workdir alone. Collected together so one run of the test reports all of it.
     problems = []
     if step2 != step:

@@ -1,5 +1,5 @@
 """A COCO-format dataset of one's own: model.num_classes='auto' takes the class count and label map from the
-annotation files (experiments/class_count.py), and the README's command for it runs as written.
+annotation files (retina_fn/class_count.py), and the README's command for it runs as written.
 
 The data is the synthetic shapes set with 3 classes written as COCO files: category ids 1, 2, 4 named circle,
 square, triangle, unlike COCO's 80 (or the demo's 5)."""
@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from configs.common import base_config
-from experiments import benchmark, class_count, predict, trainer
+from experiments import benchmark, predict
+from retina_fn import class_count
+from retina_fn.engine import trainer
 from experiments.benchmark.options import Options
 from retina_fn import anchors, checkpoint, rng
 from retina_fn.data import synthetic

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import common, retinanet_r50_fpn_1x_coco
-from experiments import trainer
+from retina_fn.engine import trainer
 from retina_fn import rng, tree
 from retina_fn.data import coco, synthetic
 from retina_fn.data import loader as data_loader

@@ -2,7 +2,7 @@
 
 import math
 
-from experiments import reporting
+from retina_fn.engine import reporting
 
 
 def test_format_duration_by_hand():
@@ -44,7 +44,7 @@ def test_the_closing_lines_are_printed_without_loading_torch():
     import sys
     from pathlib import Path
 
-    code = ("import sys; from experiments.reporting import seed_closing_lines; "
+    code = ("import sys; from retina_fn.engine.reporting import seed_closing_lines; "
             "print(seed_closing_lines({'train_images_per_s': 2.0, 'wall_s': 9.6})[0], 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
                           check=True)

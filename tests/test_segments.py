@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import segments
+from retina_fn.engine import resume as segments
 
 
 def seg(start, end, world, accum, train_s, wall_s, images, seconds):

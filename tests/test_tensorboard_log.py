@@ -1,4 +1,4 @@
-"""train.tensorboard=True: the records of metrics.jsonl also go to TensorBoard scalars (experiments.train_hooks.
+"""train.tensorboard=True: the records of metrics.jsonl also go to TensorBoard scalars (retina_fn.engine.hooks.
 MetricsLog), read back here with TensorBoard's own EventAccumulator and compared with the JSONL file."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from experiments import train_hooks, trainer
+from retina_fn.engine import hooks as train_hooks, trainer
 
 
 def scalars_in(log_dir) -> dict[str, dict[int, float]]:

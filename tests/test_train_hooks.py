@@ -3,7 +3,7 @@ the ranks have to talk to agree on it."""
 
 import pytest
 
-from experiments.train_hooks import TimedCheckpoints
+from retina_fn.engine.hooks import TimedCheckpoints
 
 
 class FakeRuntime:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments import trainer
+from retina_fn.engine import trainer
 from tests.test_experiment import smoke_config
 
 
@@ -30,7 +30,7 @@ def test_a_resumed_run_reports_the_whole_run_and_each_of_its_segments(tmp_path):
     the same; the first segment is what the first start reported, carried in the checkpoint's metadata. The first
     start also checkpoints by time (train.checkpoint_every_s far below a step's time: after every step), the second
     only at its end."""
-    from experiments import reporting
+    from retina_fn.engine import reporting
     from retina_fn import checkpoint
 
     settings = {"train.validate": False, "data.images_per_device": 2, "optim.epochs": 1, "data.workers": 0}

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments import class_count
+from retina_fn import class_count
 from experiments.benchmark.data_mode import measure_data
 from experiments.benchmark.measurement import (PeakMemory, Subject, count_flops, load_average, machine_info, measure,
                                                speedup)

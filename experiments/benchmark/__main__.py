@@ -20,7 +20,8 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from experiments import benchmark, cli, host_memory
+    from experiments import benchmark, cli
+    from retina_fn.engine import host_memory
     from experiments.benchmark import suite, suite_plan, suite_report
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from experiments.benchmark.options import Options
-from experiments.train_hooks import synchronize
+from retina_fn.engine.hooks import synchronize
 
 
 class Subject(NamedTuple):

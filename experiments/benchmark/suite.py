@@ -48,7 +48,7 @@ from experiments.benchmark.ours import ours_infer, ours_train
 from experiments.benchmark.suite_plan import Plan, Row, load_config, missing_fields
 from experiments.benchmark.suite_report import add_ratios, card_info, peak_tflops, write_outputs
 from experiments.benchmark.torchvision_ref import torchvision_available, tv_infer, tv_train
-from experiments.train_hooks import synchronize
+from retina_fn.engine.hooks import synchronize
 from retina_fn.data.random_batch import config_batch
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from retina_fn import anchors, checkpoint, rng, tree
-from retina_fn.interop import mmdet, torchvision
+from retina_fn.interop import coco_names, mmdet, torchvision
 from retina_fn.interop.detector import CLASS_HEAD, import_detector
 from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
 
@@ -163,3 +163,28 @@ def count_in_weights(path: str | os.PathLike, model_cfg) -> tuple[int, str]:
         raise CheckpointMismatch(f"{path}: {key} has {channels} output channels, not a multiple of the {per_cell} "
                                  f"anchors per cell of model.anchors")
     return channels // per_cell, f"{path} ({key}: {channels} channels / {per_cell} anchors per cell)"
+
+
+def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The category id and name of each class index.
+
+    Args:
+        num_classes: the model's class count K.
+        meta: a retina_fn checkpoint's metadata ({} or None for other weights).
+
+    Returns:
+        (ids, names), K each: the checkpoint's label map (meta['label_map']) when there is one, else
+        `coco_names.label_map_for(K)` (91: torchvision's layout, 80: mmdetection's, other K: ids 1..K).
+
+    Raises:
+        ValueError: the stored label map has another class count than K.
+    """
+    label_map = (meta or {}).get("label_map")
+    if label_map:
+        ids = tuple(int(i) for i in label_map["category_ids"])
+        names = tuple(str(n) for n in label_map["names"])
+        if len(ids) != num_classes:
+            raise ValueError(f"the checkpoint's label map has {len(ids)} classes but model.num_classes is "
+                             f"{num_classes}")
+        return ids, names
+    return coco_names.label_map_for(num_classes)

@@ -40,7 +40,7 @@ def base_learning_rate(optim_cfg, global_batch: int) -> float:
     Args:
       optim_cfg: the optim config block (lr, base_lr, base_batch).
       global_batch: the number of images behind one optimiser update: images per device x devices x
-        optim.accum_steps (what experiments/trainer.py passes; see the module docstring).
+        optim.accum_steps (what retina_fn/engine/trainer.py passes; see the module docstring).
 
     Returns:
       float, the base learning rate before warmup and decay.

@@ -119,9 +119,9 @@ def full(runtime, out: dict) -> None:
 
 
 def timed_saves(runtime, out: dict) -> None:
-    """experiments.train_hooks.TimedCheckpoints (a checkpoint every 100 s of training) over 250 steps, each rank on
+    """retina_fn.engine.hooks.TimedCheckpoints (a checkpoint every 100 s of training) over 250 steps, each rank on
     its own clock: rank 0's steps take 1 s, rank 1's 2.5 s. Records the steps each rank saved at."""
-    from experiments.train_hooks import TimedCheckpoints
+    from retina_fn.engine.hooks import TimedCheckpoints
 
     step_s = 1.0 if runtime.rank == 0 else 2.5
     timer = TimedCheckpoints(100.0, runtime, step=0, train_s=0.0)

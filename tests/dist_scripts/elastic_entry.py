@@ -17,7 +17,8 @@ import time
 
 from absl import app, flags
 
-from experiments import coco_retinanet, train_hooks
+from experiments import coco_retinanet
+from retina_fn.engine import hooks as train_hooks
 
 PAUSE_LIMIT_S = 240.0
 PAUSE_TIMED_OUT = 98

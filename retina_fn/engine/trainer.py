@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from experiments import class_count, evaluation, host_memory, reporting, segments, train_hooks, train_setup
-from retina_fn import checkpoint, interop, parallel, rng, tree
+from retina_fn import checkpoint, class_count, interop, parallel, rng, tree
+from retina_fn.engine import evaluation, host_memory, hooks, reporting, resume
 from retina_fn.data import coco, loader as data_loader
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-NonFiniteLoss = train_hooks.NonFiniteLoss
+NonFiniteLoss = hooks.NonFiniteLoss
 
 
 def _precision_name(cfg) -> str:
@@ -63,8 +63,8 @@ class _Run:
         self.wall_start = wall_start
         os.makedirs(workdir, exist_ok=True)
         # first: a missing tensorboard (train.tensorboard=True) stops the run here; nothing is written until a record
-        self.metrics_log = train_hooks.MetricsLog(workdir, tensorboard=cfg.train.tensorboard)
-        train_setup.prepare_data(cfg, runtime)
+        self.metrics_log = hooks.MetricsLog(workdir, tensorboard=cfg.train.tensorboard)
+        resume.prepare_data(cfg, runtime)
         self.train_set = coco.load_split(cfg.data, "train")
         self.val_set = coco.load_split(cfg.data, "val") if cfg.train.validate else None
         class_count.from_training_set(cfg, self.train_set)  # model.num_classes 'auto' -> the file's count
@@ -74,7 +74,7 @@ class _Run:
         model_key, data_key = rng.split(rng.key(cfg.seed))
         optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
         # Refuses a global batch the processes present cannot make, before anything of this start is written.
-        start = train_setup.restore_or_init(cfg, workdir, model_key, optimizer, self.device, runtime.world_size)
+        start = resume.restore_or_init(cfg, workdir, model_key, optimizer, self.device, runtime.world_size)
         self.start_epoch, self.start_step, self.batch = start.epoch, start.step_in_epoch, start.batch
         if runtime.is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -104,14 +104,14 @@ class _Run:
                                           device=self.device)
         self.eval_step = make_eval_step(cfg, device=self.device)
         self.epochs = int(cfg.optim.epochs)
-        self.cadence = train_hooks.Cadence(cfg.train, self.steps_per_epoch)
-        self.meter = train_hooks.ThroughputMeter(self.images_per_step, self.device)
-        self.guard = train_hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
-        self.saver = train_hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime, self.batch)
+        self.cadence = hooks.Cadence(cfg.train, self.steps_per_epoch)
+        self.meter = hooks.ThroughputMeter(self.images_per_step, self.device)
+        self.guard = hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
+        self.saver = hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime, self.batch)
         self.window = _Window()
         self.last_metrics: dict = {}
         self.train_clock = 0.0  # seconds of training in this segment (the steps and their batches' waits)
-        self.timed_saves = train_hooks.TimedCheckpoints(cfg.train.checkpoint_every_s, runtime, self.step, 0.0)
+        self.timed_saves = hooks.TimedCheckpoints(cfg.train.checkpoint_every_s, runtime, self.step, 0.0)
         self.evaluated: evaluation.EvalRun | None = None  # the newest evaluation (rank 0)
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
@@ -123,9 +123,9 @@ class _Run:
         return self.start_epoch >= self.epochs or self.cadence.reached_max_steps(self.step)
 
     def segments(self) -> list[dict]:
-        """The run's segments up to now: the resumed checkpoint's, then this process's (experiments.segments)."""
+        """The run's segments up to now: the resumed checkpoint's, then this process's (retina_fn.engine.resume)."""
         images, seconds = self.meter.measured()
-        mine = segments.record(start_step=self.first_step, end_step=self.step, world_size=self.runtime.world_size,
+        mine = resume.record(start_step=self.first_step, end_step=self.step, world_size=self.runtime.world_size,
                                accum_steps=self.accum_steps, global_batch=self.images_per_step,
                                train_s=self.train_clock, wall_s=time.perf_counter() - self.wall_start,
                                measured_images=images, measured_s=seconds)
@@ -163,7 +163,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         return {}
     eval_metrics = run.evaluated.metrics if run.evaluated is not None else {}
     run_segments = run.segments()
-    whole = segments.whole_run(run_segments)  # a resumed run reports all of its segments, not only this one
+    whole = resume.whole_run(run_segments)  # a resumed run reports all of its segments, not only this one
     results = {
         "name": cfg.name,
         "bbox_mAP": eval_metrics.get("bbox_mAP", float("nan")),
@@ -179,7 +179,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         "segments": run_segments,
     }
     if len(run_segments) > 1:
-        log.info("the run's %d segments:\n%s", len(run_segments), segments.describe(run_segments))
+        log.info("the run's %d segments:\n%s", len(run_segments), resume.describe(run_segments))
     write_outputs(cfg, workdir, results, run.metrics_log, run.evaluated, run.val_set, runtime)
     run.metrics_log.close()
     return results
@@ -249,7 +249,7 @@ class _Window:
 
 def _log_progress(run: _Run, epoch: int, step_in_epoch: int) -> None:
     """One progress line and one JSONL record (rank 0); starts the next window."""
-    scalars = train_hooks.host_scalars(run.last_metrics)
+    scalars = hooks.host_scalars(run.last_metrics)
     ips = run.window.images / max(time.perf_counter() - run.window.start, 1e-9)
     remaining = (run.epochs - epoch - 1) * run.steps_per_epoch + run.steps_per_epoch - step_in_epoch
     eta = remaining * run.images_per_step / max(ips, 1e-9)
@@ -293,7 +293,7 @@ def evaluate_only(cfg, workdir: str, weights: str | None) -> dict[str, Any]:
     runtime = parallel.init(cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
-        train_setup.prepare_data(cfg, runtime)
+        resume.prepare_data(cfg, runtime)
         val_set = coco.load_split(cfg.data, "val")
         class_count.for_evaluation(cfg, val_set)  # model.num_classes 'auto' -> the file's count
         if weights is None:

@@ -91,7 +91,7 @@ def seed_closing_lines(results: dict[str, Any]) -> list[str]:
     throughput and duration, all of its segments included when it was interrupted and resumed.
 
     Args:
-      results: results.json's content (train_images_per_s, wall_s, bbox_mAP: experiments.trainer).
+      results: results.json's content (train_images_per_s, wall_s, bbox_mAP: retina_fn.engine.trainer).
 
     Returns:
       ['Final Performance images/sec : <whole run's images/s, 2 decimals>',

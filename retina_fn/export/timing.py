@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from experiments import class_count
-from experiments.export_format import load_program, read_spec
-from experiments.export_program import export_config
-from retina_fn import tree
+from retina_fn import class_count, tree
+from retina_fn.export.folder import load_program, read_spec
+from retina_fn.export.program import export_config
 from retina_fn.interop import load_detector_weights
 from retina_fn.train import make_eval_step
 

@@ -1,5 +1,5 @@
 """The pieces of the training loop that decide and count: when to log, check, save and stop; throughput;
-the non-finite guard; checkpoint writes. Each is small and host-side; the loop in experiments.trainer
+the non-finite guard; checkpoint writes. Each is small and host-side; the loop in retina_fn.engine.trainer
 strings them together.
 
 Host reads of device values happen only where something must be decided on the host: at log steps, at
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from experiments import reporting
 from retina_fn import checkpoint
+from retina_fn.engine import reporting
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Checkpointer:
       workdir: checkpoints go to workdir/checkpoints.
       label_map: the training set's LabelMap (stored, so predictions keep the annotation file's ids).
       runtime: the distribution runtime (is_main, world_size, barrier).
-      batch: the run's experiments.global_batch.BatchPlan (its global batch is stored: the run's invariant).
+      batch: the run's retina_fn.engine.resume.BatchPlan (its global batch is stored: the run's invariant).
     """
 
     def __init__(self, cfg, workdir: str, label_map, runtime, batch):
@@ -232,7 +232,7 @@ class Checkpointer:
 
     def save(self, state: dict, step: int, epoch: int, step_in_epoch: int, segments: list | None = None) -> None:
         """Saves `state` as global step `step`, to resume at (epoch, step_in_epoch), with the run's segments up to
-        this step (experiments.segments; read on rank 0 only)."""
+        this step (retina_fn.engine.resume; read on rank 0 only)."""
         if self.runtime.is_main:
             meta = {"config": config_json(self.cfg), "label_map": self.label_map.to_dict(),
                     "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},

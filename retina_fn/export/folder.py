@@ -1,5 +1,5 @@
-"""The folder `experiments.export` writes, and reading it back: file names, the tensors' names, model.json (what
-`make_spec` writes) and the torch.export program as a callable (what `experiments.predict --exported` runs).
+"""The export folder and reading it back: file names, the tensors' names, model.json (what `make_spec` writes)
+and the torch.export program as a callable (what `experiments.predict --exported` runs).
 
     spec = make_spec(cfg, batch=1, ...)                # model.json's content, written by experiments.export
     spec = read_spec("exported/demo")                  # model.json, checked
