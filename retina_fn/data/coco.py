@@ -21,6 +21,8 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
   is >= min_size.
 - A file without an 'annotations' key is an image-info file (COCO test-dev's image_info_*.json): it loads
   (`CocoSet.has_annotations` False) for producing detections; `load_split` refuses it for training.
+- `load_split` also refuses an image that the configured resize would shrink to a side of 0 pixels (an
+  extreme aspect ratio, such as 2000 x 1), naming the file and image id, before anything is trained.
 
 Image decoding: `retina_fn.data.images` (re-exported here).
 """
@@ -35,6 +37,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from retina_fn import errors
+from retina_fn.data import transforms
 from retina_fn.data.coco_schema import (CocoFormatError, GroundTruth, parse_categories, parse_ground_truth, read_json,
                                         resolve_image_path)
 from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
@@ -278,7 +281,8 @@ def load_split(data_cfg, split: str) -> CocoSet:
     """The 'train' or 'val' file of a config's `data` block (root + train_ann/train_images or the val
     pair); training applies `filter_empty_gt` and `min_size`. The 'val' file may be an image-info file
     (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError). A missing file is a
-    MissingFileError naming the config fields that point at it."""
+    MissingFileError naming the config fields that point at it; a kept image that data.scale would resize
+    to a side of 0 pixels is a `retina_fn.data.resize.ResizeError` naming the file and the image id."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:
@@ -297,4 +301,5 @@ def load_split(data_cfg, split: str) -> CocoSet:
             raise CocoFormatError(f"{ann}: no 'annotations' list (an image-info file, such as COCO test-dev's): "
                                   f"nothing to train on; it can only be evaluated for detections "
                                   f"(--config.data.train_ann names the training file)")
+    transforms.check_resizable(coco_set.records, data_cfg, ann)
     return coco_set
