@@ -1,5 +1,5 @@
-"""retina_fn/data/images.py and the zero-size resize check: image files that once decoded to a black image,
-hung the loader, or ended in a traceback that named no file."""
+"""retina_fn/data/images.py and the zero-size resize check: damaged data, paths that are not regular files,
+images too long on one side or resized to nothing, each refused with one error naming the file and image id."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def _damaged_png(pixels: np.ndarray) -> bytes:
 
 
 def test_damaged_compressed_data_is_an_error_not_a_black_image(tmp_path):
-    # The EXIF read loaded the pixels and swallowed the decoder's error; the convert after it then returned
-    # an image that was 87.5 % black.
+    # Pillow's PNG getexif() loads the pixels; read first and inside a catch-all, its decoder error would be
+    # lost and the convert after it would return the partly decoded image (87.5 % black here).
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     (tmp_path / "bad.png").write_bytes(_damaged_png(pixels))
     with pytest.raises(ImageLoadError, match=r"cannot decode image .*bad\.png \(image id 4\): "):
@@ -100,7 +100,7 @@ def test_a_fifo_a_folder_and_a_device_are_refused_without_blocking(tmp_path):
 
 
 def test_a_nul_byte_in_the_path_is_an_image_load_error():
-    # Image.open raised ValueError, and the handler's os.path.getsize raised it again.
+    # The operating system takes no path with a NUL byte: os.stat raises ValueError.
     with pytest.raises(ImageLoadError, match=r"cannot read image 'a\\x00b\.png' \(image id 3\): ValueError: "
                                              r"embedded null byte"):
         decode_image("a\x00b.png", 3)
@@ -108,8 +108,8 @@ def test_a_nul_byte_in_the_path_is_an_image_load_error():
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at 89,478,485 pixels
 def test_a_170_million_by_1_png_is_refused_from_its_header(tmp_path, monkeypatch):
-    # 170,000,000 pixels is under MAX_IMAGE_PIXELS; decoding it took gigabytes (a bare MemoryError under a
-    # memory limit) on the way to a resize that leaves a 0-pixel side.
+    # 170,000,000 pixels is under MAX_IMAGE_PIXELS; decoding it takes gigabytes (a MemoryError under a
+    # memory limit) on the way to a resize that leaves a 0-pixel side. The header is enough to refuse it.
     (tmp_path / "strip.png").write_bytes(_grey_png(170_000_000, 1))
 
     def no_decoding(self):
@@ -156,7 +156,7 @@ MESSAGE = (r"ann\.json: image id 4 \(.*strip\.png\) is 2000x1 \(w x h\): data\.s
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_an_image_resized_to_a_zero_side_stops_the_run_at_the_start(strip_set, split):
-    # Evaluation reached F.interpolate with an output size of 0 (a RuntimeError naming no file).
+    # F.interpolate refuses an output size of 0 with a RuntimeError that names no file: refused before.
     cfg, _ = strip_set
     with pytest.raises(ResizeError, match=MESSAGE) as err:
         coco.load_split(cfg, split)

@@ -1,7 +1,7 @@
 """retina_fn/data/coco_schema.py: what an annotation file may hold, checked once when it is read, and the
-evaluator scoring the same checked entries. Each test here is a case a careless or hostile file once got
-through: a value taken by its truthiness, an id COCOeval mis-scores, a number or a nesting that ended in a
-bare traceback, an encoding the loader took and the evaluator did not."""
+evaluator scoring the same checked entries. The cases are a careless or hostile file's: flags that are
+truthy but not 1, ids COCOeval mis-scores, numbers too large for int64, float32 or float(), nesting and
+digits past Python's JSON reader, encodings pycocotools' own reader refuses, names the system cannot take."""
 
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def test_a_negative_image_id_is_refused_since_minus_one_marks_padding(tmp_path):
 @pytest.mark.parametrize("use_faster", BACKENDS)
 def test_image_id_0_and_annotation_id_0_score_like_any_other(tmp_path, use_faster):
     # enumerate() numbering: image ids and annotation ids from 0. COCOeval marks a match with the ground
-    # truth's id and reads 0 as unmatched, so before the evaluator renumbered its ground truth a perfect
-    # detector lost the box with id 0 (here: 0.81 with faster-coco-eval).
+    # truth's id and reads 0 as unmatched: scored with the file's own ids, a perfect detector would lose
+    # the box with id 0 (0.81 here with faster-coco-eval); the evaluator numbers its ground truth 1..N.
     images = [image_entry(i, 100, 100) for i in range(10)]
     anns = [ann_entry(i, i, [10, 10, 30 + i, 30]) for i in range(10)]
     data = coco_dict(images, anns)
@@ -105,7 +105,8 @@ def test_image_id_0_and_annotation_id_0_score_like_any_other(tmp_path, use_faste
     ({"annotations": [ann_entry(1, 1, [1, 1, 2, 2], area="4")]}, r"'area' must be a finite number, got '4'"),
 ])
 def test_numbers_outside_int64_or_float32_are_named_not_overflowed(tmp_path, entry, pattern):
-    # Before: an OverflowError from float() in the loader, or from the collate or the results writer.
+    # float() of a 400-digit int raises OverflowError, and an int64 tensor cannot hold 2**63: the schema
+    # compares the values first.
     data = dict(coco_dict([image_entry(1, 10, 10)], [ann_entry(1, 1, [1, 1, 2, 2])]), **entry)
     _refused(tmp_path, data, pattern)
 
@@ -116,9 +117,9 @@ def test_numbers_outside_int64_or_float32_are_named_not_overflowed(tmp_path, ent
 
 def test_deep_nesting_and_huge_integers_end_in_one_line(tmp_path):
     deep = b'{"images": [], "categories": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    _refused(tmp_path, deep, r"JSON nested deeper than Python's reader allows", "deep.json")  # was RecursionError
+    _refused(tmp_path, deep, r"JSON nested deeper than Python's reader allows", "deep.json")  # RecursionError
     digits = b'{"images": [{"id": ' + b"7" * 5000 + b'}], "categories": []}'
-    _refused(tmp_path, digits, r"unreadable JSON number: .*4300 digits", "digits.json")  # was a bare ValueError
+    _refused(tmp_path, digits, r"unreadable JSON number: .*4300 digits", "digits.json")  # json's ValueError
     message = _refused(tmp_path, _one_box(bbox=[int("9" * 4000), 1, 2, 2]), r"'bbox' must be 4 finite")
     assert "(4011 characters)" in message  # the value is cut, not printed whole: [ + 4000 digits + , 1, 2, 2]
 
@@ -135,7 +136,7 @@ def test_a_byte_order_mark_is_decoded_and_the_evaluator_scores_the_same_file(tmp
     coco_set = load_coco(str(path), str(tmp_path))
     assert coco_set.records[0].file_name == "café.jpg" and coco_set.label_map.names == ("måke",)
     assert coco_set.records[0].boxes.tolist() == plain.records[0].boxes.tolist()
-    # pycocotools' own reader refused a BOM (JSONDecodeError after training); the evaluator reads the loader's.
+    # pycocotools' own reader fails on a BOM (JSONDecodeError); the evaluator reads the loader's entries.
     assert evaluate(str(path), _perfect(data), use_faster=False)["bbox_mAP"] == pytest.approx(1.0)
 
 
@@ -153,7 +154,7 @@ def test_text_that_is_not_utf_8_or_has_no_byte_order_mark_is_refused(tmp_path):
     (dict(image_entry(1, 10, 10), file_name=7), r"image id 1: missing or empty 'file_name'"),
 ])
 def test_file_names_the_system_cannot_take_are_refused(tmp_path, entry, pattern):
-    # A NUL byte reached Image.open, whose error handler raised again (os.path.getsize).
+    # No path with a NUL byte reaches the operating system (os.stat raises ValueError on one).
     _refused(tmp_path, coco_dict([entry], []), pattern)
 
 
@@ -197,7 +198,7 @@ def _error_of(fn, *args):
 
 @pytest.mark.parametrize("use_faster", BACKENDS)
 def test_the_evaluator_scores_what_the_loader_accepted(tmp_path, use_faster):
-    # No 'area' (pycocotools' COCOeval raised KeyError 'area'), a crowd flag given as true, an integral float
+    # No 'area' (pycocotools' COCOeval indexes it: KeyError), a crowd flag given as true, an integral float
     # id: all accepted by the loader, so all scored.
     data = coco_dict([image_entry(1, 100, 100), image_entry(2, 100, 100)],
                      [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
