@@ -121,10 +121,11 @@ def check_resizable(records, cfg, source: str) -> None:
         None; `resize.ResizeError` naming the file, the image id and the sizes for the first image that
         would get a side of 0 pixels.
     """
-    rule, scale = resize.resize_rule(cfg.resize_mode), tuple(cfg.scale)
+    mode = getattr(cfg, "resize_mode", "mmdet")  # the data block's default, as TransformConfig.from_config
+    rule, scale = resize.resize_rule(mode), tuple(cfg.scale)
     for r in records:
         resize.check_nonzero(rule.size(r.height, r.width, scale), r.height, r.width, scale,
-                             f"data.resize_mode={cfg.resize_mode!r}", f"{source}: image id {r.image_id} ({r.path})")
+                             f"data.resize_mode={mode!r}", f"{source}: image id {r.image_id} ({r.path})")
 
 
 def scale_boxes(boxes: np.ndarray, sx: float, sy: float, clip_hw: tuple[int, int]) -> np.ndarray:
