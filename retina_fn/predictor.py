@@ -202,11 +202,12 @@ class Predictor:
             self._steps[key] = make_eval_step(self.cfg, device=self.device)
         return self._steps[key]
 
-    def preprocess(self, image: np.ndarray) -> dict:
+    def preprocess(self, image: np.ndarray, what: str = "the image") -> dict:
         """The evaluation transform of one uint8 RGB image [h, w, 3] on this predictor's canvas
-        (`transforms.preprocess_for_inference`'s dict: image [3, H, W], image_hw, orig_hw, scale_factor)."""
+        (`transforms.preprocess_for_inference`'s dict: image [3, H, W], image_hw, orig_hw, scale_factor);
+        `what` names the image in errors."""
         return transforms.preprocess_for_inference(image, self.transform_cfg, self.canvas_mode,
-                                                   int(self.cfg.model.size_divisor))
+                                                   int(self.cfg.model.size_divisor), what)
 
     def __call__(self, images) -> Prediction | list[Prediction]:
         """Detections for one image or a list of images of any sizes.
@@ -221,11 +222,10 @@ class Predictor:
         Raises:
             TypeError, ValueError: naming the image (its position in a list) that cannot be taken.
         """
-        if isinstance(images, (list, tuple)):
-            pixels = [as_rgb_uint8(image, f"image {i} of the list") for i, image in enumerate(images)]
-        else:
-            pixels = [as_rgb_uint8(images)]
-        samples = [self.preprocess(p) for p in pixels]
+        listed = isinstance(images, (list, tuple))
+        names = [f"image {i} of the list" for i in range(len(images))] if listed else ["the image"]
+        pixels = [as_rgb_uint8(image, name) for image, name in zip(images if listed else [images], names)]
+        samples = [self.preprocess(p, name) for p, name in zip(pixels, names)]
 
         def run(batch: dict) -> Detections:
             return self.step(tuple(batch["image"].shape[-2:]))(self.params, batch)

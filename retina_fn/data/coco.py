@@ -1,9 +1,9 @@
-"""COCO-format annotation files: parsing, validation, mmdetection's box and image filters, the category
+"""COCO-format annotation files: mmdetection's box and image filters over the checked entries, the category
 table and the records of its images.
 
-Parsing is done here (json + checks) rather than through pycocotools' loader so that every problem names
-the file, the image id or the annotation id and what is wrong; the evaluator still reads the original
-JSON with pycocotools.
+Every entry is checked once, by `retina_fn.data.coco_schema` (types, ranges, encodings; errors name the
+file, the image id or the annotation id and what is wrong); the parsed `GroundTruth` is kept in the
+CocoSet, and the evaluator scores against it rather than reading the file with another parser.
 
 Rules (mmdetection v2.9.0 `CocoDataset`):
 - bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here: a box that starts
@@ -11,8 +11,8 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
   mmdetection's Resize with bbox_clip_border does).
 - Errors (mmdetection would pass them on): a bbox or area that is not a finite number (Python's json
   reads NaN and Infinity), an image id or an annotation id that appears twice.
-- An annotation is dropped, and counted, when it has a true `ignore` flag, does not overlap the image,
-  has `area` <= 0 (the file's area, w * h when absent), or w < 1 or h < 1 (negative sizes included).
+- An annotation is dropped, and counted, when it has `ignore` 1, does not overlap the image, has
+  `area` <= 0 (the file's area, w * h when absent), or w < 1 or h < 1 (negative sizes included).
 - `iscrowd` boxes that survive these checks become ignore regions, never positives.
 - An annotation whose category id is not in `categories` is an error (mmdetection drops it silently;
   here it almost always means the wrong file or a mis-edited category list).
@@ -21,29 +21,30 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
   is >= min_size.
 - A file without an 'annotations' key is an image-info file (COCO test-dev's image_info_*.json): it loads
   (`CocoSet.has_annotations` False) for producing detections; `load_split` refuses it for training.
+- `load_split` also refuses an image that the configured resize would shrink to a side of 0 pixels (an
+  extreme aspect ratio, such as 2000 x 1), naming the file and image id, before anything is trained.
 
-Entry-level checks of the file: `retina_fn.data.coco_schema`; image decoding: `retina_fn.data.images`
-(both re-exported here).
+Image decoding: `retina_fn.data.images` (re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from retina_fn import errors
-from retina_fn.data.coco_schema import (CocoFormatError, bbox_field, int_field, parse_images, read_json,
+from retina_fn.data import transforms
+from retina_fn.data.coco_schema import (CocoFormatError, GroundTruth, parse_categories, parse_ground_truth, read_json,
                                         resolve_image_path)
 from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
 
 __all__ = [
-    "DROP_REASONS", "CocoFormatError", "CocoSet", "ImageLoadError", "ImageRecord", "LabelMap", "decode_image",
-    "load_coco", "load_record_image", "load_split", "resolve_image_path",
+    "DROP_REASONS", "CocoFormatError", "CocoSet", "GroundTruth", "ImageLoadError", "ImageRecord", "LabelMap",
+    "decode_image", "load_coco", "load_record_image", "load_split", "resolve_image_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,19 +81,8 @@ class LabelMap:
     @classmethod
     def from_categories(cls, categories: Sequence[Mapping[str, Any]], source: str = "categories") -> "LabelMap":
         """From a COCO `categories` list of {'id', 'name', ...}; `source` names the file in errors."""
-        if not isinstance(categories, (list, tuple)) or not categories:
-            raise CocoFormatError(f"{source}: 'categories' must be a non-empty list")
-        by_id: dict[int, str] = {}
-        for pos, cat in enumerate(categories):
-            if not isinstance(cat, Mapping):
-                raise CocoFormatError(f"{source}: categories[{pos}] is not an object")
-            cid = int_field(cat, "id", f"{source}: categories[{pos}]")
-            name = cat.get("name")
-            if not isinstance(name, str):
-                raise CocoFormatError(f"{source}: category id {cid} has no string 'name'")
-            if cid in by_id:
-                raise CocoFormatError(f"{source}: category id {cid} appears twice")
-            by_id[cid] = name
+        ids, names, _ = parse_categories(categories, source)
+        by_id = dict(zip(ids, names))
         ids = sorted(by_id)
         return cls(tuple(ids), tuple(by_id[i] for i in ids))
 
@@ -177,7 +167,8 @@ class CocoSet:
 
     has_annotations is False for an image-info file (images and categories, no 'annotations' key, as COCO
     test-dev's): its records have no boxes, and it can be run and its detections written, not scored or
-    trained on."""
+    trained on. ground_truth: every entry of the file as the schema checked it (all images and
+    annotations, before any filter), what `retina_fn.eval` scores against."""
 
     ann_file: str
     image_root: str
@@ -185,6 +176,7 @@ class CocoSet:
     records: tuple[ImageRecord, ...]
     counts: Mapping[str, int]
     has_annotations: bool = True
+    ground_truth: GroundTruth | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,123 +185,104 @@ class CocoSet:
 DROP_REASONS = ("ignore_flag", "outside_image", "zero_area", "too_small")
 
 
-@dataclasses.dataclass
-class _ImageAnnotations:
-    """What one image collects while the annotations are read."""
+def _drop_reasons(gt: GroundTruth, image_index: np.ndarray) -> np.ndarray:
+    """Which of mmdetection's annotation filters removes each annotation.
 
-    boxes: list = dataclasses.field(default_factory=list)
-    labels: list = dataclasses.field(default_factory=list)
-    ignore_boxes: list = dataclasses.field(default_factory=list)
-    count: int = 0
+    Args:
+        gt: the checked file.
+        image_index: int64 [N], each annotation's row in gt's images.
+
+    Returns:
+        int64 [N]: 0 to keep the box, else 1 + the index of its reason in DROP_REASONS (the first that
+        applies, in that order).
+    """
+    x, y, w, h = gt.bboxes.T
+    height, width = gt.heights[image_index].astype(np.float64), gt.widths[image_index].astype(np.float64)
+    inter_w = np.maximum(0.0, np.minimum(x + w, width) - np.maximum(x, 0.0))
+    inter_h = np.maximum(0.0, np.minimum(y + h, height) - np.maximum(y, 0.0))
+    reasons = [gt.ignore, inter_w * inter_h == 0, gt.areas <= 0, (w < 1) | (h < 1)]
+    return np.select(reasons, np.arange(1, len(reasons) + 1), 0)
 
 
-def _kept_records(images: dict, per_image: dict, filter_empty_gt: bool, min_size: int, counts: dict
-                  ) -> list[ImageRecord]:
-    """One ImageRecord per image that passes the training filters, in file order; counts the others
-    (counts['images_empty'], counts['images_small'])."""
+def _rows_per_image(image_index: np.ndarray, rows: np.ndarray, num_images: int) -> list[np.ndarray]:
+    """The annotation rows `rows` grouped by image: one int64 array per image, in annotation order."""
+    rows = rows[np.argsort(image_index[rows], kind="stable")]
+    return np.split(rows, np.cumsum(np.bincount(image_index[rows], minlength=num_images))[:-1])
+
+
+def _records(gt: GroundTruth, label_map: LabelMap, image_root: str, filter_empty_gt: bool, min_size: int,
+             counts: dict) -> list[ImageRecord]:
+    """One ImageRecord per image that passes the training filters, in file order; fills `counts` (the drop
+    reasons, 'crowd', 'boxes', 'images_empty', 'images_small')."""
+    num_images = len(gt.image_ids)
+    order = np.argsort(gt.image_ids, kind="stable")
+    image_index = order[np.searchsorted(gt.image_ids, gt.ann_image_ids, sorter=order)]
+    reasons = _drop_reasons(gt, image_index)
+    counts.update({reason: int((reasons == k + 1).sum()) for k, reason in enumerate(DROP_REASONS)})
+    kept = reasons == 0
+    box_rows = _rows_per_image(image_index, np.flatnonzero(kept & ~gt.iscrowd), num_images)
+    crowd_rows = _rows_per_image(image_index, np.flatnonzero(kept & gt.iscrowd), num_images)
+    counts.update(crowd=sum(map(len, crowd_rows)), boxes=sum(map(len, box_rows)), images_empty=0, images_small=0)
+    x, y, w, h = gt.bboxes.T
+    xyxy = np.stack([x, y, x + w, y + h], axis=1).astype(np.float32)
+    labels = np.searchsorted(np.asarray(label_map.category_ids, np.int64), gt.ann_category_ids)
+    per_image = np.bincount(image_index, minlength=num_images)
     records = []
-    counts.update(images_empty=0, images_small=0)
-    for image_id, (file_name, height, width, path) in images.items():
-        acc = per_image[image_id]
-        if filter_empty_gt and acc.count == 0:
+    for i, (image_id, height, width) in enumerate(zip(gt.image_ids.tolist(), gt.heights.tolist(), gt.widths.tolist())):
+        if filter_empty_gt and per_image[i] == 0:
             counts["images_empty"] += 1
             continue
         if min(height, width) < min_size:
             counts["images_small"] += 1
             continue
+        file_name = gt.file_names[i]
         records.append(ImageRecord(
-            image_id=image_id, file_name=file_name, path=path, height=height, width=width,
-            boxes=np.asarray(acc.boxes, dtype=np.float32).reshape(-1, 4),
-            labels=np.asarray(acc.labels, dtype=np.int64).reshape(-1),
-            ignore_boxes=np.asarray(acc.ignore_boxes, dtype=np.float32).reshape(-1, 4),
-            num_annotations=acc.count))
+            image_id=image_id, file_name=file_name, path=resolve_image_path(image_root, file_name), height=height,
+            width=width, boxes=xyxy[box_rows[i]], labels=labels[box_rows[i]].astype(np.int64),
+            ignore_boxes=xyxy[crowd_rows[i]], num_annotations=int(per_image[i])))
     return records
-
-
-def _annotation_ids(ann, pos: int, ann_file: str, images: Mapping, label_map: LabelMap,
-                    seen_ids: dict[int, int]) -> tuple[str, int, int]:
-    """Checks the ids of annotation number `pos` and records its id in `seen_ids`.
-
-    Returns:
-        (where, image_id, category_id): `where` names the file, annotation id and image id in errors.
-
-    Raises:
-        CocoFormatError: not an object, a missing or non-integer id, an annotation id seen before, an
-            image id not in 'images' or a category id not in 'categories'.
-    """
-    where = f"{ann_file}: annotations[{pos}]"
-    if not isinstance(ann, Mapping):
-        raise CocoFormatError(f"{where} is not an object")
-    ann_id = int_field(ann, "id", where)
-    if ann_id in seen_ids:
-        raise CocoFormatError(f"{ann_file}: annotation id {ann_id} appears twice in 'annotations' (at "
-                              f"positions {seen_ids[ann_id]} and {pos}); pycocotools would keep only one")
-    seen_ids[ann_id] = pos
-    where = f"{ann_file}: annotation id {ann_id}"
-    image_id = int_field(ann, "image_id", where)
-    if image_id not in images:
-        raise CocoFormatError(f"{where}: image_id {image_id} is not in 'images'")
-    where = f"{where} (image id {image_id})"
-    category_id = int_field(ann, "category_id", where)
-    if category_id not in label_map:
-        raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
-                              f"(known ids: {list(label_map.category_ids)})")
-    return where, image_id, category_id
 
 
 def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, min_size: int = 0) -> CocoSet:
     """Reads and validates a COCO-format detection file.
 
-    ann_file: the JSON file; image_root: the folder `file_name`s are relative to. filter_empty_gt and
-    min_size are the training filters (evaluation keeps every image). Raises CocoFormatError naming the
-    file and the image or annotation id for malformed input; logs one summary line of dropped boxes.
+    Args:
+        ann_file: the JSON file.
+        image_root: the folder `file_name`s are relative to.
+        filter_empty_gt, min_size: the training filters (evaluation keeps every image).
+
+    Returns:
+        The CocoSet (its ground_truth holds every entry, its records the images the filters keep); logs
+        one summary line of dropped boxes.
+
+    Raises:
+        MissingFileError: the file does not exist.
+        CocoFormatError: naming the file and the image or annotation id for anything the schema refuses
+            (`retina_fn.data.coco_schema`).
     """
-    data = read_json(ann_file)
-    label_map = LabelMap.from_categories(data["categories"], ann_file)
-    images = parse_images(data["images"], ann_file, image_root)
-    counts = {reason: 0 for reason in DROP_REASONS}
-    counts.update(crowd=0, boxes=0)
-    per_image = {image_id: _ImageAnnotations() for image_id in images}
-    seen_ids: dict[int, int] = {}  # annotation id -> its position in the list
-
-    for pos, ann in enumerate(data.get("annotations", [])):
-        where, image_id, category_id = _annotation_ids(ann, pos, ann_file, images, label_map, seen_ids)
-        x, y, w, h = bbox_field(ann, where)
-        acc = per_image[image_id]
-        acc.count += 1
-        height, width = images[image_id][1:3]
-        reason = _drop_reason(ann, x, y, w, h, height, width, where)
-        if reason is not None:
-            counts[reason] += 1
-            continue
-        box = [x, y, x + w, y + h]
-        if ann.get("iscrowd", 0):
-            acc.ignore_boxes.append(box)
-            counts["crowd"] += 1
-        else:
-            acc.boxes.append(box)
-            acc.labels.append(label_map.index_of(category_id))
-            counts["boxes"] += 1
-
-    records = _kept_records(images, per_image, filter_empty_gt, min_size, counts)
-    has_annotations = "annotations" in data
-    if not has_annotations:
+    gt = parse_ground_truth(read_json(ann_file), ann_file)
+    label_map = LabelMap(tuple(sorted(gt.category_ids.tolist())),
+                         tuple(n for _, n in sorted(zip(gt.category_ids.tolist(), gt.names))))
+    counts: dict[str, int] = {}
+    records = _records(gt, label_map, image_root, filter_empty_gt, min_size, counts)
+    if not gt.has_annotations:
         logger.info("%s: no 'annotations' (an image-info file): its images can be run for detections, not scored",
                     ann_file)
     dropped = sum(counts[r] for r in DROP_REASONS)
     log = logger.warning if dropped else logger.info
     log("%s: %d of %d images kept (%d without annotations, %d with short side < %d removed); %d boxes, "
-        "%d crowd regions; %d annotations dropped (%s)", ann_file, len(records), len(images),
+        "%d crowd regions; %d annotations dropped (%s)", ann_file, len(records), len(gt.image_ids),
         counts["images_empty"], counts["images_small"], min_size, counts["boxes"], counts["crowd"], dropped,
         ", ".join(f"{r}={counts[r]}" for r in DROP_REASONS))
-    return CocoSet(ann_file, image_root, label_map, tuple(records), dict(counts), has_annotations)
+    return CocoSet(ann_file, image_root, label_map, tuple(records), dict(counts), gt.has_annotations, gt)
 
 
 def load_split(data_cfg, split: str) -> CocoSet:
     """The 'train' or 'val' file of a config's `data` block (root + train_ann/train_images or the val
     pair); training applies `filter_empty_gt` and `min_size`. The 'val' file may be an image-info file
     (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError). A missing file is a
-    MissingFileError naming the config fields that point at it."""
+    MissingFileError naming the config fields that point at it; a kept image that data.scale would resize
+    to a side of 0 pixels is a `retina_fn.data.resize.ResizeError` naming the file and the image id."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:
@@ -321,30 +294,12 @@ def load_split(data_cfg, split: str) -> CocoSet:
             f"annotation file not found: {ann} (data.root={data_cfg.root!r} joined with data.{split}_ann="
             f"{data_cfg[f'{split}_ann']!r}; point --config.data.root or --config.data.{split}_ann at the file)")
     if split == "val":
-        return load_coco(ann, images)
-    coco_set = load_coco(ann, images, filter_empty_gt=data_cfg.filter_empty_gt, min_size=data_cfg.min_size)
-    if not coco_set.has_annotations:
-        raise CocoFormatError(f"{ann}: no 'annotations' list (an image-info file, such as COCO test-dev's): "
-                              f"nothing to train on; it can only be evaluated for detections "
-                              f"(--config.data.train_ann names the training file)")
+        coco_set = load_coco(ann, images)
+    else:
+        coco_set = load_coco(ann, images, filter_empty_gt=data_cfg.filter_empty_gt, min_size=data_cfg.min_size)
+        if not coco_set.has_annotations:
+            raise CocoFormatError(f"{ann}: no 'annotations' list (an image-info file, such as COCO test-dev's): "
+                                  f"nothing to train on; it can only be evaluated for detections "
+                                  f"(--config.data.train_ann names the training file)")
+    transforms.check_resizable(coco_set.records, data_cfg, ann)
     return coco_set
-
-
-def _drop_reason(ann: Mapping, x: float, y: float, w: float, h: float, height: int, width: int,
-                 where: str) -> str | None:
-    """Which of mmdetection's annotation filters removes this box, or None to keep it; CocoFormatError
-    when its 'area' is not a finite number (checked for every annotation, dropped or not)."""
-    area = ann.get("area", w * h)
-    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
-        raise CocoFormatError(f"{where}: 'area' must be a finite number, got {area!r}")
-    if ann.get("ignore", False):
-        return "ignore_flag"
-    inter_w = max(0.0, min(x + w, width) - max(x, 0.0))
-    inter_h = max(0.0, min(y + h, height) - max(y, 0.0))
-    if inter_w * inter_h == 0:
-        return "outside_image"
-    if area <= 0:
-        return "zero_area"
-    if w < 1 or h < 1:
-        return "too_small"
-    return None

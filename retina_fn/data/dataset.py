@@ -3,9 +3,11 @@
 The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), derived here from the
 SampleRef, so the pixels and boxes of a sample do not depend on the number of workers or replicas.
 
-Unreadable images (a missing, empty or truncated file, corrupt data, more pixels than
-`retina_fn.data.images.MAX_IMAGE_PIXELS`, or a size that disagrees with the annotation file once the EXIF
-orientation is applied) raise `ImageLoadError` naming the file and image id. With `skip_bad_images`
+Unreadable images (a missing, empty or truncated file, a path that is not a regular file, corrupt data,
+more pixels than `retina_fn.data.images.MAX_IMAGE_PIXELS` or a side over `MAX_IMAGE_SIDE`, or a size that
+disagrees with the annotation file once the EXIF orientation is applied) raise `ImageLoadError` naming the
+file and image id. An image that the configured resize would shrink to a side of 0 pixels is refused
+when the dataset is built (`retina_fn.data.resize.ResizeError`, naming the file and image id). With `skip_bad_images`
 (training only) the sample is replaced instead by the next readable image of the same aspect group (so
 the canvas and the batch shape stay the same), deterministically, with a warning; the sample carries
 `replaced=True` and the loader counts it.
@@ -45,6 +47,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if len(coco) == 0:
             raise CocoFormatError(f"{coco.ann_file}: no images left after filtering (images without annotations "
                                   f"are left out with data.filter_empty_gt, small ones with data.min_size)")
+        transforms.check_resizable(coco.records, cfg, coco.ann_file)
         self.coco = coco
         self.cfg = cfg
         self.train = train

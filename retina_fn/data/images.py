@@ -10,13 +10,20 @@ mmdetection's `LoadImageFromFile` calls `mmcv.imfrombytes(flag='color')`, i.e. O
 - 16-bit samples keep their high byte (v >> 8, libpng's strip_16): Pillow would clip grey ones to 255;
 - CMYK JPEGs go through OpenCV's own CMYK formula (Pillow's differs by a level or two);
 - the EXIF orientation is applied (OpenCV does so in imread and imdecode unless IMREAD_IGNORE_ORIENTATION);
-- refusals that OpenCV does not make: a truncated file (OpenCV decodes what there is of a JPEG) and an image
-  over `MAX_IMAGE_PIXELS` (OpenCV's limit is 2**30 pixels).
+- refusals that OpenCV does not make: a truncated file (OpenCV decodes what there is of a JPEG), damaged
+  compressed data anywhere in the file (the pixels are decoded before the EXIF block is read, and every
+  decoder error is an error), and an image over `MAX_IMAGE_PIXELS` (OpenCV's limit is 2**30 pixels);
+- OpenCV's own refusal of a side over 2**20 pixels (`MAX_IMAGE_SIDE`; a 170,000,000 x 1 PNG is under the
+  pixel limit but would need gigabytes on the way to a resize that leaves nothing of it), also from the
+  header, before any pixel is decoded;
+- a path that is not a regular file (a FIFO, a folder, a device) is refused before it is read: opening a
+  FIFO for reading would wait for a writer forever.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 
@@ -29,6 +36,9 @@ from retina_fn import errors
 # warning level of 89,478,485). Checked from the file header, before any pixel is decoded, and
 # independent of the process-wide PIL.Image.MAX_IMAGE_PIXELS (which other code may change).
 MAX_IMAGE_PIXELS = 178_956_970
+# The longest side an image may have: OpenCV's CV_IO_MAX_IMAGE_WIDTH and CV_IO_MAX_IMAGE_HEIGHT, which
+# mmdetection's reads (cv2.imdecode) refuse beyond.
+MAX_IMAGE_SIDE = 1 << 20
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> how the stored pixels are turned for display (the EXIF specification's table).
@@ -39,6 +49,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What Pillow's plugins raise on damaged files (besides OSError, which covers UnidentifiedImageError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+# What parsing a damaged EXIF block raises, once the pixels are decoded (it is then ignored, as OpenCV does).
+_EXIF_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
 class ImageLoadError(errors.UserError, RuntimeError):
@@ -72,21 +84,24 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
         uint8 [H, W, 3] RGB, C-contiguous and writable (torch.from_numpy is safe).
 
     Raises:
-        ImageLoadError: naming the file and image id when the file is missing, empty, truncated or
-            otherwise undecodable, has more than MAX_IMAGE_PIXELS pixels, or decodes to another size
-            than expect_hw.
+        ImageLoadError: naming the file and image id when the file is missing, not a regular file, empty,
+            truncated or otherwise undecodable, has more than MAX_IMAGE_PIXELS pixels or a side over
+            MAX_IMAGE_SIDE, needs more memory than there is, or decodes to another size than expect_hw.
     """
-    where = f"{path} (image id {image_id})"
-    try:
-        with Image.open(path) as im:
-            _check_pixel_count(im, where, path, image_id)
-            orientation = _exif_orientation(im)
-            stored = pil_to_rgb(im)
-    except FileNotFoundError:
-        raise ImageLoadError(f"image file not found: {where}", path, image_id) from None
-    except _DECODE_ERRORS as e:
-        raise ImageLoadError(f"cannot decode image {where}: {_decode_problem(path, e)}", path,
-                             image_id) from None
+    where = f"{path if str(path).isprintable() else repr(path)} (image id {image_id})"
+    size = "its"
+    with _open_regular_file(path, where, image_id) as f:
+        try:
+            with Image.open(f) as im:
+                size = "its {}x{} (w x h)".format(*_check_size(im, where, path, image_id))
+                im.load()  # every pixel decoded here, before anything else reads the file
+                orientation = _exif_orientation(im)
+                stored = pil_to_rgb(im)
+        except _DECODE_ERRORS as e:
+            raise ImageLoadError(f"cannot decode image {where}: {_decode_problem(f, e)}", path, image_id) from None
+        except MemoryError:
+            raise ImageLoadError(f"cannot decode image {where}: not enough memory for {size} pixels", path,
+                                 image_id) from None
     rgb = apply_orientation(stored, orientation)
     if expect_hw is not None and tuple(rgb.shape[:2]) != tuple(expect_hw):
         raise ImageLoadError(_size_message(where, rgb.shape[:2], stored.shape[:2], orientation, expect_hw),
@@ -94,31 +109,56 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
     return rgb
 
 
-def _check_pixel_count(im: Image.Image, where: str, path: str, image_id: int) -> None:
-    """ImageLoadError when the header states more than MAX_IMAGE_PIXELS pixels (nothing decoded yet)."""
+def _open_regular_file(path: str, where: str, image_id: int):
+    """The image file opened for reading (a binary file object); ImageLoadError naming it when it is missing,
+    unreadable, or not a regular file. The file is opened without blocking and checked again once open, so
+    a FIFO put in its place in between is refused too."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return os.fdopen(fd, "rb")
+            os.close(fd)
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {where}", path, image_id) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ImageLoadError(f"cannot read image {where}: {type(e).__name__}: {e}", path, image_id) from None
+    raise ImageLoadError(f"cannot read image {where}: not a regular file (a folder, FIFO, device or socket)",
+                         path, image_id)
+
+
+def _check_size(im: Image.Image, where: str, path: str, image_id: int) -> tuple[int, int]:
+    """(width, height) from the header; ImageLoadError when a side is over MAX_IMAGE_SIDE or the image has
+    more than MAX_IMAGE_PIXELS pixels (nothing decoded yet)."""
     width, height = im.size
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageLoadError(
+            f"image {where} is {width}x{height} (w x h), a side over {MAX_IMAGE_SIDE} pixels "
+            f"(retina_fn.data.images.MAX_IMAGE_SIDE, OpenCV's limit): a wrong file or a strip no detector can "
+            f"take; crop it", path, image_id)
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageLoadError(
             f"image {where} is {width}x{height} (w x h) = {width * height} pixels, over the limit of "
             f"{MAX_IMAGE_PIXELS} (retina_fn.data.images.MAX_IMAGE_PIXELS): a decompression bomb or a wrong "
             f"file; raise the constant if the image is genuine", path, image_id)
+    return width, height
 
 
-def _decode_problem(path: str, error: Exception) -> str:
-    """What went wrong, in words: an empty file is named as such, otherwise Pillow's message."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "the file is empty (0 bytes)"
-    except OSError:
-        pass
+def _decode_problem(f, error: Exception) -> str:
+    """What went wrong, in words: an empty file (f, the open file) is named as such, otherwise Pillow's
+    message."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return "the file is empty (0 bytes)"
     return f"{type(error).__name__}: {error}"
 
 
 def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation 1..8 of an opened image; 1 (as stored) when absent, invalid or unreadable."""
+    """The EXIF orientation 1..8 of an image whose pixels are loaded; 1 (as stored) when absent, invalid or
+    unreadable. Only the EXIF block's own errors are ignored (as OpenCV ignores a damaged one): reading it
+    before the pixels are loaded would load them here, and Pillow would then hand on a half-decoded image."""
     try:
         value = im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # a damaged EXIF block is ignored, as OpenCV ignores it
+    except _EXIF_ERRORS:
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 

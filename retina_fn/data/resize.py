@@ -42,6 +42,11 @@ SizeRule = Callable[[int, int, Sequence[int]], tuple[int, int]]
 ResizeNormalize = Callable[..., np.ndarray]
 
 
+class ResizeError(errors.UserError, ValueError):
+    """An image that the configured resize would shrink to a side of 0 pixels (an extreme aspect ratio,
+    such as 2000 x 1): nothing can be computed on it."""
+
+
 def rescaled_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmdetection's keep-ratio size (the 'mmdet' size rule).
 
@@ -198,6 +203,27 @@ def resized_size(height: int, width: int, cfg) -> tuple[int, int]:
         (new_h, new_w) ints.
     """
     return resize_rule(cfg.resize_mode).size(height, width, tuple(cfg.scale))
+
+
+def check_nonzero(size_hw: Sequence[int], height: int, width: int, scale: Sequence[int], mode: str,
+                  what: str) -> tuple[int, int]:
+    """A resized size, checked to keep at least one pixel on each side.
+
+    Args:
+        size_hw: (new_h, new_w), what the resize rule gave.
+        height, width: the original image size in pixels.
+        scale: data.scale; mode: the resize mode, as errors name it (e.g. "data.resize_mode='mmdet'").
+        what: the image, as errors name it (a file and its image id, or 'image 2 of the list').
+
+    Returns:
+        (new_h, new_w) ints; ResizeError when either is below 1.
+    """
+    new_h, new_w = (int(v) for v in size_hw)
+    if new_h < 1 or new_w < 1:
+        raise ResizeError(f"{what} is {width}x{height} (w x h): data.scale={tuple(scale)} with {mode} resizes it "
+                          f"to {new_w}x{new_h}, and an image with a side of 0 pixels cannot be run; crop or pad "
+                          f"it to a less extreme aspect ratio, or leave it out")
+    return new_h, new_w
 
 
 # ----------------------------------------------------------------------------------------------------

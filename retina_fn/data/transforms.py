@@ -109,6 +109,25 @@ def canvas_for(height: int, width: int, cfg: TransformConfig) -> tuple[int, int]
     return tuple(cfg.landscape_canvas) if is_landscape(height, width) else tuple(cfg.portrait_canvas)
 
 
+def check_resizable(records, cfg, source: str) -> None:
+    """Checks that the configured resize leaves every image at least one pixel on each side.
+
+    Args:
+        records: ImageRecords (anything with image_id, path, height and width).
+        cfg: a TransformConfig or the `data` block (scale, resize_mode).
+        source: the annotation file, named in errors.
+
+    Returns:
+        None; `resize.ResizeError` naming the file, the image id and the sizes for the first image that
+        would get a side of 0 pixels.
+    """
+    mode = getattr(cfg, "resize_mode", "mmdet")  # the data block's default, as TransformConfig.from_config
+    rule, scale = resize.resize_rule(mode), tuple(cfg.scale)
+    for r in records:
+        resize.check_nonzero(rule.size(r.height, r.width, scale), r.height, r.width, scale,
+                             f"data.resize_mode={mode!r}", f"{source}: image id {r.image_id} ({r.path})")
+
+
 def scale_boxes(boxes: np.ndarray, sx: float, sy: float, clip_hw: tuple[int, int]) -> np.ndarray:
     """Boxes scaled to resized pixels and clipped to the resized image.
 
@@ -170,13 +189,13 @@ def flip_decision(key: torch.Tensor, prob: float) -> bool:
 
 
 def _apply(rule: resize.ResizeRule, image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cfg, *,
-           flip: bool, canvas_hw: Sequence[int] | None, mode: str) -> dict:
+           flip: bool, canvas_hw: Sequence[int] | None, mode: str, what: str = "the image") -> dict:
     """`transform` with an explicit resize rule (named `mode` in errors) and canvas (None: the aspect
-    group's)."""
+    group's); `what` names the image in errors."""
     dtype = canvas_dtype(cfg)
     resize_uint8 = _uint8_resize(rule, mode) if dtype == np.uint8 else None
     h, w = image.shape[:2]
-    new_h, new_w = rule.size(h, w, tuple(cfg.scale))
+    new_h, new_w = resize.check_nonzero(rule.size(h, w, tuple(cfg.scale)), h, w, cfg.scale, mode, what)
     sx, sy = new_w / w, new_h / h
     canvas = resize.new_canvas((new_h, new_w), canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw),
                                dtype)
@@ -226,7 +245,8 @@ def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cf
         [M, 4] in resized pixels, clipped to the resized image; image_hw int64 [2] (new_h, new_w);
         orig_hw int64 [2] (h, w); scale_factor float32 [2] (sx, sy) = (new_w / w, new_h / h); flipped bool.
         ValueError for an unknown cfg.resize_mode, a resized image larger than its canvas, or
-        cfg.uint8_canvas with a mode that normalises before resizing.
+        cfg.uint8_canvas with a mode that normalises before resizing; `resize.ResizeError` (a ValueError)
+        for an image the resize would shrink to a side of 0 pixels.
     """
     return _apply(resize.resize_rule(cfg.resize_mode), image, boxes, ignore_boxes, cfg, flip=flip, canvas_hw=None,
                   mode=f"data.resize_mode={cfg.resize_mode!r}")
@@ -276,7 +296,7 @@ def eval_transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarra
 
 
 def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: str | None = "fixed",
-                             size_divisor: int = 32) -> dict:
+                             size_divisor: int = 32, what: str = "the image") -> dict:
     """`eval_transform` of one decoded image without annotations, for prediction.
 
     Args:
@@ -285,11 +305,13 @@ def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: st
         canvas: 'fixed' (or None): the aspect group's canvas, as in evaluation; 'tight': the resized size
             rounded up to a multiple of `size_divisor` (what mmdetection and torchvision do at batch size 1).
         size_divisor: the model's size divisor (model.size_divisor), used by 'tight'.
+        what: the image, as errors name it ('image 2 of the list').
 
     Returns:
         The dict of `transform` with flip=False and boxes / ignore_boxes float32 [0, 4]: image float32
         [3, H, W] (uint8 with cfg.uint8_canvas), image_hw, orig_hw, scale_factor, flipped. ValueError for
-        an unknown resize mode or canvas mode, or a resized image larger than the fixed canvas.
+        an unknown resize mode or canvas mode, or a resized image larger than the fixed canvas;
+        `resize.ResizeError` (a ValueError) naming `what` for one resized to a side of 0 pixels.
     """
     rule = resize.resize_rule(cfg.resize_mode)
     canvas = "fixed" if canvas is None else canvas
@@ -300,4 +322,4 @@ def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: st
         canvas_hw = resize.tight_canvas(rule.size(*image.shape[:2], tuple(cfg.scale)), int(size_divisor))
     no_boxes = np.zeros((0, 4), np.float32)
     return _apply(rule, image, no_boxes, no_boxes, cfg, flip=False, canvas_hw=canvas_hw,
-                  mode=f"data.resize_mode={cfg.resize_mode!r}")
+                  mode=f"data.resize_mode={cfg.resize_mode!r}", what=what)

@@ -10,17 +10,26 @@ truth's counts and names.
 Both libraries give the same numbers and leave the same `eval['precision']` array. An image-info file
 (images and categories, no 'annotations', as COCO test-dev's) cannot be scored: loading one as ground truth
 is a ValueError.
+
+The ground truth is built from the entries the loader's schema checked (`retina_fn.data.coco_schema`), not
+by the library reading the file itself: a file that loaded for training is scored the same way, whatever its
+encoding or its flags' types, and a file the schema refuses is refused here with the same CocoFormatError.
+The annotations get the ids 1..N in file order: COCOeval marks a detection's match with the id of its ground
+truth and takes 0 for "unmatched", so a file whose ids start at 0 would lose a true positive. Each
+annotation keeps its bbox, its iscrowd flag and its area (w * h where the file has none); COCOeval reads
+no 'ignore' flag (it takes iscrowd for it), and neither does this ground truth.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+
+from retina_fn.data import coco_schema
 
 PYCOCOTOOLS = "pycocotools"
 FASTER_COCO_EVAL = "faster-coco-eval"
@@ -73,51 +82,90 @@ def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
     """The ground truth as a COCO object of `lib`.
 
     Args:
-      coco_gt: an annotation file path, a COCO-format dict, or a COCO object of either library (used as is
-        when it is `lib`'s, copied otherwise).
+      coco_gt: an annotation file path, a `retina_fn.data.coco.CocoSet` (its checked entries are used, the
+        file is not read again), a `coco_schema.GroundTruth`, a COCO-format dict, or a COCO object of
+        either library: `lib`'s own is used as is (the caller vouches for it), the other's dataset is
+        checked like a dict.
       lib: the library.
       out: receives what the library prints.
 
     Returns:
-      A `lib.coco_cls` instance with its index built.
+      A `lib.coco_cls` instance with its index built (`coco_dataset`).
 
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: coco_gt is none of the above, or has no 'images', 'annotations' or 'categories' list (an
-        image-info file, such as COCO test-dev's, has no 'annotations': there is nothing to score against).
+      CocoFormatError: (a ValueError) the file or dict breaks the schema, naming the entry.
+      ValueError: coco_gt is none of the above, or has no 'annotations' list (an image-info file, such as COCO
+        test-dev's, has nothing to score against).
     """
-    source = "coco_gt"
     if isinstance(coco_gt, lib.coco_cls):
-        gt = coco_gt
-    elif isinstance(coco_gt, (str, os.PathLike)):
-        source = os.fspath(coco_gt)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"ground-truth annotation file not found: {source}")
-        with contextlib.redirect_stdout(out):
-            gt = lib.coco_cls(source)
-    else:
-        if isinstance(coco_gt, Mapping):
-            dataset = dict(coco_gt)
-        elif hasattr(coco_gt, "dataset") and isinstance(coco_gt.dataset, Mapping):
-            dataset = coco_gt.dataset
-        else:
-            raise ValueError(f"coco_gt must be a path, a COCO dict or a COCO object, got {type(coco_gt).__name__}")
-        gt = lib.coco_cls()
-        # loadRes copies the image list from here, so keep the caller's structure untouched.
-        gt.dataset = copy.deepcopy(dict(dataset))
-        with contextlib.redirect_stdout(out):
-            gt.createIndex()
-    _require_lists(gt.dataset, source)
+        _require_lists(coco_gt.dataset, "coco_gt")
+        return coco_gt
+    truth = ground_truth_of(coco_gt)
+    if not truth.has_annotations:
+        raise ValueError(_missing(truth.source, "annotations"))
+    gt = lib.coco_cls()
+    gt.dataset = coco_dataset(truth)
+    with contextlib.redirect_stdout(out):
+        gt.createIndex()
     return gt
+
+
+def ground_truth_of(coco_gt) -> coco_schema.GroundTruth:
+    """The checked entries of any ground truth `load_ground_truth` takes but a COCO object of its library.
+
+    Raises:
+      FileNotFoundError, CocoFormatError: for a path, as `coco_schema.read_json`; CocoFormatError for a dict
+        that breaks the schema; ValueError for anything else.
+    """
+    if isinstance(coco_gt, coco_schema.GroundTruth):
+        return coco_gt
+    if isinstance(getattr(coco_gt, "ground_truth", None), coco_schema.GroundTruth):  # a CocoSet
+        return coco_gt.ground_truth
+    if isinstance(getattr(coco_gt, "ann_file", None), str):  # a CocoSet built without its entries
+        coco_gt = coco_gt.ann_file
+    if isinstance(coco_gt, (str, os.PathLike)):
+        path = os.fspath(coco_gt)
+        return coco_schema.parse_ground_truth(coco_schema.read_json(path), path)
+    if not isinstance(coco_gt, Mapping) and isinstance(getattr(coco_gt, "dataset", None), Mapping):
+        coco_gt = coco_gt.dataset  # the other library's COCO object
+    if isinstance(coco_gt, Mapping):
+        return coco_schema.parse_ground_truth(coco_gt, "coco_gt")
+    raise ValueError(f"coco_gt must be a path, a CocoSet, a COCO dict or a COCO object, got {type(coco_gt).__name__}")
+
+
+def coco_dataset(truth: coco_schema.GroundTruth) -> dict:
+    """A COCO ground-truth dict of checked entries, for a COCO object's `dataset`.
+
+    Args:
+      truth: the checked entries of an annotation file.
+
+    Returns:
+      {'images': [{'id', 'height', 'width', 'file_name'}], 'categories': [{'id', 'name', 'supercategory' where
+      the file gives one}], 'annotations': [{'id': 1..N in file order, 'image_id', 'category_id', 'bbox'
+      [x, y, w, h], 'area', 'iscrowd' 0 / 1}]}, Python numbers only.
+    """
+    images = [{"id": i, "height": h, "width": w, "file_name": name} for i, h, w, name in
+              zip(truth.image_ids.tolist(), truth.heights.tolist(), truth.widths.tolist(), truth.file_names)]
+    categories = [{"id": c, "name": name, **({} if sup is None else {"supercategory": sup})} for c, name, sup in
+                  zip(truth.category_ids.tolist(), truth.names, truth.supercategories)]
+    annotations = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": box, "area": area, "iscrowd": int(crowd)}
+                   for k, (i, c, box, area, crowd) in enumerate(zip(
+                       truth.ann_image_ids.tolist(), truth.ann_category_ids.tolist(), truth.bboxes.tolist(),
+                       truth.areas.tolist(), truth.iscrowd.tolist()))]
+    return {"images": images, "categories": categories, "annotations": annotations}
 
 
 def _require_lists(dataset: Mapping, source: str) -> None:
     for key in ("images", "annotations", "categories"):
         if key not in dataset:
-            hint = (" (an image-info file, such as COCO test-dev's: detections on it can be written as a results "
-                    "file, not scored)") if key == "annotations" else ""
-            raise ValueError(f"{source}: the ground truth has no '{key}' list{hint}")
+            raise ValueError(_missing(source, key))
 
+
+def _missing(source: str, key: str) -> str:
+    hint = (" (an image-info file, such as COCO test-dev's: detections on it can be written as a results file, "
+            "not scored)") if key == "annotations" else ""
+    return f"{source}: the ground truth has no '{key}' list{hint}"
 
 
 def load_results(gt, results: Sequence[dict], out: io.StringIO):

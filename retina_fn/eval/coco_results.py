@@ -28,7 +28,7 @@ def _to_numpy(x, name: str, dtype) -> np.ndarray:
         x = x.detach().cpu().numpy()
     try:
         return np.asarray(x, dtype=dtype)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an int outside int64
         raise ValueError(f"{name}: cannot be read as an array of {np.dtype(dtype).name}: {err}") from None
 
 
