@@ -83,7 +83,7 @@ def check(cfg, steps: int, batch_size: int, canvas: tuple[int, int], seed: int =
                             num_classes=num_classes, seed=seed + i, device=device) for i in range(steps)]
     state0 = init_train_state(cfg, rng.key(seed), optimizer, device=device)
 
-    explanation = torch._dynamo.explain(eager)(state0, batches[0], rng.key(seed))
+    explanation = torch._dynamo.explain(eager)(state0, batches[0])
     torch._dynamo.reset()
     compiled = torch.compile(eager, fullgraph=True)
 
@@ -93,10 +93,10 @@ def check(cfg, steps: int, batch_size: int, canvas: tuple[int, int], seed: int =
     eager_times, comp_times, metric_diffs, losses_eager, losses_compiled = [], [], [], [], []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        eager_state, eager_metrics = eager(eager_state, batch, rng.key(i))
+        eager_state, eager_metrics = eager(eager_state, batch)
         eager_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        comp_state, comp_metrics = compiled(comp_state, batch, rng.key(i))
+        comp_state, comp_metrics = compiled(comp_state, batch)
         comp_times.append(time.perf_counter() - t0)
         metric_diffs.append(max_differences(comp_metrics, eager_metrics))
         losses_eager.append(eager_metrics["loss"])

@@ -114,25 +114,6 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.T
     return inter / denom.clamp(min=_UNION_EPS)
 
 
-def pairwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of every pair; union and enclosing-box area floored at 1e-6.
-
-    Args:
-      a: float [..., N, 4] xyxy.
-      b: float [..., M, 4] xyxy; leading dims broadcast with a's.
-
-    Returns:
-      float [..., N, M], values in [-1, 1].
-    """
-    inter = _pairwise_intersection(a, b)
-    union = (area(a)[..., :, None] + area(b)[..., None, :] - inter).clamp(min=_UNION_EPS)
-    lt = torch.minimum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    hull = (wh[..., 0] * wh[..., 1]).clamp(min=_UNION_EPS)
-    return inter / union - (hull - union) / hull
-
-
 def elementwise_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """GIoU of matching pairs (a[i] with b[i]); `eps` is added to the union and the enclosing-box area.
 

@@ -153,7 +153,6 @@ def detect(
     scale_factor: torch.Tensor | None,
     test_cfg,
     coder_cfg,
-    nms_impl: str = "torch",
     anchor_valid: torch.Tensor | None = None,
 ) -> Detections:
     """Detections from the head outputs of a batch.
@@ -174,7 +173,6 @@ def detect(
         static_shapes); nms_pre <= 0 or max_candidates <= 0 mean no limit. Unless static_shapes, the
         candidates entering NMS are trimmed to a power-of-two count covering every valid one.
       coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
-      nms_impl: retina_fn.nms.batched_nms's impl ('torch' | 'torchvision' | 'auto').
       anchor_valid: bool [B, A] or None: anchors that are False never become candidates (their scores
         are set below any probability before the per-level selection), as if they did not exist: the
         reference's feature maps of an image padded alone have only the anchors inside its extent.
@@ -213,7 +211,7 @@ def detect(
         if scale_factor is not None:
             boxes = boxes / scale_factor.float().repeat(1, 2)[:, None, :]
         index, valid = batched_nms(boxes, candidates.scores, candidates.labels, candidates.valid,
-                                   test_cfg.nms_iou, test_cfg.max_per_img, impl=nms_impl)
+                                   test_cfg.nms_iou, test_cfg.max_per_img)
         return Detections(
             boxes=torch.where(valid.unsqueeze(-1), _gather_rows(boxes, index), 0.0),
             scores=torch.where(valid, candidates.scores.gather(1, index), 0.0),

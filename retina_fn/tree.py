@@ -222,18 +222,6 @@ def cast(tree: Tree, dtype: torch.dtype | None = None, device: torch.device | st
     return map(one, tree)
 
 
-def structure_str(tree: Tree) -> str:
-    """One line per leaf, 'path shape dtype'; for error messages and logs.
-
-    Args:
-      tree: a tree of tensors.
-
-    Returns:
-      str, newline-joined lines in `leaves` order.
-    """
-    return "\n".join(f"{p} {tuple(x.shape)} {x.dtype}" for p, x in leaves_with_paths(tree))
-
-
 def all_equal(a: Tree, b: Tree) -> bool:
     """True when both trees have the same paths and bitwise-equal tensor leaves.
 

@@ -56,7 +56,7 @@ def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, l
     shares = []
     for r in range(world_size):
         mine = {k: v[r * per_rank:(r + 1) * per_rank] for k, v in full_batch.items()}
-        targets = detector.compute_targets(anchors, mine, cfg.model)
+        targets = detector.Detector(cfg.model).targets(mine)
         positive_per_image = (targets.assignment.positive & targets.anchor_valid).sum(dim=1)
         own = float(sum(max(int(n), 1) for n in positive_per_image))
         shares.append((mine, targets, own, int(positive_per_image.sum())))

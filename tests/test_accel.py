@@ -330,7 +330,6 @@ def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_pr
     inf pixel: with optim.backend='apex' (torch's SGD standing in for the fused kernel, updating in place) and
     'native', the same parameters; the skipped step leaves the apex parameters bitwise unchanged, in the same
     tensors."""
-    from retina_fn import rng
     from retina_fn.data.random_batch import random_batch
 
     fake_apex(fresh_probes, optimizer_classes={"FusedSGD": RecordingSGD}, kernels=True)
@@ -344,7 +343,7 @@ def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_pr
         for i, batch in enumerate(batches):
             before = tree.map(torch.clone, state["params"])
             owned = tree.leaves(state["params"])
-            state, metrics = step(state, batch, rng.key(i))
+            state, metrics = step(state, batch)
             finite.append(float(metrics["finite"]))
             if i == 1:  # the skipped step
                 assert tree.all_equal(state["params"], before)

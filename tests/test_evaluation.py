@@ -58,7 +58,7 @@ def test_reports_files_and_results_entries(tmp_path, caplog):
     run = evaluation.EvalRun(dict(scores.metrics), results, ids, scores, [])
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with caplog.at_level(logging.INFO, logger="experiments"):
+    with caplog.at_level(logging.INFO, logger="retina_fn"):
         extra = evaluation.write_reports(_eval_cfg(), str(workdir), run, coco_set)
     assert sorted(extra) == ["detections_file", "error_breakdown", "per_class"]
     assert extra["detections_file"] == str(workdir / "detections_bbox.json")
@@ -88,7 +88,7 @@ def test_error_analysis_setting(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(evaluation, "ERROR_ANALYSIS_MAX_IMAGES", 1)  # the set (2 images) is now "large"
     large = tmp_path / "large"
     large.mkdir()
-    with caplog.at_level(logging.INFO, logger="experiments"):
+    with caplog.at_level(logging.INFO, logger="retina_fn"):
         assert "error_breakdown" not in evaluation.write_reports(_eval_cfg(), str(large), run, coco_set)
     assert "--config.eval.error_analysis=True runs it" in caplog.text
     forced = tmp_path / "forced"
@@ -103,7 +103,7 @@ def test_image_info_set_writes_results_and_no_map(tmp_path, caplog):
     (tmp_path / "info.json").write_text(json.dumps(info))
     info_set = coco.load_coco(str(tmp_path / "info.json"), str(tmp_path))
     run = evaluation.EvalRun({name: math.nan for name in coco_eval.METRIC_NAMES}, results, [4, 7], None, [])
-    with caplog.at_level(logging.INFO, logger="experiments"):
+    with caplog.at_level(logging.INFO, logger="retina_fn"):
         extra = evaluation.write_reports(_eval_cfg(), str(tmp_path), run, info_set)
     assert extra == {"detections_file": str(tmp_path / "detections_bbox.json")}
     assert json.loads((tmp_path / "detections_bbox.json").read_text()) == results
@@ -163,7 +163,7 @@ def test_eval_on_an_image_info_file_writes_results_and_no_map(smoke_eval, caplog
     base, gt, overrides, weights = smoke_eval
     cfg = common.override(smoke.get_config(), **overrides, **{"data.val_ann": "annotations/image_info_val.json"})
     workdir = base / "info"
-    with caplog.at_level(logging.INFO, logger="experiments"):
+    with caplog.at_level(logging.INFO, logger="retina_fn"):
         results = trainer.evaluate_only(cfg, str(workdir), weights)
     assert math.isnan(results["bbox_mAP"]) and results["num_detections"] > 0
     assert "per_class" not in results and not (workdir / "per_class.md").exists()

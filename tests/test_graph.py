@@ -61,8 +61,8 @@ def test_graphed_train_step_equals_the_eager_step_over_steps_and_canvases():
     s_eager = s_graphed = start
     for i in range(3):  # two canvases, alternating: two recordings sharing one state, then a replay
         batch = batch_for(cfg, i)
-        s_eager, m_eager = eager(s_eager, batch, rng.key(i))
-        s_graphed, m_graphed = graphed(s_graphed, batch, rng.key(i))
+        s_eager, m_eager = eager(s_eager, batch)
+        s_graphed, m_graphed = graphed(s_graphed, batch)
         assert tree.all_equal(m_graphed, m_eager), i
         assert tree.all_equal(s_graphed, s_eager), i  # warm-up calls never advanced the state
         assert s_graphed is graphed.state  # donation: the static buffers come back
@@ -183,7 +183,7 @@ def test_on_a_cpu_or_with_an_inplace_optimizer_the_step_runs_eagerly_and_says_wh
     assert "optim.backend='apex' updates in place" in caplog.text
     for step in (train_step, apex_like):
         assert not isinstance(step, graph.GraphedFunction)
-        _, metrics = step(init_train_state(cfg, rng.key(0), optimizer), batch_for(cfg, 0), rng.key(0))
+        _, metrics = step(init_train_state(cfg, rng.key(0), optimizer), batch_for(cfg, 0))
         assert float(metrics["finite"]) == 1.0
     assert eval_step.__name__ == "eval_step"
 
@@ -229,7 +229,7 @@ def test_the_train_step_never_waits_for_the_host(box_loss, normalizer, precision
     optimizer = build_optimizer(cfg)
     state = init_train_state(cfg, rng.key(0), optimizer)
     step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=4)
-    found = graph_host.host_syncs(step, state, (batch_for(cfg, 0), batch_for(cfg, 1)), rng.key(0))
+    found = graph_host.host_syncs(step, state, (batch_for(cfg, 0), batch_for(cfg, 1)))
     assert found == {"syncs": {}, "host_data": {}, "where": {}}
 
 
@@ -318,8 +318,8 @@ def test_compile_scope_chooses_what_is_compiled(scope):
              "step": torch.tensor(0), "loss_scale": LossScaleState(torch.tensor(1.0), torch.tensor(0)),
              "nonfinite": torch.tensor(0)}
     batch = {"x": torch.tensor([[1.0, 1.0], [2.0, 0.5]])}
-    s_plain, m_plain = plain(state, batch, rng.key(0))
-    s_wrapped, m_wrapped = wrapped(state, batch, rng.key(0))
+    s_plain, m_plain = plain(state, batch)
+    s_wrapped, m_wrapped = wrapped(state, batch)
     assert tree.all_equal(s_plain, s_wrapped) and tree.all_equal(m_plain, m_wrapped)
     with pytest.raises(ValueError, match="compile_scope"):
         step_lib.make_train_step(Quadratic(), optimizer, schedule, compile_scope="update")
@@ -337,8 +337,8 @@ def test_cuda_graphs_match_the_eager_steps_on_a_gpu():
     s_eager = s_graphed = init_train_state(cfg, rng.key(0), optimizer, device=device)
     for i in range(4):
         batch = {k: v.to(device) for k, v in batch_for(cfg, i).items()}
-        s_eager, m_eager = eager(s_eager, batch, rng.key(i).to(device))
-        s_graphed, m_graphed = graphed(s_graphed, batch, rng.key(i).to(device))
+        s_eager, m_eager = eager(s_eager, batch)
+        s_graphed, m_graphed = graphed(s_graphed, batch)
         for k in m_eager:
             assert torch.allclose(m_graphed[k], m_eager[k], rtol=1e-4, atol=1e-6), (i, k)
     assert graphed.signatures == 2 and int(s_graphed["step"]) == 4
@@ -365,18 +365,17 @@ def test_on_a_gpu_the_train_step_and_the_eval_forward_run_under_sync_debug_error
     state = init_train_state(cfg, rng.key(0), optimizer, device=device)
     step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, device=device)
     batches = [{k: v.to(device) for k, v in batch_for(cfg, i).items()} for i in range(2)]
-    key = rng.key(0).to(device)
     runs: list = []
     eval_step = make_eval_step(smoke_cfg(cuda_graph=True, precision=precision), device,
                                graph_capture=lambda body, warmup: runs.append(warmup) or body)
     eval_step(full_params(state), batches[1])  # records the forward (and runs NMS, which reads the host)
-    state, _ = step(state, batches[0], key)  # first calls: lazy initialisation of the libraries
+    state, _ = step(state, batches[0])  # first calls: lazy initialisation of the libraries
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches:
-            state, metrics = step(state, batch, key)
+            state, metrics = step(state, batch)
         runs[0]()
     finally:
         torch.cuda.set_sync_debug_mode(previous)

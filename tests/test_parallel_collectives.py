@@ -103,7 +103,7 @@ def test_single_process_runtime_has_no_process_group_and_identity_collectives(no
     grads = {"w": torch.ones(3), "pair": Pair(torch.zeros(2), torch.tensor(4))}
     with parallel.init(cpu_dist_cfg()) as runtime:
         assert (runtime.rank, runtime.world_size, runtime.is_main) == (0, 1, True)
-        assert runtime.backend is None and runtime.mesh is None and runtime.node_mesh is None
+        assert runtime.backend is None and runtime.group is None
         assert runtime.device == torch.device("cpu")
         assert runtime.reduce_mean(grads) is grads and runtime.reduce_sum(grads) is grads
         assert runtime.broadcast_tree(grads) is grads
@@ -170,7 +170,7 @@ def test_two_process_launch_facts(two_process_run):
         env = out["env"]
         assert (env["rank"], env["world_size"], env["local_rank"], env["num_nodes"]) == (rank, 2, rank, 1)
         assert (out["backend"], out["device"], out["is_main"]) == ("gloo", "cpu", rank == 0)
-        assert (out["mesh"], out["mesh_dims"], out["node_mesh"]) == ([0, 1], ("dp",), None)
+        assert out["group_ranks"] == [0, 1]
 
 
 def assert_matches(result, expected, bounds=None):
@@ -272,9 +272,7 @@ def test_two_nodes_over_loopback_agree_on_reductions(tmp_path):
         env = out["env"]
         assert (env["rank"], env["world_size"], env["node_rank"], env["num_nodes"]) == (rank, 4, rank // 2, 2)
         assert (env["local_rank"], env["local_world_size"]) == (rank % 2, 2)
-        assert out["node_mesh"] == [[0, 1], [2, 3]] and out["node_mesh_dims"] == ("node", "local")
-        assert out["local_group_ranks"] == [2 * (rank // 2), 2 * (rank // 2) + 1]
-        assert out["node_group_ranks"] == [rank % 2, rank % 2 + 2]
+        assert out["group_ranks"] == [0, 1, 2, 3]
         # Four addends: the summation order inside gloo is not ours, so floats agree to rounding.
         assert_matches(out["sum"], expected_sum, sum_bounds)  # integers: bound 0, exact
         assert_matches(out["mean"], expected_mean, mean_bounds)

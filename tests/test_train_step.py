@@ -52,7 +52,7 @@ def test_generic_step_is_a_hand_computed_sgd_step(micro_batches):
     train_step = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(lr, dtype=torch.float64),
                                       micro_batches=micro_batches)
     state = toy_state(params, frozen, sgd())
-    new_state, metrics = train_step(state, batch, rng.key(0))
+    new_state, metrics = train_step(state, batch)
     # By hand: r = x w + b - y = (-0.9, 0.85, -0.15, 0.1); grad = 2 x^T r / 4 = (-0.575, -0.3).
     x, y, w, b = batch["x"], batch["y"], params["w"], frozen["frozen_b"]
     r = [float(x[i, 0] * w[0] + x[i, 1] * w[1] + b - y[i]) for i in range(4)]
@@ -80,7 +80,7 @@ def test_accumulating_loader_batches_by_hand(reduce_normalizer):
     schedule = lambda s: torch.tensor(lr, dtype=torch.float64)  # noqa: E731
     train_step = step.make_train_step(LeastSquares(), sgd(), schedule, reduce_normalizer=reduce_normalizer)
     state = toy_state(params, frozen, sgd())
-    new_state, metrics = train_step(state, (rows(batch, slice(0, 1)), rows(batch, slice(1, 4))), rng.key(0))
+    new_state, metrics = train_step(state, (rows(batch, slice(0, 1)), rows(batch, slice(1, 4))))
     x, y, w, b = batch["x"], batch["y"], params["w"], frozen["frozen_b"]
     r = [float(x[i, 0] * w[0] + x[i, 1] * w[1] + b - y[i]) for i in range(4)]  # -0.9, 0.85, -0.15, 0.1
     weight = [1 / 4] * 4 if reduce_normalizer else [1 / 2, 1 / 6, 1 / 6, 1 / 6]  # d loss / d (r_i^2)
@@ -90,7 +90,7 @@ def test_accumulating_loader_batches_by_hand(reduce_normalizer):
     assert float(metrics["loss"]) == pytest.approx(sum(weight[i] * r[i] ** 2 for i in range(4)), rel=1e-12)
     assert float(metrics["normalizer"]) == 4.0
     if reduce_normalizer:  # the same update as the four rows in one batch
-        one, _ = train_step(state, batch, rng.key(0))
+        one, _ = train_step(state, batch)
         torch.testing.assert_close(one["params"]["w"], new_state["params"]["w"], rtol=1e-14, atol=0)
 
 
@@ -120,15 +120,15 @@ def test_an_in_place_optimiser_is_not_called_on_a_non_finite_step():
     state = toy_state({"w": params["w"].clone()}, frozen, optimizer)
     owned, before = state["params"]["w"], state["params"]["w"].clone()
     bad = dict(batch, y=batch["y"].clone().index_fill_(0, torch.tensor([2]), float("nan")))
-    skipped, metrics = train_step(state, bad, rng.key(0))
+    skipped, metrics = train_step(state, bad)
     assert float(metrics["finite"]) == 0.0 and optimizer.calls == 0
     assert skipped["params"]["w"] is owned and torch.equal(owned, before)  # bitwise unchanged, same storage
     assert torch.equal(skipped["opt"]["count"], state["opt"]["count"])
-    updated, metrics = train_step(skipped, batch, rng.key(1))
+    updated, metrics = train_step(skipped, batch)
     assert float(metrics["finite"]) == 1.0 and optimizer.calls == 1
     assert updated["params"]["w"] is owned and not torch.equal(owned, before)  # written in place
     pure, _ = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(0.05, dtype=torch.float64))(
-        toy_state(params, frozen, sgd()), batch, rng.key(1))
+        toy_state(params, frozen, sgd()), batch)
     torch.testing.assert_close(owned, pure["params"]["w"], rtol=1e-14, atol=0)
 
 
@@ -139,7 +139,7 @@ def test_generic_step_skips_a_nan_batch_and_averages_over_replicas():
     train_step = step.make_train_step(LeastSquares(), sgd(), lambda s: torch.tensor(0.1, dtype=torch.float64),
                                       reduce=lambda t: (halves.append(t), tree.map(lambda v: v / 2, t))[1])
     bad = dict(batch, y=batch["y"].clone().index_fill_(0, torch.tensor([2]), float("nan")))
-    new_state, metrics = train_step(state, bad, rng.key(0))
+    new_state, metrics = train_step(state, bad)
     assert float(metrics["finite"]) == 0.0 and int(new_state["nonfinite"]) == 1
     assert torch.equal(new_state["params"]["w"], params["w"])
     assert len(halves) == 3  # the normaliser, the gradients and the metrics went through `reduce`
@@ -162,37 +162,54 @@ def test_step_is_pure():
     state, step = build(cfg)
     batch = synthetic_batch()
     state_copy, batch_copy = tree.map(torch.clone, state), {k: v.clone() for k, v in batch.items()}
-    new_state, metrics = step(state, batch, rng.key(1))
+    new_state, metrics = step(state, batch)
     assert tree.all_equal(state, state_copy)
     assert all(torch.equal(batch[k], batch_copy[k]) for k in batch)
     assert int(new_state["step"]) == 1 and int(state["step"]) == 0
     assert not tree.all_equal(new_state["params"], state["params"])
     assert tree.all_equal(new_state["frozen"], state["frozen"])
     # the same inputs give the same outputs
-    again, metrics_again = step(state, batch, rng.key(1))
+    again, metrics_again = step(state, batch)
     assert tree.all_equal(again, new_state)
     assert all(torch.equal(metrics[k], metrics_again[k]) for k in metrics)
 
 
 @pytest.mark.parametrize("split", ["micro_batches", "accumulated"])
 def test_two_micro_batches_or_loader_batches_of_two_equal_one_batch_of_four(split):
+    # dist.normalizer='global': every loader batch divides by the step's whole normaliser, so two accumulated
+    # halves are one batch of four ('local' divides each half by its own: the next test).
     batch = synthetic_batch(num_boxes=(0, 2, 5, 1))
     halves = ({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})
     one = tiny_config()
     one.optim.weight_decay = 1e-4
     two = tiny_config()
     two.optim.weight_decay = 1e-4
+    two.dist.normalizer = one.dist.normalizer = "global"
     if split == "micro_batches":
         two.optim.micro_batches = 2
     s1, step1 = build(one)
     s2, step2 = build(two)
     for i in range(2):
-        s1, m1 = step1(s1, batch, rng.key(i))
-        s2, m2 = step2(s2, batch if split == "micro_batches" else halves, rng.key(i))
+        s1, m1 = step1(s1, batch)
+        s2, m2 = step2(s2, batch if split == "micro_batches" else halves)
         assert torch.allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for path, a in tree.flatten_by_path(s1["params"]).items():
         b = tree.flatten_by_path(s2["params"])[path]
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), path
+
+
+def test_with_the_local_normaliser_accumulation_averages_each_batchs_own_loss():
+    # mmdetection 2.9's cumulative-gradient hook: each loader batch's loss divided by its own normaliser, the
+    # update the mean over the batches (what k replicas with dist.normalizer='local' average).
+    batch = synthetic_batch(num_boxes=(0, 2, 5, 1))
+    halves = ({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})
+    cfg = tiny_config()
+    assert cfg.dist.normalizer == "local"
+    state, step = build(cfg)
+    _, accumulated = step(state, halves)
+    own = [step(state, half)[1]["loss"] for half in halves]
+    assert torch.allclose(accumulated["loss"], (own[0] + own[1]) / 2, rtol=1e-6)
+    assert not torch.allclose(own[0], own[1])  # the halves differ, so the mean is a real check
 
 
 def test_an_inf_gradient_skips_the_update_and_halves_the_loss_scale():
@@ -201,7 +218,7 @@ def test_an_inf_gradient_skips_the_update_and_halves_the_loss_scale():
     state, step = build(cfg)
     batch = synthetic_batch()
     batch["image"][1, 0, 3, 3] = float("inf")
-    new_state, metrics = step(state, batch, rng.key(0))
+    new_state, metrics = step(state, batch)
     assert float(metrics["finite"]) == 0.0
     assert tree.all_equal(new_state["params"], state["params"])
     assert tree.all_equal(new_state["opt"], state["opt"])
@@ -209,7 +226,7 @@ def test_an_inf_gradient_skips_the_update_and_halves_the_loss_scale():
     assert int(new_state["nonfinite"]) == 1 and int(new_state["step"]) == 1
     # a clean step afterwards updates again and resets the streak
     clean = synthetic_batch()
-    after, metrics = step(new_state, clean, rng.key(1))
+    after, metrics = step(new_state, clean)
     assert float(metrics["finite"]) == 1.0 and int(after["nonfinite"]) == 0
     assert not tree.all_equal(after["params"], new_state["params"])
 
@@ -219,7 +236,7 @@ def test_nonfinite_loss_in_fp32_never_touches_parameters():
     state, step = build(cfg)
     batch = synthetic_batch()
     batch["image"][0] = float("nan")
-    new_state, metrics = step(state, batch, rng.key(0))
+    new_state, metrics = step(state, batch)
     assert not torch.isfinite(metrics["loss_cls"])
     assert tree.all_equal(new_state["params"], state["params"]) and int(new_state["nonfinite"]) == 1
 
@@ -230,7 +247,7 @@ def test_clipping_bounds_the_update():
     cfg.optim.weight_decay = 0.0
     cfg.optim.clip_norm = 1e-3
     state, step = build(cfg)
-    new_state, metrics = step(state, synthetic_batch(), rng.key(0))
+    new_state, metrics = step(state, synthetic_batch())
     assert float(metrics["grad_norm"]) > 1e-3  # the reported norm is before clipping
     update = tree.map(lambda a, b: (a - b) / float(metrics["lr"]), new_state["params"], state["params"])
     assert float(tree.global_norm(update)) == pytest.approx(1e-3, rel=1e-3)
@@ -243,7 +260,7 @@ def test_twenty_steps_lower_the_loss():
     batch = synthetic_batch(num_boxes=(2, 3, 1, 4), seed=3)
     first = None
     for i in range(20):
-        state, metrics = step(state, batch, rng.key(i))
+        state, metrics = step(state, batch)
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < 0.9 * first
 

@@ -68,20 +68,20 @@ def measure_assignment(cfg, *, batch: int, canvas: tuple[int, int], boxes: Seque
                          f"{max_boxes}; got {batch}, {iters}, {warmup}, {list(boxes)}")
     full = random_batch(counts, canvas=canvas, max_boxes=max_boxes, max_ignore_boxes=int(cfg.data.max_ignore_boxes),
                         num_classes=int(cfg.model.num_classes), seed=seed, device=device)
-    anchors = detector.AnchorCache(cfg.model).get(canvas, device)
+    anchors = detector.Detector(cfg.model).anchors(canvas, device)
     buckets = bucket_sizes(tuple(cfg.data.box_buckets) or DEFAULT_BUCKETS, max_boxes)
     sizes = [max_boxes] + [g for g in buckets if max(counts) <= g < max_boxes]
-    reference = detector.compute_targets(anchors, full, cfg.model)
+    reference = detector.Detector(cfg.model).targets(full)
     rows = []
     for g in sizes:
         padded = _padded_to(full, g)
         for _ in range(warmup):
-            time_call(lambda: detector.compute_targets(anchors, padded, cfg.model), device)
+            time_call(lambda: detector.Detector(cfg.model).targets(padded), device)
         peak = PeakMemory(device)
         peak.reset()
-        times = [time_call(lambda: detector.compute_targets(anchors, padded, cfg.model), device) for _ in range(iters)]
+        times = [time_call(lambda: detector.Detector(cfg.model).targets(padded), device) for _ in range(iters)]
         rows.append({"g": g, "step_s": time_statistics(times), "peak_memory_mb": peak.peak_mb(),
-                     "identical": _same(detector.compute_targets(anchors, padded, cfg.model), reference)})
+                     "identical": _same(detector.Detector(cfg.model).targets(padded), reference)})
     base = rows[0]["step_s"]["median"]
     for row in rows:
         row["speedup"] = base / row["step_s"]["median"]

@@ -80,7 +80,7 @@ def _worker(args: argparse.Namespace) -> dict:
     anchors = anchor_lib.anchors(args.canvas_hw, model_cfg, device)
     batch = random_batch(batch_size=args.batch, canvas=args.canvas_hw, max_boxes=args.max_boxes,
                          num_classes=args.classes, device=device)
-    targets = detector.compute_targets(anchors, batch, model_cfg)
+    targets = detector.Detector(model_cfg).targets(batch)
     normalizer = losses.loss_normalizer(targets.assignment.positive & targets.anchor_valid, model_cfg.loss)
     gen = torch.Generator(device=device).manual_seed(0)
     b, a, k = args.batch, anchors.shape[0], args.classes

@@ -13,7 +13,7 @@ from experiments.benchmark.measurement import Subject, count_flops, time_call
 from experiments.benchmark.variants import with_patch
 from retina_fn import rng
 from retina_fn import precision as precision_lib
-from retina_fn.detector import Detector, head_outputs
+from retina_fn.detector import Detector
 from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
 
 STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
@@ -42,7 +42,7 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
                                device=device)
 
     def call():
-        state["s"], metrics = step(state["s"], batch, rng.key(seed))
+        state["s"], metrics = step(state["s"], batch)
         return metrics
 
     def flops():
@@ -50,7 +50,7 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
         eager_cfg.train.compile = eager_cfg.train.cuda_graph = False  # nor a graph
         eager = make_train_step(eager_cfg, optimizer, steps_per_epoch=STEPS_PER_EPOCH, global_batch=batch_size,
                                 device=device)
-        return count_flops(lambda: eager(state["s"], batch, rng.key(seed)))
+        return count_flops(lambda: eager(state["s"], batch))
 
     return Subject(name, with_patch(patch, call), with_patch(patch, flops))
 
@@ -122,7 +122,7 @@ def ours_detect_share(cfg, batch: dict, device: torch.device, dense_scores: bool
     @torch.no_grad()
     def forward():
         with precision_lib.autocast(prec, device.type):
-            return head_outputs(params, batch, cfg.model)
+            return detector.head_outputs(params, batch)
 
     logits, deltas = forward()
 

@@ -98,7 +98,7 @@ def run_evaluation(eval_step, params: dict, loader, runtime, coco_set, max_vis: 
     merged = coco_results.merge_results(gathered)
     img_ids = [r.image_id for r in coco_set.records]
     if coco_set.has_annotations:
-        scores = coco_eval.evaluate_detailed(coco_set.ann_file, merged, img_ids=img_ids, use_faster=use_faster)
+        scores = coco_eval.evaluate_detailed(coco_set, merged, img_ids=img_ids, use_faster=use_faster)
         metrics = dict(scores.metrics)
     else:  # an image-info file: write_reports says so when it writes the detections
         scores, metrics = None, {name: math.nan for name in coco_eval.METRIC_NAMES}
@@ -165,7 +165,7 @@ def _error_breakdown(eval_cfg, workdir: str, evaluated: EvalRun, coco_set) -> di
     from retina_fn.eval import error_breakdown, plots
 
     start = time.perf_counter()
-    breakdown = error_breakdown.error_breakdown(coco_set.ann_file, evaluated.results, evaluated.img_ids,
+    breakdown = error_breakdown.error_breakdown(coco_set, evaluated.results, evaluated.img_ids,
                                                 use_faster=eval_cfg.use_faster_coco_eval)
     ap, overall, curves = analysis.breakdown_summary(breakdown.precision)
     table = analysis.format_breakdown(breakdown.kinds, overall, ap, breakdown.names, error_breakdown.DESCRIPTIONS)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -151,19 +151,29 @@ class NonFiniteGuard:
                 f"--config.optim.clip_norm=10 or a longer warmup.")
 
 
-class TimedCheckpoints:
-    """train.checkpoint_every_s: a checkpoint once that many seconds of training have passed since the last one,
-    so the work a failure can lose is bounded in time, with every rank saving at the same step.
+class Timed(NamedTuple):
+    """What the training clock decided after a step, the same on every rank: save a checkpoint
+    (train.checkpoint_every_s), stop training (train.time_budget_s)."""
+
+    save: bool
+    stop: bool
+
+
+class TimedDecisions:
+    """Decisions by the training clock: a checkpoint once train.checkpoint_every_s seconds of training have passed
+    since the last one (so the work a failure can lose is bounded in time), and the end of training once
+    train.time_budget_s seconds of training have passed; every rank acts on them at the same step.
 
     Clocks differ between ranks, so rank 0's decides and the others follow. Deciding costs a broadcast from
     rank 0, so with several processes it happens only at decision steps that rank 0 schedules from its own
     step time: about CHECKS_PER_INTERVAL per interval (at most every_s / CHECKS_PER_INTERVAL seconds apart, and
-    at the step where the interval is expected to end). Between them a step pays nothing: no collective, no
-    host read. A save lands at most one decision gap late when the step time is steady. With one process
-    every step is a decision step (a clock read).
+    at the step where the interval or the budget is expected to end). Between them a step pays nothing: no
+    collective, no host read. A decision lands at most one decision gap late when the step time is steady. With
+    one process every step is a decision step (a clock read).
 
     Args:
-      every_s: seconds of training between checkpoints; None turns the timer off.
+      every_s: seconds of training between checkpoints; None: no timed checkpoints.
+      budget_s: seconds of training before stopping; None: no budget.
       runtime: the distribution runtime (is_main, world_size, broadcast_object).
       step: the global step training starts from.
       train_s: the run's training clock at that step.
@@ -171,38 +181,44 @@ class TimedCheckpoints:
 
     CHECKS_PER_INTERVAL = 20
 
-    def __init__(self, every_s: float | None, runtime, step: int, train_s: float):
-        if every_s is not None and every_s <= 0:
-            raise ValueError(f"train.checkpoint_every_s must be > 0 seconds, got {every_s}")
-        self.every_s, self.runtime = every_s, runtime
+    def __init__(self, every_s: float | None, budget_s: float | None, runtime, step: int, train_s: float):
+        for name, value in (("train.checkpoint_every_s", every_s), ("train.time_budget_s", budget_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+        self.every_s, self.budget_s, self.runtime = every_s, budget_s, runtime
         self.next_check = step + 1
         self._saved_at = train_s  # the training clock at the last checkpoint (or the start)
         self._mark = (step, train_s)  # where rank 0's step-time estimate starts
 
-    def due(self, step: int, train_s: float) -> bool:
-        """Whether to checkpoint after `step`, the same answer on every rank. Call it after every step on every
-        rank; at decision steps it is a collective.
+    def due(self, step: int, train_s: float) -> Timed:
+        """What to do after `step`, the same answer on every rank. Call it after every step on every rank; at
+        decision steps it is a collective.
 
         Args:
           step: the global step just taken; train_s: this rank's training clock (only rank 0's is read).
         """
-        if self.every_s is None or step < self.next_check:
-            return False
+        if (self.every_s is None and self.budget_s is None) or step < self.next_check:
+            return Timed(False, False)
         decision = self._decide(step, train_s) if self.runtime.is_main else None
-        save, self.next_check = self.runtime.broadcast_object(decision)
-        return save
+        save, stop, self.next_check = self.runtime.broadcast_object(decision)
+        return Timed(save, stop)
 
-    def _decide(self, step: int, train_s: float) -> tuple[bool, int]:
-        """Rank 0: (save now, the next decision step)."""
+    def _decide(self, step: int, train_s: float) -> tuple[bool, bool, int]:
+        """Rank 0: (save now, stop now, the next decision step)."""
         elapsed = train_s - self._saved_at
-        save = elapsed >= self.every_s
+        save = self.every_s is not None and elapsed >= self.every_s
+        stop = self.budget_s is not None and train_s >= self.budget_s
         if self.runtime.world_size == 1:
-            return save, step + 1
+            return save, stop, step + 1
         step_s = (train_s - self._mark[1]) / max(step - self._mark[0], 1)
         self._mark = (step, train_s)
-        until_due = self.every_s if save else self.every_s - elapsed
-        gap_s = min(until_due, self.every_s / self.CHECKS_PER_INTERVAL)
-        return save, step + max(1, int(gap_s / max(step_s, 1e-9)))
+        gaps = []
+        if self.every_s is not None:
+            gaps += [self.every_s if save else self.every_s - elapsed, self.every_s / self.CHECKS_PER_INTERVAL]
+        if self.budget_s is not None and not stop:
+            gaps += [self.budget_s - train_s, self.budget_s / self.CHECKS_PER_INTERVAL]
+        gap_s = min(gaps) if gaps else 0.0
+        return save, stop, step + max(1, int(gap_s / max(step_s, 1e-9)))
 
     def saved(self, train_s: float) -> None:
         """Restarts the interval: a checkpoint (for any reason) was written at training clock `train_s`."""

@@ -30,11 +30,17 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from retina_fn import checkpoint, errors, rng, tree
+from retina_fn import checkpoint, rng, tree
 from retina_fn.data import synthetic
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer
 from retina_fn.train import init_train_state
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("coco", "synthetic")
+AUTO = "auto"
+_LISTED = 8  # at most this many alternatives in a refusal
 
 
 def prepare_data(cfg, runtime) -> None:

@@ -47,14 +47,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
         runtime.shutdown()
 
 
-def _any_rank(runtime, flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on any: ranks whose clocks differ must still stop together."""
-    if runtime.world_size == 1:
-        return flag
-    votes = runtime.reduce_sum({"flag": torch.tensor(int(flag), device=device)})
-    return bool(votes["flag"] > 0)
-
-
 class _Run:
     """Everything one training run holds: the data, the steps, the hooks, and the host-side counters."""
 
@@ -100,7 +92,8 @@ class _Run:
         # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
         schedule_epoch = min(self.steps_per_epoch, cfg.train.performance_steps or self.steps_per_epoch)
         self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=schedule_epoch,
-                                          global_batch=self.images_per_step, reduce=runtime.reduce_mean,
+                                          global_batch=self.images_per_step,
+                                          reduce=runtime.reduce_mean if runtime.world_size > 1 else None,
                                           device=self.device)
         self.eval_step = make_eval_step(cfg, device=self.device)
         self.epochs = int(cfg.optim.epochs)
@@ -111,7 +104,8 @@ class _Run:
         self.window = _Window()
         self.last_metrics: dict = {}
         self.train_clock = 0.0  # seconds of training in this segment (the steps and their batches' waits)
-        self.timed_saves = hooks.TimedCheckpoints(cfg.train.checkpoint_every_s, runtime, self.step, 0.0)
+        self.timed = hooks.TimedDecisions(cfg.train.checkpoint_every_s, cfg.train.time_budget_s, runtime, self.step,
+                                          0.0)
         self.evaluated: evaluation.EvalRun | None = None  # the newest evaluation (rank 0)
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
@@ -134,7 +128,7 @@ class _Run:
     def save(self, epoch: int, step_in_epoch: int) -> None:
         """A checkpoint of the current state, to resume at (epoch, step_in_epoch), with the segments so far."""
         self.saver.save(self.state, self.step, epoch, step_in_epoch, self.segments() if self.runtime.is_main else None)
-        self.timed_saves.saved(self.train_clock)
+        self.timed.saved(self.train_clock)
 
 
 def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
@@ -196,8 +190,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
     batch: tuple = ()
     # Each step's batches reach the device while the step before runs (data_loader.prefetch_to_device).
     for batch in data_loader.prefetch_to_device(run.loader.updates(), run.device):
-        run.state, run.last_metrics = run.train_step(run.state, batch,
-                                                     rng.fold_in(run.state["rng"], run.state["step"]))
+        run.state, run.last_metrics = run.train_step(run.state, batch)
         run.step += 1
         step_in_epoch += 1
         run.meter.step_done(step_in_epoch - first)
@@ -205,8 +198,8 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
         run.train_clock += time.perf_counter() - tick  # the step and the wait for its batch
         tick = time.perf_counter()
         log_now = run.cadence.log_now(run.step, step_in_epoch)
-        timed_save = run.timed_saves.due(run.step, run.train_clock)  # a collective at rank 0's decision steps
-        save_now = run.cadence.checkpoint_now(run.step) or timed_save
+        timed = run.timed.due(run.step, run.train_clock)  # a collective at rank 0's decision steps only
+        save_now = run.cadence.checkpoint_now(run.step) or timed.save
         if log_now or save_now:  # the only host reads of device values inside an epoch
             streak = int(run.state["nonfinite"])
             run.guard.check(streak, run.step, run.last_metrics, batch)
@@ -214,13 +207,12 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[bool, int, tuple]:
                 _log_progress(run, epoch, step_in_epoch)
             if save_now and streak == 0:
                 run.save(epoch, step_in_epoch)
-        budget = run.cfg.train.time_budget_s  # seconds of training, not counting setup or evaluation
-        out_of_time = budget is not None and _any_rank(run.runtime, run.train_clock >= budget, run.device)
+        out_of_time = timed.stop  # train.time_budget_s: seconds of training, not counting setup or evaluation
         if out_of_time and run.step < run.epochs * run.steps_per_epoch and run.runtime.is_main:
             log.warning("train.time_budget_s=%g reached after %.0f s of training, at step %d of the schedule's %d: "
                         "training stops before the schedule ends (a checkpoint and the evaluation follow, so the "
                         "metrics are not the recipe's); --config.train.time_budget_s=None trains the whole schedule",
-                        budget, run.train_clock, run.step, run.epochs * run.steps_per_epoch)
+                        run.cfg.train.time_budget_s, run.train_clock, run.step, run.epochs * run.steps_per_epoch)
         if run.cadence.reached_max_steps(run.step) or out_of_time:
             return True, step_in_epoch, batch
         if run.cadence.epoch_cut_short(step_in_epoch - first):

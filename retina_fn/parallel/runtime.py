@@ -1,4 +1,4 @@
-"""The process group, device mesh and tree collectives of one training process.
+"""The process group and tree collectives of one training process.
 
     runtime = parallel.init(cfg.dist)               # after torchrun, or alone
     params = runtime.broadcast_tree(params)     # rank 0's initialisation everywhere
@@ -30,11 +30,14 @@ import torch.distributed as dist
 
 from retina_fn.parallel import collectives
 from retina_fn.parallel.backend import DeviceChoice, select_device
-from retina_fn.parallel.env import LaunchEnv, LaunchError, check_rendezvous, read_launch_env, store_prefix
-from retina_fn.train.step import identity
+from retina_fn.parallel.env import LaunchEnv, check_rendezvous, read_launch_env, store_prefix
 
 Tree = Any
 _MB = 2**20
+
+
+def _identity(tree: Tree) -> Tree:
+    return tree
 
 
 class CollectiveError(RuntimeError):
@@ -54,8 +57,6 @@ class Runtime:
       timeout: the timeout of every collective.
       bucket_bytes: the coalescing bucket size in bytes.
       group: the process group, None for one process.
-      mesh: see Attributes.
-      node_mesh: see Attributes.
 
     Attributes:
       env: LaunchEnv.
@@ -63,8 +64,6 @@ class Runtime:
       timeout: timedelta.
       bucket_bytes: int, the coalescing bucket size.
       group: the process group (None for one process).
-      mesh: DeviceMesh with one axis 'dp' over all ranks (None for one process).
-      node_mesh: DeviceMesh ('node', 'local') when more than one node takes part, else None.
       reduce_mean: tree -> tree, the leafwise mean over ranks of floating tensors.
       reduce_sum: tree -> tree, the leafwise sum over ranks of floating or integer tensors.
     """
@@ -76,19 +75,15 @@ class Runtime:
         timeout: timedelta,
         bucket_bytes: int,
         group=None,
-        mesh=None,
-        node_mesh=None,
     ):
         self.env = env
         self.choice = choice
         self.timeout = timeout
         self.bucket_bytes = bucket_bytes
         self.group = group
-        self.mesh = mesh
-        self.node_mesh = node_mesh
         if group is None:
             # One process: plain identities, which torch.compile can trace through.
-            self.reduce_mean = self.reduce_sum = identity  # the train step knows it: no collective to capture
+            self.reduce_mean = self.reduce_sum = _identity
         else:
             self.reduce_mean = torch.compiler.disable(self._reduce_mean)
             self.reduce_sum = torch.compiler.disable(self._reduce_sum)
@@ -295,38 +290,13 @@ class Runtime:
         """
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group()
-        self.group = self.mesh = self.node_mesh = None
+        self.group = None
 
     def __enter__(self) -> "Runtime":
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _node_mesh(env: LaunchEnv, kind: str, timeout: timedelta):
-    """A ('node', 'local') DeviceMesh over torchrun's node-major rank layout. Its sub-groups are made here with
-    the configured timeout (init_device_mesh would give them the 30-minute default)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    nodes, local = env.num_nodes, env.local_world_size
-    if nodes * local != env.world_size or env.rank != env.node_rank * local + env.local_rank:
-        raise LaunchError(
-            f"a ('node', 'local') mesh needs rank = node_rank * local_world_size + local_rank with equal nodes; "
-            f"got {env}"
-        )
-    layout = torch.arange(env.world_size).reshape(nodes, local)
-    node_group = local_group = None
-    # new_group is collective: every rank creates every group, in the same order.
-    for i in range(local):
-        group = dist.new_group(ranks=layout[:, i].tolist(), timeout=timeout)
-        if i == env.local_rank:
-            node_group = group
-    for n in range(nodes):
-        group = dist.new_group(ranks=layout[n].tolist(), timeout=timeout)
-        if n == env.node_rank:
-            local_group = group
-    return DeviceMesh.from_group([node_group, local_group], kind, mesh=layout, mesh_dim_names=("node", "local"))
 
 
 def _attempt_store(env: LaunchEnv, timeout: timedelta):
@@ -340,7 +310,7 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
 
     Chooses and activates the device, then (world size > 1) creates the default process group over env://
     with the configured timeout, runs a warm-up all_reduce (HCCL builds communicators lazily; this also
-    proves every rank can talk) and builds the device meshes.
+    proves every rank can talk).
 
     Args:
       dist_cfg: the `dist` config block (device, timeout_s, bucket_mb).
@@ -388,9 +358,4 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
         if int(token.cpu()) != env.world_size:
             raise CollectiveError(f"warm-up all_reduce gave {int(token.cpu())}, expected world size {env.world_size}")
 
-    from torch.distributed.device_mesh import init_device_mesh
-
-    runtime.mesh = init_device_mesh(choice.kind, (env.world_size,), mesh_dim_names=("dp",))
-    if env.num_nodes > 1:
-        runtime.node_mesh = _node_mesh(env, choice.kind, timeout)
     return runtime

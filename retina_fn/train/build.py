@@ -21,7 +21,7 @@ import torch
 from torch.torch_version import TorchVersion
 
 from retina_fn import accel, errors, precision, rng, tree
-from retina_fn.detector import Detector, head_outputs
+from retina_fn.detector import Detector
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer, make_lr_schedule, make_optimizer
 from retina_fn.postprocess import Detections
@@ -104,9 +104,9 @@ def resolve_compile_scope(scope: str, device_type: str, torch_version: str = tor
 
 
 def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_batch: int,
-                    reduce: step_lib.Reduce = step_lib.identity, device: torch.device | str = "cpu",
+                    reduce: step_lib.Reduce | None = None, device: torch.device | str = "cpu",
                     overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
-    """The RetinaNet train step of a config: `train_step(state, batch, key) -> (new_state, metrics)`.
+    """The RetinaNet train step of a config: `train_step(state, batches) -> (new_state, metrics)`.
 
     Args:
       cfg: the whole config (model, optim, train, dist, data canvases).
@@ -115,7 +115,7 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
         and accumulated loader batches (images_per_device x world_size x optim.accum_steps); together they
         fix the schedule and the linearly scaled lr.
       reduce: a mean over replicas of a tree (gradients, metrics and, for dist.normalizer 'global', the
-        loss normaliser); the distribution layer binds it.
+        loss normaliser); the distribution layer binds it; None for one process.
       device: where the anchors live and which autocast applies.
       overflow_check_override: replaces train.overflow_check (a callable or a name).
       graph_capture: with train.cuda_graph, record with this instead of CUDA graphs (tests pass an eager
@@ -126,8 +126,8 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
       of optim.accum_steps loader batches; metrics 'loss', 'loss_cls',
       'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With train.compile the
       step is compiled, whole or its gradient part (`resolve_compile_scope`; one graph on one process, the
-      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device, one process (`reduce` the
-      identity) and a pure optimiser, the step is a retina_fn.train.graph.GraphedFunction: the state it
+      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device, one process (no `reduce`)
+      and a pure optimiser, the step is a retina_fn.train.graph.GraphedFunction: the state it
       returns is its static buffers and its metrics are overwritten by the next call (see that module);
       elsewhere it logs why and runs eagerly.
     """
@@ -160,7 +160,7 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
                     "place, reads the learning rate on the host and decides skipped steps there (the native "
                     "optimisers select on the device and can be captured)")
         return train_step
-    if reduce is not step_lib.identity:
+    if reduce is not None:
         log.warning("train.cuda_graph: the train step runs without CUDA graphs with more than one process (its "
                     "all-reduce is not captured); the eval forward still is")
         return train_step
@@ -194,7 +194,7 @@ def make_eval_step(cfg, device: torch.device | str = "cpu", graph_capture: graph
     def forward(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The network half of detector.predict: (cls_logits [B, A, K], box_deltas [B, A, 4])."""
         with precision.autocast(prec, device_type):
-            return head_outputs(params, batch, cfg.model)
+            return detector.head_outputs(params, batch)
 
     graphed = graph.graph_or_eager(forward, device, what="the eval forward", updates_state=False,
                                    capture=graph_capture)

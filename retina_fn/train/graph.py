@@ -1,7 +1,7 @@
 """CUDA-graph capture of a pure step: a thin stateful runner around a pure function, like a jit cache.
 
     step = graph_or_eager(train_step, device, what="the train step", updates_state=True)
-    state, metrics = step(state, batch, key)     # copy the batch in, replay, hand back the static state
+    state, metrics = step(state, batch)          # copy the batch in, replay, hand back the static state
     run = graph_or_eager(forward, device, what="the eval forward", updates_state=False)
     outputs = run(params, inputs)
 
@@ -10,7 +10,7 @@ The step itself stays pure (retina_fn.train.step); everything stateful about gra
 
 - static state buffers: one copy of the state tree (params, optimiser state, step counter, loss scale) that
   every graph reads and, with `updates_state`, overwrites with the new state inside the graph;
-- per input signature (the paths, shapes and dtypes of the batch and the key: one per canvas), static input
+- per input signature (the paths, shapes and dtypes of the batch: one per canvas), static input
   buffers and one captured graph; a call copies its inputs into them and replays.
 
 Warm-up runs the pure function on the static buffers and throws its results away (on a side stream, so that
@@ -169,7 +169,7 @@ class GraphedFunction:
     per input signature.
 
     The function is fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step: state the
-    train state, inputs (batch, key)), else fn(state, *inputs) -> outputs (the eval forward: state the
+    train state, inputs (batch,)), else fn(state, *inputs) -> outputs (the eval forward: state the
     parameters). state and every input are trees of tensors; new_state has the state's structure, shapes and
     dtypes, and its leaves are new tensors or the given leaves themselves (as a pure function returns).
 

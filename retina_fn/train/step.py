@@ -1,8 +1,8 @@
 """The generic pure train step: gradients of a given objective, accumulation, precision, clipping, update.
 
     step = make_train_step(objective, optimizer, schedule, precision=..., micro_batches=..., reduce=...)
-    state, metrics = step(state, batch, key)              # one loader batch
-    state, metrics = step(state, (b1, b2, b3, b4), key)   # gradient accumulation over 4 loader batches
+    state, metrics = step(state, batch)                   # one loader batch
+    state, metrics = step(state, (b1, b2, b3, b4))        # gradient accumulation over 4 loader batches
 
 Nothing here knows about detection. An `Objective` has two methods:
   prepare(batch) -> (extras, normalizer): per-step work outside the gradient over the whole step's batch
@@ -44,7 +44,7 @@ from retina_fn import tree
 from retina_fn.optim import Optimizer, clip_by_global_norm
 
 Reduce = Callable[[tree.Tree], tree.Tree]
-TrainStep = Callable[[dict, dict, torch.Tensor], tuple[dict, dict]]
+TrainStep = Callable[[dict, Any], tuple[dict, dict]]
 COMPILE_SCOPES = ("step", "gradients")
 
 
@@ -55,11 +55,6 @@ class Objective(Protocol):
 
     def loss(self, params: dict, batch: dict, extras: Any, normalizer: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-def identity(x):
-    """The single-replica `reduce`."""
-    return x
 
 
 def loader_batches(batches) -> list[dict]:
@@ -121,13 +116,13 @@ def make_train_step(
     overflow_check: precision_lib.OverflowCheck = precision_lib.all_finite,
     micro_batches: int = 1,
     clip_norm: float | None = None,
-    reduce: Reduce = identity,
+    reduce: Reduce | None = None,
     reduce_normalizer: bool = True,
     device_type: str = "cpu",
     compile_fn: Callable[[Callable], Callable] | None = None,
     compile_scope: str = "step",
 ) -> TrainStep:
-    """Builds `train_step(state, batch, key) -> (new_state, metrics)`.
+    """Builds `train_step(state, batches) -> (new_state, metrics)`.
 
     Args:
       objective: prepare + loss (see the module docstring).
@@ -139,7 +134,7 @@ def make_train_step(
         an accelerator's (retina_fn.accel.npu_flag_check()).
       micro_batches: equal parts each loader batch is split into (memory only: the same update).
       clip_norm: global-norm clipping threshold, None for none.
-      reduce: a mean over replicas of a tree (the distribution layer binds it; identity on one device).
+      reduce: a mean over replicas of a tree (the distribution layer binds it); None for one replica.
       reduce_normalizer: whether the loss normaliser is averaged over replicas too.
       device_type: autocast's device type ('cpu', 'cuda', 'npu').
       compile_fn: compiles a function (torch.compile); None runs everything eagerly.
@@ -149,8 +144,8 @@ def make_train_step(
 
     The step's batches: one batch dict, or a tuple of them (accumulation; see the module docstring).
     The state is retina_fn.train.state's: 'params' (trainable), 'frozen', 'opt', 'step', 'rng',
-    'loss_scale', 'nonfinite'. key: per-step randomness, passed to nothing here (augmentation runs on the
-    host); accepted so that objectives with dropout or sampling keep the same interface.
+    'loss_scale', 'nonfinite'. The step draws no random numbers (augmentation runs on the host, from keys of
+    the run's seed); an objective that needs some would fold state['step'] into state['rng'].
 
     Returns:
       train_step, whose metrics are the objective's (summed over micro-batches) plus 'normalizer', 'lr',
@@ -163,6 +158,10 @@ def make_train_step(
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale_cfg (train.loss_scale)")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+    if reduce is None:  # one replica: the mean over replicas is the tree itself
+        def reduce(x):
+            return x
+    reduce_normalizer_with = reduce if reduce_normalizer else None
 
     def scaled_loss(trainable, frozen, batch, extras, normalizer, scale):
         with precision_lib.autocast(precision, device_type):
@@ -196,7 +195,7 @@ def make_train_step(
         """Steps 1 to 3: (summed gradients of this replica, summed metrics, the reported normaliser)."""
         groups = loader_batches(batches)
         prepared = [objective.prepare(b) for b in groups]
-        divisors, normalizer = loss_divisors([n for _, n in prepared], reduce if reduce_normalizer else None)
+        divisors, normalizer = loss_divisors([n for _, n in prepared], reduce_normalizer_with)
         grads, metrics = None, None
         for batch, (extras, _), divisor in zip(groups, prepared, divisors):
             for mb, mb_extras in zip(split_micro_batches(batch, micro_batches),
@@ -209,8 +208,7 @@ def make_train_step(
     if compile_fn is not None and compile_scope == "gradients":
         gradients = compile_fn(gradients)
 
-    def train_step(state: dict, batches, key: torch.Tensor) -> tuple[dict, dict]:
-        del key
+    def train_step(state: dict, batches) -> tuple[dict, dict]:
         grads, metrics, normalizer = gradients(state, batches)
         params, opt_state, new_scale, finite, grad_norm, lr = update(reduce(grads), state)
         metrics = dict(

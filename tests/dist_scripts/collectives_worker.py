@@ -52,15 +52,8 @@ def launch_facts(runtime) -> dict:
         backend=runtime.backend,
         device=str(runtime.device),
         is_main=runtime.is_main,
-        mesh=runtime.mesh.mesh.tolist(),
-        mesh_dims=runtime.mesh.mesh_dim_names,
-        node_mesh=None,
+        group_ranks=torch_dist.get_process_group_ranks(runtime.group),
     )
-    if runtime.node_mesh is not None:
-        facts["node_mesh"] = runtime.node_mesh.mesh.tolist()
-        facts["node_mesh_dims"] = runtime.node_mesh.mesh_dim_names
-        facts["local_group_ranks"] = torch_dist.get_process_group_ranks(runtime.node_mesh.get_group("local"))
-        facts["node_group_ranks"] = torch_dist.get_process_group_ranks(runtime.node_mesh.get_group("node"))
     return facts
 
 
@@ -119,15 +112,15 @@ def full(runtime, out: dict) -> None:
 
 
 def timed_saves(runtime, out: dict) -> None:
-    """retina_fn.engine.hooks.TimedCheckpoints (a checkpoint every 100 s of training) over 250 steps, each rank on
+    """retina_fn.engine.hooks.TimedDecisions (a checkpoint every 100 s of training) over 250 steps, each rank on
     its own clock: rank 0's steps take 1 s, rank 1's 2.5 s. Records the steps each rank saved at."""
-    from retina_fn.engine.hooks import TimedCheckpoints
+    from retina_fn.engine.hooks import TimedDecisions
 
     step_s = 1.0 if runtime.rank == 0 else 2.5
-    timer = TimedCheckpoints(100.0, runtime, step=0, train_s=0.0)
+    timer = TimedDecisions(100.0, None, runtime, step=0, train_s=0.0)
     out["timed_saves"] = []
     for step in range(1, 251):
-        if timer.due(step, step * step_s):
+        if timer.due(step, step * step_s).save:
             out["timed_saves"].append(step)
             timer.saved(step * step_s)
 

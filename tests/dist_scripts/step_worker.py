@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     for i in range(args.steps):
         full = synthetic_batch(num_boxes=args.boxes, seed=i)
         mine = {k: v[runtime.rank * per_rank:(runtime.rank + 1) * per_rank] for k, v in full.items()}
-        state, metrics = step(state, mine, rng.key(i))
+        state, metrics = step(state, mine)
     runtime.verify_same(state["params"])
     if runtime.is_main:
         torch.save({"params": tree.flatten_by_path(state["params"]), "loss": metrics["loss"],
