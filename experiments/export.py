@@ -1,10 +1,9 @@
 """Exports RetinaNet's inference for deployment (retina_fn.export): a torch.export program (model.pt2) and, with
 the `onnx` extra, an ONNX model (model.onnx), with model.json saying how to feed it and read it.
 
-    python -m experiments.export --config configs/retinanet_r50_fpn_1x_coco.py \\
-        --weights retinanet_r50_fpn_1x_coco_20200130-c2398f9e.pth --out exported/r50
-    python -m experiments.export --config configs/demo.py --weights runs/demo/checkpoints/<newest>.pt \\
-        --out exported/demo --format onnx --canvas 320x320 --batch 1 --time 20
+    python -m experiments.export --weights runs/demo/checkpoints/<newest>.pt --out exported/demo  # its own spec
+    python -m experiments.export --weights retinanet_r50_fpn_1x_coco_20200130-c2398f9e.pth --out exported/r50
+    python -m experiments.export --weights ckpt.pt --out exported/demo --format onnx --canvas 320x320 --time 20
     python -m experiments.predict --exported exported/demo --images a.jpg --out dets.json --draw vis/
     python experiments/onnx_predict.py exported/demo a.jpg        # numpy + Pillow + onnxruntime only
 """
@@ -27,8 +26,11 @@ from retina_fn.export import folder, timing
 def define_flags() -> dict[str, Any]:
     """The command-line flags (defined only when run as a program), as {name: FlagHolder}."""
     return {
-        "config": config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+        "config": config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py): needed for weights "
+                                                  "that store no spec; with a checkpoint it must agree with it.",
                                                   lock_config=True),
+        "use_config_for": flags.DEFINE_list("use_config_for", [], "Config fields to take from --config instead of "
+                                            "the checkpoint's spec (e.g. data.scale), or 'all'."),
         "weights": flags.DEFINE_string("weights", None, "A retina_fn checkpoint, or torchvision / mmdetection "
                                                         "RetinaNet weights."),
         "out": flags.DEFINE_string("out", None, "Folder for model.pt2 / model.onnx and model.json."),
@@ -53,13 +55,15 @@ def main(argv, holders: dict[str, Any]):
         logging.getLogger(name).setLevel(logging.WARNING)
     value = {name: holder.value for name, holder in holders.items()}
     canvas = cli.parse_canvas(value["canvas"]) if value["canvas"] else None
-    spec = export_lib.export(value["config"], value["weights"], value["out"], fmt=value["format"], canvas_hw=canvas,
+    spec = export_lib.export(value["weights"], value["out"], config=value["config"],
+                             use_config_for=value["use_config_for"], fmt=value["format"], canvas_hw=canvas,
                              batch=value["batch"])
     logging.getLogger(__name__).info("exported %s (canvas %dx%d, batch %d) to %s: %s", spec["name"], *spec["canvas"],
                                      spec["batch"], value["out"],
                                      ", ".join(sorted(spec["files"].values()) + [folder.SPEC_FILE]))
     if value["time"] > 0:
-        rates = timing.time_export(value["config"], value["weights"], value["out"], value["time"], value["rounds"])
+        rates = timing.time_export(value["weights"], value["out"], value["time"], value["rounds"], value["config"],
+                                   value["use_config_for"])
         print(f"images/s on a {spec['canvas'][0]}x{spec['canvas'][1]} canvas, batch {spec['batch']}, "
               f"{torch.get_num_threads()} threads, median of {value['rounds']} rounds of {value['time']} calls "
               f"(wall clock / per CPU second): "
@@ -68,5 +72,5 @@ def main(argv, holders: dict[str, Any]):
 
 if __name__ == "__main__":
     _holders = define_flags()
-    flags.mark_flags_as_required(["config", "weights", "out"])
+    flags.mark_flags_as_required(["weights", "out"])
     cli.run(lambda argv: main(argv, _holders))

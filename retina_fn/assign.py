@@ -16,7 +16,7 @@ Per image, on the valid anchors only and with the valid ground truth only:
   4. An image without valid gt: every valid anchor is negative (crowd boxes do not change that, as in
      mmdetection, which skips its ignore step when there is no gt). Invalid anchors are neither.
 
-Config fields (cfg = model_cfg.assigner): pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality,
+The settings (retina_fn.spec.AssignerSpec): pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality,
 low_quality ('mmdet' | 'torchvision'), ignore_iof_thr.
 """
 
@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import errors
 from retina_fn.boxes import pairwise_iou
+from retina_fn.spec import AssignerSpec
 
 LOW_QUALITY_MODES = ("mmdet", "torchvision")
 
@@ -72,12 +72,6 @@ def _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignor
                              f"{ignore_valid.dtype} {tuple(ignore_valid.shape)}")
 
 
-def _check_cfg(cfg) -> None:
-    if cfg.low_quality not in LOW_QUALITY_MODES:
-        raise errors.ConfigError(f"model.assigner.low_quality must be one of {LOW_QUALITY_MODES}, got "
-                                 f"{cfg.low_quality!r}")
-
-
 def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_valid: torch.Tensor,
                   iof_thr: float) -> torch.Tensor:
     """Anchors whose largest IoF (intersection / anchor area) with a valid crowd box exceeds iof_thr.
@@ -105,7 +99,8 @@ def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
-           cfg, ignore_boxes: torch.Tensor | None = None, ignore_valid: torch.Tensor | None = None) -> Assignment:
+           spec: AssignerSpec, ignore_boxes: torch.Tensor | None = None,
+           ignore_valid: torch.Tensor | None = None) -> Assignment:
     """Assigns anchors to padded ground truth; see the module docstring for the rules.
 
     Args:
@@ -113,19 +108,16 @@ def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Te
       anchor_valid: bool [B, A], the anchors taking part (see retina_fn.anchors.valid_flags).
       gt_boxes: float [B, G, 4] xyxy, padded ground truth.
       gt_valid: bool [B, G], the real rows of gt_boxes.
-      cfg: model_cfg.assigner (pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, low_quality,
-        ignore_iof_thr).
-      ignore_boxes: optional float [B, Gi, 4] xyxy crowd regions, used only when cfg.ignore_iof_thr > 0.
+      spec: the assigner's settings.
+      ignore_boxes: optional float [B, Gi, 4] xyxy crowd regions, used only when spec.ignore_iof_thr > 0.
       ignore_valid: optional bool [B, Gi]; given exactly when ignore_boxes is.
 
     Returns:
       An `Assignment` of [B, A] tensors (bool positive, bool negative, int64 matched, float32 max_iou).
 
     Raises:
-      ValueError: a shape or dtype that does not fit, ignore_boxes without ignore_valid (or the reverse),
-        or an unknown cfg.low_quality.
+      ValueError: a shape or dtype that does not fit, or ignore_boxes without ignore_valid (or the reverse).
     """
-    _check_cfg(cfg)
     _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignore_valid)
     anchors = anchors.float()
     num_gt = gt_boxes.shape[1]
@@ -133,8 +125,8 @@ def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Te
     # [B, A, G]; the one large float tensor here, edited in place to keep a single copy alive.
     iou = pairwise_iou(anchors, gt_boxes.float())
     excluded = ~anchor_valid
-    if ignore_boxes is not None and cfg.ignore_iof_thr > 0:
-        excluded = excluded | crowd_ignored(anchors, ignore_boxes, ignore_valid, cfg.ignore_iof_thr)
+    if ignore_boxes is not None and spec.ignore_iof_thr > 0:
+        excluded = excluded | crowd_ignored(anchors, ignore_boxes, ignore_valid, spec.ignore_iof_thr)
     iou.masked_fill_(excluded[:, :, None] | ~gt_valid[:, None, :], -1.0)
 
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]; without gt every IoU above is -1
@@ -144,18 +136,18 @@ def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Te
         max_iou = torch.full(anchor_valid.shape, -1.0, device=iou.device)
         argmax = torch.zeros(anchor_valid.shape, dtype=torch.int64, device=iou.device)
 
-    positive = max_iou >= cfg.pos_iou_thr
+    positive = max_iou >= spec.pos_iou_thr
     matched = argmax
-    if cfg.match_low_quality and num_gt > 0:
+    if spec.match_low_quality and num_gt > 0:
         best_per_gt = iou.amax(dim=1, keepdim=True)  # [B, 1, G], over valid anchors
-        claims = (best_per_gt >= cfg.min_pos_iou) & (best_per_gt > 0)
+        claims = (best_per_gt >= spec.min_pos_iou) & (best_per_gt > 0)
         low_quality = (iou == best_per_gt) & claims  # [B, A, G]; -1 entries never equal a claiming best
         is_low_quality = low_quality.any(dim=2)
         positive = positive | is_low_quality
-        if cfg.low_quality == "mmdet":
+        if spec.low_quality == "mmdet":
             matched = torch.where(is_low_quality, _last_true_index(low_quality), argmax)
     positive = positive & anchor_valid & has_gt
-    in_negative_band = (max_iou >= 0) & (max_iou < cfg.neg_iou_thr)
+    in_negative_band = (max_iou >= 0) & (max_iou < spec.neg_iou_thr)
     negative = anchor_valid & ~positive & (in_negative_band | ~has_gt)
     matched = torch.where(positive, matched, torch.zeros_like(matched))
     return Assignment(positive=positive, negative=negative, matched=matched, max_iou=max_iou)

@@ -6,12 +6,10 @@ built, so the library's model code only ever sees an int:
 - training (`from_training_set`): the training annotation file's category count; the label map
   (class index -> category id, name) is logged and stored with every checkpoint. The validation file must
   list the same categories (`check_same_categories`).
-- evaluation only (`for_evaluation`): the validation file's category count; a retina_fn checkpoint's stored
-  label map must equal the validation file's categories (`check_checkpoint_categories`).
-- prediction (`from_weights`): a retina_fn checkpoint's label map, else the classification conv of the
-  weights (output channels / anchors per cell; `retina_fn.interop.weights.count_in_weights`, which
-  `retina_fn.predictor` uses too).
-- programs that read neither data nor weights (benchmarks, compile checks): `require_int` asks for an int.
+- evaluation, prediction and export: the weights' class count (a checkpoint's stored spec or label map, else the
+  classification conv's output channels / anchors per cell: retina_fn.trained, `interop.weights.classes_in`);
+  evaluation then refuses a detector whose classes are not the validation file's (`check_spec_categories`).
+- programs that read neither data nor weights (benchmarks): `require_int` asks for an int.
 
 An explicit int is checked against the same source and never changed.
 """
@@ -19,12 +17,11 @@ An explicit int is checked against the same source and never changed.
 from __future__ import annotations
 
 import logging
-import os
 
 from retina_fn import errors
 from retina_fn.data.coco import CocoSet, LabelMap
 from retina_fn.interop.mapping import CheckpointMismatch
-from retina_fn.interop.weights import count_in_weights
+from retina_fn.interop.weights import stored_label_map
 
 log = logging.getLogger(__name__)
 
@@ -131,43 +128,26 @@ def from_training_set(cfg, train_set: CocoSet) -> None:
              format_label_map(train_set.label_map))
 
 
-def check_checkpoint_categories(meta: dict, val_set: CocoSet, weights: str) -> None:
-    """Refuses a retina_fn checkpoint trained on other categories than the validation file lists (its
-    detections would be scored against the wrong classes). Weights without a stored label map (torchvision,
-    mmdetection files) pass: their class count was checked when they were loaded.
+def check_spec_categories(spec, meta: dict, val_set: CocoSet, weights: str) -> None:
+    """Refuses a detector whose classes are not the validation file's: its class count must be the file's, and a
+    retina_fn checkpoint's stored label map must list the same categories (its detections would be scored
+    against the wrong classes). torchvision and mmdetection weights store no label map: their classes are COCO's.
 
     Raises:
-      CheckpointMismatch (a ValueError): naming the weights file, the validation file and the differing ids and
+      CheckpointMismatch: naming the weights file, the validation file and the counts or the differing ids and
       names.
     """
-    stored = (meta or {}).get("label_map")
-    if not stored:
-        return
-    differences = category_differences(LabelMap.from_dict(stored), val_set.label_map)
-    if differences:
-        raise CheckpointMismatch(f"{weights} was trained on other categories than {val_set.ann_file} lists (first: "
-                                 f"the checkpoint's label map, second: the validation file): {differences}")
-
-
-def for_evaluation(cfg, val_set: CocoSet) -> None:
-    """Resolves model.num_classes for evaluation: the validation file's category count.
-
-    Raises:
-      ConfigError (a ValueError): an explicit model.num_classes other than the file's category count, or not a positive int.
-    """
-    _settle(cfg, val_set.label_map.num_classes, val_set.ann_file)
-
-
-def from_weights(cfg, path: str) -> None:
-    """Resolves an 'auto' model.num_classes from a weights file (`count_in_weights`); an explicit int is left
-    for the loader to check against the weights.
-
-    Raises:
-      FileNotFoundError; CheckpointMismatch (see `count_in_weights`).
-    """
-    if is_auto(cfg.model):
-        count, source = count_in_weights(os.fspath(path), cfg.model)
-        _settle(cfg, count, source)
+    stored = stored_label_map(meta)
+    if stored is not None:
+        differences = category_differences(LabelMap(tuple(stored[0]), tuple(stored[1])), val_set.label_map)
+        if differences:
+            raise CheckpointMismatch(f"{weights} was trained on other categories than {val_set.ann_file} lists "
+                                     f"(first: the checkpoint's label map, second: the validation file): "
+                                     f"{differences}")
+    if spec.num_classes != val_set.label_map.num_classes:
+        raise CheckpointMismatch(f"{weights} gives {spec.num_classes} classes but {val_set.ann_file} has "
+                                 f"{val_set.label_map.num_classes}; pass a config whose "
+                                 f"--config.model.num_classes={val_set.label_map.num_classes} fits the weights")
 
 
 def require_int(cfg, program: str) -> int:

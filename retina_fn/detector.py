@@ -1,6 +1,6 @@
 """RetinaNet as a trainable detector: targets, loss and prediction over a batch, with the anchors they share.
 
-    detector = Detector(cfg.model, canvases=[(800, 1344), (1344, 800)], device="cpu")
+    detector = Detector(spec, canvases=[(800, 1344), (1344, 800)], device="cpu")   # spec: a DetectorSpec
     targets, normalizer = detector.prepare(batch)            # no gradient; per step
     loss, metrics = detector.loss(params, batch, targets, normalizer)
     detections = detector.predict(params, batch)             # postprocess.Detections
@@ -8,8 +8,8 @@
 This is the one place that knows how anchors, assignment, the model, the losses and post-processing fit
 together. `retina_fn.train.step` is generic: it sees `prepare` and `loss` only (the `Objective` protocol),
 splits the batch and the targets into micro-batches, differentiates `loss` and applies the update. Every method
-is a pure function of its arguments and the config; the anchors of each canvas (a pure function of the canvas
-and the config) are memoised on first use, so a compiled or captured step finds them as constants.
+is a pure function of its arguments and the spec; the anchors of each canvas (a pure function of the canvas
+and the spec) are memoised on first use, so a compiled or captured step finds them as constants.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from retina_fn import anchors as anchor_lib
 from retina_fn import assign, losses, postprocess
 from retina_fn.model import inputs, retinanet
+from retina_fn.spec import DetectorSpec
 
 
 class Targets(NamedTuple):
@@ -32,17 +33,18 @@ class Targets(NamedTuple):
 
 
 class Detector:
-    """RetinaNet bound to its config; satisfies retina_fn.train.step.Objective.
+    """RetinaNet bound to its spec; satisfies retina_fn.train.step.Objective.
 
     Args:
-      model_cfg: the model config.
+      spec: the detector's spec.
       canvases: the (H, W) canvases whose anchors are computed up front (the data's aspect groups); others are
         computed on their first use.
       device: where those anchors live.
     """
 
-    def __init__(self, model_cfg, canvases: Sequence[tuple[int, int]] = (), device: torch.device | str = "cpu"):
-        self.model_cfg = model_cfg
+    def __init__(self, spec: DetectorSpec, canvases: Sequence[tuple[int, int]] = (),
+                 device: torch.device | str = "cpu"):
+        self.spec = spec
         self._anchors: dict = {}
         self._bases: dict = {}
         for hw in canvases:
@@ -53,14 +55,14 @@ class Detector:
         """Args: canvas_hw (H, W); device. Returns: float32 [A, 4] xyxy, in the model's output order."""
         key = (int(canvas_hw[0]), int(canvas_hw[1]), str(torch.device(device)))
         if key not in self._anchors:
-            self._anchors[key] = anchor_lib.anchors(key[:2], self.model_cfg).to(device)
+            self._anchors[key] = anchor_lib.anchors(key[:2], self.spec.anchors).to(device)
         return self._anchors[key]
 
     def _level_bases(self, device) -> list[torch.Tensor]:
         """Each level's base anchors [n, 4] float32 (anchors.level_bases) on `device`."""
         key = str(torch.device(device))
         if key not in self._bases:
-            self._bases[key] = anchor_lib.level_bases(self.model_cfg, device)
+            self._bases[key] = anchor_lib.level_bases(self.spec.anchors, device)
         return self._bases[key]
 
     def _batch_anchors(self, batch: dict) -> torch.Tensor:
@@ -78,9 +80,9 @@ class Detector:
           Targets(anchor_valid bool [B, A], assignment with [B, A] fields).
         """
         canvas = tuple(batch["image"].shape[-2:])
-        anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], self.model_cfg)
+        anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], self.spec.anchors, self.spec.size_divisor)
         assignment = assign.assign(self._batch_anchors(batch), anchor_valid, batch["boxes"], batch["box_valid"],
-                                   self.model_cfg.assigner, batch.get("ignore_boxes"), batch.get("ignore_valid"))
+                                   self.spec.assigner, batch.get("ignore_boxes"), batch.get("ignore_valid"))
         return Targets(anchor_valid, assignment)
 
     def prepare(self, batch: dict) -> tuple[Targets, torch.Tensor]:
@@ -95,7 +97,7 @@ class Detector:
         """
         targets = self.targets(batch)
         positive = targets.assignment.positive & targets.anchor_valid
-        return targets, losses.loss_normalizer(positive, self.model_cfg.loss)
+        return targets, losses.loss_normalizer(positive, self.spec.loss)
 
     def head_outputs(self, params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The network: (cls_logits float [B, A, K], box_deltas float [B, A, 4]).
@@ -105,7 +107,7 @@ class Detector:
           batch: reads image float or uint8 [B, 3, H, W] (uint8: normalised on the device,
             model.inputs.model_input) and image_hw int64 [B, 2].
         """
-        return retinanet.apply(params, inputs.model_input(batch, self.model_cfg), self.model_cfg, batch["image_hw"])
+        return retinanet.apply(params, inputs.model_input(batch, self.spec.input), self.spec, batch["image_hw"])
 
     def loss(self, params: dict, batch: dict, targets: Targets, normalizer: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -123,8 +125,8 @@ class Detector:
         """
         cls_logits, box_deltas = self.head_outputs(params, batch)
         return losses.retinanet_loss(cls_logits, box_deltas, self._batch_anchors(batch), targets.anchor_valid,
-                                     targets.assignment, batch["boxes"], batch["labels"], self.model_cfg.loss,
-                                     self.model_cfg.coder, normalizer=normalizer)
+                                     targets.assignment, batch["boxes"], batch["labels"], self.spec.loss,
+                                     self.spec.coder, normalizer=normalizer)
 
     def detections(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict) -> postprocess.Detections:
         """Post-processing of a batch's head outputs (`head_outputs`).
@@ -135,20 +137,20 @@ class Detector:
             [B, 2] (then boxes come back in original-image pixels).
 
         Returns:
-          postprocess.Detections with [B, model.test.max_per_img] rows. With model.canvas_exact, those of each
-          image padded alone to model.size_divisor: anchors outside its extent are never candidates, and
+          postprocess.Detections with [B, spec.test.max_per_img] rows. With spec.canvas_exact, those of each
+          image padded alone to spec.size_divisor: anchors outside its extent are never candidates, and
           torchvision-style anchors follow the image's own padded size.
         """
-        cfg = self.model_cfg
+        spec = self.spec
         canvas = tuple(batch["image"].shape[-2:])
         anchors, anchor_valid = self._batch_anchors(batch), None
-        if cfg.get("canvas_exact", False):
-            anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], cfg)
-            if cfg.anchors.style == "torchvision":  # its P6 / P7 grid steps follow each image's size
-                anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], cfg,
+        if spec.canvas_exact:
+            anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], spec.anchors, spec.size_divisor)
+            if spec.anchors.style == "torchvision":  # its P6 / P7 grid steps follow each image's size
+                anchors = anchor_lib.image_anchors(canvas, batch["image_hw"], spec.anchors, spec.size_divisor,
                                                    self._level_bases(batch["image"].device))
-        return postprocess.detect(cls_logits, box_deltas, anchors, anchor_lib.level_counts(canvas, cfg),
-                                  batch["image_hw"], batch.get("scale_factor"), cfg.test, cfg.coder,
+        return postprocess.detect(cls_logits, box_deltas, anchors, anchor_lib.level_counts(canvas, spec.anchors),
+                                  batch["image_hw"], batch.get("scale_factor"), spec.test, spec.coder,
                                   anchor_valid=anchor_valid)
 
     def predict(self, params: dict, batch: dict) -> postprocess.Detections:

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from retina_fn import boxes as box_lib
-from retina_fn import errors, focal_loss
+from retina_fn import focal_loss
 from retina_fn.precision import float32_region
-
-_BOX_LOSSES = ("l1", "giou")
-_NORMALIZERS = ("batch", "image")
+from retina_fn.spec import CoderSpec, LossSpec
 
 
 class AssignmentLike(Protocol):
@@ -121,7 +119,7 @@ def _focal_codes(positive: torch.Tensor, negative: torch.Tensor, matched_labels:
     return torch.where(positive | negative, codes, focal_loss.IGNORE)
 
 
-def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_cfg, coder_cfg,
+def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_spec: LossSpec, coder: CoderSpec,
                         image_hw) -> torch.Tensor:
     """Box loss summed over positive anchors (and coordinates) per image -> [B]."""
     anchors = anchors.float().unsqueeze(0)  # [1, A, 4]
@@ -130,13 +128,13 @@ def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_cfg, 
     # are zero boxes, whose encoding is -inf/nan, and nan * 0 = nan would poison the sum and grads).
     target_boxes = torch.where(pos, matched_boxes.float(), anchors)
     weight = positive.to(box_deltas.dtype)
-    if loss_cfg.box_loss == "l1":
-        target_deltas = box_lib.encode(anchors, target_boxes, coder_cfg.means, coder_cfg.stds)
+    if loss_spec.box_loss == "l1":
+        target_deltas = box_lib.encode(anchors, target_boxes, coder.means, coder.stds)
         per_anchor = (box_deltas - target_deltas.to(box_deltas.dtype)).abs().sum(-1)
     else:  # 'giou' (torchvision v2): on decoded predictions, no clipping unless image_hw is given
         max_shape = None if image_hw is None else image_hw[:, None, :]
-        predicted = box_lib.decode(anchors, box_deltas, coder_cfg.means, coder_cfg.stds, max_shape=max_shape,
-                                   scale_clamp=coder_cfg.scale_clamp, clamp_lower=coder_cfg.clamp_lower)
+        predicted = box_lib.decode(anchors, box_deltas, coder.means, coder.stds, max_shape=max_shape,
+                                   scale_clamp=coder.scale_clamp, clamp_lower=coder.clamp_lower)
         per_anchor = 1.0 - box_lib.elementwise_giou(predicted, target_boxes)
     return (per_anchor * weight).sum(-1)
 
@@ -149,8 +147,8 @@ def retinanet_loss(
     assignment: AssignmentLike,
     gt_boxes: torch.Tensor,
     gt_labels: torch.Tensor,
-    loss_cfg,
-    coder_cfg,
+    loss_spec: LossSpec,
+    coder: CoderSpec,
     *,
     normalizer: torch.Tensor | None = None,
     image_hw: torch.Tensor | None = None,
@@ -167,11 +165,11 @@ def retinanet_loss(
         neither positive nor negative are ignored.
       gt_boxes: [B, G, 4] padded ground truth; gt_labels: int64 [B, G] in 0..K-1 (a label outside that
         range silently gives an all-zero target: no value check, as that would need a host sync).
-      loss_cfg: model.loss (focal_alpha, focal_gamma, fused_focal, cls_weight, box_loss, box_weight,
+      loss_spec: the loss settings (focal_alpha, focal_gamma, fused_focal, cls_weight, box_loss, box_weight,
         normalizer).
-      coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
+      coder: the box coder (means, stds, scale_clamp, clamp_lower).
       normalizer: float [] the divisor of the summed terms; None: this batch's own
-        (`loss_normalizer(assignment.positive & anchor_valid, loss_cfg)`). A train step passes the
+        (`loss_normalizer(assignment.positive & anchor_valid, loss_spec)`). A train step passes the
         normaliser of its whole step (all micro-batches, averaged over replicas for dist.normalizer
         'global'), so micro-batch losses add up to the loss of the whole batch.
       image_hw: optional int64 [B, 2]; only the 'giou' loss uses it, to clip decoded predictions
@@ -179,7 +177,7 @@ def retinanet_loss(
 
     Targets: a positive anchor's classification target is the one-hot of its matched gt's label, a
     negative's is all zeros; both weigh 1, ignored and invalid anchors 0. The focal loss is summed over
-    anchors and classes; with loss_cfg.fused_focal the same sum comes from retina_fn.focal_loss (integer
+    anchors and classes; with loss_spec.fused_focal the same sum comes from retina_fn.focal_loss (integer
     codes, no one-hot, the gradient computed in the forward pass), equal up to float32 rounding. Box loss
     on positives only: 'l1' is |delta - encode(anchor, gt)| summed over anchors and the 4 coordinates
     (mmdetection), 'giou' is 1 - GIoU(decode(anchor, delta), gt) (torchvision v2).
@@ -195,10 +193,6 @@ def retinanet_loss(
       'num_pos' (positives in this batch, float). All of them add up over micro-batches that share N.
     """
     _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_boxes, gt_labels, image_hw)
-    if loss_cfg.box_loss not in _BOX_LOSSES:
-        raise errors.ConfigError(f"model.loss.box_loss must be one of {_BOX_LOSSES}, got {loss_cfg.box_loss!r}")
-    if loss_cfg.normalizer not in _NORMALIZERS:
-        raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
 
     with float32_region(cls_logits.device.type):
         dtype = _compute_dtype(cls_logits.dtype)
@@ -212,31 +206,31 @@ def retinanet_loss(
         matched_boxes = _gather_matched(gt_boxes, matched)  # [B, A, 4]
         matched_labels = _gather_matched(gt_labels, matched)  # [B, A]
 
-        if loss_cfg.fused_focal:
+        if loss_spec.fused_focal:
             codes = _focal_codes(positive, negative, matched_labels, num_classes)
-            cls_sum = focal_loss.sigmoid_focal_loss_sums(cls_logits, codes, loss_cfg.focal_alpha,
-                                                         loss_cfg.focal_gamma)  # [B]
+            cls_sum = focal_loss.sigmoid_focal_loss_sums(cls_logits, codes, loss_spec.focal_alpha,
+                                                         loss_spec.focal_gamma)  # [B]
         else:
             classes = torch.arange(num_classes, device=cls_logits.device)
             cls_targets = (matched_labels.unsqueeze(-1) == classes) & positive.unsqueeze(-1)
             cls_weight = (positive | negative).to(dtype).unsqueeze(-1)
-            focal = sigmoid_focal_loss(cls_logits, cls_targets.to(dtype), loss_cfg.focal_alpha,
-                                       loss_cfg.focal_gamma)
+            focal = sigmoid_focal_loss(cls_logits, cls_targets.to(dtype), loss_spec.focal_alpha,
+                                       loss_spec.focal_gamma)
             cls_sum = (focal * cls_weight).sum(dim=(1, 2))  # [B]
-        box_sum = _box_loss_per_image(deltas, anchors, positive, matched_boxes, loss_cfg, coder_cfg,
+        box_sum = _box_loss_per_image(deltas, anchors, positive, matched_boxes, loss_spec, coder,
                                       image_hw).to(dtype)  # [B]
 
         num_pos = positive.sum(dim=1).to(dtype)  # [B]
         if normalizer is None:
-            normalizer = loss_normalizer(positive, loss_cfg)
+            normalizer = loss_normalizer(positive, loss_spec)
         normalizer = normalizer.to(dtype)
-        if loss_cfg.normalizer == "batch":
-            loss_cls = loss_cfg.cls_weight * cls_sum.sum() / normalizer
-            loss_box = loss_cfg.box_weight * box_sum.sum() / normalizer
+        if loss_spec.normalizer == "batch":
+            loss_cls = loss_spec.cls_weight * cls_sum.sum() / normalizer
+            loss_box = loss_spec.box_weight * box_sum.sum() / normalizer
         else:
             per_image_norm = num_pos.clamp(min=1.0)
-            loss_cls = loss_cfg.cls_weight * (cls_sum / per_image_norm).sum() / normalizer
-            loss_box = loss_cfg.box_weight * (box_sum / per_image_norm).sum() / normalizer
+            loss_cls = loss_spec.cls_weight * (cls_sum / per_image_norm).sum() / normalizer
+            loss_box = loss_spec.box_weight * (box_sum / per_image_norm).sum() / normalizer
         loss = loss_cls + loss_box
         metrics = {
             "loss": (loss_cls + loss_box).detach(),
@@ -247,19 +241,17 @@ def retinanet_loss(
         return loss, metrics
 
 
-def loss_normalizer(positive: torch.Tensor, loss_cfg) -> torch.Tensor:
+def loss_normalizer(positive: torch.Tensor, loss_spec: LossSpec) -> torch.Tensor:
     """The loss divisor of a batch before any averaging over replicas.
 
     Args:
       positive: bool [B, A], positive and valid anchors.
-      loss_cfg: model.loss; its `normalizer` chooses 'batch' (mmdetection: the sum over images of
+      loss_spec: the loss settings; its `normalizer` chooses 'batch' (mmdetection: the sum over images of
         max(#positives_i, 1)) or 'image' (torchvision: B, the per-image terms are averaged).
 
     Returns:
       float32 [], the divisor `retinanet_loss` takes as `normalizer`.
     """
-    if loss_cfg.normalizer not in _NORMALIZERS:
-        raise errors.ConfigError(f"model.loss.normalizer must be one of {_NORMALIZERS}, got {loss_cfg.normalizer!r}")
-    if loss_cfg.normalizer == "batch":
+    if loss_spec.normalizer == "batch":
         return positive.sum(dim=1).clamp(min=1).sum().to(torch.float32)
     return torch.full((), float(positive.shape[0]), dtype=torch.float32, device=positive.device)

@@ -22,12 +22,10 @@ from typing import NamedTuple
 import torch
 
 from retina_fn import boxes as box_lib  # `boxes` is a local name here
-from retina_fn import errors
 from retina_fn.nms import batched_nms
 from retina_fn.precision import float32_region
+from retina_fn.spec import CoderSpec, PostprocessSpec
 from retina_fn.topk import top_k_sorted_indices
-
-_PRE_SELECT = ("anchor", "pair")
 
 
 class Detections(NamedTuple):
@@ -64,20 +62,20 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _decode(anchors, deltas, image_hw, coder_cfg) -> torch.Tensor:
+def _decode(anchors, deltas, image_hw, coder) -> torch.Tensor:
     """anchors, deltas [B, k, 4] -> boxes clipped to each image's (h, w) [B, k, 4]."""
-    return box_lib.decode(anchors, deltas, coder_cfg.means, coder_cfg.stds, max_shape=image_hw[:, None, :],
-                          scale_clamp=coder_cfg.scale_clamp, clamp_lower=coder_cfg.clamp_lower)
+    return box_lib.decode(anchors, deltas, coder.means, coder.stds, max_shape=image_hw[:, None, :],
+                          scale_clamp=coder.scale_clamp, clamp_lower=coder.clamp_lower)
 
 
-def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder_cfg) -> _Candidates:
+def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder) -> _Candidates:
     """mmdetection: top nms_pre anchors by max class score, then every pair of them above score_thr.
     scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> candidates over n' * K pairs."""
     batch, n, num_classes = scores.shape
     if 0 < nms_pre < n:
         chosen = _top_sorted(scores.max(dim=-1).values, nms_pre)
         scores, deltas, anchors = (_gather_rows(t, chosen) for t in (scores, deltas, anchors))
-    boxes = _decode(anchors, deltas, image_hw, coder_cfg)
+    boxes = _decode(anchors, deltas, image_hw, coder)
     rows = boxes.shape[1]
     pair_boxes = boxes.unsqueeze(2).expand(batch, rows, num_classes, 4).reshape(batch, rows * num_classes, 4)
     pair_scores = scores.reshape(batch, rows * num_classes)
@@ -85,7 +83,7 @@ def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, scor
     return _Candidates(pair_boxes, pair_scores, labels, pair_scores > score_thr)
 
 
-def _level_candidates_by_pair(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder_cfg) -> _Candidates:
+def _level_candidates_by_pair(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder) -> _Candidates:
     """torchvision: pairs above score_thr, the top nms_pre of them by score, decoded.
     scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> min(nms_pre, n * K) candidates."""
     batch, n, num_classes = scores.shape
@@ -94,7 +92,7 @@ def _level_candidates_by_pair(scores, deltas, anchors, image_hw, nms_pre, score_
     count = n * num_classes if nms_pre <= 0 else min(nms_pre, n * num_classes)
     chosen = _top_sorted(torch.where(passing, flat, torch.full_like(flat, -torch.inf)), count)
     rows = torch.div(chosen, num_classes, rounding_mode="floor")
-    boxes = _decode(_gather_rows(anchors, rows), _gather_rows(deltas, rows), image_hw, coder_cfg)
+    boxes = _decode(_gather_rows(anchors, rows), _gather_rows(deltas, rows), image_hw, coder)
     return _Candidates(boxes, flat.gather(1, chosen), chosen % num_classes, passing.gather(1, chosen))
 
 
@@ -121,8 +119,7 @@ def _trim_to_valid(c: _Candidates, minimum: int = 128) -> _Candidates:
     return _cap(c, target)
 
 
-def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg,
-                  anchor_valid) -> None:
+def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, anchor_valid) -> None:
     if cls_logits.ndim != 3:
         raise ValueError(f"cls_logits must be [B, A, K], got {tuple(cls_logits.shape)}")
     b, a, _ = cls_logits.shape
@@ -138,10 +135,6 @@ def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale
         raise ValueError(f"scale_factor must be [B, 2] = {(b, 2)} or None, got {tuple(scale_factor.shape)}")
     if anchor_valid is not None and tuple(anchor_valid.shape) != (b, a):
         raise ValueError(f"anchor_valid must be [B, A] = {(b, a)} or None, got {tuple(anchor_valid.shape)}")
-    if test_cfg.pre_select not in _PRE_SELECT:
-        raise errors.ConfigError(f"model.test.pre_select must be one of {_PRE_SELECT}, got {test_cfg.pre_select!r}")
-    if test_cfg.max_per_img < 0:
-        raise errors.ConfigError(f"model.test.max_per_img must be >= 0, got {test_cfg.max_per_img}")
 
 
 def detect(
@@ -151,8 +144,8 @@ def detect(
     level_counts: tuple[int, ...],
     image_hw: torch.Tensor,
     scale_factor: torch.Tensor | None,
-    test_cfg,
-    coder_cfg,
+    test: PostprocessSpec,
+    coder: CoderSpec,
     anchor_valid: torch.Tensor | None = None,
 ) -> Detections:
     """Detections from the head outputs of a batch.
@@ -169,25 +162,24 @@ def detect(
       scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
         (sx, sy, sx, sy) into original-image pixels (mmdetection's rescale, before NMS as there:
         per-axis scaling leaves IoU unchanged; no clipping afterwards).
-      test_cfg: model.test (nms_pre, pre_select, score_thr, nms_iou, max_per_img, max_candidates,
-        static_shapes); nms_pre <= 0 or max_candidates <= 0 mean no limit. Unless static_shapes, the
-        candidates entering NMS are trimmed to a power-of-two count covering every valid one.
-      coder_cfg: model.coder (means, stds, scale_clamp, clamp_lower).
+      test: the post-processing settings (nms_pre, pre_select, score_thr, nms_iou, max_per_img,
+        max_candidates, static_shapes); nms_pre <= 0 or max_candidates <= 0 mean no limit. Unless static_shapes,
+        the candidates entering NMS are trimmed to a power-of-two count covering every valid one.
+      coder: the box coder (means, stds, scale_clamp, clamp_lower).
       anchor_valid: bool [B, A] or None: anchors that are False never become candidates (their scores
         are set below any probability before the per-level selection), as if they did not exist: the
         reference's feature maps of an image padded alone have only the anchors inside its extent.
 
     Returns:
-      Detections with M = test_cfg.max_per_img rows per image, sorted by score: boxes float32 [B, M, 4],
+      Detections with M = test.max_per_img rows per image, sorted by score: boxes float32 [B, M, 4],
       scores float32 [B, M] (sigmoid probabilities), labels int64 [B, M] (0..K-1), valid bool [B, M];
       padding rows have valid False, boxes, score and label 0.
 
     Raises:
-      ValueError: shapes that do not fit together, level_counts that do not sum to A, an unknown
-        test_cfg.pre_select or a negative test_cfg.max_per_img.
+      ValueError: shapes that do not fit together, or level_counts that do not sum to A.
     """
-    _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, test_cfg, anchor_valid)
-    select = _level_candidates_by_anchor if test_cfg.pre_select == "anchor" else _level_candidates_by_pair
+    _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, anchor_valid)
+    select = _level_candidates_by_anchor if test.pre_select == "anchor" else _level_candidates_by_pair
     batch = cls_logits.shape[0]
     with float32_region(cls_logits.device.type):
         scores = torch.sigmoid(cls_logits.float())
@@ -201,17 +193,17 @@ def detect(
             level = slice(start, start + count)
             start += count
             per_level.append(select(scores[:, level], deltas[:, level], batch_anchors[:, level], image_hw,
-                                    test_cfg.nms_pre, test_cfg.score_thr, coder_cfg))
+                                    test.nms_pre, test.score_thr, coder))
         candidates = _cap(_Candidates(*(torch.cat(parts, dim=1) for parts in zip(*per_level))),
-                          test_cfg.max_candidates)
-        if not test_cfg.get("static_shapes", False):
+                          test.max_candidates)
+        if not test.static_shapes:
             candidates = _trim_to_valid(candidates)
 
         boxes = candidates.boxes
         if scale_factor is not None:
             boxes = boxes / scale_factor.float().repeat(1, 2)[:, None, :]
         index, valid = batched_nms(boxes, candidates.scores, candidates.labels, candidates.valid,
-                                   test_cfg.nms_iou, test_cfg.max_per_img)
+                                   test.nms_iou, test.max_per_img)
         return Detections(
             boxes=torch.where(valid.unsqueeze(-1), _gather_rows(boxes, index), 0.0),
             scores=torch.where(valid, candidates.scores.gather(1, index), 0.0),

@@ -18,17 +18,18 @@ How a train step uses the loss scale (all tensors, no host sync, no Python branc
     finite = overflow_check(grads, ls_state.scale)
     new_params, new_opt = opt.update(grads, opt_state, params, lr)
     params, opt_state = select_tree(finite, (new_params, new_opt), (params, opt_state))
-    ls_state = update_loss_scale(ls_state, finite, cfg.train.loss_scale)
+    ls_state = update_loss_scale(ls_state, finite, settings.loss_scale)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, NamedTuple, Union
 
 import torch
 
-from retina_fn import errors, tree
+from retina_fn import tree
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "fp16"}
@@ -55,38 +56,7 @@ def precision_from_name(name: str) -> Precision:
         return Precision("fp16", torch.float16, True)
     if name == "bf16":
         return Precision("bf16", torch.bfloat16, False)
-    raise errors.ConfigError(f"train.precision must be one of {PRECISIONS}, got {name!r}")
-
-
-def precision_from_opt_level(level: str) -> Precision:
-    """apex opt level -> Precision: O0 fp32, O1 fp16, O2 fp16 (approximated, see module doc); O3 is refused."""
-    if level == "O3":
-        raise errors.ConfigError(
-            "train.opt_level='O3' (pure fp16 without fp32 master weights) is not supported; use 'O1' or 'O2'"
-        )
-    if level not in OPT_LEVELS:
-        raise errors.ConfigError(f"train.opt_level must be one of {tuple(OPT_LEVELS)}, got {level!r}")
-    return precision_from_name(OPT_LEVELS[level])
-
-
-def precision_from_config(train_cfg) -> Precision:
-    """From the train config block: `opt_level` when set (it must then agree with a non-default
-    `precision`), else `precision`.
-
-    An empty `opt_level` ('') counts as unset, like None. A command line cannot set a `placeholder(str)`
-    field back to None (ml-collections parses `--config.train.opt_level=` as ''), so '' is the only way to
-    clear an opt level that a config file sets (retinanet_r50_fpn_1x_coco_npu sets 'O1'); the scripts'
-    `--precision_mode=fp32|fp16|bf16` does exactly that (scripts/common.sh).
-    """
-    if train_cfg.opt_level is None or train_cfg.opt_level == "":
-        return precision_from_name(train_cfg.precision)
-    chosen = precision_from_opt_level(train_cfg.opt_level)
-    if train_cfg.precision not in ("fp32", chosen.name):
-        raise errors.ConfigError(
-            f"train.opt_level={train_cfg.opt_level!r} means precision {chosen.name!r}, "
-            f"but train.precision={train_cfg.precision!r}; set only one of them"
-        )
-    return chosen
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
 
 
 def autocast(precision: Precision, device_type: str) -> contextlib.AbstractContextManager:
@@ -122,32 +92,31 @@ class LossScaleState(NamedTuple):
     good_steps: torch.Tensor
 
 
-def _check_loss_scale_cfg(cfg) -> None:
-    if not cfg.init > 0:
-        raise errors.ConfigError(f"train.loss_scale.init must be > 0, got {cfg.init}")
-    if not cfg.factor > 1:
-        raise errors.ConfigError(f"train.loss_scale.factor must be > 1, got {cfg.factor}")
-    if cfg.growth_interval < 1:
-        raise errors.ConfigError(f"train.loss_scale.growth_interval must be >= 1, got {cfg.growth_interval}")
+@dataclasses.dataclass(frozen=True)
+class LossScaleSettings:
+    """train.loss_scale: the starting scale, and whether (and how) it changes (`update_loss_scale`)."""
+
+    init: float
+    growth_interval: int
+    factor: float
+    dynamic: bool
 
 
-def init_loss_scale(cfg, device: torch.device | str | None = None) -> LossScaleState:
-    """The starting state from the `train.loss_scale` block (init, growth_interval, factor, dynamic)."""
-    _check_loss_scale_cfg(cfg)
+def init_loss_scale(cfg: LossScaleSettings, device: torch.device | str | None = None) -> LossScaleState:
+    """The starting state of the settings' scale."""
     return LossScaleState(
         scale=torch.tensor(float(cfg.init), dtype=torch.float32, device=device),
         good_steps=torch.zeros((), dtype=torch.int64, device=device),
     )
 
 
-def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, cfg) -> LossScaleState:
+def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, cfg: LossScaleSettings) -> LossScaleState:
     """The state after a step whose gradients were finite (`grads_finite`, bool []) or not.
 
     Dynamic: an overflow divides the scale by `factor` (never below 1) and resets the count; a finite
     step counts, and the `growth_interval`-th finite step in a row multiplies the scale by `factor` and
     resets the count. Static (`dynamic=False`): the state is returned unchanged.
     """
-    _check_loss_scale_cfg(cfg)
     if not cfg.dynamic:
         return state
     counted = torch.where(grads_finite, state.good_steps + 1, torch.zeros_like(state.good_steps))
@@ -243,4 +212,4 @@ def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
     if kind == "npu":
         raise ValueError("train.overflow_check='npu' reads torch_npu's overflow flag: build the check with "
                          "retina_fn.accel.npu_flag_check() and pass it in (retina_fn.train.build does)")
-    raise errors.ConfigError(f"train.overflow_check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")
+    raise ValueError(f"overflow check must be one of {OVERFLOW_CHECKS} or a callable, got {kind!r}")

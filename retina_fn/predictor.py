@@ -1,25 +1,24 @@
 """A detector to call on images in memory, with the weights read once: the library's counterpart of
 mmdetection's `init_detector` + `inference_detector` and torchvision's `model.eval(); model([img])`.
 
-    predictor = Predictor("configs/demo.py", "runs/demo/checkpoints/ckpt_000000960.pt")
+    predictor = Predictor("runs/demo/checkpoints/ckpt_000002655.pt")   # the checkpoint's own detector
     found = predictor(Image.open("a.jpg"))              # one image -> one Prediction
     found = predictor([array_hwc, tensor_chw, pil])     # a list -> a list, in order
     found[0].boxes, found[0].scores, found[0].labels, found[0].names
+    Predictor("exported/demo")                          # an export folder: its torch.export program
+    Predictor("retinanet_resnet50_fpn_coco-eeacb38b.pth", config="configs/torchvision_retinanet_v1.py")
 
-Construction reads the config (a ConfigDict, or a config file as the programs' --config takes), the weights
-(any format `retina_fn.interop.load_detector_weights` reads: a retina_fn checkpoint, torchvision or
-mmdetection RetinaNet files) and the class names that go with them (`label_table`); model.num_classes='auto'
-becomes the weights' class count (`retina_fn.interop.count_in_weights`) in the predictor's own copy of the
-config. A call converts each image to uint8 RGB (`retina_fn.data.image_input`) and runs the evaluation
-pipeline unchanged: the configured resize and normalisation onto the aspect group's fixed canvas
-(`transforms.preprocess_for_inference`), images of one canvas batched by data.eval_images_per_device, the
-eval step of `retina_fn.train.make_eval_step` with model.test's post-processing, boxes divided back into
-original pixels. The eval step is built once per canvas shape, on first use, and reused by later calls.
+Construction reads the weights and the detector's spec (retina_fn.trained: the one a checkpoint stores, a
+config's for weights that store none, or the reference layout of torchvision and mmdetection files; a config
+given with a checkpoint must agree with its spec but for the fields named in `use_config_for`). A call converts
+each image to uint8 RGB (`retina_fn.data.image_input`) and runs the evaluation pipeline: the spec's resize and
+normalisation onto the aspect group's fixed canvas (`transforms.preprocess_for_inference`), images of one canvas
+batched together, the eval step of `retina_fn.train.make_eval_step` with the spec's post-processing, boxes
+divided back into original pixels.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
 import os
@@ -28,18 +27,15 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from retina_fn import tree
+from retina_fn import errors, tree, trained
 from retina_fn.data import transforms
 from retina_fn.data.image_input import as_rgb_uint8
-from retina_fn.data.resize import check_canvases_fit
-from retina_fn.interop.weights import count_in_weights, label_table, load_detector_weights
+from retina_fn.export import folder as export_folder
 from retina_fn.parallel.backend import select_device
 from retina_fn.postprocess import Detections
 from retina_fn.train import make_eval_step
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"  # model.num_classes taken from the weights
 
 
 class Prediction(NamedTuple):
@@ -134,80 +130,74 @@ class Predictor:
     """RetinaNet with its weights loaded, called on images in memory (see the module docstring).
 
     Attributes:
-        cfg: the predictor's own copy of the config, model.num_classes resolved.
-        params: the parameter tree, float32 on `device`.
-        meta: a retina_fn checkpoint's metadata ({} for other weights); format: the weights' format.
-        category_ids, names: the category id and name of each class index (`label_table`).
-        device: where the model runs.
+        spec: the detector's spec (retina_fn.spec.DetectorSpec; an export folder's for an export).
+        params: the parameter tree, float32 on `device` ({} for an export folder).
+        meta: a retina_fn checkpoint's metadata ({} for other weights); format: the weights' format ('exported'
+            for an export folder).
+        category_ids, names: the category id and name of each class index.
+        device: where the model runs (the CPU for an export folder).
         batch_size: images per forward pass.
-        canvas_mode: 'fixed' (the aspect group's canvas, as evaluation) or 'tight' (the resized image
-            padded to model.size_divisor: a canvas shape per image size).
+        canvas_mode: 'fixed' (the aspect group's canvas, as evaluation) or 'tight' (the resized image padded to
+            spec.size_divisor: a canvas shape per image size).
     """
 
-    def __init__(self, config, weights: str | os.PathLike, *, device: torch.device | str | None = None,
-                 batch_size: int | None = None, canvas_mode: str = "fixed"):
-        """Reads the config and the weights.
+    def __init__(self, weights: str | os.PathLike, config=None, *, use_config_for: Sequence[str] = (),
+                 device: torch.device | str | None = None, batch_size: int | None = None,
+                 canvas_mode: str = "fixed", precision: str = "fp32"):
+        """Reads the weights and their spec.
 
         Args:
-            config: a ConfigDict or a config file's path (`load_config`); not modified.
-            weights: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
-            device: a torch device; None: cfg.dist.device ('auto': an NPU, else CUDA, else the CPU).
-            batch_size: images per forward pass; None: data.eval_images_per_device.
+            weights: a retina_fn checkpoint, torchvision / mmdetection RetinaNet weights, or a folder written by
+                experiments.export.
+            config: a ConfigDict or a config file's path (`load_config`), or None (the weights' own spec).
+            use_config_for: config fields whose values the config gives instead of the checkpoint's spec
+                ('model.test.score_thr', or 'all'; see retina_fn.trained).
+            device: a torch device; None: an NPU, else CUDA, else the CPU.
+            batch_size: images per forward pass; None: 2 (an export folder: its own batch).
             canvas_mode: 'fixed' or 'tight' (`transforms.CANVAS_MODES`).
+            precision: the forward's precision, 'fp32' | 'fp16' | 'bf16'.
 
         Raises:
-            ValueError: an unknown canvas mode, a batch size below 1, fixed canvases that cannot hold the
-                configured scale, or a stored label map of another class count; FileNotFoundError and
-                CheckpointMismatch (weights that do not fit the config) from the weights.
+            ConfigError: an unknown canvas mode, a batch size below 1, or a config that differs from the stored
+                spec; MissingFileError and CheckpointMismatch from the weights.
         """
-        cfg = copy.deepcopy(load_config(config))
         if canvas_mode not in transforms.CANVAS_MODES:
-            raise ValueError(f"canvas_mode must be one of {transforms.CANVAS_MODES}, got {canvas_mode!r}")
-        if canvas_mode == "fixed":
-            check_canvases_fit(cfg.data)
-        self.batch_size = int(cfg.data.eval_images_per_device if batch_size is None else batch_size)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise errors.ConfigError(f"canvas_mode must be one of {transforms.CANVAS_MODES}, got {canvas_mode!r}")
         weights = os.fspath(weights)
-        if isinstance(cfg.model.num_classes, str) and cfg.model.num_classes == AUTO:
-            count, source = count_in_weights(weights, cfg.model)
-            cfg.model.num_classes = count
-            log.info("model.num_classes='auto': %d classes, from %s", count, source)
-        self.cfg, self.canvas_mode = cfg, canvas_mode
-        self.transform_cfg = transforms.TransformConfig.from_config(cfg.data)
-        self.device = torch.device(device) if device is not None else select_device(cfg.dist.device).device
-        loaded = load_detector_weights(weights, cfg.model)
-        self.params = tree.cast(loaded.params, torch.float32, self.device)
-        self.meta, self.format = loaded.meta, loaded.format
-        self.category_ids, self.names = label_table(int(cfg.model.num_classes), loaded.meta)
-        self._steps: dict[tuple[int, int], Callable[[dict, dict], Detections]] = {}
-        log.info("%s (%s weights, %d classes) on %s", weights, loaded.format, len(self.names), self.device)
+        self.canvas_mode = canvas_mode
+        if os.path.isdir(weights):
+            self._from_export(weights, config, canvas_mode, batch_size)
+        else:
+            cfg = None if config is None else load_config(config)
+            loaded = trained.load_trained(weights, cfg, use_config_for)
+            self.spec, self.meta, self.format = loaded.spec, loaded.meta, loaded.format
+            self.device = torch.device(device) if device is not None else select_device("auto").device
+            self.params = tree.cast(loaded.params, torch.float32, self.device)
+            self.batch_size = 2 if batch_size is None else int(batch_size)
+            self._run = make_eval_step(self.spec, self.device, precision_name=precision)
+        if self.batch_size < 1:
+            raise errors.ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.category_ids, self.names = self.spec.category_ids, self.spec.names
+        self.transform_cfg = transforms.TransformConfig.for_inference(self.spec.input)
+        log.info("%s (%s, %d classes) on %s", weights, self.format, len(self.names), self.device)
 
-    @property
-    def canvases(self) -> tuple[tuple[int, int], ...]:
-        """The canvas shapes (H, W) whose eval step has been built, in the order they were first used."""
-        return tuple(self._steps)
-
-    def step(self, canvas_hw: tuple[int, int]) -> Callable[[dict, dict], Detections]:
-        """The eval step for batches on one canvas shape, built on its first use and kept.
-
-        Args:
-            canvas_hw: (H, W) of the canvas.
-
-        Returns:
-            `make_eval_step(cfg, device)`'s eval_step(params, batch) -> Detections.
-        """
-        key = (int(canvas_hw[0]), int(canvas_hw[1]))
-        if key not in self._steps:
-            self._steps[key] = make_eval_step(self.cfg, device=self.device)
-        return self._steps[key]
+    def _from_export(self, directory: str, config, canvas_mode: str, batch_size: int | None) -> None:
+        if config is not None or canvas_mode != "fixed" or batch_size is not None:
+            raise errors.ConfigError("an export folder runs with its own spec, canvas and batch: pass no config, "
+                                     "tight canvas or batch size with it")
+        meta = export_folder.read_spec(directory)
+        self.spec = export_folder.detector_spec(meta, directory)
+        self.meta, self.format, self.params, self.device = {}, "exported", {}, torch.device("cpu")
+        self.batch_size = int(meta["batch"])
+        program = export_folder.load_program(directory, meta)
+        self._run = lambda params, batch: program(batch)
 
     def preprocess(self, image: np.ndarray, what: str = "the image") -> dict:
         """The evaluation transform of one uint8 RGB image [h, w, 3] on this predictor's canvas
         (`transforms.preprocess_for_inference`'s dict: image [3, H, W], image_hw, orig_hw, scale_factor);
         `what` names the image in errors."""
         return transforms.preprocess_for_inference(image, self.transform_cfg, self.canvas_mode,
-                                                   int(self.cfg.model.size_divisor), what)
+                                                   int(self.spec.size_divisor), what)
 
     def __call__(self, images) -> Prediction | list[Prediction]:
         """Detections for one image or a list of images of any sizes.
@@ -225,11 +215,12 @@ class Predictor:
         listed = isinstance(images, (list, tuple))
         names = [f"image {i} of the list" for i in range(len(images))] if listed else ["the image"]
         pixels = [as_rgb_uint8(image, name) for image, name in zip(images if listed else [images], names)]
+        return self.predict_arrays(pixels, names) if listed else self.predict_arrays(pixels, names)[0]
+
+    def predict_arrays(self, pixels: Sequence[np.ndarray], names: Sequence[str]) -> list[Prediction]:
+        """Detections for uint8 RGB images [h, w, 3], in order; names[i] names image i in errors (a file's
+        path, 'image i of the list')."""
         samples = [self.preprocess(p, name) for p, name in zip(pixels, names)]
-
-        def run(batch: dict) -> Detections:
-            return self.step(tuple(batch["image"].shape[-2:]))(self.params, batch)
-
-        found = [Prediction(boxes, scores, labels, tuple(self.names[int(k)] for k in labels))
-                 for boxes, scores, labels in run_batches(run, samples, self.batch_size, self.device)]
-        return found if isinstance(images, (list, tuple)) else found[0]
+        return [Prediction(boxes, scores, labels, tuple(self.names[int(k)] for k in labels))
+                for boxes, scores, labels in run_batches(lambda batch: self._run(self.params, batch), samples,
+                                                         self.batch_size, self.device)]

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import torch
 
 from configs import smoke
 from configs.common import base_config
-from retina_fn import checkpoint, rng
+from retina_fn import checkpoint, rng, schema
 from retina_fn.data.random_batch import random_batch
+from retina_fn.engine.hooks import config_json
 from retina_fn.model import retinanet
+from retina_fn.spec import DetectorSpec
+from retina_fn.train import StepSettings
+
+
+def spec_of(cfg, num_classes: int = 3) -> DetectorSpec:
+    """The detector spec of a test config (an 'auto' class count becomes `num_classes`)."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.num_classes == "auto":
+        cfg.model.num_classes = num_classes
+    return schema.detector_spec(cfg)
+
+
+def settings_of(cfg) -> StepSettings:
+    """The train step's settings of a test config."""
+    return schema.step_settings(cfg)
 
 
 def tiny_config(num_classes: int = 3, canvas=(64, 96)):
@@ -21,6 +38,7 @@ def tiny_config(num_classes: int = 3, canvas=(64, 96)):
     cfg.model.head.stacked_convs = 2
     cfg.data.landscape_canvas = canvas
     cfg.data.portrait_canvas = canvas[::-1]
+    cfg.data.scale = (max(canvas), min(canvas))
     cfg.optim.warmup_iters = 0
     cfg.optim.lr = 0.01
     return cfg
@@ -33,9 +51,19 @@ def synthetic_batch(num_boxes=(0, 1, 3, 5), canvas=(64, 96), max_boxes: int = 5,
                         dtype=dtype)
 
 
-def smoke_checkpoint(directory) -> str:
+def smoke_checkpoint(directory, with_spec: bool = True) -> str:
     """A retina_fn checkpoint of configs/smoke.py's model (5 classes) with random weights, for the programs'
-    tests; returns its path."""
-    cfg = smoke.get_config()
-    trainable, frozen = retinanet.split_trainable(retinanet.init(rng.key(0), cfg.model), cfg.model)
-    return checkpoint.save(str(directory), 1, {"params": trainable, "frozen": frozen})
+    tests, storing its spec as training does (with_spec=False: as checkpoints written before specs were);
+    returns its path."""
+    spec = spec_of(smoke.get_config())
+    trainable, frozen = retinanet.split_trainable(retinanet.init(rng.key(0), spec), spec)
+    meta = {"spec": spec.to_json(), "config": config_json(smoke.get_config())} if with_spec else {}
+    return checkpoint.save(str(directory), 1, {"params": trainable, "frozen": frozen}, meta)
+
+
+def eval_step_of(cfg, device="cpu", **kwargs):
+    """make_eval_step for a test config: its spec, train.precision and train.cuda_graph."""
+    from retina_fn.train import make_eval_step
+
+    return make_eval_step(spec_of(cfg), device, precision_name=schema.precision_name(cfg.train),
+                          cuda_graph=bool(cfg.train.cuda_graph), **kwargs)

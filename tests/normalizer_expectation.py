@@ -17,6 +17,7 @@ import torch
 from retina_fn import anchors as anchor_lib
 from retina_fn import detector, losses, rng, tree
 from retina_fn.model import retinanet
+from tests.model_fixtures import spec_of, settings_of
 
 
 class Expected(NamedTuple):
@@ -27,11 +28,11 @@ class Expected(NamedTuple):
 
 
 def _trainable_and_frozen(cfg, seed: int) -> tuple[dict, dict]:
-    """The initial parameters of retina_fn.train.init_train_state(cfg, rng.key(seed), ...), rebuilt from
+    """The initial parameters of retina_fn.train.init_train_state(spec_of(cfg), settings_of(cfg), rng.key(seed), ...), rebuilt from
     the model alone: the state's key is split into (model key, run key)."""
     k_model, _ = rng.split(rng.key(seed))
-    params = tree.cast(retinanet.init(k_model, cfg.model), torch.float32, "cpu")
-    return retinanet.split_trainable(params, cfg.model)
+    params = tree.cast(retinanet.init(k_model, spec_of(cfg)), torch.float32, "cpu")
+    return retinanet.split_trainable(params, spec_of(cfg))
 
 
 def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, lr: float, seed: int = 0
@@ -56,7 +57,7 @@ def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, l
     shares = []
     for r in range(world_size):
         mine = {k: v[r * per_rank:(r + 1) * per_rank] for k, v in full_batch.items()}
-        targets = detector.Detector(cfg.model).targets(mine)
+        targets = detector.Detector(spec_of(cfg)).targets(mine)
         positive_per_image = (targets.assignment.positive & targets.anchor_valid).sum(dim=1)
         own = float(sum(max(int(n), 1) for n in positive_per_image))
         shares.append((mine, targets, own, int(positive_per_image.sum())))
@@ -69,7 +70,7 @@ def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, l
     for (mine, targets, _, _), divisor in zip(shares, divisors):
         leaves = {p: v.detach().clone().requires_grad_(True) for p, v in tree.flatten_by_path(trainable).items()}
         params = tree.merge(tree.unflatten_by_path(leaves), frozen)
-        cls_logits, box_deltas = retinanet.apply(params, mine["image"], cfg.model)
+        cls_logits, box_deltas = retinanet.apply(params, mine["image"], spec_of(cfg))
         loss, _ = losses.retinanet_loss(cls_logits, box_deltas, anchors, targets.anchor_valid, targets.assignment,
                                         mine["boxes"], mine["labels"], cfg.model.loss, cfg.model.coder,
                                         normalizer=torch.tensor(divisor, dtype=torch.float32))

@@ -24,6 +24,7 @@ from retina_fn import accel, tree
 from retina_fn.accel import apex_sgd
 from retina_fn.optim import decay_predicate, sgd
 from retina_fn.train import build
+from tests.model_fixtures import spec_of, settings_of
 
 ROOT = Path(__file__).resolve().parents[1]
 APEX_NAMES = ("apex", "apex.optimizers", "apex.multi_tensor_apply", "amp_C")
@@ -282,7 +283,7 @@ def test_npu_flag_check_with_a_stand_in_torch_npu(monkeypatch):
         check = accel.npu_flag_check()
         cfg = base_config()
         cfg.train.overflow_check = "npu"
-        assert build.overflow_check(cfg).__name__ == "npu_check"  # what the config's step gets
+        assert build.overflow_check(cfg.train.overflow_check).__name__ == "npu_check"  # what the config's step gets
         seen["answer"] = True  # overflow
         assert bool(check(_grads(), torch.tensor(1.0))) is False
         seen["answer"] = False
@@ -315,12 +316,13 @@ def _ascend_step(backend: str):
     cfg.optim.backend = backend
     cfg.data.images_per_device = 2  # CPU-sized: 2 images of 64 x 64 instead of 8 of 800 x 1344
     cfg.data.landscape_canvas = cfg.data.portrait_canvas = (64, 64)
+    cfg.data.scale = (64, 64)
     # a narrower network than R50's: what is compared is the optimiser path, not the layers (10x faster)
     cfg.model.backbone.depth = 18
     cfg.model.fpn.out_channels = cfg.model.head.feat_channels = 32
-    optimizer = build_optimizer(cfg)  # built once: the state and the step share it
-    state = init_train_state(cfg, rng.key(0), optimizer)
-    step = make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=2)
+    optimizer = build_optimizer(settings_of(cfg))  # built once: the state and the step share it
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=100, global_batch=2)
     return state, step
 
 

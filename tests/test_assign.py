@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import dataclasses
+
 import pytest
 import torch
 
-from configs.common import model_config
+from configs.common import base_config
+from tests.model_fixtures import spec_of
 from retina_fn.assign import assign
 
 
 def assigner_cfg(**overrides):
-    cfg = model_config().assigner
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg
+    """The 1x recipe's assigner settings (mmdetection's), with some fields changed."""
+    return dataclasses.replace(spec_of(base_config()).assigner, **overrides)
 
 
 def run(anchors, gts, gt_valid=None, anchor_valid=None, cfg=None, ignore=None, ignore_valid=None):
@@ -190,9 +191,6 @@ def test_bad_inputs_name_the_field():
         assign(a, torch.ones(1, 4, dtype=torch.bool), g, torch.ones(1, 2, dtype=torch.bool), assigner_cfg())
     with pytest.raises(ValueError, match="gt_valid"):
         assign(a, torch.ones(1, 3, dtype=torch.bool), g, torch.ones(1, 2), assigner_cfg())
-    with pytest.raises(ValueError, match="low_quality"):
-        assign(a, torch.ones(1, 3, dtype=torch.bool), g, torch.ones(1, 2, dtype=torch.bool),
-               assigner_cfg(low_quality="detectron2"))
     with pytest.raises(ValueError, match="ignore"):
         assign(a, torch.ones(1, 3, dtype=torch.bool), g, torch.ones(1, 2, dtype=torch.bool), assigner_cfg(),
                ignore_boxes=torch.zeros(1, 1, 4))

@@ -11,7 +11,7 @@ from retina_fn.data.coco import load_coco
 from retina_fn.data.loader import make_train_loader
 from retina_fn.train import build_optimizer, init_train_state, make_train_step
 from tests.coco_fixtures import ann_entry, coco_dict, image_entry, tiny_data_config, write_dataset
-from tests.model_fixtures import tiny_config
+from tests.model_fixtures import settings_of, spec_of, tiny_config
 
 CANVAS = (64, 96)
 BUCKETS = (2, 4, 8, 16, 128)
@@ -108,9 +108,9 @@ def test_loss_and_train_step_are_bitwise_the_same():
     plain = (collate(samples[:2], 100, 4), collate(samples[2:], 100, 4))
     bucketed = (collate(samples[:2], 100, 4, BUCKETS), collate(samples[2:], 100, 4, BUCKETS))
     assert [b["boxes"].shape[1] for b in bucketed] == [4, 8]
-    optimizer = build_optimizer(cfg)
-    state = init_train_state(cfg, rng.key(0), optimizer)
-    step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=4)
+    optimizer = build_optimizer(settings_of(cfg))
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=4)
     state_a, metrics_a = step(state, plain)  # the step is pure: `state` is not changed
     state_b, metrics_b = step(state, bucketed)
     assert metrics_a.keys() == metrics_b.keys() and float(metrics_a["num_pos"]) > 0

@@ -20,6 +20,7 @@ from retina_fn.detector import Detector
 from retina_fn.model import retinanet
 from retina_fn.train import make_eval_step
 from tests.detection_match import count_twins
+from tests.model_fixtures import spec_of, eval_step_of
 
 CANVASES = ((416, 672), (672, 416))
 
@@ -33,7 +34,7 @@ def small_1x_config():
 
 
 def nondegenerate_params(cfg, seed: int = 0) -> dict:
-    params = retinanet.init(rng.key(seed), cfg.model)
+    params = retinanet.init(rng.key(seed), spec_of(cfg))
     g = torch.Generator().manual_seed(seed)
     for path, leaf in tree.leaves_with_paths(params["backbone"]):
         if path.endswith("running_mean"):
@@ -44,7 +45,7 @@ def nondegenerate_params(cfg, seed: int = 0) -> dict:
             leaf.uniform_(0.5, 1.2, generator=g) if path.endswith("weight") else leaf.uniform_(-0.2, 0.2, generator=g)
     image = torch.randn(1, 3, *CANVASES[0], generator=g)
     with torch.no_grad():  # FPN and head biases are 0: the logits scale linearly with the last conv
-        logits, deltas = retinanet.apply(params, image, cfg.model)
+        logits, deltas = retinanet.apply(params, image, spec_of(cfg))
     head = params["head"]
     head["cls_logits"]["weight"] /= float(logits.std())
     head["cls_logits"]["bias"].fill_(-2.5)
@@ -54,7 +55,7 @@ def nondegenerate_params(cfg, seed: int = 0) -> dict:
 
 def _detect(cfg, params, images, canvas: str):
     tcfg = transforms.TransformConfig.from_config(cfg.data)
-    step = make_eval_step(cfg)
+    step = eval_step_of(cfg)
     out = []
     for img in images:
         s = transforms.preprocess_for_inference(img, tcfg, canvas, int(cfg.model.size_divisor))
@@ -88,7 +89,7 @@ def _loss_and_grad(cfg, params, image: torch.Tensor, canvas, boxes, labels):
     canvas_image[..., :h, :w] = image
     batch = dict(image=canvas_image, image_hw=torch.tensor([[h, w]]), boxes=boxes[None], labels=labels[None],
                  box_valid=torch.ones(1, len(boxes), dtype=torch.bool))
-    detector = Detector(cfg.model, [canvas])
+    detector = Detector(spec_of(cfg), [canvas])
     targets, normalizer = detector.prepare(batch)
     return torch.func.grad_and_value(lambda p: detector.loss(p, batch, targets, normalizer)[0])(params)
 
@@ -100,6 +101,7 @@ def test_loss_and_gradient_of_one_image_do_not_depend_on_its_canvas(name):
     cfg = small_1x_config() if name == "1x" else demo.get_config()
     if name == "1x":
         cfg.data.landscape_canvas, cfg.data.portrait_canvas = (256, 384), (384, 256)
+        cfg.data.scale = (384, 256)
     params = tree.map(lambda x: x.double(), nondegenerate_params(cfg))
     h, w = (200, 210) if name == "1x" else (250, 200)
     image = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

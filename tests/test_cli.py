@@ -30,7 +30,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 def runs(tmp_path_factory):
     """{case: (exit status, stdout, stderr)} of one command line per class of mistake, run side by side."""
     tmp = tmp_path_factory.mktemp("cli")
-    ckpt = smoke_checkpoint(tmp / "ckpt")
+    ckpt = smoke_checkpoint(tmp / "ckpt", with_spec=False)  # a checkpoint of before specs: the config's spec
     (tmp / "ann").mkdir()
     (tmp / "ann" / "train.json").write_text('{"images": [')  # cut off mid-file
     (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
@@ -73,7 +73,7 @@ def error_lines(stderr: str) -> list[str]:
     ("bad_annotation", "error: {tmp}/ann/train.json: malformed JSON: Expecting value: line 1 column 13 (char 12)"),
     ("bad_image", "error: cannot decode image {tmp}/broken.jpg (image id 0): "),
     ("checkpoint_mismatch", "error: {tmp}/ckpt/ckpt_000000001.pt does not match the model:"),
-    ("invalid_value", "error: train.precision must be one of ('fp32', 'fp16', 'bf16'), got 'fp17'"),
+    ("invalid_value", "error: --config.train.precision='fp17': must be one of ('fp32', 'fp16', 'bf16')"),
 ])
 def test_a_users_mistake_is_one_error_line_and_exit_status_2(runs, case, first_line):
     status, _, stderr = runs[case]

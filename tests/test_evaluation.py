@@ -18,6 +18,7 @@ from retina_fn import checkpoint, rng
 from retina_fn.data import coco, synthetic
 from retina_fn.eval import coco_eval
 from retina_fn.model import retinanet
+from tests.model_fixtures import spec_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("detections_bbox.json", "per_class.md", "pr_curves.png", "error_breakdown.md", "error_breakdown.png")
@@ -129,7 +130,7 @@ def smoke_eval(tmp_path_factory):
     (data / "annotations" / "image_info_val.json").write_text(json.dumps(info))
     overrides = {"data.root": str(data), "data.dataset": "coco", "model.test.score_thr": 0.0}
     cfg = common.override(smoke.get_config(), **overrides)
-    trainable, frozen = retinanet.split_trainable(retinanet.init(rng.key(0), cfg.model), cfg.model)
+    trainable, frozen = retinanet.split_trainable(retinanet.init(rng.key(0), spec_of(cfg)), spec_of(cfg))
     weights = checkpoint.save(str(base / "checkpoints"), 0, {"params": trainable, "frozen": frozen})
     return base, gt, overrides, weights
 

@@ -14,6 +14,7 @@ from configs import common
 from retina_fn.engine import trainer
 from retina_fn import checkpoint, rng, tree
 from retina_fn.model import retinanet
+from tests.model_fixtures import spec_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -43,7 +44,7 @@ def untrained_eval(cfg, workdir) -> dict:
     from retina_fn.engine import resume as train_setup
 
     model_key, _ = rng.split(rng.key(cfg.seed))
-    trainable, frozen = retinanet.split_trainable(train_setup.initial_params(cfg, model_key), cfg.model)
+    trainable, frozen = retinanet.split_trainable(train_setup.initial_params(cfg, model_key), spec_of(cfg))
     weights = checkpoint.save(os.path.join(workdir, "checkpoints"), 0, {"params": trainable, "frozen": frozen})
     return trainer.evaluate_only(cfg, str(workdir), weights)
 
@@ -118,8 +119,8 @@ def test_every_config_loads_and_builds_a_model(name):
     cfg.lock()
     if cfg.model.num_classes == "auto":  # what a run resolves from its annotation file (retina_fn.class_count)
         cfg.model.num_classes = 3
-    params = retinanet.init(rng.key(0), cfg.model)
-    logits, deltas = retinanet.apply(params, torch.zeros(1, 3, 128, 128), cfg.model)
+    params = retinanet.init(rng.key(0), spec_of(cfg))
+    logits, deltas = retinanet.apply(params, torch.zeros(1, 3, 128, 128), spec_of(cfg))
     assert logits.shape[-1] == cfg.model.num_classes and deltas.shape[-1] == 4
 
 

@@ -29,7 +29,7 @@ from retina_fn.data import transforms
 from retina_fn.detector import Detector
 from retina_fn.interop import COCO80_IDS, to_mmdet
 from retina_fn.model import retinanet
-from tests.model_fixtures import smoke_checkpoint
+from tests.model_fixtures import smoke_checkpoint, spec_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANVAS = (128, 128)
@@ -175,8 +175,8 @@ def demo_export(tmp_path_factory):
     is padded) and their eager detections."""
     root = tmp_path_factory.mktemp("export_demo")
     cfg = demo.get_config()
-    params = lively(retinanet.init(rng.key(0), cfg.model), DEMO_CHANNELS, bias=-9.0)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
+    params = lively(retinanet.init(rng.key(0), spec_of(cfg)), DEMO_CHANNELS, bias=-9.0)
+    trainable, frozen = retinanet.split_trainable(params, spec_of(cfg))
     ckpt = checkpoint.save(str(root / "run"), 3, {"params": trainable, "frozen": frozen}, meta={"label_map": LABEL_MAP})
     fmt = "exported" if ONNX_MISSING else "both"
     _, seconds = run(export_command(os.path.join(ROOT, "configs", "demo.py"), ckpt, str(root / "out"), fmt, batch=2))
@@ -217,14 +217,14 @@ def test_static_shapes_leave_the_detections_unchanged(demo_export):
     """The switch export sets: eager post-processing with and without static_shapes, bit for bit."""
     cfg = eager_config(demo)
     cfg.model.num_classes = len(LABEL_MAP["names"])
-    params = lively(retinanet.init(rng.key(0), cfg.model), DEMO_CHANNELS, bias=-9.0)
+    params = lively(retinanet.init(rng.key(0), spec_of(cfg)), DEMO_CHANNELS, bias=-9.0)
     samples = [predict.preprocess(np.array(Image.open(p).convert("RGB")), cfg) for p in demo_export["paths"]]
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("image", "image_hw", "scale_factor")}
     outputs = []
     for static in (False, True):
         cfg.model.test.static_shapes = static
         with torch.no_grad():
-            outputs.append(Detector(cfg.model, [CANVAS]).predict(params, batch))
+            outputs.append(Detector(spec_of(cfg), [CANVAS]).predict(params, batch))
     assert outputs[0].valid.any()
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
@@ -361,7 +361,7 @@ def test_nms_and_top_k_export_exactly(runtime, tmp_path):
 
 def test_r50_export_gives_the_eager_detections(tmp_path):
     cfg = retinanet_r50_fpn_1x_coco.get_config()
-    params = lively(retinanet.init(rng.key(1), cfg.model), R50_CHANNELS, bias=-7.5)
+    params = lively(retinanet.init(rng.key(1), spec_of(cfg)), R50_CHANNELS, bias=-7.5)
     weights = tmp_path / "retinanet_r50_mmdet.pth"
     torch.save(to_mmdet(params, cfg.model), weights)
     paths = write_images(tmp_path)

@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 
 from configs import torchvision_retinanet_v1
-from experiments import predict
 from retina_fn import anchors as anchor_lib
 from retina_fn.interop import load_detector_weights
 from retina_fn.model import fpn, head, resnet, retinanet
 from tests.detection_match import count_twins
 from tests.golden import recipe
+from tests.model_fixtures import spec_of
+from tests.test_predict import preprocess, run_predict
 
 GOLDEN = Path(__file__).parent / "golden" / "torchvision_v1.npz"
 
@@ -55,19 +56,19 @@ def golden(tmp_path_factory):
 
 def _ours_on_fixed_canvas(golden, i: int):
     cfg = golden["cfg"].get_config()
-    params = load_detector_weights(golden["weights"], cfg.model).params
-    sample = predict.preprocess(golden["images"][i], cfg, "fixed")
+    spec = spec_of(cfg)
+    params = load_detector_weights(golden["weights"], spec).params
+    sample = preprocess(golden["images"][i], cfg, "fixed")
     image = torch.from_numpy(sample["image"])[None]
     image_hw = torch.from_numpy(sample["image_hw"])[None]
     data = golden["data"]
     assert tuple(sample["image_hw"]) == tuple(data[f"image{i}/resized_hw"])  # the same resize as torchvision
     with torch.no_grad():
-        masks = retinanet.extent_masks(image, image_hw, cfg.model)
-        feats = resnet.apply(params["backbone"], image, cfg.model.backbone, masks)
-        levels = fpn.apply(params["fpn"], feats, cfg.model.fpn, masks)
-        logits, deltas = head.apply(params["head"], levels, cfg.model.num_classes, cfg.model.head, masks,
-                                    tuple(cfg.model.anchors.strides))
-    return cfg, image, feats, levels, logits, deltas
+        masks = retinanet.extent_masks(image, image_hw, spec)
+        feats = resnet.apply(params["backbone"], image, spec.backbone, masks)
+        levels = fpn.apply(params["fpn"], feats, spec.fpn, masks)
+        logits, deltas = head.apply(params["head"], levels, spec.num_classes, spec.head, masks, spec.anchors.strides)
+    return spec, image, feats, levels, logits, deltas
 
 
 def _close(ours: np.ndarray, theirs: np.ndarray, scale: float, rel: float = 2e-4) -> float:
@@ -92,8 +93,8 @@ def test_backbone_pyramid_and_head_equal_torchvision_on_the_fixed_canvas(golden,
         h, w = data[f"image{i}/P{k + 3}_hw"]
         ref_mean = data[f"image{i}/P{k + 3}_mean"]
         _close(level[0, :, :h, :w].mean(dim=(1, 2)).numpy(), ref_mean, np.abs(ref_mean).max())
-    counts = anchor_lib.level_counts(tuple(image.shape[-2:]), cfg.model)
-    sizes = anchor_lib.level_sizes(tuple(image.shape[-2:]), cfg.model.anchors.strides)
+    counts = anchor_lib.level_counts(tuple(image.shape[-2:]), cfg.anchors)
+    sizes = anchor_lib.level_sizes(tuple(image.shape[-2:]), cfg.anchors.strides)
     starts = np.cumsum((0,) + counts)
     cells = data[f"image{i}/anchor_cells"]  # (level, y, x, a) on torchvision's maps
     rows = [starts[lv] + (y * sizes[lv][1] + x) * 9 + a for lv, y, x, a in cells]
@@ -113,7 +114,7 @@ def _twins_per_image(golden, detections) -> list[tuple[int, int]]:
 
 def test_predict_with_default_settings_gives_torchvision_detections(golden):
     cfg = golden["cfg"].get_config()
-    dets, category_ids, _, _ = predict.predict(cfg, golden["weights"], golden["paths"], device="cpu")
+    dets, category_ids, _, _ = run_predict(cfg, golden["weights"], golden["paths"])
     assert category_ids == tuple(range(91))
     twins = _twins_per_image(golden, dets)
     print("twins of torchvision's top-100 per image (default canvas):", twins)
@@ -122,7 +123,7 @@ def test_predict_with_default_settings_gives_torchvision_detections(golden):
 
 def test_predict_on_tight_canvases_gives_torchvision_detections(golden):
     cfg = golden["cfg"].get_config()
-    dets, _, _, _ = predict.predict(cfg, golden["weights"], golden["paths"][:2], canvas_mode="tight", device="cpu")
+    dets, _, _, _ = run_predict(cfg, golden["weights"], golden["paths"][:2], canvas_mode="tight")
     twins = _twins_per_image(golden, dets)
     print("twins of torchvision's top-100 per image (tight canvas):", twins)
     assert all(n == top == 100 for n, top in twins), twins

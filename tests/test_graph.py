@@ -17,6 +17,7 @@ from retina_fn.optim import Optimizer
 from retina_fn.train import build, build_optimizer, full_params, graph, init_train_state, make_eval_step
 from retina_fn.train import graph_host, make_train_step
 from retina_fn.train import step as step_lib
+from tests.model_fixtures import spec_of, settings_of, eval_step_of
 
 CANVASES = ((64, 64), (64, 96))
 
@@ -37,6 +38,7 @@ class EagerCapture:
 def smoke_cfg(**train):
     cfg = smoke.get_config()
     cfg.data.landscape_canvas, cfg.data.portrait_canvas = CANVASES
+    cfg.data.scale = (64, 64)
     cfg.optim.name, cfg.optim.lr = "sgd", 0.01
     for name, value in train.items():
         cfg.train[name] = value
@@ -50,13 +52,13 @@ def batch_for(cfg, step: int) -> dict:
 
 def test_graphed_train_step_equals_the_eager_step_over_steps_and_canvases():
     cfg = smoke_cfg()
-    optimizer = build_optimizer(cfg)
-    eager = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2)
+    optimizer = build_optimizer(settings_of(cfg))
+    eager = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2)
     capture = EagerCapture()
-    graphed = make_train_step(smoke_cfg(cuda_graph=True), optimizer, steps_per_epoch=10, global_batch=2,
+    graphed = make_train_step(spec_of(smoke_cfg()), settings_of(smoke_cfg(cuda_graph=True)), optimizer, steps_per_epoch=10, global_batch=2,
                               graph_capture=capture)
     assert isinstance(graphed, graph.GraphedFunction)
-    start = init_train_state(cfg, rng.key(0), optimizer)
+    start = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
     untouched = tree.map(torch.clone, start)
     s_eager = s_graphed = start
     for i in range(3):  # two canvases, alternating: two recordings sharing one state, then a replay
@@ -160,9 +162,9 @@ def zero_class_bias(params: dict) -> dict:
 
 def test_graphed_eval_step_equals_predict():
     cfg = smoke_cfg()
-    params = zero_class_bias(full_params(init_train_state(cfg, rng.key(1), build_optimizer(cfg))))
-    eager = make_eval_step(cfg)
-    graphed = make_eval_step(smoke_cfg(cuda_graph=True), graph_capture=EagerCapture())
+    params = zero_class_bias(full_params(init_train_state(spec_of(cfg), settings_of(cfg), rng.key(1), build_optimizer(settings_of(cfg)))))
+    eager = eval_step_of(cfg)
+    graphed = eval_step_of(smoke_cfg(cuda_graph=True), graph_capture=EagerCapture())
     for i in range(3):
         batch = batch_for(cfg, i)
         expected, got = eager(params, batch), graphed(params, batch)
@@ -172,29 +174,29 @@ def test_graphed_eval_step_equals_predict():
 
 def test_on_a_cpu_or_with_an_inplace_optimizer_the_step_runs_eagerly_and_says_why(caplog):
     cfg = smoke_cfg(cuda_graph=True)
-    optimizer = build_optimizer(cfg)
+    optimizer = build_optimizer(settings_of(cfg))
     with caplog.at_level(logging.WARNING, logger="retina_fn.train"):
-        train_step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, device="cpu")
-        eval_step = make_eval_step(cfg, "cpu")
+        train_step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2, device="cpu")
+        eval_step = eval_step_of(cfg, "cpu")
         inplace = Optimizer(optimizer.init, optimizer.update, inplace=True)
-        apex_like = make_train_step(cfg, inplace, steps_per_epoch=10, global_batch=2, graph_capture=EagerCapture())
+        apex_like = make_train_step(spec_of(cfg), settings_of(cfg), inplace, steps_per_epoch=10, global_batch=2, graph_capture=EagerCapture())
     assert "the train step runs without CUDA graphs on cpu (graph capture needs a CUDA device)" in caplog.text
     assert "the eval forward runs without CUDA graphs on cpu" in caplog.text
     assert "optim.backend='apex' updates in place" in caplog.text
     for step in (train_step, apex_like):
         assert not isinstance(step, graph.GraphedFunction)
-        _, metrics = step(init_train_state(cfg, rng.key(0), optimizer), batch_for(cfg, 0))
+        _, metrics = step(init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer), batch_for(cfg, 0))
         assert float(metrics["finite"]) == 1.0
     assert eval_step.__name__ == "eval_step"
 
 
 def test_with_a_cross_replica_reduce_the_train_step_runs_eagerly_and_says_why(caplog):
     cfg = smoke_cfg(cuda_graph=True)
-    optimizer = build_optimizer(cfg)
+    optimizer = build_optimizer(settings_of(cfg))
     with caplog.at_level(logging.WARNING, logger="retina_fn.train"):
-        replicated = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2,
+        replicated = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2,
                                      reduce=lambda tree: tree, graph_capture=EagerCapture())
-        single = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, graph_capture=EagerCapture())
+        single = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2, graph_capture=EagerCapture())
     assert "more than one process" in caplog.text and caplog.text.count("more than one process") == 1
     assert not isinstance(replicated, graph.GraphedFunction) and isinstance(single, graph.GraphedFunction)
 
@@ -226,9 +228,9 @@ def test_the_train_step_never_waits_for_the_host(box_loss, normalizer, precision
     cfg = smoke_cfg(precision=precision)
     cfg.model.loss.box_loss, cfg.model.loss.normalizer = box_loss, normalizer
     cfg.optim.micro_batches = 2
-    optimizer = build_optimizer(cfg)
-    state = init_train_state(cfg, rng.key(0), optimizer)
-    step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=4)
+    optimizer = build_optimizer(settings_of(cfg))
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=4)
     found = graph_host.host_syncs(step, state, (batch_for(cfg, 0), batch_for(cfg, 1)))
     assert found == {"syncs": {}, "host_data": {}, "where": {}}
 
@@ -241,11 +243,11 @@ def test_the_eval_step_makes_no_host_data_and_only_nms_reads_the_host(anchor_sty
     candidates to the valid ones (retina_fn.nms, retina_fn.postprocess: data-dependent by design)."""
     cfg = smoke_cfg()
     cfg.model.anchors.style, cfg.data.uint8_canvas = anchor_style, uint8_canvas
-    params = full_params(init_train_state(cfg, rng.key(0), build_optimizer(cfg)))
+    params = full_params(init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), build_optimizer(settings_of(cfg))))
     batch = batch_for(cfg, 1)
     if uint8_canvas:
         batch = dict(batch, image=(batch["image"].clamp(-2, 2) * 50 + 120).to(torch.uint8))
-    found = graph_host.host_syncs(make_eval_step(cfg), params, batch)
+    found = graph_host.host_syncs(eval_step_of(cfg), params, batch)
     assert found["host_data"] == {}
     assert found["syncs"], "the smoke model's detections reach NMS"
     assert {place.rsplit(":", 1)[0].rsplit("/", 1)[-1] for places in found["where"].values() for place in places} \
@@ -253,7 +255,7 @@ def test_the_eval_step_makes_no_host_data_and_only_nms_reads_the_host(anchor_sty
     runs: list = []
     graphed_cfg = smoke_cfg(cuda_graph=True)
     graphed_cfg.model.anchors.style, graphed_cfg.data.uint8_canvas = anchor_style, uint8_canvas
-    make_eval_step(graphed_cfg, graph_capture=lambda body, warmup: runs.append(warmup) or body)(params, batch)
+    eval_step_of(graphed_cfg, graph_capture=lambda body, warmup: runs.append(warmup) or body)(params, batch)
     assert graph_host.host_syncs(runs[0]) == {"syncs": {}, "host_data": {}, "where": {}}  # warmup(): the forward
 
 
@@ -283,7 +285,7 @@ def test_compile_scope_auto_keeps_the_update_out_only_on_cuda_before_torch_2_13(
     assert build.resolve_compile_scope("auto", "cpu", "2.11.0") == "step"
     assert build.resolve_compile_scope("step", "cuda", "2.11.0") == "step"
     assert build.resolve_compile_scope("gradients", "cpu", "2.13.0") == "gradients"
-    with pytest.raises(ValueError, match="train.compile_scope"):
+    with pytest.raises(ValueError, match="compile_scope must be one of"):
         build.resolve_compile_scope("all", "cpu")
 
 
@@ -329,12 +331,12 @@ def test_compile_scope_chooses_what_is_compiled(scope):
 def test_cuda_graphs_match_the_eager_steps_on_a_gpu():
     device = torch.device("cuda")
     cfg = smoke_cfg()
-    optimizer = build_optimizer(cfg)
-    eager = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, device=device)
-    graphed = make_train_step(smoke_cfg(cuda_graph=True), optimizer, steps_per_epoch=10, global_batch=2,
+    optimizer = build_optimizer(settings_of(cfg))
+    eager = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2, device=device)
+    graphed = make_train_step(spec_of(smoke_cfg()), settings_of(smoke_cfg(cuda_graph=True)), optimizer, steps_per_epoch=10, global_batch=2,
                               device=device)
     assert isinstance(graphed, graph.GraphedFunction)
-    s_eager = s_graphed = init_train_state(cfg, rng.key(0), optimizer, device=device)
+    s_eager = s_graphed = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer, device=device)
     for i in range(4):
         batch = {k: v.to(device) for k, v in batch_for(cfg, i).items()}
         s_eager, m_eager = eager(s_eager, batch)
@@ -347,7 +349,7 @@ def test_cuda_graphs_match_the_eager_steps_on_a_gpu():
         assert torch.allclose(flat[path], p, rtol=1e-4, atol=1e-5), path
 
     params = zero_class_bias(full_params(s_eager))
-    eval_eager, eval_graphed = make_eval_step(cfg, device), make_eval_step(smoke_cfg(cuda_graph=True), device)
+    eval_eager, eval_graphed = eval_step_of(cfg, device), eval_step_of(smoke_cfg(cuda_graph=True), device)
     for i in range(2):
         batch = {k: v.to(device) for k, v in batch_for(cfg, i).items()}
         expected, got = eval_eager(params, batch), eval_graphed(params, batch)
@@ -361,13 +363,13 @@ def test_on_a_gpu_the_train_step_and_the_eval_forward_run_under_sync_debug_error
     # CUDA's own judge of the tracer above: any synchronising call (a pageable copy, .item()) raises.
     device = torch.device("cuda")
     cfg = smoke_cfg(precision=precision)
-    optimizer = build_optimizer(cfg)
-    state = init_train_state(cfg, rng.key(0), optimizer, device=device)
-    step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2, device=device)
+    optimizer = build_optimizer(settings_of(cfg))
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer, device=device)
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=2, device=device)
     batches = [{k: v.to(device) for k, v in batch_for(cfg, i).items()} for i in range(2)]
     runs: list = []
-    eval_step = make_eval_step(smoke_cfg(cuda_graph=True, precision=precision), device,
-                               graph_capture=lambda body, warmup: runs.append(warmup) or body)
+    eval_step = eval_step_of(smoke_cfg(cuda_graph=True, precision=precision), device,
+                             graph_capture=lambda body, warmup: runs.append(warmup) or body)
     eval_step(full_params(state), batches[1])  # records the forward (and runs NMS, which reads the host)
     state, _ = step(state, batches[0])  # first calls: lazy initialisation of the libraries
     torch.cuda.synchronize()

@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first; a module may import its own layer or lower ones. Kept in step with docs/conventions.md.
 LAYERS = [
-    ("errors", "tree", "rng", "precision", "boxes", "topk", "nms", "extent", "anchors"),
+    ("errors", "spec", "tree", "rng", "precision", "boxes", "topk", "nms", "extent", "anchors"),
     ("nn", "assign", "focal_loss", "losses", "postprocess", "optim"),
     ("accel", "model"),
     ("detector",),
     ("train",),
     ("data", "eval", "checkpoint", "interop", "viz", "class_count"),
-    ("parallel",),
-    ("export", "predictor"),
+    ("parallel", "schema"),
+    ("trained", "export", "predictor"),
     ("engine",),
 ]
 

@@ -16,7 +16,7 @@ from retina_fn.interop import (COCO80_IDS, COCO80_NAMES, COCO91_NAMES, Checkpoin
                                to_torchvision)
 from retina_fn.interop.detector import template
 from retina_fn.model import retinanet
-from tests.model_fixtures import tiny_config
+from tests.model_fixtures import spec_of, tiny_config
 
 
 def small_config(num_classes: int = 3, depth: int = 50):
@@ -93,7 +93,7 @@ def torchvision_state_dict(params: dict) -> dict:
 def outputs(params, cfg, seed: int = 5):
     image = torch.randn(1, 3, *cfg.data.landscape_canvas, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return retinanet.apply(params, image, cfg.model)
+        return retinanet.apply(params, image, spec_of(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,11 +293,11 @@ def test_load_detector_weights_recognises_every_format(tmp_path):
     for name, obj in files.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path)
-        assert tree.all_equal(load_detector_weights(path, cfg.model).params, params), name
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
+        assert tree.all_equal(load_detector_weights(path, spec_of(cfg)).params, params), name
+    trainable, frozen = retinanet.split_trainable(params, spec_of(cfg))
     saved = checkpoint.save(str(tmp_path / "run"), 3, {"params": trainable, "frozen": frozen, "step": torch.tensor(3)},
                             meta={"label_map": {"category_ids": [7]}})
-    loaded = load_detector_weights(saved, cfg.model)
+    loaded = load_detector_weights(saved, spec_of(cfg))
     assert tree.all_equal(loaded.params, params) and loaded.format == "retina_fn"
     assert loaded.meta["label_map"] == {"category_ids": [7]}  # the checkpoint's metadata comes along
     assert detect_format(files["torchvision"]) == "torchvision"
@@ -311,13 +311,13 @@ def test_load_detector_weights_explains_what_is_not_a_detector(tmp_path):
     torch.save({**{p.replace("/", "."): x for p, x in backbone.items()}, "fc.weight": torch.zeros(10, 256)},
                resnet_file)
     with pytest.raises(CheckpointMismatch, match="ResNet classification checkpoint.*backbone.pretrained"):
-        load_detector_weights(resnet_file, cfg.model)
+        load_detector_weights(resnet_file, spec_of(cfg))
     odd = tmp_path / "odd.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, odd)
     with pytest.raises(CheckpointMismatch, match="unknown checkpoint layout.*encoder.weight"):
-        load_detector_weights(odd, cfg.model)
+        load_detector_weights(odd, spec_of(cfg))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        load_detector_weights(tmp_path / "nowhere.pth", cfg.model)
+        load_detector_weights(tmp_path / "nowhere.pth", spec_of(cfg))
 
 
 def test_coco_tables():

@@ -23,6 +23,7 @@ from retina_fn.interop import COCO91_NAMES, from_torchvision, to_torchvision  # 
 from retina_fn.model import head, resnet, retinanet  # noqa: E402
 from retina_fn.train import make_eval_step  # noqa: E402
 from tests.golden.make_torchvision_golden import frozen_bn_everywhere  # noqa: E402
+from tests.model_fixtures import spec_of, eval_step_of
 
 MIN_SIZE, MAX_SIZE = 160, 256  # torchvision's min_size / max_size, small to keep the tests quick
 IMAGE_SIZES = ((240, 320), (320, 213))  # (h, w): one landscape, one portrait
@@ -132,7 +133,7 @@ def test_fpn_and_head_outputs_agree(setup):
     model, x, cfg, params = setup["model"], setup["padded"], setup["cfg"], setup["params"]
     with torch.no_grad():
         theirs = list(model.backbone(x).values())
-        ours = retinanet.features(params, x, cfg.model)
+        ours = retinanet.features(params, x, spec_of(cfg))
         head_theirs = model.head(theirs)
         logits, deltas = head.apply(params["head"], ours, cfg.model.num_classes, cfg.model.head)
     for name, a, b in zip(("P3", "P4", "P5", "P6", "P7"), ours, theirs):
@@ -162,7 +163,7 @@ def test_detections_agree_end_to_end(setup):
                for im in images]
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("image", "image_hw", "scale_factor")}
     assert torch.equal(batch["image"], setup["padded"])  # our preprocessing, bit for bit
-    ours = make_eval_step(cfg)(params, batch)
+    ours = eval_step_of(cfg)(params, batch)
 
     worst_box = worst_score = 0.0
     for i, ref in enumerate(theirs):

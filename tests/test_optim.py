@@ -22,6 +22,7 @@ from retina_fn.optim import (
     sgd,
     weight_decay_mask,
 )
+from tests.model_fixtures import settings_of
 
 LRS = (0.1, 0.05, 0.2, 0.01, 0.1)  # one per step: lr changes between steps, as under a schedule
 
@@ -245,7 +246,7 @@ def test_clip_by_global_norm_hand_computed_and_pure():
     assert tree.all_equal(grads, copy)
     same, norm_only = clip_by_global_norm(grads, None)
     assert same is grads and float(norm_only) == 5.0
-    with pytest.raises(ValueError, match="clip_norm"):
+    with pytest.raises(ValueError, match="max_norm"):
         clip_by_global_norm(grads, 0.0)
 
 
@@ -264,9 +265,6 @@ def test_make_optimizer_follows_the_config():
     torch.testing.assert_close(new["head"]["fc"]["weight"], w - 0.1 * (gw + 0.5 * w))
     cfg.name = "adamw"
     assert isinstance(make_optimizer(cfg).init(params), AdamWState)
-    cfg.name = "lamb"
-    with pytest.raises(ValueError, match="optim.name"):
-        make_optimizer(cfg)
 
 
 def test_make_optimizer_apex_backend_without_apex_explains(monkeypatch):
@@ -278,7 +276,7 @@ def test_make_optimizer_apex_backend_without_apex_explains(monkeypatch):
         with pytest.raises(ValueError, match="needs the fused SGD builder passed in"):
             make_optimizer(cfg.optim)  # the engine never probes: the builder comes from retina_fn.accel
         with pytest.raises(accel.AcceleratorUnavailable, match="unrelated web"):
-            build_optimizer(cfg)
+            build_optimizer(settings_of(cfg))
     finally:
         accel.clear_probe_cache()
 

@@ -7,15 +7,17 @@ import math
 import pytest
 import torch
 
-from configs.common import model_config
+import dataclasses
+
+from configs.common import base_config
 from retina_fn.postprocess import Detections, detect
+from tests.model_fixtures import spec_of
 
 
 def configs(**test_overrides):
-    cfg = model_config(num_classes=3)
-    for key, value in test_overrides.items():
-        cfg.test[key] = value
-    return cfg.test, cfg.coder
+    """(post-processing, coder) settings of the 1x recipe (mmdetection's), with some test fields changed."""
+    spec = spec_of(base_config())
+    return dataclasses.replace(spec.test, **test_overrides), spec.coder
 
 
 def logit(p: float) -> float:
@@ -138,9 +140,6 @@ def test_bad_inputs_are_named():
         detect(*args, (3,), torch.tensor([[10, 10]]), None, test_cfg, coder_cfg)
     with pytest.raises(ValueError, match="image_hw"):
         detect(*args, (4,), torch.tensor([10, 10]), None, test_cfg, coder_cfg)
-    test_cfg.pre_select = "both"
-    with pytest.raises(ValueError, match="pre_select"):
-        detect(*args, (4,), torch.tensor([[10, 10]]), None, test_cfg, coder_cfg)
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -222,7 +221,7 @@ def test_matches_loop_reference(pre_select, seed):
     overrides = dict(pre_select=pre_select, nms_pre=30, max_per_img=25, score_thr=0.05, nms_iou=0.5,
                      max_candidates=100000)
     test_cfg, coder_cfg = configs(**overrides)
-    coder_cfg.clamp_lower = pre_select == "anchor"
+    coder_cfg = dataclasses.replace(coder_cfg, clamp_lower=pre_select == "anchor")
     det = detect(logits, deltas, anchors, counts, image_hw, scale_factor, test_cfg, coder_cfg)
     scores = torch.sigmoid(logits.float()).tolist()
     expected = reference_detect(scores, deltas.tolist(), anchors.tolist(), counts, image_hw.tolist(),

@@ -14,11 +14,13 @@ from PIL import Image
 
 from experiments import predict
 from retina_fn import anchors as anchor_lib
-from retina_fn import checkpoint, rng
+from retina_fn import checkpoint, rng, schema
+from retina_fn.data import transforms
 from retina_fn.interop import to_torchvision
 from retina_fn.model import retinanet
 from retina_fn.postprocess import detect
-from tests.model_fixtures import tiny_config
+from retina_fn.predictor import Predictor
+from tests.model_fixtures import spec_of, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABEL_MAP = {"category_ids": [1, 3, 7], "names": ["cat", "dog", "fox"]}
@@ -41,18 +43,34 @@ def config():
 
 def lively_params(cfg) -> dict:
     """Random params whose scores sit around 0.5, so every image has detections."""
-    params = retinanet.init(rng.key(0), cfg.model)
+    params = retinanet.init(rng.key(0), spec_of(cfg))
     params["head"]["cls_logits"]["bias"] = torch.linspace(-1.0, 1.0, params["head"]["cls_logits"]["bias"].numel())
     params["head"]["bbox_reg"]["weight"] = params["head"]["bbox_reg"]["weight"] * 20
     return params
 
 
 def labelled_checkpoint(root, cfg) -> tuple[dict, str]:
-    """`lively_params` of cfg saved as a checkpoint with LABEL_MAP under root/run; (params, its path)."""
+    """`lively_params` of cfg saved as a checkpoint under root/run with its spec and LABEL_MAP, as training saves
+    one; (params, its path)."""
     params = lively_params(cfg)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
+    trainable, frozen = retinanet.split_trainable(params, spec_of(cfg))
+    spec = schema.detector_spec(cfg, LABEL_MAP["category_ids"], LABEL_MAP["names"])
     return params, checkpoint.save(str(root / "run"), 7, {"params": trainable, "frozen": frozen},
-                                   meta={"label_map": LABEL_MAP})
+                                   meta={"spec": spec.to_json()})
+
+
+def run_predict(cfg, weights, paths, **options):
+    """The program's path: a Predictor of the weights (with cfg, or alone for cfg None) on image files;
+    (detections, category ids, class names, decoded images)."""
+    predictor = Predictor(weights, cfg, device="cpu", **options)
+    found, images = predict.predict_files(predictor, paths)
+    return found, predictor.category_ids, predictor.names, images
+
+
+def preprocess(image, cfg, canvas_mode="fixed"):
+    """The evaluation transform of a config on one image."""
+    return transforms.preprocess_for_inference(image, transforms.TransformConfig.from_config(cfg.data), canvas_mode,
+                                               int(cfg.model.size_divisor))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +113,7 @@ def test_results_are_valid_coco_in_original_pixels(files, tmp_path):
     root, cfg = files["root"], files["cfg"]
     names = ["wide.jpg", "tall.png", "copy/wide.png"]
     paths = [str(root / n) for n in names]
-    dets, cat_ids, class_names, images = predict.predict(cfg, files["ckpt"], paths, device="cpu")
+    dets, cat_ids, class_names, images = run_predict(cfg, files["ckpt"], paths)
     assert cat_ids == (1, 3, 7) and class_names == ("cat", "dog", "fox")
     out = tmp_path / "out" / "dets.json"
     results = predict.write_outputs(dets, paths, cat_ids, class_names, images, str(out), str(tmp_path / "vis"), 0.3)
@@ -148,7 +166,7 @@ def test_boxes_match_a_hand_rescaled_forward_pass(files, tmp_path):
     image = (rows[:, None, :] + cols[None, :, :]).astype(np.uint8)
     path = str(tmp_path / "ramps.png")
     Image.fromarray(image).save(path)
-    dets, *_ = predict.predict(cfg, files["ckpt"], [path], device="cpu")
+    dets, *_ = run_predict(cfg, files["ckpt"], [path])
 
     s = min(96 / 72, 64 / 40)  # data.scale = (96, 64): long side <= 96, short side <= 64
     new_h, new_w = int(h * s + 0.5), int(w * s + 0.5)
@@ -161,13 +179,14 @@ def test_boxes_match_a_hand_rescaled_forward_pass(files, tmp_path):
     mean, std = np.array(cfg.data.mean)[:, None, None], np.array(cfg.data.std)[:, None, None]
     canvas = np.zeros((3, 96, 64), np.float32)  # the portrait canvas (w <= h), zero-padded right and bottom
     canvas[:, :new_h, :new_w] = (np.rint(resized) - mean) / std
-    np.testing.assert_allclose(predict.preprocess(image, cfg)["image"], canvas, atol=1e-6)
+    np.testing.assert_allclose(preprocess(image, cfg)["image"], canvas, atol=1e-6)
 
     with torch.no_grad():
-        logits, deltas = retinanet.apply(params, torch.from_numpy(canvas)[None], cfg.model)
-    anchors = anchor_lib.anchors((96, 64), cfg.model)
-    ref = detect(logits, deltas, anchors, anchor_lib.level_counts((96, 64), cfg.model),
-                 torch.tensor([[new_h, new_w]]), None, cfg.model.test, cfg.model.coder)
+        logits, deltas = retinanet.apply(params, torch.from_numpy(canvas)[None], spec_of(cfg))
+    spec = spec_of(cfg)
+    anchors = anchor_lib.anchors((96, 64), spec.anchors)
+    ref = detect(logits, deltas, anchors, anchor_lib.level_counts((96, 64), spec.anchors),
+                 torch.tensor([[new_h, new_w]]), None, spec.test, spec.coder)
     n = int(ref.valid[0].sum())
     assert n > 0 and len(dets[0].scores) == n
     sx, sy = new_w / w, new_h / h  # 1.325, 1.333...
@@ -178,9 +197,8 @@ def test_boxes_match_a_hand_rescaled_forward_pass(files, tmp_path):
 
 def test_foreign_weights_use_index_plus_one_ids(files, tmp_path):
     weights = tmp_path / "tv.pth"
-    torch.save(to_torchvision(files["params"], files["cfg"].model), weights)
-    dets, cat_ids, names, _ = predict.predict(files["cfg"], str(weights), [str(files["root"] / "wide.jpg")],
-                                              device="cpu")
+    torch.save(to_torchvision(files["params"], spec_of(files["cfg"])), weights)
+    dets, cat_ids, names, _ = run_predict(files["cfg"], str(weights), [str(files["root"] / "wide.jpg")])
     assert cat_ids == (1, 2, 3) and names == ("1", "2", "3")
     results = predict.to_results(dets, ["wide.jpg"], cat_ids)
     assert {r["category_id"] for r in results} <= {1, 2, 3}
@@ -191,21 +209,21 @@ def test_canvas_must_hold_the_configured_scale(files):
     cfg = config()
     cfg.data.scale = (1333, 800)
     with pytest.raises(ValueError, match=r"data.landscape_canvas=\(64, 96\).*needs at least \(800, 1333\)"):
-        predict.predict(cfg, files["ckpt"], [str(files["root"] / "wide.jpg")], device="cpu")
+        run_predict(cfg, files["ckpt"], [str(files["root"] / "wide.jpg")])
 
 
 def test_torchvision_resize_mode_and_tight_canvas(files):
     cfg = config()
     cfg.data.resize_mode = "torchvision"
     image = files["images"]["tall.png"]  # 70 x 40: s = 96 / 70, width 40 * 96 / 70 = 54.9
-    sample = predict.preprocess(image, cfg, "tight")
+    sample = preprocess(image, cfg, "tight")
     assert tuple(sample["image_hw"]) == (96, 54)  # floored (mmdetection rounds to 55)
     assert sample["image"].shape == (3, 96, 64)  # 54 rounded up to a multiple of 32
-    wide = predict.preprocess(files["images"]["wide.jpg"], cfg, "tight")  # 48 x 64: s = 4 / 3
+    wide = preprocess(files["images"]["wide.jpg"], cfg, "tight")  # 48 x 64: s = 4 / 3
     assert tuple(wide["image_hw"]) == (64, 85) and wide["image"].shape == (3, 64, 96)
     cfg.data.resize_mode = "cv2"
     with pytest.raises(ValueError, match="data.resize_mode"):
-        predict.preprocess(image, cfg)
+        preprocess(image, cfg)
 
 
 def test_command_line(files, tmp_path):
@@ -213,7 +231,7 @@ def test_command_line(files, tmp_path):
     out = tmp_path / "cli.json"
     cmd = [sys.executable, "-m", "experiments.predict", f"--config={root / 'tiny.py'}", f"--weights={files['ckpt']}",
            "--images", str(root / "wide.jpg"), str(root / "tall.png"), f"--out={out}", f"--draw={tmp_path / 'png'}",
-           "--score-thr", "0.2", "--config.model.test.max_per_img=5"]
+           "--score-thr", "0.2", "--config.model.test.max_per_img=5", "--use_config_for=model.test.max_per_img"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -33,6 +33,7 @@ from retina_fn.data import coco, synthetic
 from retina_fn.data import loader as data_loader
 from retina_fn.model import retinanet
 from tests.test_experiment import untrained_eval
+from tests.model_fixtures import spec_of
 
 SIZE_OVERRIDES = {
     "model.backbone.depth": 18,
@@ -73,7 +74,7 @@ def calibrated_backbone_file(cfg, path) -> str:
     loader = data_loader.make_train_loader(cfg.data, coco.load_split(cfg.data, "train"), rank=0, world_size=1,
                                            key=rng.key(1))
     images = next(iter(loader))["image"]
-    backbone = retinanet.init(rng.key(2), cfg.model)["backbone"]
+    backbone = retinanet.init(rng.key(2), spec_of(cfg))["backbone"]
 
     def conv_bn(conv, bn, x, stride=1, padding=0):  # training-mode BN with momentum 1 stores the batch's stats
         y = F.conv2d(x, conv["weight"], stride=stride, padding=padding)

@@ -9,13 +9,13 @@ from retina_fn import precision, rng, tree
 from retina_fn.optim import sgd
 from retina_fn.train import (build_optimizer, full_params, init_train_state, make_eval_step, make_train_step,
                              new_train_state, step)
-from tests.model_fixtures import synthetic_batch, tiny_config
+from tests.model_fixtures import eval_step_of, settings_of, spec_of, synthetic_batch, tiny_config
 
 
 def build(cfg, batch_size=4):
-    optimizer = build_optimizer(cfg)
-    state = init_train_state(cfg, rng.key(0), optimizer)
-    return state, make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=batch_size)
+    optimizer = build_optimizer(settings_of(cfg))
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
+    return state, make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=100, global_batch=batch_size)
 
 
 # ---- the generic engine on least squares -----------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_generic_step_skips_a_nan_batch_and_averages_over_replicas():
 
 
 def test_generic_step_checks_its_arguments():
-    with pytest.raises(ValueError, match="loss_scale_cfg"):
+    with pytest.raises(ValueError, match="pass loss_scale"):
         step.make_train_step(LeastSquares(), sgd(), lambda s: s, precision=precision.precision_from_name("fp16"))
     with pytest.raises(ValueError, match="micro_batches=3"):
         step.split_micro_batches({"x": torch.zeros(4, 2)}, 3)
@@ -268,6 +268,6 @@ def test_twenty_steps_lower_the_loss():
 def test_eval_step_returns_fixed_size_detections():
     cfg = tiny_config()
     state, _ = build(cfg)
-    dets = make_eval_step(cfg)(full_params(state), synthetic_batch())
+    dets = eval_step_of(cfg)(full_params(state), synthetic_batch())
     assert dets.boxes.shape == (4, cfg.model.test.max_per_img, 4)
     assert dets.valid.dtype == torch.bool and dets.scores.shape == dets.labels.shape == (4, 100)

@@ -15,7 +15,7 @@ from retina_fn.data.loader import make_eval_loader, make_train_loader
 from retina_fn.model import inputs
 from retina_fn.train import build_optimizer, init_train_state, make_eval_step, make_train_step
 from tests.coco_fixtures import small_dataset, tiny_data_config
-from tests.model_fixtures import tiny_config
+from tests.model_fixtures import eval_step_of, settings_of, spec_of, tiny_config
 
 CANVAS = (64, 96)
 CFG = T.TransformConfig(scale=(96, 64), landscape_canvas=CANVAS, portrait_canvas=CANVAS[::-1])
@@ -117,12 +117,10 @@ def test_normalize_padding_slots_and_errors():
         inputs.normalize(image, hw[:1], (0, 0, 0), (1, 1, 1))
     with pytest.raises(ValueError, match=r"real must be \[B\] = \[2\]"):
         inputs.normalize(image, hw, (0, 0, 0), (1, 1, 1), real=torch.tensor([True]))
-    with pytest.raises(ValueError, match="model.pixel_mean and model.pixel_std need 3 entries"):
-        inputs.normalize(image, hw, (0, 0), (1, 1, 1))
 
 
 def test_model_input_passes_floats_through_and_refuses_other_integers():
-    cfg = base_config().model
+    cfg = spec_of(base_config()).input
     batch = {"image": torch.zeros(1, 3, 4, 4), "image_hw": torch.tensor([[4, 4]])}
     assert inputs.model_input(batch, cfg) is batch["image"]
     with pytest.raises(ValueError, match="floating .* or uint8 .* got torch.int32"):
@@ -162,7 +160,7 @@ def _assert_same_batches(float_batches, uint8_batches, model_cfg):
 
 
 def test_loaders_ship_uint8_that_normalise_to_their_float_batches(coco):
-    model_cfg = base_config().model  # pixel_mean / pixel_std = data_config's mean / std
+    model_cfg = spec_of(base_config()).input  # the data's mean and std
     key = rng.key(4)
     for loader in (make_train_loader, make_eval_loader):
         kwargs = dict(rank=0, world_size=1, key=key) if loader is make_train_loader else dict(rank=0, world_size=2)
@@ -192,9 +190,9 @@ def test_train_step_and_predict_are_bitwise_the_same():
     cfg.data.mean, cfg.data.std = CFG.mean, CFG.std
     cfg.model.test.score_thr = 0.0  # an untrained head scores about 0.01: keep its detections to compare
     float_batch, uint8_batch = _detector_batches()
-    optimizer = build_optimizer(cfg)
-    state = init_train_state(cfg, rng.key(0), optimizer)
-    step = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=4)
+    optimizer = build_optimizer(settings_of(cfg))
+    state = init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer)
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=10, global_batch=4)
     state_a, metrics_a = step(state, float_batch)  # the step is pure: `state` is not changed
     state_b, metrics_b = step(state, uint8_batch)
     assert float(metrics_a["num_pos"]) > 0
@@ -203,7 +201,7 @@ def test_train_step_and_predict_are_bitwise_the_same():
     fa, fb = tree.flatten_by_path(state_a), tree.flatten_by_path(state_b)
     for path in fa:
         assert torch.equal(fa[path], fb[path]), path
-    eval_step = make_eval_step(cfg)
+    eval_step = eval_step_of(cfg)
     params = tree.merge(state["params"], state["frozen"])
     det_a, det_b = eval_step(params, float_batch), eval_step(params, uint8_batch)
     assert det_a.valid.any()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import errors, tree
+from retina_fn import tree
 from retina_fn.accel.probe import fused_sgd_class
 from retina_fn.optim.base import Optimizer, check_same_paths, first_device
 from retina_fn.optim.masks import Mask, resolve_mask
@@ -32,7 +32,7 @@ def apex_sgd(momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = 
     """
     optimizer_class = fused_sgd_class("optim.backend='apex'")
     if nesterov and momentum == 0.0:
-        raise errors.ConfigError("optim.nesterov needs optim.momentum > 0")
+        raise ValueError("nesterov needs momentum > 0")
     held: dict = {}  # the apex optimiser and the parameter tensors it owns
 
     def init(params: tree.Tree) -> dict:

@@ -155,7 +155,7 @@ def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
 
 def _collate(data_cfg) -> Collate:
     """The collate function of a `data` block (max_boxes, max_ignore_boxes, box_buckets)."""
-    return Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes, tuple(data_cfg.get("box_buckets", ())))
+    return Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes, tuple(data_cfg.box_buckets))
 
 
 def pin_memory_for(device: torch.device) -> bool:

@@ -42,8 +42,8 @@ class TransformConfig(NamedTuple):
         """The transform settings of a config.
 
         Args:
-            data_cfg: the `data` config block (scale, mean, std, flip_prob, the two canvases and
-                optionally resize_mode, which defaults to 'mmdet', and uint8_canvas, default False).
+            data_cfg: the `data` config block (scale, mean, std, flip_prob, the two canvases, resize_mode,
+                uint8_canvas).
 
         Returns:
             A TransformConfig with tuples of ints / floats.
@@ -54,12 +54,19 @@ class TransformConfig(NamedTuple):
         """
         cfg = cls(scale=tuple(data_cfg.scale), mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
                   flip_prob=float(data_cfg.flip_prob), landscape_canvas=tuple(data_cfg.landscape_canvas),
-                  portrait_canvas=tuple(data_cfg.portrait_canvas),
-                  resize_mode=str(data_cfg.get("resize_mode", "mmdet")),
-                  uint8_canvas=bool(data_cfg.get("uint8_canvas", False)))
+                  portrait_canvas=tuple(data_cfg.portrait_canvas), resize_mode=str(data_cfg.resize_mode),
+                  uint8_canvas=bool(data_cfg.uint8_canvas))
         if cfg.uint8_canvas:
             _uint8_resize(resize.resize_rule(cfg.resize_mode), f"data.resize_mode={cfg.resize_mode!r}")
         return cfg
+
+    @classmethod
+    def for_inference(cls, spec) -> "TransformConfig":
+        """The evaluation transform of a detector's input settings (retina_fn.spec.InputSpec): no flip, float32
+        canvases."""
+        return cls(scale=tuple(spec.scale), mean=tuple(spec.mean), std=tuple(spec.std), flip_prob=0.0,
+                   landscape_canvas=tuple(spec.landscape_canvas), portrait_canvas=tuple(spec.portrait_canvas),
+                   resize_mode=spec.resize_mode)
 
 
 def canvas_dtype(cfg) -> np.dtype:

@@ -235,14 +235,15 @@ class Checkpointer:
 
     Args:
       cfg: the whole config (stored in each checkpoint's metadata; train.keep_checkpoints).
+      spec: the detector's spec (stored: prediction, evaluation and export take the detector back from it, its
+        label map included).
       workdir: checkpoints go to workdir/checkpoints.
-      label_map: the training set's LabelMap (stored, so predictions keep the annotation file's ids).
       runtime: the distribution runtime (is_main, world_size, barrier).
       batch: the run's retina_fn.engine.resume.BatchPlan (its global batch is stored: the run's invariant).
     """
 
-    def __init__(self, cfg, workdir: str, label_map, runtime, batch):
-        self.cfg, self.label_map, self.runtime, self.batch = cfg, label_map, runtime, batch
+    def __init__(self, cfg, spec, workdir: str, runtime, batch):
+        self.cfg, self.spec, self.runtime, self.batch = cfg, spec, runtime, batch
         self.directory = os.path.join(workdir, "checkpoints")
         self.saved_step = -1
 
@@ -250,7 +251,7 @@ class Checkpointer:
         """Saves `state` as global step `step`, to resume at (epoch, step_in_epoch), with the run's segments up to
         this step (retina_fn.engine.resume; read on rank 0 only)."""
         if self.runtime.is_main:
-            meta = {"config": config_json(self.cfg), "label_map": self.label_map.to_dict(),
+            meta = {"config": config_json(self.cfg), "spec": self.spec.to_json(),
                     "data_position": {"epoch": epoch, "step_in_epoch": step_in_epoch},
                     "world_size": self.runtime.world_size, "global_batch": self.batch.global_batch,
                     "accum_steps": self.batch.accum_steps, "segments": list(segments or [])}

@@ -30,11 +30,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from retina_fn import checkpoint, rng, tree
+from retina_fn import checkpoint, errors, rng, schema, tree
+from retina_fn import spec as spec_lib
 from retina_fn.data import synthetic
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer
-from retina_fn.train import init_train_state
+from retina_fn.spec import DetectorSpec
+from retina_fn.train import StepSettings, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +72,16 @@ def prepare_data(cfg, runtime) -> None:
     runtime.barrier()
 
 
-def initial_params(cfg, key: rng.Key) -> dict:
-    """Random init (model.init from `key`), with the backbone from model.backbone.pretrained (a torchvision
-    ResNet file) when set. Returns the full parameter tree."""
-    params = retinanet.init(key, cfg.model)
-    if cfg.model.backbone.pretrained:
+def initial_params(spec: DetectorSpec, key: rng.Key, pretrained: str | None = None) -> dict:
+    """Random init (retinanet.init from `key`), with the backbone from `pretrained` (a torchvision ResNet file,
+    model.backbone.pretrained) when given. Returns the full parameter tree."""
+    params = retinanet.init(key, spec)
+    if pretrained:
         from retina_fn import interop
 
-        state_dict = interop.load_state_dict(cfg.model.backbone.pretrained)
-        params["backbone"] = interop.resnet_from_torchvision(state_dict, cfg.model.backbone,
-                                                             source=cfg.model.backbone.pretrained)
-        log.info("backbone initialised from %s", cfg.model.backbone.pretrained)
+        state_dict = interop.load_state_dict(pretrained)
+        params["backbone"] = interop.resnet_from_torchvision(state_dict, spec.backbone, source=pretrained)
+        log.info("backbone initialised from %s", pretrained)
     return params
 
 
@@ -290,6 +291,21 @@ def describe(segments: Sequence[dict]) -> str:
                      f"{s['wall_s']:.1f} s wall, {rate(s)}" for i, s in enumerate(segments))
 
 
+def check_same_detector(stored: DetectorSpec, configured: DetectorSpec, source: str, workdir: str) -> None:
+    """Refuses to resume a run as another detector: every field of the spec but the memory format must be the
+    checkpoint's (its parameters, its targets and its losses were made with those).
+
+    Raises:
+      ConfigError: naming each field that differs, the checkpoint's value and the config's.
+    """
+    differing = [(k, a, b) for k, a, b in spec_lib.differences(stored, configured) if k != "backbone.channels_last"]
+    if differing:
+        fields = "; ".join(f"--config.{spec_lib.config_path(k)}={b!r} (the checkpoint's {a!r})" for k, a, b in differing)
+        raise errors.ConfigError(f"{workdir} holds a run of another detector: {source} was trained with other settings "
+                                 f"than this config gives: {fields}. Resume with the run's own config, or start the new "
+                                 f"one in another --workdir")
+
+
 class StartingPoint(NamedTuple):
     """state: the train state on the device; epoch, step_in_epoch: where the data resumes; batch: the BatchPlan
     of this start; segments: the run's earlier segments, [] for a first start."""
@@ -301,21 +317,24 @@ class StartingPoint(NamedTuple):
     segments: list
 
 
-def restore_or_init(cfg, workdir: str, key: rng.Key, optimizer: Optimizer, device: torch.device,
-                    world_size: int = 1) -> StartingPoint:
+def restore_or_init(cfg, spec: DetectorSpec, settings: StepSettings, workdir: str, key: rng.Key,
+                    optimizer: Optimizer, device: torch.device, world_size: int = 1) -> StartingPoint:
     """The newest usable checkpoint of workdir/checkpoints restored into a fresh state's structure, or the
     fresh state itself (from `initial_params`) when there is none, with the global batch and accumulation of
     `world_size` processes (`plan`: the checkpoint's global batch is kept).
 
     Raises:
-      GlobalBatchError: the processes present cannot make the run's global batch; raised before
-        anything is built or written.
+      GlobalBatchError: the processes present cannot make the run's global batch; ConfigError: the checkpoint
+        was trained as another detector (its stored spec differs from this config's). Both before anything is
+        built or written.
     """
     restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
     meta = (restored.meta or {}) if restored is not None else None
     batch = plan(cfg, world_size, meta, restored.path if restored is not None else None)
-    params = None if restored else initial_params(cfg, key)
-    template = init_train_state(cfg, key, optimizer, params=params, device=device)
+    if meta and meta.get("spec"):
+        check_same_detector(schema.spec_from_json(meta["spec"], restored.path), spec, restored.path, workdir)
+    params = None if restored else initial_params(spec, key, cfg.model.backbone.pretrained)
+    template = init_train_state(spec, settings, key, optimizer, params=params, device=device)
     if restored is None:
         return StartingPoint(template, 0, 0, batch, [])
     state = tree.cast(checkpoint.restore_into(restored.state, template, restored.path), device=device)

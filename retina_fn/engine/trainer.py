@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from retina_fn import checkpoint, class_count, interop, parallel, rng, tree
+from retina_fn import checkpoint, class_count, errors, parallel, rng, schema, tree, trained
 from retina_fn.engine import evaluation, host_memory, hooks, reporting, resume
 from retina_fn.data import coco, loader as data_loader
+from retina_fn.interop.weights import from_state_dict, read_weights
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,12 @@ log = logging.getLogger(__name__)
 NonFiniteLoss = hooks.NonFiniteLoss
 
 
-def _precision_name(cfg) -> str:
-    from retina_fn import precision
-
-    return precision.precision_from_config(cfg.train).name
-
-
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     """Trains cfg on its dataset, evaluating every train.eval_every_epochs epochs, resuming from the
     workdir's newest usable checkpoint. Returns the final results (rank 0; {} elsewhere). An 'auto'
     model.num_classes is set in cfg to the training annotation file's category count."""
     wall_start = time.perf_counter()
+    schema.check_config(cfg)  # every field, before anything is started or written
     runtime = parallel.init(cfg.dist)
     device = runtime.device
     host_memory.keep_freed_memory(device)  # a CPU step reuses its freed buffers instead of faulting them in again
@@ -62,11 +58,15 @@ class _Run:
         class_count.from_training_set(cfg, self.train_set)  # model.num_classes 'auto' -> the file's count
         if self.val_set is not None:
             class_count.check_same_categories(self.train_set, self.val_set)
+        labels = self.train_set.label_map
+        self.spec = schema.detector_spec(cfg, labels.category_ids, labels.names)
+        self.settings = schema.step_settings(cfg)
 
         model_key, data_key = rng.split(rng.key(cfg.seed))
-        optimizer = build_optimizer(cfg)  # one object: the state's optimiser state and the step's update share it
+        optimizer = build_optimizer(self.settings)  # one object: the state's optimiser state and the step's update
         # Refuses a global batch the processes present cannot make, before anything of this start is written.
-        start = resume.restore_or_init(cfg, workdir, model_key, optimizer, self.device, runtime.world_size)
+        start = resume.restore_or_init(cfg, self.spec, self.settings, workdir, model_key, optimizer, self.device,
+                                       runtime.world_size)
         self.start_epoch, self.start_step, self.batch = start.epoch, start.step_in_epoch, start.batch
         if runtime.is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -91,16 +91,17 @@ class _Run:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
         schedule_epoch = min(self.steps_per_epoch, cfg.train.performance_steps or self.steps_per_epoch)
-        self.train_step = make_train_step(cfg, optimizer, steps_per_epoch=schedule_epoch,
+        self.train_step = make_train_step(self.spec, self.settings, optimizer, steps_per_epoch=schedule_epoch,
                                           global_batch=self.images_per_step,
                                           reduce=runtime.reduce_mean if runtime.world_size > 1 else None,
                                           device=self.device)
-        self.eval_step = make_eval_step(cfg, device=self.device)
+        self.eval_step = make_eval_step(self.spec, self.device, precision_name=self.settings.precision,
+                                        cuda_graph=self.settings.cuda_graph)
         self.epochs = int(cfg.optim.epochs)
         self.cadence = hooks.Cadence(cfg.train, self.steps_per_epoch)
         self.meter = hooks.ThroughputMeter(self.images_per_step, self.device)
         self.guard = hooks.NonFiniteGuard(cfg.train.max_nonfinite_steps, workdir)
-        self.saver = hooks.Checkpointer(cfg, workdir, self.train_set.label_map, runtime, self.batch)
+        self.saver = hooks.Checkpointer(cfg, self.spec, workdir, runtime, self.batch)
         self.window = _Window()
         self.last_metrics: dict = {}
         self.train_clock = 0.0  # seconds of training in this segment (the steps and their batches' waits)
@@ -110,7 +111,7 @@ class _Run:
         log.info("%s | %s | %d train images, %d steps/epoch x %d epochs, global batch %d (%d per device x %d "
                  "devices x %d accumulated, %d micro-batches each) | %s", cfg.name, runtime, len(self.train_set),
                  self.steps_per_epoch, self.epochs, self.images_per_step, cfg.data.images_per_device,
-                 runtime.world_size, self.accum_steps, int(cfg.optim.micro_batches), _precision_name(cfg))
+                 runtime.world_size, self.accum_steps, self.settings.micro_batches, self.settings.precision)
 
     def finished(self) -> bool:
         """Whether the checkpoint it resumed from already ends the run (all epochs, or train.max_steps)."""
@@ -165,7 +166,7 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
         "train_images_per_s": whole["train_images_per_s"],
         "epochs": round(run.step / run.steps_per_epoch, 3),
         "steps": run.step,
-        "precision": _precision_name(cfg),
+        "precision": run.settings.precision,
         "world_size": runtime.world_size,
         "device": str(device),
         "train_s": whole["train_s"],
@@ -277,34 +278,52 @@ def write_outputs(cfg, workdir, results, metrics_log, evaluated, val_set, runtim
     print(reporting.results_table([row]), flush=True)
 
 
-def evaluate_only(cfg, workdir: str, weights: str | None) -> dict[str, Any]:
+def stored_config(meta: dict, source: str):
+    """The config a retina_fn checkpoint was trained with (its metadata's 'config'), as a ConfigDict.
+
+    Raises:
+      ConfigError: the file stores none (foreign weights, or a checkpoint written without one).
+    """
+    import ml_collections  # noqa: PLC0415 - the one place a stored config becomes a ConfigDict again
+
+    if not isinstance(meta.get("config"), dict):
+        raise errors.ConfigError(f"{source} stores no training config to take the validation data from: pass "
+                                 f"--config")
+    return ml_collections.ConfigDict(meta["config"])
+
+
+def evaluate_only(cfg, workdir: str, weights: str | None, use_config_for=()) -> dict[str, Any]:
     """Evaluates `weights` (a retina_fn checkpoint or a torchvision/mmdetection RetinaNet file), or the
-    workdir's newest checkpoint when weights is None, on the validation set. An 'auto' model.num_classes is
-    set in cfg to the validation file's category count; a checkpoint's stored label map must match that file."""
+    workdir's newest checkpoint when weights is None, on the validation set of `cfg`, or, when cfg is None, of
+    the config the checkpoint was trained with. The detector runs with the spec the checkpoint stores (a config
+    must agree with it, but for the fields named in use_config_for: retina_fn.trained); its class count and label
+    map must be the validation file's."""
     wall_start = time.perf_counter()
-    runtime = parallel.init(cfg.dist)
+    if weights is None:
+        restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
+        if restored is None:
+            raise errors.MissingFileError(f"no usable checkpoint in {workdir}/checkpoints and no --weights given")
+        weights = restored.path
+    raw = read_weights(weights)
+    run_cfg = cfg if cfg is not None else stored_config(raw.meta, weights)
+    schema.check_config(run_cfg)
+    runtime = parallel.init(run_cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
-        resume.prepare_data(cfg, runtime)
-        val_set = coco.load_split(cfg.data, "val")
-        class_count.for_evaluation(cfg, val_set)  # model.num_classes 'auto' -> the file's count
-        if weights is None:
-            restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
-            if restored is None:
-                raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints and no --weights given")
-            weights = restored.path
-        loaded = interop.load_detector_weights(weights, cfg.model)
-        class_count.check_checkpoint_categories(loaded.meta, val_set, weights)
-        params = tree.cast(loaded.params, torch.float32, runtime.device)
-        eval_step = make_eval_step(cfg, device=runtime.device)
-        evaluated = _evaluate(cfg, eval_step, {"params": params, "frozen": {}}, val_set, runtime,
+        resume.prepare_data(run_cfg, runtime)
+        val_set = coco.load_split(run_cfg.data, "val")
+        spec = trained.spec_for(raw, weights, cfg, use_config_for)
+        class_count.check_spec_categories(spec, raw.meta, val_set, weights)
+        params = tree.cast(from_state_dict(raw.state_dict, spec, source=weights), torch.float32, runtime.device)
+        eval_step = make_eval_step(spec, runtime.device, precision_name=schema.precision_name(run_cfg.train))
+        evaluated = _evaluate(run_cfg, eval_step, {"params": params, "frozen": {}}, val_set, runtime,
                               data_loader.pin_memory_for(runtime.device))
         if not runtime.is_main:
             return {}
         metrics = evaluated.metrics
-        results = {"name": cfg.name, "weights": weights, **metrics, "world_size": runtime.world_size,
+        results = {"name": run_cfg.name, "weights": weights, **metrics, "world_size": runtime.world_size,
                    "wall_s": time.perf_counter() - wall_start}
-        results.update(evaluation.write_reports(cfg.eval, workdir, evaluated, val_set))
+        results.update(evaluation.write_reports(run_cfg.eval, workdir, evaluated, val_set))
         reporting.write_json_atomic(os.path.join(workdir, "eval_results.json"), results)
         if evaluated.vis:
             evaluation.vis_images(evaluated.vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))

@@ -2,7 +2,7 @@
 post-processing and NMS inside; as a torch.export program (model.pt2) and as ONNX (model.onnx), with model.json
 saying how to feed it and read it.
 
-    spec = export(cfg, "runs/demo/checkpoints/ckpt_000002655.pt", "exported/demo")       # --format auto
+    meta = export("runs/demo/checkpoints/ckpt_000002655.pt", "exported/demo")   # its own spec; --format auto
     run = folder.load_program("exported/demo", folder.read_spec("exported/demo"))          # run(batch) -> Detections
 
 The program is `Detector.predict` (retina_fn/detector.py: the network, post-processing and NMS) with the weights
@@ -16,7 +16,7 @@ as constants, for one static shape: N images on one canvas H x W.
            labels        int64   [N, M]        class index 0..K-1 (model.json's label_map gives ids and names)
            valid         bool    [N, M]        True for real detections; padding rows are zero
 
-M = model.test.max_per_img. One canvas serves both aspect groups (`program.export_config`). What export changes,
+M = the spec's test.max_per_img. One canvas serves both aspect groups (`program.export_spec`). What export changes,
 with the same detections: model.test.static_shapes is set (NMS always sees model.test.max_candidates rows);
 under torch.export NMS's convergence test runs as a torch.while_loop (an ONNX Loop) and the exact top-k as a
 stable sort (retina_fn.nms, retina_fn.topk), which the ONNX translation maps onto TopK (`onnx`).
@@ -32,11 +32,10 @@ from typing import Any, Sequence
 
 import torch
 
-from retina_fn import class_count, errors, tree
+from retina_fn import errors, trained
 from retina_fn.detector import Detector
 from retina_fn.export import folder, onnx
-from retina_fn.export.program import InferenceModule, example_inputs, export_config
-from retina_fn.interop import label_table, load_detector_weights
+from retina_fn.export.program import InferenceModule, example_inputs, export_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,38 +72,35 @@ def formats_to_write(fmt: str) -> tuple[str, ...]:
     return {"exported": ("exported",), "onnx": ("onnx",), "both": ("exported", "onnx")}[fmt]
 
 
-def export(cfg, weights: str, out_dir: str, *, fmt: str = "auto", canvas_hw: Sequence[int] | None = None,
-           batch: int = 1) -> dict[str, Any]:
-    """Exports the detector of `cfg` with the weights of a file.
+def export(weights: str, out_dir: str, *, config=None, use_config_for: Sequence[str] = (), fmt: str = "auto",
+           canvas_hw: Sequence[int] | None = None, batch: int = 1) -> dict[str, Any]:
+    """Exports a trained detector: its weights and the spec they were trained with (retina_fn.trained).
 
     Args:
-      cfg: the whole config (not changed; `export_config` makes the one exported).
       weights: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
       out_dir: the folder to write model.pt2 / model.onnx and model.json to (created).
+      config: a ConfigDict, None for the weights' own spec; use_config_for: as retina_fn.trained.load_trained's.
       fmt: 'auto', 'exported' (.pt2), 'onnx' or 'both' (see `formats_to_write`).
       canvas_hw: (H, W) of the one canvas, or None for `program.default_canvas`.
       batch: N, images per call.
 
     Returns:
-      The spec written to model.json.
+      The content written to model.json.
 
     Raises:
-      ConfigError: an unknown format, batch < 1, or a canvas that does not fit; MissingDependencyError: --format
-      onnx or both without onnx / onnxscript; RuntimeError: torch older than 2.6; CheckpointMismatch: weights
-      that do not fit the config.
+      ConfigError: an unknown format, batch < 1, a canvas that does not fit, or a config that differs from the
+      stored spec; MissingDependencyError: --format onnx or both without onnx / onnxscript; RuntimeError: torch
+      older than 2.6; CheckpointMismatch: weights that do not fit.
     """
     kinds = formats_to_write(fmt)
     if not hasattr(torch.compiler, "is_exporting"):  # NMS and top-k take their export paths from it
         raise RuntimeError(f"exporting needs torch >= 2.6 (torch.compiler.is_exporting); this is {torch.__version__}")
     if batch < 1:
         raise errors.ConfigError(f"--batch must be >= 1, got {batch}")
-    cfg = export_config(cfg, canvas_hw)
-    class_count.from_weights(cfg, weights)
-    params, meta, _ = load_detector_weights(weights, cfg.model)
-    params = tree.cast(params, torch.float32, "cpu")
-    category_ids, names = label_table(int(cfg.model.num_classes), meta)
-    canvas = tuple(cfg.data.landscape_canvas)
-    module = InferenceModule(Detector(cfg.model, [canvas], "cpu"), params)
+    loaded = trained.load_trained(weights, config, use_config_for)
+    spec = export_spec(loaded.spec, canvas_hw)
+    canvas = tuple(spec.input.landscape_canvas)
+    module = InferenceModule(Detector(spec, [canvas], "cpu"), loaded.params)
 
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
@@ -122,8 +118,8 @@ def export(cfg, weights: str, out_dir: str, *, fmt: str = "auto", canvas_hw: Seq
         files["onnx"] = folder.ONNX_FILE
         opset = onnx.to_onnx(program, os.path.join(out_dir, folder.ONNX_FILE))
         log.info("ONNX (opset %d): %.1f s", opset, time.perf_counter() - started)
-    spec = folder.make_spec(cfg, batch=batch, category_ids=category_ids, names=names, files=files, weights=weights,
-                            opset=opset)
+    name = config.name if config is not None else os.path.splitext(os.path.basename(weights))[0]
+    meta = folder.make_spec(spec, name=name, batch=batch, files=files, weights=weights, opset=opset)
     with open(os.path.join(out_dir, folder.SPEC_FILE), "w") as f:
-        json.dump(spec, f, indent=1)
-    return spec
+        json.dump(meta, f, indent=1)
+    return meta

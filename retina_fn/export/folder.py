@@ -1,7 +1,7 @@
 """The export folder and reading it back: file names, the tensors' names, model.json (what `make_spec` writes)
 and the torch.export program as a callable (what `experiments.predict --exported` runs).
 
-    spec = make_spec(cfg, batch=1, ...)                # model.json's content, written by experiments.export
+    spec = make_spec(detector_spec, name="demo", batch=1, ...)   # model.json's content
     spec = read_spec("exported/demo")                  # model.json, checked
     run = load_program("exported/demo", spec)          # run(batch) -> postprocess.Detections
     cfg = transform_config(spec)                       # the input pipeline onto the export's canvas
@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
-from retina_fn import errors
+from retina_fn import errors, schema
 from retina_fn.data import transforms
 from retina_fn.postprocess import Detections
+from retina_fn.spec import DetectorSpec
 
 SPEC_FORMAT = "retina_fn-export"
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 SPEC_FILE = "model.json"
 PROGRAM_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
@@ -46,14 +47,15 @@ _RESIZES = {
 
 
 
-def make_spec(cfg, *, batch: int, category_ids: Sequence[int], names: Sequence[str], files: dict[str, str],
-              weights: str, opset: int | None) -> dict[str, Any]:
-    """The JSON description written beside the programs (experiments.export's docstring describes the tensors).
+def make_spec(spec: DetectorSpec, *, name: str, batch: int, files: dict[str, str], weights: str,
+              opset: int | None) -> dict[str, Any]:
+    """model.json's content: how to feed the program and read it (retina_fn.export's docstring describes the
+    tensors), and the detector's spec ('detector_spec', what `Predictor(folder)` runs with).
 
     Args:
-      cfg: the export config (`export_config`).
+      spec: the export's detector (`program.export_spec`).
+      name: what to call it (the config's name, or the weights file's).
       batch: N, images per call.
-      category_ids, names: per class index, as experiments.predict.label_table gives them.
       files: {'exported': file name, 'onnx': file name}, those written.
       weights: the weights file the parameters came from (its base name is recorded).
       opset: the ONNX opset, or None without ONNX.
@@ -61,14 +63,14 @@ def make_spec(cfg, *, batch: int, category_ids: Sequence[int], names: Sequence[s
     Returns:
       A JSON-serialisable dict.
     """
-    h, w = cfg.data.landscape_canvas
-    m = int(cfg.model.test.max_per_img)
-    mode = str(cfg.data.resize_mode)
-    test = cfg.model.test
+    h, w = spec.input.landscape_canvas
+    m = int(spec.test.max_per_img)
+    mode = spec.input.resize_mode
+    test = spec.test
     return {
         "format": SPEC_FORMAT,
         "version": SPEC_VERSION,
-        "name": str(cfg.name),
+        "name": str(name),
         "weights": os.path.basename(weights),
         "files": dict(files),
         "onnx_opset": opset,
@@ -93,23 +95,35 @@ def make_spec(cfg, *, batch: int, category_ids: Sequence[int], names: Sequence[s
         ],
         "preprocess": {
             "resize_mode": mode,
-            "scale": [int(v) for v in cfg.data.scale],
-            "mean": [float(v) for v in cfg.data.mean],
-            "std": [float(v) for v in cfg.data.std],
+            "scale": [int(v) for v in spec.input.scale],
+            "mean": [float(v) for v in spec.input.mean],
+            "std": [float(v) for v in spec.input.std],
             "color": "RGB",
-            "size": _SIZE_RULES[mode].replace("long_max", f"long_max={max(cfg.data.scale)}")
-                                     .replace("short_max", f"short_max={min(cfg.data.scale)}"),
+            "size": _SIZE_RULES[mode].replace("long_max", f"long_max={max(spec.input.scale)}")
+                                     .replace("short_max", f"short_max={min(spec.input.scale)}"),
             "resize": _RESIZES[mode],
             "pad": f"the normalised image at rows < new_h and columns < new_w of a zero [3, {h}, {w}] canvas",
         },
         "boxes_to_original": "done inside: boxes are divided by (sx, sy, sx, sy) from scale_factor; not clipped "
                              "afterwards (they are clipped to image_hw before the division)",
-        "label_map": {"category_ids": [int(i) for i in category_ids], "names": [str(n) for n in names]},
+        "label_map": {"category_ids": [int(i) for i in spec.category_ids], "names": [str(n) for n in spec.names]},
         "postprocess": {"score_thr": float(test.score_thr), "nms_iou": float(test.nms_iou),
                         "nms_pre": int(test.nms_pre), "pre_select": str(test.pre_select),
                         "max_per_img": m, "max_candidates": int(test.max_candidates)},
+        "detector_spec": spec.to_json(),
     }
 
+
+def detector_spec(meta: dict[str, Any], directory: str) -> DetectorSpec:
+    """The detector an export folder's program computes (its model.json's 'detector_spec'), checked.
+
+    Raises:
+      InputFormatError: model.json has none, or one no config could hold.
+    """
+    if "detector_spec" not in meta:
+        raise errors.InputFormatError(f"{directory}/{SPEC_FILE} has no detector_spec (written by an older "
+                                      f"experiments.export): export the weights again")
+    return schema.spec_from_json(meta["detector_spec"], f"{directory}/{SPEC_FILE}")
 
 
 def read_spec(directory: str) -> dict[str, Any]:

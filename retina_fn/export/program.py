@@ -1,26 +1,28 @@
 """What experiments.export traces: `Detector.predict` with the weights closed over, on one canvas with static
 shapes, and inputs of the exported shapes.
 
-    cfg = export_config(cfg, (512, 512))            # one canvas for both aspect groups, static_shapes on
-    module = InferenceModule(Detector(cfg.model, [(512, 512)], "cpu"), params)
+    spec = export_spec(spec, (512, 512))            # one canvas for both aspect groups, static_shapes on
+    module = InferenceModule(Detector(spec, [(512, 512)], "cpu"), params)
     program = torch.export.export(module, example_inputs(batch=1, canvas_hw=(512, 512)))
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 
 from retina_fn import errors
 from retina_fn.detector import Detector
+from retina_fn.spec import DetectorSpec, InputSpec
 
 
 class InferenceModule(torch.nn.Module):
     """`Detector.predict` with the parameters closed over, as the module torch.export traces.
 
     Args:
-      detector: the Detector of the export config (its anchors for the canvas are computed once).
+      detector: the Detector of the export spec (its anchors for the canvas are computed once).
       params: the full parameter tree, float32 on the CPU; they become constants of the program.
     """
 
@@ -38,43 +40,39 @@ class InferenceModule(torch.nn.Module):
         return tuple(detections)
 
 
-def default_canvas(data_cfg) -> tuple[int, int]:
-    """The smallest canvas holding both configured canvases: (max H, max W) of data.landscape_canvas and
-    data.portrait_canvas, e.g. (1344, 1344) for (800, 1344) and (1344, 800)."""
-    land, port = tuple(data_cfg.landscape_canvas), tuple(data_cfg.portrait_canvas)
+def default_canvas(spec: InputSpec) -> tuple[int, int]:
+    """The smallest canvas holding both of the input's canvases: (max H, max W) of landscape_canvas and
+    portrait_canvas, e.g. (1344, 1344) for (800, 1344) and (1344, 800)."""
+    land, port = tuple(spec.landscape_canvas), tuple(spec.portrait_canvas)
     return max(land[0], port[0]), max(land[1], port[1])
 
 
-def export_config(cfg, canvas_hw: Sequence[int] | None = None):
-    """The config an export runs: one canvas for both aspect groups and static shapes in post-processing.
+def export_spec(spec: DetectorSpec, canvas_hw: Sequence[int] | None = None) -> DetectorSpec:
+    """The detector an export runs: one canvas for both aspect groups and static shapes in post-processing.
 
     Args:
-      cfg: the whole config (not changed).
+      spec: the trained detector's spec.
       canvas_hw: (H, W), or None for `default_canvas`.
 
     Returns:
-      A copy of cfg with data.landscape_canvas = data.portrait_canvas = the canvas and
-      model.test.static_shapes = True.
+      spec with input.landscape_canvas = input.portrait_canvas = the canvas and test.static_shapes = True.
 
     Raises:
-      ConfigError (a ValueError): a canvas that is not a multiple of model.size_divisor, or that cannot hold
-        every image resized with data.scale (naming --canvas and --config.data.scale).
+      ConfigError: a canvas that is not a multiple of the size divisor, or that cannot hold every image resized
+        with the input's scale (naming --canvas and --config.data.scale).
     """
-    cfg = cfg.copy_and_resolve_references()
-    canvas = tuple(int(v) for v in (default_canvas(cfg.data) if canvas_hw is None else canvas_hw))
-    divisor = int(cfg.model.size_divisor)
+    canvas = tuple(int(v) for v in (default_canvas(spec.input) if canvas_hw is None else canvas_hw))
+    divisor = int(spec.size_divisor)
     if len(canvas) != 2 or min(canvas) <= 0 or canvas[0] % divisor or canvas[1] % divisor:
-        raise errors.ConfigError(f"--canvas {canvas} must be two positive multiples of model.size_divisor={divisor}")
-    longest = max(cfg.data.scale)
+        raise errors.ConfigError(f"--canvas {canvas} must be two positive multiples of the size divisor {divisor}")
+    longest = max(spec.input.scale)
     if min(canvas) < longest:
         raise errors.ConfigError(f"--canvas {canvas[0]}x{canvas[1]} cannot hold every image resized with data.scale="
-                         f"{tuple(cfg.data.scale)} (one canvas serves landscape and portrait images, so both "
-                         f"sides need >= {longest}): pass a larger --canvas or a smaller scale, e.g. "
-                         f"--config.data.scale={min(canvas)},{min(canvas)}")
-    cfg.data.landscape_canvas = canvas
-    cfg.data.portrait_canvas = canvas
-    cfg.model.test.static_shapes = True
-    return cfg
+                                 f"{tuple(spec.input.scale)} (one canvas serves landscape and portrait images, so "
+                                 f"both sides need >= {longest}): pass a larger --canvas or a smaller scale, e.g. "
+                                 f"--config.data.scale={min(canvas)},{min(canvas)} --use_config_for=data.scale")
+    return spec.replace(input=dataclasses.replace(spec.input, landscape_canvas=canvas, portrait_canvas=canvas),
+                        test=dataclasses.replace(spec.test, static_shapes=True))
 
 
 def example_inputs(batch: int, canvas_hw: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Weights in and out: torchvision and mmdetection checkpoints.
 
-    params = load_detector_weights("retinanet_resnet50_fpn_coco-eeacb38b.pth", cfg.model).params
-    params = from_mmdet(torch.load(f, weights_only=True), cfg.model, reinit_class_head=True)  # fine-tune
-    torch.save(to_torchvision(params, cfg.model), "exported.pth")
+    params = load_detector_weights("retinanet_resnet50_fpn_coco-eeacb38b.pth", spec).params   # a DetectorSpec
+    params = from_mmdet(torch.load(f, weights_only=True), spec, reinit_class_head=True)  # fine-tune
+    torch.save(to_torchvision(params, spec), "exported.pth")
 """
 
 from retina_fn.interop.coco_names import COCO80_IDS, COCO80_NAMES, COCO91_NAMES, label_map_for

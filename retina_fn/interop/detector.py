@@ -20,11 +20,11 @@ CLASS_HEAD = "head/cls_logits"  # the last classification conv: the only class-d
 KeyOf = Callable[[str], str]
 
 
-def template(model_cfg) -> dict:
+def template(spec) -> dict:
     """The configured model's parameter tree with shapes only (tensors on the 'meta' device, no memory,
     no random draws worth the name): what a checkpoint has to fill."""
     with torch.device("meta"):
-        return retinanet.init(rng.key(0), model_cfg)
+        return retinanet.init(rng.key(0), spec)
 
 
 def key_mapping(like: dict, key_of: KeyOf) -> dict[str, str]:
@@ -36,20 +36,20 @@ def _is_class_head(path: str) -> bool:
     return path.startswith(CLASS_HEAD + tree.SEP)
 
 
-def fresh_class_head(key: rng.Key, model_cfg) -> dict[str, torch.Tensor]:
+def fresh_class_head(key: rng.Key, spec) -> dict[str, torch.Tensor]:
     """A new classification conv as `retina_fn.model.head.init` makes it: weight [n * K, C, 3, 3] from
     N(0, 0.01), bias -log((1 - prior) / prior) (n anchors per cell, K = model.num_classes, C =
     head.feat_channels)."""
-    channels = anchors.anchors_per_cell(model_cfg.anchors) * int(model_cfg.num_classes)
-    p = nn.init.conv(key, channels, int(model_cfg.head.feat_channels), 3, "normal", std=0.01)
-    p["bias"] = nn.init.prior_prob_bias((channels,), float(model_cfg.head.prior_prob))
+    channels = anchors.anchors_per_cell(spec.anchors) * int(spec.num_classes)
+    p = nn.init.conv(key, channels, int(spec.head.feat_channels), 3, "normal", std=0.01)
+    p["bias"] = nn.init.prior_prob_bias((channels,), float(spec.head.prior_prob))
     return p
 
 
-def class_count_note(key: str, channels: int, model_cfg) -> str:
+def class_count_note(key: str, channels: int, spec) -> str:
     """The report line for a classification conv with `channels` outputs that the config does not fit."""
-    n = anchors.anchors_per_cell(model_cfg.anchors)
-    k = int(model_cfg.num_classes)
+    n = anchors.anchors_per_cell(spec.anchors)
+    k = int(spec.num_classes)
     if channels % n:
         return (f"class head: {key} has {channels} output channels, not a multiple of the {n} anchors per "
                 f"cell of model.anchors; the config's model.num_classes={k} needs {n * k}")
@@ -59,17 +59,17 @@ def class_count_note(key: str, channels: int, model_cfg) -> str:
             f"start a new {k}-class head (fine-tuning)")
 
 
-def import_detector(state_dict: dict[str, torch.Tensor], model_cfg, key_of: KeyOf, *, source: str,
+def import_detector(state_dict: dict[str, torch.Tensor], spec, key_of: KeyOf, *, source: str,
                     ignore: Iterable[str] = (), reinit_class_head: bool = False,
                     key: rng.Key | None = None) -> dict:
-    """A full parameter tree {'backbone', 'fpn', 'head'} (float32, CPU) for model_cfg from a foreign
+    """A full parameter tree {'backbone', 'fpn', 'head'} (float32, CPU) for spec from a foreign
     state_dict whose key for our leaf `path` is `key_of(path)`.
 
     reinit_class_head: take everything but the classification conv from the checkpoint (whatever its
       class count) and initialise that conv afresh from `key` (default rng.key(0)), for fine-tuning on
       model.num_classes classes. Otherwise a class-count difference is reported with a hint.
     Raises CheckpointMismatch with one report of every missing, mis-shaped and unexpected key."""
-    like = template(model_cfg)
+    like = template(spec)
     mapping = key_mapping(like, key_of)
     class_keys = tuple(mapping[p] for p in mapping if _is_class_head(p))
     notes: list[str] = []
@@ -78,7 +78,7 @@ def import_detector(state_dict: dict[str, torch.Tensor], model_cfg, key_of: KeyO
         weight_key = mapping[CLASS_HEAD + tree.SEP + "weight"]
         expected = tree.flatten_by_path(like)[CLASS_HEAD + tree.SEP + "weight"].shape[0]
         if weight_key in state_dict and state_dict[weight_key].shape[0] != expected:
-            notes.append(class_count_note(weight_key, int(state_dict[weight_key].shape[0]), model_cfg))
+            notes.append(class_count_note(weight_key, int(state_dict[weight_key].shape[0]), spec))
             set_aside = True  # reported once above, not again as mis-shaped keys
     if not set_aside:
         return load_mapped(state_dict, like, mapping, ignore=ignore, source=source)
@@ -86,14 +86,14 @@ def import_detector(state_dict: dict[str, torch.Tensor], model_cfg, key_of: KeyO
     body_mapping = {p: k for p, k in mapping.items() if not _is_class_head(p)}
     params = load_mapped(state_dict, body, body_mapping, ignore=tuple(ignore) + class_keys, source=source,
                          notes=notes)
-    head = fresh_class_head(rng.key(0) if key is None else key, model_cfg)
+    head = fresh_class_head(rng.key(0) if key is None else key, spec)
     return tree.merge(params, {"head": {"cls_logits": head}})
 
 
-def check_params(params: dict, model_cfg, what: str = "parameters") -> None:
+def check_params(params: dict, spec, what: str = "parameters") -> None:
     """Raises CheckpointMismatch listing every path missing, unexpected or of another shape in `params`
-    compared with the tree model_cfg builds."""
-    ours = {p: tuple(x.shape) for p, x in tree.leaves_with_paths(template(model_cfg))}
+    compared with the tree spec builds."""
+    ours = {p: tuple(x.shape) for p, x in tree.leaves_with_paths(template(spec))}
     theirs = {p: tuple(x.shape) for p, x in tree.leaves_with_paths(params)}
     problems = [f"missing {p}" for p in ours if p not in theirs]
     problems += [f"unexpected {p}" for p in theirs if p not in ours]
@@ -103,7 +103,7 @@ def check_params(params: dict, model_cfg, what: str = "parameters") -> None:
         raise CheckpointMismatch(f"{what} do not fit the configured model:\n  {shown}")
 
 
-def export_detector(params: dict, model_cfg, key_of: KeyOf) -> dict[str, torch.Tensor]:
-    """{their key: tensor (float32, CPU, a copy)} for every leaf of params (checked against model_cfg)."""
-    check_params(params, model_cfg)
+def export_detector(params: dict, spec, key_of: KeyOf) -> dict[str, torch.Tensor]:
+    """{their key: tensor (float32, CPU, a copy)} for every leaf of params (checked against spec)."""
+    check_params(params, spec)
     return {key_of(p): x.detach().to("cpu", torch.float32).clone() for p, x in tree.leaves_with_paths(params)}

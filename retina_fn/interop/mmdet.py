@@ -50,31 +50,31 @@ def mmdet_key(path: str) -> str:
     raise ValueError(f"internal error: no mmdetection key for parameter {path!r}")
 
 
-def from_mmdet(checkpoint: dict[str, Any], model_cfg, *, reinit_class_head: bool = False,
+def from_mmdet(checkpoint: dict[str, Any], spec, *, reinit_class_head: bool = False,
                key: rng.Key | None = None, source: str = "mmdetection RetinaNet checkpoint") -> dict:
     """An mmdetection v2 RetinaNet checkpoint ({'state_dict', 'meta'} or the bare state_dict) -> our
-    full parameter tree for model_cfg (float32, CPU).
+    full parameter tree for spec (float32, CPU).
 
     A class count other than model.num_classes is reported, unless reinit_class_head=True draws a
     fresh classification conv from `key` (fine-tuning on other classes).
     Raises CheckpointMismatch with one report of every missing, unexpected and mis-shaped key."""
     state_dict = unwrap_state_dict(checkpoint, source)
-    return import_detector(state_dict, model_cfg, mmdet_key, source=source, ignore=("num_batches_tracked",),
+    return import_detector(state_dict, spec, mmdet_key, source=source, ignore=("num_batches_tracked",),
                            reinit_class_head=reinit_class_head, key=key)
 
 
-def to_mmdet(params: dict, model_cfg, *, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def to_mmdet(params: dict, spec, *, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Our parameter tree -> {'state_dict': {key: tensor}, 'meta': {...}} as mmdetection saves a
     checkpoint, each BatchNorm with num_batches_tracked = 0 (int64). meta['CLASSES'] holds class_names
     when given (mmdetection reads the class names from there)."""
-    state_dict = export_detector(params, model_cfg, mmdet_key)
+    state_dict = export_detector(params, spec, mmdet_key)
     for key in list(state_dict):
         if key.startswith("backbone.") and key.endswith(".running_var"):
             state_dict[key[: -len("running_var")] + "num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
     meta: dict[str, Any] = {}
     if class_names is not None:
-        if len(class_names) != int(model_cfg.num_classes):
+        if len(class_names) != int(spec.num_classes):
             raise ValueError(f"{len(class_names)} class names for a model with model.num_classes="
-                             f"{model_cfg.num_classes}")
+                             f"{spec.num_classes}")
         meta["CLASSES"] = tuple(str(n) for n in class_names)
     return {"state_dict": state_dict, "meta": meta}

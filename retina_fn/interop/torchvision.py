@@ -51,10 +51,10 @@ def resnet_key_mapping(params: dict, prefix: str = "") -> dict[str, str]:
     return {p: prefix + p.replace(tree.SEP, ".") for p in tree.paths(params)}
 
 
-def resnet_from_torchvision(state_dict: dict, backbone_cfg, source: str = "torchvision ResNet checkpoint") -> dict:
+def resnet_from_torchvision(state_dict: dict, backbone, source: str = "torchvision ResNet checkpoint") -> dict:
     """A torchvision ResNet classification state_dict (resnet50-*.pth) -> backbone parameters.
-    The classifier is dropped; depth must match backbone_cfg.depth (the report says otherwise)."""
-    like = resnet.init(rng.key(0), backbone_cfg)  # only its paths and shapes are used
+    The classifier is dropped; depth must match backbone.depth (the report says otherwise)."""
+    like = resnet.init(rng.key(0), backbone)  # only its paths and shapes are used
     return load_mapped(state_dict, like, resnet_key_mapping(like),
                        ignore=("fc.weight", "fc.bias", "num_batches_tracked"), source=source)
 
@@ -114,13 +114,13 @@ def coco91_channels(num_anchors: int) -> torch.Tensor:
     return (torch.arange(num_anchors, dtype=torch.int64)[:, None] * len(coco_names.COCO91_NAMES) + ids).reshape(-1)
 
 
-def _coco91_to_80(state_dict: dict[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+def _coco91_to_80(state_dict: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
     """When the checkpoint's head has 91 classes and the config 80, the 80 COCO channels of it."""
-    n = anchors.anchors_per_cell(model_cfg.anchors)
+    n = anchors.anchors_per_cell(spec.anchors)
     weight_key = retinanet_key(CLASS_HEAD + "/weight")
     bias_key = retinanet_key(CLASS_HEAD + "/bias")
     channels = state_dict.get(weight_key)
-    if (int(model_cfg.num_classes) != len(coco_names.COCO80_IDS) or channels is None
+    if (int(spec.num_classes) != len(coco_names.COCO80_IDS) or channels is None
             or channels.shape[0] != n * len(coco_names.COCO91_NAMES)):
         return state_dict
     index = coco91_channels(n)
@@ -138,10 +138,10 @@ def _check_not_classifier(state_dict: dict, source: str) -> None:
             f"initialisation (model.backbone.pretrained), or load it with resnet_from_torchvision")
 
 
-def from_torchvision(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_class_head: bool = False,
+def from_torchvision(state_dict: dict[str, torch.Tensor], spec, *, reinit_class_head: bool = False,
                      key: rng.Key | None = None, source: str = "torchvision RetinaNet checkpoint") -> dict:
     """A torchvision RetinaNet state_dict (e.g. `retinanet_resnet50_fpn(...).state_dict()`, old or new
-    key layout, FrozenBN or BatchNorm backbone) -> our full parameter tree for model_cfg (float32, CPU).
+    key layout, FrozenBN or BatchNorm backbone) -> our full parameter tree for spec (float32, CPU).
 
     Class counts: see the module docstring (91 -> 91 as is, 91 -> 80 COCO channels, otherwise a report
     or, with reinit_class_head=True, a fresh classification conv drawn from `key`).
@@ -150,12 +150,12 @@ def from_torchvision(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_c
     _check_not_classifier(state_dict, source)
     state_dict = upgrade_keys(state_dict)
     if not reinit_class_head:
-        state_dict = _coco91_to_80(state_dict, model_cfg)
-    return import_detector(state_dict, model_cfg, retinanet_key, source=source, ignore=("num_batches_tracked",),
+        state_dict = _coco91_to_80(state_dict, spec)
+    return import_detector(state_dict, spec, retinanet_key, source=source, ignore=("num_batches_tracked",),
                            reinit_class_head=reinit_class_head, key=key)
 
 
-def to_torchvision(params: dict, model_cfg, *, coco91: bool = False) -> dict[str, torch.Tensor]:
+def to_torchvision(params: dict, spec, *, coco91: bool = False) -> dict[str, torch.Tensor]:
     """Our parameter tree -> a torchvision RetinaNet state_dict in the current key layout (FrozenBN
     entries: weight, bias, running_mean, running_var; no num_batches_tracked), loadable with
     `load_state_dict` into torchvision's RetinaNet built with the same structure and class count.
@@ -163,13 +163,13 @@ def to_torchvision(params: dict, model_cfg, *, coco91: bool = False) -> dict[str
     coco91: for an 80-class COCO model, write torchvision's 91-output layout (class index = COCO
     category id) so the state_dict loads into the stock `retinanet_resnet50_fpn(num_classes=91)`; the
     11 unused outputs get zero weights and a bias of -100 (never above a score threshold)."""
-    state_dict = export_detector(params, model_cfg, retinanet_key)
+    state_dict = export_detector(params, spec, retinanet_key)
     if not coco91:
         return state_dict
-    if int(model_cfg.num_classes) != len(coco_names.COCO80_IDS):
+    if int(spec.num_classes) != len(coco_names.COCO80_IDS):
         raise ValueError(f"coco91=True needs an 80-class COCO model, the config has model.num_classes="
-                         f"{model_cfg.num_classes}")
-    n = anchors.anchors_per_cell(model_cfg.anchors)
+                         f"{spec.num_classes}")
+    n = anchors.anchors_per_cell(spec.anchors)
     index = coco91_channels(n)
     weight_key, bias_key = retinanet_key(CLASS_HEAD + "/weight"), retinanet_key(CLASS_HEAD + "/bias")
     weight, bias = state_dict[weight_key], state_dict[bias_key]

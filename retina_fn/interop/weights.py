@@ -7,13 +7,16 @@ reads the class count a file was made for (what model.num_classes='auto' resolve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from typing import NamedTuple
 
 import torch
 
-from retina_fn import anchors, checkpoint, rng, tree
+from retina_fn import checkpoint, rng, tree
+from retina_fn import spec as spec_lib
 from retina_fn.interop import coco_names, mmdet, torchvision
 from retina_fn.interop.detector import CLASS_HEAD, import_detector
 from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
@@ -56,9 +59,9 @@ def detect_format(state_dict: dict[str, torch.Tensor], source: str = "checkpoint
                              f"retina_fn, torchvision RetinaNet, mmdetection v2 RetinaNet")
 
 
-def from_state_dict(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_class_head: bool = False,
+def from_state_dict(state_dict: dict[str, torch.Tensor], spec, *, reinit_class_head: bool = False,
                     key: rng.Key | None = None, source: str = "checkpoint") -> dict:
-    """Our full parameter tree for model_cfg from a state_dict of any supported format (see
+    """Our full parameter tree for spec from a state_dict of any supported format (see
     `detect_format`); a flat retina_fn dict maps path to path. See from_torchvision / from_mmdet."""
     fmt = detect_format(state_dict, source)
     if fmt == "torchvision_resnet":
@@ -66,15 +69,15 @@ def from_state_dict(state_dict: dict[str, torch.Tensor], model_cfg, *, reinit_cl
             f"{source} is a ResNet classification checkpoint, not a detector: use it as the backbone's "
             f"initialisation (--config.model.backbone.pretrained={source})")
     if fmt == "torchvision":
-        if float(model_cfg.backbone.bn_eps) != 0.0:
+        if float(spec.backbone.bn_eps) != 0.0:
             log.warning("%s: torchvision's RetinaNet v1 weights were trained with FrozenBN eps 0; the config has "
                         "model.backbone.bn_eps=%g (configs/torchvision_retinanet_v1.py sets 0.0)", source,
-                        model_cfg.backbone.bn_eps)
-        return torchvision.from_torchvision(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key,
+                        spec.backbone.bn_eps)
+        return torchvision.from_torchvision(state_dict, spec, reinit_class_head=reinit_class_head, key=key,
                                             source=source)
     if fmt == "mmdet":
-        return mmdet.from_mmdet(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=source)
-    return import_detector(state_dict, model_cfg, lambda p: p, source=source,
+        return mmdet.from_mmdet(state_dict, spec, reinit_class_head=reinit_class_head, key=key, source=source)
+    return import_detector(state_dict, spec, lambda p: p, source=source,
                            reinit_class_head=reinit_class_head, key=key)
 
 
@@ -88,23 +91,21 @@ class DetectorWeights(NamedTuple):
     format: str
 
 
-def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_head: bool = False,
-                          key: rng.Key | None = None) -> DetectorWeights:
-    """Detector weights for model_cfg from a local file, read weights-only.
+class RawWeights(NamedTuple):
+    """A weights file as read: state_dict {key: tensor} in its own format's keys (a retina_fn checkpoint's
+    trained and frozen parameters by path); meta: a retina_fn checkpoint's metadata, {} for other files;
+    format: one of FORMATS."""
 
-    Args:
-      path: a retina_fn checkpoint (its trained and frozen parameters; the digest is verified), a
-        torchvision or mmdetection RetinaNet checkpoint, or a flat {path: tensor} dict.
-      model_cfg: the model the weights must fit.
-      reinit_class_head: keep everything but the classification conv, drawn afresh from `key` (for
-        fine-tuning on model.num_classes classes).
+    state_dict: dict
+    meta: dict
+    format: str
 
-    Returns:
-      DetectorWeights(params, meta, format).
+
+def read_weights(path: str | os.PathLike) -> RawWeights:
+    """A local weights file read weights-only (a retina_fn checkpoint's digest verified), not yet mapped.
 
     Raises:
-      FileNotFoundError; CheckpointMismatch: one report of every missing, unexpected and mis-shaped key,
-      or why the file is not a detector.
+      MissingFileError; CheckpointMismatch: unreadable, or not a detector of a supported layout.
     """
     path = os.fspath(path)
     obj = read_checkpoint(path)
@@ -121,17 +122,39 @@ def load_detector_weights(path: str | os.PathLike, model_cfg, *, reinit_class_he
         state_dict = tree.flatten_by_path(tree.merge(*parts))
     else:
         state_dict = unwrap_state_dict(obj, path)
-    fmt = detect_format(state_dict, path)
-    params = from_state_dict(state_dict, model_cfg, reinit_class_head=reinit_class_head, key=key, source=path)
-    return DetectorWeights(params, meta, fmt)
+    return RawWeights(state_dict, meta, detect_format(state_dict, path))
 
 
-def count_in_weights(path: str | os.PathLike, model_cfg) -> tuple[int, str]:
+def load_detector_weights(path: str | os.PathLike, spec, *, reinit_class_head: bool = False,
+                          key: rng.Key | None = None) -> DetectorWeights:
+    """Detector weights for spec from a local file, read weights-only.
+
+    Args:
+      path: a retina_fn checkpoint (its trained and frozen parameters; the digest is verified), a
+        torchvision or mmdetection RetinaNet checkpoint, or a flat {path: tensor} dict.
+      spec: the detector the weights must fit.
+      reinit_class_head: keep everything but the classification conv, drawn afresh from `key` (for
+        fine-tuning on spec.num_classes classes).
+
+    Returns:
+      DetectorWeights(params, meta, format).
+
+    Raises:
+      FileNotFoundError; CheckpointMismatch: one report of every missing, unexpected and mis-shaped key,
+      or why the file is not a detector.
+    """
+    raw = read_weights(path)
+    params = from_state_dict(raw.state_dict, spec, reinit_class_head=reinit_class_head, key=key,
+                             source=os.fspath(path))
+    return DetectorWeights(params, raw.meta, raw.format)
+
+
+def count_in_weights(path: str | os.PathLike, per_cell: int) -> tuple[int, str]:
     """The class count a weights file was made for, and what said so.
 
     Args:
       path: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
-      model_cfg: the `model` block (its anchors give the anchors per cell).
+      per_cell: anchors per feature-map cell (retina_fn.anchors.anchors_per_cell).
 
     Returns:
       (count, source): a retina_fn checkpoint's stored label map, else the classification conv's output
@@ -142,49 +165,116 @@ def count_in_weights(path: str | os.PathLike, model_cfg) -> tuple[int, str]:
       are not a multiple of the anchors per cell.
     """
     path = os.fspath(path)
-    obj = read_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
-        try:
-            restored = checkpoint.load(path)
-        except checkpoint.CorruptCheckpoint as e:
-            raise CheckpointMismatch(str(e)) from e
-        label_map = (restored.meta or {}).get("label_map")
-        if label_map:
-            return len(label_map["category_ids"]), f"the label map stored in {path}"
-        state_dict = tree.flatten_by_path(restored.state.get("params", {}))
-    else:
-        state_dict = unwrap_state_dict(obj, path)
-    fmt = detect_format(state_dict, path)
-    key = _CLASS_WEIGHT_KEYS.get(fmt)
-    if key is None or key not in state_dict:
-        raise CheckpointMismatch(f"{path} ({fmt}) has no classification conv ({key}) to count classes from")
-    channels, per_cell = int(state_dict[key].shape[0]), anchors.anchors_per_cell(model_cfg.anchors)
+    return classes_in(read_weights(path), per_cell, path)
+
+
+def classes_in(raw: RawWeights, per_cell: int, source: str) -> tuple[int, str]:
+    """`count_in_weights` of weights already read."""
+    labels = stored_label_map(raw.meta)
+    if labels:
+        return len(labels[0]), f"the label map stored in {source}"
+    key = _CLASS_WEIGHT_KEYS.get(raw.format)
+    if key is None or key not in raw.state_dict:
+        raise CheckpointMismatch(f"{source} ({raw.format}) has no classification conv ({key}) to count classes from")
+    channels = int(raw.state_dict[key].shape[0])
     if channels % per_cell:
-        raise CheckpointMismatch(f"{path}: {key} has {channels} output channels, not a multiple of the {per_cell} "
-                                 f"anchors per cell of model.anchors")
-    return channels // per_cell, f"{path} ({key}: {channels} channels / {per_cell} anchors per cell)"
+        raise CheckpointMismatch(f"{source}: {key} has {channels} output channels, not a multiple of the {per_cell} "
+                                 f"anchors per cell")
+    return channels // per_cell, f"{source} ({key}: {channels} channels / {per_cell} anchors per cell)"
 
 
 def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The category id and name of each class index.
-
-    Args:
-        num_classes: the model's class count K.
-        meta: a retina_fn checkpoint's metadata ({} or None for other weights).
-
-    Returns:
-        (ids, names), K each: the checkpoint's label map (meta['label_map']) when there is one, else
-        `coco_names.label_map_for(K)` (91: torchvision's layout, 80: mmdetection's, other K: ids 1..K).
+    """The category id and name of each class index: a retina_fn checkpoint's stored label map
+    (`stored_label_map`), else `coco_names.label_map_for(K)` (91: torchvision's layout, 80: mmdetection's, other
+    K: ids 1..K).
 
     Raises:
-        ValueError: the stored label map has another class count than K.
+      CheckpointMismatch: the stored label map has another class count than K.
     """
-    label_map = (meta or {}).get("label_map")
-    if label_map:
-        ids = tuple(int(i) for i in label_map["category_ids"])
-        names = tuple(str(n) for n in label_map["names"])
-        if len(ids) != num_classes:
-            raise ValueError(f"the checkpoint's label map has {len(ids)} classes but model.num_classes is "
-                             f"{num_classes}")
-        return ids, names
-    return coco_names.label_map_for(num_classes)
+    stored = stored_label_map(meta)
+    if stored is None:
+        return coco_names.label_map_for(num_classes)
+    ids, names = tuple(int(i) for i in stored[0]), tuple(str(n) for n in stored[1])
+    if len(ids) != num_classes:
+        raise CheckpointMismatch(f"the checkpoint's label map has {len(ids)} classes but the detector has "
+                                 f"{num_classes}")
+    return ids, names
+
+
+def stored_label_map(meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """The (category ids, names) a retina_fn checkpoint stores: its spec's, else its older 'label_map'; None
+    for other weights."""
+    meta = meta or {}
+    if meta.get("spec"):
+        return tuple(meta["spec"]["category_ids"]), tuple(meta["spec"]["names"])
+    if meta.get("label_map"):
+        return tuple(meta["label_map"]["category_ids"]), tuple(meta["label_map"]["names"])
+    return None
+
+
+def _mmdet_1x(depth: int, num_classes: int) -> spec_lib.DetectorSpec:
+    """mmdetection v2.9.0's retinanet_r<depth>_fpn_1x_coco (configs/retinanet_r50_fpn_1x_coco.py)."""
+    ids, names = coco_names.label_map_for(num_classes)
+    s = spec_lib
+    return s.DetectorSpec(
+        num_classes=num_classes, category_ids=ids, names=names,
+        backbone=s.BackboneSpec(depth=depth, style="pytorch", norm="frozen_bn", bn_eps=1e-5, gn_groups=32,
+                                base_width=64, frozen_stages=1, norm_affine_trainable=True, channels_last=False),
+        fpn=s.FPNSpec(out_channels=256, extra_source="input", relu_before_extra=False),
+        head=s.HeadSpec(feat_channels=256, stacked_convs=4, norm="none", gn_groups=32, prior_prob=0.01),
+        anchors=s.AnchorSpec(style="mmdet", octave_base_scale=4.0, scales_per_octave=3, ratios=(0.5, 1.0, 2.0),
+                             strides=(8, 16, 32, 64, 128)),
+        coder=s.CoderSpec(means=(0.0,) * 4, stds=(1.0,) * 4, scale_clamp=math.log(1000.0 / 16.0), clamp_lower=True),
+        assigner=s.AssignerSpec(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=True,
+                                low_quality="mmdet", ignore_iof_thr=-1.0),
+        loss=s.LossSpec(focal_alpha=0.25, focal_gamma=2.0, fused_focal=False, cls_weight=1.0, box_loss="l1",
+                        box_weight=1.0, normalizer="batch"),
+        test=s.PostprocessSpec(nms_pre=1000, pre_select="anchor", score_thr=0.05, nms_iou=0.5, max_per_img=100,
+                               max_candidates=5000, static_shapes=False),
+        size_divisor=32, canvas_exact=True,
+        input=s.InputSpec(resize_mode="mmdet", scale=(1333, 800), mean=(123.675, 116.28, 103.53),
+                          std=(58.395, 57.12, 57.375), landscape_canvas=(800, 1344), portrait_canvas=(1344, 800)))
+
+
+def _torchvision_v1() -> spec_lib.DetectorSpec:
+    """torchvision's retinanet_resnet50_fpn v1 (configs/torchvision_retinanet_v1.py)."""
+    base = _mmdet_1x(50, 91)
+    return base.replace(
+        backbone=dataclasses.replace(base.backbone, bn_eps=0.0, norm_affine_trainable=False),
+        fpn=dataclasses.replace(base.fpn, extra_source="output", relu_before_extra=True),
+        anchors=dataclasses.replace(base.anchors, style="torchvision"),
+        coder=dataclasses.replace(base.coder, clamp_lower=False),
+        assigner=dataclasses.replace(base.assigner, low_quality="torchvision"),
+        loss=dataclasses.replace(base.loss, normalizer="image"),
+        test=dataclasses.replace(base.test, pre_select="pair", max_per_img=300),
+        input=dataclasses.replace(base.input, resize_mode="torchvision"))
+
+
+def _depth_of(state_dict: dict, prefix: str) -> int:
+    """The ResNet depth a state_dict's backbone has: its block count in layer3 and its block type."""
+    blocks = {k[len(prefix):].split(".")[1] for k in state_dict if k.startswith(prefix + "layer3.")}
+    bottleneck = any(k.startswith(prefix + "layer1.0.conv3.") for k in state_dict)
+    by_blocks = {(6, True): 50, (23, True): 101, (36, True): 152, (6, False): 34, (2, False): 18}
+    depth = by_blocks.get((len(blocks), bottleneck))
+    if depth is None:
+        raise CheckpointMismatch(f"a ResNet backbone of {len(blocks)} blocks in layer3 is no standard depth")
+    return depth
+
+
+def reference_spec(state_dict: dict, fmt: str, source: str) -> spec_lib.DetectorSpec:
+    """The spec of the layout foreign weights come from: mmdetection's retinanet_r<depth>_fpn_1x (depth and class
+    count read off the weights) or torchvision's retinanet_resnet50_fpn v1 (91 classes).
+
+    Args:
+      state_dict: the weights (as `unwrap_state_dict` gives them); fmt: 'mmdet' or 'torchvision'.
+      source: the file, for messages.
+
+    Raises:
+      CheckpointMismatch: another format, or a backbone of no standard depth.
+    """
+    if fmt == "torchvision":
+        return _torchvision_v1()
+    if fmt != "mmdet":
+        raise CheckpointMismatch(f"{source}: {fmt} weights have no reference layout to take a spec from")
+    channels = int(state_dict[_CLASS_WEIGHT_KEYS["mmdet"]].shape[0])
+    return _mmdet_1x(_depth_of(state_dict, "backbone."), channels // 9)

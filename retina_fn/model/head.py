@@ -18,9 +18,10 @@ import torch
 
 from retina_fn import nn, rng
 from retina_fn.extent import ExtentMasks, zero_outside
+from retina_fn.spec import HeadSpec
 
 
-def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg) -> dict:
+def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, spec: HeadSpec) -> dict:
     """Head parameters: N(0, 0.01) weights, zero biases, the classification bias at the prior.
 
     Args:
@@ -28,40 +29,35 @@ def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, cfg
       in_channels: channels of the pyramid levels.
       num_anchors: anchors per location (n_anchors).
       num_classes: K.
-      cfg: model_cfg.head (norm 'none' | 'gn', stacked_convs, feat_channels, prior_prob, gn_groups).
+      spec: the head's settings (norm 'none' | 'gn', stacked_convs, feat_channels, prior_prob, gn_groups).
 
     Returns:
       {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'} (see the module docstring),
       float32 on the CPU; cls_logits is {'weight' [n_anchors * K, F, 3, 3], 'bias' [n_anchors * K]} and
-      bbox_reg {'weight' [n_anchors * 4, F, 3, 3], 'bias' [n_anchors * 4]}, F = cfg.feat_channels.
-
-    Raises:
-      ValueError: cfg.norm is neither 'none' nor 'gn'.
+      bbox_reg {'weight' [n_anchors * 4, F, 3, 3], 'bias' [n_anchors * 4]}, F = spec.feat_channels.
     """
-    if cfg.norm not in ("none", "gn"):
-        raise ValueError(f"head.norm must be 'none' or 'gn', got {cfg.norm!r}")
-    gn = cfg.norm == "gn"
-    keys = iter(rng.split(key, 2 * cfg.stacked_convs + 2))
+    gn = spec.norm == "gn"
+    keys = iter(rng.split(key, 2 * spec.stacked_convs + 2))
 
     def tower():
         convs, c_in = {}, in_channels
-        for i in range(cfg.stacked_convs):
-            p = nn.init.conv(next(keys), cfg.feat_channels, c_in, 3, "normal", bias=not gn, std=0.01)
+        for i in range(spec.stacked_convs):
+            p = nn.init.conv(next(keys), spec.feat_channels, c_in, 3, "normal", bias=not gn, std=0.01)
             if gn:
-                p["norm"] = {"weight": nn.init.constant((cfg.feat_channels,), 1.0),
-                             "bias": nn.init.constant((cfg.feat_channels,), 0.0)}
+                p["norm"] = {"weight": nn.init.constant((spec.feat_channels,), 1.0),
+                             "bias": nn.init.constant((spec.feat_channels,), 0.0)}
             convs[str(i)] = p
-            c_in = cfg.feat_channels
+            c_in = spec.feat_channels
         return convs
 
     cls_convs, reg_convs = tower(), tower()
-    cls_logits = nn.init.conv(next(keys), num_anchors * num_classes, cfg.feat_channels, 3, "normal", std=0.01)
-    cls_logits["bias"] = nn.init.prior_prob_bias((num_anchors * num_classes,), cfg.prior_prob)
-    bbox_reg = nn.init.conv(next(keys), num_anchors * 4, cfg.feat_channels, 3, "normal", bias=True, std=0.01)
+    cls_logits = nn.init.conv(next(keys), num_anchors * num_classes, spec.feat_channels, 3, "normal", std=0.01)
+    cls_logits["bias"] = nn.init.prior_prob_bias((num_anchors * num_classes,), spec.prior_prob)
+    bbox_reg = nn.init.conv(next(keys), num_anchors * 4, spec.feat_channels, 3, "normal", bias=True, std=0.01)
     return {"cls_convs": cls_convs, "reg_convs": reg_convs, "cls_logits": cls_logits, "bbox_reg": bbox_reg}
 
 
-def _tower(convs: dict, xs: list[torch.Tensor], cfg, masks: ExtentMasks | None,
+def _tower(convs: dict, xs: list[torch.Tensor], spec: HeadSpec, masks: ExtentMasks | None,
            strides: list[int | None]) -> list[torch.Tensor]:
     """The stacked 3x3 convs (+ GroupNorm) + ReLU on every level, one layer at a time (a layer's masked
     GroupNorm is one call over all levels); inputs and outputs are zero outside the extent when masks are
@@ -71,7 +67,7 @@ def _tower(convs: dict, xs: list[torch.Tensor], cfg, masks: ExtentMasks | None,
         xs = [nn.conv2d(p, x, padding=1) for x in xs]
         if "norm" in p:
             gn_masks = None if masks is None else [masks.mask(s, x.shape[-2:]) for x, s in zip(xs, strides)]
-            xs = nn.group_norm_maps(p["norm"], xs, cfg.gn_groups, masks=gn_masks, relu=True, zero_outside=True)
+            xs = nn.group_norm_maps(p["norm"], xs, spec.gn_groups, masks=gn_masks, relu=True, zero_outside=True)
         else:
             xs = [zero_outside(nn.relu(x), masks, s) for x, s in zip(xs, strides)]
     return xs
@@ -83,7 +79,7 @@ def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, h * w * (x.shape[1] // per_anchor), per_anchor)
 
 
-def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg, masks: ExtentMasks | None = None,
+def apply(params: dict, levels: list[torch.Tensor], num_classes: int, spec: HeadSpec, masks: ExtentMasks | None = None,
           strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """The head on every pyramid level, outputs flattened in mmdetection's anchor order.
 
@@ -91,7 +87,7 @@ def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg, masks
       params: the tree of `init`.
       levels: [P3 .. P7], each float [B, C, h_l, w_l].
       num_classes: K.
-      cfg: model_cfg.head.
+      spec: the head's settings.
       masks: each image's extent (retina_fn.extent), or None: with masks, every conv input is zeroed
         outside it (outputs there are not the reference's; post-processing drops those anchors).
       strides: the levels' strides (read with masks only).
@@ -103,8 +99,8 @@ def apply(params: dict, levels: list[torch.Tensor], num_classes: int, cfg, masks
         raise ValueError(f"head.apply got {len(levels)} levels but {len(strides)} strides")
     strides = list(strides) if masks is not None else [None] * len(levels)
     xs = [zero_outside(x, masks, s) for x, s in zip(levels, strides)]
-    cls_features = _tower(params["cls_convs"], xs, cfg, masks, strides)
+    cls_features = _tower(params["cls_convs"], xs, spec, masks, strides)
     logits = [_flatten(nn.conv2d(params["cls_logits"], f, padding=1), num_classes) for f in cls_features]
-    reg_features = _tower(params["reg_convs"], xs, cfg, masks, strides)
+    reg_features = _tower(params["reg_convs"], xs, spec, masks, strides)
     deltas = [_flatten(nn.conv2d(params["bbox_reg"], f, padding=1), 4) for f in reg_features]
     return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)

@@ -7,7 +7,7 @@ then computes, per channel c in float32, (pixel - float32(mean_c)) * float32(1 /
 float64, and leaves exact zeros (zero in normalised space) on the canvas outside the resized image. `normalize`
 does the same two float32 operations per element, so the results are equal whichever device computes them.
 
-    images = model_input(batch, model_cfg)    # float [B, 3, H, W]; what retinanet.apply takes
+    images = model_input(batch, spec.input)   # float [B, 3, H, W]; what retinanet.apply takes
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from retina_fn import extent
+from retina_fn.spec import InputSpec
 
 
 def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -27,8 +28,8 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
       image: uint8 [B, 3, H, W], each resized image at the top left of the canvas (what lies outside is
         not read).
       image_hw: int64 [B, 2], (h, w) of each resized image.
-      mean: 3 per-channel means in 0..255 units (model.pixel_mean, tied to data.mean).
-      std: 3 per-channel standard deviations in 0..255 units (model.pixel_std, tied to data.std).
+      mean: 3 per-channel means in 0..255 units (data.mean).
+      std: 3 per-channel standard deviations in 0..255 units (data.std).
       real: optional bool [B]; False marks a padding slot (an evaluation batch's image_id -1), whose image is
         zero everywhere, as the host pipeline makes it.
 
@@ -37,8 +38,7 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
       each real image, 0.0 elsewhere.
 
     Raises:
-      ValueError: an image that is not uint8 [B, 3, H, W], image_hw not [B, 2], real not [B], or mean / std
-        without 3 entries.
+      ValueError: an image that is not uint8 [B, 3, H, W], image_hw not [B, 2] or real not [B].
     """
     if image.dtype != torch.uint8 or image.ndim != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be uint8 [B, 3, H, W], got {image.dtype} {tuple(image.shape)}")
@@ -47,8 +47,6 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
         raise ValueError(f"image_hw must be [B, 2] = [{b}, 2], got {tuple(image_hw.shape)}")
     if real is not None and tuple(real.shape) != (b,):
         raise ValueError(f"real must be [B] = [{b}], got {tuple(real.shape)}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"model.pixel_mean and model.pixel_std need 3 entries, got {tuple(mean)}, {tuple(std)}")
     pixels = image.to(torch.float32)
     # Python scalars: each op rounds them to float32, as numpy's float32(mean) and float32(1 / std) do; they
     # need no host-to-device copy, so a captured or compiled step can hold them as constants.
@@ -59,13 +57,13 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
     return torch.where(inside[:, None], torch.stack(planes, dim=1), 0.0)
 
 
-def model_input(batch: dict, model_cfg) -> torch.Tensor:
+def model_input(batch: dict, spec: InputSpec) -> torch.Tensor:
     """The image the network takes from a batch (docs/conventions.md).
 
     Args:
       batch: reads image: float [B, 3, H, W] (already normalised) or uint8 [B, 3, H, W] (data.uint8_canvas);
         for uint8 also image_hw int64 [B, 2] and, when present, image_id int64 [B] (-1: a padding slot).
-      model_cfg: the model config; pixel_mean and pixel_std are read for a uint8 image only.
+      spec: the input's settings; mean and std are read for a uint8 image only.
 
     Returns:
       float [B, 3, H, W]: batch['image'] itself when it is floating, else `normalize`'s float32 image.
@@ -80,5 +78,5 @@ def model_input(batch: dict, model_cfg) -> torch.Tensor:
         raise ValueError(f"batch['image'] must be floating (normalised) or uint8 (data.uint8_canvas), got "
                          f"{image.dtype}")
     image_id = batch.get("image_id")
-    return normalize(image, batch["image_hw"], model_cfg.pixel_mean, model_cfg.pixel_std,
+    return normalize(image, batch["image_hw"], spec.mean, spec.std,
                      None if image_id is None else image_id >= 0)

@@ -6,7 +6,7 @@ functional design has no mutable state, and detection fine-tuning keeps BN stati
 (mmdetection's norm_eval=True, detectron2's FrozenBN). Each frozen BN is folded into the conv before it
 at every call (retina_fn.nn.fold): the same function up to float rounding, one elementwise pass fewer.
 
-Config fields (cfg = model_cfg.backbone):
+The settings (`spec` = retina_fn.spec.BackboneSpec):
   depth: 18 | 34 | 50 | 101 | 152
   style: 'pytorch' (stride on the 3x3 conv, torchvision) | 'caffe' (stride on the first 1x1 conv)
   bn_eps: float, 1e-5 (torchvision's RetinaNet v1 checkpoint expects 0.0)
@@ -25,21 +25,21 @@ import torch
 
 from retina_fn import nn, rng
 from retina_fn.extent import ExtentMasks, zero_outside
+from retina_fn.spec import BackboneSpec
 
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-NORMS = ("frozen_bn", "gn")
 
 
-def stage_widths(cfg) -> tuple[int, int, int, int]:
+def stage_widths(spec: BackboneSpec) -> tuple[int, int, int, int]:
     """Bottleneck widths of layer1..layer4.
 
     Args:
-      cfg: model_cfg.backbone; reads base_width (default 64).
+      spec: the backbone's settings; reads base_width.
 
     Returns:
       (w, 2w, 4w, 8w) with w = base_width.
     """
-    w = int(cfg.get("base_width", 64))
+    w = int(spec.base_width)
     return (w, 2 * w, 4 * w, 8 * w)
 
 
@@ -55,38 +55,27 @@ def is_bottleneck(depth: int) -> bool:
     return depth >= 50
 
 
-def out_channels(cfg) -> tuple[int, int, int, int]:
+def out_channels(spec: BackboneSpec) -> tuple[int, int, int, int]:
     """Channels of C2..C5.
 
     Args:
-      cfg: model_cfg.backbone; reads depth and base_width.
+      spec: the backbone's settings; reads depth and base_width.
 
     Returns:
       (256, 512, 1024, 2048) for bottleneck ResNets, (64, 128, 256, 512) otherwise, scaled by
       base_width / 64.
     """
-    expansion = 4 if is_bottleneck(cfg.depth) else 1
-    return tuple(w * expansion for w in stage_widths(cfg))
+    expansion = 4 if is_bottleneck(spec.depth) else 1
+    return tuple(w * expansion for w in stage_widths(spec))
 
 
-def _check(cfg) -> None:
-    if cfg.depth not in BLOCKS:
-        raise ValueError(f"backbone.depth must be one of {sorted(BLOCKS)}, got {cfg.depth}")
-    if cfg.style not in ("pytorch", "caffe"):
-        raise ValueError(f"backbone.style must be 'pytorch' or 'caffe', got {cfg.style!r}")
-    if cfg.get("norm", "frozen_bn") not in NORMS:
-        raise ValueError(f"backbone.norm must be one of {NORMS}, got {cfg.norm!r}")
-    if cfg.get("norm", "frozen_bn") == "gn" and any(w % int(cfg.gn_groups) for w in stage_widths(cfg)):
-        raise ValueError(f"backbone.gn_groups={cfg.gn_groups} must divide every stage width {stage_widths(cfg)}")
-
-
-def _norm_params(channels: int, cfg) -> dict:
-    if cfg.get("norm", "frozen_bn") == "gn":
+def _norm_params(channels: int, spec) -> dict:
+    if spec.norm == "gn":
         return {"weight": nn.init.constant((channels,), 1.0), "bias": nn.init.constant((channels,), 0.0)}
     return nn.init.batch_norm(channels)
 
 
-def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, padding: int = 0,
+def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, spec, stride: int = 1, padding: int = 0,
                masks: ExtentMasks | None = None, out_stride: int = 1, relu: bool = False,
                zero_outside_after: bool = False) -> torch.Tensor:
     """A conv, the norm after it, and optionally a ReLU and the zeroing outside the extent (before a layer
@@ -94,15 +83,15 @@ def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, cfg, stride: int = 1, pa
     retina_fn.nn.fold); GroupNorm runs after the conv, with masks its statistics over each image's extent at
     the output's stride only, fused with the ReLU and the zeroing (retina_fn.nn.masked_group_norm)."""
     if "running_mean" in norm:
-        y = nn.conv_frozen_bn(conv, norm, x, float(cfg.bn_eps), stride=stride, padding=padding)
+        y = nn.conv_frozen_bn(conv, norm, x, float(spec.bn_eps), stride=stride, padding=padding)
         y = nn.relu(y) if relu else y
         return zero_outside(y, masks, out_stride) if zero_outside_after else y
     y = nn.conv2d(conv, x, stride=stride, padding=padding)
     gn_mask = None if masks is None else masks.mask(out_stride, y.shape[-2:])
-    return nn.group_norm(norm, y, int(cfg.gn_groups), mask=gn_mask, relu=relu, zero_outside=zero_outside_after)
+    return nn.group_norm(norm, y, int(spec.gn_groups), mask=gn_mask, relu=relu, zero_outside=zero_outside_after)
 
 
-def init(key: rng.Key, cfg) -> dict:
+def init(key: rng.Key, spec: BackboneSpec) -> dict:
     """Parameters of the ResNet body without its classifier.
 
     torchvision init: He normal fan_out conv weights (no conv biases), BN weight 1 and bias 0 with
@@ -110,25 +99,21 @@ def init(key: rng.Key, cfg) -> dict:
 
     Args:
       key: rng key, int64 [2].
-      cfg: model_cfg.backbone.
+      spec: the backbone's settings.
 
     Returns:
       {'conv1', 'bn1', 'layer1'..'layer4'} in torchvision's names, float32 on the CPU.
-
-    Raises:
-      ValueError: an unknown depth, style or norm, or gn_groups not dividing every stage width.
     """
-    _check(cfg)
-    bottleneck = is_bottleneck(cfg.depth)
+    bottleneck = is_bottleneck(spec.depth)
     keys = iter(rng.split(key, 512))
-    widths = stage_widths(cfg)
-    norm = lambda c: _norm_params(c, cfg)  # noqa: E731
+    widths = stage_widths(spec)
+    norm = lambda c: _norm_params(c, spec)  # noqa: E731
     params: dict = {
         "conv1": nn.init.conv(next(keys), widths[0], 3, 7),
         "bn1": norm(widths[0]),
     }
     c_in = widths[0]
-    for stage, (n_blocks, width) in enumerate(zip(BLOCKS[cfg.depth], widths), start=1):
+    for stage, (n_blocks, width) in enumerate(zip(BLOCKS[spec.depth], widths), start=1):
         c_out = width * (4 if bottleneck else 1)
         blocks = {}
         for i in range(n_blocks):
@@ -156,7 +141,7 @@ def init(key: rng.Key, cfg) -> dict:
     return params
 
 
-def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: ExtentMasks | None,
+def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, spec, masks: ExtentMasks | None,
            in_stride: int) -> torch.Tensor:
     """One residual block; x sits at `in_stride` of the image and the output at in_stride * stride.
     With masks, every input of a 3x3 conv is zeroed outside the image's extent (retina_fn.extent) and
@@ -164,29 +149,29 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, cfg, masks: 
     out_stride = in_stride * stride
     identity = x
     if bottleneck:
-        s1, s2 = (stride, 1) if cfg.style == "caffe" else (1, stride)
-        y = _conv_norm(p["conv1"], p["bn1"], x, cfg, stride=s1, masks=masks, out_stride=in_stride * s1, relu=True,
+        s1, s2 = (stride, 1) if spec.style == "caffe" else (1, stride)
+        y = _conv_norm(p["conv1"], p["bn1"], x, spec, stride=s1, masks=masks, out_stride=in_stride * s1, relu=True,
                        zero_outside_after=True)
-        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, stride=s2, padding=1, masks=masks, out_stride=out_stride,
+        y = _conv_norm(p["conv2"], p["bn2"], y, spec, stride=s2, padding=1, masks=masks, out_stride=out_stride,
                        relu=True)
-        y = _conv_norm(p["conv3"], p["bn3"], y, cfg, masks=masks, out_stride=out_stride)
+        y = _conv_norm(p["conv3"], p["bn3"], y, spec, masks=masks, out_stride=out_stride)
     else:
-        y = _conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), cfg, stride=stride, padding=1,
+        y = _conv_norm(p["conv1"], p["bn1"], zero_outside(x, masks, in_stride), spec, stride=stride, padding=1,
                        masks=masks, out_stride=out_stride, relu=True, zero_outside_after=True)
-        y = _conv_norm(p["conv2"], p["bn2"], y, cfg, padding=1, masks=masks, out_stride=out_stride)
+        y = _conv_norm(p["conv2"], p["bn2"], y, spec, padding=1, masks=masks, out_stride=out_stride)
     if "downsample" in p:
         ds = p["downsample"]
-        identity = _conv_norm(ds["0"], ds["1"], x, cfg, stride=stride, masks=masks, out_stride=out_stride)
+        identity = _conv_norm(ds["0"], ds["1"], x, spec, stride=stride, masks=masks, out_stride=out_stride)
     return nn.relu(y + identity)
 
 
-def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) -> dict[str, torch.Tensor]:
+def apply(params: dict, x: torch.Tensor, spec, masks: ExtentMasks | None = None) -> dict[str, torch.Tensor]:
     """The backbone's feature maps.
 
     Args:
       params: the tree of `init` (or a mapped checkpoint).
       x: float [B, 3, H, W] images, zero outside each image.
-      cfg: model_cfg.backbone.
+      spec: the backbone's settings.
       masks: each image's extent (retina_fn.extent), or None. With masks, every cell inside an
         image's extent equals what the network computes on that image padded alone (the stem's and
         blocks' 3x3 / max-pool inputs are zeroed outside it; GroupNorm statistics stay inside it);
@@ -194,14 +179,13 @@ def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) 
 
     Returns:
       {'C2': float [B, c2, H/4, W/4], 'C3': [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16],
-      'C5': [B, c5, H/32, W/32]} (sizes rounded up; channels from `out_channels(cfg)`).
+      'C5': [B, c5, H/32, W/32]} (sizes rounded up; channels from `out_channels(spec)`).
 
     Raises:
-      ValueError: an invalid cfg (as for `init`).
+
     """
-    _check(cfg)
-    bottleneck = is_bottleneck(cfg.depth)
-    x = _conv_norm(params["conv1"], params["bn1"], x, cfg, stride=2, padding=3, masks=masks, out_stride=2, relu=True,
+    bottleneck = is_bottleneck(spec.depth)
+    x = _conv_norm(params["conv1"], params["bn1"], x, spec, stride=2, padding=3, masks=masks, out_stride=2, relu=True,
                    zero_outside_after=True)
     x = nn.max_pool2d(x, 3, 2, 1)
     feats, at = {}, 4
@@ -209,25 +193,25 @@ def apply(params: dict, x: torch.Tensor, cfg, masks: ExtentMasks | None = None) 
         blocks = params[f"layer{stage}"]
         for i in range(len(blocks)):
             stride = 2 if (i == 0 and stage > 1) else 1
-            x = _block(blocks[str(i)], x, stride, bottleneck, cfg, masks, at)
+            x = _block(blocks[str(i)], x, stride, bottleneck, spec, masks, at)
             at *= stride
         feats[f"C{stage + 1}"] = x
     return feats
 
 
-def frozen_prefixes(cfg) -> tuple[str, ...]:
+def frozen_prefixes(spec: BackboneSpec) -> tuple[str, ...]:
     """Path prefixes (within the backbone) that `frozen_stages` freezes.
 
     The stem for frozen_stages >= 0, then layer1..layerN. mmdetection's frozen_stages=1 freezes the stem
     and layer1.
 
     Args:
-      cfg: model_cfg.backbone; reads frozen_stages (-1: nothing frozen).
+      spec: the backbone's settings; reads frozen_stages (-1: nothing frozen).
 
     Returns:
       ('conv1/', 'bn1/', 'layer1/', ..., 'layerN/'), or () when frozen_stages < 0.
     """
-    n = int(cfg.frozen_stages)
+    n = int(spec.frozen_stages)
     if n < 0:
         return ()
     return ("conv1/", "bn1/") + tuple(f"layer{i}/" for i in range(1, n + 1))

@@ -1,9 +1,9 @@
 """Pure optimisers as (init, update) pairs, weight-decay masks, gradient clipping and lr schedules.
 
-    opt = make_optimizer(cfg.optim)                      # or sgd(...), adamw(...)
-    schedule = make_lr_schedule(cfg.optim, steps_per_epoch, global_batch)
+    opt = make_optimizer(settings.optim)                 # or sgd(...), adamw(...)
+    schedule = make_lr_schedule(settings.optim, steps_per_epoch, global_batch)
     opt_state = opt.init(trainable_params)
-    grads, grad_norm = clip_by_global_norm(grads, cfg.optim.clip_norm)
+    grads, grad_norm = clip_by_global_norm(grads, settings.clip_norm)
     trainable_params, opt_state = opt.update(grads, opt_state, trainable_params, schedule(step))
 
 Only the trainable subtree goes through the optimiser (see `base`).
@@ -15,10 +15,12 @@ from retina_fn.optim.build import make_optimizer
 from retina_fn.optim.clip import clip_by_global_norm
 from retina_fn.optim.masks import decay_predicate, mask_by_path, weight_decay_mask
 from retina_fn.optim.schedules import base_learning_rate, make_lr_schedule, warmup_factor
+from retina_fn.optim.settings import OptimSettings
 from retina_fn.optim.sgd import SGDState, sgd
 
 __all__ = [
     "AdamWState",
+    "OptimSettings",
     "Optimizer",
     "SGDState",
     "adamw",

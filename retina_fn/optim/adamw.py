@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import errors, tree
+from retina_fn import tree
 from retina_fn.optim.base import Optimizer, check_same_paths, first_device, rebuild
 from retina_fn.optim.masks import Mask, resolve_mask
 
@@ -80,11 +80,11 @@ def adamw(
     beta1, beta2 = (float(b) for b in betas)
     for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):
         if not 0.0 <= beta < 1.0:
-            raise errors.ConfigError(f"optim.{name} must be in [0, 1), got {beta}")
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     if eps < 0.0:
-        raise errors.ConfigError(f"optim.eps must be >= 0, got {eps}")
+        raise ValueError(f"eps must be >= 0, got {eps}")
     if weight_decay < 0.0:
-        raise errors.ConfigError(f"optim.weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
     def init(params: tree.Tree) -> AdamWState:
         count = torch.zeros((), dtype=torch.int64, device=first_device(params))

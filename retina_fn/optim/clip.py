@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import errors, tree
+from retina_fn import tree
 from retina_fn.optim.base import rebuild
 
 # clip_grad_norm_ adds this to the norm before dividing, so a zero norm never divides by zero.
@@ -34,6 +34,6 @@ def clip_by_global_norm(grads: tree.Tree, max_norm: float | torch.Tensor | None)
     if max_norm is None:
         return grads, norm
     if not isinstance(max_norm, torch.Tensor) and not max_norm > 0:
-        raise errors.ConfigError(f"optim.clip_norm must be > 0 (or None for no clipping), got {max_norm}")
+        raise ValueError(f"max_norm must be > 0 (or None for no clipping), got {max_norm}")
     factor = torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
     return rebuild(grads, torch._foreach_mul(tree.leaves(grads), factor)), norm

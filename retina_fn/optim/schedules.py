@@ -25,20 +25,20 @@ from typing import Callable
 
 import torch
 
-from retina_fn import errors
+from retina_fn.optim.settings import OptimSettings
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 SCHEDULES = ("step", "cosine")
 
 
-def base_learning_rate(optim_cfg, global_batch: int) -> float:
-    """`optim_cfg.lr` when set, else the linear scaling rule base_lr * global_batch / base_batch.
+def base_learning_rate(optim: OptimSettings, global_batch: int) -> float:
+    """`optim.lr` when set, else the linear scaling rule base_lr * global_batch / base_batch.
 
     mmdetection's 0.01 at 16 images gives 0.00125 for 1 device x 2 images.
 
     Args:
-      optim_cfg: the optim config block (lr, base_lr, base_batch).
+      optim: the optim config block (lr, base_lr, base_batch).
       global_batch: the number of images behind one optimiser update: images per device x devices x
         optim.accum_steps (what retina_fn/engine/trainer.py passes; see the module docstring).
 
@@ -46,38 +46,13 @@ def base_learning_rate(optim_cfg, global_batch: int) -> float:
       float, the base learning rate before warmup and decay.
 
     Raises:
-      ValueError: global_batch < 1, a set lr that is not > 0, or (without lr) base_lr not > 0 or
-        base_batch < 1.
+      ValueError: global_batch < 1.
     """
     if global_batch < 1:
         raise ValueError(f"global batch must be >= 1 image, got {global_batch}")
-    if optim_cfg.lr is not None:
-        if not optim_cfg.lr > 0:
-            raise errors.ConfigError(f"optim.lr must be > 0, got {optim_cfg.lr}")
-        return float(optim_cfg.lr)
-    if not optim_cfg.base_lr > 0:
-        raise errors.ConfigError(f"optim.base_lr must be > 0, got {optim_cfg.base_lr}")
-    if optim_cfg.base_batch < 1:
-        raise errors.ConfigError(f"optim.base_batch must be >= 1, got {optim_cfg.base_batch}")
-    return float(optim_cfg.base_lr) * global_batch / optim_cfg.base_batch
-
-
-def _check_schedule_fields(optim_cfg, steps_per_epoch: int) -> None:
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    if optim_cfg.schedule not in SCHEDULES:
-        raise errors.ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {optim_cfg.schedule!r}")
-    if optim_cfg.warmup_iters < 0:
-        raise errors.ConfigError(f"optim.warmup_iters must be >= 0, got {optim_cfg.warmup_iters}")
-    if not 0.0 <= optim_cfg.warmup_ratio <= 1.0:
-        raise errors.ConfigError(f"optim.warmup_ratio must be in [0, 1], got {optim_cfg.warmup_ratio}")
-    if optim_cfg.epochs < 1:
-        raise errors.ConfigError(f"optim.epochs must be >= 1, got {optim_cfg.epochs}")
-    epochs = tuple(optim_cfg.step_epochs)
-    if any(int(e) != e or e < 0 for e in epochs) or list(epochs) != sorted(epochs):
-        raise errors.ConfigError(f"optim.step_epochs must be increasing non-negative integers, got {epochs}")
-    if not optim_cfg.gamma > 0:
-        raise errors.ConfigError(f"optim.gamma must be > 0, got {optim_cfg.gamma}")
+    if optim.lr is not None:
+        return float(optim.lr)
+    return float(optim.base_lr) * global_batch / optim.base_batch
 
 
 def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) -> torch.Tensor:
@@ -101,11 +76,11 @@ def warmup_factor(step: torch.Tensor, warmup_iters: int, warmup_ratio: float) ->
     return torch.where(step < warmup_iters, factor, torch.ones_like(factor))
 
 
-def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Schedule:
+def make_lr_schedule(optim: OptimSettings, steps_per_epoch: int, global_batch: int) -> Schedule:
     """The learning-rate schedule of the optim config block (see the module docstring).
 
     Args:
-      optim_cfg: the optim config block (lr or base_lr and base_batch, schedule, warmup_iters,
+      optim: the optim config block (lr or base_lr and base_batch, schedule, warmup_iters,
         warmup_ratio, epochs, step_epochs, gamma).
       steps_per_epoch: optimiser updates per epoch (the sampler's global batches; train.performance_steps
         when it cuts epochs short).
@@ -115,17 +90,16 @@ def make_lr_schedule(optim_cfg, steps_per_epoch: int, global_batch: int) -> Sche
       Schedule fn(step) -> lr: step an int64 [] tensor (or an int), lr float32 [] on step's device.
 
     Raises:
-      ValueError: steps_per_epoch < 1 or an invalid field (unknown schedule, negative warmup_iters,
-        warmup_ratio outside [0, 1], epochs < 1, step_epochs not increasing non-negative integers,
-        gamma not > 0), or as `base_learning_rate`.
+      ValueError: steps_per_epoch or global_batch < 1.
     """
-    _check_schedule_fields(optim_cfg, steps_per_epoch)
-    base = base_learning_rate(optim_cfg, global_batch)
-    warmup_iters, warmup_ratio = int(optim_cfg.warmup_iters), float(optim_cfg.warmup_ratio)
-    kind = optim_cfg.schedule
-    step_epochs = tuple(int(e) for e in optim_cfg.step_epochs)
-    gamma = float(optim_cfg.gamma)
-    total_steps = int(optim_cfg.epochs) * steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    base = base_learning_rate(optim, global_batch)
+    warmup_iters, warmup_ratio = int(optim.warmup_iters), float(optim.warmup_ratio)
+    kind = optim.schedule
+    step_epochs = tuple(int(e) for e in optim.step_epochs)
+    gamma = float(optim.gamma)
+    total_steps = int(optim.epochs) * steps_per_epoch
 
     def regular(step: torch.Tensor) -> torch.Tensor:
         if kind == "cosine":

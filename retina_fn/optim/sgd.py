@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import errors, tree
+from retina_fn import tree
 from retina_fn.optim.base import Optimizer, check_same_paths, first_device, rebuild
 from retina_fn.optim.masks import Mask, resolve_mask
 
@@ -80,11 +80,11 @@ def sgd(
         when grads or the momentum state do not have the params' paths.
     """
     if momentum < 0.0:
-        raise errors.ConfigError(f"optim.momentum must be >= 0, got {momentum}")
+        raise ValueError(f"momentum must be >= 0, got {momentum}")
     if weight_decay < 0.0:
-        raise errors.ConfigError(f"optim.weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if nesterov and momentum == 0.0:
-        raise errors.ConfigError("optim.nesterov needs optim.momentum > 0")
+        raise ValueError("nesterov needs momentum > 0")
 
     def init(params: tree.Tree) -> SGDState:
         count = torch.zeros((), dtype=torch.int64, device=first_device(params))

@@ -1,30 +1,33 @@
-"""The RetinaNet train state, train step and eval step that a config names.
+"""The RetinaNet train state, train step and eval step of a spec and the step's settings.
 
-    optimizer = build_optimizer(cfg)                     # once: state and step share it
-    state = init_train_state(cfg, key, optimizer, device=device)
-    train_step = make_train_step(cfg, optimizer, steps_per_epoch=..., global_batch=..., reduce=runtime.reduce_mean)
-    eval_step = make_eval_step(cfg, device=device)       # eval_step(params, batch) -> Detections
+    spec, settings = schema.detector_spec(cfg), schema.step_settings(cfg)   # retina_fn.schema, once at start
+    optimizer = build_optimizer(settings)                 # once: state and step share it
+    state = init_train_state(spec, settings, key, optimizer, device=device)
+    train_step = make_train_step(spec, settings, optimizer, steps_per_epoch=..., global_batch=...)
+    eval_step = make_eval_step(spec, device=device)       # eval_step(params, batch) -> Detections
 
-This is where the config meets the generic engine (retina_fn.train.step) and the detector
+This is where the settings meet the generic engine (retina_fn.train.step) and the detector
 (retina_fn.detector), and where accelerator extras (apex's fused SGD, torch_npu's overflow flag) are taken
-from retina_fn.accel and passed in. train.compile compiles the step (train.compile_scope: all of it, or its
-gradient part); train.cuda_graph puts the train step and the eval step's network forward behind CUDA graphs
-(retina_fn.train.graph), the compiled function when train.compile is on too.
+from retina_fn.accel and passed in. `compile` compiles the step (`compile_scope`: all of it, or its gradient
+part); `cuda_graph` puts the train step and the eval step's network forward behind CUDA graphs
+(retina_fn.train.graph), the compiled function when `compile` is on too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
 import torch
 from torch.torch_version import TorchVersion
 
-from retina_fn import accel, errors, precision, rng, tree
+from retina_fn import accel, precision, rng, tree
 from retina_fn.detector import Detector
 from retina_fn.model import retinanet
-from retina_fn.optim import Optimizer, make_lr_schedule, make_optimizer
+from retina_fn.optim import OptimSettings, Optimizer, make_lr_schedule, make_optimizer
 from retina_fn.postprocess import Detections
+from retina_fn.spec import DetectorSpec
 from retina_fn.train import graph
 from retina_fn.train import step as step_lib
 from retina_fn.train.state import new_train_state
@@ -34,47 +37,75 @@ log = logging.getLogger(__name__)
 COMPILE_SCOPES = ("auto",) + step_lib.COMPILE_SCOPES
 
 
-def canvases(cfg) -> list[tuple[int, int]]:
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """How the train step runs (configs/common.py's optim and train blocks; retina_fn.schema builds them).
+
+    Attributes:
+      optim: the optimiser and its learning-rate schedule.
+      precision: 'fp32' | 'fp16' | 'bf16' (train.opt_level already mapped onto it).
+      loss_scale: the fp16 loss scale.
+      overflow_check: 'isfinite' | 'saturation' | 'npu'.
+      clip_norm: the global-norm clipping threshold, None for none.
+      micro_batches: equal parts each loader batch is split into (memory only).
+      normalizer: 'local' (each replica divides by its own positives) | 'global' (their mean).
+      compile, compile_scope, cuda_graph: torch.compile of the step ('auto' | 'step' | 'gradients'), CUDA graphs.
+    """
+
+    optim: OptimSettings
+    precision: str
+    loss_scale: precision.LossScaleSettings
+    overflow_check: str
+    clip_norm: float | None
+    micro_batches: int
+    normalizer: str
+    compile: bool
+    compile_scope: str
+    cuda_graph: bool
+
+
+def canvases(spec: DetectorSpec) -> list[tuple[int, int]]:
     """The data's fixed canvases (H, W): landscape, then portrait."""
-    return [tuple(cfg.data.landscape_canvas), tuple(cfg.data.portrait_canvas)]
+    return [tuple(spec.input.landscape_canvas), tuple(spec.input.portrait_canvas)]
 
 
-def build_optimizer(cfg) -> Optimizer:
-    """The optimiser of cfg.optim, with apex's fused SGD when optim.backend == 'apex'. Build it once per run
+def build_optimizer(settings: StepSettings) -> Optimizer:
+    """The optimiser of the settings, with apex's fused SGD when optim.backend == 'apex'. Build it once per run
     and hand the same object to `init_train_state` and `make_train_step` (an in-place optimiser keeps its
     buffers inside)."""
-    fused = accel.apex_sgd if cfg.optim.backend == "apex" else None
-    return make_optimizer(cfg.optim, fused_sgd=fused)
+    fused = accel.apex_sgd if settings.optim.backend == "apex" else None
+    return make_optimizer(settings.optim, fused_sgd=fused)
 
 
-def overflow_check(cfg, override: precision.OverflowCheck | str | None = None) -> precision.OverflowCheck:
-    """The overflow check of train.overflow_check ('isfinite' | 'saturation' | 'npu'), or `override`."""
-    kind = override or cfg.train.overflow_check
+def overflow_check(kind: precision.OverflowCheck | str) -> precision.OverflowCheck:
+    """The overflow check called `kind` ('isfinite' | 'saturation' | 'npu', torch_npu's flag), or `kind` itself
+    when it is a callable."""
     if kind == "npu":
         return accel.npu_flag_check()
     return precision.make_overflow_check(kind)
 
 
-def init_train_state(cfg, key: rng.Key, optimizer: Optimizer, params: dict | None = None,
-                     device: torch.device | str = "cpu") -> dict:
+def init_train_state(spec: DetectorSpec, settings: StepSettings, key: rng.Key, optimizer: Optimizer,
+                     params: dict | None = None, device: torch.device | str = "cpu") -> dict:
     """A fresh RetinaNet train state (see retina_fn.train.state).
 
     Args:
-      cfg: the whole config (model, train.loss_scale).
+      spec: the detector's spec.
+      settings: the step's settings (loss_scale).
       key: int64 [2]; split into the model's init key and the run's key.
-      optimizer: from `build_optimizer(cfg)`, the same object the step gets.
+      optimizer: from `build_optimizer`, the same object the step gets.
       params: a full parameter tree (e.g. with a pretrained backbone) replacing the random init.
       device: where everything lives.
 
     Returns:
-      The state dict, parameters float32 on `device`, split into trainable and frozen by the model config.
+      The state dict, parameters float32 on `device`, split into trainable and frozen by the spec.
     """
     k_model, k_run = rng.split(key)
     if params is None:
-        params = retinanet.init(k_model, cfg.model)
+        params = retinanet.init(k_model, spec)
     params = tree.cast(params, torch.float32, device)
-    trainable, frozen = retinanet.split_trainable(params, cfg.model)
-    return new_train_state(trainable, frozen, optimizer, k_run, cfg.train.loss_scale, device)
+    trainable, frozen = retinanet.split_trainable(params, spec)
+    return new_train_state(trainable, frozen, optimizer, k_run, settings.loss_scale, device)
 
 
 def resolve_compile_scope(scope: str, device_type: str, torch_version: str = torch.__version__) -> str:
@@ -97,28 +128,29 @@ def resolve_compile_scope(scope: str, device_type: str, torch_version: str = tor
       ValueError: an unknown scope.
     """
     if scope not in COMPILE_SCOPES:
-        raise errors.ConfigError(f"train.compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+        raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     if scope != "auto":
         return scope
     return "gradients" if device_type == "cuda" and TorchVersion(torch_version) < (2, 13) else "step"
 
 
-def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_batch: int,
-                    reduce: step_lib.Reduce | None = None, device: torch.device | str = "cpu",
+def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optimizer, *, steps_per_epoch: int,
+                    global_batch: int, reduce: step_lib.Reduce | None = None, device: torch.device | str = "cpu",
                     overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
-    """The RetinaNet train step of a config: `train_step(state, batches) -> (new_state, metrics)`.
+    """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)`.
 
     Args:
-      cfg: the whole config (model, optim, train, dist, data canvases).
+      spec: the detector's spec (its canvases' anchors are computed up front).
+      settings: the step's settings.
       optimizer: the one `init_train_state` used.
       steps_per_epoch: optimiser steps per epoch; global_batch: images per optimiser step over all replicas
         and accumulated loader batches (images_per_device x world_size x optim.accum_steps); together they
         fix the schedule and the linearly scaled lr.
-      reduce: a mean over replicas of a tree (gradients, metrics and, for dist.normalizer 'global', the
-        loss normaliser); the distribution layer binds it; None for one process.
+      reduce: a mean over replicas of a tree (gradients, metrics and, for the 'global' normaliser, the loss
+        normaliser); the distribution layer binds it; None for one process.
       device: where the anchors live and which autocast applies.
-      overflow_check_override: replaces train.overflow_check (a callable or a name).
-      graph_capture: with train.cuda_graph, record with this instead of CUDA graphs (tests pass an eager
+      overflow_check_override: replaces settings.overflow_check (a callable or a name).
+      graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests pass an eager
         stand-in; see retina_fn.train.graph.Capture).
 
     Returns:
@@ -131,29 +163,28 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
       returns is its static buffers and its metrics are overwritten by the next call (see that module);
       elsewhere it logs why and runs eagerly.
     """
-    prec = precision.precision_from_config(cfg.train)
     device_type = torch.device(device).type
-    compile_scope = resolve_compile_scope(cfg.train.compile_scope, device_type)
-    if cfg.train.compile:
+    compile_scope = resolve_compile_scope(settings.compile_scope, device_type)
+    if settings.compile:
         log.info("train.compile: compiling the %s (train.compile_scope=%r, torch %s on %s)",
                  "whole step" if compile_scope == "step" else "gradient part of the step (the update runs eagerly)",
-                 cfg.train.compile_scope, torch.__version__, device_type)
+                 settings.compile_scope, torch.__version__, device_type)
     train_step = step_lib.make_train_step(
-        Detector(cfg.model, canvases(cfg), device),
+        Detector(spec, canvases(spec), device),
         optimizer,
-        make_lr_schedule(cfg.optim, steps_per_epoch, global_batch),
-        precision=prec,
-        loss_scale_cfg=cfg.train.loss_scale,
-        overflow_check=overflow_check(cfg, overflow_check_override),
-        micro_batches=int(cfg.optim.micro_batches),
-        clip_norm=cfg.optim.clip_norm,
+        make_lr_schedule(settings.optim, steps_per_epoch, global_batch),
+        precision=precision.precision_from_name(settings.precision),
+        loss_scale=settings.loss_scale,
+        overflow_check=overflow_check(overflow_check_override or settings.overflow_check),
+        micro_batches=settings.micro_batches,
+        clip_norm=settings.clip_norm,
         reduce=reduce,
-        reduce_normalizer=cfg.dist.normalizer == "global",
+        reduce_normalizer=settings.normalizer == "global",
         device_type=device_type,
-        compile_fn=torch.compile if cfg.train.compile else None,
+        compile_fn=torch.compile if settings.compile else None,
         compile_scope=compile_scope,
     )
-    if not cfg.train.cuda_graph:
+    if not settings.cuda_graph:
         return train_step
     if optimizer.inplace:
         log.warning("train.cuda_graph: the train step runs without CUDA graphs: optim.backend='apex' updates in "
@@ -165,21 +196,27 @@ def make_train_step(cfg, optimizer: Optimizer, *, steps_per_epoch: int, global_b
                     "all-reduce is not captured); the eval forward still is")
         return train_step
     return graph.graph_or_eager(train_step, device, what="the train step", updates_state=True,
-                                lift_constants=not cfg.train.compile, capture=graph_capture)
+                                lift_constants=not settings.compile, capture=graph_capture)
 
 
-def make_eval_step(cfg, device: torch.device | str = "cpu", graph_capture: graph.Capture | None = None
+def make_eval_step(spec: DetectorSpec, device: torch.device | str = "cpu", *, precision_name: str = "fp32",
+                   cuda_graph: bool = False, graph_capture: graph.Capture | None = None
                    ) -> Callable[[dict, dict], Detections]:
-    """`eval_step(params, batch) -> Detections` ([B, model.test.max_per_img], boxes in original-image
-    pixels when the batch has scale_factor) at the configured precision, from the full parameter tree and a
-    batch with image [B, 3, H, W], image_hw [B, 2] and scale_factor [B, 2].
+    """`eval_step(params, batch) -> Detections` ([B, spec.test.max_per_img], boxes in original-image pixels when
+    the batch has scale_factor) from the full parameter tree and a batch with image [B, 3, H, W], image_hw
+    [B, 2] and scale_factor [B, 2].
 
-    With train.cuda_graph the network's forward runs as a CUDA graph per canvas (its parameters copied into
-    the graph's buffers on each call) and post-processing, which reads values on the host (NMS), runs
-    eagerly on its outputs; the detections equal `Detector.predict`'s. graph_capture: as make_train_step's.
+    Args:
+      spec: the detector's spec.
+      device: where the anchors live and which autocast applies.
+      precision_name: the forward's precision ('fp32' | 'fp16' | 'bf16'; a training run evaluates at its own).
+      cuda_graph: run the network's forward as a CUDA graph per canvas (its parameters copied into the graph's
+        buffers on each call); post-processing, which reads values on the host (NMS), runs eagerly on its
+        outputs; the detections equal `Detector.predict`'s.
+      graph_capture: as make_train_step's.
     """
-    prec = precision.precision_from_config(cfg.train)
-    detector = Detector(cfg.model, canvases(cfg), device)
+    prec = precision.precision_from_name(precision_name)
+    detector = Detector(spec, canvases(spec), device)
     device_type = torch.device(device).type
 
     @torch.no_grad()
@@ -187,7 +224,7 @@ def make_eval_step(cfg, device: torch.device | str = "cpu", graph_capture: graph
         with precision.autocast(prec, device_type):
             return detector.predict(params, batch)
 
-    if not cfg.train.cuda_graph:
+    if not cuda_graph:
         return eval_step
 
     @torch.no_grad()

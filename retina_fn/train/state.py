@@ -19,7 +19,7 @@ from retina_fn import precision, rng, tree
 from retina_fn.optim import Optimizer
 
 
-def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rng.Key, loss_scale_cfg,
+def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rng.Key, loss_scale,
                     device: torch.device | str = "cpu") -> dict:
     """A fresh state around given parameters (any model).
 
@@ -27,7 +27,7 @@ def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rn
       trainable: the tree the optimiser updates; frozen: the rest of the model's tree ({} for none).
       optimizer: its `init` builds state['opt'] (an in-place optimiser takes ownership of `trainable`).
       key: int64 [2], stored as state['rng'].
-      loss_scale_cfg: train.loss_scale (init, growth_interval, factor, dynamic).
+      loss_scale: precision.LossScaleSettings (init, growth_interval, factor, dynamic).
       device: where the counters live (the parameters stay where they are).
 
     Returns:
@@ -39,7 +39,7 @@ def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rn
         "opt": optimizer.init(trainable),
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "rng": key.to(device),
-        "loss_scale": precision.init_loss_scale(loss_scale_cfg, device),
+        "loss_scale": precision.init_loss_scale(loss_scale, device),
         "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
     }
 

@@ -112,7 +112,7 @@ def make_train_step(
     schedule: Callable[[torch.Tensor], torch.Tensor],
     *,
     precision: precision_lib.Precision = precision_lib.precision_from_name("fp32"),
-    loss_scale_cfg=None,
+    loss_scale: precision_lib.LossScaleSettings | None = None,
     overflow_check: precision_lib.OverflowCheck = precision_lib.all_finite,
     micro_batches: int = 1,
     clip_norm: float | None = None,
@@ -129,7 +129,7 @@ def make_train_step(
       optimizer: the Optimizer whose `init` made state['opt'] (build it once and share it).
       schedule: step int64 [] -> learning rate float32 [].
       precision: autocast dtype and whether the loss is scaled (retina_fn.precision).
-      loss_scale_cfg: train.loss_scale (dynamic, factor, growth_interval); needed when precision scales.
+      loss_scale: the loss scale's settings (dynamic, factor, growth_interval); needed when precision scales.
       overflow_check: check(grads, scale) -> bool []; e.g. precision.all_finite, precision.not_saturated or
         an accelerator's (retina_fn.accel.npu_flag_check()).
       micro_batches: equal parts each loader batch is split into (memory only: the same update).
@@ -154,8 +154,8 @@ def make_train_step(
     """
     # The step is a closure over its settings (as a jax.jit'd function over static arguments); its pieces
     # (scaled_loss, update, gradients, train_step) share them, which is why this builder is longer than most.
-    if precision.loss_scaling and loss_scale_cfg is None:
-        raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale_cfg (train.loss_scale)")
+    if precision.loss_scaling and loss_scale is None:
+        raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale (train.loss_scale)")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
     if reduce is None:  # one replica: the mean over replicas is the tree itself
@@ -188,7 +188,7 @@ def make_train_step(
             params, opt_state = precision_lib.select_tree(finite, (new_params, new_opt),
                                                           (state["params"], state["opt"]))
         if precision.loss_scaling:
-            scale = precision_lib.update_loss_scale(scale, finite, loss_scale_cfg)
+            scale = precision_lib.update_loss_scale(scale, finite, loss_scale)
         return params, opt_state, scale, finite, grad_norm, lr
 
     def gradients(state: dict, batches) -> tuple[tree.Tree, dict, torch.Tensor]:

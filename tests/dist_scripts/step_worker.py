@@ -21,7 +21,7 @@ import torch
 from retina_fn import parallel, rng, tree
 from retina_fn.train import build_optimizer, init_train_state, make_train_step
 from tests.dist_scripts.common import make_dist_cfg
-from tests.model_fixtures import synthetic_batch, tiny_config
+from tests.model_fixtures import settings_of, spec_of, synthetic_batch, tiny_config
 
 DEFAULT_BOXES = (0, 2, 5, 1)
 
@@ -69,10 +69,10 @@ def main(args: argparse.Namespace) -> None:
     if global_batch % runtime.world_size:
         raise ValueError(f"{global_batch} images cannot be shared by {runtime.world_size} processes")
     per_rank = global_batch // runtime.world_size
-    optimizer = build_optimizer(cfg)
-    state = runtime.broadcast_tree(init_train_state(cfg, rng.key(0), optimizer))
+    optimizer = build_optimizer(settings_of(cfg))
+    state = runtime.broadcast_tree(init_train_state(spec_of(cfg), settings_of(cfg), rng.key(0), optimizer))
     runtime.verify_same(state["params"])
-    step = make_train_step(cfg, optimizer, steps_per_epoch=100, global_batch=global_batch,
+    step = make_train_step(spec_of(cfg), settings_of(cfg), optimizer, steps_per_epoch=100, global_batch=global_batch,
                            reduce=runtime.reduce_mean)
     for i in range(args.steps):
         full = synthetic_batch(num_boxes=args.boxes, seed=i)
