@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configs.common import model_config
-from retina_fn.assign import assign
+from retina_fn.assign import _first_index_of_max, _last_true_index, assign
 
 
 def assigner_cfg(**overrides):
@@ -321,3 +321,23 @@ def test_matches_reference_on_random_boxes(overrides, seed):
     # the random problems do exercise every outcome
     ignored = ~out.positive & ~out.negative & torch.tensor(anchor_valid)
     assert out.positive.any() and out.negative.any() and ignored.any()
+
+
+def test_first_index_of_max_is_torch_max_index_and_last_true_index_the_highest():
+    """The index-free reductions that `assign` uses under torch.compile, in eager: ties go to the lowest
+    index as torch.max gives them; on both sides of 16384 columns, where the index dtype widens to int32."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (3, 50, 21), generator=gen).float() / 4  # many exact ties
+    values[0] = -1.0  # a whole image of excluded anchors: every column ties
+    assert torch.equal(_first_index_of_max(values, values.amax(dim=-1)), values.max(dim=-1).indices)
+    mask = values == 0.5
+    expected = [[max((j for j, m in enumerate(row) if m), default=0) for row in image] for image in mask.tolist()]
+    assert _last_true_index(mask).tolist() == expected
+    for g in (16384, 16385):
+        row = torch.zeros(3, g)
+        row[0, [3, g - 1]] = 1.0  # tie: the first wins
+        row[1, g - 1] = 1.0
+        row[2, :] = 0.25  # all tied
+        assert _first_index_of_max(row, row.amax(dim=-1)).tolist() == [3, g - 1, 0]
+        assert _last_true_index(row == 1.0).tolist() == [g - 1, g - 1, 0]
+
