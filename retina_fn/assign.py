@@ -92,10 +92,27 @@ def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_vali
     return iof.amax(dim=-1) > iof_thr
 
 
+def _index_dtype(size: int) -> torch.dtype:
+    """The dtype of the [..., G] index tensors below, whose values reach 2 * size - 1: int16 where that fits
+    (half a float32 [B, A, G] tensor), else int32."""
+    return torch.int16 if 2 * size - 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _first_index_of_max(values: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
+    """int64 [...]: the lowest index along the last dim of float [..., G] `values` that is not below
+    float [...] `maxima`, their amax: the first maximum (0 in a row with a NaN, whose amax is NaN)."""
+    g = values.shape[-1]
+    index = torch.arange(g, dtype=_index_dtype(g), device=values.device)
+    # entries below the maximum count g past their index, so the least of the row is the first maximum
+    return torch.add(index, values < maxima[..., None], alpha=g).amin(dim=-1).long()
+
+
 def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last True along the last dim of a bool [..., G] mask (0 where there is none)."""
+    """int64 [...]: the index of the last True along the last dim of bool [..., G] `mask` (0 where there is
+    none)."""
     g = mask.shape[-1]
-    return (g - 1) - torch.argmax(mask.flip(-1).to(torch.uint8), dim=-1)
+    index = torch.arange(g, dtype=_index_dtype(g), device=mask.device)
+    return (index * mask).amax(dim=-1).long()
 
 
 def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
@@ -131,7 +148,15 @@ def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Te
 
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]; without gt every IoU above is -1
     if num_gt > 0:
-        max_iou, argmax = iou.max(dim=2)  # torch.max returns the first index among ties
+        if torch.compiler.is_compiling():
+            # amax and an integer min instead of torch.max's indices: torch 2.11's CPU inductor returns the
+            # wrong indices from a max / argmax over gts vectorised across anchors (pytorch#178964), and its
+            # argmax / argmin have had other wrong-index bugs (pytorch#183082). Eager keeps torch.max: one
+            # pass over the IoU where this form takes four (about 10% of an eager assignment on a CPU).
+            max_iou = iou.amax(dim=2)
+            argmax = _first_index_of_max(iou, max_iou)
+        else:
+            max_iou, argmax = iou.max(dim=2)  # torch.max returns the first index among ties
     else:
         max_iou = torch.full(anchor_valid.shape, -1.0, device=iou.device)
         argmax = torch.zeros(anchor_valid.shape, dtype=torch.int64, device=iou.device)

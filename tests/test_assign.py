@@ -1,5 +1,6 @@
 """retina_fn.assign: hand-computed cases, and a per-image, per-gt loop over exact fractions written from
-mmdetection 2.9.0's MaxIoUAssigner description (and torchvision's Matcher) compared on random boxes."""
+mmdetection 2.9.0's MaxIoUAssigner description (and torchvision's Matcher) compared on random boxes, eager and
+compiled by torch.compile."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from configs.common import base_config
+from retina_fn.assign import _first_index_of_max, _last_true_index, assign, crowd_ignored
+from retina_fn.boxes import pairwise_iou
 from tests.model_fixtures import spec_of
-from retina_fn.assign import assign
 
 
 def assigner_cfg(**overrides):
@@ -319,3 +321,69 @@ def test_matches_reference_on_random_boxes(overrides, seed):
     # the random problems do exercise every outcome
     ignored = ~out.positive & ~out.negative & torch.tensor(anchor_valid)
     assert out.positive.any() and out.negative.any() and ignored.any()
+
+
+def test_first_index_of_max_is_torch_max_index_and_last_true_index_the_highest():
+    """The index-free reductions that `assign` uses under torch.compile, in eager: ties go to the lowest
+    index as torch.max gives them; on both sides of 16384 columns, where the index dtype widens to int32."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (3, 50, 21), generator=gen).float() / 4  # many exact ties
+    values[0] = -1.0  # a whole image of excluded anchors: every column ties
+    assert torch.equal(_first_index_of_max(values, values.amax(dim=-1)), values.max(dim=-1).indices)
+    mask = values == 0.5
+    expected = [[max((j for j, m in enumerate(row) if m), default=0) for row in image] for image in mask.tolist()]
+    assert _last_true_index(mask).tolist() == expected
+    for g in (16384, 16385):
+        row = torch.zeros(3, g)
+        row[0, [3, g - 1]] = 1.0  # tie: the first wins
+        row[1, g - 1] = 1.0
+        row[2, :] = 0.25  # all tied
+        assert _first_index_of_max(row, row.amax(dim=-1)).tolist() == [3, g - 1, 0]
+        assert _last_true_index(row == 1.0).tolist() == [g - 1, g - 1, 0]
+
+
+# ----------------------------------------------------------------------------- compiled
+
+# (anchors, gt rows, valid gt rows per image, config). With at least 8 gt rows and hundreds of anchors, CPU
+# inductor vectorises the per-anchor reduction over gts across anchors; torch 2.11's kernel for that returns the
+# right maxima with the wrong indices from max / argmax (pytorch#178964): compiling `iou.max(dim=2)` does so in
+# the first and last case. 21 and 33 rows leave a vector tail.
+COMPILED_CASES = [
+    (600, 8, [0, 1, 5, 8], dict()),
+    (600, 21, [0, 3, 13, 21], dict(ignore_iof_thr=0.5, low_quality="torchvision")),
+    (600, 33, [0, 2, 17, 33], dict(match_low_quality=False)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_anchors,max_gt,num_valid,overrides", COMPILED_CASES,
+                         ids=[f"gt{case[1]}" for case in COMPILED_CASES])
+def test_compiled_assignment_matches_eager_and_the_reference(num_anchors, max_gt, num_valid, overrides):
+    """torch.compile (CPU inductor) of `assign` on duplicate anchors and gts (exact ties), invalid anchors,
+    padding rows, an image without gt and crowd regions: every field equals eager, and both equal the
+    exact-fraction reference."""
+    cfg = assigner_cfg(**overrides)
+    problem = random_problem(4, num_valid=num_valid, num_anchors=num_anchors, max_gt=max_gt)
+    anchors, anchor_valid, gts, gt_valid, ignores, ignore_valid = problem
+    args = (torch.tensor(anchors, dtype=torch.float32), torch.tensor(anchor_valid),
+            torch.tensor(gts, dtype=torch.float32), torch.tensor(gt_valid), cfg)
+    kwargs = dict(ignore_boxes=torch.tensor(ignores, dtype=torch.float32), ignore_valid=torch.tensor(ignore_valid))
+    eager = assign(*args, **kwargs)
+    torch._dynamo.reset()
+    compiled = torch.compile(assign, fullgraph=True)(*args, **kwargs)
+    for field in ("positive", "negative", "matched", "max_iou"):
+        got, want = getattr(compiled, field), getattr(eager, field)
+        assert torch.equal(got, want), f"{field}: {int((got != want).sum())} of {want.numel()} differ"
+    codes = torch.tensor(reference_assign(*problem[:4], cfg, ignores, ignore_valid))
+    assert torch.equal(compiled.positive, codes > 0)
+    assert torch.equal(compiled.negative, codes == 0)
+    assert torch.equal(compiled.matched, (codes - 1).clamp(min=0))
+    # the problem holds what the test is about: positives matched past gt row 0, positives whose best IoU is
+    # shared by several gts and, with a crowd threshold, valid anchors that a crowd region takes out
+    assert (compiled.matched[compiled.positive] > 0).sum() > 10
+    iou = pairwise_iou(args[0], args[2]).masked_fill(~args[3][:, None, :], -1.0)
+    tied = ((iou == compiled.max_iou[..., None]).sum(dim=-1) > 1) & compiled.positive
+    assert tied.sum() > 10
+    if cfg.ignore_iof_thr > 0:
+        crowd = crowd_ignored(args[0], kwargs["ignore_boxes"], kwargs["ignore_valid"], cfg.ignore_iof_thr)
+        assert (crowd & args[1])[torch.tensor(num_valid) > 0].any()
