@@ -193,7 +193,7 @@ def test_loss_and_gradient_compile_as_one_graph_and_match_eager():
     torch._dynamo.reset()
     # aot_eager: Dynamo's one graph and AOTAutograd's joint forward-backward trace, which is what this claims;
     # inductor's kernels for the same loss and gradient are checked by
-    # tests/test_benchmark.py::test_compiled_train_step_matches_eager (the whole step, a few minutes of compiling).
+    # tests/test_compile.py::test_compiled_train_step_matches_eager (the whole step, a few minutes of compiling).
     grads_c, (loss_c, metrics_c) = torch.compile(loss_and_grad, fullgraph=True, backend="aot_eager")(*args)
     grads_e, (loss_e, metrics_e) = loss_and_grad(*args)
     assert float(metrics_e["num_pos"]) > 0
