@@ -10,7 +10,7 @@
 #   bash scripts/gpu_benchmark.sh OUT [--skip-compiled | --only-compiled | --rows eager,cuda_graph,...]
 #        [--compile-cap=S] [--budget=S] [--dry-run]
 # --rows takes row names (both modes) or MODE:NAME; --compile-cap bounds each compiled row (default 200 s; 0
-# skips them); --budget the whole call (default 540 s, 300 s with --only-compiled; 0 runs nothing): no row starts
+# skips them); --budget the whole call (default 540 s, 240 s with --only-compiled; 0 runs nothing): no row starts
 # after it and none runs past it. --dry-run: the same rows on the CPU at 128x128, batch 2, fp32, one timed call
 # (plumbing only; compile cap 30 s). PYTHON picks the interpreter (default python3); ml_collections and optree,
 # when missing, are installed from the wheels in .whl/.
@@ -44,7 +44,8 @@ if ! "$python" -c "import ml_collections, optree" 2>/dev/null; then
   if ! compgen -G ".whl/*.whl" >/dev/null; then
     echo "error: gpu_benchmark.sh: $python lacks ml_collections or optree and .whl/ holds no wheels" >&2; exit 2
   fi
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/retina_fn_site .whl/*.whl
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/retina_fn_site .whl/*.whl
   export PYTHONPATH=/tmp/retina_fn_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -59,13 +60,15 @@ if ((dry)); then
   default_cap=30 default_budget=7200 row_cap=1800
 else
   common+=(--canvas 800x1344 --batch 16 --precision bf16 --device cuda --iters 10 --warmup 3)
-  default_cap=200 default_budget=$((compiled_only ? 300 : 540)) row_cap=150
+  default_cap=200 default_budget=$((compiled_only ? 240 : 540)) row_cap=150
 fi
 [[ $cap == - ]] && cap=$default_cap
 [[ $budget == - ]] && budget=$default_budget
 tv=1
 "$python" -c "import torchvision" 2>/dev/null || tv=0
 report() { "$python" experiments/benchmark/suite.py "$out" "$@"; }
+row_pid=""
+trap '[[ -n $row_pid ]] && kill -- "-$row_pid" 2>/dev/null; exit 143' TERM INT HUP  # the row's process group too
 report start --dry-run="$dry" --budget="$budget" --compile-cap="$cap" -- "${common[@]}"
 index=0
 
@@ -88,9 +91,14 @@ row() {
   else
     echo "== [${SECONDS} s] $mode $name (limit ${limit} s): ${common[*]} --mode $mode $*"
     local started=$SECONDS
+    # in the background, so that a TERM to this script reaches the trap at once; timeout leads its own group
     timeout -k 10 "$limit" "$python" -m experiments.benchmark "${common[@]}" --mode "$mode" "$@" \
-      --json "$out/rows/$id.json" 2>&1 | tee "$out/rows/$id.log"
-    rc=${PIPESTATUS[0]}
+      --json "$out/rows/$id.json" >"$out/rows/$id.log" 2>&1 &
+    row_pid=$!
+    wait "$row_pid"
+    rc=$?
+    row_pid=""
+    cat "$out/rows/$id.log"
     case $rc in
       0) status=ok ;;
       124 | 137) status=timeout note="stopped at its limit of ${limit} s" ;;

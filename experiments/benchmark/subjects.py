@@ -54,7 +54,8 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 
     def check(steps):
         start = init_train_state(cfg, rng.key(seed), optimizer, device=device) if optimizer.inplace else initial
-        return parity.compare_train(step, build(_eager(cfg)), start, batch, rng.key(seed), steps, parity.tolerance(cfg))
+        return parity.compare_train(step, build(_eager(cfg)), start, batch, rng.key(seed), steps,
+                                    parity.tolerance(cfg))
 
     return Subject(name, call, flops, check if cfg.train.compile or cfg.train.cuda_graph else None)
 

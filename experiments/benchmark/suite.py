@@ -27,25 +27,17 @@ def _read(path: str):
         return json.load(f)
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str) -> None:  # atomic: a reader never sees half a file
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
 def row_entry(record: dict, result: dict | None) -> dict:
-    """One row of the report: its record and, when it ran, the timed subject's measurement.
-
-    Args:
-      record: {'id', 'mode', 'name', 'compiled', 'status', 'note', 'flags'} as the script wrote it.
-      result: the row's benchmark JSON (experiments.benchmark.run's result), or None.
-
-    Returns:
-      The record with 'result' (the subject's entry: 'torchvision' for the torchvision row, else 'ours'),
-      'flops_per_image', 'paired_vs_torchvision' (ours / torchvision in the same process), 'check',
-      'profile', 'machine', 'torchvision_version'; status 'WRONG' when its eager check failed, 'error' when
-      it exited cleanly without writing its JSON.
-    """
+    """One row of the report: the script's record ('id', 'mode', 'name', 'compiled', 'status', 'note', 'flags')
+    with, when it ran, the timed subject's entry of its benchmark JSON as 'result' (torchvision's in the
+    torchvision row), 'flops_per_image', 'check', 'profile', 'machine', 'paired_vs_torchvision'; status WRONG
+    when its eager check failed, error when it exited cleanly without a JSON."""
     row = dict(record)
     if record["status"] != "ok":
         return row
