@@ -21,8 +21,8 @@ if _WORKERS > 1:
 # --no-loadscope-reorder), so starting with these keeps one worker from finishing long after the other.
 # Only the order across files changes; a file's own tests keep theirs.
 SLOW_FILES = (
-    "test_benchmark.py", "test_golden_torchvision.py", "test_export.py", "test_scripts.py", "test_experiment.py",
-    "test_elastic.py", "test_recipe_1x.py", "test_dist_train.py", "test_resume_world_size.py",
+    "test_benchmark_suite.py", "test_compile.py", "test_golden_torchvision.py", "test_export.py", "test_scripts.py",
+    "test_experiment.py", "test_elastic.py", "test_recipe_1x.py", "test_dist_train.py", "test_resume_world_size.py",
     "test_canvas_exact.py", "test_kill_resume.py", "test_interop.py", "test_dist_faults.py",
 )
 

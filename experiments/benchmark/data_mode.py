@@ -9,26 +9,9 @@ from experiments.benchmark.options import Options
 from retina_fn import rng
 
 
-def _dataset_files_present(data_cfg) -> bool:
-    if data_cfg.dataset != "coco" or not data_cfg.root:
-        return False
-    return os.path.isfile(os.path.join(data_cfg.root, data_cfg.train_ann))
-
-
-def _recorded(batches, seen: list):
-    """`batches`, each one's (ground-truth rows G, image dtype, MB per canvas) appended to `seen`."""
-    for batch in batches:
-        image = batch["image"]
-        seen.append((int(batch["box_valid"].shape[1]), str(image.dtype).replace("torch.", ""),
-                     image[0].numel() * image.element_size() / 1e6))
-        yield batch
-
-
 def measure_data(cfg, opts: Options, batch_size: int) -> dict:
-    """Times the config's training loader (retina_fn.data.throughput.measure).
-
-    Synthetic JPEGs (about canvas-sized, in a temporary directory) stand in for a dataset whose files are
-    absent, including data.dataset == 'synthetic'.
+    """Times the config's training loader (retina_fn.data.throughput.measure); synthetic JPEGs (of about the
+    canvas's size, in a temporary directory) stand in for a dataset whose files are absent.
 
     Args:
       cfg: the whole config; its data block is edited in place to point at the stand-in files.
@@ -37,39 +20,36 @@ def measure_data(cfg, opts: Options, batch_size: int) -> dict:
 
     Returns:
       throughput.measure's figures plus 'source' (which files), 'workers' (data.workers resolved),
-      'images_per_s_per_worker' (images/s over max(workers, 1)), 'image_dtype' and 'canvas_mb' (what one
-      canvas ships: float32 normalised or uint8 with data.uint8_canvas), 'gt_rows' (the ground-truth rows G
-      of each batch drawn: data.max_boxes, or its bucket with data.box_buckets), 'steps_per_epoch', 'scale' and
-      'canvases'.
+      'image_dtype' and 'canvas_mb' (what one canvas ships: float32, or uint8 with data.uint8_canvas), 'gt_rows'
+      (each batch's padded ground-truth count: data.max_boxes or its data.box_buckets bucket), 'scale'.
     """
     from retina_fn.data import coco, loader as data_loader, synthetic, throughput
 
-    needed = (opts.warmup + opts.iters) * batch_size
     with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:
         source = "configured dataset"
-        if not _dataset_files_present(cfg.data):
-            size = opts.image_size or (max(cfg.data.landscape_canvas) if opts.canvas is None else max(opts.canvas))
-            # Twice the images needed: the group sampler drops incomplete per-aspect batches.
-            count = 2 * needed + 2 * batch_size
+        if cfg.data.dataset != "coco" or not os.path.isfile(os.path.join(cfg.data.root or "", cfg.data.train_ann)):
+            size = opts.image_size or max(cfg.data.landscape_canvas)
+            count = 2 * (opts.warmup + opts.iters + 1) * batch_size  # the sampler drops incomplete aspect batches
             synthetic.generate_synthetic(tmp, count, 1, opts.seed, image_size=int(size), num_classes=5)
-            cfg.data.root = tmp
-            cfg.data.train_ann = "annotations/instances_train.json"
-            cfg.data.train_images = "train"
-            cfg.data.filter_empty_gt = False
-            cfg.data.min_size = 0
+            cfg.data.update(root=tmp, train_ann="annotations/instances_train.json", train_images="train",
+                            filter_empty_gt=False, min_size=0)
             source = f"{count} synthetic JPEGs of about {size} px"
         if opts.canvas is not None:
             cfg.data.scale = (max(opts.canvas), min(opts.canvas))
-        train_set = coco.load_split(cfg.data, "train")
-        loader = data_loader.make_train_loader(cfg.data, train_set, rank=0, world_size=1, key=rng.key(opts.seed))
-        seen: list[tuple[int, str, float]] = []
-        result = throughput.measure(_recorded(loader, seen), num_batches=opts.iters, warmup=opts.warmup)
-        steps_per_epoch = loader.steps_per_epoch
+        loader = data_loader.make_train_loader(cfg.data, coco.load_split(cfg.data, "train"), rank=0, world_size=1,
+                                               key=rng.key(opts.seed))
+        gt_rows, last = [], {}
+
+        def recorded():
+            for batch in loader:
+                gt_rows.append(int(batch["box_valid"].shape[1]))
+                last["image"] = batch["image"][0]
+                yield batch
+
+        result = throughput.measure(recorded(), num_batches=opts.iters, warmup=opts.warmup)
+        image = last["image"]
+        result.update(source=source, workers=data_loader.resolve_workers(cfg.data.workers), gt_rows=gt_rows,
+                      image_dtype=str(image.dtype).replace("torch.", ""),
+                      canvas_mb=image.numel() * image.element_size() / 1e6, scale=tuple(cfg.data.scale))
         del loader  # stops its workers before their files go
-        workers = data_loader.resolve_workers(cfg.data.workers)
-        result.update(source=source, workers=workers, images_per_s_per_worker=result["images_per_s"] / max(workers, 1),
-                      image_dtype=seen[-1][1], canvas_mb=seen[-1][2], gt_rows=[g for g, _, _ in seen],
-                      steps_per_epoch=steps_per_epoch,
-                      scale=tuple(cfg.data.scale), canvases=[tuple(cfg.data.landscape_canvas),
-                                                            tuple(cfg.data.portrait_canvas)])
     return result

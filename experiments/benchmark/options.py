@@ -1,110 +1,101 @@
-"""What one benchmark run measures and how: the Options record, its checks, and the options that are config fields."""
+"""What one benchmark run measures: the Options record, its checks, the options that are config fields, and the
+named variants (config overrides timed beside the default)."""
 
 from __future__ import annotations
 
-from typing import Callable, Collection, NamedTuple
+from typing import Callable, NamedTuple
 
+from configs import common
 from retina_fn import errors
 
 MODES = ("train", "infer", "data")
 COMPARISONS = ("none", "torchvision")
 
+# name -> (what it changes, dotted config path -> value); each is the same product with other config values
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "eager": ("nothing compiled or captured", {"train.compile": False, "train.cuda_graph": False}),
+    "compile_step": ("the step compiled (train.compile)", {"train.compile": True}),
+    "cuda_graph": ("the train step / eval forward as CUDA graphs (train.cuda_graph)", {"train.cuda_graph": True}),
+    "nchw": ("contiguous NCHW activations", {"model.backbone.channels_last": False}),
+    "channels_last": ("channels_last activations", {"model.backbone.channels_last": True}),
+    "all_trainable": ("stem and layer1 trainable too", {"model.backbone.frozen_stages": -1}),
+    "not_canvas_exact": ("no extent masks (model.canvas_exact=False)", {"model.canvas_exact": False}),
+    "fused_focal": ("fused focal loss (model.loss.fused_focal)", {"model.loss.fused_focal": True}),
+    "one_hot_focal": ("one-hot focal loss", {"model.loss.fused_focal": False}),
+    "box_buckets": ("ground truth padded to a bucket of (8, 16, 32, 64)", {"data.box_buckets": (8, 16, 32, 64)}),
+    "no_box_buckets": ("ground truth padded to data.max_boxes", {"data.box_buckets": ()}),
+}
+
 
 class Options(NamedTuple):
-    """What to measure and how; the command-line flags of the same names."""
+    """What to measure and how; the command-line flags of the same names (None: as the config says)."""
 
     mode: str = "train"
-    batch: int | None = None  # images per step; None: data.images_per_device
-    canvas: tuple[int, int] | None = None  # (H, W); None: data.landscape_canvas
-    precision: str | None = None  # None: train.precision
-    compile: bool | None = None  # None: train.compile as configured
-    channels_last: bool | None = None  # None: model.backbone.channels_last as configured
+    batch: int | None = None  # images per step (data.images_per_device)
+    canvas: tuple[int, int] | None = None  # (H, W) (data.landscape_canvas)
+    precision: str | None = None  # train.precision
+    compile: bool | None = None  # train.compile
+    channels_last: bool | None = None  # model.backbone.channels_last
     iters: int = 10
     warmup: int = 2
-    rounds: int = 1  # with a comparison: alternate the models this many times
+    rounds: int = 1  # with a comparison or variants: alternate the subjects this many times
     threads: int | None = None
     peak_tflops: float | None = None
-    compare: str = "none"  # 'none' | 'torchvision'
-    device: str = "auto"  # 'auto' | 'npu' | 'cuda' | 'cpu' (retina_fn.parallel.backend.resolve_device)
-    dense_scores: bool = True
-    tv_variant: str = "pretrained"
-    tv_channels_last: bool = False
+    compare: str = "none"
+    device: str = "auto"  # retina_fn.parallel.backend.resolve_device's request
     count_flops: bool = True
-    variants: tuple[str, ...] = ()  # names in benchmark.variants.VARIANTS
+    variants: tuple[str, ...] = ()  # keys of VARIANTS
+    check_steps: int = 0  # compiled / graphed subjects: compare this many steps with the eager step
+    profile_steps: int = 0  # profile this many calls of the first subject
     seed: int = 0
-    image_size: int | None = None  # data: synthetic JPEGs' base side (each side 0.78..1.25 x); None: canvas
+    image_size: int | None = None  # data: the stand-in JPEGs' base side (None: the canvas's long side)
 
 
 def parse_canvas(text: str) -> tuple[int, int]:
-    """Reads a --canvas value.
-
-    Args:
-      text: 'HxW' with positive integers, e.g. '512x768'.
-
-    Returns:
-      (H, W), e.g. (512, 768).
-
-    Raises:
-      ConfigError (a ValueError): naming --canvas, when the text is not of that form.
-    """
+    """(H, W) from a --canvas value 'HxW' of positive integers ('512x768' -> (512, 768)); a ConfigError naming
+    --canvas otherwise."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise errors.ConfigError(f"--canvas must be HxW with positive integers, e.g. 512x512; got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
-def check_options(opts: Options, known_variants: Collection[str], torchvision_importable: Callable[[], bool]) -> None:
-    """Rejects options that cannot run, naming the flag at fault.
-
-    Args:
-      opts: the options to check.
-      known_variants: the variant names that exist.
-      torchvision_importable: says whether `import torchvision` works here; asked only for --compare
-        torchvision.
-
-    Returns:
-      None.
-
-    Raises:
-      ConfigError (a ValueError): an unknown mode, comparison or variant, non-positive iterations or rounds, a
-        negative warm-up, or a torchvision comparison without torchvision.
-    """
+def check_options(opts: Options, torchvision_importable: Callable[[], bool]) -> None:
+    """Raises a ConfigError naming the flag at fault: an unknown mode, comparison or variant, --iters or
+    --rounds < 1, a negative --warmup, --check-steps or --profile, or --compare torchvision where
+    `torchvision_importable()` says it is not installed."""
     if opts.mode not in MODES:
         raise errors.ConfigError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     if opts.compare not in COMPARISONS:
         raise errors.ConfigError(f"--compare must be one of {COMPARISONS}, got {opts.compare!r}")
-    if opts.iters < 1 or opts.warmup < 0 or opts.rounds < 1:
-        raise errors.ConfigError(f"need --iters >= 1, --warmup >= 0, --rounds >= 1; got {opts.iters}, "
-                                 f"{opts.warmup}, {opts.rounds}")
-    unknown = [name for name in opts.variants if name not in known_variants]
+    if opts.iters < 1 or opts.warmup < 0 or opts.rounds < 1 or opts.check_steps < 0 or opts.profile_steps < 0:
+        raise errors.ConfigError(f"need --iters >= 1, --warmup >= 0, --rounds >= 1, --check-steps >= 0, --profile >= "
+                                 f"0; got {opts.iters}, {opts.warmup}, {opts.rounds}, {opts.check_steps}, "
+                                 f"{opts.profile_steps}")
+    unknown = [name for name in opts.variants if name not in VARIANTS]
     if unknown:
-        raise errors.ConfigError(f"--variants: unknown {unknown}; known: {sorted(known_variants)}")
+        raise errors.ConfigError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
     if opts.compare == "torchvision" and not torchvision_importable():
-        raise errors.ConfigError("--compare torchvision: torchvision does not import in this environment")
+        raise errors.ConfigError("--compare torchvision: torchvision is not installed in this environment")
 
 
 def apply_options(cfg, opts: Options):
-    """Writes the options that are config fields into the config.
-
-    Args:
-      cfg: the whole config, edited in place (batch sizes, canvases, precision, compile, channels_last).
-      opts: the options; None fields leave the config's value.
-
-    Returns:
-      cfg.
-    """
+    """Writes the options that are config fields (batch, canvas, precision, compile, channels_last) into cfg,
+    in place (None leaves a field as it is); returns cfg."""
     if opts.batch is not None:
-        cfg.data.images_per_device = int(opts.batch)
-        cfg.data.eval_images_per_device = int(opts.batch)
+        cfg.data.images_per_device = cfg.data.eval_images_per_device = int(opts.batch)
     if opts.canvas is not None:
         h, w = opts.canvas
-        cfg.data.landscape_canvas = (h, w)
-        cfg.data.portrait_canvas = (w, h)
+        cfg.data.landscape_canvas, cfg.data.portrait_canvas = (h, w), (w, h)
     if opts.precision is not None:
-        cfg.train.precision = opts.precision
-        cfg.train.opt_level = None
+        cfg.train.precision, cfg.train.opt_level = opts.precision, None
     if opts.compile is not None:
         cfg.train.compile = bool(opts.compile)
     if opts.channels_last is not None:
         cfg.model.backbone.channels_last = bool(opts.channels_last)
     return cfg
+
+
+def variant_config(cfg, name: str):
+    """A copy of cfg with VARIANTS[name]'s overrides (cfg is left unchanged)."""
+    return common.override(cfg.copy_and_resolve_references(), **VARIANTS[name][1])

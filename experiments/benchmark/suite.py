@@ -1,270 +1,179 @@
-"""Prepared benchmark suites: one command that measures everything a short accelerator session is for.
+"""The GPU suite's report (scripts/gpu_benchmark.sh): each row's record and benchmark JSON under OUT/rows/,
+gathered into OUT/gpu_suite.json and the table OUT/gpu_suite.md after every row. The standard library only, so
+that the script runs it as a file (`python experiments/benchmark/suite.py OUT ...`) without importing torch:
 
-    python -m experiments.benchmark --suite gpu --out DIR              # about 8 minutes on one H100 / H200
-    python -m experiments.benchmark --suite gpu --out DIR --dry-run    # a CPU minute: the same plumbing
+    suite.py OUT start --dry-run=0 --budget=540 --compile-cap=200 -- BENCHMARK_FLAGS   # the plan, an empty table
+    suite.py OUT row ID MODE NAME COMPILED STATUS NOTE -- ROW_FLAGS                     # one row's outcome
+    suite.py OUT fastest      # the flags of the fastest train row that ran (for its profile), shell-quoted; none
 
-The 'gpu' suite: configs/retinanet_r50_fpn_1x_coco.py at 800 x 1344, batch 16, bf16 autocast, channels_last,
-random weights and one synthetic static batch (retina_fn.data.random_batch; nothing is read or downloaded).
-Rows, each timed alone (warm-up calls, then timed calls ending in a device synchronisation):
-
-  train  eager | cuda_graph (train.cuda_graph) | fused_focal (model.loss.fused_focal) and with cuda_graph |
-         box_buckets (data.box_buckets) and with cuda_graph | fused_focal + box_buckets + cuda_graph |
-         compile (train.compile) | compile + cuda_graph | torchvision's RetinaNet
-  infer  eager | cuda_graph (the eval forward captured) | compile | torchvision's RetinaNet
-
-then a torch.profiler table of the top kernels of the fastest train row. Each row records its error instead of
-stopping the suite; a row whose config field does not exist (a flag not implemented yet) is skipped with a
-note. The compiled rows run in a worker process (experiments.benchmark.worker) under a time cap, after every
-other row, within what is left of the suite's time budget: a compile that does not finish is reported as
-such. With data.box_buckets the batch's ground truth is padded to the smallest bucket holding its largest
-box count instead of data.max_boxes (what the loader does with the field). FLOPs are counted once per
-mode, on the eager row (FlopCounterMode: convolutions and matrix products, the same network in every row).
-
-Writes DIR/gpu_suite.json (everything: the machine, card, torch, CUDA and cuDNN versions, every row with its
-timings, notes and errors, the profile) and DIR/gpu_suite.md (the table).
-
-This module runs a plan; the rows, plans and the synthetic batch are experiments.benchmark.suite_plan's, the
-ratios and tables experiments.benchmark.suite_report's, and experiments.benchmark.worker runs the compiled rows.
+Row statuses: ok, WRONG (its eager check failed), timeout, error, skipped. x eager and x torchvision are
+images/s ratios to the same mode's rows; TFLOP/s (and MFU, on a card of PEAK_TFLOPS at bf16 / fp16) use the
+FLOPs counted on the mode's eager row, the same network in every row.
 """
 
 from __future__ import annotations
 
-import gc
+import glob
 import json
-import logging
 import os
-import signal
-import subprocess
+import shlex
 import sys
-import time
-import traceback
 
-import torch
-
-from configs import common
-from experiments.benchmark.measurement import measure
-from experiments.benchmark.options import Options
-from experiments.benchmark.ours import ours_infer, ours_train
-from experiments.benchmark.suite_plan import Plan, Row, load_config, missing_fields
-from experiments.benchmark.suite_report import add_ratios, card_info, peak_tflops, write_outputs
-from experiments.benchmark.torchvision_ref import torchvision_available, tv_infer, tv_train
-from retina_fn.engine.hooks import synchronize
-from retina_fn.data.random_batch import config_batch
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 / fp16, by card name
 
 
-def _subject(cfg, row: Row, batch: dict, device: torch.device, opts: Options):
-    if row.name == "torchvision":
-        return (tv_train if row.mode == "train" else tv_infer)(cfg, batch, opts, device)
-    if row.mode == "train":
-        return ours_train(cfg, batch, device, name=row.name)
-    return ours_infer(cfg, batch, device, dense_scores=True, name=row.name)
+def _read(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
-def release(device: torch.device) -> None:
-    """Frees what finished rows left behind (their graphs' memory pools included)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _write(path: str, text: str) -> None:  # atomic: a reader never sees half a file
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
-class _LogRecorder(logging.Handler):
-    """Keeps the library's log lines of one row (a CUDA graph recorded, a fallback to eager and why)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname}: {record.getMessage()}")
-
-
-def run_row(cfg, row: Row, plan: Plan, device: torch.device, count_flops: bool = False) -> dict:
-    """Times one row.
-
-    Args:
-      cfg: the suite's config (copied, not changed).
-      row: what to run.
-      plan: iters, warmup.
-      device: where.
-      count_flops: also count one eager call's FLOPs.
-
-    Returns:
-      {'status': 'ok', 'result': measure's entry (images_per_s, step_s, first_call_s, peak_memory_mb,
-      flops_per_image, ...)}; {'status': 'skipped', 'note'} when the row cannot run here; {'status':
-      'error', 'note': the exception, 'traceback': its last lines} when it failed; ok and error with 'log',
-      the retina_fn loggers' lines while it ran (INFO and up).
-    """
-    missing = missing_fields(cfg, row.overrides)
-    if missing:
-        return {"status": "skipped", "note": f"the config has no {', '.join(missing)} (not implemented yet)"}
-    if row.name == "torchvision" and not torchvision_available():
-        return {"status": "skipped", "note": "torchvision is not installed here"}
-    recorder, library_log = _LogRecorder(), logging.getLogger("retina_fn")
-    library_log.addHandler(recorder)
-    try:
-        row_cfg = common.override(cfg.copy_and_resolve_references(), **row.overrides)
-        opts = Options(mode=row.mode, iters=plan.iters, warmup=plan.warmup, rounds=1, count_flops=count_flops)
-        batch = config_batch(row_cfg, int(row_cfg.model.num_classes), device)
-        subject = _subject(row_cfg, row, batch, device, opts)
-        result = measure([subject], plan.batch, opts, device)[row.name]
-        return {"status": "ok", "result": result, "log": recorder.lines}
-    except Exception as e:  # noqa: BLE001 - a suite records a failed row and goes on
-        return {"status": "error", "note": f"{type(e).__name__}: {e}"[:2000], "log": recorder.lines,
-                "traceback": traceback.format_exc()[-4000:]}
-    finally:
-        library_log.removeHandler(recorder)
-        release(device)
+def row_entry(record: dict, result: dict | None) -> dict:
+    """One row of the report: the script's record ('id', 'mode', 'name', 'compiled', 'status', 'note', 'flags')
+    with, when it ran, the timed subject's entry of its benchmark JSON as 'result' (torchvision's in the
+    torchvision row), 'flops_per_image', 'check', 'profile', 'machine', 'paired_vs_torchvision'; status WRONG
+    when its eager check failed, error when it exited cleanly without a JSON."""
+    row = dict(record)
+    if record["status"] != "ok":
+        return row
+    if result is None:
+        return dict(row, status="error", note="no result file")
+    subject = result["torchvision"] if record["name"] == "torchvision" else result["ours"]
+    row.update(result=subject, flops_per_image=result["ours"]["flops_per_image"], check=subject.get("check"),
+               profile=result.get("profile"), machine=result["machine"],
+               torchvision_version=result.get("torchvision_version"))
+    if result.get("speedup_vs_torchvision"):
+        row["paired_vs_torchvision"] = result["speedup_vs_torchvision"]["paired"]
+    if row["check"] and not row["check"]["ok"]:
+        row["status"] = "WRONG"
+    return row
 
 
-def profile_row(cfg, row: Row, plan: Plan, device: torch.device, steps: int) -> dict:
-    """A torch.profiler table of one row's top kernels (by device time on an accelerator, CPU time otherwise).
+def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
+    """Fills each measured row's 'x_eager', 'x_torchvision', 'achieved_tflops' and 'mfu' (module docstring)."""
+    def find(mode, name):
+        return next((r for r in rows if r["mode"] == mode and r["name"] == name and "result" in r), None)
 
-    Returns:
-      {'row', 'mode', 'steps', 'table' (text)} or {'row', 'error'}.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        row_cfg = common.override(cfg.copy_and_resolve_references(), **row.overrides)
-        opts = Options(mode=row.mode, iters=1, warmup=0, count_flops=False)
-        subject = _subject(row_cfg, row, config_batch(row_cfg, int(row_cfg.model.num_classes), device), device, opts)
-        for _ in range(2):  # compile / capture / warm-up outside the profile
-            subject.call()
-        synchronize(device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                subject.call()
-            synchronize(device)
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70)
-        return {"row": f"{row.mode} {row.name}", "steps": steps, "sort_by": key, "table": table}
-    except Exception as e:  # noqa: BLE001 - the profile is the last extra: record and go on
-        return {"row": f"{row.mode} {row.name}", "error": f"{type(e).__name__}: {e}"[:2000]}
-    finally:
-        release(device)
-
-
-def run_worker_rows(rows: list[Row], plan: Plan, out_dir: str, timeout_s: float) -> dict[str, dict]:
-    """Runs rows in a worker process (experiments.benchmark.worker) under a time cap.
-
-    The worker rewrites its results file after every row, so the rows it finished survive a kill; the row it
-    was in when the cap struck is reported as timed out, the ones after it as skipped.
-
-    Args:
-      rows: the rows (compiled ones).
-      plan: the suite's plan (passed to the worker).
-      out_dir: where the worker's spec and results files go.
-      timeout_s: the cap.
-
-    Returns:
-      {'<mode> <name>': run_row's dict, plus 'seconds'}.
-    """
-    spec_path = os.path.join(out_dir, "worker_spec.json")
-    result_path = os.path.join(out_dir, "worker_rows.json")
-    with open(spec_path, "w") as f:
-        json.dump({"plan": {**plan._asdict(), "rows": [r._asdict() for r in rows]}, "out": result_path}, f)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cmd = [sys.executable, "-m", "experiments.benchmark.worker", spec_path]
-    start = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=root, start_new_session=True)  # its own group: compile workers too
-    timed_out = False
-    try:
-        code = process.wait(timeout=max(timeout_s, 1.0))
-    except subprocess.TimeoutExpired:
-        timed_out, code = True, None
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        os.remove(spec_path)
-    elapsed = time.perf_counter() - start
-    done = {}
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            done = json.load(f)
-        os.remove(result_path)
-    stopped = (f"the compile time cap ({timeout_s:.0f} s) ran out" if timed_out
-               else f"the worker process exited with code {code}")
-    results = {}
-    for row in rows:
-        key = f"{row.mode} {row.name}"
-        if key in done and done[key].get("status") != "running":
-            results[key] = done[key]
-        elif key in done:  # the row it was in when it stopped
-            results[key] = {"status": "timeout" if timed_out else "error",
-                            "note": f"{stopped} after {elapsed:.0f} s, during this row",
-                            "seconds": time.time() - done[key]["started"]}
-        else:
-            results[key] = {"status": "skipped", "note": f"{stopped} before this row"}
-    return results
-
-
-
-def run_suite(plan: Plan, out_dir: str, dry_run: bool = False) -> dict:
-    """Runs a plan's rows, then the profile, then the worker rows; writes gpu_suite.json and gpu_suite.md after
-    each row.
-
-    Args:
-      plan: what to run.
-      out_dir: the folder for the two files (created).
-      dry_run: recorded in the outputs (a CPU check of the plumbing).
-
-    Returns:
-      The JSON-ready result: 'suite', 'dry_run', 'plan', 'machine' (card_info), 'peak_tflops', 'rows' (mode,
-      name, doc, overrides, status, note, log, result, x_eager, x_torchvision, achieved_tflops, mfu),
-      'profile', 'elapsed_s'.
-    """
-    from retina_fn.parallel import backend
-
-    start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    device = backend.resolve_device(plan.device).device
-    cfg = load_config(plan)
-    info = card_info(device)
-    peak = peak_tflops(info)
-    result = {"suite": "gpu", "dry_run": dry_run, "plan": {**plan._asdict(), "rows": None}, "machine": info,
-              "peak_tflops": peak, "rows": [], "profile": None, "elapsed_s": 0.0}
-    rows = result["rows"]
-
-    def record(row: Row, outcome: dict) -> None:
-        rows.append({"mode": row.mode, "name": row.name, "doc": row.doc, "overrides": dict(row.overrides),
-                     **outcome})
-        add_ratios(rows, peak)
-        result["elapsed_s"] = time.perf_counter() - start
-        info["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-        write_outputs(result, out_dir)
-        status = outcome["status"] + (f" ({outcome['note'][:160]})" if outcome.get("note") else "")
-        speed = f"{outcome['result']['images_per_s']:.2f} img/s, " if outcome["status"] == "ok" else ""
-        print(f"[{result['elapsed_s']:6.0f} s] {row.mode} {row.name}: {speed}{status}", flush=True)
-
-    counted = set()
-    for row in plan.rows:
-        if row.worker:
+    for r in rows:
+        if "result" not in r:
             continue
-        if time.perf_counter() - start > plan.budget_s:
-            record(row, {"status": "skipped", "note": f"the suite's time budget ({plan.budget_s:.0f} s) ran out"})
+        ips = r["result"]["images_per_s"]
+        eager, tv = find(r["mode"], "eager"), find(r["mode"], "torchvision")
+        r["x_eager"] = ips / eager["result"]["images_per_s"] if eager else None
+        r["x_torchvision"] = ips / tv["result"]["images_per_s"] if tv else None
+        flops = eager["flops_per_image"] if eager else None
+        r["achieved_tflops"] = flops * ips / 1e12 if flops else None
+        r["mfu"] = r["achieved_tflops"] / peak_tflops if r["achieved_tflops"] and peak_tflops else None
+
+
+def gather(out_dir: str) -> dict:
+    """The suite's JSON from OUT/rows: {'suite', 'plan', 'machine', 'peak_tflops', 'rows', 'profile'}."""
+    plan = _read(os.path.join(out_dir, "rows", "plan.json"))
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "rows", "*.row.json"))):
+        record = _read(path)
+        result_path = os.path.join(out_dir, "rows", record["id"] + ".json")
+        rows.append(row_entry(record, _read(result_path) if os.path.exists(result_path) else None))
+    machine = next((r["machine"] for r in rows if "machine" in r), {})
+    versions = [r.get("torchvision_version") or r["note"] for r in rows if r["name"] == "torchvision"]
+    machine["torchvision"] = versions[0].replace("torchvision is ", "") if versions else None
+    precision = plan["flags"][plan["flags"].index("--precision") + 1]
+    peak = next((v for card, v in PEAK_TFLOPS.items() if card in (machine.get("gpu") or "")), None)
+    peak = peak if precision in ("bf16", "fp16") else None
+    profile = next((r for r in rows if r["name"] == "profile"), None)
+    rows = [r for r in rows if r["name"] != "profile"]
+    add_ratios(rows, peak)
+    return {"suite": "gpu", "plan": plan, "machine": machine, "peak_tflops": peak, "rows": rows, "profile": profile}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _check(row: dict) -> str:
+    """'matches' or 'WRONG: <what>' with the steps compared and the largest difference over its tolerance."""
+    c = row.get("check")
+    if not c:
+        return "-"
+    worst = max((max(v) if isinstance(v, list) else v) / c["tolerance"][k] for k, v in c["differences"].items())
+    verdict = "WRONG: " + ", ".join(c["failed"]) if c["failed"] else "matches"
+    return f"{verdict} ({c['steps']} steps, largest difference {worst:.2g} of its tolerance)"
+
+
+def markdown(result: dict) -> str:
+    """The suite's table (and profile) as markdown."""
+    p, m = result["plan"], result["machine"]
+    lines = [f"# GPU suite{' (dry run: plumbing only, figures meaningless)' if p['dry_run'] else ''}", "",
+             f"`{' '.join(p['flags'])}`; budget {p['budget']} s, compile cap {p['compile_cap']} s", "",
+             f"{m.get('gpu') or m.get('cpu', '?')} | torch {m.get('torch', '?')} | CUDA {m.get('cuda')} | cuDNN "
+             f"{m.get('cudnn')} | torchvision {m.get('torchvision')}", "",
+             "| mode | row | img/s | s/step median (p10-p90) | first call s | peak GB | x eager | x torchvision | "
+             "TFLOP/s (MFU) | eager check | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        status = "; ".join(x for x in (r["status"], r.get("note")) if x).replace("|", "/").replace("\n", " ")
+        if "paired_vs_torchvision" in r:
+            status += f"; ours eager {r['paired_vs_torchvision']:.2f}x torchvision, paired in this process"
+        if "result" not in r:
+            lines.append(f"| {r['mode']} | {r['name']} | - | - | - | - | - | - | - | - | {status[:300]} |")
             continue
-        count = row.name == "eager" and row.mode not in counted
-        if count:
-            counted.add(row.mode)
-        record(row, run_row(cfg, row, plan, device, count_flops=count))
+        res, s = r["result"], r["result"]["step_s"]
+        mfu = f" ({r['mfu']:.1%})" if r.get("mfu") else ""
+        lines.append(f"| {r['mode']} | {r['name']} | {res['images_per_s']:.1f} | {s['median']:.4f} ({s['p10']:.4f}-"
+                     f"{s['p90']:.4f}) | {_fmt(res['first_call_s'], '.1f')} | {res['peak_memory_mb'] / 1024:.1f} | "
+                     f"{_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('x_torchvision'), '.2f')} | "
+                     f"{_fmt(r.get('achieved_tflops'), '.1f')}{mfu} | {_check(r)} | {status[:300]} |")
+    prof = result["profile"]
+    if prof:
+        lines += ["", f"## Top operations of the fastest train row (`{' '.join(prof['flags'])}`)", ""]
+        table = (prof.get("profile") or {}).get("table")
+        lines += ["```", table, "```"] if table else [f"profile: {prof['status']}; {prof.get('note')}"]
+    return "\n".join(lines) + "\n"
 
-    train_ok = [r for r in rows if r["mode"] == "train" and r["status"] == "ok" and r["name"] != "torchvision"]
-    if plan.profile_steps and train_ok:
-        best = max(train_ok, key=lambda r: r["result"]["images_per_s"])
-        result["profile"] = profile_row(cfg, Row("train", best["name"], best["doc"], best["overrides"]), plan,
-                                        device, plan.profile_steps)
 
-    worker_rows = [r for r in plan.rows if r.worker]
-    left = plan.budget_s - (time.perf_counter() - start)
-    if worker_rows and left < 30:
-        for row in worker_rows:
-            record(row, {"status": "skipped", "note": "no time left in the suite's budget for compiling"})
-    elif worker_rows:
-        outcomes = run_worker_rows(worker_rows, plan, out_dir, min(plan.compile_cap_s, left))
-        for row in worker_rows:
-            record(row, outcomes[f"{row.mode} {row.name}"])
-    result["elapsed_s"] = time.perf_counter() - start
-    write_outputs(result, out_dir)
+def render(out_dir: str) -> dict:
+    """Rewrites OUT/gpu_suite.json and OUT/gpu_suite.md from OUT/rows; returns the JSON's dict."""
+    result = gather(out_dir)
+    _write(os.path.join(out_dir, "gpu_suite.json"), json.dumps(result, indent=2, sort_keys=True))
+    _write(os.path.join(out_dir, "gpu_suite.md"), markdown(result))
     return result
 
+
+def fastest_train_flags(out_dir: str) -> list[str] | None:
+    """The row flags of the fastest train row measured so far (not torchvision, WRONG rows neither), without
+    --check-steps and --skip-flops; None when none ran."""
+    rows = [r for r in gather(out_dir)["rows"] if r["mode"] == "train" and r["status"] == "ok"
+            and r["name"] != "torchvision"]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["result"]["images_per_s"])
+    return [f for f in best["flags"] if not f.startswith(("--check-steps", "--skip-flops"))]
+
+
+def main(argv: list[str]) -> int:
+    """The script's entry point: `OUT COMMAND ARGS [-- FLAGS]` (the module docstring's commands); returns 0."""
+    out_dir, command, args = argv[0], argv[1], argv[2:] + ["--"]
+    head, flags = args[:args.index("--")], args[args.index("--") + 1:-1]
+    if command == "start":
+        opts = dict(a.lstrip("-").split("=", 1) for a in head)
+        plan = {"dry_run": opts["dry-run"] == "1", "budget": int(opts["budget"]),
+                "compile_cap": int(opts["compile-cap"]), "flags": flags}
+        _write(os.path.join(out_dir, "rows", "plan.json"), json.dumps(plan))
+    elif command == "row":
+        record = dict(zip(("id", "mode", "name", "compiled", "status", "note"), head), flags=flags)
+        record["compiled"] = record["compiled"] == "1"
+        _write(os.path.join(out_dir, "rows", record["id"] + ".row.json"), json.dumps(record))
+    else:  # fastest
+        best = fastest_train_flags(out_dir)
+        print("none" if best is None else shlex.join(best))
+        return 0
+    render(out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,195 @@
+"""What the benchmark times: our pure train step and eval step as built from a config, and torchvision's
+RetinaNet R50-FPN built to match it (torchvision is imported only when used)."""
+
+from __future__ import annotations
+
+import torch
+
+from experiments.benchmark import parity
+from experiments.benchmark.measurement import Subject, count_flops
+from retina_fn import precision as precision_lib
+from retina_fn import rng
+from retina_fn.errors import ConfigError
+from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
+
+STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
+
+
+def _eager(cfg):
+    """A copy of the config with nothing compiled or captured (the reference of checks and FLOP counts)."""
+    eager = cfg.copy_and_resolve_references()
+    eager.train.compile = eager.train.cuda_graph = False
+    return eager
+
+
+def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
+    """The pure train step (make_train_step: compiled / graphed as the config says), stepping one state forward
+    on every call.
+
+    Args:
+      cfg: the whole config; batch: the static batch of every call; device: where the state and step live;
+      seed: of the initial state and the steps' key; name: the subject's name.
+
+    Returns:
+      The Subject; its FLOP count runs one eager step (forward + backward + update); with train.compile or
+      train.cuda_graph its check compares the step with the eager one (parity.compare_train).
+    """
+    global_batch = batch["image"].shape[0]
+    optimizer = build_optimizer(cfg)
+
+    def build(c):
+        return make_train_step(c, optimizer, steps_per_epoch=STEPS_PER_EPOCH, global_batch=global_batch,
+                               device=device)
+
+    initial = init_train_state(cfg, rng.key(seed), optimizer, device=device)  # the pure step leaves it as it is
+    state, step = {"s": initial}, build(cfg)
+
+    def call():
+        state["s"], metrics = step(state["s"], batch, rng.key(seed))
+        return metrics
+
+    def flops():
+        eager = build(_eager(cfg))
+        return count_flops(lambda: eager(state["s"], batch, rng.key(seed)))
+
+    def check(steps):
+        start = init_train_state(cfg, rng.key(seed), optimizer, device=device) if optimizer.inplace else initial
+        return parity.compare_train(step, build(_eager(cfg)), start, batch, rng.key(seed), steps,
+                                    parity.tolerance(cfg))
+
+    return Subject(name, call, flops, check if cfg.train.compile or cfg.train.cuda_graph else None)
+
+
+def _fresh_params(cfg, device: torch.device, seed: int) -> dict:
+    """Freshly initialised full parameters with a zero classification bias: every (anchor, class) pair passes
+    the score threshold, so post-processing works at full load (at the prior-probability bias none would)."""
+    params = full_params(init_train_state(cfg, rng.key(seed), build_optimizer(cfg), device=device))
+    head = dict(params["head"])
+    head["cls_logits"] = dict(head["cls_logits"], bias=torch.zeros_like(head["cls_logits"]["bias"]))
+    return dict(params, head=head)
+
+
+def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
+    """The eval step (forward + post-processing) on a fresh model (`_fresh_params`): torch.compile'd with
+    train.compile, its forward a CUDA graph with train.cuda_graph (make_eval_step).
+
+    Args:
+      cfg, batch, device, seed, name: as ours_train's (seed: of the parameters).
+
+    Returns:
+      The Subject; its FLOP count runs the eager eval step; compiled or graphed, its check compares the
+      detections with the eager step's (parity.compare_infer).
+
+    Raises:
+      ConfigError: train.compile and train.cuda_graph together (the compiled caller cannot trace the graph).
+    """
+    if cfg.train.compile and cfg.train.cuda_graph:
+        raise ConfigError("--mode infer: train.compile and train.cuda_graph together are not supported (the "
+                          "compiled eval step would trace the graph's runner); choose one")
+    params = _fresh_params(cfg, device, seed)
+    eval_step = make_eval_step(cfg, device=device)
+    timed = torch.compile(eval_step) if cfg.train.compile else eval_step
+
+    def check(steps):
+        return parity.compare_infer(timed, make_eval_step(_eager(cfg), device=device), params, batch,
+                                    parity.tolerance(cfg))
+
+    return Subject(name, lambda: timed(params, batch),
+                   lambda: count_flops(lambda: make_eval_step(_eager(cfg), device=device)(params, batch)),
+                   check if cfg.train.compile or cfg.train.cuda_graph else None)
+
+
+def torchvision_available() -> bool:
+    """Whether `import torchvision` works in this environment."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torchvision_model(cfg, canvas: tuple[int, int], device: torch.device, seed: int = 0):
+    """torchvision's RetinaNet R50-FPN as `retinanet_resnet50_fpn` builds it when given ImageNet backbone weights
+    (FrozenBatchNorm2d; our config's frozen stages, classes and P6 source), none loaded, keeping `canvas`.
+
+    Args:
+      cfg: our config (model.num_classes, model.backbone.depth / frozen_stages, model.fpn.extra_source).
+      canvas: (H, W), kept by torchvision's transform (min_size / max_size); device: where the model goes;
+      seed: of torch's global generator, which torchvision's initialisers draw from.
+
+    Returns:
+      torchvision.models.detection.RetinaNet on `device`.
+
+    Raises:
+      ConfigError: a backbone depth other than 50.
+    """
+    from torchvision.models import resnet50
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if cfg.model.backbone.depth != 50:
+        raise ConfigError(f"--compare torchvision needs model.backbone.depth=50, got {cfg.model.backbone.depth}")
+    torch.manual_seed(seed)
+    body = resnet50(weights=None, norm_layer=misc.FrozenBatchNorm2d)
+    p6_in = 2048 if cfg.model.fpn.extra_source == "input" else 256
+    backbone = _resnet_fpn_extractor(body, 5 - (int(cfg.model.backbone.frozen_stages) + 1), returned_layers=[2, 3, 4],
+                                     extra_blocks=LastLevelP6P7(p6_in, 256))
+    model = RetinaNet(backbone, cfg.model.num_classes, min_size=min(canvas), max_size=max(canvas))
+    return model.to(device)
+
+
+def tv_train(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
+    """torchvision's train step: model(images, targets), backward, torch.optim.SGD (the config's momentum and
+    weight decay), with a GradScaler where the precision scales losses; the same batch, real boxes only.
+
+    Returns:
+      The Subject 'torchvision'; its FLOP count runs one forward + backward.
+    """
+    model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    prec = precision_lib.precision_from_config(cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.loss_scaling)
+    images = list(batch["image"].unbind(0))
+    targets = [{"boxes": b[v], "labels": lab[v]} for b, lab, v in zip(batch["boxes"], batch["labels"],
+                                                                        batch["box_valid"])]
+
+    def loss():
+        with precision_lib.autocast(prec, device.type):
+            return sum(model(images, targets).values())
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def flops():
+        count = count_flops(lambda: loss().backward())
+        optimizer.zero_grad(set_to_none=True)
+        return count
+
+    return Subject("torchvision", call, flops)
+
+
+def tv_infer(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
+    """torchvision's inference: model.eval() with its transform and post-processing (score 0.05, 1000 per level,
+    NMS 0.5, 300 per image), zero classification bias as ours (`_fresh_params`).
+
+    Returns:
+      The Subject 'torchvision'; its FLOP count runs one call.
+    """
+    model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).eval()
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.zero_()
+    prec = precision_lib.precision_from_config(cfg.train)
+    images = list(batch["image"].unbind(0))
+
+    @torch.no_grad()
+    def call():
+        with precision_lib.autocast(prec, device.type):
+            return model(images)
+
+    return Subject("torchvision", call, lambda: count_flops(call))
