@@ -102,27 +102,27 @@ class LossScaleSettings:
     dynamic: bool
 
 
-def init_loss_scale(cfg: LossScaleSettings, device: torch.device | str | None = None) -> LossScaleState:
+def init_loss_scale(settings: LossScaleSettings, device: torch.device | str | None = None) -> LossScaleState:
     """The starting state of the settings' scale."""
     return LossScaleState(
-        scale=torch.tensor(float(cfg.init), dtype=torch.float32, device=device),
+        scale=torch.tensor(float(settings.init), dtype=torch.float32, device=device),
         good_steps=torch.zeros((), dtype=torch.int64, device=device),
     )
 
 
-def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, cfg: LossScaleSettings) -> LossScaleState:
+def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, settings: LossScaleSettings) -> LossScaleState:
     """The state after a step whose gradients were finite (`grads_finite`, bool []) or not.
 
     Dynamic: an overflow divides the scale by `factor` (never below 1) and resets the count; a finite
     step counts, and the `growth_interval`-th finite step in a row multiplies the scale by `factor` and
     resets the count. Static (`dynamic=False`): the state is returned unchanged.
     """
-    if not cfg.dynamic:
+    if not settings.dynamic:
         return state
     counted = torch.where(grads_finite, state.good_steps + 1, torch.zeros_like(state.good_steps))
-    grow = counted >= cfg.growth_interval
-    grown = torch.where(grow, state.scale * cfg.factor, state.scale)
-    shrunk = torch.clamp(state.scale / cfg.factor, min=1.0)
+    grow = counted >= settings.growth_interval
+    grown = torch.where(grow, state.scale * settings.factor, state.scale)
+    shrunk = torch.clamp(state.scale / settings.factor, min=1.0)
     return LossScaleState(
         scale=torch.where(grads_finite, grown, shrunk),
         good_steps=torch.where(grow, torch.zeros_like(counted), counted),

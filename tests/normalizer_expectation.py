@@ -28,8 +28,8 @@ class Expected(NamedTuple):
 
 
 def _trainable_and_frozen(cfg, seed: int) -> tuple[dict, dict]:
-    """The initial parameters of retina_fn.train.init_train_state(spec_of(cfg), settings_of(cfg), rng.key(seed), ...), rebuilt from
-    the model alone: the state's key is split into (model key, run key)."""
+    """The initial parameters of retina_fn.train.init_train_state(spec, settings, rng.key(seed), ...), rebuilt
+    from the model alone: the state's key is split into (model key, run key)."""
     k_model, _ = rng.split(rng.key(seed))
     params = tree.cast(retinanet.init(k_model, spec_of(cfg)), torch.float32, "cpu")
     return retinanet.split_trainable(params, spec_of(cfg))
@@ -50,14 +50,15 @@ def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, l
     if cfg.model.loss.normalizer != "batch":
         raise ValueError("the hand expectation follows mmdetection's 'batch' normaliser")
     trainable, frozen = _trainable_and_frozen(cfg, seed)
+    spec = spec_of(cfg)
     size = full_batch["image"].shape[0]
     per_rank = size // world_size
-    anchors = anchor_lib.anchors(tuple(full_batch["image"].shape[-2:]), cfg.model)
+    anchors = anchor_lib.anchors(tuple(full_batch["image"].shape[-2:]), spec.anchors)
 
     shares = []
     for r in range(world_size):
         mine = {k: v[r * per_rank:(r + 1) * per_rank] for k, v in full_batch.items()}
-        targets = detector.Detector(spec_of(cfg)).targets(mine)
+        targets = detector.Detector(spec).targets(mine)
         positive_per_image = (targets.assignment.positive & targets.anchor_valid).sum(dim=1)
         own = float(sum(max(int(n), 1) for n in positive_per_image))
         shares.append((mine, targets, own, int(positive_per_image.sum())))
@@ -70,9 +71,9 @@ def expected_sgd_step(cfg, full_batch: dict, world_size: int, normalizer: str, l
     for (mine, targets, _, _), divisor in zip(shares, divisors):
         leaves = {p: v.detach().clone().requires_grad_(True) for p, v in tree.flatten_by_path(trainable).items()}
         params = tree.merge(tree.unflatten_by_path(leaves), frozen)
-        cls_logits, box_deltas = retinanet.apply(params, mine["image"], spec_of(cfg))
+        cls_logits, box_deltas = retinanet.apply(params, mine["image"], spec)
         loss, _ = losses.retinanet_loss(cls_logits, box_deltas, anchors, targets.anchor_valid, targets.assignment,
-                                        mine["boxes"], mine["labels"], cfg.model.loss, cfg.model.coder,
+                                        mine["boxes"], mine["labels"], spec.loss, spec.coder,
                                         normalizer=torch.tensor(divisor, dtype=torch.float32))
         grads = torch.autograd.grad(loss, [leaves[p] for p in paths], allow_unused=True)
         for p, g in zip(paths, grads):

@@ -18,7 +18,7 @@ from experiments.benchmark.options import VARIANTS, variant_config
 from retina_fn import rng
 from retina_fn.data.random_batch import config_batch
 from retina_fn.train import build_optimizer, init_train_state, make_eval_step, make_train_step
-from tests.model_fixtures import tiny_config
+from tests.model_fixtures import settings_of, spec_of, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -165,48 +165,49 @@ def eager_capture(body, warmup):
 @pytest.mark.slow
 def test_the_eager_check_passes_a_graphed_step_and_catches_a_step_that_differs():
     cfg = tiny()
-    optimizer = build_optimizer(cfg)
+    spec, settings = spec_of(cfg), settings_of(cfg)
+    optimizer = build_optimizer(settings)
     batch = config_batch(cfg, 3)
-    start = init_train_state(cfg, rng.key(0), optimizer)
-    eager = make_train_step(cfg, optimizer, steps_per_epoch=10, global_batch=2)
+    start = init_train_state(spec, settings, rng.key(0), optimizer)
+    eager = make_train_step(spec, settings, optimizer, steps_per_epoch=10, global_batch=2)
     graph_cfg = cfg.copy_and_resolve_references()
     graph_cfg.train.cuda_graph = True
-    graphed = make_train_step(graph_cfg, optimizer, steps_per_epoch=10, global_batch=2, graph_capture=eager_capture)
+    graphed = make_train_step(spec, settings_of(graph_cfg), optimizer, steps_per_epoch=10, global_batch=2,
+                              graph_capture=eager_capture)
     fp32 = parity.TOLERANCES["fp32"]
-    same = parity.compare_train(graphed, eager, start, batch, rng.key(1), 2, fp32)
+    same = parity.compare_train(graphed, eager, start, batch, 2, fp32)
     assert same["ok"] and same["failed"] == [] and same["differences"]["update"] == 0.0
     assert len(same["differences"]["loss"]) == 2
 
     # a step on a 1% brighter image: every metric and the update differ
-    def brighter(state, b, key):
-        return eager(state, dict(b, image=b["image"] * 1.01), key)
+    def brighter(state, b):
+        return eager(state, dict(b, image=b["image"] * 1.01))
 
-    assert set(parity.compare_train(brighter, eager, start, batch, rng.key(1), 2, fp32)["failed"]) >= {
+    assert set(parity.compare_train(brighter, eager, start, batch, 2, fp32)["failed"]) >= {
         "loss", "update"}
     # a 1% larger learning rate: the same losses and gradient norm, but not the same update
     faster_cfg = cfg.copy_and_resolve_references()
     faster_cfg.optim.lr = 1.01 * cfg.optim.lr
-    faster = make_train_step(faster_cfg, build_optimizer(faster_cfg), steps_per_epoch=10, global_batch=2)
-    first = parity.compare_train(faster, eager, start, batch, rng.key(1), 1, fp32)
+    faster = make_train_step(spec, settings_of(faster_cfg), build_optimizer(settings_of(faster_cfg)), steps_per_epoch=10,
+                             global_batch=2)
+    first = parity.compare_train(faster, eager, start, batch, 1, fp32)
     assert first["differences"]["loss"] == [0.0] and first["differences"]["grad_norm"] == [0.0]
     assert "update" in first["failed"] and first["differences"]["update"] == pytest.approx(0.01, rel=0.05)
     # a rounding-sized change passes the stated tolerance but not a tolerance of zero
-    def nudged(state, b, key):
-        return eager(state, dict(b, image=b["image"] * (1 + 1e-6)), key)
+    def nudged(state, b):
+        return eager(state, dict(b, image=b["image"] * (1 + 1e-6)))
 
-    assert parity.compare_train(nudged, eager, start, batch, rng.key(1), 1, fp32)["ok"]
+    assert parity.compare_train(nudged, eager, start, batch, 1, fp32)["ok"]
     zero = {k: 0.0 for k in fp32}
-    assert not parity.compare_train(nudged, eager, start, batch, rng.key(1), 1, zero)["ok"]
+    assert not parity.compare_train(nudged, eager, start, batch, 1, zero)["ok"]
 
 
 def test_the_eager_check_of_inference_catches_other_detections():
     cfg = tiny()
     params = subjects._fresh_params(cfg, torch.device("cpu"), 0)
     batch = config_batch(cfg, 3)
-    eager = make_eval_step(cfg)
-    graph_cfg = cfg.copy_and_resolve_references()
-    graph_cfg.train.cuda_graph = True
-    graphed = make_eval_step(graph_cfg, graph_capture=eager_capture)
+    eager = make_eval_step(spec_of(cfg))
+    graphed = make_eval_step(spec_of(cfg), cuda_graph=True, graph_capture=eager_capture)
     assert parity.compare_infer(graphed, eager, params, batch, parity.TOLERANCES["fp32"])["ok"]
     head = dict(params["head"], cls_logits=dict(params["head"]["cls_logits"],
                                                bias=params["head"]["cls_logits"]["bias"] + 0.1))
@@ -222,9 +223,9 @@ def test_relative_differences_of_trees_by_hand():
     assert parity.tree_relative(b, b) == 0.0 and parity.relative(1.5, 1.0) == pytest.approx(0.5)
     nan = {"x": torch.tensor([float("nan"), 4.0]), "n": torch.tensor(2)}
     assert math.isnan(parity.tree_relative(nan, b))
-    verdict = parity.compare_train(lambda s, bt, k: (s, {m: torch.tensor(float("nan")) for m in parity.METRICS}),
-                                   lambda s, bt, k: (s, {m: torch.tensor(1.0) for m in parity.METRICS}),
-                                   {"params": b, "opt": b}, {}, rng.key(0), 1, parity.TOLERANCES["bf16"])
+    verdict = parity.compare_train(lambda s, bt: (s, {m: torch.tensor(float("nan")) for m in parity.METRICS}),
+                                   lambda s, bt: (s, {m: torch.tensor(1.0) for m in parity.METRICS}),
+                                   {"params": b, "opt": b}, {}, 1, parity.TOLERANCES["bf16"])
     assert set(verdict["failed"]) == set(parity.METRICS)  # a NaN never passes
 
 

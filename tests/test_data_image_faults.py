@@ -4,6 +4,7 @@ images too long on one side or resized to nothing, each refused with one error n
 from __future__ import annotations
 
 import io
+import re
 import os
 import struct
 import threading
@@ -19,6 +20,7 @@ from retina_fn.data.dataset import DetectionDataset
 from retina_fn.data.images import ImageLoadError, decode_image
 from retina_fn.data.resize import ResizeError
 from retina_fn.errors import UserError
+from retina_fn.predictor import Predictor
 from tests.coco_fixtures import ann_entry, coco_dict, image_entry, tiny_data_config, write_dataset, write_image
 from tests.test_predict import config as predict_config
 from tests.test_predict import labelled_checkpoint
@@ -184,6 +186,7 @@ def test_prediction_names_the_image_it_cannot_resize(strip_set, tmp_path):
     _, ckpt = labelled_checkpoint(tmp_path, model_cfg)
     paths = [os.path.join(cfg.root, "images", name) for name in ("000001.jpg", "strip.png")]
     # data.scale (96, 64): s = min(96 / 2000, 64 / 1) = 0.048, height int(0.048 + 0.5) = 0.
-    with pytest.raises(ResizeError, match=r"^image 1 of the list is 2000x1 \(w x h\): data\.scale=\(96, 64\) .* "
+    predictor = Predictor(ckpt, device="cpu")
+    with pytest.raises(ResizeError, match=rf"^{re.escape(paths[1])} is 2000x1 \(w x h\): data\.scale=\(96, 64\) .* "
                                           r"resizes it to 96x0"):
-        predict.predict(model_cfg, ckpt, paths, device="cpu")
+        predict.predict_files(predictor, paths)

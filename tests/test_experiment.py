@@ -40,11 +40,16 @@ def smoke_run(tmp_path_factory):
 def untrained_eval(cfg, workdir) -> dict:
     """Validation metrics of the parameters a run of `cfg` starts from, before any step: the trainer's model
     key (the first of rng.split(rng.key(cfg.seed))) through train_setup.initial_params, saved as a step-0
-    checkpoint and scored by trainer.evaluate_only (the program's evaluation path) into `workdir`."""
+    checkpoint without a spec (so the config's post-processing applies) and scored by trainer.evaluate_only
+    (the program's evaluation path) into `workdir`."""
     from retina_fn.engine import resume as train_setup
 
+    with open(os.path.join(cfg.data.root, cfg.data.train_ann)) as f:
+        num_classes = len(json.load(f)["categories"])  # what model.num_classes='auto' resolves to
     model_key, _ = rng.split(rng.key(cfg.seed))
-    trainable, frozen = retinanet.split_trainable(train_setup.initial_params(cfg, model_key), spec_of(cfg))
+    spec = spec_of(cfg, num_classes)
+    params = train_setup.initial_params(spec, model_key, cfg.model.backbone.pretrained or None)
+    trainable, frozen = retinanet.split_trainable(params, spec)
     weights = checkpoint.save(os.path.join(workdir, "checkpoints"), 0, {"params": trainable, "frozen": frozen})
     return trainer.evaluate_only(cfg, str(workdir), weights)
 

@@ -1,6 +1,6 @@
 """experiments.export: the torch.export program and the ONNX model give experiments.predict's eager detections.
 
-The reference is always the eager path (experiments.predict.predict on the export's canvas, with the configured
+The reference is always the eager path (a Predictor of the same weights on the export's canvas, with the trained
 post-processing, static_shapes off); the exported runs go through the programs a user runs:
 `python -m experiments.export`, `python -m experiments.predict --exported` and `experiments/onnx_predict.py`
 (with torch made unimportable). Detections are compared as twins: same label, IoU >= 0.99, scores within 1e-3.
@@ -8,6 +8,7 @@ post-processing, static_shapes off); the exported runs go through the programs a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,13 +23,15 @@ from PIL import Image
 
 from configs import demo, retinanet_r50_fpn_1x_coco, smoke
 from experiments import onnx_predict, predict
-from retina_fn import export
-from retina_fn.export import folder as export_format, program as export_program, timing as export_timing
+from retina_fn import export, schema
+from retina_fn.export import folder as export_format, onnx as export_onnx, program as export_program
+from retina_fn.export import timing as export_timing
 from retina_fn import checkpoint, nms, rng, topk
 from retina_fn.data import transforms
 from retina_fn.detector import Detector
 from retina_fn.interop import COCO80_IDS, to_mmdet
 from retina_fn.model import retinanet
+from retina_fn.predictor import Predictor
 from tests.model_fixtures import smoke_checkpoint, spec_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,10 +72,10 @@ def twin_problems(ref, other, *, iou_min: float = 0.99, score_tol: float = 1e-3)
     own twin in `other` (same label, IoU >= iou_min, scores within score_tol) and none is left over.
 
     Args:
-      ref, other: (boxes [n, 4] xyxy, scores [n], labels [n]) (ImageDetections or a tuple).
+      ref, other: (boxes [n, 4] xyxy, scores [n], labels [n], ...) (a Prediction or a tuple).
     """
-    ref_boxes, ref_scores, ref_labels = (np.asarray(t) for t in ref)
-    boxes, scores, labels = (np.asarray(t) for t in other)
+    ref_boxes, ref_scores, ref_labels = (np.asarray(t) for t in tuple(ref)[:3])
+    boxes, scores, labels = (np.asarray(t) for t in tuple(other)[:3])
     problems = [] if len(ref_scores) == len(scores) else [f"{len(ref_scores)} vs {len(scores)} detections"]
     free = set(range(len(scores)))
     for i in np.argsort(-ref_scores, kind="stable"):
@@ -145,14 +148,31 @@ def write_images(folder) -> list[str]:
     return paths
 
 
-def eager_config(module):
-    """The config on the export's canvas as experiments.predict runs it (static_shapes as configured: off)."""
+def export_size_config(module, num_classes: int):
+    """A recipe with the export's scale, so that every image fits the one canvas."""
     cfg = module.get_config()
     cfg.data.scale = CANVAS
-    cfg = export_program.export_config(cfg, CANVAS)
-    cfg.model.test.static_shapes = False
-    cfg.dist.device = "cpu"
+    cfg.model.num_classes = num_classes
     return cfg
+
+
+def eager_detections(weights: str, paths: list[str], module, num_classes: int):
+    """The eager reference: the weights' detector on the export's one canvas with its own post-processing
+    (static_shapes off), through the Predictor that experiments.predict runs; (detections, category ids, names,
+    decoded images)."""
+    cfg = export_size_config(module, num_classes)
+    cfg.data.landscape_canvas = cfg.data.portrait_canvas = CANVAS
+    predictor = Predictor(weights, cfg, use_config_for=["data.landscape_canvas", "data.portrait_canvas"],
+                          device="cpu")
+    found, images = predict.predict_files(predictor, paths)
+    return found, predictor.category_ids, predictor.names, images
+
+
+def exported_detections(folder: str, paths: list[str]):
+    """What `experiments.predict --exported` computes, in process."""
+    predictor = Predictor(folder)
+    found, images = predict.predict_files(predictor, paths)
+    return found, predictor.category_ids, predictor.names, images
 
 
 def run(cmd: list[str], timeout: int = 900) -> tuple[subprocess.CompletedProcess, float]:
@@ -163,26 +183,29 @@ def run(cmd: list[str], timeout: int = 900) -> tuple[subprocess.CompletedProcess
     return proc, time.perf_counter() - started
 
 
-def export_command(config: str, weights: str, out: str, fmt: str, batch: int) -> list[str]:
-    return [sys.executable, "-m", "experiments.export", f"--config={config}", f"--weights={weights}", f"--out={out}",
-            f"--format={fmt}", "--canvas", f"{CANVAS[0]}x{CANVAS[1]}", f"--batch={batch}", SCALE_OVERRIDE]
+def export_command(weights: str, out: str, fmt: str, batch: int, config: str | None = None) -> list[str]:
+    """The export command line; a config (with the export's scale) only for weights that store no spec."""
+    return ([sys.executable, "-m", "experiments.export", f"--weights={weights}", f"--out={out}", f"--format={fmt}",
+             "--canvas", f"{CANVAS[0]}x{CANVAS[1]}", f"--batch={batch}"]
+            + ([f"--config={config}", SCALE_OVERRIDE] if config else []))
 
 
 @pytest.fixture(scope="module")
 def demo_export(tmp_path_factory):
-    """The demo model with random, lively weights in a retina_fn checkpoint (with a label map), exported by the
-    command line for batches of 2 (both formats where ONNX is installed), three images (so the second batch
-    is padded) and their eager detections."""
+    """The demo model with random, lively weights in a retina_fn checkpoint that stores its spec (label map
+    included) as training does, exported by the command line without a config for batches of 2 (both formats
+    where ONNX is installed), three images (so the second batch is padded) and their eager detections."""
     root = tmp_path_factory.mktemp("export_demo")
-    cfg = demo.get_config()
-    params = lively(retinanet.init(rng.key(0), spec_of(cfg)), DEMO_CHANNELS, bias=-9.0)
-    trainable, frozen = retinanet.split_trainable(params, spec_of(cfg))
-    ckpt = checkpoint.save(str(root / "run"), 3, {"params": trainable, "frozen": frozen}, meta={"label_map": LABEL_MAP})
+    spec = schema.detector_spec(export_size_config(demo, 5), LABEL_MAP["category_ids"], LABEL_MAP["names"])
+    params = lively(retinanet.init(rng.key(0), spec), DEMO_CHANNELS, bias=-9.0)
+    trainable, frozen = retinanet.split_trainable(params, spec)
+    ckpt = checkpoint.save(str(root / "run"), 3, {"params": trainable, "frozen": frozen},
+                           meta={"spec": spec.to_json()})
     fmt = "exported" if ONNX_MISSING else "both"
-    _, seconds = run(export_command(os.path.join(ROOT, "configs", "demo.py"), ckpt, str(root / "out"), fmt, batch=2))
+    _, seconds = run(export_command(ckpt, str(root / "out"), fmt, batch=2))
     print(f"demo export ({fmt}) took {seconds:.0f} s")
     paths = write_images(root)
-    eager = predict.predict(eager_config(demo), ckpt, paths, device="cpu")
+    eager = eager_detections(ckpt, paths, demo, 5)
     return dict(root=root, ckpt=ckpt, out=str(root / "out"), paths=paths, eager=eager)
 
 
@@ -207,24 +230,25 @@ def test_exported_program_gives_the_eager_detections(demo_export, tmp_path):
 
 
 def test_exported_program_in_process(demo_export):
-    """predict_exported: the label map from model.json, the same twins."""
-    detections, category_ids, names, _ = predict.predict_exported(demo_export["out"], demo_export["paths"])
+    """Predictor(folder): the label map from model.json, the same twins."""
+    detections, category_ids, names, _ = exported_detections(demo_export["out"], demo_export["paths"])
     assert (category_ids, names) == (tuple(LABEL_MAP["category_ids"]), tuple(LABEL_MAP["names"]))
     assert_twins(demo_export["eager"][0], detections, "predict_exported")
 
 
 def test_static_shapes_leave_the_detections_unchanged(demo_export):
     """The switch export sets: eager post-processing with and without static_shapes, bit for bit."""
-    cfg = eager_config(demo)
-    cfg.model.num_classes = len(LABEL_MAP["names"])
-    params = lively(retinanet.init(rng.key(0), spec_of(cfg)), DEMO_CHANNELS, bias=-9.0)
-    samples = [predict.preprocess(np.array(Image.open(p).convert("RGB")), cfg) for p in demo_export["paths"]]
+    spec = export_program.export_spec(schema.detector_spec(export_size_config(demo, 5)), CANVAS)
+    params = lively(retinanet.init(rng.key(0), spec), DEMO_CHANNELS, bias=-9.0)
+    pipeline = transforms.TransformConfig.for_inference(spec.input)
+    samples = [transforms.preprocess_for_inference(np.array(Image.open(p).convert("RGB")), pipeline)
+               for p in demo_export["paths"]]
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("image", "image_hw", "scale_factor")}
     outputs = []
     for static in (False, True):
-        cfg.model.test.static_shapes = static
         with torch.no_grad():
-            outputs.append(Detector(spec_of(cfg), [CANVAS]).predict(params, batch))
+            outputs.append(Detector(spec.replace(test=dataclasses.replace(spec.test, static_shapes=static)),
+                                    [CANVAS]).predict(params, batch))
     assert outputs[0].valid.any()
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
@@ -253,9 +277,7 @@ def test_model_json_describes_the_program(demo_export):
 
 
 def test_timing_covers_every_runtime_written(demo_export):
-    cfg = demo.get_config()
-    cfg.data.scale = CANVAS
-    rates = export_timing.time_export(cfg, demo_export["ckpt"], demo_export["out"], iters=1, rounds=1)
+    rates = export_timing.time_export(demo_export["ckpt"], demo_export["out"], iters=1, rounds=1)
     assert list(rates) == ["eager", "exported"] + ([] if ONNX_MISSING else ["onnxruntime"])
     assert all(wall > 0 and cpu > 0 for wall, cpu in rates.values())
 
@@ -325,7 +347,7 @@ def _nms_inputs():
 def _onnx_outputs(program, inputs, path) -> list[np.ndarray]:
     import onnxruntime
 
-    export.to_onnx(program, str(path), input_names=[f"x{i}" for i in range(len(inputs))],
+    export_onnx.to_onnx(program, str(path), input_names=[f"x{i}" for i in range(len(inputs))],
                    output_names=[f"y{i}" for i in range(len(program.graph_signature.user_outputs))])
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {f"x{i}": t.numpy() for i, t in enumerate(inputs)})
@@ -360,19 +382,18 @@ def test_nms_and_top_k_export_exactly(runtime, tmp_path):
 
 
 def test_r50_export_gives_the_eager_detections(tmp_path):
-    cfg = retinanet_r50_fpn_1x_coco.get_config()
+    cfg = export_size_config(retinanet_r50_fpn_1x_coco, 80)
     params = lively(retinanet.init(rng.key(1), spec_of(cfg)), R50_CHANNELS, bias=-7.5)
     weights = tmp_path / "retinanet_r50_mmdet.pth"
     torch.save(to_mmdet(params, cfg.model), weights)
     paths = write_images(tmp_path)
-    detections, category_ids, _, _ = predict.predict(eager_config(retinanet_r50_fpn_1x_coco), str(weights), paths,
-                                                     device="cpu")
+    detections, category_ids, _, _ = eager_detections(str(weights), paths, retinanet_r50_fpn_1x_coco, 80)
     assert category_ids == COCO80_IDS and all(0 < len(d.scores) < 100 for d in detections)
     fmt = "exported" if ONNX_MISSING else "both"
     config = os.path.join(ROOT, "configs", "retinanet_r50_fpn_1x_coco.py")
-    _, seconds = run(export_command(config, str(weights), str(tmp_path / "out"), fmt, batch=1))
+    _, seconds = run(export_command(str(weights), str(tmp_path / "out"), fmt, batch=1, config=config))
     print(f"R50 export ({fmt}) at {CANVAS[0]}x{CANVAS[1]} took {seconds:.0f} s")
-    exported, *_ = predict.predict_exported(str(tmp_path / "out"), paths)
+    exported, *_ = exported_detections(str(tmp_path / "out"), paths)
     assert_twins(detections, exported, "R50 exported program")
     if ONNX_MISSING:
         return
@@ -396,7 +417,8 @@ def test_the_default_format_without_onnx_writes_the_program_and_says_what_it_ski
     out = tmp_path / "out"
     proc, _ = run([sys.executable, "-c", NO_ONNX, "--config=configs/smoke.py", f"--weights={ckpt}", f"--out={out}",
                    "--canvas=64x64", "--config.data.scale=64,64", "--config.model.test.max_candidates=100",
-                   "--config.model.test.nms_pre=100", "--config.model.canvas_exact=False"])
+                   "--config.model.test.nms_pre=100", "--config.model.canvas_exact=False", "--config.model.num_classes=5",
+                   "--use_config_for=data.scale,model.test.max_candidates,model.test.nms_pre,model.canvas_exact"])
     skipped = [line for line in proc.stderr.splitlines() if "ONNX is skipped" in line]
     assert len(skipped) == 1 and "onnx and onnxscript are not installed" in skipped[0], proc.stderr[-3000:]
     assert "pip install -e '.[onnx]'" in skipped[0]
@@ -410,7 +432,7 @@ def test_the_default_format_without_onnx_writes_the_program_and_says_what_it_ski
     monkeypatch.setitem(sys.modules, "onnx", None)  # the same absence in this process
     for fmt in ("onnx", "both"):
         with pytest.raises(ImportError, match=rf"--format {fmt} needs onnx and onnxscript.*pip install -e "):
-            export.export(smoke.get_config(), ckpt, str(tmp_path / fmt), fmt=fmt)
+            export.export(ckpt, str(tmp_path / fmt), fmt=fmt)
         assert not (tmp_path / fmt).exists()  # refused before anything is written
 
 
@@ -419,25 +441,27 @@ def test_the_default_format_without_onnx_writes_the_program_and_says_what_it_ski
 
 
 def test_canvas_and_folder_errors(tmp_path):
-    cfg = retinanet_r50_fpn_1x_coco.get_config()
+    spec = spec_of(retinanet_r50_fpn_1x_coco.get_config(), 80)
     with pytest.raises(ValueError, match=r"cannot hold every image resized with data.scale=\(1333, 800\).*"
-                                         r"--config.data.scale=512,512"):
-        export_program.export_config(cfg, (512, 512))
-    with pytest.raises(ValueError, match="multiples of model.size_divisor=32"):
-        export_program.export_config(cfg, (1344, 1350))
-    assert export_program.export_config(cfg).data.portrait_canvas == (1344, 1344)  # holds both aspect groups
-    assert not cfg.model.test.static_shapes  # the config given is left alone
+                                         r"--config.data.scale=512,512 --use_config_for=data.scale"):
+        export_program.export_spec(spec, (512, 512))
+    with pytest.raises(ValueError, match="multiples of the size divisor 32"):
+        export_program.export_spec(spec, (1344, 1350))
+    exported = export_program.export_spec(spec)
+    assert exported.input.portrait_canvas == exported.input.landscape_canvas == (1344, 1344)  # both aspect groups
+    assert exported.test.static_shapes and not spec.test.static_shapes  # the spec given is left alone
     with pytest.raises(FileNotFoundError, match="not a folder written by experiments.export"):
         export_format.read_spec(str(tmp_path))
-    (tmp_path / "model.json").write_text(json.dumps({"format": "retina_fn-export", "version": 1, "files": {}}))
+    (tmp_path / "model.json").write_text(json.dumps({"format": export_format.SPEC_FORMAT, "version": export_format.SPEC_VERSION,
+                                                      "files": {}}))
     with pytest.raises(FileNotFoundError, match="--format onnx"):
         export_format.load_program(str(tmp_path), export_format.read_spec(str(tmp_path)))
     with pytest.raises(ValueError, match="--format must be one of"):
-        export.export(cfg, "weights.pth", str(tmp_path), fmt="tflite")
+        export.export("weights.pth", str(tmp_path), fmt="tflite")
 
 
 def test_predict_refuses_exported_with_eager_flags(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.predict", f"--exported={tmp_path}", "--batch_size=4",
                            "--canvas=tight", f"--out={tmp_path / 'x.json'}", "a.jpg"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode != 0 and "drop --batch_size, --canvas" in proc.stderr
+    assert proc.returncode == 2 and "pass no config, tight canvas or batch size with it" in proc.stderr

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from ml_collections import ConfigDict
 
 from retina_fn import nn, rng, tree
 from retina_fn.model import resnet
+from retina_fn.spec import BackboneSpec
 
 
 def random_conv_bn(c_out=6, c_in=4, k=3, conv_bias=False, seed=0, dtype=torch.float32):
@@ -80,7 +80,8 @@ def test_channels_last_input_gives_channels_last_output_and_same_values():
 
 
 def test_resnet_with_folding_equals_resnet_with_separate_batch_norm(monkeypatch):
-    cfg = ConfigDict(dict(depth=18, style="pytorch", bn_eps=1e-5, frozen_stages=1))
+    cfg = BackboneSpec(depth=18, style="pytorch", norm="frozen_bn", bn_eps=1e-5, gn_groups=32, base_width=64,
+                       frozen_stages=1, norm_affine_trainable=False, channels_last=False)
     params = resnet.init(rng.key(0), cfg)
     g = torch.Generator().manual_seed(8)
     for path, leaf in tree.leaves_with_paths(params):  # non-trivial statistics and affines

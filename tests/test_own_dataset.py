@@ -1,5 +1,5 @@
 """A COCO-format dataset of one's own: model.num_classes='auto' takes the class count and label map from the
-annotation files (retina_fn/class_count.py), and the README's command for it runs as written.
+annotation files (retina_fn/class_count.py), and docs/own_dataset.md's command for it runs as written.
 
 The data is the synthetic shapes set with 3 classes written as COCO files: category ids 1, 2, 4 named circle,
 square, triangle, unlike COCO's 80 (or the demo's 5)."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,27 +20,30 @@ from experiments import benchmark, predict
 from retina_fn import class_count
 from retina_fn.engine import trainer
 from experiments.benchmark.options import Options
-from retina_fn import anchors, checkpoint, rng
+from retina_fn import anchors, checkpoint, rng, schema, trained as trained_lib
+from retina_fn.predictor import Predictor
 from retina_fn.data import synthetic
 from retina_fn.interop import to_mmdet, to_torchvision
 from retina_fn.model import retinanet
 from tests.dist_scripts import launch
 
 ROOT = launch.ROOT
-README_HEADING = "## Train on your own COCO-format dataset"
+GUIDE = os.path.join(ROOT, "docs", "own_dataset.md")
 NUM_CLASSES = 3
 
 
-def readme_command() -> str:
-    """The first bash block of the README's own-dataset section, its continuation lines joined."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+def guide_command() -> str:
+    """The first bash block of docs/own_dataset.md, its continuation lines joined."""
+    with open(GUIDE) as f:
         text = f.read()
-    assert README_HEADING in text, f"README.md has no section {README_HEADING!r}"
-    section = text.split(README_HEADING, 1)[1]
-    section = re.split(r"\n## ", section, maxsplit=1)[0]  # up to the next section
-    assert "```bash\n" in section, f"the README section {README_HEADING!r} has no bash block"
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "```bash\n" in text, f"{GUIDE} has no bash block"
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
     return block.replace("\\\n", " ").strip()
+
+
+def stored_labels(meta: dict) -> dict:
+    """The label map of a checkpoint's stored spec, as `categories_in` gives it."""
+    return {"category_ids": list(meta["spec"]["category_ids"]), "names": list(meta["spec"]["names"])}
 
 
 def categories_in(ann_file: str) -> dict:
@@ -117,7 +119,7 @@ def test_training_counts_the_annotation_files_categories(own_data, trained):
     assert expected["names"] == ["circle", "square", "triangle"] and expected["category_ids"] == [1, 2, 4]
     restored = checkpoint.load(ckpt)
     assert restored.step == 2
-    assert restored.meta["label_map"] == expected
+    assert stored_labels(restored.meta) == expected
     # the classification conv has (anchors per cell) x (the file's category count) outputs
     per_cell = anchors.anchors_per_cell(own_config(own_data).model.anchors)
     assert restored.state["params"]["head"]["cls_logits"]["weight"].shape[0] == per_cell * NUM_CLASSES
@@ -125,8 +127,8 @@ def test_training_counts_the_annotation_files_categories(own_data, trained):
         assert json.load(f)["model"]["num_classes"] == NUM_CLASSES  # the resolved config is what is saved
 
 
-def test_the_readme_command_trains_on_a_coco_format_folder(own_data, tmp_path):
-    """The README's command as written, with overrides appended for a 2-step run of a small model on small
+def test_the_guide_command_trains_on_a_coco_format_folder(own_data, tmp_path):
+    """docs/own_dataset.md's command as written, with overrides appended for a 2-step run of a small model on small
     canvases (later flags win): it trains on the folder without being told the class count."""
     workdir = tmp_path / "run"
     overrides = [
@@ -138,14 +140,14 @@ def test_the_readme_command_trains_on_a_coco_format_folder(own_data, tmp_path):
     ]
     env = launch.worker_env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the command runs `python`
-    done = subprocess.run(["bash", "-c", readme_command() + " " + " ".join(overrides)], cwd=ROOT, env=env,
+    done = subprocess.run(["bash", "-c", guide_command() + " " + " ".join(overrides)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert "label map of" in output and "0: 1 circle, 1: 2 square, 2: 4 triangle" in output
     restored = checkpoint.restore_latest(str(workdir / "checkpoints"))
     assert restored.step == 2
-    assert restored.meta["label_map"] == categories_in(str(own_data / synthetic.LAYOUT["train_ann"]))
+    assert stored_labels(restored.meta) == categories_in(str(own_data / synthetic.LAYOUT["train_ann"]))
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 2 and "bbox_mAP_50" in results  # evaluated on the validation file at the end
     with open(workdir / "config.json") as f:
@@ -199,7 +201,7 @@ def test_evaluation_only_with_weights_counts_the_validation_file(own_data, train
     _, ckpt = trained
     cfg = own_config(own_data)
     results = trainer.evaluate_only(cfg, str(tmp_path / "eval"), ckpt)
-    assert cfg.model.num_classes == NUM_CLASSES
+    assert [row["name"] for row in results["per_class"]] == ["circle", "square", "triangle"]
     assert results["weights"] == ckpt and 0.0 <= results["bbox_mAP"] <= 1.0
 
 
@@ -217,22 +219,24 @@ def test_prediction_takes_the_class_count_from_the_checkpoint(own_data, trained)
     _, ckpt = trained
     cfg = own_config(own_data)
     image = sorted((own_data / "val").iterdir())[0]
-    detections, category_ids, names, _ = predict.predict(cfg, ckpt, [str(image)], device="cpu")
-    assert cfg.model.num_classes == NUM_CLASSES
-    assert (list(category_ids), list(names)) == ([1, 2, 4], ["circle", "square", "triangle"])
+    predictor = Predictor(ckpt, cfg, device="cpu")  # the config's 'auto' agrees with the stored 3 classes
+    detections, _ = predict.predict_files(predictor, [str(image)])
+    assert cfg.model.num_classes == class_count.AUTO  # the config given is left alone
+    assert (list(predictor.category_ids), list(predictor.names)) == ([1, 2, 4], ["circle", "square", "triangle"])
     assert len(detections) == 1 and all(0 <= label < NUM_CLASSES for label in detections[0].labels)
 
 
 @pytest.mark.parametrize("fmt", ["mmdet", "torchvision"])
 def test_foreign_weights_are_counted_by_their_classification_conv(own_data, tmp_path, fmt):
-    model_cfg = own_config(own_data).model
-    model_cfg.num_classes = 7
-    params = retinanet.init(rng.key(0), model_cfg)
+    cfg = own_config(own_data)
+    cfg.model.num_classes = 7
+    spec = schema.detector_spec(cfg)
+    params = retinanet.init(rng.key(0), spec)
     path = tmp_path / f"{fmt}.pth"
-    torch.save(to_mmdet(params, model_cfg) if fmt == "mmdet" else to_torchvision(params, model_cfg), path)
-    model_cfg.num_classes = class_count.AUTO
-    count, source = class_count.count_in_weights(str(path), model_cfg)
-    assert count == 7 and str(path) in source
+    torch.save(to_mmdet(params, spec) if fmt == "mmdet" else to_torchvision(params, spec), path)
+    cfg.model.num_classes = class_count.AUTO
+    loaded = trained_lib.load_trained(str(path), cfg)
+    assert loaded.spec.num_classes == 7 and loaded.params["head"]["cls_logits"]["bias"].shape[0] == 7 * 9
 
 
 def test_programs_without_data_or_weights_ask_for_an_int(own_data):

@@ -124,7 +124,7 @@ def test_every_script_maps_the_precision_mode_onto_the_config(tmp_path, monkeypa
     resolved against the scripts' default config (which sets opt_level O1) as the entry point resolves them.
     That the resolved configs train at those precisions is test_precision_mode_trains_at_that_precision's part,
     one real run per mode through train_full_1p.sh."""
-    from retina_fn.precision import precision_from_config
+    from retina_fn.schema import precision_name
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -147,7 +147,7 @@ def test_every_script_maps_the_precision_mode_onto_the_config(tmp_path, monkeypa
     cfg = resolve_entry_config(launch_args[entry + 1:])
     assert cfg.name == "retinanet_r50_fpn_1x_coco_npu"
     precision, opt_level = PRECISION_MODES[mode] if mode else ("fp16", "O1")  # no mode: the config's O1
-    assert precision_from_config(cfg.train).name == precision
+    assert precision_name(cfg.train) == precision
     assert cfg.train.opt_level == opt_level
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from retina_fn import class_count
+from retina_fn import class_count, schema
+from retina_fn.engine import host_memory
 from experiments.benchmark.data_mode import measure_data
 from experiments.benchmark.measurement import load_average, machine_info, measure, release, speedup
 from experiments.benchmark.options import VARIANTS, Options, apply_options, check_options, parse_canvas, variant_config
 from experiments.benchmark.report import format_table, write_json
 from experiments.benchmark.subjects import ours_infer, ours_train, torchvision_available, tv_infer, tv_train
-from experiments.train_hooks import synchronize
-from retina_fn import precision as precision_lib
+from retina_fn.engine.hooks import synchronize
 from retina_fn.data.random_batch import config_batch
 from retina_fn.parallel import backend
 
@@ -73,10 +73,11 @@ def run(cfg, opts: Options) -> dict:
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     device = _device(opts.device)
+    host_memory.keep_freed_memory(device)  # as the trainer: a CPU step reuses its freed buffers
     cfg = apply_options(cfg, opts)
     batch_size = int(cfg.data.images_per_device)
     result = {"config": cfg.name, "mode": opts.mode, "batch": batch_size, "canvas": list(cfg.data.landscape_canvas),
-              "precision": precision_lib.precision_from_config(cfg.train).name, "compile": bool(cfg.train.compile),
+              "precision": schema.precision_name(cfg.train), "compile": bool(cfg.train.compile),
               "cuda_graph": bool(cfg.train.cuda_graph), "channels_last": bool(cfg.model.backbone.channels_last),
               "num_classes": cfg.model.num_classes, "iters": opts.iters, "warmup": opts.warmup,
               "rounds": opts.rounds, "machine": machine_info(device)}

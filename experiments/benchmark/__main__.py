@@ -13,7 +13,7 @@ def main() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from experiments import benchmark, cli, host_memory
+    from experiments import benchmark, cli
     from experiments.benchmark import options
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
@@ -51,7 +51,6 @@ def main() -> None:
             warmup=warmup.value, rounds=rounds.value, threads=threads.value, peak_tflops=peak.value,
             compare=compare.value, device=device.value, count_flops=not no_flops.value, variants=tuple(variants.value),
             check_steps=check.value, profile_steps=profile.value, image_size=image_size.value)
-        host_memory.keep_freed_memory()  # as the trainer: a CPU step reuses its freed buffers
         result = benchmark.run(config.value, opts)
         print(benchmark.format_table(result))
         if out.value:

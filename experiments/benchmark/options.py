@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from configs import common
+from experiments.cli import parse_canvas  # noqa: F401  (the benchmark's --canvas)
 from retina_fn import errors
 
 MODES = ("train", "infer", "data")
@@ -51,15 +52,6 @@ class Options(NamedTuple):
     image_size: int | None = None  # data: the stand-in JPEGs' base side (None: the canvas's long side)
 
 
-def parse_canvas(text: str) -> tuple[int, int]:
-    """(H, W) from a --canvas value 'HxW' of positive integers ('512x768' -> (512, 768)); a ConfigError naming
-    --canvas otherwise."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise errors.ConfigError(f"--canvas must be HxW with positive integers, e.g. 512x512; got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def check_options(opts: Options, torchvision_importable: Callable[[], bool]) -> None:
     """Raises a ConfigError naming the flag at fault: an unknown mode, comparison or variant, --iters or
     --rounds < 1, a negative --warmup, --check-steps or --profile, or --compare torchvision where
@@ -87,6 +79,7 @@ def apply_options(cfg, opts: Options):
     if opts.canvas is not None:
         h, w = opts.canvas
         cfg.data.landscape_canvas, cfg.data.portrait_canvas = (h, w), (w, h)
+        cfg.data.scale = (max(h, w), min(h, w))  # images resized to fit the canvas
     if opts.precision is not None:
         cfg.train.precision, cfg.train.opt_level = opts.precision, None
     if opts.compile is not None:

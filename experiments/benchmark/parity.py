@@ -20,9 +20,8 @@ from typing import Callable
 
 import torch
 
-from experiments.train_hooks import host_scalars
-from retina_fn import precision as precision_lib
-from retina_fn import rng, tree
+from retina_fn.engine.hooks import host_scalars
+from retina_fn import schema, tree
 
 METRICS = ("loss", "loss_cls", "loss_box", "grad_norm")
 _LOW = {"loss": 2e-2, "grad_norm": 5e-2, "update": 5e-2, "count": 5e-2, "score": 2e-2}
@@ -32,7 +31,7 @@ TOLERANCES = {"fp32": {"loss": 2e-4, "grad_norm": 5e-4, "update": 5e-4, "count":
 
 def tolerance(cfg) -> dict:
     """TOLERANCES' entry for the config's train.precision."""
-    return TOLERANCES[precision_lib.precision_from_config(cfg.train).name]
+    return TOLERANCES[schema.precision_name(cfg.train)]
 
 
 def relative(a: float, b: float) -> float:
@@ -66,17 +65,16 @@ def _verdict(diffs: dict, tolerance: dict) -> dict:
     return {"tolerance": tolerance, "differences": diffs, "failed": failed, "ok": not failed}
 
 
-def compare_train(step: Callable, eager_step: Callable, start: dict, batch: dict, key: torch.Tensor, steps: int,
+def compare_train(step: Callable, eager_step: Callable, start: dict, batch: dict, steps: int,
                   tolerance: dict) -> dict:
     """Runs `steps` steps of `step` and of `eager_step` from `start` and compares them (module docstring).
 
     Args:
-      step: the subject, `step(state, batch, key) -> (state, metrics)` (a graphed step may return its static
+      step: the subject, `step(state, batch) -> (state, metrics)` (a graphed step may return its static
         buffers and overwrite its metrics on the next call: each is read before that).
       eager_step: the reference of the same signature.
       start: the initial train state (left unchanged).
       batch: the batch of every step.
-      key: int64 [2]; step i gets fold_in(key, i).
       steps: how many steps (at least 1).
       tolerance: TOLERANCES' entry: 'loss' (loss, loss_cls, loss_box), 'grad_norm', 'update' (parameter update
         and optimiser state).
@@ -87,11 +85,10 @@ def compare_train(step: Callable, eager_step: Callable, start: dict, batch: dict
     """
     sub = ref = start
     diffs = {name: [] for name in METRICS}
-    for i in range(steps):
-        k = rng.fold_in(key, i)
-        sub, m_sub = step(sub, batch, k)
+    for _ in range(steps):
+        sub, m_sub = step(sub, batch)
         m_sub = host_scalars({name: m_sub[name] for name in METRICS})
-        ref, m_ref = eager_step(ref, batch, k)
+        ref, m_ref = eager_step(ref, batch)
         m_ref = host_scalars({name: m_ref[name] for name in METRICS})
         for name in METRICS:
             diffs[name].append(relative(m_sub[name], m_ref[name]))

@@ -8,9 +8,15 @@ import torch
 from experiments.benchmark import parity
 from experiments.benchmark.measurement import Subject, count_flops
 from retina_fn import precision as precision_lib
-from retina_fn import rng
+from retina_fn import rng, schema
 from retina_fn.errors import ConfigError
 from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
+
+
+def _eval_step(cfg, device):
+    """The eval step of a config: its spec at its precision, a CUDA graph with train.cuda_graph."""
+    return make_eval_step(schema.detector_spec(cfg), device, precision_name=schema.precision_name(cfg.train),
+                          cuda_graph=bool(cfg.train.cuda_graph))
 
 STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
 
@@ -35,27 +41,30 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
       train.cuda_graph its check compares the step with the eager one (parity.compare_train).
     """
     global_batch = batch["image"].shape[0]
-    optimizer = build_optimizer(cfg)
+    spec, settings = schema.detector_spec(cfg), schema.step_settings(cfg)
+    optimizer = build_optimizer(settings)
 
     def build(c):
-        return make_train_step(c, optimizer, steps_per_epoch=STEPS_PER_EPOCH, global_batch=global_batch,
-                               device=device)
+        return make_train_step(spec, schema.step_settings(c), optimizer, steps_per_epoch=STEPS_PER_EPOCH,
+                               global_batch=global_batch, device=device)
 
-    initial = init_train_state(cfg, rng.key(seed), optimizer, device=device)  # the pure step leaves it as it is
+    def fresh():
+        return init_train_state(spec, settings, rng.key(seed), optimizer, device=device)
+
+    initial = fresh()  # the pure step leaves it as it is
     state, step = {"s": initial}, build(cfg)
 
     def call():
-        state["s"], metrics = step(state["s"], batch, rng.key(seed))
+        state["s"], metrics = step(state["s"], batch)
         return metrics
 
     def flops():
         eager = build(_eager(cfg))
-        return count_flops(lambda: eager(state["s"], batch, rng.key(seed)))
+        return count_flops(lambda: eager(state["s"], batch))
 
     def check(steps):
-        start = init_train_state(cfg, rng.key(seed), optimizer, device=device) if optimizer.inplace else initial
-        return parity.compare_train(step, build(_eager(cfg)), start, batch, rng.key(seed), steps,
-                                    parity.tolerance(cfg))
+        start = fresh() if optimizer.inplace else initial
+        return parity.compare_train(step, build(_eager(cfg)), start, batch, steps, parity.tolerance(cfg))
 
     return Subject(name, call, flops, check if cfg.train.compile or cfg.train.cuda_graph else None)
 
@@ -63,7 +72,9 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 def _fresh_params(cfg, device: torch.device, seed: int) -> dict:
     """Freshly initialised full parameters with a zero classification bias: every (anchor, class) pair passes
     the score threshold, so post-processing works at full load (at the prior-probability bias none would)."""
-    params = full_params(init_train_state(cfg, rng.key(seed), build_optimizer(cfg), device=device))
+    settings = schema.step_settings(cfg)
+    params = full_params(init_train_state(schema.detector_spec(cfg), settings, rng.key(seed), build_optimizer(settings),
+                                          device=device))
     head = dict(params["head"])
     head["cls_logits"] = dict(head["cls_logits"], bias=torch.zeros_like(head["cls_logits"]["bias"]))
     return dict(params, head=head)
@@ -87,15 +98,14 @@ def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
         raise ConfigError("--mode infer: train.compile and train.cuda_graph together are not supported (the "
                           "compiled eval step would trace the graph's runner); choose one")
     params = _fresh_params(cfg, device, seed)
-    eval_step = make_eval_step(cfg, device=device)
+    eval_step = _eval_step(cfg, device)
     timed = torch.compile(eval_step) if cfg.train.compile else eval_step
 
     def check(steps):
-        return parity.compare_infer(timed, make_eval_step(_eager(cfg), device=device), params, batch,
-                                    parity.tolerance(cfg))
+        return parity.compare_infer(timed, _eval_step(_eager(cfg), device), params, batch, parity.tolerance(cfg))
 
     return Subject(name, lambda: timed(params, batch),
-                   lambda: count_flops(lambda: make_eval_step(_eager(cfg), device=device)(params, batch)),
+                   lambda: count_flops(lambda: _eval_step(_eager(cfg), device)(params, batch)),
                    check if cfg.train.compile or cfg.train.cuda_graph else None)
 
 
@@ -150,7 +160,7 @@ def tv_train(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
     model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    prec = precision_lib.precision_from_config(cfg.train)
+    prec = precision_lib.precision_from_name(schema.precision_name(cfg.train))
     scaler = torch.amp.GradScaler(device.type, enabled=prec.loss_scaling)
     images = list(batch["image"].unbind(0))
     targets = [{"boxes": b[v], "labels": lab[v]} for b, lab, v in zip(batch["boxes"], batch["labels"],
@@ -184,7 +194,7 @@ def tv_infer(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
     model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).eval()
     with torch.no_grad():
         model.head.classification_head.cls_logits.bias.zero_()
-    prec = precision_lib.precision_from_config(cfg.train)
+    prec = precision_lib.precision_from_name(schema.precision_name(cfg.train))
     images = list(batch["image"].unbind(0))
 
     @torch.no_grad()

@@ -169,7 +169,12 @@ def count_in_weights(path: str | os.PathLike, per_cell: int) -> tuple[int, str]:
 
 
 def classes_in(raw: RawWeights, per_cell: int, source: str) -> tuple[int, str]:
-    """`count_in_weights` of weights already read."""
+    """(K, where K was read) for weights already read: a stored label map's length, else the classification
+    conv's output channels / anchors per cell.
+
+    Raises:
+      CheckpointMismatch: no classification conv, or a channel count that is no multiple of per_cell.
+    """
     labels = stored_label_map(raw.meta)
     if labels:
         return len(labels[0]), f"the label map stored in {source}"
