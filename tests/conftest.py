@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,20 @@ SLOW_FILES = (
 )
 
 
+# End-to-end files: programs run as subprocesses, training runs, multi-process launches, compiled steps. Every
+# test in them is marked slow, so `make test-fast` (-m "not slow") is the core and unit tests.
+END_TO_END_FILES = frozenset({
+    "test_benchmark.py", "test_benchmark_suite.py", "test_cli.py", "test_compile.py", "test_dist_faults.py",
+    "test_dist_train.py", "test_elastic.py", "test_evaluation.py", "test_experiment.py", "test_export.py",
+    "test_golden_torchvision.py", "test_host_memory.py", "test_kill_resume.py", "test_own_dataset.py",
+    "test_parallel_collectives.py", "test_predict.py", "test_recipe_1x.py", "test_resume_world_size.py",
+    "test_scripts.py", "test_slurm_script.py", "test_tensorboard_log.py", "test_trained.py", "test_trainer.py",
+})
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if os.path.basename(str(item.path)) in END_TO_END_FILES:
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(SLOW_FILES)))
