@@ -1,10 +1,7 @@
 """The k largest entries of each row, in descending order with ties to the lower index, without sorting
-the whole row.
+the whole row (a stable descending sort's first k: equal scores keep the anchor order, as the references do).
 
-A stable descending sort's first k indices are what post-processing needs (equal scores keep the anchor
-order, as the references do), but sorting the 3.4 M (anchor, class) pairs of a 512 x 512 P3 level (13.8 M
-at 800 x 1344) takes a few hundred milliseconds on a CPU. Two exact shortcuts replace it:
-
+Two exact shortcuts replace the sort:
 1. Collision-free keys. Each float32 score becomes an int64 that orders like the score, with the entry's
    index packed below it so that equal scores order by index; torch.topk on the keys then has exactly
    one answer, the sort's.
@@ -23,24 +20,15 @@ _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before).
-    Top-k here and NMS (retina_fn.nms) take their export paths from it."""
+    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
 
 
 def order_preserving_int(x: torch.Tensor) -> torch.Tensor:
-    """Maps float32 scores to int64 keys with a < b exactly when float a < float b.
-
+    """float32 scores -> int64 keys in [0, 2**32), x's shape, with a < b exactly when float a < float b.
     -0.0 and 0.0 map to one value, and every NaN to one value above +inf (torch.sort's descending order
-    puts NaN first).
-
-    Args:
-      x: float32, any shape.
-
-    Returns:
-      int64, x's shape, values in [0, 2**32).
-    """
+    puts NaN first)."""
     x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x + 0.0)  # one NaN; -0.0 + 0.0 = +0.0
     bits = x.view(torch.int32).to(torch.int64)
     # Non-negative floats already order as their bit patterns; negative ones in reverse, so flip their
@@ -56,18 +44,14 @@ def _top_k_keyed(values: torch.Tensor, index: torch.Tensor, k: int) -> torch.Ten
 
 
 def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
-    """Indices of the k largest entries along dim 1, descending, ties to the lower index.
-
-    The same as torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]. float32, float16 and
-    bfloat16 keys go through the two shortcuts of the module docstring (chunks of `chunk` entries when the
-    row holds more than 4 * k * chunk entries); other dtypes, rows of 2**31 entries or more, and tracing
-    by torch.export fall back to the stable sort (an exported program may be translated to ONNX, whose
-    opsets before 26 have no bit view of a float as an integer; its TopK is a stable sort).
+    """torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k], computed as the module docstring
+    says for float32, float16 and bfloat16 keys (chunks of `chunk` entries, <= 1: none, when a row holds more
+    than 4 * k * chunk entries). Other dtypes, rows of 2**31 entries or more, and tracing by torch.export use
+    the stable sort (an exported program may become ONNX, whose opsets before 26 cannot view a float's bits).
 
     Args:
       key: [B, n], any dtype torch.sort takes.
       k: how many indices per row; more than n gives n.
-      chunk: entries per chunk (<= 1: no chunking).
 
     Returns:
       int64 [B, min(k, n)], positions along dim 1.
