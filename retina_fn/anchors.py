@@ -4,13 +4,9 @@ Order (mmdetection's, shared with the head outputs): levels P3..P7 concatenated;
 then column j, then anchor a = ratio_index * scales_per_octave + scale_index, i.e. flat index
 (i * W + j) * n + a. Cell (0, 0) is centred at pixel (0, 0). Boxes are float32 (x1, y1, x2, y2).
 
-The settings (`spec` = retina_fn.spec.AnchorSpec):
-  style: 'mmdet' (exact float sizes octave_base_scale * stride * 2**(i / scales_per_octave)) |
-         'torchvision' (torchvision v1's AnchorGenerator: sizes truncated with int(), base-anchor corners
-         rounded half-to-even, grid step canvas // feature size per axis)
-  octave_base_scale, scales_per_octave, ratios (h / w), strides (one per level, powers of two)
-Valid flags and each image's own anchors also take the size divisor: images are padded to a multiple of it.
-Nothing is cached here: callers keep the result per canvas themselves.
+style 'mmdet': exact float sizes octave_base_scale * stride * 2**(i / scales_per_octave); 'torchvision' (v1's
+AnchorGenerator): sizes truncated with int(), corners rounded half-to-even, grid step canvas // feature size.
+Nothing is cached here.
 """
 
 from __future__ import annotations

@@ -1,20 +1,16 @@
 """Anchor-to-ground-truth assignment: mmdetection 2.9.0's MaxIoUAssigner followed by its PseudoSampler
 (every positive and negative is kept), batched over padded ground truth with no loop over images or boxes.
 
-Per image, on the valid anchors only and with the valid ground truth only:
-  1. IoU of every anchor with every gt. With ignore_iof_thr > 0, an anchor whose largest IoF
-     (intersection / anchor area) with a valid crowd box exceeds the threshold gets IoU -1 with every gt.
-  2. Per anchor: max IoU and its gt (ties go to the lowest gt index).
-     negative if 0 <= max < neg_iou_thr; positive if max >= pos_iou_thr, matched to that gt.
-  3. Low-quality matches (match_low_quality): for each gt whose best IoU over the anchors is >= min_pos_iou
-     and > 0, every anchor whose IoU with it equals that best becomes positive.
-     low_quality 'mmdet': the anchor is matched to that gt, and the highest such gt index wins (mmdetection
-     loops over gts in order and later ones overwrite). 'torchvision' (Matcher with
-     allow_low_quality_matches): the anchor keeps its own argmax gt from step 2.
-     The '> 0' guard departs from both references in one degenerate case: a gt that overlaps no valid
-     anchor would otherwise claim every anchor with IoU 0 against it.
-  4. An image without valid gt: every valid anchor is negative (crowd boxes do not change that, as in
-     mmdetection, which skips its ignore step when there is no gt). Invalid anchors are neither.
+Per image, on the valid anchors and valid gt only:
+  1. IoU of every anchor with every gt; with ignore_iof_thr > 0, an anchor whose largest IoF with a crowd box
+     exceeds it gets IoU -1 with every gt.
+  2. Per anchor max IoU and its gt (ties to the lowest index): negative if 0 <= max < neg_iou_thr, positive if
+     max >= pos_iou_thr.
+  3. match_low_quality: for each gt whose best IoU is >= min_pos_iou and > 0 (the guard keeps a gt overlapping
+     nothing from claiming everything), every anchor at that best becomes positive, matched to it with the
+     highest such gt winning ('mmdet', later gts overwrite) or keeping its own argmax ('torchvision').
+  4. An image without valid gt: every valid anchor is negative (crowds aside, as mmdetection). Invalid anchors
+     are neither.
 """
 
 from __future__ import annotations
@@ -94,17 +90,12 @@ def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
 def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
            spec: AssignerSpec, ignore_boxes: torch.Tensor | None = None,
            ignore_valid: torch.Tensor | None = None) -> Assignment:
-    """Assigns anchors to padded ground truth by the module docstring's rules.
+    """Assigns anchors float [A, 4] xyxy (anchor_valid bool [B, A]) to padded ground truth gt_boxes float
+    [B, G, 4] (gt_valid bool [B, G]) by the module docstring's rules -> `Assignment`.
 
     Args:
-      anchors: float [A, 4] xyxy, shared by the batch.
-      anchor_valid: bool [B, A], the anchors taking part (see retina_fn.anchors.valid_flags).
-      gt_boxes: float [B, G, 4] xyxy, padded ground truth; gt_valid: bool [B, G], its real rows.
-      ignore_boxes: optional float [B, Gi, 4] xyxy crowd regions, used only when spec.ignore_iof_thr > 0;
-        ignore_valid: bool [B, Gi], given exactly when ignore_boxes is.
-
-    Returns:
-      An `Assignment` of [B, A] tensors.
+      ignore_boxes: optional float [B, Gi, 4] crowd regions (read when spec.ignore_iof_thr > 0), with
+        ignore_valid bool [B, Gi].
 
     Raises:
       ValueError: a shape or dtype that does not fit, or ignore_boxes without ignore_valid (or the reverse).

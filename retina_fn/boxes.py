@@ -41,20 +41,8 @@ def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.Tensor:
-    """Overlaps of every box in `a` with every box in `b`.
-
-    Args:
-      a: float [..., N, 4] xyxy.
-      b: float [..., M, 4] xyxy; leading dims broadcast with a's (e.g. a [A, 4] with b [B, G, 4]).
-      mode: 'iou': intersection / union; 'iof': intersection / area(a) (how much of an anchor a crowd box
-        covers). The denominator is floored at 1e-6 (mmdetection's eps).
-
-    Returns:
-      float [..., N, M].
-
-    Raises:
-      ValueError: an unknown mode.
-    """
+    """float [..., N, M] overlaps of a [..., N, 4] with b [..., M, 4] (leading dims broadcast): mode 'iou'
+    (intersection / union) or 'iof' (intersection / area(a)), the denominator floored at 1e-6 (mmdetection)."""
     if mode not in ("iou", "iof"):
         raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
     inter = _pairwise_intersection(a, b)
@@ -105,17 +93,12 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
 def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
            max_shape: torch.Tensor | None = None, scale_clamp: float = DEFAULT_SCALE_CLAMP,
            clamp_lower: bool = True) -> torch.Tensor:
-    """Inverse of `encode`: deltas relative to anchors -> boxes.
+    """Inverse of `encode`: anchors float [..., 4] xyxy and deltas [..., 4] -> float32 [..., 4] xyxy boxes.
 
     Args:
-      anchors: float [..., 4] xyxy.
-      deltas: float [..., 4] (dx, dy, dw, dh), broadcast with anchors; means, stds as given to `encode`.
-      max_shape: optional [..., 2] (H, W), broadcastable to the boxes' leading dims: boxes are `clip`ped to it.
-      scale_clamp: dw, dh are clamped to <= scale_clamp, and also to >= -scale_clamp when clamp_lower
-        (mmdetection clamps both sides, torchvision only the upper).
-
-    Returns:
-      float32 [..., 4] xyxy boxes.
+      max_shape: optional [..., 2] (H, W): boxes are `clip`ped to it.
+      scale_clamp: dw, dh clamped to <= scale_clamp, and >= -scale_clamp when clamp_lower (mmdetection; torchvision
+        clamps only the upper side).
     """
     d = deltas.float()
     if not _identity_coder(means, stds):

@@ -1,12 +1,9 @@
 """Each image's reference extent on a shared canvas, and masks that make a canvas compute like it.
 
-The references (mmdetection, torchvision) pad each image alone to a multiple of `size_divisor` (32) and run the
-network on that padded image; its feature map at stride s has ceil(pad / s) rows and columns, and every padded
-convolution or pooling reads zeros (-inf for max pooling) beyond it. On a larger canvas the activations beyond
-that extent are not zero after the first biased layer, so zeroing them before every layer that reads
-neighbours makes each image's features inside its extent equal the reference's (max pooling after a ReLU reads
-values >= 0, so a zero changes no maximum either). 1x1 convolutions, additions and the FPN's exact 2x nearest
-upsampling read only positions inside the extent and need no mask.
+The references pad each image alone to a multiple of `size_divisor`; its feature map at stride s has
+ceil(pad / s) rows and columns, and padded layers read zeros beyond it. Zeroing activations outside that extent
+before every layer that reads neighbours makes each image's features inside it equal the reference's (a zero
+changes no maximum after a ReLU); 1x1 convs, additions and exact 2x upsampling need no mask.
 """
 
 from __future__ import annotations
@@ -22,11 +19,7 @@ def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 def padded_hw(image_hw: torch.Tensor, divisor: int, canvas_hw) -> torch.Tensor:
     """int64 [B, 2]: each image's (h, w), image_hw int64 [B, 2], padded alone to a multiple of `divisor`
-    (model.size_divisor) and at most canvas_hw (H, W).
-
-    Raises:
-      ConfigError: divisor < 1.
-    """
+    (model.size_divisor; ConfigError if < 1) and at most canvas_hw (H, W)."""
     if divisor < 1:
         raise errors.ConfigError(f"model.size_divisor must be >= 1, got {divisor}")
     pad = _ceil_div(image_hw.to(torch.int64), int(divisor)) * int(divisor)

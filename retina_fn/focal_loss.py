@@ -1,17 +1,14 @@
-"""Fused sigmoid focal loss over integer labels: the summed loss and its gradient in one forward pass.
+"""Fused sigmoid focal loss over integer labels (no one-hot): the summed loss and its gradient in one forward pass.
 
-Unlike the one-hot formulation (`retina_fn.losses.sigmoid_focal_loss`: a float target and weight the size of
-the logits, about ten [B, A, K] elementwise steps for autograd), each anchor carries one integer code:
+Each anchor carries one integer code:
 
   0..K-1      a positive of that class (target 1 for that class, 0 for the others);
   IGNORE      weighs nothing, no loss and a zero gradient;
   any other   background (all K targets 0); BACKGROUND is the code to use.
 
-The forward pass computes every element as if its target were 0, then rewrites the one element per anchor
-whose target is 1, and returns the per-image sums with the gradient with respect to the logits; the backward
-only scales that saved gradient. The values are mmcv's: logs from softplus, floored at FLT_MIN in value with
-the unclamped derivative, in float32 (float64 stays float64) whatever the logits' dtype. An autograd.Function
-with `setup_context`, so `torch.func.grad` differentiates through it; no vmap rule, no second derivative.
+The forward computes every element as if its target were 0, rewrites the one target-1 element per anchor and
+saves the gradient, which the backward only scales. mmcv's values, in float32 (float64 stays float64); an
+autograd.Function with `setup_context`, so `torch.func.grad` works; no vmap rule, no second derivative.
 """
 
 from __future__ import annotations
@@ -89,17 +86,13 @@ class _FocalLossSums(torch.autograd.Function):
 
 def sigmoid_focal_loss_sums(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
                             gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al. 2017; mmcv's values) summed over each image's anchors and classes:
-    `losses.sigmoid_focal_loss` of the one-hot targets of `labels` times a 0/1 anchor weight, summed.
+    """`losses.sigmoid_focal_loss` of the one-hot targets of `labels` times a 0/1 anchor weight, summed per image.
 
     Args:
-      logits: float [B, A, K] (float32, or bfloat16 / float16 from autocast; float64 for gradient checks).
-      labels: integer [B, A] codes (module docstring).
-      alpha: weight of target-1 elements (1 - alpha for target-0 elements); gamma: the focusing exponent.
+      logits: float [B, A, K] (any float dtype); labels: integer [B, A] codes (module docstring).
 
     Returns:
-      float32 [B] (float64 for float64 logits), computed with autocast disabled; its gradient with respect to
-      logits has logits' dtype. No second derivatives (torch.func would take the saved gradient for a constant).
+      float32 [B] (float64 for float64 logits), autocast disabled; its gradient has logits' dtype.
 
     Raises:
       ValueError: logits not [B, A, K], or labels not an integer [B, A] tensor.

@@ -59,14 +59,9 @@ def _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_
     if cls_logits.ndim != 3:
         raise ValueError(f"cls_logits must be [B, A, K], got shape {tuple(cls_logits.shape)}")
     b, a, _ = cls_logits.shape
-    expected = {
-        "box_deltas": (box_deltas, (b, a, 4)),
-        "anchors": (anchors, (a, 4)),
-        "anchor_valid": (anchor_valid, (b, a)),
-        "assignment.positive": (assignment.positive, (b, a)),
-        "assignment.negative": (assignment.negative, (b, a)),
-        "assignment.matched": (assignment.matched, (b, a)),
-    }
+    expected = {"box_deltas": (box_deltas, (b, a, 4)), "anchors": (anchors, (a, 4)),
+                "anchor_valid": (anchor_valid, (b, a))}
+    expected.update({f"assignment.{f}": (getattr(assignment, f), (b, a)) for f in ("positive", "negative", "matched")})
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match cls_logits "

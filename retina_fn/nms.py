@@ -5,15 +5,10 @@ input order; walk down the list keeping a box unless a box kept before it, with 
 with IoU strictly greater than the threshold.
 
 Without a loop over boxes: in sorted order let S[j, i] = (j < i) and same label and IoU(j, i) > threshold.
-Greedy's answer g is the unique solution of g[i] = valid[i] and not any_j (g[j] and S[j, i]) (g[i] depends
-only on g[j], j < i). Iterating k <- valid and not any_j (k[j] and S[j, i]) from k = valid makes entry t exact
-after t + 1 iterations, so any fixed point is g and stopping when an iteration changes nothing is exact; the
-count is the depth of the longest chain of dependent decisions, not N. Each iteration is one batched
-[1, N] x [N, N] product and one host sync (post-processing is not the train step).
-
-The work is done in blocks of 256 boxes in score order: a block is first cleared against the boxes kept in
-earlier blocks (final decisions), then solved by the iteration. Callers take only the first `max_output` kept
-boxes, so the walk stops once every image has that many. Worst case O(N^2) time, O(256 N) memory per image.
+Greedy's answer g is the unique solution of g[i] = valid[i] and not any_j (g[j] and S[j, i]); iterating that
+from k = valid makes entry t exact after t + 1 iterations, so its fixed point is g (one [1, N] x [N, N] product
+and one host sync per iteration). Blocks of 256 boxes in score order are first cleared against the boxes kept in
+earlier blocks, then solved; the walk stops once every image has `max_output` kept boxes.
 """
 
 from __future__ import annotations
@@ -164,23 +159,17 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     """Class-aware greedy NMS for each image of a padded batch, in float32 with autocast disabled.
 
     Args:
-      boxes: float [B, N, 4] xyxy; scores: float [B, N].
-      labels: integer [B, N]; only boxes of equal label suppress each other.
-      valid: bool [B, N]; invalid entries, and entries with a nan score, neither survive nor suppress.
-      iou_threshold: a box is suppressed when its IoU with a kept box of its label is > this.
-      max_output: M, the number of kept boxes returned per image.
-      impl: 'torch' (batched, any device), 'torchvision' (torchvision's kernel per image and class) or
-        'auto' (torchvision when it imports).
-      max_iters: cap on the torch path's fixed-point iterations (None: until convergence); only the first
-        max_iters boxes in score order are then sure to be decided as greedy NMS would.
+      boxes: float [B, N, 4] xyxy; scores: float [B, N]; labels: integer [B, N].
+      valid: bool [B, N]; invalid entries and nan scores neither survive nor suppress.
+      max_output: M, kept boxes returned per image.
+      impl: 'torch' (batched), 'torchvision' (its kernel per image and class) or 'auto' (torchvision if it imports).
+      max_iters: cap on the torch path's fixed-point iterations (None: until convergence).
 
     Returns:
-      (keep_index int64 [B, M]: indices into N of the kept boxes by score descending, ties in input order,
-      0 in padding slots; keep_valid bool [B, M]: True for the first min(M, #kept) of each row).
+      (keep_index int64 [B, M] into N, by score descending, 0 in padding; keep_valid bool [B, M]).
 
     Raises:
-      ValueError: inconsistent shapes, non-bool valid, floating labels, an unknown impl, max_output < 0
-        or max_iters < 1.
+      ValueError: inconsistent shapes or dtypes, an unknown impl, max_output < 0 or max_iters < 1.
       ImportError: impl='torchvision' when torchvision is absent.
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4:

@@ -1,18 +1,8 @@
 """Mixed-precision settings, autocast contexts, loss scaling as pure state, and overflow checks.
 
-Precisions: 'fp32' (no autocast, no loss scaling); 'fp16' (autocast to float16 with loss scaling, the Ascend
-port's apex O1; dynamic by default, static when `train.loss_scale.dynamic` is False, as the port's fixed
-scale 64); 'bf16' (autocast to bfloat16, no loss scaling: bf16 has float32's exponent range).
-apex opt levels map onto these: O0 -> fp32, O1 and O2 -> fp16. Parameters stay float32 and autocast runs
-the matmuls and convolutions in fp16: O1 exactly, O2 (fp16 model, fp32 master weights) closely. O3 (pure
-fp16) is refused.
-
-A train step uses the loss scale with tensors only (no host sync, no Python branch on values):
-
-    grads = unscale_grads(grad_of(scale_loss(loss, ls_state)), ls_state)
-    finite = overflow_check(grads, ls_state.scale)
-    params, opt_state = select_tree(finite, opt.update(grads, opt_state, params, lr), (params, opt_state))
-    ls_state = update_loss_scale(ls_state, finite, settings.loss_scale)
+Precisions: 'fp32'; 'fp16' (autocast to float16 with dynamic or static loss scaling, the Ascend port's apex O1);
+'bf16' (autocast to bfloat16, no loss scaling). apex O0 -> fp32, O1 and O2 -> fp16 (parameters stay float32);
+O3 is refused. Loss scaling uses tensors only: no host sync, no Python branch on values.
 """
 
 from __future__ import annotations
@@ -96,10 +86,8 @@ class LossScaleSettings:
 
 def init_loss_scale(settings: LossScaleSettings, device: torch.device | str | None = None) -> LossScaleState:
     """The starting state of the settings' scale."""
-    return LossScaleState(
-        scale=torch.tensor(float(settings.init), dtype=torch.float32, device=device),
-        good_steps=torch.zeros((), dtype=torch.int64, device=device),
-    )
+    return LossScaleState(torch.tensor(float(settings.init), dtype=torch.float32, device=device),
+                          torch.zeros((), dtype=torch.int64, device=device))
 
 
 def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, settings: LossScaleSettings) -> LossScaleState:
@@ -114,10 +102,8 @@ def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, setting
     grow = counted >= settings.growth_interval
     grown = torch.where(grow, state.scale * settings.factor, state.scale)
     shrunk = torch.clamp(state.scale / settings.factor, min=1.0)
-    return LossScaleState(
-        scale=torch.where(grads_finite, grown, shrunk),
-        good_steps=torch.where(grow, torch.zeros_like(counted), counted),
-    )
+    return LossScaleState(torch.where(grads_finite, grown, shrunk),
+                          torch.where(grow, torch.zeros_like(counted), counted))
 
 
 def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:

@@ -50,11 +50,7 @@ def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
 
 
 def key(seed: int) -> Key:
-    """A root key (int64 [2] on the CPU) from a seed in [0, 2**64).
-
-    Raises:
-      ValueError: the seed is out of range.
-    """
+    """A root key (int64 [2] on the CPU) from a seed in [0, 2**64), else ValueError."""
     seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
@@ -71,12 +67,8 @@ def split(key: Key, num: int = 2) -> Key:
 
 
 def fold_in(key: Key, data: int | torch.Tensor) -> Key:
-    """A new key, key's shape (int64 [..., 2]), determined by `key` and an integer (a step, an epoch, an
-    image index, a rank): a non-negative int below 2**63, or a 0-d int64 tensor (no host sync).
-
-    Raises:
-      ValueError: a negative Python int, or a tensor that is not 0-d (use `split` for several keys).
-    """
+    """A new key, key's shape (int64 [..., 2]), from `key` and an integer (a step, an image index, a rank): an int
+    in [0, 2**63) or a 0-d int64 tensor (no host sync); ValueError for a negative int or a tensor not 0-d."""
     if isinstance(data, int) and data < 0:
         raise ValueError(f"fold_in data must be non-negative, got {data}")
     d = torch.as_tensor(data, dtype=torch.int64, device=key.device)

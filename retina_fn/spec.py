@@ -224,14 +224,8 @@ _LABEL_MAP = ("category_ids", "names")  # the weights' own (the training data's)
 
 def reconcile(stored: DetectorSpec, configured: DetectorSpec, source: str,
               take_from_config: tuple[str, ...] = ()) -> tuple[DetectorSpec, list[str]]:
-    """The spec to run: the stored one (the weights'), with the fields the user asked to take from the config.
-
-    Args:
-      source: the weights file, for the message.
-      take_from_config: config paths ('model.test.score_thr') or 'all', taken from `configured` instead.
-
-    Returns:
-      (spec, notes): the spec to run and one log line per field taken from the config.
+    """(spec to run, one log line per field taken from the config): the weights' `stored` spec with the fields
+    `take_from_config` names (config paths such as 'model.test.score_thr', or 'all') from `configured`.
 
     Raises:
       ConfigError: fields that differ, other than NOT_COMPARED and those taken, each named with both values; or a

@@ -1,14 +1,10 @@
 """The k largest entries of each row, in descending order with ties to the lower index, without sorting
 the whole row (a stable descending sort's first k: equal scores keep the anchor order, as the references do).
 
-Two exact shortcuts replace the sort:
-1. Collision-free keys. Each float32 score becomes an int64 that orders like the score, with the entry's
-   index packed below it so that equal scores order by index; torch.topk on the keys then has exactly
-   one answer, the sort's.
-2. Chunks. Cut the row into contiguous chunks and rank the chunks by their maximum (ties to the lower
-   chunk). Every entry of the top k lies in one of the top k chunks: an entry outside them has k chunks
-   ranked ahead of its own, and each of those holds an entry ranked ahead of it (a larger score, or an
-   equal score at a lower index). So the top k of the k * chunk entries of those chunks is the answer.
+Two exact shortcuts replace the sort: (1) each score becomes an int64 key that orders like it, with the index
+packed below, so torch.topk has one answer, the sort's; (2) the row is cut into chunks ranked by their maximum:
+every entry of the top k lies in the top k chunks (an entry outside has k chunks ahead, each holding an entry
+ranked ahead of it), so the top k of those k * chunk entries is the answer.
 """
 
 from __future__ import annotations
@@ -44,18 +40,10 @@ def _top_k_keyed(values: torch.Tensor, index: torch.Tensor, k: int) -> torch.Ten
 
 
 def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
-    """torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k], computed as the module docstring
-    says for float32, float16 and bfloat16 keys (chunks of `chunk` entries, <= 1: none, when a row holds more
-    than 4 * k * chunk entries). Other dtypes, rows of 2**31 entries or more, and tracing by torch.export use
-    the stable sort (an exported program may become ONNX, whose opsets before 26 cannot view a float's bits).
-
-    Args:
-      key: [B, n], any dtype torch.sort takes.
-      k: how many indices per row; more than n gives n.
-
-    Returns:
-      int64 [B, min(k, n)], positions along dim 1.
-    """
+    """int64 [B, min(k, n)]: torch.sort(key [B, n], dim=1, descending=True, stable=True).indices[:, :k], by the
+    module docstring's shortcuts for float keys (chunks of `chunk`, <= 1: none, past 4 * k * chunk entries).
+    Other dtypes, rows of 2**31 entries or more, and torch.export (ONNX opsets < 26 cannot view a float's bits)
+    use the stable sort."""
     batch, n = key.shape
     k = min(int(k), n)
     if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS or exporting():

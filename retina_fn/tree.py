@@ -54,12 +54,8 @@ def flatten_by_path(tree: Tree) -> dict[str, Any]:
 
 
 def unflatten_by_path(flat: dict[str, Any]) -> dict:
-    """Inverse of `flatten_by_path` into nested dicts, {'a/b': x} -> {'a': {'b': x}} (NamedTuples are not
-    rebuilt; see `unflatten_like`).
-
-    Raises:
-      ValueError: a path runs through another path's leaf, or a path is given twice.
-    """
+    """Inverse of `flatten_by_path` into nested dicts, {'a/b': x} -> {'a': {'b': x}} (no NamedTuples:
+    `unflatten_like`); ValueError for a path through another's leaf or given twice."""
     out: dict = {}
     for path, leaf in flat.items():
         *parents, last = path.split(SEP)
@@ -80,12 +76,8 @@ def filter(tree: dict, keep: Callable[[str, Any], bool]) -> dict:  # noqa: A001
 
 
 def merge(*trees: dict) -> dict:
-    """Deep union of nested-dict trees with disjoint leaves; inverse of splitting with `filter`.
-    Plain dict recursion rather than path lists: torch.compile traces it inside a compiled step.
-
-    Raises:
-      ValueError: a leaf path occurs in more than one tree.
-    """
+    """Deep union of nested-dict trees with disjoint leaves (ValueError otherwise); inverse of `filter`. Plain
+    dict recursion, which torch.compile traces inside a compiled step."""
     out: dict = {}
     for t in trees:
         out = _merge_two(out, t)
@@ -133,12 +125,8 @@ def all_equal(a: Tree, b: Tree) -> bool:
 
 
 def unflatten_like(like: Tree, flat: dict[str, Any]) -> Tree:
-    """A tree with the structure of `like` (NamedTuples included) whose leaf at each path is flat[path]
-    (extra entries of `flat` are ignored).
-
-    Raises:
-      KeyError: naming the first path of `like` that `flat` lacks.
-    """
+    """A tree with the structure of `like` (NamedTuples included) whose leaf at each path is flat[path] (extra
+    entries ignored); KeyError naming the first path that `flat` lacks."""
     values = []
     for p in paths(like):
         if p not in flat:

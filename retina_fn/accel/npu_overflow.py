@@ -9,14 +9,9 @@ from retina_fn.accel.probe import AcceleratorUnavailable, torch_npu_module
 
 
 def npu_flag_check() -> precision.OverflowCheck:
-    """`torch_npu.npu.utils.npu_check_overflow` as check(grads, scale) -> bool [] (True: the step is usable).
-
-    INF_NAN mode inspects the per-leaf max |g|; saturation mode (Ascend 910A) reads the device's overflow flag,
-    cleared afterwards. A Python bool answer: syncs with the host, cannot be compiled.
-
-    Raises:
-      AcceleratorUnavailable: torch_npu is absent or has no npu_check_overflow.
-    """
+    """`torch_npu.npu.utils.npu_check_overflow` as check(grads, scale) -> bool [] (True: the step is usable); it
+    inspects the per-leaf max |g| (INF_NAN mode) or reads and clears the device's flag (saturation mode, Ascend
+    910A), syncing with the host. AcceleratorUnavailable without torch_npu's npu_check_overflow."""
     module = torch_npu_module()
     check = getattr(getattr(getattr(module, "npu", None), "utils", None), "npu_check_overflow", None)
     if check is None:
