@@ -4,15 +4,9 @@ Order (mmdetection's, shared with the head outputs): levels P3..P7 concatenated;
 then column j, then anchor a = ratio_index * scales_per_octave + scale_index, i.e. flat index
 (i * W + j) * n + a. Cell (0, 0) is centred at pixel (0, 0). Boxes are float32 (x1, y1, x2, y2).
 
-The settings (`spec` = retina_fn.spec.AnchorSpec):
-  style: 'mmdet' (exact float sizes octave_base_scale * stride * 2**(i / scales_per_octave)) |
-         'torchvision' (torchvision v1's AnchorGenerator: sizes truncated with int(), base-anchor corners
-         rounded half-to-even, grid step canvas // feature size per axis)
-  octave_base_scale, scales_per_octave, ratios (h / w), strides (one per level, powers of two)
-Valid flags and each image's own anchors also take the size divisor: images are padded to a multiple of it.
-
-Everything here is cheap (a few milliseconds for an 800 x 1344 canvas); callers that call it every step
-keep the result per canvas themselves. Nothing is cached in this module.
+style 'mmdet': exact float sizes octave_base_scale * stride * 2**(i / scales_per_octave); 'torchvision' (v1's
+AnchorGenerator): sizes truncated with int(), corners rounded half-to-even, grid step canvas // feature size.
+Nothing is cached here.
 """
 
 from __future__ import annotations
@@ -22,13 +16,6 @@ import torch
 from retina_fn import extent
 from retina_fn.spec import AnchorSpec
 
-STYLES = ("mmdet", "torchvision")
-
-
-def _ceil_div(a, b):
-    """ceil(a / b) for non-negative integers (Python ints or integer tensors)."""
-    return (a + b - 1) // b
-
 
 def _check_canvas(canvas_hw) -> tuple[int, int]:
     if len(canvas_hw) != 2 or any(int(v) != v or v <= 0 for v in canvas_hw):
@@ -36,23 +23,12 @@ def _check_canvas(canvas_hw) -> tuple[int, int]:
     return int(canvas_hw[0]), int(canvas_hw[1])
 
 
-def _halvings(stride: int) -> int:
-    """log2(stride) for a power-of-two stride."""
-    return int(stride).bit_length() - 1
-
-
 def level_sizes(canvas_hw, strides) -> tuple[tuple[int, int], ...]:
-    """Feature-map (h, w) per level for a canvas (H, W): each stride-2 layer (padded conv or pool) maps a
-    size n to ceil(n / 2), so a level of stride 2**k has size ceil-halved k times. For H, W divisible by
-    the stride this is H / s; 800 x 1344 gives (100, 168), (50, 84), (25, 42), (13, 21), (7, 11)."""
+    """Feature-map (h, w) per level for a canvas (H, W): each stride-2 layer maps n to ceil(n / 2), and
+    ceil-halving k times is ceil(n / 2**k); 800 x 1344 gives (100, 168), (50, 84), (25, 42), (13, 21), (7, 11)."""
     h, w = _check_canvas(canvas_hw)
-    sizes = []
-    for s in strides:
-        fh, fw = h, w
-        for _ in range(_halvings(s)):
-            fh, fw = _ceil_div(fh, 2), _ceil_div(fw, 2)
-        sizes.append((fh, fw))
-    return tuple(sizes)
+    halvings = [1 << (int(s).bit_length() - 1) for s in strides]  # 2**k for a stride of 2**k
+    return tuple((-(-h // d), -(-w // d)) for d in halvings)
 
 
 def anchors_per_cell(spec: AnchorSpec) -> int:
@@ -96,10 +72,8 @@ def base_anchors(stride: int, spec: AnchorSpec) -> torch.Tensor:
 
 
 def grid_anchors(level_hw, stride, base: torch.Tensor) -> torch.Tensor:
-    """Anchors of one level: base [n, 4] shifted to every cell of an (h, w) map -> [h * w * n, 4], row i
-    and column j offset by (j * sx, i * sy), flat index (i * w + j) * n + a.
-
-    stride: an int, or an (sx, sy) pair (x step first, as mmdetection writes strides)."""
+    """Anchors of one level: base [n, 4] shifted to every cell of an (h, w) map -> [h * w * n, 4], row i and
+    column j offset by (j * sx, i * sy); stride an int or an (sx, sy) pair (x first, as mmdetection writes it)."""
     sx, sy = (stride, stride) if isinstance(stride, (int, float)) else stride
     h, w = level_hw
     xs = torch.arange(w, dtype=torch.float32, device=base.device) * sx
@@ -110,8 +84,7 @@ def grid_anchors(level_hw, stride, base: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_strides(canvas_hw, sizes, spec: AnchorSpec) -> list[tuple[int, int]]:
-    """(sx, sy) grid step per level. torchvision derives it as canvas // feature size per axis, which
-    differs from the nominal stride when the canvas is not a multiple of it (800 // 13 = 61 at P6)."""
+    """(sx, sy) grid step per level; torchvision's is canvas // feature size (800 // 13 = 61 at P6)."""
     if spec.style == "torchvision":
         return [(canvas_hw[1] // fw, canvas_hw[0] // fh) for fh, fw in sizes]
     return [(s, s) for s in spec.strides]
@@ -124,8 +97,7 @@ def level_counts(canvas_hw, spec: AnchorSpec) -> tuple[int, ...]:
 
 
 def anchors(canvas_hw, spec: AnchorSpec, device: torch.device | str | None = None) -> torch.Tensor:
-    """All anchors of a canvas (H, W): [A, 4] float32, levels P3..P7 concatenated in the order described
-    in the module docstring. An 800 x 1344 canvas gives 201,600 anchors."""
+    """All anchors of a canvas (H, W): [A, 4] float32 in the module docstring's order."""
     canvas_hw = _check_canvas(canvas_hw)
     sizes = level_sizes(canvas_hw, spec.strides)
     steps = _grid_strides(canvas_hw, sizes, spec)
@@ -141,14 +113,11 @@ def level_bases(spec: AnchorSpec, device: torch.device | str | None = None) -> l
 
 def image_anchors(canvas_hw, image_hw: torch.Tensor, spec: AnchorSpec, size_divisor: int,
                   bases: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Each image's anchors as the reference places them on that image padded alone: [B, A, 4] float32
-    from image_hw [B, 2] int64, in `anchors`'s order on the canvas (cells outside the image's extent
-    keep the grid running past it; `valid_flags` marks them).
+    """Each image's anchors as the reference places them on that image padded alone: [B, A, 4] float32 from
+    image_hw int64 [B, 2], in `anchors`'s order on the canvas (cells outside the extent continue the grid).
 
-    'mmdet' grids step by the nominal stride, so every row equals `anchors(canvas_hw)`. torchvision
-    steps by (padded size) // (feature size) of the image it runs on, which at P6 / P7 depends on the
-    padded size (800 // 13 = 61 at P6 for an 800-high image, 1344 // 21 = 64 on a 1344 canvas).
-
+    'mmdet' grids step by the nominal stride, so every row equals `anchors(canvas_hw)`; torchvision steps by
+    (padded size) // (feature size), which at P6 / P7 depends on the image's padded size.
     bases: `level_bases` on image_hw's device, made once by the caller (None: made here, from host data)."""
     canvas_hw = _check_canvas(canvas_hw)
     if spec.style != "torchvision":
@@ -167,20 +136,18 @@ def image_anchors(canvas_hw, image_hw: torch.Tensor, spec: AnchorSpec, size_divi
 
 
 def valid_flags(canvas_hw, image_hw: torch.Tensor, spec: AnchorSpec, size_divisor: int) -> torch.Tensor:
-    """mmdetection's per-image anchor validity: [B, A] bool from image_hw [B, 2] int64 (resized (h, w)).
+    """mmdetection's per-image anchor validity: bool [B, A] from image_hw int64 [B, 2] (resized (h, w)).
 
-    Each image's pad shape is its size rounded up to a multiple of `size_divisor` (at most the
-    canvas). At a level of stride s with an (fh, fw) map, cell (i, j) is valid when
-    i < min(ceil(pad_h / s), fh) and j < min(ceil(pad_w / s), fw); the cell's n anchors share the flag.
-    The flags use the nominal strides for both anchor styles (torchvision itself has no valid flags)."""
+    With pad the image's size rounded up to a multiple of `size_divisor` (at most the canvas), cell (i, j) of
+    a level of stride s is valid when i < ceil(pad_h / s) and j < ceil(pad_w / s); its n anchors share the
+    flag. Nominal strides for both anchor styles (torchvision itself has no valid flags)."""
     canvas_hw = _check_canvas(canvas_hw)
     if image_hw.dim() != 2 or image_hw.shape[-1] != 2:
         raise ValueError(f"image_hw must have shape [B, 2], got {tuple(image_hw.shape)}")
     if image_hw.dtype.is_floating_point or image_hw.dtype == torch.bool:
         raise ValueError(f"image_hw must be an integer tensor, got {image_hw.dtype}")
-    divisor = int(size_divisor)
     n = anchors_per_cell(spec)
-    pad_hw = extent.padded_hw(image_hw, divisor, canvas_hw)  # [B, 2]
+    pad_hw = extent.padded_hw(image_hw, int(size_divisor), canvas_hw)  # [B, 2]
     flags = []
     for (fh, fw), s in zip(level_sizes(canvas_hw, spec.strides), spec.strides):
         cell = extent.extent_mask(pad_hw, int(s), (fh, fw))  # [B, fh, fw]

@@ -1,23 +1,16 @@
 """Anchor-to-ground-truth assignment: mmdetection 2.9.0's MaxIoUAssigner followed by its PseudoSampler
 (every positive and negative is kept), batched over padded ground truth with no loop over images or boxes.
 
-Per image, on the valid anchors only and with the valid ground truth only:
-  1. IoU of every anchor with every gt. With ignore_iof_thr > 0, an anchor whose largest IoF
-     (intersection / anchor area) with a valid crowd box exceeds the threshold gets IoU -1 with every gt.
-  2. Per anchor: max IoU and its gt (ties go to the lowest gt index).
-     negative if 0 <= max < neg_iou_thr; positive if max >= pos_iou_thr, matched to that gt.
-  3. Low-quality matches (match_low_quality): for each gt whose best IoU over the anchors is >= min_pos_iou
-     and > 0, every anchor whose IoU with it equals that best becomes positive.
-     low_quality 'mmdet': the anchor is matched to that gt, and the highest such gt index wins (mmdetection
-     loops over gts in order and later ones overwrite). 'torchvision' (Matcher with
-     allow_low_quality_matches): the anchor keeps its own argmax gt from step 2.
-     The '> 0' guard departs from both references in one degenerate case: a gt that overlaps no valid
-     anchor would otherwise claim every anchor with IoU 0 against it.
-  4. An image without valid gt: every valid anchor is negative (crowd boxes do not change that, as in
-     mmdetection, which skips its ignore step when there is no gt). Invalid anchors are neither.
-
-The settings (retina_fn.spec.AssignerSpec): pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality,
-low_quality ('mmdet' | 'torchvision'), ignore_iof_thr.
+Per image, on the valid anchors and valid gt only:
+  1. IoU of every anchor with every gt; with ignore_iof_thr > 0, an anchor whose largest IoF with a crowd box
+     exceeds it gets IoU -1 with every gt.
+  2. Per anchor max IoU and its gt (ties to the lowest index): negative if 0 <= max < neg_iou_thr, positive if
+     max >= pos_iou_thr.
+  3. match_low_quality: for each gt whose best IoU is >= min_pos_iou and > 0 (the guard keeps a gt overlapping
+     nothing from claiming everything), every anchor at that best becomes positive, matched to it with the
+     highest such gt winning ('mmdet', later gts overwrite) or keeping its own argmax ('torchvision').
+  4. An image without valid gt: every valid anchor is negative (crowds aside, as mmdetection). Invalid anchors
+     are neither.
 """
 
 from __future__ import annotations
@@ -29,19 +22,9 @@ import torch
 from retina_fn.boxes import pairwise_iou
 from retina_fn.spec import AssignerSpec
 
-LOW_QUALITY_MODES = ("mmdet", "torchvision")
-
 
 class Assignment(NamedTuple):
-    """Per-anchor assignment for a batch; every field is [B, A].
-
-    Attributes:
-      positive: bool [B, A], a foreground anchor.
-      negative: bool [B, A], a background anchor (neither positive nor negative: ignored).
-      matched: int64 [B, A], index into the G gt rows for positives, 0 elsewhere.
-      max_iou: float32 [B, A], largest IoU with a valid gt; -1 for invalid or crowd-ignored anchors and for
-        every anchor of an image without gt.
-    """
+    """Per-anchor assignment for a batch; every field is [B, A]."""
 
     positive: torch.Tensor  # bool: a foreground anchor
     negative: torch.Tensor  # bool: a background anchor (neither positive nor negative: ignored)
@@ -74,17 +57,8 @@ def _check_inputs(anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ignor
 
 def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_valid: torch.Tensor,
                   iof_thr: float) -> torch.Tensor:
-    """Anchors whose largest IoF (intersection / anchor area) with a valid crowd box exceeds iof_thr.
-
-    Args:
-      anchors: float [A, 4] xyxy.
-      ignore_boxes: [B, Gi, 4] xyxy crowd boxes (cast to float32).
-      ignore_valid: bool [B, Gi], the real rows of ignore_boxes.
-      iof_thr: the IoF threshold (strictly exceeded).
-
-    Returns:
-      bool [B, A]; all False when Gi = 0.
-    """
+    """bool [B, A]: anchors float [A, 4] whose largest IoF (intersection / anchor area) with a valid crowd box
+    (ignore_boxes [B, Gi, 4] xyxy, ignore_valid bool [B, Gi]) exceeds iof_thr; all False when Gi = 0."""
     iof = pairwise_iou(anchors, ignore_boxes.float(), mode="iof")  # [B, A, Gi]
     iof = iof.masked_fill(~ignore_valid[:, None, :], -1.0)
     if iof.shape[-1] == 0:
@@ -93,14 +67,13 @@ def crowd_ignored(anchors: torch.Tensor, ignore_boxes: torch.Tensor, ignore_vali
 
 
 def _index_dtype(size: int) -> torch.dtype:
-    """The dtype of the [..., G] index tensors below, whose values reach 2 * size - 1: int16 where that fits
-    (half a float32 [B, A, G] tensor), else int32."""
+    """int16 where 2 * size - 1 fits (half a float32 [B, A, G] tensor), else int32."""
     return torch.int16 if 2 * size - 1 <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def _first_index_of_max(values: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
-    """int64 [...]: the lowest index along the last dim of float [..., G] `values` that is not below
-    float [...] `maxima`, their amax: the first maximum (0 in a row with a NaN, whose amax is NaN)."""
+    """int64 [...]: the first index along the last dim of float [..., G] `values` not below `maxima` [...],
+    their amax (0 in a row with a NaN)."""
     g = values.shape[-1]
     index = torch.arange(g, dtype=_index_dtype(g), device=values.device)
     # entries below the maximum count g past their index, so the least of the row is the first maximum
@@ -108,8 +81,7 @@ def _first_index_of_max(values: torch.Tensor, maxima: torch.Tensor) -> torch.Ten
 
 
 def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
-    """int64 [...]: the index of the last True along the last dim of bool [..., G] `mask` (0 where there is
-    none)."""
+    """int64 [...]: the index of the last True along the last dim of bool [..., G] `mask` (0 if none)."""
     g = mask.shape[-1]
     index = torch.arange(g, dtype=_index_dtype(g), device=mask.device)
     return (index * mask).amax(dim=-1).long()
@@ -118,19 +90,12 @@ def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
 def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
            spec: AssignerSpec, ignore_boxes: torch.Tensor | None = None,
            ignore_valid: torch.Tensor | None = None) -> Assignment:
-    """Assigns anchors to padded ground truth; see the module docstring for the rules.
+    """Assigns anchors float [A, 4] xyxy (anchor_valid bool [B, A]) to padded ground truth gt_boxes float
+    [B, G, 4] (gt_valid bool [B, G]) by the module docstring's rules -> `Assignment`.
 
     Args:
-      anchors: float [A, 4] xyxy, shared by the batch.
-      anchor_valid: bool [B, A], the anchors taking part (see retina_fn.anchors.valid_flags).
-      gt_boxes: float [B, G, 4] xyxy, padded ground truth.
-      gt_valid: bool [B, G], the real rows of gt_boxes.
-      spec: the assigner's settings.
-      ignore_boxes: optional float [B, Gi, 4] xyxy crowd regions, used only when spec.ignore_iof_thr > 0.
-      ignore_valid: optional bool [B, Gi]; given exactly when ignore_boxes is.
-
-    Returns:
-      An `Assignment` of [B, A] tensors (bool positive, bool negative, int64 matched, float32 max_iou).
+      ignore_boxes: optional float [B, Gi, 4] crowd regions (read when spec.ignore_iof_thr > 0), with
+        ignore_valid bool [B, Gi].
 
     Raises:
       ValueError: a shape or dtype that does not fit, or ignore_boxes without ignore_valid (or the reverse).
@@ -149,10 +114,9 @@ def assign(anchors: torch.Tensor, anchor_valid: torch.Tensor, gt_boxes: torch.Te
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]; without gt every IoU above is -1
     if num_gt > 0:
         if torch.compiler.is_compiling():
-            # amax and an integer min instead of torch.max's indices: torch 2.11's CPU inductor returns the
-            # wrong indices from a max / argmax over gts vectorised across anchors (pytorch#178964), and its
-            # argmax / argmin have had other wrong-index bugs (pytorch#183082). Eager keeps torch.max: one
-            # pass over the IoU where this form takes four (about 10% of an eager assignment on a CPU).
+            # amax and an integer min instead of torch.max's indices: torch 2.11's CPU inductor returns wrong
+            # indices from a max / argmax over gts vectorised across anchors (pytorch#178964; also #183082).
+            # Eager keeps torch.max: one pass over the IoU where this form takes four.
             max_iou = iou.amax(dim=2)
             argmax = _first_index_of_max(iou, max_iou)
         else:

@@ -1,9 +1,9 @@
 """Box arithmetic over any leading dimensions. Boxes are float (x1, y1, x2, y2) with no '+1' anywhere
 (mmdetection 2.x and torchvision conventions).
 
-Shapes: a box tensor is [..., 4]; pairwise functions take [..., N, 4] and [..., M, 4] and return
-[..., N, M], broadcasting the leading dimensions. Results keep the inputs' floating dtype, except
-`encode` and `decode`, which compute and return float32.
+A box tensor is [..., 4]; pairwise functions take [..., N, 4] and [..., M, 4] and return [..., N, M],
+broadcasting the leading dimensions. Results keep the inputs' floating dtype, except `encode` and `decode`,
+which compute and return float32.
 """
 
 from __future__ import annotations
@@ -17,64 +17,19 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16.0)
 _UNION_EPS = 1e-6
 
 
-def xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
-    """(x1, y1, x2, y2) -> (x, y, w, h), COCO's layout.
-
-    Args:
-      b: float [..., 4] xyxy.
-
-    Returns:
-      float [..., 4] xywh, b's dtype.
-    """
-    return torch.cat([b[..., :2], b[..., 2:] - b[..., :2]], dim=-1)
-
-
-def xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    """(x, y, w, h) -> (x1, y1, x2, y2).
-
-    Args:
-      b: float [..., 4] xywh.
-
-    Returns:
-      float [..., 4] xyxy, b's dtype.
-    """
-    return torch.cat([b[..., :2], b[..., :2] + b[..., 2:]], dim=-1)
-
-
 def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
-    """(x1, y1, x2, y2) -> (cx, cy, w, h).
-
-    Args:
-      b: float [..., 4] xyxy.
-
-    Returns:
-      float [..., 4] (cx, cy, w, h), b's dtype.
-    """
+    """[..., 4] (x1, y1, x2, y2) -> [..., 4] (cx, cy, w, h)."""
     return torch.cat([(b[..., :2] + b[..., 2:]) * 0.5, b[..., 2:] - b[..., :2]], dim=-1)
 
 
 def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2).
-
-    Args:
-      b: float [..., 4] (cx, cy, w, h).
-
-    Returns:
-      float [..., 4] xyxy, b's dtype.
-    """
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x1, y1, x2, y2)."""
     half = b[..., 2:] * 0.5
     return torch.cat([b[..., :2] - half, b[..., :2] + half], dim=-1)
 
 
 def area(b: torch.Tensor) -> torch.Tensor:
-    """(x2 - x1) * (y2 - y1) of every box.
-
-    Args:
-      b: float [..., 4] xyxy.
-
-    Returns:
-      float [...], b's dtype.
-    """
+    """[..., 4] xyxy -> [...], (x2 - x1) * (y2 - y1)."""
     return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
 
 
@@ -86,23 +41,8 @@ def _pairwise_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.Tensor:
-    """Overlaps of every box in `a` with every box in `b`.
-
-    mode 'iou': intersection / union, union floored at 1e-6 (mmdetection's eps).
-    mode 'iof': intersection / area(a), intersection over the *first* argument's area, floored at 1e-6
-    (used for crowd regions: how much of an anchor a crowd box covers).
-
-    Args:
-      a: float [..., N, 4] xyxy.
-      b: float [..., M, 4] xyxy; leading dims broadcast with a's (e.g. a [A, 4] with b [B, G, 4]).
-      mode: 'iou' or 'iof'.
-
-    Returns:
-      float [..., N, M].
-
-    Raises:
-      ValueError: an unknown mode.
-    """
+    """float [..., N, M] overlaps of a [..., N, 4] with b [..., M, 4] (leading dims broadcast): mode 'iou'
+    (intersection / union) or 'iof' (intersection / area(a)), the denominator floored at 1e-6 (mmdetection)."""
     if mode not in ("iou", "iof"):
         raise ValueError(f"mode must be 'iou' or 'iof', got {mode!r}")
     inter = _pairwise_intersection(a, b)
@@ -115,16 +55,8 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, mode: str = "iou") -> torch.T
 
 
 def elementwise_giou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """GIoU of matching pairs (a[i] with b[i]); `eps` is added to the union and the enclosing-box area.
-
-    Args:
-      a: float [..., 4] xyxy.
-      b: float [..., 4] xyxy, broadcast with a.
-      eps: added to both denominators.
-
-    Returns:
-      float [...], values in [-1, 1].
-    """
+    """GIoU in [-1, 1] of matching pairs, a [..., 4] with b [..., 4] (broadcast) -> [...]; `eps` is added to
+    the union and the enclosing-box area."""
     lt = torch.maximum(a[..., :2], b[..., :2])
     rb = torch.minimum(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
@@ -141,26 +73,15 @@ def _identity_coder(means, stds) -> bool:
 
 def _per_coordinate(d: torch.Tensor, fn) -> torch.Tensor:
     """fn(column, i) on each of the 4 coordinates of d [..., 4], restacked: the coder's constants stay Python
-    floats (no tensor made from host data: no host-to-device copy inside a step)."""
+    floats (no host-to-device copy inside a step)."""
     return torch.stack([fn(d[..., i], i) for i in range(4)], dim=-1)
 
 
 def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
            stds=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
-    """DeltaXYWH encoding of gt boxes relative to anchors.
-
-    With (px, py, pw, ph) the anchor's centre and size and (gx, gy, gw, gh) the gt's, the deltas are
-    ((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph)), then (d - means) / stds.
-
-    Args:
-      anchors: float [..., 4] xyxy.
-      gt: float [..., 4] xyxy, broadcast with anchors.
-      means: 4 numbers.
-      stds: 4 numbers.
-
-    Returns:
-      float32 [..., 4] deltas (dx, dy, dw, dh).
-    """
+    """DeltaXYWH encoding of gt boxes relative to anchors: float32 [..., 4] deltas
+    ((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph)), then (d - means) / stds, from anchors and gt
+    float [..., 4] xyxy (broadcast), (px, py, pw, ph) and (gx, gy, gw, gh) their centres and sizes."""
     p = xyxy_to_cxcywh(anchors.float())
     g = xyxy_to_cxcywh(gt.float())
     d = torch.cat([(g[..., :2] - p[..., :2]) / p[..., 2:], torch.log(g[..., 2:] / p[..., 2:])], dim=-1)
@@ -172,23 +93,12 @@ def encode(anchors: torch.Tensor, gt: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0),
 def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.0), stds=(1.0, 1.0, 1.0, 1.0),
            max_shape: torch.Tensor | None = None, scale_clamp: float = DEFAULT_SCALE_CLAMP,
            clamp_lower: bool = True) -> torch.Tensor:
-    """Inverse of `encode`: deltas relative to anchors -> boxes.
-
-    dw, dh are clamped to <= scale_clamp, and also to >= -scale_clamp when clamp_lower (mmdetection
-    clamps both sides, torchvision only the upper).
+    """Inverse of `encode`: anchors float [..., 4] xyxy and deltas [..., 4] -> float32 [..., 4] xyxy boxes.
 
     Args:
-      anchors: float [..., 4] xyxy.
-      deltas: float [..., 4] (dx, dy, dw, dh), broadcast with anchors.
-      means: 4 numbers, as given to `encode`.
-      stds: 4 numbers, as given to `encode`.
-      max_shape: optional [..., 2] as (H, W), broadcastable to the boxes' leading dims; x is clipped to
-        [0, W] and y to [0, H] (not W - 1). None: no clipping.
-      scale_clamp: the bound on |dw|, |dh|.
-      clamp_lower: also clamp dw, dh from below.
-
-    Returns:
-      float32 [..., 4] xyxy boxes.
+      max_shape: optional [..., 2] (H, W): boxes are `clip`ped to it.
+      scale_clamp: dw, dh clamped to <= scale_clamp, and >= -scale_clamp when clamp_lower (mmdetection; torchvision
+        clamps only the upper side).
     """
     d = deltas.float()
     if not _identity_coder(means, stds):
@@ -204,16 +114,8 @@ def decode(anchors: torch.Tensor, deltas: torch.Tensor, means=(0.0, 0.0, 0.0, 0.
 
 
 def clip(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
-    """Clips x to [0, W] and y to [0, H].
-
-    Args:
-      boxes: float [..., 4] xyxy.
-      hw: [..., 2] = (H, W), any numeric dtype, broadcast over boxes' leading dims (e.g. boxes [B, N, 4]
-        with hw [B, 1, 2]).
-
-    Returns:
-      [..., 4] xyxy, boxes' dtype.
-    """
+    """boxes float [..., 4] xyxy with x clipped to [0, W] and y to [0, H] (not W - 1), in boxes' dtype;
+    hw [..., 2] = (H, W), any numeric dtype, broadcast over boxes' leading dims (boxes [B, N, 4], hw [B, 1, 2])."""
     hw = torch.as_tensor(hw, device=boxes.device).to(boxes.dtype)
     wh = hw.flip(-1)
     upper = torch.cat([wh, wh], dim=-1)

@@ -1,15 +1,8 @@
-"""RetinaNet as a trainable detector: targets, loss and prediction over a batch, with the anchors they share.
+"""RetinaNet as a trainable detector: targets, loss and prediction over a batch (docs/conventions.md's batch),
+the one place that knows how anchors, assignment, model, losses and post-processing fit together.
 
-    detector = Detector(spec, canvases=[(800, 1344), (1344, 800)], device="cpu")   # spec: a DetectorSpec
-    targets, normalizer = detector.prepare(batch)            # no gradient; per step
-    loss, metrics = detector.loss(params, batch, targets, normalizer)
-    detections = detector.predict(params, batch)             # postprocess.Detections
-
-This is the one place that knows how anchors, assignment, the model, the losses and post-processing fit
-together. `retina_fn.train.step` is generic: it sees `prepare` and `loss` only (the `Objective` protocol),
-splits the batch and the targets into micro-batches, differentiates `loss` and applies the update. Every method
-is a pure function of its arguments and the spec; the anchors of each canvas (a pure function of the canvas
-and the spec) are memoised on first use, so a compiled or captured step finds them as constants.
+`retina_fn.train.step` sees `prepare` and `loss` only (its `Objective`). Methods are pure functions of their
+arguments and the spec; each canvas's anchors are memoised, so a compiled step finds them as constants.
 """
 
 from __future__ import annotations
@@ -25,22 +18,14 @@ from retina_fn.spec import DetectorSpec
 
 
 class Targets(NamedTuple):
-    """What the loss needs besides the head outputs and the anchors; every leaf is per image [B, ...], so
-    a step can split it into micro-batches along dim 0."""
+    """What the loss needs besides the head outputs and anchors; every leaf is per image [B, ...]."""
 
     anchor_valid: torch.Tensor  # bool [B, A]: inside the image's padded extent
     assignment: assign.Assignment  # [B, A] fields
 
 
 class Detector:
-    """RetinaNet bound to its spec; satisfies retina_fn.train.step.Objective.
-
-    Args:
-      spec: the detector's spec.
-      canvases: the (H, W) canvases whose anchors are computed up front (the data's aspect groups); others are
-        computed on their first use.
-      device: where those anchors live.
-    """
+    """RetinaNet bound to its spec; `canvases` (H, W) get their anchors on `device` up front, others on first use."""
 
     def __init__(self, spec: DetectorSpec, canvases: Sequence[tuple[int, int]] = (),
                  device: torch.device | str = "cpu"):
@@ -52,14 +37,13 @@ class Detector:
         self._level_bases(device)
 
     def anchors(self, canvas_hw: tuple[int, int], device) -> torch.Tensor:
-        """Args: canvas_hw (H, W); device. Returns: float32 [A, 4] xyxy, in the model's output order."""
+        """float32 [A, 4] xyxy anchors of the (H, W) canvas, in the model's output order."""
         key = (int(canvas_hw[0]), int(canvas_hw[1]), str(torch.device(device)))
         if key not in self._anchors:
             self._anchors[key] = anchor_lib.anchors(key[:2], self.spec.anchors).to(device)
         return self._anchors[key]
 
     def _level_bases(self, device) -> list[torch.Tensor]:
-        """Each level's base anchors [n, 4] float32 (anchors.level_bases) on `device`."""
         key = str(torch.device(device))
         if key not in self._bases:
             self._bases[key] = anchor_lib.level_bases(self.spec.anchors, device)
@@ -70,15 +54,8 @@ class Detector:
 
     @torch.no_grad()
     def targets(self, batch: dict) -> Targets:
-        """Anchor validity and the MaxIoU assignment of a batch (no gradient).
-
-        Args:
-          batch: docs/conventions.md's batch; reads image [B, 3, H, W] (its shape), image_hw [B, 2], boxes
-            [B, G, 4], box_valid [B, G] and, when present, ignore_boxes [B, Gi, 4] / ignore_valid [B, Gi].
-
-        Returns:
-          Targets(anchor_valid bool [B, A], assignment with [B, A] fields).
-        """
+        """Anchor validity and the MaxIoU assignment of a batch: reads image (its shape), image_hw, boxes, box_valid
+        and, when present, ignore_boxes / ignore_valid."""
         canvas = tuple(batch["image"].shape[-2:])
         anchor_valid = anchor_lib.valid_flags(canvas, batch["image_hw"], self.spec.anchors, self.spec.size_divisor)
         assignment = assign.assign(self._batch_anchors(batch), anchor_valid, batch["boxes"], batch["box_valid"],
@@ -86,61 +63,29 @@ class Detector:
         return Targets(anchor_valid, assignment)
 
     def prepare(self, batch: dict) -> tuple[Targets, torch.Tensor]:
-        """The per-step work outside the gradient.
-
-        Args:
-          batch: the whole step's batch [B, ...] (all micro-batches together).
-
-        Returns:
-          (targets, normalizer float32 []): the targets of every image and this replica's loss normaliser
-          (losses.loss_normalizer), which the step may average over replicas.
-        """
+        """(targets, normalizer float32 []) of the whole step's batch: the per-step work outside the gradient; the
+        normaliser (losses.loss_normalizer) is this replica's."""
         targets = self.targets(batch)
         positive = targets.assignment.positive & targets.anchor_valid
         return targets, losses.loss_normalizer(positive, self.spec.loss)
 
     def head_outputs(self, params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network: (cls_logits float [B, A, K], box_deltas float [B, A, 4]).
-
-        Args:
-          params: the full parameter tree {'backbone', 'fpn', 'head'}.
-          batch: reads image float or uint8 [B, 3, H, W] (uint8: normalised on the device,
-            model.inputs.model_input) and image_hw int64 [B, 2].
-        """
+        """The network on batch image (float, or uint8 normalised on the device) and image_hw:
+        (cls_logits float [B, A, K], box_deltas float [B, A, 4])."""
         return retinanet.apply(params, inputs.model_input(batch, self.spec.input), self.spec, batch["image_hw"])
 
     def loss(self, params: dict, batch: dict, targets: Targets, normalizer: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The RetinaNet loss of a batch (focal + box loss), differentiable with respect to `params`.
-
-        Args:
-          params: the full parameter tree.
-          batch: reads image, image_hw, boxes float32 [B, G, 4] and labels int64 [B, G].
-          targets: `targets` (or `prepare`) of this batch, or its slice of a micro-batch split.
-          normalizer: float32 [], the divisor of the summed loss terms (see losses.retinanet_loss).
-
-        Returns:
-          (loss float32 [], metrics {'loss', 'loss_cls', 'loss_box', 'num_pos'}: 0-d tensors that add up over
-          micro-batches sharing one normaliser).
-        """
+        """`losses.retinanet_loss` of a batch (reads image, image_hw, boxes, labels), differentiable in `params`;
+        targets: this batch's (or its micro-batch slice)."""
         cls_logits, box_deltas = self.head_outputs(params, batch)
         return losses.retinanet_loss(cls_logits, box_deltas, self._batch_anchors(batch), targets.anchor_valid,
                                      targets.assignment, batch["boxes"], batch["labels"], self.spec.loss,
                                      self.spec.coder, normalizer=normalizer)
 
     def detections(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, batch: dict) -> postprocess.Detections:
-        """Post-processing of a batch's head outputs (`head_outputs`).
-
-        Args:
-          cls_logits: float [B, A, K]; box_deltas: float [B, A, 4].
-          batch: reads image (its canvas size), image_hw int64 [B, 2] and, when present, scale_factor float32
-            [B, 2] (then boxes come back in original-image pixels).
-
-        Returns:
-          postprocess.Detections with [B, spec.test.max_per_img] rows. With spec.canvas_exact, those of each
-          image padded alone to spec.size_divisor: anchors outside its extent are never candidates, and
-          torchvision-style anchors follow the image's own padded size.
-        """
+        """postprocess.detect of `head_outputs` (reads image, image_hw and, when present, scale_factor). With
+        spec.canvas_exact, the detections of each image padded alone to spec.size_divisor."""
         spec = self.spec
         canvas = tuple(batch["image"].shape[-2:])
         anchors, anchor_valid = self._batch_anchors(batch), None

@@ -1,22 +1,14 @@
-"""Fused sigmoid focal loss over integer labels: the summed loss and its gradient in one forward pass.
+"""Fused sigmoid focal loss over integer labels (no one-hot): the summed loss and its gradient in one forward pass.
 
-The one-hot formulation (`retina_fn.losses.sigmoid_focal_loss`) builds a float target and a weight the size
-of the logits and chains about ten elementwise operations, each leaving a [B, A, K] float32 tensor for
-autograd to keep or to revisit. Here each anchor carries one integer code instead:
+Each anchor carries one integer code:
 
   0..K-1      a positive of that class (target 1 for that class, 0 for the others);
   IGNORE      weighs nothing, no loss and a zero gradient;
   any other   background (all K targets 0); BACKGROUND is the code to use.
 
-The forward pass computes every element as if its target were 0, then rewrites the one element per anchor
-whose target is 1 (a gather and a scatter over [B, A]), and returns the per-image sums together with the
-gradient with respect to the logits; the backward pass only scales that saved gradient. The values are
-mmcv's (and `losses.sigmoid_focal_loss`'s): logs from softplus, floored at FLT_MIN in value with the
-unclamped derivative, computed in float32 (float64 stays float64) whatever the logits' dtype.
-
-The function is a `torch.autograd.Function` with a separate `setup_context`, so `torch.func.grad`
-differentiates through it (the train step needs nothing else: no vjp or vmap, which torch_npu lacks); it has
-no vmap rule and no second derivative.
+The forward computes every element as if its target were 0, rewrites the one target-1 element per anchor and
+saves the gradient, which the backward only scales. mmcv's values, in float32 (float64 stays float64); an
+autograd.Function with `setup_context`, so `torch.func.grad` works; no vmap rule, no second derivative.
 """
 
 from __future__ import annotations
@@ -39,22 +31,11 @@ MAX_NLL = -math.log(float(np.finfo(np.float32).tiny))
 
 
 def _focal_and_derivative(z: torch.Tensor, weight: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight * sigmoid(z)^gamma * min(softplus(z), MAX_NLL) and its derivative with respect to z.
+    """(loss, d loss / dz), z's dtype and shape: weight * sigmoid(z)^gamma * min(softplus(z), MAX_NLL).
 
-    z is the logit of the wrong answer (x for a target-0 element, -x for a target-1 element), so one
-    formula serves both. With P = sigmoid(z), Q = sigmoid(-z) and L = min(softplus(z), MAX_NLL) the
-    derivative is weight * P^gamma * (gamma * Q * L + P): the floored L where the product rule uses the value,
-    softplus's own derivative P where it uses the slope (mmcv's backward). Q is computed directly, not as
-    1 - P, which would cancel for large z. Works in place on its own temporaries; z is left untouched.
-
-    Args:
-      z: float [...] (float32 or float64).
-      weight: alpha for target-1 elements, 1 - alpha for target-0 ones.
-      gamma: the focusing exponent.
-
-    Returns:
-      (loss, derivative), both z.dtype [...].
-    """
+    z is the logit of the wrong answer (x for a target-0 element, -x for a target-1 one). With P = sigmoid(z),
+    Q = sigmoid(-z) (not 1 - P, which cancels) and L the floored softplus, the derivative is
+    weight * P^gamma * (gamma * Q * L + P), mmcv's backward. In place on its own temporaries only."""
     wrong = torch.sigmoid(z)
     nll = F.softplus(z).clamp_(max=MAX_NLL)
     derivative = torch.neg(z).sigmoid_().mul_(gamma).mul_(nll).add_(wrong)
@@ -64,16 +45,8 @@ def _focal_and_derivative(z: torch.Tensor, weight: float, gamma: float) -> tuple
 
 def _loss_sums_and_grad(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                         gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image focal loss sums and the gradient of their sum with respect to the (upcast) logits.
-
-    Args:
-      logits: float [B, A, K], any float dtype.
-      labels: int64 [B, A] codes (see the module docstring).
-      alpha, gamma: the focal loss parameters.
-
-    Returns:
-      (sums [B], grad [B, A, K]), both float32 (float64 for float64 logits).
-    """
+    """logits float [B, A, K], labels int64 [B, A] codes -> (per-image sums [B], gradient of their sum with
+    respect to the logits [B, A, K]), both float32 (float64 for float64 logits)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     num_classes = x.shape[-1]
     loss, grad = _focal_and_derivative(x, 1.0 - alpha, gamma)
@@ -113,22 +86,13 @@ class _FocalLossSums(torch.autograd.Function):
 
 def sigmoid_focal_loss_sums(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
                             gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al. 2017; mmcv's values) summed over each image's anchors and classes.
-
-    Equals `losses.sigmoid_focal_loss(logits, one_hot_targets, alpha, gamma)` times a 0/1 anchor weight,
-    summed over anchors and classes, where the targets and the weight come from `labels` (module docstring).
+    """`losses.sigmoid_focal_loss` of the one-hot targets of `labels` times a 0/1 anchor weight, summed per image.
 
     Args:
-      logits: float [B, A, K] (float32, or bfloat16 / float16 from autocast; float64 for gradient checks).
-      labels: integer [B, A] codes: 0..K-1 a positive of that class, IGNORE weighs nothing, any other value
-        (BACKGROUND) is background.
-      alpha: weight of target-1 elements (1 - alpha for target-0 elements).
-      gamma: the focusing exponent.
+      logits: float [B, A, K] (any float dtype); labels: integer [B, A] codes (module docstring).
 
     Returns:
-      float32 [B] (float64 for float64 logits): each image's summed loss, computed with autocast disabled.
-      Its gradient with respect to logits has logits' dtype. No second derivatives: autograd refuses them,
-      and torch.func would take the saved gradient for a constant.
+      float32 [B] (float64 for float64 logits), autocast disabled; its gradient has logits' dtype.
 
     Raises:
       ValueError: logits not [B, A, K], or labels not an integer [B, A] tensor.

@@ -1,9 +1,6 @@
-"""RetinaNet training losses: sigmoid focal loss over every anchor and class, an L1 (or GIoU) box loss
-over positive anchors, normalised per batch (mmdetection) or per image (torchvision).
-
-Everything is computed densely with masks and multiplications, never with boolean indexing, so
-shapes are static, no host sync happens and every element of the head outputs receives a (possibly
-zero) gradient: no parameter ever drops out of the graph, even for a batch without positives.
+"""RetinaNet training losses: sigmoid focal loss over every anchor and class, an L1 (or GIoU) box loss over
+positive anchors, normalised per batch (mmdetection) or per image (torchvision). Dense, with masks, never boolean
+indexing: static shapes, no host sync, and every head output gets a (possibly zero) gradient.
 """
 
 from __future__ import annotations
@@ -20,24 +17,16 @@ from retina_fn.spec import CoderSpec, LossSpec
 
 
 class AssignmentLike(Protocol):
-    """What the loss reads from an assignment (retina_fn.assign.Assignment has these fields)."""
+    """What the loss reads from an assignment (retina_fn.assign.Assignment)."""
 
     positive: torch.Tensor  # bool [B, A]
     negative: torch.Tensor  # bool [B, A]
     matched: torch.Tensor  # int64 [B, A], index into G; only read where positive
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs; float64 stays float64 (useful for gradient checks)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _saturate(nll: torch.Tensor) -> torch.Tensor:
-    """min(nll, -log(FLT_MIN)) in value, with the unclamped gradient.
-
-    This is what mmcv's kernel does: its forward takes log(max(p, FLT_MIN)), while its hand-written
-    backward is the analytic derivative, which keeps pushing a hopeless logit (x < -87) in the right
-    direction instead of giving it a zero gradient."""
+    """min(nll, -log(FLT_MIN)) in value with the unclamped gradient, as mmcv's kernel (forward log(max(p, FLT_MIN)),
+    analytic backward, which keeps pushing a hopeless logit)."""
     # (nll - nll.detach()) is exactly 0 in value but carries nll's gradient.
     return torch.where(nll > focal_loss.MAX_NLL, focal_loss.MAX_NLL + (nll - nll.detach()), nll)
 
@@ -46,18 +35,14 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
                        gamma: float = 2.0) -> torch.Tensor:
     """Elementwise sigmoid focal loss (Lin et al. 2017; mmcv's `sigmoid_focal_loss`, reduction 'none').
 
-    logits [..., K] (any float dtype), targets [..., K] in {0, 1} (same shape) -> loss [..., K].
-    With p = sigmoid(x): a target-1 element costs -alpha (1 - p)^gamma log p, a target-0 element
-    -(1 - alpha) p^gamma log(1 - p). The logs come from softplus (exact for any logit) and are capped
-    at -log(FLT_MIN) as mmcv's kernel caps them; mmcv's float32 kernel also rounds 1 - p to 0 for
-    logits above ~16.6 (so it saturates there early), which is not reproduced: for those elements
-    the result equals mmdetection's CPU path (BCE-with-logits times the focal weight) instead.
-    Computed in float32 (float64 stays float64) with autocast disabled, whatever the input dtype."""
+    logits [..., K] (any float dtype), targets [..., K] in {0, 1} -> loss [..., K], float32 (float64 stays
+    float64), autocast disabled. Logs from softplus, capped at -log(FLT_MIN) as mmcv's kernel; mmcv's float32
+    rounding of 1 - p to 0 above logit ~16.6 is not reproduced (there this equals mmdetection's CPU path)."""
     if logits.shape != targets.shape:
         raise ValueError(f"sigmoid_focal_loss: logits {tuple(logits.shape)} and targets "
                          f"{tuple(targets.shape)} must have the same shape")
     with float32_region(logits.device.type):
-        dtype = _compute_dtype(logits.dtype)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         x = logits.to(dtype)
         t = targets.to(dtype)
         prob = torch.sigmoid(x)
@@ -74,14 +59,9 @@ def _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_
     if cls_logits.ndim != 3:
         raise ValueError(f"cls_logits must be [B, A, K], got shape {tuple(cls_logits.shape)}")
     b, a, _ = cls_logits.shape
-    expected = {
-        "box_deltas": (box_deltas, (b, a, 4)),
-        "anchors": (anchors, (a, 4)),
-        "anchor_valid": (anchor_valid, (b, a)),
-        "assignment.positive": (assignment.positive, (b, a)),
-        "assignment.negative": (assignment.negative, (b, a)),
-        "assignment.matched": (assignment.matched, (b, a)),
-    }
+    expected = {"box_deltas": (box_deltas, (b, a, 4)), "anchors": (anchors, (a, 4)),
+                "anchor_valid": (anchor_valid, (b, a))}
+    expected.update({f"assignment.{f}": (getattr(assignment, f), (b, a)) for f in ("positive", "negative", "matched")})
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match cls_logits "
@@ -110,10 +90,8 @@ def _gather_matched(gt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _focal_codes(positive: torch.Tensor, negative: torch.Tensor, matched_labels: torch.Tensor,
                  num_classes: int) -> torch.Tensor:
-    """The fused focal loss's per-anchor codes: the matched class of a positive, BACKGROUND for a negative
-    and for a positive whose label is outside 0..K-1 (the one-hot path gives it an all-zero target of
-    weight 1), IGNORE for every other anchor. positive, negative: bool [B, A]; matched_labels: int64
-    [B, A] -> int64 [B, A]."""
+    """int64 [B, A] focal_loss codes: a positive's class, BACKGROUND for a negative and for a positive with a label
+    outside 0..K-1 (the one-hot path's all-zero target), IGNORE otherwise."""
     in_range = (matched_labels >= 0) & (matched_labels < num_classes)
     codes = torch.where(positive & in_range, matched_labels, focal_loss.BACKGROUND)
     return torch.where(positive | negative, codes, focal_loss.IGNORE)
@@ -121,7 +99,7 @@ def _focal_codes(positive: torch.Tensor, negative: torch.Tensor, matched_labels:
 
 def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_spec: LossSpec, coder: CoderSpec,
                         image_hw) -> torch.Tensor:
-    """Box loss summed over positive anchors (and coordinates) per image -> [B]."""
+    """[B]: the box loss summed over each image's positive anchors."""
     anchors = anchors.float().unsqueeze(0)  # [1, A, 4]
     pos = positive.unsqueeze(-1)
     # Non-positive anchors get their own anchor as target: encode/GIoU stay finite there (padded gts
@@ -139,63 +117,37 @@ def _box_loss_per_image(box_deltas, anchors, positive, matched_boxes, loss_spec:
     return (per_anchor * weight).sum(-1)
 
 
-def retinanet_loss(
-    cls_logits: torch.Tensor,
-    box_deltas: torch.Tensor,
-    anchors: torch.Tensor,
-    anchor_valid: torch.Tensor,
-    assignment: AssignmentLike,
-    gt_boxes: torch.Tensor,
-    gt_labels: torch.Tensor,
-    loss_spec: LossSpec,
-    coder: CoderSpec,
-    *,
-    normalizer: torch.Tensor | None = None,
-    image_hw: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def retinanet_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor,
+                   anchor_valid: torch.Tensor, assignment: AssignmentLike, gt_boxes: torch.Tensor,
+                   gt_labels: torch.Tensor, loss_spec: LossSpec, coder: CoderSpec, *,
+                   normalizer: torch.Tensor | None = None,
+                   image_hw: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RetinaNet loss over a batch.
 
+    A positive's classification target is the one-hot of its matched gt's label, a negative's all zeros (both
+    weigh 1; ignored and invalid anchors 0), focal loss summed over anchors and classes (fused_focal: the same sum
+    from retina_fn.focal_loss, equal up to float32 rounding). Box loss on positives: 'l1' |delta - encode(anchor,
+    gt)| (mmdetection) or 'giou' 1 - GIoU(decode(anchor, delta), gt) (torchvision v2). Normaliser N: 'batch'
+    (mmdetection) divides the sums by N = sum_i max(#pos_i, 1); 'image' (torchvision) divides each image's sums
+    by max(1, #pos_i), then by N = B.
+
     Args:
-      cls_logits: [B, A, K] classification logits (any float dtype; computed in float32).
-      box_deltas: [B, A, 4] predicted (normalised) deltas.
-      anchors: [A, 4] xyxy.
-      anchor_valid: bool [B, A]; invalid anchors (outside the image's padded extent) weigh nothing.
-      assignment: anything with `positive` bool [B, A], `negative` bool [B, A] and `matched` int64
-        [B, A] (index into G, read only where positive), e.g. retina_fn.assign.Assignment. Anchors
-        neither positive nor negative are ignored.
-      gt_boxes: [B, G, 4] padded ground truth; gt_labels: int64 [B, G] in 0..K-1 (a label outside that
-        range silently gives an all-zero target: no value check, as that would need a host sync).
-      loss_spec: the loss settings (focal_alpha, focal_gamma, fused_focal, cls_weight, box_loss, box_weight,
-        normalizer).
-      coder: the box coder (means, stds, scale_clamp, clamp_lower).
-      normalizer: float [] the divisor of the summed terms; None: this batch's own
-        (`loss_normalizer(assignment.positive & anchor_valid, loss_spec)`). A train step passes the
-        normaliser of its whole step (all micro-batches, averaged over replicas for dist.normalizer
-        'global'), so micro-batch losses add up to the loss of the whole batch.
-      image_hw: optional int64 [B, 2]; only the 'giou' loss uses it, to clip decoded predictions
-        (torchvision does not clip, so leave it None to match torchvision).
-
-    Targets: a positive anchor's classification target is the one-hot of its matched gt's label, a
-    negative's is all zeros; both weigh 1, ignored and invalid anchors 0. The focal loss is summed over
-    anchors and classes; with loss_spec.fused_focal the same sum comes from retina_fn.focal_loss (integer
-    codes, no one-hot, the gradient computed in the forward pass), equal up to float32 rounding. Box loss
-    on positives only: 'l1' is |delta - encode(anchor, gt)| summed over anchors and the 4 coordinates
-    (mmdetection), 'giou' is 1 - GIoU(decode(anchor, delta), gt) (torchvision v2).
-
-    Normaliser N: 'batch' (mmdetection): N = sum over images of max(#pos_i, 1), and
-    loss = cls_weight * cls_sum / N + box_weight * box_sum / N. 'image' (torchvision): N = the number
-    of images, and each image's sums are divided by max(1, #pos_i) before the sum over images is
-    divided by N (a mean over the images).
+      cls_logits: float [B, A, K] (computed in float32); box_deltas: float [B, A, 4] normalised deltas.
+      anchors: float [A, 4] xyxy; anchor_valid: bool [B, A], invalid anchors weigh nothing.
+      assignment: `positive`, `negative` bool [B, A] and `matched` int64 [B, A] (read only where positive).
+      gt_boxes: float [B, G, 4]; gt_labels: int64 [B, G] in 0..K-1 (outside that: an all-zero target, unchecked).
+      normalizer: float [] divisor of the summed terms; None: this batch's own (`loss_normalizer`). A train step
+        passes its whole step's, so micro-batch losses add up to the batch's.
+      image_hw: optional int64 [B, 2]; 'giou' clips decoded predictions to it (None matches torchvision).
 
     Returns:
-      (loss, metrics): loss is a 0-d float32 tensor (float64 for float64 inputs); metrics holds 0-d
-      tensors 'loss' (= loss, detached), 'loss_cls' and 'loss_box' (weighted, so they add up to loss) and
-      'num_pos' (positives in this batch, float). All of them add up over micro-batches that share N.
+      (loss float32 [] (float64 for float64 inputs), metrics): 0-d 'loss' (detached), 'loss_cls', 'loss_box'
+      (weighted, adding up to loss) and 'num_pos'; all add up over micro-batches that share N.
     """
     _check_shapes(cls_logits, box_deltas, anchors, anchor_valid, assignment, gt_boxes, gt_labels, image_hw)
 
     with float32_region(cls_logits.device.type):
-        dtype = _compute_dtype(cls_logits.dtype)
+        dtype = torch.promote_types(cls_logits.dtype, torch.float32)
         deltas = box_deltas.to(dtype)
         num_classes = cls_logits.shape[-1]
 
@@ -232,25 +184,15 @@ def retinanet_loss(
             loss_cls = loss_spec.cls_weight * (cls_sum / per_image_norm).sum() / normalizer
             loss_box = loss_spec.box_weight * (box_sum / per_image_norm).sum() / normalizer
         loss = loss_cls + loss_box
-        metrics = {
-            "loss": (loss_cls + loss_box).detach(),
-            "loss_cls": loss_cls.detach(),
-            "loss_box": loss_box.detach(),
-            "num_pos": num_pos.sum().detach(),
-        }
-        return loss, metrics
+        return loss, {"loss": (loss_cls + loss_box).detach(), "loss_cls": loss_cls.detach(),
+                      "loss_box": loss_box.detach(), "num_pos": num_pos.sum().detach()}
 
 
 def loss_normalizer(positive: torch.Tensor, loss_spec: LossSpec) -> torch.Tensor:
-    """The loss divisor of a batch before any averaging over replicas.
+    """float32 []: a batch's loss divisor (`retinanet_loss`'s N) before any averaging over replicas.
 
     Args:
       positive: bool [B, A], positive and valid anchors.
-      loss_spec: the loss settings; its `normalizer` chooses 'batch' (mmdetection: the sum over images of
-        max(#positives_i, 1)) or 'image' (torchvision: B, the per-image terms are averaged).
-
-    Returns:
-      float32 [], the divisor `retinanet_loss` takes as `normalizer`.
     """
     if loss_spec.normalizer == "batch":
         return positive.sum(dim=1).clamp(min=1).sum().to(torch.float32)

@@ -1,30 +1,14 @@
 """Class-aware greedy non-maximum suppression over a padded batch, in plain torch.
 
-Semantics (mmcv / torchvision greedy NMS, per image): sort the valid boxes by score, descending, ties
-in input order; walk down the list keeping a box unless a box kept before it, with the same label,
-overlaps it with IoU strictly greater than the threshold. Boxes of different labels never suppress
-each other.
+Semantics (mmcv / torchvision greedy NMS, per image): sort the valid boxes by score, descending, ties in
+input order; walk down the list keeping a box unless a box kept before it, with the same label, overlaps it
+with IoU strictly greater than the threshold.
 
-How the torch implementation gets there without a loop over boxes. In sorted order let
-S[j, i] = (j < i) and same label and IoU(j, i) > threshold ("j would suppress i"). Greedy's answer g
-is the unique solution of
-
-    g[i] = valid[i] and not any_j (g[j] and S[j, i]),
-
-unique because g[i] depends only on g[j] for j < i, so it is fixed by induction over i. We iterate
-k <- valid and not any_j (k[j] and S[j, i]) starting from k = valid. Entry 0 is exact after one
-iteration, and if entries < t are exact after t iterations, entry t becomes exact at iteration t + 1
-(it reads only entries < t). So after at most N iterations k = g, and any fixed point equals g;
-stopping as soon as an iteration changes nothing is therefore exact. In practice the number of
-iterations is the depth of the longest chain of decisions that depend on each other (a few to a few
-tens), not N. Each iteration is one batched [1, N] x [N, N] product plus one host sync to test for
-convergence (post-processing is not the train step).
-
-The work is done in blocks of 256 boxes in score order: a block is first cleared against the boxes
-already kept in earlier blocks (whose decisions are final), then solved by the iteration above. Since
-callers take only the first `max_output` kept boxes, the walk stops once every image has that many;
-for a trained detector that is usually within the first block or two. Worst case (few survivors):
-O(N^2) time, and O(256 N) memory per image.
+Without a loop over boxes: in sorted order let S[j, i] = (j < i) and same label and IoU(j, i) > threshold.
+Greedy's answer g is the unique solution of g[i] = valid[i] and not any_j (g[j] and S[j, i]); iterating that
+from k = valid makes entry t exact after t + 1 iterations, so its fixed point is g (one [1, N] x [N, N] product
+and one host sync per iteration). Blocks of 256 boxes in score order are first cleared against the boxes kept in
+earlier blocks, then solved; the walk stops once every image has `max_output` kept boxes.
 """
 
 from __future__ import annotations
@@ -39,8 +23,8 @@ _IMPLS = ("auto", "torch", "torchvision")
 
 
 def _float32_floor(value: float) -> float:
-    """The largest float32 not above `value`. For a float32 IoU v, v > value (real comparison, as
-    torchvision makes it in double) holds exactly when v > _float32_floor(value) in float32."""
+    """The largest float32 not above `value`: for a float32 IoU v, v > value (in double, as torchvision
+    compares) exactly when v > _float32_floor(value) in float32."""
     rounded = np.float32(value)
     if float(rounded) > value:
         rounded = np.nextafter(rounded, np.float32(-np.inf))
@@ -48,11 +32,8 @@ def _float32_floor(value: float) -> float:
 
 
 def _pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of every box of a [B, N, 4] with every box of b [B, M, 4] -> [B, N, M].
-
-    The formula and its order of operations are the NMS kernels' (intersection w * h, union
-    area_i + area_j - inter, no floor on the union), so the comparisons agree bit for bit with
-    torchvision's CPU kernel; a zero union gives nan, which never exceeds the threshold."""
+    """a [B, N, 4], b [B, M, 4] -> IoU [B, N, M] in the NMS kernels' order of operations (no floor on the
+    union), bit for bit torchvision's CPU kernel; a zero union gives nan, which never exceeds the threshold."""
     ax1, ay1, ax2, ay2 = a.unbind(-1)
     bx1, by1, bx2, by2 = b.unbind(-1)
     area_a, area_b = (ax2 - ax1) * (ay2 - ay1), (bx2 - bx1) * (by2 - by1)
@@ -69,10 +50,8 @@ def _score_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_iters: int | None) -> torch.Tensor:
-    """Solves keep[i] = candidate[i] and not any_j (keep[j] and suppresses[j, i]) for one block.
-
-    Under torch.export the convergence test cannot be a Python branch on a tensor: the same iteration
-    then runs as a `torch.while_loop` (`_exported_fixed_point`)."""
+    """Solves keep[i] = candidate[i] and not any_j (keep[j] and suppresses[j, i]) for one block (under
+    torch.export as a `torch.while_loop`: the convergence test cannot be a Python branch there)."""
     limit = candidate.shape[1] + 1 if max_iters is None else max_iters
     if exporting():
         return _exported_fixed_point(candidate, suppresses, limit)
@@ -88,15 +67,8 @@ def _block_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, max_it
 
 
 def _exported_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, limit: int) -> torch.Tensor:
-    """`_block_fixed_point`'s loop as one `torch.while_loop` (an ONNX Loop once translated): the same
-    update, applied until it changes nothing or `limit` times, so the same keep mask.
-
-    Args:
-      candidate: bool [B, n]; suppresses: float32 [B, n, n]; limit: the most updates.
-
-    Returns:
-      bool [B, n].
-    """
+    """`_block_fixed_point`'s loop as one `torch.while_loop` (an ONNX Loop once translated), at most `limit`
+    updates: candidate bool [B, n], suppresses float32 [B, n, n] -> the same keep mask bool [B, n]."""
     # The loop's carried tensors must keep their strides from one iteration to the next.
     candidate = candidate.clone(memory_format=torch.contiguous_format)
 
@@ -115,13 +87,9 @@ def _exported_fixed_point(candidate: torch.Tensor, suppresses: torch.Tensor, lim
 
 def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
                         max_iters: int | None, enough: int | None = None, block: int = 256) -> torch.Tensor:
-    """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N].
-
-    Blocks of `block` boxes in score order: a block's boxes are first checked against the boxes kept in
-    earlier blocks (final decisions), then decided among themselves by the fixed-point iteration.
-    Once every image has `enough` kept boxes the rest is left unkept: callers that return only the
-    first `enough` kept boxes get the same answer at a fraction of the O(N^2) cost. (Not under
-    torch.export, where that test would branch on a tensor: every block is decided, same answer.)"""
+    """Greedy keep mask for boxes already in score order: [B, N, 4], [B, N], [B, N] -> bool [B, N], by blocks
+    (module docstring). Once every image has `enough` kept boxes the rest is left unkept (not under
+    torch.export, where that test would branch on a tensor: every block is decided, same answer)."""
     threshold = _float32_floor(iou_threshold)
     n = boxes.shape[1]
     decided: list[torch.Tensor] = []
@@ -145,13 +113,10 @@ def _greedy_keep_sorted(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.
 
 def _torchvision_keep(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, order: torch.Tensor,
                       iou_threshold: float) -> torch.Tensor:
-    """The same keep mask (in input order) from torchvision's kernel, one call per image and class.
-
-    Per-class calls, not torchvision.ops.batched_nms: that one offsets boxes by label * (max + 1) for
-    small inputs, which rounds coordinates and can flip decisions at the threshold. Scores are
-    replaced by each box's rank in `order`, so ties are broken exactly as the torch path breaks
-    them whatever sort the kernel uses. On CUDA the kernel may fuse multiply-adds in its IoU, so an
-    IoU within one rounding of the threshold can still be decided differently there."""
+    """The same keep mask (in input order) from torchvision's kernel, one call per image and class: not
+    torchvision.ops.batched_nms, whose label offsets round coordinates and can flip decisions at the
+    threshold. Scores are replaced by each box's rank in `order`, so ties break as on the torch path. On
+    CUDA the kernel may fuse multiply-adds, so an IoU within one rounding of the threshold may differ."""
     import torchvision  # noqa: PLC0415 - optional dependency
 
     batch, n = valid.shape
@@ -188,42 +153,23 @@ def _first_kept(order: torch.Tensor, keep_sorted: torch.Tensor, max_output: int)
     return index, kept
 
 
-def batched_nms(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    labels: torch.Tensor,
-    valid: torch.Tensor,
-    iou_threshold: float,
-    max_output: int,
-    impl: str = "torch",
-    max_iters: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-aware greedy NMS for each image of a padded batch (see the module docstring).
-
-    Computed in float32 with autocast disabled.
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                iou_threshold: float, max_output: int, impl: str = "torch",
+                max_iters: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-aware greedy NMS for each image of a padded batch, in float32 with autocast disabled.
 
     Args:
-      boxes: float [B, N, 4] xyxy.
-      scores: float [B, N].
-      labels: integer [B, N]; only boxes of equal label suppress each other.
-      valid: bool [B, N]; invalid entries, and entries with a nan score, neither survive nor suppress.
-      iou_threshold: a box is suppressed when its IoU with a kept box of its label is > this.
-      max_output: M, the number of kept boxes returned per image.
-      impl: 'torch' (batched, any device), 'torchvision' (torchvision's kernel per image and class) or
-        'auto' (torchvision when it imports).
-      max_iters: cap on the torch path's fixed-point iterations (None: until convergence, at most
-        N + 1). If the cap stops it early, only the first max_iters boxes in score order are
-        guaranteed to be decided as greedy NMS would.
+      boxes: float [B, N, 4] xyxy; scores: float [B, N]; labels: integer [B, N].
+      valid: bool [B, N]; invalid entries and nan scores neither survive nor suppress.
+      max_output: M, kept boxes returned per image.
+      impl: 'torch' (batched), 'torchvision' (its kernel per image and class) or 'auto' (torchvision if it imports).
+      max_iters: cap on the torch path's fixed-point iterations (None: until convergence).
 
     Returns:
-      (keep_index, keep_valid):
-      keep_index: int64 [B, M], indices into N of the kept boxes, by score descending (ties in
-        input order); 0 in padding slots.
-      keep_valid: bool [B, M], True for real entries (the first min(M, #kept) of each row).
+      (keep_index int64 [B, M] into N, by score descending, 0 in padding; keep_valid bool [B, M]).
 
     Raises:
-      ValueError: inconsistent shapes, non-bool valid, floating labels, an unknown impl, max_output < 0
-        or max_iters < 1.
+      ValueError: inconsistent shapes or dtypes, an unknown impl, max_output < 0 or max_iters < 1.
       ImportError: impl='torchvision' when torchvision is absent.
     """
     if boxes.ndim != 3 or boxes.shape[-1] != 4:

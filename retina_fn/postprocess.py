@@ -7,12 +7,8 @@ Two candidate selections (model.test.pre_select):
     them; decode and clip.
 Then class-aware greedy NMS over the candidates of all levels and the top max_per_img survivors.
 
-Static shapes: the candidate set is capped at the top `max_candidates` pairs by score (pairs below the
-threshold fill the cap as invalid entries). The cap never changes the result once at least
-max_per_img boxes survive NMS among those top candidates: greedy NMS decides each box from the boxes
-ranked above it only, so on a score-ordered prefix it makes the same decisions as on the whole set,
-and the first max_per_img survivors overall all lie in the prefix. (mmdetection's candidates number at
-most 5 x nms_pre x K; the default cap of 5000 pairs holds far more than 100 survivors in practice.)
+The candidates are capped at the top `max_candidates` pairs by score (static shapes). The cap changes nothing
+once max_per_img boxes survive NMS among them: greedy NMS decides each box from those ranked above it only.
 """
 
 from __future__ import annotations
@@ -29,19 +25,12 @@ from retina_fn.topk import top_k_sorted_indices
 
 
 class Detections(NamedTuple):
-    """Per-image detections, padded to M = max_per_img rows, sorted by score (descending).
-
-    Attributes:
-      boxes: float32 [B, M, 4] xyxy (original-image pixels when rescaled); 0 in padding rows.
-      scores: float32 [B, M], sigmoid probabilities; 0 in padding rows.
-      labels: int64 [B, M], 0..K-1; 0 in padding rows.
-      valid: bool [B, M], True for real detections.
-    """
+    """Per-image detections, padded to M = max_per_img rows, sorted by score (descending)."""
 
     boxes: torch.Tensor  # float32 [B, M, 4], xyxy (original-image pixels when rescaled)
     scores: torch.Tensor  # float32 [B, M], sigmoid probabilities; 0 in padding rows
     labels: torch.Tensor  # int64 [B, M], 0..K-1; 0 in padding rows
-    valid: torch.Tensor  # bool [B, M]
+    valid: torch.Tensor  # bool [B, M], True for real detections
 
 
 class _Candidates(NamedTuple):
@@ -51,29 +40,20 @@ class _Candidates(NamedTuple):
     valid: torch.Tensor  # bool [B, C]
 
 
-def _top_sorted(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries along dim 1, descending, ties to the lower index: [B, n] -> [B, k]
-    (a stable descending sort's first k, without sorting the whole row: retina_fn.topk)."""
-    return top_k_sorted_indices(key, k)
-
-
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, n, D] at index [B, k] along dim 1 -> [B, k, D]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _decode(anchors, deltas, image_hw, coder) -> torch.Tensor:
-    """anchors, deltas [B, k, 4] -> boxes clipped to each image's (h, w) [B, k, 4]."""
     return box_lib.decode(anchors, deltas, coder.means, coder.stds, max_shape=image_hw[:, None, :],
                           scale_clamp=coder.scale_clamp, clamp_lower=coder.clamp_lower)
 
 
 def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder) -> _Candidates:
-    """mmdetection: top nms_pre anchors by max class score, then every pair of them above score_thr.
-    scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> candidates over n' * K pairs."""
+    """mmdetection: top nms_pre anchors by max class score, then every pair of them above score_thr."""
     batch, n, num_classes = scores.shape
     if 0 < nms_pre < n:
-        chosen = _top_sorted(scores.max(dim=-1).values, nms_pre)
+        chosen = top_k_sorted_indices(scores.max(dim=-1).values, nms_pre)
         scores, deltas, anchors = (_gather_rows(t, chosen) for t in (scores, deltas, anchors))
     boxes = _decode(anchors, deltas, image_hw, coder)
     rows = boxes.shape[1]
@@ -84,13 +64,12 @@ def _level_candidates_by_anchor(scores, deltas, anchors, image_hw, nms_pre, scor
 
 
 def _level_candidates_by_pair(scores, deltas, anchors, image_hw, nms_pre, score_thr, coder) -> _Candidates:
-    """torchvision: pairs above score_thr, the top nms_pre of them by score, decoded.
-    scores [B, n, K], deltas [B, n, 4], anchors [B, n, 4] -> min(nms_pre, n * K) candidates."""
+    """torchvision: pairs above score_thr, the top nms_pre of them by score, decoded."""
     batch, n, num_classes = scores.shape
     flat = scores.reshape(batch, n * num_classes)
     passing = flat > score_thr
     count = n * num_classes if nms_pre <= 0 else min(nms_pre, n * num_classes)
-    chosen = _top_sorted(torch.where(passing, flat, torch.full_like(flat, -torch.inf)), count)
+    chosen = top_k_sorted_indices(torch.where(passing, flat, torch.full_like(flat, -torch.inf)), count)
     rows = torch.div(chosen, num_classes, rounding_mode="floor")
     boxes = _decode(_gather_rows(anchors, rows), _gather_rows(deltas, rows), image_hw, coder)
     return _Candidates(boxes, flat.gather(1, chosen), chosen % num_classes, passing.gather(1, chosen))
@@ -100,23 +79,16 @@ def _cap(c: _Candidates, max_candidates: int) -> _Candidates:
     """The top max_candidates valid candidates by score (all when there are fewer)."""
     if max_candidates <= 0 or c.scores.shape[1] <= max_candidates:
         return c
-    chosen = _top_sorted(torch.where(c.valid, c.scores, torch.full_like(c.scores, -torch.inf)), max_candidates)
+    chosen = top_k_sorted_indices(torch.where(c.valid, c.scores, torch.full_like(c.scores, -torch.inf)), max_candidates)
     return _Candidates(_gather_rows(c.boxes, chosen), c.scores.gather(1, chosen), c.labels.gather(1, chosen),
                        c.valid.gather(1, chosen))
 
 
 def _trim_to_valid(c: _Candidates, minimum: int = 128) -> _Candidates:
-    """Drops trailing invalid candidates: keeps the top 2**ceil(log2(n)) rows by score (at least
-    `minimum`), n the largest valid count of an image. NMS costs O(k^2), so this is what keeps an
-    early, uncertain model's evaluation fast; the kept set is unchanged because only invalid rows go.
-    The row count depends on the data (one host sync, a few power-of-two shapes): not for static-shape
-    backends (model.test.static_shapes)."""
-    total = c.scores.shape[1]
-    largest = int(c.valid.sum(dim=1).max()) if total else 0
-    target = max(minimum, 1 << max(largest - 1, 0).bit_length())
-    if target >= total:
-        return c
-    return _cap(c, target)
+    """The top 2**ceil(log2(n)) candidates (at least `minimum`), n an image's largest valid count: only invalid
+    rows go, and O(k^2) NMS stays fast for an uncertain model (one host sync: not for static shapes)."""
+    largest = int(c.valid.sum(dim=1).max()) if c.scores.shape[1] else 0
+    return _cap(c, max(minimum, 1 << max(largest - 1, 0).bit_length()))
 
 
 def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale_factor, anchor_valid) -> None:
@@ -137,43 +109,26 @@ def _check_inputs(cls_logits, box_deltas, anchors, level_counts, image_hw, scale
         raise ValueError(f"anchor_valid must be [B, A] = {(b, a)} or None, got {tuple(anchor_valid.shape)}")
 
 
-def detect(
-    cls_logits: torch.Tensor,
-    box_deltas: torch.Tensor,
-    anchors: torch.Tensor,
-    level_counts: tuple[int, ...],
-    image_hw: torch.Tensor,
-    scale_factor: torch.Tensor | None,
-    test: PostprocessSpec,
-    coder: CoderSpec,
-    anchor_valid: torch.Tensor | None = None,
-) -> Detections:
-    """Detections from the head outputs of a batch.
-
-    Ties between equal scores go to the lower anchor index (per level selection) or the earlier
-    candidate (NMS). Computed in float32 with autocast disabled.
+def detect(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, level_counts: tuple[int, ...],
+           image_hw: torch.Tensor, scale_factor: torch.Tensor | None, test: PostprocessSpec, coder: CoderSpec,
+           anchor_valid: torch.Tensor | None = None) -> Detections:
+    """Detections from the head outputs of a batch, in float32 with autocast disabled. Equal scores go to the
+    lower anchor index (per level selection) or the earlier candidate (NMS).
 
     Args:
-      cls_logits: float [B, A, K] classification logits.
-      box_deltas: float [B, A, 4] regression deltas.
+      cls_logits: float [B, A, K]; box_deltas: float [B, A, 4].
       anchors: float [A, 4] xyxy, levels concatenated in order, or [B, A, 4]: each image's own.
-      level_counts: anchors per level (sums to A), e.g. H_l * W_l * 9 for P3..P7.
-      image_hw: int64 [B, 2], (h, w) of each resized image: decoded boxes are clipped to it.
-      scale_factor: float [B, 2] = (sx, sy) or None. When given, boxes are divided by
-        (sx, sy, sx, sy) into original-image pixels (mmdetection's rescale, before NMS as there:
-        per-axis scaling leaves IoU unchanged; no clipping afterwards).
-      test: the post-processing settings (nms_pre, pre_select, score_thr, nms_iou, max_per_img,
-        max_candidates, static_shapes); nms_pre <= 0 or max_candidates <= 0 mean no limit. Unless static_shapes,
-        the candidates entering NMS are trimmed to a power-of-two count covering every valid one.
-      coder: the box coder (means, stds, scale_clamp, clamp_lower).
-      anchor_valid: bool [B, A] or None: anchors that are False never become candidates (their scores
-        are set below any probability before the per-level selection), as if they did not exist: the
-        reference's feature maps of an image padded alone have only the anchors inside its extent.
+      level_counts: anchors per level (sums to A).
+      image_hw: int64 [B, 2] resized (h, w) of each image: decoded boxes are clipped to it.
+      scale_factor: float [B, 2] (sx, sy) or None: boxes divided by it into original-image pixels (mmdetection's
+        rescale, before NMS as there; no clipping afterwards).
+      test: nms_pre <= 0 or max_candidates <= 0 mean no limit; unless static_shapes, the candidates entering NMS
+        are trimmed to a power-of-two count covering every valid one.
+      anchor_valid: bool [B, A] or None: False anchors never become candidates, as if absent (as in the image
+        padded alone).
 
     Returns:
-      Detections with M = test.max_per_img rows per image, sorted by score: boxes float32 [B, M, 4],
-      scores float32 [B, M] (sigmoid probabilities), labels int64 [B, M] (0..K-1), valid bool [B, M];
-      padding rows have valid False, boxes, score and label 0.
+      Detections with M = test.max_per_img rows; padding rows are all 0 / False.
 
     Raises:
       ValueError: shapes that do not fit together, or level_counts that do not sum to A.
@@ -204,9 +159,6 @@ def detect(
             boxes = boxes / scale_factor.float().repeat(1, 2)[:, None, :]
         index, valid = batched_nms(boxes, candidates.scores, candidates.labels, candidates.valid,
                                    test.nms_iou, test.max_per_img)
-        return Detections(
-            boxes=torch.where(valid.unsqueeze(-1), _gather_rows(boxes, index), 0.0),
-            scores=torch.where(valid, candidates.scores.gather(1, index), 0.0),
-            labels=torch.where(valid, candidates.labels.gather(1, index), torch.zeros_like(index)),
-            valid=valid,
-        )
+        return Detections(torch.where(valid.unsqueeze(-1), _gather_rows(boxes, index), 0.0),
+                          torch.where(valid, candidates.scores.gather(1, index), 0.0),
+                          torch.where(valid, candidates.labels.gather(1, index), torch.zeros_like(index)), valid)

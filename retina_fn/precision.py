@@ -1,24 +1,8 @@
 """Mixed-precision settings, autocast contexts, loss scaling as pure state, and overflow checks.
 
-Precisions:
-- 'fp32': no autocast, no loss scaling.
-- 'fp16': autocast to float16 with loss scaling (the Ascend port's apex O1; dynamic by default, static
-  when `train.loss_scale.dynamic` is False, as the port's fixed scale 64).
-- 'bf16': autocast to bfloat16, no loss scaling (bf16 has float32's exponent range).
-
-apex opt levels map onto these: O0 -> fp32, O1 -> fp16, O2 -> fp16. O2 casts the model itself to fp16
-and keeps fp32 master weights; here parameters stay float32 and autocast runs the matmuls and
-convolutions in fp16, which is what O1 does and a close approximation of O2. O3 (pure fp16, no master
-weights) is refused.
-
-How a train step uses the loss scale (all tensors, no host sync, no Python branch on values):
-
-    loss_for_grad = scale_loss(loss, ls_state)
-    grads = unscale_grads(grad_of(loss_for_grad), ls_state)
-    finite = overflow_check(grads, ls_state.scale)
-    new_params, new_opt = opt.update(grads, opt_state, params, lr)
-    params, opt_state = select_tree(finite, (new_params, new_opt), (params, opt_state))
-    ls_state = update_loss_scale(ls_state, finite, settings.loss_scale)
+Precisions: 'fp32'; 'fp16' (autocast to float16 with dynamic or static loss scaling, the Ascend port's apex O1);
+'bf16' (autocast to bfloat16, no loss scaling). apex O0 -> fp32, O1 and O2 -> fp16 (parameters stay float32);
+O3 is refused. Loss scaling uses tensors only: no host sync, no Python branch on values.
 """
 
 from __future__ import annotations
@@ -33,7 +17,6 @@ from retina_fn import tree
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = {"O0": "fp32", "O1": "fp16", "O2": "fp16"}
-FP16_MAX = 65504.0
 # Halfway between the two largest float16 values (65472, 65504): a gradient that was saturated in fp16
 # still lands above it after being unscaled and rescaled, whatever the rounding.
 SATURATION_THRESHOLD = 65488.0
@@ -60,18 +43,17 @@ def precision_from_name(name: str) -> Precision:
 
 
 def autocast(precision: Precision, device_type: str) -> contextlib.AbstractContextManager:
-    """A context running the forward at `precision` on `device_type` ('cpu', 'cuda', 'npu'):
-    torch.autocast for fp16/bf16, a null context for fp32. Wrap the forward inside the loss only."""
+    """torch.autocast at `precision` on `device_type` ('cpu', 'cuda', 'npu'), a null context for fp32.
+    Wrap the forward inside the loss only."""
     if precision.compute_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=precision.compute_dtype)
 
 
 def float32_region(device_type: str) -> contextlib.AbstractContextManager:
-    """A context in which autocast is off on `device_type`: torch.autocast(enabled=False) where autocast is on,
-    a null context where it is already off. The same arithmetic either way; the idle region is skipped because
-    torch.export records every autocast region as a higher-order op and inlines each one with a recompile of
-    the whole graph (a GroupNorm network's export took twice as long)."""
+    """A context with autocast off on `device_type`: torch.autocast(enabled=False) where autocast is on, a
+    null context where it is already off (torch.export records every autocast region as a higher-order op
+    and recompiles the graph for each one)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
@@ -104,18 +86,15 @@ class LossScaleSettings:
 
 def init_loss_scale(settings: LossScaleSettings, device: torch.device | str | None = None) -> LossScaleState:
     """The starting state of the settings' scale."""
-    return LossScaleState(
-        scale=torch.tensor(float(settings.init), dtype=torch.float32, device=device),
-        good_steps=torch.zeros((), dtype=torch.int64, device=device),
-    )
+    return LossScaleState(torch.tensor(float(settings.init), dtype=torch.float32, device=device),
+                          torch.zeros((), dtype=torch.int64, device=device))
 
 
 def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, settings: LossScaleSettings) -> LossScaleState:
     """The state after a step whose gradients were finite (`grads_finite`, bool []) or not.
 
-    Dynamic: an overflow divides the scale by `factor` (never below 1) and resets the count; a finite
-    step counts, and the `growth_interval`-th finite step in a row multiplies the scale by `factor` and
-    resets the count. Static (`dynamic=False`): the state is returned unchanged.
+    Dynamic: an overflow divides the scale by `factor` (never below 1) and resets the count; the
+    `growth_interval`-th finite step in a row multiplies it by `factor` and resets the count. Static: unchanged.
     """
     if not settings.dynamic:
         return state
@@ -123,10 +102,8 @@ def update_loss_scale(state: LossScaleState, grads_finite: torch.Tensor, setting
     grow = counted >= settings.growth_interval
     grown = torch.where(grow, state.scale * settings.factor, state.scale)
     shrunk = torch.clamp(state.scale / settings.factor, min=1.0)
-    return LossScaleState(
-        scale=torch.where(grads_finite, grown, shrunk),
-        good_steps=torch.where(grow, torch.zeros_like(counted), counted),
-    )
+    return LossScaleState(torch.where(grads_finite, grown, shrunk),
+                          torch.where(grow, torch.zeros_like(counted), counted))
 
 
 def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:
@@ -136,10 +113,8 @@ def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:
 
 @torch.no_grad()
 def unscale_grads(grads: tree.Tree, state: LossScaleState) -> tree.Tree:
-    """grads * (1 / scale): new leaves, each in its own dtype.
-
-    The product is taken in float32: 1 / scale itself underflows float16 once the scale passes 2**24.
-    """
+    """grads * (1 / scale), each leaf in its own dtype; the product is taken in float32 (1 / scale
+    underflows float16 once the scale passes 2**24)."""
     inverse = torch.reciprocal(state.scale)
 
     def one(g: torch.Tensor) -> torch.Tensor:
@@ -157,14 +132,7 @@ OVERFLOW_CHECKS = ("isfinite", "saturation", "npu")  # 'npu' is built by retina_
 
 
 def leaf_abs_max(grads: tree.Tree) -> torch.Tensor:
-    """The largest magnitude in each gradient leaf.
-
-    Args:
-      grads: a tree of float tensors (any shapes and float dtypes).
-
-    Returns:
-      float32 [n_leaves]: max |g| per leaf; NaN when a leaf holds NaN (max propagates NaN).
-    """
+    """float32 [n_leaves]: max |g| per leaf of a tree of float tensors (NaN where a leaf holds NaN)."""
     leaves = tree.leaves(grads)
     if not leaves:
         raise ValueError("overflow check given an empty gradient tree")
@@ -179,12 +147,10 @@ def all_finite(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Ten
 def not_saturated(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.Tensor:
     """bool []: every gradient element is finite and none looks saturated in float16.
 
-    Ascend 910A runs float16 in saturation mode: an overflow becomes +-65504 instead of inf, so an
-    isfinite test misses it. Gradients of parameters that go through fp16 autocast ops come back as fp16
-    values cast to fp32; any |g * scale| (the gradient as it was before unscaling) at 65504 is taken as an
-    overflow. Pass scale=None (or 1) when checking gradients that are still scaled. This is a heuristic:
-    a saturated intermediate that does not reach a gradient at full size goes unseen; the 'npu' check
-    reads the hardware overflow flag instead.
+    Ascend 910A runs float16 in saturation mode: an overflow becomes +-65504 instead of inf, which isfinite
+    misses. Any |g * scale| (the gradient before unscaling) at 65504 is taken as an overflow; pass scale=None
+    for gradients that are still scaled. A heuristic: a saturated intermediate that does not reach a gradient
+    at full size goes unseen (the 'npu' check reads the hardware flag instead).
     """
     peak = leaf_abs_max(grads)
     if scale is not None:
@@ -193,16 +159,9 @@ def not_saturated(grads: tree.Tree, scale: torch.Tensor | None = None) -> torch.
 
 
 def make_overflow_check(kind: Union[str, OverflowCheck]) -> OverflowCheck:
-    """The overflow check named `kind`.
-
-    Args:
-      kind: 'isfinite' | 'saturation', or a callable check(grads, scale) -> bool [] itself (a hook: for
-        example `retina_fn.accel.npu_flag_check()`, which reads torch_npu's overflow flag; the engine
-        never probes accelerators, so 'npu' is resolved by the caller, see retina_fn.train.build).
-
-    Returns:
-      check(grads, scale) -> bool [] (True: the step is usable).
-    """
+    """The overflow check check(grads, scale) -> bool [] named `kind`: 'isfinite' | 'saturation', or a
+    callable check itself (e.g. `retina_fn.accel.npu_flag_check()`; the engine never probes accelerators, so
+    'npu' is resolved by the caller, retina_fn.train.build)."""
     if callable(kind):
         return kind
     if kind == "isfinite":

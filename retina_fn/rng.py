@@ -1,14 +1,9 @@
 """Explicit random keys in the JAX manner.
 
-A key is an int64 tensor of shape [2] holding two 32-bit words. Keys are derived from each other by
-integer hashing written with plain tensor ops (xor, shifts, multiplies by constants below 2**31 so no
-product overflows int64), so the same key gives the same numbers on every process, platform and device,
-eagerly or compiled. Nothing here touches torch's or numpy's global generators.
-
-    root = rng.key(0)
-    init_key, data_key = rng.split(root)          # [2, 2]: two independent keys
-    epoch_key = rng.fold_in(data_key, epoch)      # deterministic per epoch
-    gen = rng.numpy_generator(rng.fold_in(epoch_key, index))   # host-side augmentation
+A key is an int64 tensor [2] holding two 32-bit words. Keys are derived from each other by integer hashing
+written with plain tensor ops (xor, shifts, multiplies by constants below 2**31 so no product overflows int64),
+so the same key gives the same numbers on every process, platform and device, eagerly or compiled. Nothing
+here touches torch's or numpy's global generators. Every function keeps the key's device.
 """
 
 from __future__ import annotations
@@ -27,9 +22,8 @@ _BITS_TAG = 0x68E31DA4
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (xorshift-multiply); x holds values in [0, 2**32) and is not changed.
-    In place on one new tensor: a model's initialisation hashes tens of millions of words (2.7x faster than
-    a new tensor per operation)."""
+    """A 32-bit avalanche hash (xorshift-multiply) of x in [0, 2**32), x unchanged. In place on one new
+    tensor: a model's initialisation hashes tens of millions of words."""
     y = x >> 16
     y ^= x
     y *= 0x45D9F3B
@@ -42,7 +36,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
-    """Mixes `data` (int64, any shape broadcastable with key[..., 0]) into `key` -> new key words."""
+    """Mixes `data` (int64, broadcastable with key[..., 0]) into `key` -> new key words."""
     if key.device.type == "meta":  # shapes only (a parameter template): nothing to mix, and most meta ops
         # run Python reference code whose first use imports torch._dynamo (torch.broadcast_shapes: sympy)
         shape = np.broadcast_shapes(tuple(key.shape[:-1]), tuple(data.shape))
@@ -56,17 +50,7 @@ def _hash(key: Key, data: torch.Tensor, tag: int) -> Key:
 
 
 def key(seed: int) -> Key:
-    """A root key from a non-negative integer seed.
-
-    Args:
-      seed: an integer in [0, 2**64).
-
-    Returns:
-      int64 [2], the key (on the CPU).
-
-    Raises:
-      ValueError: the seed is out of range.
-    """
+    """A root key (int64 [2] on the CPU) from a seed in [0, 2**64), else ValueError."""
     seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
@@ -75,15 +59,7 @@ def key(seed: int) -> Key:
 
 
 def split(key: Key, num: int = 2) -> Key:
-    """`num` new independent keys from `key`. Unpack with `a, b = split(k)`.
-
-    Args:
-      key: int64 [2].
-      num: how many keys to make.
-
-    Returns:
-      int64 [num, 2] on key's device.
-    """
+    """`num` new independent keys from key int64 [2]: int64 [num, 2]. Unpack with `a, b = split(k)`."""
     if key.device.type == "meta":  # shapes only, see _hash (arange on 'meta' is Python reference code too)
         return torch.empty((num, 2), dtype=torch.int64, device=key.device)
     idx = torch.arange(num, dtype=torch.int64, device=key.device)
@@ -91,18 +67,8 @@ def split(key: Key, num: int = 2) -> Key:
 
 
 def fold_in(key: Key, data: int | torch.Tensor) -> Key:
-    """A new key determined by `key` and an integer (a step, an epoch, an image index, a rank).
-
-    Args:
-      key: int64 [..., 2], usually [2].
-      data: a non-negative integer below 2**63, or a 0-d int64 tensor, so a step counter needs no host sync.
-
-    Returns:
-      int64, key's shape, on key's device.
-
-    Raises:
-      ValueError: a negative Python int, or a tensor that is not 0-d (use `split` for several keys).
-    """
+    """A new key, key's shape (int64 [..., 2]), from `key` and an integer (a step, an image index, a rank): an int
+    in [0, 2**63) or a 0-d int64 tensor (no host sync); ValueError for a negative int or a tensor not 0-d."""
     if isinstance(data, int) and data < 0:
         raise ValueError(f"fold_in data must be non-negative, got {data}")
     d = torch.as_tensor(data, dtype=torch.int64, device=key.device)
@@ -118,98 +84,25 @@ def _words(key: Key, n: int) -> torch.Tensor:
 
 
 def bits(key: Key, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform 32-bit words: a pure function of the key.
-
-    Args:
-      key: int64 [2].
-      shape: the result's shape.
-
-    Returns:
-      int64 `shape`, each value in [0, 2**32), on key's device.
-    """
+    """Uniform 32-bit words, a pure function of the key: int64 `shape`, values in [0, 2**32)."""
     n = math.prod(shape)
     return _words(key, (n + 1) // 2).reshape(-1)[:n].reshape(shape)
 
 
 def uniform(key: Key, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform floats in [0, 1) from the top 24 bits of `bits` (exact in float32).
-
-    Args:
-      key: int64 [2].
-      shape: the result's shape.
-      dtype: the result's floating dtype.
-
-    Returns:
-      `dtype` `shape`, values in [0, 1).
-    """
+    """Uniform floats in [0, 1), `dtype` `shape`, from the top 24 bits of `bits` (exact in float32)."""
     return ((bits(key, shape) >> 8).to(torch.float64) / float(1 << 24)).to(dtype)
 
 
 def uniform_pair(key: Key, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent uniform tensors in [0, 1), from the two words of one hash per element.
-
-    Args:
-      key: int64 [2].
-      shape: the shape of each result.
-
-    Returns:
-      (u1, u2), each float64 `shape`, values in [0, 1) on a 2**-24 grid.
-    """
+    """Two independent uniform float64 `shape` tensors in [0, 1) on a 2**-24 grid, from the two words of one
+    hash per element."""
     w = _words(key, math.prod(shape)) >> 8
     u = w.to(torch.float64) / float(1 << 24)
     return u[:, 0].reshape(shape), u[:, 1].reshape(shape)
 
 
-def bernoulli(key: Key, p: float, shape: tuple[int, ...] = ()) -> torch.Tensor:
-    """Coin flips, True with probability p.
-
-    Args:
-      key: int64 [2].
-      p: the probability of True.
-      shape: the result's shape.
-
-    Returns:
-      bool `shape`.
-    """
-    return uniform(key, shape, torch.float64) < p
-
-
-def to_int(key: Key) -> int:
-    """The key as one 64-bit integer (host side; a sync if the key is on an accelerator).
-
-    Args:
-      key: int64 [2].
-
-    Returns:
-      int in [0, 2**64): first word in the high 32 bits.
-    """
-    k0, k1 = (int(v) for v in key.reshape(2).tolist())
-    return (k0 << 32) | k1
-
-
-def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from the key, for host-side sampling with torch.
-
-    Args:
-      key: int64 [2].
-      device: the generator's device.
-
-    Returns:
-      torch.Generator seeded with `to_int(key)`.
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(to_int(key))
-    return gen
-
-
 def numpy_generator(key: Key) -> np.random.Generator:
-    """A numpy Generator (PCG64) seeded from the key, for host-side data augmentation.
-
-    Args:
-      key: int64 [2].
-
-    Returns:
-      np.random.Generator over PCG64 seeded with the key's two words.
-    """
+    """A numpy Generator (PCG64) seeded with the key's two words, for host-side data augmentation."""
     k0, k1 = (int(v) for v in key.reshape(2).tolist())
     return np.random.Generator(np.random.PCG64([k0, k1]))

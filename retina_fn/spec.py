@@ -1,15 +1,6 @@
-"""The detector's specification: every setting that decides what a trained RetinaNet computes, typed and frozen,
-the same value in training, evaluation, prediction and export, and stored beside the weights.
-
-    spec = schema.spec_from_config(cfg, label_map)     # built and checked once, at start (retina_fn.schema)
-    params = retinanet.init(key, spec)
-    detector = Detector(spec, canvases, device)
-    spec.to_json()  /  DetectorSpec.from_json(obj)       # what checkpoints and export folders store
-
-The core takes a spec (or the part it needs: `assign(..., spec.assigner)`, `detect(..., spec.test, spec.coder)`)
-and trusts it: `retina_fn.schema` checks every field when a spec is made from a config or read back from a file.
-Field names are the config's: `spec.anchors.octave_base_scale` is `model.anchors.octave_base_scale`, and
-`spec.input.scale` is `data.scale` (`CONFIG_PATHS`). There are no defaults here: the configs hold them.
+"""The detector's spec: every setting that decides what a trained RetinaNet computes, typed, frozen and stored
+beside the weights (to_json / from_json). The core trusts it; retina_fn.schema checks every field. Field names are
+the config's (`spec.input.scale` is `data.scale`: CONFIG_PATHS); no defaults here, the configs hold them.
 """
 
 from __future__ import annotations
@@ -119,19 +110,10 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DetectorSpec:
-    """Everything that decides what the detector computes (see the module docstring).
+    """Everything that decides what the detector computes; the parts are their config blocks."""
 
-    Attributes:
-      num_classes: K.
-      category_ids, names: the category id and name of each class index (K each).
-      backbone, fpn, head, anchors, coder, assigner, loss, test: the parts, as their config blocks.
-      size_divisor: images are padded to a multiple of it (anchor valid flags, canvas-exact extents).
-      canvas_exact: each image's outputs equal those of the image padded alone (retina_fn.extent).
-      input: the resize rule, normalisation and canvases.
-    """
-
-    num_classes: int
-    category_ids: tuple[int, ...]
+    num_classes: int  # K
+    category_ids: tuple[int, ...]  # the category id and name of each class index
     names: tuple[str, ...]
     backbone: BackboneSpec
     fpn: FPNSpec
@@ -141,8 +123,8 @@ class DetectorSpec:
     assigner: AssignerSpec
     loss: LossSpec
     test: PostprocessSpec
-    size_divisor: int
-    canvas_exact: bool
+    size_divisor: int  # images are padded to a multiple of it
+    canvas_exact: bool  # each image's outputs equal those of the image padded alone (retina_fn.extent)
     input: InputSpec
 
     def to_json(self) -> dict[str, Any]:
@@ -150,12 +132,11 @@ class DetectorSpec:
         return {"format": FORMAT, "version": VERSION, **_plain(dataclasses.asdict(self))}
 
     def replace(self, **changes) -> "DetectorSpec":
-        """A copy with some fields changed: dataclasses.replace."""
+        """dataclasses.replace."""
         return dataclasses.replace(self, **changes)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(DetectorSpec))
-# The spec's parts, each a config block: model.<name>, and the input's data.
 PARTS = {"backbone": BackboneSpec, "fpn": FPNSpec, "head": HeadSpec, "anchors": AnchorSpec, "coder": CoderSpec,
          "assigner": AssignerSpec, "loss": LossSpec, "test": PostprocessSpec, "input": InputSpec}
 
@@ -178,8 +159,7 @@ class SpecFormatError(ValueError):
 
 
 def from_json(obj: Any) -> DetectorSpec:
-    """A DetectorSpec from `DetectorSpec.to_json`'s data (lists become tuples). Values are not checked here:
-    retina_fn.schema.spec_from_json checks them.
+    """A DetectorSpec from `to_json`'s data, values unchecked (retina_fn.schema.spec_from_json checks them).
 
     Raises:
       SpecFormatError: not a dict of this format and version, or fields missing or unknown (named).
@@ -196,16 +176,11 @@ def _build(cls, data: Any, where: str):
         raise SpecFormatError(f"{where or 'the spec'} must be an object, got {type(data).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     missing, unknown = [n for n in names if n not in data], [k for k in data if k not in names]
-    if missing or unknown:
-        raise SpecFormatError(f"{where or 'the spec'}: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown
-                                                                      else [])))
-    values = {}
-    for name in names:
-        part = PARTS.get(name) if cls is DetectorSpec else None
-        value = data[name]
-        values[name] = _build(part, value, f"{where}{name}") if part else _tuples(value)
-    return cls(**values)
+    problems = [f"{kind} {', '.join(which)}" for kind, which in (("missing", missing), ("unknown", unknown)) if which]
+    if problems:
+        raise SpecFormatError(f"{where or 'the spec'}: " + "; ".join(problems))
+    parts = PARTS if cls is DetectorSpec else {}
+    return cls(**{n: _build(parts[n], data[n], f"{where}{n}") if n in parts else _tuples(data[n]) for n in names})
 
 
 def _tuples(value):
@@ -238,12 +213,10 @@ def differences(a: DetectorSpec, b: DetectorSpec, fields=None) -> list[tuple[str
     return [(k, fa[k], fb[k]) for k in fa if (fields is None or k in fields) and fa[k] != fb[k]]
 
 
-# Spec fields that change how fast the detector runs or what training does, not the detections it gives: a
-# config may differ from a stored spec in these without a word.
+# Fields that change speed or training, not the detections: a config may differ from a stored spec in these.
 NOT_COMPARED = frozenset({"backbone.channels_last", "backbone.frozen_stages", "backbone.norm_affine_trainable",
-                          "test.static_shapes"} | {f"assigner.{f.name}" for f in dataclasses.fields(
-                              AssignerSpec)} | {f"loss.{f.name}" for f in dataclasses.fields(
-                              LossSpec)})
+                          "test.static_shapes"} | {f"assigner.{f.name}" for f in dataclasses.fields(AssignerSpec)}
+                         | {f"loss.{f.name}" for f in dataclasses.fields(LossSpec)})
 
 
 _LABEL_MAP = ("category_ids", "names")  # the weights' own (the training data's), never a config's
@@ -251,21 +224,12 @@ _LABEL_MAP = ("category_ids", "names")  # the weights' own (the training data's)
 
 def reconcile(stored: DetectorSpec, configured: DetectorSpec, source: str,
               take_from_config: tuple[str, ...] = ()) -> tuple[DetectorSpec, list[str]]:
-    """The spec to run: the stored one, with the fields the user asked to take from the config.
-
-    Args:
-      stored: the spec of the weights (a checkpoint's or an export folder's).
-      configured: the spec of the config the user also gave.
-      source: the weights file, for the message.
-      take_from_config: config paths (as --config names them: 'model.test.score_thr') or 'all', whose values the
-        config gives instead of the stored spec.
-
-    Returns:
-      (spec, notes): the spec to run and one line per field taken from the config (for the log).
+    """(spec to run, one log line per field taken from the config): the weights' `stored` spec with the fields
+    `take_from_config` names (config paths such as 'model.test.score_thr', or 'all') from `configured`.
 
     Raises:
-      ConfigError: fields that differ, other than NOT_COMPARED and those taken from the config, each named with
-      both values; or a take_from_config entry that names no spec field.
+      ConfigError: fields that differ, other than NOT_COMPARED and those taken, each named with both values; or a
+      take_from_config entry that names no spec field.
     """
     by_path = {config_path(k): k for k in flat(stored) if k not in _LABEL_MAP}
     wanted = set(by_path) if "all" in take_from_config else set(take_from_config)
@@ -287,7 +251,6 @@ def reconcile(stored: DetectorSpec, configured: DetectorSpec, source: str,
 
 
 def _with_fields(spec: DetectorSpec, values: dict[str, Any]) -> DetectorSpec:
-    """spec with some flat fields ('test.score_thr': 0.3) replaced."""
     parts: dict[str, dict] = {}
     top = {}
     for key, value in values.items():

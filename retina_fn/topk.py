@@ -1,17 +1,10 @@
 """The k largest entries of each row, in descending order with ties to the lower index, without sorting
-the whole row.
+the whole row (a stable descending sort's first k: equal scores keep the anchor order, as the references do).
 
-A stable descending sort's first k indices are what post-processing needs (equal scores keep the anchor
-order, as the references do), but sorting the 3.4 M (anchor, class) pairs of a 512 x 512 P3 level (13.8 M
-at 800 x 1344) takes a few hundred milliseconds on a CPU. Two exact shortcuts replace it:
-
-1. Collision-free keys. Each float32 score becomes an int64 that orders like the score, with the entry's
-   index packed below it so that equal scores order by index; torch.topk on the keys then has exactly
-   one answer, the sort's.
-2. Chunks. Cut the row into contiguous chunks and rank the chunks by their maximum (ties to the lower
-   chunk). Every entry of the top k lies in one of the top k chunks: an entry outside them has k chunks
-   ranked ahead of its own, and each of those holds an entry ranked ahead of it (a larger score, or an
-   equal score at a lower index). So the top k of the k * chunk entries of those chunks is the answer.
+Two exact shortcuts replace the sort: (1) each score becomes an int64 key that orders like it, with the index
+packed below, so torch.topk has one answer, the sort's; (2) the row is cut into chunks ranked by their maximum:
+every entry of the top k lies in the top k chunks (an entry outside has k chunks ahead, each holding an entry
+ranked ahead of it), so the top k of those k * chunk entries is the answer.
 """
 
 from __future__ import annotations
@@ -23,24 +16,15 @@ _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before).
-    Top-k here and NMS (retina_fn.nms) take their export paths from it."""
+    """Whether torch.export is tracing the caller (torch.compiler.is_exporting, torch >= 2.6; never before)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
 
 
 def order_preserving_int(x: torch.Tensor) -> torch.Tensor:
-    """Maps float32 scores to int64 keys with a < b exactly when float a < float b.
-
+    """float32 scores -> int64 keys in [0, 2**32), x's shape, with a < b exactly when float a < float b.
     -0.0 and 0.0 map to one value, and every NaN to one value above +inf (torch.sort's descending order
-    puts NaN first).
-
-    Args:
-      x: float32, any shape.
-
-    Returns:
-      int64, x's shape, values in [0, 2**32).
-    """
+    puts NaN first)."""
     x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x + 0.0)  # one NaN; -0.0 + 0.0 = +0.0
     bits = x.view(torch.int32).to(torch.int64)
     # Non-negative floats already order as their bit patterns; negative ones in reverse, so flip their
@@ -56,22 +40,10 @@ def _top_k_keyed(values: torch.Tensor, index: torch.Tensor, k: int) -> torch.Ten
 
 
 def top_k_sorted_indices(key: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
-    """Indices of the k largest entries along dim 1, descending, ties to the lower index.
-
-    The same as torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]. float32, float16 and
-    bfloat16 keys go through the two shortcuts of the module docstring (chunks of `chunk` entries when the
-    row holds more than 4 * k * chunk entries); other dtypes, rows of 2**31 entries or more, and tracing
-    by torch.export fall back to the stable sort (an exported program may be translated to ONNX, whose
-    opsets before 26 have no bit view of a float as an integer; its TopK is a stable sort).
-
-    Args:
-      key: [B, n], any dtype torch.sort takes.
-      k: how many indices per row; more than n gives n.
-      chunk: entries per chunk (<= 1: no chunking).
-
-    Returns:
-      int64 [B, min(k, n)], positions along dim 1.
-    """
+    """int64 [B, min(k, n)]: torch.sort(key [B, n], dim=1, descending=True, stable=True).indices[:, :k], by the
+    module docstring's shortcuts for float keys (chunks of `chunk`, <= 1: none, past 4 * k * chunk entries).
+    Other dtypes, rows of 2**31 entries or more, and torch.export (ONNX opsets < 26 cannot view a float's bits)
+    use the stable sort."""
     batch, n = key.shape
     k = min(int(k), n)
     if key.dtype not in _KEY_DTYPES or n >= 2**_INDEX_BITS or exporting():

@@ -3,12 +3,7 @@
 Containers are dicts and NamedTuples only: both optree and torch's own pytree (used by torch.func) know
 them, so a tree built here passes through `torch.func.grad` unchanged. Dict keys are visited in sorted
 order, which gives every flat view (checkpoints, coalesced all-reduce buffers) one fixed order on every
-process. Paths are '/'-joined keys, e.g. 'backbone/layer1/0/conv1/weight'.
-
-    flat = tree.flatten_by_path(params)            # {'backbone/conv1/weight': tensor, ...}
-    params = tree.unflatten_by_path(flat)          # nested dicts again
-    trainable = tree.filter(params, keep)          # keep(path, leaf) -> bool
-    params = tree.merge(trainable, frozen)         # inverse of splitting with `filter`
+process. Paths are '/'-joined keys (NamedTuple fields by name), e.g. 'backbone/layer1/0/conv1/weight'.
 """
 
 from __future__ import annotations
@@ -23,28 +18,12 @@ SEP = "/"
 
 
 def map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - mirrors jax.tree.map
-    """Applies `fn` leafwise over `tree` and trees of the same structure in `rest`.
-
-    Args:
-      fn: called as fn(leaf, *leaves_of_rest) for every leaf.
-      tree: the tree whose structure the result takes.
-      *rest: trees with the same structure as `tree`.
-
-    Returns:
-      A tree shaped like `tree` holding fn's results.
-    """
+    """fn(leaf, *leaves_of_rest) for every leaf, in a tree shaped like `tree` (`rest`: same structure)."""
     return optree.tree_map(fn, tree, *rest)
 
 
 def leaves(tree: Tree) -> list:
-    """The leaves of `tree` in the fixed (sorted-key) order.
-
-    Args:
-      tree: any tree of dicts and NamedTuples.
-
-    Returns:
-      list of the leaves.
-    """
+    """The leaves of `tree` in the fixed (sorted-key) order."""
     return optree.tree_leaves(tree)
 
 
@@ -54,67 +33,29 @@ def _entry_name(entry) -> str:
 
 
 def paths(tree: Tree) -> list[str]:
-    """'/'-joined path of every leaf, in the same order as `leaves`.
-
-    Args:
-      tree: any tree of dicts and NamedTuples (NamedTuple fields contribute their field names).
-
-    Returns:
-      list[str], one path per leaf.
-    """
+    """The path of every leaf, in `leaves` order."""
     return [SEP.join(_entry_name(e) for e in acc) for acc in optree.tree_accessors(tree)]
 
 
 def leaves_with_paths(tree: Tree) -> list[tuple[str, Any]]:
-    """[(path, leaf)] in the fixed order.
-
-    Args:
-      tree: any tree.
-
-    Returns:
-      list of (path, leaf) pairs, in `leaves` order.
-    """
+    """[(path, leaf)] in `leaves` order."""
     return list(zip(paths(tree), leaves(tree)))
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Tree) -> Tree:
-    """Like `map`, but `fn(path, leaf)` also sees the leaf's '/'-joined path.
-
-    Args:
-      fn: called as fn(path, leaf) for every leaf.
-      tree: the tree to map over.
-
-    Returns:
-      A tree shaped like `tree` holding fn's results.
-    """
+    """Like `map`, but `fn(path, leaf)` also sees the leaf's path."""
     values = [fn(p, x) for p, x in leaves_with_paths(tree)]
     return optree.tree_unflatten(optree.tree_structure(tree), values)
 
 
 def flatten_by_path(tree: Tree) -> dict[str, Any]:
-    """A flat {path: leaf} dict in the fixed order (what checkpoints store).
-
-    Args:
-      tree: any tree.
-
-    Returns:
-      dict {path: leaf}, keys in `leaves` order.
-    """
+    """A flat {path: leaf} dict in `leaves` order (what checkpoints store)."""
     return dict(leaves_with_paths(tree))
 
 
 def unflatten_by_path(flat: dict[str, Any]) -> dict:
-    """Inverse of `flatten_by_path` for trees made of nested dicts: {'a/b': x} -> {'a': {'b': x}}.
-
-    Args:
-      flat: {path: leaf} with '/'-joined paths.
-
-    Returns:
-      Nested dicts holding the leaves (NamedTuples are not rebuilt; see `unflatten_like`).
-
-    Raises:
-      ValueError: a path runs through another path's leaf, or a path is given twice.
-    """
+    """Inverse of `flatten_by_path` into nested dicts, {'a/b': x} -> {'a': {'b': x}} (no NamedTuples:
+    `unflatten_like`); ValueError for a path through another's leaf or given twice."""
     out: dict = {}
     for path, leaf in flat.items():
         *parents, last = path.split(SEP)
@@ -130,32 +71,13 @@ def unflatten_by_path(flat: dict[str, Any]) -> dict:
 
 
 def filter(tree: dict, keep: Callable[[str, Any], bool]) -> dict:  # noqa: A001
-    """The nested-dict subtree of the leaves for which `keep(path, leaf)` holds.
-
-    Args:
-      tree: a tree of nested dicts.
-      keep: predicate on (path, leaf).
-
-    Returns:
-      Nested dicts holding only the kept leaves (empty branches are dropped).
-    """
+    """The nested-dict subtree of the leaves for which `keep(path, leaf)` holds (empty branches dropped)."""
     return unflatten_by_path({p: x for p, x in leaves_with_paths(tree) if keep(p, x)})
 
 
 def merge(*trees: dict) -> dict:
-    """Deep union of nested-dict trees with disjoint leaves; inverse of splitting with `filter`.
-
-    Plain dict recursion rather than path lists: torch.compile traces it inside a compiled step.
-
-    Args:
-      *trees: nested-dict trees whose leaves do not overlap.
-
-    Returns:
-      One nested dict holding every leaf of every tree.
-
-    Raises:
-      ValueError: a leaf path occurs in more than one tree.
-    """
+    """Deep union of nested-dict trees with disjoint leaves (ValueError otherwise); inverse of `filter`. Plain
+    dict recursion, which torch.compile traces inside a compiled step."""
     out: dict = {}
     for t in trees:
         out = _merge_two(out, t)
@@ -175,43 +97,17 @@ def _merge_two(a: dict, b: dict, prefix: str = "") -> dict:
 
 
 def global_norm(tree: Tree) -> torch.Tensor:
-    """sqrt(sum of squares) over all floating leaves, with no host sync.
-
-    Args:
-      tree: a tree of tensors; non-floating leaves are skipped.
-
-    Returns:
-      float32 [], the global L2 norm (zeros(()) on the default device when there is no floating leaf).
-    """
+    """float32 [], sqrt(sum of squares) over the floating leaves, with no host sync (zeros(()) on the default
+    device when there is no floating leaf)."""
     sq = [torch.sum(torch.square(x.float())) for x in leaves(tree) if torch.is_floating_point(x)]
     if not sq:
         return torch.zeros(())
     return torch.sqrt(torch.stack(sq).sum())
 
 
-def size(tree: Tree) -> int:
-    """Total number of elements over all tensor leaves.
-
-    Args:
-      tree: a tree of tensors.
-
-    Returns:
-      int, the sum of `numel()` over the leaves.
-    """
-    return sum(x.numel() for x in leaves(tree))
-
-
 def cast(tree: Tree, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tree:
-    """Moves every tensor leaf to `device`; floating leaves (only) also to `dtype`.
-
-    Args:
-      tree: a tree; non-tensor leaves pass through unchanged.
-      dtype: target dtype of floating leaves (None: keep each leaf's dtype).
-      device: target device (None: keep each leaf's device).
-
-    Returns:
-      A tree shaped like `tree`; shapes unchanged.
-    """
+    """Every tensor leaf moved to `device` and, floating leaves only, cast to `dtype` (None: unchanged);
+    non-tensor leaves pass through."""
 
     def one(x):
         if not isinstance(x, torch.Tensor):
@@ -223,33 +119,14 @@ def cast(tree: Tree, dtype: torch.dtype | None = None, device: torch.device | st
 
 
 def all_equal(a: Tree, b: Tree) -> bool:
-    """True when both trees have the same paths and bitwise-equal tensor leaves.
-
-    Args:
-      a: a tree of tensors.
-      b: a tree of tensors.
-
-    Returns:
-      bool (a host sync per leaf for device tensors).
-    """
+    """Whether both trees have the same paths and bitwise-equal tensor leaves (a host sync per leaf)."""
     fa, fb = flatten_by_path(a), flatten_by_path(b)
     return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-
 def unflatten_like(like: Tree, flat: dict[str, Any]) -> Tree:
-    """A tree with the structure of `like` (NamedTuples included) whose leaf at each path is flat[path].
-
-    Args:
-      like: the template tree; only its structure and paths are used.
-      flat: {path: leaf}, holding at least every path of `like` (extra entries are ignored).
-
-    Returns:
-      A tree shaped like `like`.
-
-    Raises:
-      KeyError: naming the first path of `like` that `flat` lacks.
-    """
+    """A tree with the structure of `like` (NamedTuples included) whose leaf at each path is flat[path] (extra
+    entries ignored); KeyError naming the first path that `flat` lacks."""
     values = []
     for p in paths(like):
         if p not in flat:
@@ -262,14 +139,5 @@ def unflatten_leaves(like: Tree, leaves: list) -> Tree:
     """A tree shaped like `like` holding `leaves`, given in `leaves(like)` order.
 
     Built from the tree structure, never by pulling leaves from an iterator inside `map`: under
-    torch.compile a traced map visits dicts in insertion order while `leaves` sorts keys, so that trick
-    permutes leaves silently in compiled code.
-
-    Args:
-      like: the template tree; only its structure is used.
-      leaves: one value per leaf of `like`, in `leaves(like)` order.
-
-    Returns:
-      A tree shaped like `like`.
-    """
+    torch.compile a traced map visits dicts in insertion order while `leaves` sorts keys."""
     return optree.tree_unflatten(optree.tree_structure(like), list(leaves))

@@ -1,17 +1,11 @@
 """SGD through apex's fused optimiser (NpuFusedSGD on Ascend, FusedSGD on NVIDIA): the one in-place path.
 
-This exists for speed on NPUs, where the fused optimiser packs all parameters into flat buffers and
-updates them with a few kernels. It breaks the purity the rest of the library keeps, on purpose:
-- `update` writes the new values into the parameter tensors it was given and returns those same tensors;
-  the fused optimiser requires parameter storage never to be re-allocated, so pass the returned params
-  back unchanged every step (this is checked by identity).
-- Gradients are copied into each parameter's `.grad` (allocated once, then reused), since the fused
-  optimiser may also have packed the gradient storage.
-- The momentum buffers live inside the apex object, not in the returned opt_state (which only counts
-  steps); they are not part of a checkpoint made from opt_state.
-- apex takes a Python float lr, so `update` reads `lr` on the host (one sync per step).
-- A step cannot be undone with `torch.where` afterwards: skip the call on a non-finite step instead.
-The object is created by `init`; calling `init` again starts a fresh one.
+It breaks the library's purity on purpose, for NPU speed:
+- `update` writes into the parameter tensors given to `init` and returns them: pass them back unchanged
+  every step (checked by identity). Gradients are copied into each parameter's `.grad`.
+- The momentum buffers live in the apex object (a new one per `init`), not in opt_state (only a step count),
+  so not in checkpoints.
+- `lr` is read on the host (one sync per step); a step cannot be undone: skip it on a non-finite step.
 """
 
 from __future__ import annotations

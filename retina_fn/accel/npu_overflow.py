@@ -9,18 +9,9 @@ from retina_fn.accel.probe import AcceleratorUnavailable, torch_npu_module
 
 
 def npu_flag_check() -> precision.OverflowCheck:
-    """`torch_npu.npu.utils.npu_check_overflow` wrapped as check(grads, scale) -> bool [].
-
-    In INF_NAN mode torch_npu inspects the tensor it is given (here the per-leaf max |g|); in saturation
-    mode (Ascend 910A) it reads the device's overflow flag, which is cleared afterwards for the next step.
-    It answers with a Python bool, so this check syncs with the host and cannot be compiled.
-
-    Returns:
-      check(grads: tree of float tensors, scale: float32 [] or None) -> bool [] (True: the step is usable).
-
-    Raises:
-      AcceleratorUnavailable: torch_npu is absent or has no npu_check_overflow.
-    """
+    """`torch_npu.npu.utils.npu_check_overflow` as check(grads, scale) -> bool [] (True: the step is usable); it
+    inspects the per-leaf max |g| (INF_NAN mode) or reads and clears the device's flag (saturation mode, Ascend
+    910A), syncing with the host. AcceleratorUnavailable without torch_npu's npu_check_overflow."""
     module = torch_npu_module()
     check = getattr(getattr(getattr(module, "npu", None), "utils", None), "npu_check_overflow", None)
     if check is None:

@@ -1,16 +1,9 @@
-"""The one place that probes optional accelerator packages: torch_npu (Ascend) and apex (NVIDIA or Ascend).
+"""Probes of optional accelerator packages: torch_npu (Ascend) and apex (NVIDIA or Ascend).
 
-Nothing is imported when this module is imported; each probe runs on first call and its answer is cached
-for the life of the process (`clear_probe_cache()` forgets it, for tests). A package that is missing, or
-installed but unable to load (torch_npu without the CANN toolkit fails with an ImportError on libhccl.so,
-a broken build may raise RuntimeError or OSError), reads as absent, so importing retina_fn never fails on
-a machine with neither CUDA nor CANN.
-
-Three different packages answer `import apex`:
-- NVIDIA apex, built from source (github.com/NVIDIA/apex); its fused kernels exist only with the
-  `--cpp_ext --cuda_ext` build, which installs the `amp_C` extension used by multi-tensor apply.
-- Ascend apex, built from Ascend's apex repository on gitee/gitcode; it adds `apex.optimizers.NpuFusedSGD`.
-- The PyPI project named `apex`: an unrelated, long-abandoned web toolkit. It has neither optimiser.
+Each probe runs on first call and is cached (`clear_probe_cache()` forgets, for tests). A package that is
+missing or cannot load (torch_npu without CANN fails on libhccl.so) reads as absent. Three packages answer
+`import apex`: NVIDIA's (fused kernels only with the `--cpp_ext --cuda_ext` build, which installs `amp_C`),
+Ascend's (adds `apex.optimizers.NpuFusedSGD`), and an unrelated PyPI web toolkit with neither optimiser.
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ class AcceleratorUnavailable(RuntimeError):
 
 
 def _import_optional(name: str) -> ModuleType | None:
-    """The module `name` (dotted names allowed), or None when it is absent or fails to import."""
     if name in sys.modules:  # already imported, or blocked with a None entry
         return sys.modules[name]
     try:
@@ -102,6 +94,6 @@ def fused_sgd_class(feature: str = "optim.backend='apex'") -> type:
 
 
 def clear_probe_cache() -> None:
-    """Forgets every cached probe answer, so the next call probes again (tests inject stand-in modules)."""
+    """Forgets every cached probe answer (tests inject stand-in modules)."""
     for probe in (torch_npu_module, npu_available, apex_flavor):
         probe.cache_clear()

@@ -1,15 +1,9 @@
 """RetinaNet's head, shared over the pyramid levels, as pure functions.
 
 Two towers of `stacked_convs` 3x3 convs (+ optional GroupNorm) + ReLU, then a classification conv to
-n_anchors * K channels and a regression conv to n_anchors * 4. Init: N(0, 0.01) weights, zero biases,
-and the classification bias set to -log((1 - prior) / prior) so every anchor starts at probability
-`prior` (without it the focal loss of ~200k background anchors swamps the first steps).
-
-Outputs are flattened in mmdetection's anchor order: level, then row y, column x, then anchor a, with
-channel a * K + k for class k (the layout of mmdetection's retina_cls and torchvision's cls_logits).
-
-Parameters: {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'}; each tower conv is
-{'weight', 'bias'} or, with GroupNorm, {'weight', 'norm': {'weight', 'bias'}} (no conv bias).
+n_anchors * K channels and a regression conv to n_anchors * 4. Init: N(0, 0.01), zero biases, the classification
+bias at -log((1 - prior) / prior) so every anchor starts at probability `prior`. Outputs are flattened in
+mmdetection's anchor order: level, row y, column x, anchor a, with channel a * K + k for class k.
 """
 
 from __future__ import annotations
@@ -22,19 +16,11 @@ from retina_fn.spec import HeadSpec
 
 
 def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, spec: HeadSpec) -> dict:
-    """Head parameters: N(0, 0.01) weights, zero biases, the classification bias at the prior.
-
-    Args:
-      key: rng key, int64 [2].
-      in_channels: channels of the pyramid levels.
-      num_anchors: anchors per location (n_anchors).
-      num_classes: K.
-      spec: the head's settings (norm 'none' | 'gn', stacked_convs, feat_channels, prior_prob, gn_groups).
+    """Head parameters for `num_anchors` anchors per location and K = `num_classes`.
 
     Returns:
-      {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'} (see the module docstring),
-      float32 on the CPU; cls_logits is {'weight' [n_anchors * K, F, 3, 3], 'bias' [n_anchors * K]} and
-      bbox_reg {'weight' [n_anchors * 4, F, 3, 3], 'bias' [n_anchors * 4]}, F = spec.feat_channels.
+      {'cls_convs': {'0'..}, 'reg_convs': {'0'..}, 'cls_logits', 'bbox_reg'}, float32 on the CPU; a tower conv is
+      {'weight', 'bias'} or, with GroupNorm, {'weight', 'norm': {'weight', 'bias'}}.
     """
     gn = spec.norm == "gn"
     keys = iter(rng.split(key, 2 * spec.stacked_convs + 2))
@@ -59,9 +45,8 @@ def init(key: rng.Key, in_channels: int, num_anchors: int, num_classes: int, spe
 
 def _tower(convs: dict, xs: list[torch.Tensor], spec: HeadSpec, masks: ExtentMasks | None,
            strides: list[int | None]) -> list[torch.Tensor]:
-    """The stacked 3x3 convs (+ GroupNorm) + ReLU on every level, one layer at a time (a layer's masked
-    GroupNorm is one call over all levels); inputs and outputs are zero outside the extent when masks are
-    given (each conv reads its neighbours)."""
+    """The stacked 3x3 convs (+ GroupNorm) + ReLU on every level, one layer at a time; with masks, outputs are
+    zeroed outside the extent."""
     for i in range(len(convs)):
         p = convs[str(i)]
         xs = [nn.conv2d(p, x, padding=1) for x in xs]
@@ -81,20 +66,9 @@ def _flatten(x: torch.Tensor, per_anchor: int) -> torch.Tensor:
 
 def apply(params: dict, levels: list[torch.Tensor], num_classes: int, spec: HeadSpec, masks: ExtentMasks | None = None,
           strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head on every pyramid level, outputs flattened in mmdetection's anchor order.
-
-    Args:
-      params: the tree of `init`.
-      levels: [P3 .. P7], each float [B, C, h_l, w_l].
-      num_classes: K.
-      spec: the head's settings.
-      masks: each image's extent (retina_fn.extent), or None: with masks, every conv input is zeroed
-        outside it (outputs there are not the reference's; post-processing drops those anchors).
-      strides: the levels' strides (read with masks only).
-
-    Returns:
-      (cls_logits float [B, A, K], box_deltas float [B, A, 4]) with A = sum_l h_l * w_l * n_anchors.
-    """
+    """levels [P3 .. P7] float [B, C, h_l, w_l] -> (cls_logits float [B, A, K], box_deltas float [B, A, 4]),
+    A = sum_l h_l * w_l * n_anchors. With masks (retina_fn.extent; `strides` read then) every conv input is
+    zeroed outside each image's extent."""
     if masks is not None and len(strides) != len(levels):
         raise ValueError(f"head.apply got {len(levels)} levels but {len(strides)} strides")
     strides = list(strides) if masks is not None else [None] * len(levels)

@@ -1,13 +1,7 @@
-"""The network's input image from a batch: a float canvas is taken as the loader normalised it; a uint8 canvas
-(data.uint8_canvas: resized pixels, a quarter of the bytes to decode, ship and copy) is normalised here, on the
-device, into the float32 image the host pipeline would have made, bit for bit.
-
-The host pipeline (retina_fn.data.resize.mmdet_resize_normalize, mmdetection's order) resizes the uint8 image,
-then computes, per channel c in float32, (pixel - float32(mean_c)) * float32(1 / std_c), with 1 / std_c taken in
-float64, and leaves exact zeros (zero in normalised space) on the canvas outside the resized image. `normalize`
-does the same two float32 operations per element, so the results are equal whichever device computes them.
-
-    images = model_input(batch, spec.input)   # float [B, 3, H, W]; what retinanet.apply takes
+"""The network's input image from a batch: a float canvas as the loader normalised it, or a uint8 canvas
+(data.uint8_canvas) normalised here, on the device, bit for bit as the host pipeline
+(retina_fn.data.resize.mmdet_resize_normalize) would: per channel in float32, (pixel - float32(mean_c)) *
+float32(1 / std_c) (1 / std_c taken in float64), exact zeros outside the resized image.
 """
 
 from __future__ import annotations
@@ -22,20 +16,14 @@ from retina_fn.spec import InputSpec
 
 def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               real: torch.Tensor | None = None) -> torch.Tensor:
-    """A uint8 canvas normalised as the host pipeline normalises (see the module docstring).
+    """A uint8 canvas normalised as the host pipeline normalises (module docstring).
 
     Args:
-      image: uint8 [B, 3, H, W], each resized image at the top left of the canvas (what lies outside is
-        not read).
-      image_hw: int64 [B, 2], (h, w) of each resized image.
-      mean: 3 per-channel means in 0..255 units (data.mean).
-      std: 3 per-channel standard deviations in 0..255 units (data.std).
-      real: optional bool [B]; False marks a padding slot (an evaluation batch's image_id -1), whose image is
-        zero everywhere, as the host pipeline makes it.
+      image: uint8 [B, 3, H, W], each resized image (h, w) = image_hw int64 [B, 2] at the top left.
+      mean, std: 3 per-channel values in 0..255 units; real: optional bool [B], False for a padding slot.
 
     Returns:
-      float32 [B, 3, H, W]: (pixel - float32(mean_c)) * float32(1 / std_c) at rows < h and columns < w of
-      each real image, 0.0 elsewhere.
+      float32 [B, 3, H, W], 0.0 outside each real image's (h, w).
 
     Raises:
       ValueError: an image that is not uint8 [B, 3, H, W], image_hw not [B, 2] or real not [B].
@@ -48,8 +36,7 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
     if real is not None and tuple(real.shape) != (b,):
         raise ValueError(f"real must be [B] = [{b}], got {tuple(real.shape)}")
     pixels = image.to(torch.float32)
-    # Python scalars: each op rounds them to float32, as numpy's float32(mean) and float32(1 / std) do; they
-    # need no host-to-device copy, so a captured or compiled step can hold them as constants.
+    # Python scalars: each op rounds them to float32 as numpy does, and a compiled step holds them as constants.
     planes = [(pixels[:, c] - float(mean[c])) * float(1.0 / float(std[c])) for c in range(3)]
     inside = extent.extent_mask(image_hw, 1, (h, w))  # [B, H, W]: rows < h and columns < w
     if real is not None:
@@ -58,15 +45,11 @@ def normalize(image: torch.Tensor, image_hw: torch.Tensor, mean: Sequence[float]
 
 
 def model_input(batch: dict, spec: InputSpec) -> torch.Tensor:
-    """The image the network takes from a batch (docs/conventions.md).
+    """float [B, 3, H, W]: batch['image'] itself when floating, else `normalize`'s image (docs/conventions.md).
 
     Args:
-      batch: reads image: float [B, 3, H, W] (already normalised) or uint8 [B, 3, H, W] (data.uint8_canvas);
-        for uint8 also image_hw int64 [B, 2] and, when present, image_id int64 [B] (-1: a padding slot).
-      spec: the input's settings; mean and std are read for a uint8 image only.
-
-    Returns:
-      float [B, 3, H, W]: batch['image'] itself when it is floating, else `normalize`'s float32 image.
+      batch: reads image float or uint8 [B, 3, H, W]; for uint8 also image_hw int64 [B, 2] and, when present,
+        image_id int64 [B] (-1: a padding slot).
 
     Raises:
       ValueError: an image neither floating nor uint8 (and `normalize`'s errors).

@@ -1,22 +1,10 @@
-"""ResNet backbones (18, 34, 50, 101, 152) as pure functions over a parameter dict.
+"""ResNet backbones (18, 34, 50, 101, 152) as pure functions over a parameter dict (spec: BackboneSpec).
 
-Parameter names follow torchvision's ResNet ('conv1', 'bn1', 'layer1'/'0'/'conv1', 'downsample'/'0'...),
-so an ImageNet checkpoint maps on by path alone. Batch norm is always frozen (stored statistics): the
-functional design has no mutable state, and detection fine-tuning keeps BN statistics fixed anyway
-(mmdetection's norm_eval=True, detectron2's FrozenBN). Each frozen BN is folded into the conv before it
-at every call (retina_fn.nn.fold): the same function up to float rounding, one elementwise pass fewer.
-
-The settings (`spec` = retina_fn.spec.BackboneSpec):
-  depth: 18 | 34 | 50 | 101 | 152
-  style: 'pytorch' (stride on the 3x3 conv, torchvision) | 'caffe' (stride on the first 1x1 conv)
-  bn_eps: float, 1e-5 (torchvision's RetinaNet v1 checkpoint expects 0.0)
-  norm: 'frozen_bn' (stored statistics; for pretrained backbones) | 'gn' (GroupNorm with `gn_groups`
-    groups: stateless, so it also trains from scratch, where frozen identity statistics would leave the
-    network unnormalised). The norm slots keep torchvision's names ('bn1', 'downsample'/'1') either way.
-  base_width: channels of the stem and first stage (64 in every standard ResNet); narrower backbones
-    (e.g. 32) for small CPU demos.
-  frozen_stages, norm_affine_trainable: read by retina_fn.model.retinanet.trainable_mask (frozen_stages
-    through `frozen_prefixes`), not by `apply`.
+Parameter names are torchvision's ('conv1', 'bn1', 'layer1'/'0'/'conv1', 'downsample'/'0'), so an ImageNet
+checkpoint maps on by path. Batch norm is frozen (stored statistics, as mmdetection's norm_eval=True) and folded
+into the conv before it at every call (retina_fn.nn.fold); norm 'gn' (stateless GroupNorm, also for training
+from scratch) keeps the same slot names. bn_eps: torchvision's RetinaNet v1 checkpoint expects 0.0.
+frozen_stages and norm_affine_trainable are read by retinanet.trainable_mask, not by `apply`.
 """
 
 from __future__ import annotations
@@ -31,40 +19,18 @@ BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 
 
 
 def stage_widths(spec: BackboneSpec) -> tuple[int, int, int, int]:
-    """Bottleneck widths of layer1..layer4.
-
-    Args:
-      spec: the backbone's settings; reads base_width.
-
-    Returns:
-      (w, 2w, 4w, 8w) with w = base_width.
-    """
+    """Bottleneck widths of layer1..layer4: (w, 2w, 4w, 8w), w = base_width."""
     w = int(spec.base_width)
     return (w, 2 * w, 4 * w, 8 * w)
 
 
 def is_bottleneck(depth: int) -> bool:
-    """Whether a ResNet of this depth uses bottleneck blocks.
-
-    Args:
-      depth: 18 | 34 | 50 | 101 | 152.
-
-    Returns:
-      True for depth >= 50.
-    """
+    """Whether a ResNet of this depth uses bottleneck blocks (depth >= 50)."""
     return depth >= 50
 
 
 def out_channels(spec: BackboneSpec) -> tuple[int, int, int, int]:
-    """Channels of C2..C5.
-
-    Args:
-      spec: the backbone's settings; reads depth and base_width.
-
-    Returns:
-      (256, 512, 1024, 2048) for bottleneck ResNets, (64, 128, 256, 512) otherwise, scaled by
-      base_width / 64.
-    """
+    """Channels of C2..C5: (256, 512, 1024, 2048) with bottlenecks, else (64, 128, 256, 512), times base_width / 64."""
     expansion = 4 if is_bottleneck(spec.depth) else 1
     return tuple(w * expansion for w in stage_widths(spec))
 
@@ -78,10 +44,8 @@ def _norm_params(channels: int, spec) -> dict:
 def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, spec, stride: int = 1, padding: int = 0,
                masks: ExtentMasks | None = None, out_stride: int = 1, relu: bool = False,
                zero_outside_after: bool = False) -> torch.Tensor:
-    """A conv, the norm after it, and optionally a ReLU and the zeroing outside the extent (before a layer
-    that reads neighbours). A frozen BN is folded into the conv (one conv with a bias, no elementwise passes:
-    retina_fn.nn.fold); GroupNorm runs after the conv, with masks its statistics over each image's extent at
-    the output's stride only, fused with the ReLU and the zeroing (retina_fn.nn.masked_group_norm)."""
+    """A conv, its norm (a frozen BN folded into the conv; GroupNorm with masks over each image's extent), an
+    optional ReLU and zeroing outside the extent (before a layer that reads neighbours)."""
     if "running_mean" in norm:
         y = nn.conv_frozen_bn(conv, norm, x, float(spec.bn_eps), stride=stride, padding=padding)
         y = nn.relu(y) if relu else y
@@ -92,14 +56,8 @@ def _conv_norm(conv: dict, norm: dict, x: torch.Tensor, spec, stride: int = 1, p
 
 
 def init(key: rng.Key, spec: BackboneSpec) -> dict:
-    """Parameters of the ResNet body without its classifier.
-
-    torchvision init: He normal fan_out conv weights (no conv biases), BN weight 1 and bias 0 with
-    identity statistics; with norm 'gn' each norm slot holds only {'weight', 'bias'}.
-
-    Args:
-      key: rng key, int64 [2].
-      spec: the backbone's settings.
+    """Parameters of the ResNet body without its classifier, torchvision's init (He normal fan_out, no conv
+    biases, BN weight 1, bias 0, identity statistics; 'gn' slots hold only weight and bias).
 
     Returns:
       {'conv1', 'bn1', 'layer1'..'layer4'} in torchvision's names, float32 on the CPU.
@@ -107,34 +65,20 @@ def init(key: rng.Key, spec: BackboneSpec) -> dict:
     bottleneck = is_bottleneck(spec.depth)
     keys = iter(rng.split(key, 512))
     widths = stage_widths(spec)
-    norm = lambda c: _norm_params(c, spec)  # noqa: E731
-    params: dict = {
-        "conv1": nn.init.conv(next(keys), widths[0], 3, 7),
-        "bn1": norm(widths[0]),
-    }
+    params: dict = {"conv1": nn.init.conv(next(keys), widths[0], 3, 7), "bn1": _norm_params(widths[0], spec)}
     c_in = widths[0]
     for stage, (n_blocks, width) in enumerate(zip(BLOCKS[spec.depth], widths), start=1):
         c_out = width * (4 if bottleneck else 1)
         blocks = {}
         for i in range(n_blocks):
-            if bottleneck:
-                block = {
-                    "conv1": nn.init.conv(next(keys), width, c_in, 1),
-                    "bn1": norm(width),
-                    "conv2": nn.init.conv(next(keys), width, width, 3),
-                    "bn2": norm(width),
-                    "conv3": nn.init.conv(next(keys), c_out, width, 1),
-                    "bn3": norm(c_out),
-                }
-            else:
-                block = {
-                    "conv1": nn.init.conv(next(keys), width, c_in, 3),
-                    "bn1": norm(width),
-                    "conv2": nn.init.conv(next(keys), width, width, 3),
-                    "bn2": norm(width),
-                }
+            shapes = ([(width, c_in, 1), (width, width, 3), (c_out, width, 1)] if bottleneck
+                      else [(width, c_in, 3), (width, width, 3)])  # (out, in, kernel) of conv1, conv2[, conv3]
+            block = {}
+            for j, (o, c, k) in enumerate(shapes, start=1):
+                block[f"conv{j}"] = nn.init.conv(next(keys), o, c, k)
+                block[f"bn{j}"] = _norm_params(o, spec)
             if i == 0 and (c_in != c_out or stage > 1):
-                block["downsample"] = {"0": nn.init.conv(next(keys), c_out, c_in, 1), "1": norm(c_out)}
+                block["downsample"] = {"0": nn.init.conv(next(keys), c_out, c_in, 1), "1": _norm_params(c_out, spec)}
             blocks[str(i)] = block
             c_in = c_out
         params[f"layer{stage}"] = blocks
@@ -143,9 +87,7 @@ def init(key: rng.Key, spec: BackboneSpec) -> dict:
 
 def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, spec, masks: ExtentMasks | None,
            in_stride: int) -> torch.Tensor:
-    """One residual block; x sits at `in_stride` of the image and the output at in_stride * stride.
-    With masks, every input of a 3x3 conv is zeroed outside the image's extent (retina_fn.extent) and
-    GroupNorm takes its statistics inside it."""
+    """One residual block; x sits at `in_stride` of the image, the output at in_stride * stride."""
     out_stride = in_stride * stride
     identity = x
     if bottleneck:
@@ -166,24 +108,9 @@ def _block(p: dict, x: torch.Tensor, stride: int, bottleneck: bool, spec, masks:
 
 
 def apply(params: dict, x: torch.Tensor, spec, masks: ExtentMasks | None = None) -> dict[str, torch.Tensor]:
-    """The backbone's feature maps.
-
-    Args:
-      params: the tree of `init` (or a mapped checkpoint).
-      x: float [B, 3, H, W] images, zero outside each image.
-      spec: the backbone's settings.
-      masks: each image's extent (retina_fn.extent), or None. With masks, every cell inside an
-        image's extent equals what the network computes on that image padded alone (the stem's and
-        blocks' 3x3 / max-pool inputs are zeroed outside it; GroupNorm statistics stay inside it);
-        cells outside hold values no cell inside depends on.
-
-    Returns:
-      {'C2': float [B, c2, H/4, W/4], 'C3': [B, c3, H/8, W/8], 'C4': [B, c4, H/16, W/16],
-      'C5': [B, c5, H/32, W/32]} (sizes rounded up; channels from `out_channels(spec)`).
-
-    Raises:
-
-    """
+    """x float [B, 3, H, W] (zero outside each image) -> {'C2': float [B, c2, H/4, W/4], .., 'C5': [B, c5, H/32,
+    W/32]} (sizes rounded up). With masks (retina_fn.extent), every cell inside an image's extent equals the
+    network's on that image padded alone."""
     bottleneck = is_bottleneck(spec.depth)
     x = _conv_norm(params["conv1"], params["bn1"], x, spec, stride=2, padding=3, masks=masks, out_stride=2, relu=True,
                    zero_outside_after=True)
@@ -200,17 +127,8 @@ def apply(params: dict, x: torch.Tensor, spec, masks: ExtentMasks | None = None)
 
 
 def frozen_prefixes(spec: BackboneSpec) -> tuple[str, ...]:
-    """Path prefixes (within the backbone) that `frozen_stages` freezes.
-
-    The stem for frozen_stages >= 0, then layer1..layerN. mmdetection's frozen_stages=1 freezes the stem
-    and layer1.
-
-    Args:
-      spec: the backbone's settings; reads frozen_stages (-1: nothing frozen).
-
-    Returns:
-      ('conv1/', 'bn1/', 'layer1/', ..., 'layerN/'), or () when frozen_stages < 0.
-    """
+    """Backbone path prefixes that frozen_stages = N freezes: ('conv1/', 'bn1/', 'layer1/'.. 'layerN/'), () for N < 0
+    (mmdetection's frozen_stages=1 freezes the stem and layer1)."""
     n = int(spec.frozen_stages)
     if n < 0:
         return ()

@@ -1,11 +1,6 @@
-"""RetinaNet = ResNet -> FPN -> shared head, as pure functions of a parameter tree.
+"""RetinaNet = ResNet -> FPN -> shared head, as pure functions of a parameter tree {'backbone', 'fpn', 'head'}.
 
-    params = init(key, spec)                              # {'backbone', 'fpn', 'head'}; spec: a DetectorSpec
-    cls_logits, box_deltas = apply(params, images, spec)  # [B, A, K], [B, A, 4]
-    anchors = retina_fn.anchors.anchors(canvas_hw, spec.anchors)   # [A, 4], same order as the outputs
-
-Batch-norm statistics ('running_mean', 'running_var') are leaves of the same tree but never train;
-`trainable_mask` says, per leaf, what the optimiser updates (the spec, not flags hidden in objects).
+Batch-norm statistics are leaves of the same tree but never train; `trainable_mask` says what the optimiser updates.
 """
 
 from __future__ import annotations
@@ -33,17 +28,8 @@ def init(key: rng.Key, spec: DetectorSpec) -> dict:
 
 
 def extent_masks(images: torch.Tensor, image_hw: torch.Tensor | None, spec: DetectorSpec) -> ExtentMasks | None:
-    """The masks that make each image's outputs canvas-exact (retina_fn.extent), or None when
-    spec.canvas_exact is off or image sizes are not given.
-
-    Args:
-      images: float [B, 3, H, W] (its canvas size is read).
-      image_hw: int64 [B, 2] resized (h, w) of each image, or None.
-      spec: the detector's spec (canvas_exact, size_divisor).
-
-    Returns:
-      ExtentMasks over [B] images, or None.
-    """
+    """ExtentMasks making each image's outputs canvas-exact (retina_fn.extent); None when spec.canvas_exact is off
+    or image_hw (int64 [B, 2]) is None. images: float [B, 3, H, W], its canvas size is read."""
     if image_hw is None or not spec.canvas_exact:
         return None
     return ExtentMasks(extent.padded_hw(image_hw, int(spec.size_divisor), images.shape[-2:]))
@@ -65,14 +51,11 @@ def features(params: dict, images: torch.Tensor, spec: DetectorSpec, image_hw: t
 
 def apply(params: dict, images: torch.Tensor, spec: DetectorSpec, image_hw: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [B, 3, H, W] (normalised, zero outside each image, H and W multiples of 32) ->
+    """images [B, 3, H, W] (normalised, zero outside each image, H and W multiples of size_divisor) ->
     (cls_logits [B, A, K], box_deltas [B, A, 4]) in the anchor order of `retina_fn.anchors.anchors`.
 
-    With image_hw (int64 [B, 2], each image's resized (h, w)) and spec.canvas_exact, the outputs at
-    every anchor inside an image's extent (anchors.valid_flags) equal what the network computes on
-    that image padded alone to a multiple of spec.size_divisor: the canvas and the other images of
-    the batch change nothing there (retina_fn.extent). Without, features near the image's border see
-    the canvas's padding through the convolutions' receptive fields."""
+    With image_hw (int64 [B, 2] resized (h, w)) and spec.canvas_exact, the outputs at every anchor inside an
+    image's extent equal the network's on that image padded alone to a multiple of spec.size_divisor."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     div = int(spec.size_divisor)
@@ -102,8 +85,7 @@ def is_trainable(path: str, spec: DetectorSpec) -> bool:
 
 
 def trainable_mask(params: dict, spec: DetectorSpec) -> dict:
-    """A bool tree shaped like params: True where the leaf trains (frozen stages, BN statistics and,
-    when configured, BN affine parameters are False)."""
+    """A bool tree shaped like params: True where the leaf trains (`is_trainable`)."""
     return tree.map_with_path(lambda p, _: is_trainable(p, spec), params)
 
 
@@ -115,8 +97,7 @@ def split_trainable(params: dict, spec: DetectorSpec) -> tuple[dict, dict]:
 
 
 def num_parameters(params: dict, spec: DetectorSpec | None = None, trainable_only: bool = False) -> int:
-    """Parameter count in torch's sense (BN statistics are buffers, not parameters); with
-    `trainable_only`, only what the optimiser updates under `spec`."""
+    """Parameter count in torch's sense (without BN statistics); `trainable_only`: what trains under `spec`."""
     total = 0
     for path, leaf in tree.leaves_with_paths(params):
         if path.rsplit(tree.SEP, 1)[-1] in BN_STATISTICS:

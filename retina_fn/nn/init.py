@@ -1,7 +1,6 @@
-"""Initialisers: functions of (key, shape) returning a new float32 tensor on the CPU.
+"""Initialisers: functions of (key: rng key int64 [2], shape) returning a new float32 tensor on the CPU.
 
-Numbers come from retina_fn.rng, so the same key gives the same weights on every platform and process.
-Normal draws use the Box-Muller transform of the two uniform words of one hash per element.
+Numbers come from retina_fn.rng (the same weights on every platform); normal draws use Box-Muller.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from retina_fn import rng
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(fan_in, fan_out) of a conv or linear weight [C_out, C_in, *kernel]."""
     if len(shape) < 2:
         raise ValueError(f"fans need a weight of rank >= 2, got shape {shape}")
     receptive = math.prod(shape[2:])
@@ -22,97 +20,39 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def standard_normal(key: rng.Key, shape: tuple[int, ...]) -> torch.Tensor:
-    """N(0, 1) samples (Box-Muller).
-
-    Args:
-      key: rng key, int64 [2].
-      shape: the result's shape.
-
-    Returns:
-      float32 `shape` on the CPU.
-    """
+    """N(0, 1) samples (Box-Muller)."""
     u1, u2 = rng.uniform_pair(key, shape)
     u1 = 1.0 - u1  # (0, 1]: the log is finite
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(torch.float32)
 
 
 def normal(key: rng.Key, shape: tuple[int, ...], std: float = 0.01, mean: float = 0.0) -> torch.Tensor:
-    """N(mean, std^2) samples: RetinaNet's head init uses std 0.01.
-
-    Args:
-      key: rng key, int64 [2].
-      shape: the result's shape.
-      std: the standard deviation.
-      mean: the mean.
-
-    Returns:
-      float32 `shape` on the CPU.
-    """
+    """N(mean, std^2) samples (RetinaNet's head init uses std 0.01)."""
     return standard_normal(key, shape) * std + mean
 
 
 def kaiming_normal_fan_out(key: rng.Key, shape: tuple[int, ...]) -> torch.Tensor:
-    """He normal for ReLU with fan_out mode (torchvision's ResNet init): std = sqrt(2 / fan_out).
-
-    Args:
-      key: rng key, int64 [2].
-      shape: a weight shape [C_out, C_in, *kernel], rank >= 2.
-
-    Returns:
-      float32 `shape` on the CPU.
-
-    Raises:
-      ValueError: a shape of rank < 2.
-    """
+    """He normal, fan_out mode (torchvision's ResNet init): std = sqrt(2 / fan_out) for a weight shape
+    [C_out, C_in, *kernel]; ValueError for rank < 2."""
     _, fan_out = _fans(shape)
     return standard_normal(key, shape) * math.sqrt(2.0 / fan_out)
 
 
 def xavier_uniform(key: rng.Key, shape: tuple[int, ...], gain: float = 1.0) -> torch.Tensor:
-    """Glorot uniform: U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)) (mmdetection's FPN init).
-
-    Args:
-      key: rng key, int64 [2].
-      shape: a weight shape [C_out, C_in, *kernel], rank >= 2.
-      gain: the scale factor.
-
-    Returns:
-      float32 `shape` on the CPU.
-
-    Raises:
-      ValueError: a shape of rank < 2.
-    """
+    """Glorot uniform U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)) (mmdetection's FPN init), for a weight
+    shape [C_out, C_in, *kernel]; ValueError for rank < 2."""
     fan_in, fan_out = _fans(shape)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
     return (rng.uniform(key, shape, torch.float64) * 2.0 - 1.0).to(torch.float32) * bound
 
 
 def constant(shape: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
-    """A tensor filled with `value`.
-
-    Args:
-      shape: the result's shape.
-      value: the fill value.
-
-    Returns:
-      float32 `shape` on the CPU.
-    """
+    """A tensor filled with `value`."""
     return torch.full(shape, float(value), dtype=torch.float32)
 
 
 def prior_prob_bias(shape: tuple[int, ...], prior: float = 0.01) -> torch.Tensor:
-    """Bias so that sigmoid(bias) = prior: -log((1 - prior) / prior) (= -4.59512 for 0.01).
-
-    Args:
-      shape: the bias shape, e.g. (num_anchors * K,).
-      prior: the initial foreground probability, in (0, 1).
-
-    Returns:
-      float32 `shape` on the CPU, every entry the same.
-
-    Raises:
-      ValueError: prior outside (0, 1).
-    """
+    """Bias with sigmoid(bias) = prior: -log((1 - prior) / prior); ValueError for a prior outside (0, 1)."""
     if not 0.0 < prior < 1.0:
         raise ValueError(f"prior probability must be in (0, 1), got {prior}")
     return constant(shape, -math.log((1.0 - prior) / prior))
@@ -120,24 +60,8 @@ def prior_prob_bias(shape: tuple[int, ...], prior: float = 0.01) -> torch.Tensor
 
 def conv(key: rng.Key, c_out: int, c_in: int, k: int, weight_init: str = "kaiming_fan_out",
          bias: bool = False, std: float = 0.01, bias_value: float = 0.0) -> dict[str, torch.Tensor]:
-    """Parameters of a k x k conv.
-
-    Args:
-      key: rng key, int64 [2], for the weight.
-      c_out: output channels.
-      c_in: input channels.
-      k: kernel size.
-      weight_init: 'kaiming_fan_out' | 'xavier_uniform' | 'normal' (with `std`).
-      bias: whether to add a bias.
-      std: the standard deviation for 'normal'.
-      bias_value: the bias's fill value.
-
-    Returns:
-      {'weight': float32 [c_out, c_in, k, k], 'bias': float32 [c_out] (only when `bias`)} on the CPU.
-
-    Raises:
-      ValueError: an unknown weight_init.
-    """
+    """{'weight': float32 [c_out, c_in, k, k], 'bias': [c_out] (only when `bias`)} of a k x k conv; weight_init
+    'kaiming_fan_out' | 'xavier_uniform' | 'normal' (with `std`), else ValueError."""
     shape = (c_out, c_in, k, k)
     draws = {"kaiming_fan_out": kaiming_normal_fan_out, "xavier_uniform": xavier_uniform,
              "normal": lambda key_, shape_: normal(key_, shape_, std)}
@@ -154,17 +78,6 @@ def conv(key: rng.Key, c_out: int, c_in: int, k: int, weight_init: str = "kaimin
 
 
 def batch_norm(channels: int) -> dict[str, torch.Tensor]:
-    """Identity batch-norm parameters and statistics.
-
-    Args:
-      channels: the number of channels C.
-
-    Returns:
-      {'weight': ones, 'bias': zeros, 'running_mean': zeros, 'running_var': ones}, each float32 [C] on the CPU.
-    """
-    return {
-        "weight": constant((channels,), 1.0),
-        "bias": constant((channels,), 0.0),
-        "running_mean": constant((channels,), 0.0),
-        "running_var": constant((channels,), 1.0),
-    }
+    """Identity batch norm: {'weight': ones, 'bias': zeros, 'running_mean': zeros, 'running_var': ones}, float32 [C]."""
+    return {"weight": constant((channels,), 1.0), "bias": constant((channels,), 0.0),
+            "running_mean": constant((channels,), 0.0), "running_var": constant((channels,), 1.0)}

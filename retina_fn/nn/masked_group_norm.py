@@ -1,26 +1,17 @@
-"""GroupNorm whose statistics come from a region of each image only, at the cost of the native one.
+"""GroupNorm whose statistics come from a region of each image only (canvas-exact computation, retina_fn.extent).
 
-Canvas-exact computation (retina_fn.extent) normalises each image over its own extent. Written with plain
-tensor ops that takes about seven elementwise passes forward and as many again in autograd's backward;
-here the forward is one pass for the masked sums of x and x squared and one fused affine pass, and the
-backward is written by hand: two unmasked per-channel sums (of dy and dy * x) and one pass that assembles
-dx. It is a `torch.autograd.Function` with `setup_context`, so `torch.func.grad` and torch.compile
-compose with it (no vmap or vjp rule is needed on the training path). Under torch.func.grad each call of
-such a Function costs about a millisecond of Python (functorch wraps it in a new single-level Function per
-call), more than the arithmetic on a head's small maps: `masked_group_norm_maps` normalises several maps
-that share weight and bias (a head layer's pyramid levels) in one call, with the same values and gradients.
+One forward pass for the masked sums of x and x^2 plus one fused affine pass, and a hand-written backward; an
+autograd.Function with `setup_context`, so torch.func.grad and torch.compile compose with it. Each call has a
+fixed Python cost under torch.func.grad, so `masked_group_norm_maps` takes several maps sharing weight and bias.
 
 The maths, per image b and group g with the mask m (1 inside the region), n = sum(m) * C / G:
   mean = sum(m * x) / n, var = sum(m * x^2) / n - mean^2, rstd = (var + eps)^-1/2
   y = (x - mean) * rstd * weight + bias                       (everywhere, inside and outside)
-and, with P = sum(weight * dy) and Q = sum(weight * dy * xhat) over the group (all cells, not only the masked
-ones: cells outside read the same statistics),
-  dx = rstd * weight * dy - m * rstd / n * (P + xhat * Q)
-because only cells inside the region move the mean and the variance.
+and, with P = sum(weight * dy) and Q = sum(weight * dy * xhat) over all cells of the group,
+  dx = rstd * weight * dy - m * rstd / n * (P + xhat * Q)   (only cells inside move the statistics)
 
-The moments are summed in float32 (float64 inputs in float64). The one-pass variance loses relative precision
-of about (mean / std)^2 * 1e-7 in float32; GroupNorm follows a convolution without bias, whose outputs have means
-small against their spread, and the statistics are clamped at zero variance.
+Moments are summed in float32 (float64 stays float64); the one-pass variance (clamped at 0) loses about
+(mean / std)^2 * 1e-7, small after a convolution without bias.
 """
 
 from __future__ import annotations
@@ -31,13 +22,12 @@ from retina_fn.precision import float32_region
 
 
 def _to_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """float [B, G] (one value per group) -> [B, C, 1, 1], each group's value on its C / G channels."""
+    """float [B, G] -> [B, C, 1, 1], each group's value on its C / G channels."""
     b, g = t.shape
     return t[:, :, None].expand(b, g, channels // g).reshape(b, channels, 1, 1)
 
 
 def _inside(mask: torch.Tensor) -> torch.Tensor:
-    """The region as bool [B, 1, H, W], from a bool or 0 / 1 float mask."""
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -96,12 +86,8 @@ def _backward_one(dy, x, weight, mask, mean, rstd, count, y, g: int, relu: bool,
 
 
 class _MaskedGroupNorm(torch.autograd.Function):
-    # Several maps (a pyramid's levels) sharing weight and bias go through one call: under torch.func.grad
-    # each call of an autograd.Function costs about a millisecond of Python around it, more than the
-    # arithmetic of a small map. Inputs: weight, bias, the four settings, then n maps and their n masks.
-    # Outputs: n results, then per map its mean, rstd and count (non-differentiable, saved for backward).
-    # Per-channel quantities are [B, G, C / G] (views of [B, C]): group sums and per-channel products need
-    # no copies.
+    # Inputs: weight, bias, the four settings, then n maps and their n masks. Outputs: n results, then per map
+    # its mean, rstd and count (non-differentiable, saved for backward). Per-channel values are [B, G, C / G].
 
     @staticmethod
     def forward(weight, bias, num_groups, eps, relu, zero_outside, *maps_and_masks):
@@ -142,26 +128,12 @@ class _MaskedGroupNorm(torch.autograd.Function):
 def masked_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
                       num_groups: int, eps: float = 1e-5, relu: bool = False,
                       zero_outside: bool = False) -> torch.Tensor:
-    """GroupNorm with each image's statistics over the cells where `mask` is 1, optionally followed by a
-    ReLU and by zeroing the cells outside the mask (what a canvas-exact 3x3 conv after it needs).
-
-    Equal (to float rounding) to F.group_norm of each image's map cropped to its region where the mask is a
-    rectangle; without zero_outside the affine is applied everywhere, so cells outside hold values
-    normalised with the inside statistics (no cell inside depends on them).
+    """GroupNorm with each image's statistics over the cells where `mask` is 1 (F.group_norm of the map cropped
+    to a rectangular region), optionally a ReLU and zeroing outside the mask; else the affine applies everywhere.
 
     Args:
-      x: float [B, C, H, W] (any memory format; float16 / bfloat16 are computed in float32).
-      weight: float [C], the per-channel scale.
-      bias: float [C], the per-channel shift.
-      mask: bool (or 0 / 1 float) [B, 1, H, W], at least one True per image (an image without one is
-        normalised as if its mean were 0 and its variance 0).
-      num_groups: G, dividing C.
-      eps: added to the variance.
-      relu: apply max(y, 0) to the normalised output (in the same pass; its backward is folded in).
-      zero_outside: set the output to 0 outside the mask.
-
-    Returns:
-      [B, C, H, W] in x's dtype. Differentiable in x, weight and bias (not in mask).
+      x: float [B, C, H, W] (half types computed in float32), returned in its dtype; weight, bias: float [C].
+      mask: bool (or 0 / 1 float) [B, 1, H, W], at least one True per image (else mean 0 and variance 0).
     """
     return masked_group_norm_maps([x], weight, bias, [mask], num_groups, eps, relu, zero_outside)[0]
 
@@ -169,17 +141,8 @@ def masked_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 def masked_group_norm_maps(xs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                            masks: list[torch.Tensor], num_groups: int, eps: float = 1e-5, relu: bool = False,
                            zero_outside: bool = False) -> list[torch.Tensor]:
-    """`masked_group_norm` of several maps that share weight and bias (a head's pyramid levels) in one
-    autograd call: the same values and gradients as one call per map, with the per-call overhead once.
-
-    Args:
-      xs: n float [B, C, H_i, W_i] (one dtype and device; the sizes may differ).
-      weight, bias: float [C].
-      masks: n bool (or 0 / 1 float) [B, 1, H_i, W_i], as `masked_group_norm`'s mask for the map of the same index.
-      num_groups, eps, relu, zero_outside: as `masked_group_norm`.
-
-    Returns:
-      n tensors [B, C, H_i, W_i] in the maps' dtype.
+    """`masked_group_norm` of n maps xs [B, C, H_i, W_i] (one dtype and device) with their masks
+    [B, 1, H_i, W_i], sharing weight and bias, in one autograd call: the values and gradients of one call per map.
     """
     if not xs or len(xs) != len(masks):
         raise ValueError(f"group norm: {len(xs)} maps and {len(masks)} masks (one mask per map, at least one)")

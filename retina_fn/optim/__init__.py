@@ -1,13 +1,5 @@
-"""Pure optimisers as (init, update) pairs, weight-decay masks, gradient clipping and lr schedules.
-
-    opt = make_optimizer(settings.optim)                 # or sgd(...), adamw(...)
-    schedule = make_lr_schedule(settings.optim, steps_per_epoch, global_batch)
-    opt_state = opt.init(trainable_params)
-    grads, grad_norm = clip_by_global_norm(grads, settings.clip_norm)
-    trainable_params, opt_state = opt.update(grads, opt_state, trainable_params, schedule(step))
-
-Only the trainable subtree goes through the optimiser (see `base`).
-"""
+"""Pure optimisers as (init, update) pairs over the trainable subtree, weight-decay masks, gradient clipping and
+lr schedules."""
 
 from retina_fn.optim.adamw import AdamWState, adamw
 from retina_fn.optim.base import Optimizer
@@ -18,19 +10,6 @@ from retina_fn.optim.schedules import base_learning_rate, make_lr_schedule, warm
 from retina_fn.optim.settings import OptimSettings
 from retina_fn.optim.sgd import SGDState, sgd
 
-__all__ = [
-    "AdamWState",
-    "OptimSettings",
-    "Optimizer",
-    "SGDState",
-    "adamw",
-    "base_learning_rate",
-    "clip_by_global_norm",
-    "decay_predicate",
-    "make_lr_schedule",
-    "make_optimizer",
-    "mask_by_path",
-    "sgd",
-    "warmup_factor",
-    "weight_decay_mask",
-]
+__all__ = ["AdamWState", "OptimSettings", "Optimizer", "SGDState", "adamw", "base_learning_rate",
+           "clip_by_global_norm", "decay_predicate", "make_lr_schedule", "make_optimizer", "mask_by_path", "sgd",
+           "warmup_factor", "weight_decay_mask"]

@@ -7,8 +7,7 @@ Per leaf, with t the step count after this step (t = 1 on the first step):
     v  = beta2 * v + (1 - beta2) * g * g
     p  = p - (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
-The step count lives in the state as an int64 tensor, so the update has no Python number that changes
-per step. amsgrad is not provided.
+The step count is an int64 tensor in the state (no per-step Python number). No amsgrad.
 """
 
 from __future__ import annotations
@@ -24,58 +23,33 @@ from retina_fn.optim.masks import Mask, resolve_mask
 
 
 class AdamWState(NamedTuple):
-    """State of `adamw`.
+    """State of `adamw`."""
 
-    Attributes:
-      count: int64 [], optimiser steps taken.
-      mu: first moments, a tree shaped like params (same shapes and dtypes).
-      nu: second moments, a tree shaped like params (same shapes and dtypes).
-    """
-
-    count: torch.Tensor
-    mu: tree.Tree
-    nu: tree.Tree
+    count: torch.Tensor  # int64 [], optimiser steps taken
+    mu: tree.Tree  # first moments, shaped like params
+    nu: tree.Tree  # second moments, shaped like params
 
 
 def bias_correction(beta: float, count: torch.Tensor) -> torch.Tensor:
-    """1 - beta**count, Adam's bias correction.
-
-    Written as -expm1(count * log(beta)): float32 pow followed by 1 - x would lose most digits of
-    1 - 0.999**t for small t, while log(beta) is taken in double precision here.
-
-    Args:
-      beta: a decay rate in [0, 1); 0 gives exactly 1.
-      count: int64 [], the step count.
-
-    Returns:
-      float32 [] on count's device.
-    """
+    """float32 []: 1 - beta**count (int64 []) as -expm1(count * log(beta)), which keeps the digits float32
+    1 - pow loses for small counts; exactly 1 for beta 0."""
     if beta == 0.0:
         return torch.ones((), dtype=torch.float32, device=count.device)
     return -torch.expm1(count.to(torch.float32) * math.log(beta))
 
 
-def adamw(
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 1e-2,
-    weight_decay_mask: Mask = None,
-) -> Optimizer:
-    """AdamW bound to its hyper-parameters (see the module docstring for the update).
+def adamw(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+          weight_decay_mask: Mask = None) -> Optimizer:
+    """AdamW bound to its hyper-parameters (the module docstring's update).
 
     Args:
-      betas: (beta1, beta2), each in [0, 1).
-      eps: added to the bias-corrected sqrt(v).
-      weight_decay: the decoupled decay coefficient (p *= 1 - lr * weight_decay).
-      weight_decay_mask: bool tree or predicate(path, leaf) (see `masks`) limiting decay; None: every leaf.
+      weight_decay_mask: bool tree or predicate(path, leaf) (`masks`) limiting decay; None: every leaf.
 
     Returns:
-      Optimizer(init, update): `init(params) -> AdamWState`, `update(grads, state, params, lr)` ->
-      (new params, new AdamWState) with `lr` a float [] tensor, every tree shaped like `params`.
+      Optimizer(init(params) -> AdamWState, update(grads, state, params, lr float []) -> (params, state)).
 
     Raises:
-      ValueError: a beta outside [0, 1), or eps or weight_decay < 0. `update` raises ValueError when
-        grads or the moment states do not have the params' paths.
+      ValueError: a beta outside [0, 1), or eps or weight_decay < 0; from `update`, trees whose paths differ.
     """
     beta1, beta2 = (float(b) for b in betas)
     for name, beta in (("betas[0]", beta1), ("betas[1]", beta2)):

@@ -13,19 +13,8 @@ NORM_EPS = 1e-6
 
 @torch.no_grad()
 def clip_by_global_norm(grads: tree.Tree, max_norm: float | torch.Tensor | None) -> tuple[tree.Tree, torch.Tensor]:
-    """Scales gradients so that their global L2 norm is at most `max_norm`.
-
-    Every leaf is multiplied by min(1, max_norm / (norm + 1e-6)) (by 1 when the norm is within bounds), so
-    there is no Python branch on the norm. A non-finite norm gives a zero factor (non-finite grads stay
-    non-finite), as in torch.
-
-    Args:
-      grads: a tree of floating tensors.
-      max_norm: a positive number, a float [] tensor (not checked), or None: `grads` come back unchanged
-        with their norm, for logging.
-
-    Returns:
-      (clipped grads, a tree shaped like `grads`; norm, float32 [], the global L2 norm before clipping).
+    """(grads scaled by min(1, max_norm / (norm + 1e-6)), norm float32 [] before clipping), no Python branch on
+    the norm. max_norm: a positive number, a float [] tensor (unchecked), or None (grads unchanged).
 
     Raises:
       ValueError: a Python max_norm that is not > 0.

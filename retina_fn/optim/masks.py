@@ -1,12 +1,6 @@
-"""Per-parameter options by path: which leaves an option (such as weight decay) applies to.
-
-An optimiser takes a mask in one of two forms:
-- a tree of Python bools with the parameters' structure (`mask_by_path`, `weight_decay_mask`), or
-- a predicate `keep(path, leaf) -> bool`, evaluated on the parameters given to each update (handy when
-  the optimiser is built before the parameters exist).
-Masks are static: they choose leaves and are never tensors, so compiled code sees them as constants.
-Build bool trees outside compiled code: under torch.compile (2.13) rebuilding a tree whose leaves are
-not tensors fails inside dynamo, while a predicate works there.
+"""Which leaves an option (such as weight decay) applies to: a tree of Python bools with the parameters' paths, or
+a predicate `keep(path, leaf) -> bool` evaluated at each update. Masks are static, never tensors. Build bool trees
+outside compiled code (dynamo fails rebuilding a tree of non-tensors); a predicate works inside.
 """
 
 from __future__ import annotations
@@ -23,55 +17,22 @@ Mask = Union[tree.Tree, Predicate, None]
 
 
 def mask_by_path(params: tree.Tree, keep: Predicate) -> tree.Tree:
-    """A bool tree shaped like `params`: `keep(path, leaf)` for every leaf.
-
-    Args:
-      params: a tree of tensors.
-      keep: predicate on ('/'-joined path, leaf).
-
-    Returns:
-      A tree shaped like `params` whose leaves are Python bools.
-    """
+    """A tree shaped like `params` of Python bools: `keep(path, leaf)` for every leaf."""
     return tree.map_with_path(lambda path, leaf: bool(keep(path, leaf)), params)
 
 
 def decay_predicate(decay_norm_and_bias: bool) -> Predicate:
-    """The weight-decay predicate keep(path, leaf).
-
-    1-D (and 0-d) leaves are norm scales/shifts and biases; convolution kernels are 4-D.
-
-    Args:
-      decay_norm_and_bias: True: decay every leaf; False: only leaves with 2+ dims.
-
-    Returns:
-      Predicate (path, leaf) -> bool.
-    """
+    """The weight-decay predicate: every leaf, or (False) only leaves with 2+ dims (not norms and biases)."""
     return lambda _path, leaf: decay_norm_and_bias or leaf.dim() > 1
 
 
 def weight_decay_mask(params: tree.Tree, decay_norm_and_bias: bool) -> tree.Tree:
-    """Bool tree of the leaves that get weight decay (see `decay_predicate`).
-
-    Args:
-      params: a tree of tensors.
-      decay_norm_and_bias: as for `decay_predicate`.
-
-    Returns:
-      A tree shaped like `params` whose leaves are Python bools.
-    """
+    """Bool tree of the leaves that get weight decay (`decay_predicate`)."""
     return mask_by_path(params, decay_predicate(decay_norm_and_bias))
 
 
 def resolve_mask(mask: Mask, params: tree.Tree, name: str = "mask") -> list[bool]:
-    """The mask as one bool per leaf of `params`.
-
-    Args:
-      mask: a bool tree with the params' paths, a predicate (path, leaf) -> bool, or None (True everywhere).
-      params: the tree the mask applies to.
-      name: what the mask is called in error messages.
-
-    Returns:
-      list[bool] in `tree.leaves(params)` order.
+    """The mask (None: True everywhere) as one bool per leaf of `params`, in `tree.leaves` order.
 
     Raises:
       ValueError: a bool tree whose paths differ from the params'.

@@ -7,8 +7,7 @@ The update is torch.optim.SGD's (dampening 0), leaf by leaf:
     d   = d + momentum * buf    if nesterov, else d = buf
     p   = p - lr * d
 
-torch starts the buffer as a copy of the first d; here it starts at zero, and momentum * 0 + d is
-exactly d, so both agree from the first step on while the state keeps one fixed structure.
+The buffer starts at zero (torch: a copy of the first d); momentum * 0 + d is exactly d, so both agree.
 """
 
 from __future__ import annotations
@@ -23,30 +22,14 @@ from retina_fn.optim.masks import Mask, resolve_mask
 
 
 class SGDState(NamedTuple):
-    """State of `sgd`.
+    """State of `sgd`."""
 
-    Attributes:
-      count: int64 [], optimiser steps taken.
-      momentum: momentum buffers, a tree shaped like params (same shapes and dtypes); {} when momentum is 0.
-    """
-
-    count: torch.Tensor
-    momentum: tree.Tree
+    count: torch.Tensor  # int64 [], optimiser steps taken
+    momentum: tree.Tree  # buffers shaped like params; {} when momentum is 0
 
 
 def add_weight_decay(grads: list, params: list, weight_decay: float, decay: list[bool]) -> list:
-    """Adds L2 weight decay to gradients, leaf by leaf.
-
-    Args:
-      grads: gradient tensors, one per leaf.
-      params: parameter tensors, shaped like `grads`.
-      weight_decay: the decay coefficient.
-      decay: one bool per leaf, True where decay applies.
-
-    Returns:
-      list of [g + weight_decay * p] where `decay` holds and g elsewhere (new tensors where decayed),
-      each shaped like its gradient.
-    """
+    """Per leaf, g + weight_decay * p where `decay` holds, else g."""
     if weight_decay == 0.0 or not any(decay):
         return list(grads)
     idx = [i for i, flag in enumerate(decay) if flag]
@@ -57,27 +40,18 @@ def add_weight_decay(grads: list, params: list, weight_decay: float, decay: list
     return out
 
 
-def sgd(
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    weight_decay_mask: Mask = None,
-) -> Optimizer:
-    """SGD bound to its hyper-parameters (see the module docstring for the update).
+def sgd(momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+        weight_decay_mask: Mask = None) -> Optimizer:
+    """SGD bound to its hyper-parameters (the module docstring's update).
 
     Args:
-      momentum: the momentum factor (0: no buffers).
-      weight_decay: L2 coefficient added to the gradient.
-      nesterov: Nesterov momentum; needs momentum > 0.
-      weight_decay_mask: bool tree or predicate(path, leaf) (see `masks`) limiting decay; None: every leaf.
+      weight_decay_mask: bool tree or predicate(path, leaf) (`masks`) limiting decay; None: every leaf.
 
     Returns:
-      Optimizer(init, update): `init(params) -> SGDState`, `update(grads, state, params, lr)` ->
-      (new params, new SGDState) with `lr` a float [] tensor, every tree shaped like `params`.
+      Optimizer(init(params) -> SGDState, update(grads, state, params, lr float []) -> (params, state)).
 
     Raises:
-      ValueError: momentum or weight_decay < 0, or nesterov without momentum. `update` raises ValueError
-        when grads or the momentum state do not have the params' paths.
+      ValueError: momentum or weight_decay < 0, nesterov without momentum; from `update`, trees whose paths differ.
     """
     if momentum < 0.0:
         raise ValueError(f"momentum must be >= 0, got {momentum}")
