@@ -22,14 +22,7 @@ _CIRCLE_VERTICES = 64
 
 
 def check_num_classes(num_classes: int) -> None:
-    """Checks a class count against the shapes there are.
-
-    Args:
-        num_classes: K, the number of shape classes asked for (the first K of SHAPE_NAMES).
-
-    Returns:
-        None; ConfigError (a ValueError) naming num_classes unless 1 <= K <= len(SHAPE_NAMES).
-    """
+    """ConfigError (a ValueError) unless 1 <= num_classes <= len(SHAPE_NAMES)."""
     if not 1 <= int(num_classes) <= len(SHAPE_NAMES):
         raise errors.ConfigError(f"num_classes must be in 1..{len(SHAPE_NAMES)} (shapes {SHAPE_NAMES}), got "
                                  f"{num_classes}")
@@ -41,11 +34,7 @@ def _regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0, center=(0.
 
 
 def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    """One shape of a class in its unit frame.
-
-    Args:
-        name: a class of SHAPE_NAMES (ValueError otherwise).
-        gen: the image's numpy generator (ring, cross, star and crescent draw their proportions from it).
+    """One shape of class `name` (of SHAPE_NAMES) in its unit frame; some draw proportions from `gen`.
 
     Returns:
         [(vertices float64 [V, 2] (x, y) within about [-1, 1]^2, fill 1 or 0 (a hole))].
@@ -80,14 +69,8 @@ def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, in
 
 def place_shape(polygons, size: float, aspect: float, angle: float,
                 max_wh: tuple[float, float]) -> tuple[list[tuple[np.ndarray, int]], tuple[float, float]]:
-    """Stretches a unit shape to box aspect ~`aspect`, rotates it and scales it to size.
-
-    Args:
-        polygons: [(vertices float64 [V, 2], fill)] of `unit_shape`.
-        size: sqrt(w * h) of the shape's box in pixels (shrunk to fit `max_wh`).
-        aspect: box aspect w / h before the rotation.
-        angle: rotation in radians.
-        max_wh: (w, h) limits of the box in pixels.
+    """A `unit_shape` stretched to box aspect ~`aspect` (w / h, before rotating), rotated by `angle` radians
+    and scaled to box side sqrt(w * h) = size pixels, shrunk to fit max_wh (w, h).
 
     Returns:
         (polygons [(vertices float64 [V, 2] in pixels, centred at 0, fill)], (w, h) of the box).
@@ -115,16 +98,10 @@ class Mask(NamedTuple):
 
 
 def render_mask(polygons, offset_xy, height: int, width: int) -> Mask | None:
-    """Rasterises a placed shape inside an image on a 4x supersampled grid.
-
-    Args:
-        polygons: [(vertices float64 [V, 2] in pixels relative to `offset_xy`, fill 1 or 0)].
-        offset_xy: (x, y) of the shape's centre in image pixels.
-        height, width: the image size.
+    """Rasterises placed `polygons` centred at offset_xy (x, y) inside a height x width image, 4x supersampled.
 
     Returns:
-        A Mask (alpha float32 [ph, pw]; box xyxy to 1/4 px, clipped to the image), or None when nothing
-        of the shape falls inside the image.
+        A Mask (box clipped to the image), or None when nothing of the shape falls inside.
     """
     ox, oy = offset_xy
     outer = np.concatenate([v for v, fill in polygons if fill]) + (ox, oy)
@@ -138,8 +115,7 @@ def render_mask(polygons, offset_xy, height: int, width: int) -> Mask | None:
     canvas = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
     draw = ImageDraw.Draw(canvas)
     for v, fill in polygons:
-        # Pixel (i, j) of the fine grid covers [i, i + 1) x [j, j + 1): shift by half a pixel so that
-        # polygon coordinates are continuous image coordinates.
+        # fine pixel (i, j) covers [i, i + 1) x [j, j + 1): shift by half a pixel to continuous coordinates
         pts = (v + (ox - x0, oy - y0)) * ss - 0.5
         draw.polygon([tuple(p) for p in pts.tolist()], fill=255 if fill else 0)
     fine = np.asarray(canvas)
