@@ -42,22 +42,17 @@ def per_class_table(precision: np.ndarray, iou_thrs: np.ndarray, cat_ids: Sequen
     Args:
       precision: float [T, R, K] at area 'all', 100 detections; iou_thrs: float [T] with 0.5 and 0.75.
       cat_ids, names, num_gt: K ids, names and non-crowd ground-truth counts.
-
     Returns:
-      K dicts {'category_id', 'name', 'AP', 'AP50', 'AP75' (NaN without ground truth), 'num_gt'}.
-
-    Raises:
-      ValueError: shapes that do not agree, or IoU 0.5 or 0.75 not evaluated.
+      K dicts {'category_id', 'name', 'AP', 'AP50', 'AP75' (NaN without ground truth), 'num_gt'}; ValueError
+      for shapes that do not agree, or IoU 0.5 or 0.75 not evaluated.
     """
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] != len(iou_thrs) or not len(cat_ids) == len(names) == len(num_gt) == p.shape[2]:
         raise ValueError(f"precision {list(p.shape)} must be [T={len(iou_thrs)}, R, K={len(cat_ids)}], with "
                          f"{len(names)} names and {len(num_gt)} counts")
-    ap = class_ap(p)
-    ap50 = class_ap(p[iou_index(iou_thrs, 0.5)])
-    ap75 = class_ap(p[iou_index(iou_thrs, 0.75)])
+    aps = zip(class_ap(p), class_ap(p[iou_index(iou_thrs, 0.5)]), class_ap(p[iou_index(iou_thrs, 0.75)]))
     return [{"category_id": int(c), "name": str(n), "AP": float(a), "AP50": float(a50), "AP75": float(a75),
-             "num_gt": int(g)} for c, n, a, a50, a75, g in zip(cat_ids, names, ap, ap50, ap75, num_gt)]
+             "num_gt": int(g)} for c, n, (a, a50, a75), g in zip(cat_ids, names, aps, num_gt)]
 
 
 def mean_row(rows: Sequence[Mapping]) -> dict:
@@ -90,18 +85,13 @@ def extreme_classes(ap: np.ndarray, n: int = 3) -> tuple[list[int], list[int]]:
     ap = np.asarray(ap, dtype=np.float64)
     scored = [int(i) for i in np.argsort(ap, kind="stable") if math.isfinite(ap[i])]
     n_worst = min(n, (len(scored) + 1) // 2)
-    worst = scored[:n_worst]
-    best = scored[n_worst:][::-1][:n]
-    return worst, best
+    return scored[:n_worst], scored[n_worst:][::-1][:n]
 
 
 def breakdown_summary(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """APs and mean curves of an error breakdown's precision float [E, R, K] (-1: no ground truth).
-
-    Returns:
-      (ap float64 [E, K], NaN without ground truth; overall float64 [E], the mean ap over the categories
-      with ground truth, NaN when none; curves float64 [E, R], the precision averaged over them).
-    """
+    """APs and mean curves of an error breakdown's precision float [E, R, K] (-1: no ground truth): (ap float64
+    [E, K], NaN without ground truth; overall float64 [E], the mean ap over the categories with ground truth,
+    NaN when none; curves float64 [E, R], the precision averaged over them)."""
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] == 0:
         raise ValueError(f"precision must have shape [E, R, K] with E >= 1, got {list(p.shape)}")

@@ -1,11 +1,6 @@
 """The two COCO evaluation libraries (pycocotools, faster-coco-eval: the same numbers and `eval['precision']`)
-behind one interface, and what they read: ground truth and results as their COCO objects, the image ids to
-score, the ground truth's counts and names.
-
-    lib = backend(use_faster=True)                 # faster-coco-eval when installed, else pycocotools
-    gt = load_ground_truth(val_ann_file, lib, out) # out: an io.StringIO for what the library prints
-    dt = load_results(gt, results, out)
-    coco_eval = lib.cocoeval(gt, dt)
+behind one interface (`backend`), and what they read: ground truth and results as their COCO objects, the
+image ids to score, the ground truth's counts and names.
 
 The ground truth is built from the entries `retina_fn.data.coco_schema` checked, not read by the library,
 so a file that loads for training scores the same way and a refused file gets the same CocoFormatError.
@@ -39,9 +34,9 @@ def faster_coco_eval_backend():
 
 
 class Backend(NamedTuple):
-    """One COCO evaluation library: its COCO and COCOeval classes. After `accumulate()` both leave
-    eval['precision'] float64 [T, R, K, A, M] (IoU, recall threshold, category, area range, max detections;
-    -1 without ground truth), 'recall' [T, K, A, M] and 'scores' like 'precision'."""
+    """One COCO evaluation library: its COCO and COCOeval classes. After `accumulate()` both leave eval['precision']
+    float64 [T, R, K, A, M] (IoU, recall threshold, category, area range, max detections; -1 without ground
+    truth), 'recall' [T, K, A, M] and 'scores' like 'precision'."""
 
     name: str  # PYCOCOTOOLS or FASTER_COCO_EVAL
     coco_cls: type
@@ -61,7 +56,6 @@ def backend(use_faster: bool = True) -> Backend:
         return Backend(FASTER_COCO_EVAL, *found)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-
     return Backend(PYCOCOTOOLS, COCO, COCOeval)
 
 
@@ -72,7 +66,6 @@ def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
       coco_gt: an annotation file path, a CocoSet (its checked entries, the file not read again), a
         `coco_schema.GroundTruth`, a COCO-format dict, or a COCO object: `lib`'s own is used as is, the
         other library's dataset is checked like a dict.
-
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
       CocoFormatError: (a ValueError) the file or dict breaks the schema, naming the entry.
@@ -115,10 +108,10 @@ def coco_dataset(truth: coco_schema.GroundTruth) -> dict:
               zip(truth.image_ids.tolist(), truth.heights.tolist(), truth.widths.tolist(), truth.file_names)]
     categories = [{"id": c, "name": name, **({} if sup is None else {"supercategory": sup})} for c, name, sup in
                   zip(truth.category_ids.tolist(), truth.names, truth.supercategories)]
+    rows = zip(truth.ann_image_ids.tolist(), truth.ann_category_ids.tolist(), truth.bboxes.tolist(),
+               truth.areas.tolist(), truth.iscrowd.tolist())
     annotations = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": box, "area": area, "iscrowd": int(crowd)}
-                   for k, (i, c, box, area, crowd) in enumerate(zip(
-                       truth.ann_image_ids.tolist(), truth.ann_category_ids.tolist(), truth.bboxes.tolist(),
-                       truth.areas.tolist(), truth.iscrowd.tolist()))]
+                   for k, (i, c, box, area, crowd) in enumerate(rows)]
     return {"images": images, "categories": categories, "annotations": annotations}
 
 
@@ -135,8 +128,8 @@ def _missing(source: str, key: str) -> str:
 
 
 def load_results(gt, results: Sequence[dict], out: io.StringIO):
-    """Non-empty, checked result dicts as gt's library's detections object (`loadRes`, printing to `out`).
-    loadRes gets copies: it writes 'area', 'id' and 'iscrowd' into its dicts."""
+    """Non-empty, checked result dicts as gt's library's detections object (`loadRes`, printing to `out`), given
+    copies: loadRes writes 'area', 'id' and 'iscrowd' into its dicts."""
     with contextlib.redirect_stdout(out):
         return gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
 

@@ -1,15 +1,10 @@
-"""COCO bbox evaluation (host side): COCO result dicts (`retina_fn.eval.coco_results`) -> COCOeval's numbers
-and per-category precision, with a library and ground truth from `retina_fn.eval.coco_backend`.
+"""COCO bbox evaluation (host side): COCO result dicts (`retina_fn.eval.coco_results`) -> COCOeval's 12 summary
+numbers and per-category precision, with a library and ground truth from `retina_fn.eval.coco_backend`.
 
-    metrics = evaluate(val_ann_file, results, img_ids=ids_that_were_run)
-    detailed = evaluate_detailed(val_ann_file, results, img_ids)   # + per-category precision [T, R, K]
-
-Rules (pycocotools conventions):
-- Only images in `img_ids` are scored (all when None): an image run without detections counts its ground
-  truth as misses, an image never run does not count.
-- Metrics are COCOeval's 12 summary numbers; -1 means no object in that setting (e.g. no large object).
-  With no detections every metric is 0 and COCOeval is not run (`loadRes` fails on an empty list).
-- Crowd ground truth is an ignore region (COCOeval's rule).
+Rules (pycocotools conventions): only images in `img_ids` are scored (all when None), so an image run without
+detections counts its ground truth as misses and an image never run does not count; -1 means no object in
+that setting (e.g. no large object); crowd ground truth is an ignore region. With no detections every metric
+is 0 and COCOeval is not run (`loadRes` fails on an empty list).
 """
 
 from __future__ import annotations
@@ -21,13 +16,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from retina_fn.eval import coco_backend, coco_results
-# experiments.predict writes its results through these two names of this module; they live in coco_results.
-from retina_fn.eval.coco_results import detections_to_coco, write_results  # noqa: F401
 
-METRIC_NAMES = (
-    "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
-    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
-)
+METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
+                "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
 
 
 def all_area_precision(coco_eval, max_dets: int = 100) -> np.ndarray:
@@ -40,15 +31,11 @@ def all_area_precision(coco_eval, max_dets: int = 100) -> np.ndarray:
 
 
 class CocoEvaluation(NamedTuple):
-    """One COCO bbox evaluation: the summary numbers and the per-category precision behind them.
-
-    metrics: {name: float} for METRIC_NAMES; summary: the text COCOeval printed.
-    precision: float64 [T, R, K] (`all_area_precision` at 100 detections); -1 where a category has no
-      ground truth on the evaluated images; with no detections, 0 where there is ground truth.
-    iou_thrs: float64 [T] (0.50 .. 0.95); rec_thrs: float64 [R] (0.00 .. 1.00).
-    cat_ids: int64 [K] ascending; names: K names; num_gt: int64 [K] non-crowd boxes on the evaluated images.
-    backend: coco_backend.PYCOCOTOOLS or coco_backend.FASTER_COCO_EVAL.
-    """
+    """One COCO bbox evaluation: metrics {name: float} for METRIC_NAMES; summary, the text COCOeval printed;
+    precision float64 [T, R, K] (`all_area_precision` at 100 detections), -1 where a category has no ground
+    truth on the evaluated images (with no detections, 0 where there is); iou_thrs float64 [T] (0.50 .. 0.95);
+    rec_thrs float64 [R] (0.00 .. 1.00); cat_ids int64 [K] ascending; names: K names; num_gt int64 [K]
+    non-crowd boxes on the evaluated images; backend: coco_backend.PYCOCOTOOLS or FASTER_COCO_EVAL."""
 
     metrics: dict[str, float]
     summary: str
@@ -89,17 +76,10 @@ def evaluate_detailed(coco_gt, results: Sequence[dict], img_ids=None, use_faster
     stats = np.asarray(coco_eval.stats, dtype=np.float64)[: len(METRIC_NAMES)]
     p = coco_eval.params
     cat_ids = np.asarray([int(c) for c in p.catIds], dtype=np.int64)
-    return CocoEvaluation(
-        metrics={name: float(v) for name, v in zip(METRIC_NAMES, stats)},
-        summary=out.getvalue(),
-        precision=all_area_precision(coco_eval),
-        iou_thrs=np.asarray(p.iouThrs, dtype=np.float64),
-        rec_thrs=np.asarray(p.recThrs, dtype=np.float64),
-        cat_ids=cat_ids,
-        names=coco_backend.category_names(gt, cat_ids),
-        num_gt=coco_backend.count_ground_truth(gt, eval_ids, cat_ids),
-        backend=lib.name,
-    )
+    return CocoEvaluation({name: float(v) for name, v in zip(METRIC_NAMES, stats)}, out.getvalue(),
+                          all_area_precision(coco_eval), np.asarray(p.iouThrs, dtype=np.float64),
+                          np.asarray(p.recThrs, dtype=np.float64), cat_ids, coco_backend.category_names(gt, cat_ids),
+                          coco_backend.count_ground_truth(gt, eval_ids, cat_ids), lib.name)
 
 
 def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:

@@ -1,9 +1,6 @@
-"""COCO's results format (host side): detections -> COCO result dicts, merged across ranks, checked against
-the ground truth, written as a results file.
-
-    results = detections_to_coco(boxes, scores, labels, image_ids, label_map)   # per batch, then gather
-    results = merge_results(per_rank_results)                                  # drop padded duplicates
-    write_results("detections_bbox.json", results)                 # the COCO evaluation server's format
+"""COCO's results format (host side): detections -> COCO result dicts (`detections_to_coco`, per batch),
+merged across ranks (`merge_results`), checked against the ground truth, written as the COCO evaluation
+server's results file (`write_results`).
 
 Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
 COCOeval caps detections at 100 per image *and category*; the official protocol keeps at most 100 per
@@ -36,33 +33,25 @@ def category_id_table(label_map: Any) -> list[int]:
       label_map: a sequence of ids; an object with a `category_ids` or `cat_ids` attribute (e.g. a LabelMap)
         or a `to_dict()` method; a mapping with a 'category_ids' or 'cat_ids' entry, or {index: id} with
         keys 0..K-1.
-
     Raises:
       ValueError: no ids found, a non-integer or repeated id, or mapping keys that are not 0..K-1.
     """
     table = None
-    for attr in ("category_ids", "cat_ids"):
-        if not isinstance(label_map, Mapping) and hasattr(label_map, attr):
-            table = getattr(label_map, attr)
-            break
-    else:
-        if isinstance(label_map, Mapping):
-            if "category_ids" in label_map:
-                table = label_map["category_ids"]
-            elif "cat_ids" in label_map:
-                table = label_map["cat_ids"]
-            else:
-                keys = sorted(label_map)
-                if keys != list(range(len(keys))):
-                    raise ValueError(
-                        "label_map: a mapping must hold 'category_ids' or map class indices 0..K-1 to ids, "
-                        f"got keys {keys[:10]}"
-                    )
-                table = [label_map[k] for k in keys]
-        elif hasattr(label_map, "to_dict"):
-            return category_id_table(label_map.to_dict())
-        elif isinstance(label_map, (Sequence, np.ndarray)) and not isinstance(label_map, (str, bytes)):
-            table = label_map
+    if isinstance(label_map, Mapping):
+        if "category_ids" in label_map or "cat_ids" in label_map:
+            table = label_map["category_ids" if "category_ids" in label_map else "cat_ids"]
+        else:
+            keys = sorted(label_map)
+            if keys != list(range(len(keys))):
+                raise ValueError("label_map: a mapping must hold 'category_ids' or map class indices 0..K-1 to ids, "
+                                 f"got keys {keys[:10]}")
+            table = [label_map[k] for k in keys]
+    elif hasattr(label_map, "category_ids") or hasattr(label_map, "cat_ids"):
+        table = getattr(label_map, "category_ids" if hasattr(label_map, "category_ids") else "cat_ids")
+    elif hasattr(label_map, "to_dict"):
+        return category_id_table(label_map.to_dict())
+    elif isinstance(label_map, (Sequence, np.ndarray)) and not isinstance(label_map, (str, bytes)):
+        table = label_map
     if table is None:
         raise ValueError(f"label_map: cannot find category ids in a {type(label_map).__name__}")
     ids = []
@@ -86,10 +75,8 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
         (batched: [B, M]).
       image_ids: int [N] (batched: [B] or [B, M]); rows with a negative id (padding slots) are dropped.
       label_map: see `category_id_table`.
-
     Returns:
       [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], Python numbers only, in input order.
-
     Raises:
       ValueError: shapes that do not fit, a class index outside 0..K-1, a non-finite box or score, an
         unreadable input, or a bad label_map.
@@ -103,10 +90,8 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
         raise ValueError(f"boxes must have shape [..., 4], got {list(boxes.shape)}")
     lead = boxes.shape[:-1]
     if scores.shape != lead or labels.shape != lead:
-        raise ValueError(
-            f"scores {list(scores.shape)} and labels {list(labels.shape)} must have the boxes' leading shape "
-            f"{list(lead)}"
-        )
+        raise ValueError(f"scores {list(scores.shape)} and labels {list(labels.shape)} must have the boxes' leading "
+                         f"shape {list(lead)}")
     if image_ids.shape != lead:
         if image_ids.shape == lead[:1] and len(lead) == 2:
             image_ids = np.broadcast_to(image_ids[:, None], lead)
@@ -119,7 +104,6 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
             raise ValueError(f"valid {list(valid.shape)} must have shape {list(lead)}")
         keep &= valid
     boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
-
     bad = np.flatnonzero((labels < 0) | (labels >= len(cat_ids)))
     if bad.size:
         raise ValueError(f"labels: class index {int(labels[bad[0]])} outside 0..{len(cat_ids) - 1} "
@@ -128,12 +112,9 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
     if bad.size:
         raise ValueError(f"non-finite box or score for image id {int(image_ids[bad[0]])}: "
                          f"box {boxes[bad[0]].tolist()}, score {float(scores[bad[0]])}")
-
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    return [
-        {"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
-        for i, c, b, s in zip(image_ids.tolist(), cat_ids[labels].tolist(), xywh.tolist(), scores.tolist())
-    ]
+    return [{"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+            for i, c, b, s in zip(image_ids.tolist(), cat_ids[labels].tolist(), xywh.tolist(), scores.tolist())]
 
 
 def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
@@ -156,8 +137,7 @@ def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
 def check_results(results: Sequence[dict], gt) -> None:
     """Raises ValueError naming the first result that is not a dict, lacks a key, names an image or category
     id that is not in `gt` (a COCO object), or has a bbox that is not 4 finite numbers."""
-    image_ids = set(gt.getImgIds())
-    cat_ids = set(gt.getCatIds())
+    image_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
     for i, r in enumerate(results):
         _check_keys(i, r)
         if r["image_id"] not in image_ids:

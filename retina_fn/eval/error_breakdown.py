@@ -1,8 +1,6 @@
 """The COCO analyze tool's error breakdown (after Hoiem et al., "Diagnosing error in object detectors"), by
 re-running COCOeval with changed parameters and ground truth.
 
-    breakdown = error_breakdown(val_ann_file, results, img_ids)     # ErrorBreakdown, precision [E, R, K]
-
 Each curve (DESCRIPTIONS) relaxes the one before. From Loc on each only turns false positives into ignored
 detections, so Loc <= Sim <= Oth <= BG <= FN = 1 at every recall; C75 <= C50 <= Loc holds as a rule (a
 looser threshold can let COCOeval's greedy matching pair boxes differently). Sim needs every category to
@@ -44,13 +42,10 @@ _LOOSE_IOU = 0.1
 
 
 class ErrorBreakdown(NamedTuple):
-    """The breakdown's curves.
-
-    kinds: E names of KINDS, in order ('Sim' left out when a category names no supercategory).
-    precision: float64 [E, R, K]: interpolated precision; -1 for a category without ground truth.
-    rec_thrs: float64 [R]; cat_ids: int64 [K] ascending; names: K names; num_gt: int64 [K] non-crowd boxes.
-    skipped: {kind: why it is not in `kinds`}.
-    """
+    """The breakdown's curves: kinds, E names of KINDS in order ('Sim' left out when a category names no
+    supercategory); precision float64 [E, R, K], interpolated, -1 for a category without ground truth;
+    rec_thrs float64 [R]; cat_ids int64 [K] ascending; names: K names; num_gt int64 [K] non-crowd boxes;
+    skipped: {kind: why it is not in `kinds`}."""
 
     kinds: tuple[str, ...]
     precision: np.ndarray
@@ -67,12 +62,9 @@ def _precision(lib: coco_backend.Backend, gt, dt, img_ids: Sequence[int], cat_id
     with contextlib.redirect_stdout(out):
         ev = lib.cocoeval(gt, dt)
         p = ev.params
-        p.imgIds = [int(i) for i in img_ids]
-        p.catIds = [int(c) for c in cat_ids]
+        p.imgIds, p.catIds = [int(i) for i in img_ids], [int(c) for c in cat_ids]
         p.iouThrs = np.asarray(iou_thrs, dtype=np.float64)
-        p.maxDets = [MAX_DETS]
-        p.areaRng = [list(_ALL_AREAS)]
-        p.areaRngLbl = ["all"]
+        p.maxDets, p.areaRng, p.areaRngLbl = [MAX_DETS], [list(_ALL_AREAS)], ["all"]
         ev.evaluate()
         ev.accumulate()
     return coco_eval.all_area_precision(ev, MAX_DETS), np.asarray(ev.params.recThrs, dtype=np.float64)

@@ -1,8 +1,4 @@
-"""Evaluation figures as PNG files (matplotlib's Agg canvas; pyplot and its global state are not used).
-
-    plot_pr_curves("pr_curves.png", ev.precision, ev.iou_thrs, ev.rec_thrs, ev.names, worst, best)
-    plot_error_breakdown("error_breakdown.png", breakdown.kinds, curves, overall, breakdown.rec_thrs)
-"""
+"""Evaluation figures as PNG files (matplotlib's Agg canvas; pyplot and its global state are not used)."""
 
 from __future__ import annotations
 
