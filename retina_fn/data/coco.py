@@ -1,13 +1,12 @@
 """COCO-format annotation files: mmdetection's box and image filters over the entries `coco_schema` checked,
-the category table and the image records. The parsed `GroundTruth` is kept in the CocoSet; the evaluator
-scores against it rather than reading the file again.
+the category table and the image records. The CocoSet keeps the parsed `GroundTruth`, which the evaluator
+scores against.
 
 Rules (mmdetection v2.9.0 `CocoDataset`):
 - bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here: the resize clips,
   as mmdetection's Resize with bbox_clip_border does).
-- An annotation is dropped, and counted, when it has `ignore` 1, does not overlap the image, has
-  `area` <= 0 (the file's, w * h when absent), or w < 1 or h < 1. Surviving `iscrowd` boxes become
-  ignore regions, never positives.
+- An annotation is dropped, and counted, when it has `ignore` 1, does not overlap the image, has `area` <= 0
+  (the file's, w * h when absent), or w < 1 or h < 1. Surviving `iscrowd` boxes become ignore regions.
 - Unlike mmdetection (which passes them on or drops them silently), a non-finite bbox or area, a repeated
   image or annotation id, and a category id missing from `categories` are errors.
 - Training filters: `filter_empty_gt` keeps an image with at least one annotation of any kind (as
@@ -65,8 +64,7 @@ class LabelMap:
         """From a COCO `categories` list of {'id', 'name', ...}; `source` names the file in errors."""
         ids, names, _ = parse_categories(categories, source)
         by_id = dict(zip(ids, names))
-        ids = sorted(by_id)
-        return cls(tuple(ids), tuple(by_id[i] for i in ids))
+        return cls(tuple(sorted(by_id)), tuple(by_id[i] for i in sorted(by_id)))
 
     def __contains__(self, category_id: int) -> bool:
         return int(category_id) in self._index
@@ -193,7 +191,6 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
     Args:
         ann_file: the JSON file; image_root: the folder `file_name`s are relative to.
         filter_empty_gt, min_size: the training filters (evaluation keeps every image).
-
     Raises:
         MissingFileError: the file does not exist.
         CocoFormatError: anything the schema refuses, naming the file and the image or annotation id.

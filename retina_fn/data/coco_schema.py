@@ -7,11 +7,9 @@ What a file must hold (anything else is a CocoFormatError, a `retina_fn.errors.U
 - Text: UTF-8 with or without a byte-order mark, or UTF-16 / UTF-32 with one; JSON nested as deep as
   Python's reader allows, integers of at most `sys.get_int_max_str_digits()` digits.
 - Integers (ids, width, height): JSON integers or numbers with a zero fraction (`3.0`), never booleans or
-  strings. Ids lie in 0 .. 2**63 - 1 (a negative image id is refused: evaluation batches mark padding
-  with -1). Width and height are positive.
-- `iscrowd`, `ignore`: 0 or 1 (`false` / `true` taken as 0 / 1); absent means 0.
-- `bbox`: 4 finite numbers (not booleans) within float32's range; `area`, when present: a finite number
-  (absent: w * h).
+  strings. Ids lie in 0 .. 2**63 - 1 (evaluation batches mark padding with -1); width, height positive.
+- `iscrowd`, `ignore`: 0 or 1 (`false` / `true` taken as 0 / 1); absent means 0. `bbox`: 4 finite numbers
+  (not booleans) within float32's range; `area`, when present: a finite number (absent: w * h).
 - `file_name`: a non-empty string of valid Unicode without NUL, relative to the image folder and not
   leaving it with '..'; category `name` (and `supercategory`, when present): valid Unicode strings.
 Unknown keys are ignored.
@@ -74,8 +72,7 @@ def read_json(ann_file: str) -> dict:
 
     Raises:
         MissingFileError: (a FileNotFoundError) the file does not exist.
-        CocoFormatError: not a readable regular file, not text in a supported encoding, bad JSON, or a bad
-            top level.
+        CocoFormatError: not a readable regular file, not text in a supported encoding, bad JSON or top level.
     """
     text = decode_text(_read_bytes(ann_file), ann_file)
     try:
@@ -105,8 +102,7 @@ def _read_bytes(ann_file: str) -> bytes:
 
 
 def decode_text(raw: bytes, source: str) -> str:
-    """The text of a file's bytes: UTF-8 (a byte-order mark dropped), or UTF-16 / UTF-32 with a mark.
-    CocoFormatError for the first byte that does not decode, or for NUL characters (JSON never holds one)."""
+    """The text of a file's bytes (module docstring); CocoFormatError for a byte that does not decode or a NUL."""
     encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
     try:
         text = raw.decode(encoding)
@@ -120,8 +116,8 @@ def decode_text(raw: bytes, source: str) -> str:
 
 
 def check_top_level(data, source: str) -> None:
-    """CocoFormatError unless `data` is an object with 'images' (a list), 'categories' and, if present,
-    'annotations' (a list)."""
+    """CocoFormatError unless `data` is an object with 'images' (a list), 'categories', and optional 'annotations'
+    (a list)."""
     if not isinstance(data, dict):
         raise CocoFormatError(f"{source}: the top level must be an object, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -148,23 +144,21 @@ def parse_ground_truth(data: Mapping, source: str) -> GroundTruth:
     rows = [_annotation(ann, pos, source, known_images, known_categories, seen)
             for pos, ann in enumerate(data.get("annotations", []))]
     ann_ids, ann_images, ann_categories, bboxes, areas, iscrowd, ignore = zip(*rows) if rows else ((),) * 7
-    int64 = np.int64
-    return GroundTruth(
-        source, np.asarray(image_ids, int64), np.asarray(heights, int64), np.asarray(widths, int64),
-        tuple(file_names), np.asarray(category_ids, int64), tuple(names), tuple(supercategories),
-        np.asarray(ann_ids, int64), np.asarray(ann_images, int64), np.asarray(ann_categories, int64),
-        np.asarray(bboxes, np.float64).reshape(-1, 4), np.asarray(areas, np.float64),
-        np.asarray(iscrowd, bool), np.asarray(ignore, bool), "annotations" in data)
+    i64 = np.int64
+    return GroundTruth(source, np.asarray(image_ids, i64), np.asarray(heights, i64), np.asarray(widths, i64),
+                       tuple(file_names), np.asarray(category_ids, i64), tuple(names), tuple(supercategories),
+                       np.asarray(ann_ids, i64), np.asarray(ann_images, i64), np.asarray(ann_categories, i64),
+                       np.asarray(bboxes, np.float64).reshape(-1, 4), np.asarray(areas, np.float64),
+                       np.asarray(iscrowd, bool), np.asarray(ignore, bool), "annotations" in data)
 
 
 def parse_categories(categories, source: str) -> tuple[list[int], list[str], list[str | None]]:
-    """Checks the 'categories' list of {'id', 'name', 'supercategory' (optional)}; returns (ids, names,
-    supercategories) in file order, CocoFormatError for an empty list, a bad or repeated id or a bad name."""
+    """(ids, names, supercategories) of a 'categories' list of {'id', 'name', 'supercategory' (optional)}, in
+    file order; CocoFormatError for an empty list, a bad or repeated id or a bad name."""
     if not isinstance(categories, (list, tuple)) or not categories:
         raise CocoFormatError(f"{source}: 'categories' must be a non-empty list")
     ids: dict[int, None] = {}  # insertion-ordered
-    names: list[str] = []
-    supercategories: list[str | None] = []
+    names, supercategories = [], []
     for pos, cat in enumerate(categories):
         if not isinstance(cat, Mapping):
             raise CocoFormatError(f"{source}: categories[{pos}] is not an object")
@@ -182,8 +176,8 @@ def parse_categories(categories, source: str) -> tuple[list[int], list[str], lis
 
 
 def parse_images(entries: list, source: str) -> tuple[list[int], list[int], list[int], list[str]]:
-    """Checks the 'images' list of {'id', 'height', 'width', 'file_name'}; returns (ids, heights, widths,
-    file_names) in file order, CocoFormatError naming the entry for anything the schema refuses."""
+    """(ids, heights, widths, file_names) of an 'images' list of {'id', 'height', 'width', 'file_name'}, in file
+    order; CocoFormatError naming the entry for anything the schema refuses."""
     ids: dict[int, None] = {}
     heights, widths, file_names = [], [], []
     for pos, img in enumerate(entries):
@@ -209,7 +203,6 @@ def parse_images(entries: list, source: str) -> tuple[list[int], list[int], list
 
 
 def _annotation(ann, pos: int, source: str, images: set[int], categories: set[int], seen: dict[int, int]) -> tuple:
-    """(id, image_id, category_id, xywh, area, iscrowd, ignore) of one annotation; records its id in `seen`."""
     where = f"{source}: annotations[{pos}]"
     if not isinstance(ann, Mapping):
         raise CocoFormatError(f"{where} is not an object")
@@ -227,8 +220,7 @@ def _annotation(ann, pos: int, source: str, images: set[int], categories: set[in
     if category_id not in categories:
         raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
                               f"(known ids: {sorted(categories)})")
-    bbox = bbox_field(ann, where)
-    area = area_field(ann, where)
+    bbox, area = bbox_field(ann, where), area_field(ann, where)
     return (ann_id, image_id, category_id, bbox, bbox[2] * bbox[3] if area is None else area,
             flag_field(ann, "iscrowd", where), flag_field(ann, "ignore", where))
 
@@ -253,7 +245,6 @@ def resolve_image_path(image_root: str, file_name: str, where: str = "") -> str:
 
 
 def _show(value) -> str:
-    """A value for an error message: its repr, cut to 80 characters."""
     try:
         text = repr(value)
     except ValueError:  # an int over Python's digit limit for str()
@@ -264,8 +255,7 @@ def _show(value) -> str:
 
 
 def int_field(entry: Mapping, key: str, where: str) -> int:
-    """An integer field (a JSON integer or a number with a zero fraction) within int64; `where` names the
-    entry in errors."""
+    """An integer field (a JSON integer or a number with a zero fraction) within int64; `where` names the entry."""
     if key not in entry:
         raise CocoFormatError(f"{where}: missing key '{key}'")
     value = entry[key]
@@ -295,7 +285,6 @@ def flag_field(ann: Mapping, key: str, where: str) -> bool:
 
 
 def _finite_float(value, limit: float) -> float | None:
-    """float(value) for a number (not a boolean) of magnitude at most `limit`, else None."""
     kind = type(value)  # exact types: bool is not int here
     if kind is float:
         return value if -limit <= value <= limit else None  # NaN fails both comparisons
@@ -327,8 +316,7 @@ def area_field(ann: Mapping, where: str) -> float | None:
 
 
 def text_field(entry: Mapping, key: str, where: str) -> str:
-    """A string field that must be valid Unicode (written to files and logs, passed to the OS as a path):
-    CocoFormatError for a non-string or a lone surrogate."""
+    """A string field of valid Unicode (written to files and logs, passed to the OS as a path)."""
     value = entry.get(key)
     if not isinstance(value, str):
         raise CocoFormatError(f"{where}: '{key}' must be a string, got {_show(value)}")

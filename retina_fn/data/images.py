@@ -59,10 +59,8 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
         expect_hw: (height, width) the annotation file states, or None for no check. A quarter-turn
             orientation with the stored, unturned size given is an error that says so (mmdetection would
             silently pair boxes with turned pixels).
-
     Returns:
         uint8 [H, W, 3] RGB, C-contiguous and writable.
-
     Raises:
         ImageLoadError: naming the file and image id, for anything the module docstring refuses, too little
             memory, or a size other than expect_hw.
@@ -89,8 +87,8 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
 
 
 def _open_regular_file(path: str, where: str, image_id: int):
-    """The file opened for binary reading; ImageLoadError unless it is a readable regular file. Opened without
-    blocking and checked again once open, so a FIFO swapped in between is refused too."""
+    """The file opened for binary reading; ImageLoadError unless a readable regular file (checked again once
+    opened without blocking, so a FIFO swapped in between is refused too)."""
     try:
         if stat.S_ISREG(os.stat(path).st_mode):
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -122,15 +120,14 @@ def _check_size(im: Image.Image, where: str, path: str, image_id: int) -> tuple[
 
 
 def _decode_problem(f, error: Exception) -> str:
-    """What went wrong: 'empty' for an empty file `f`, else Pillow's message."""
     if os.fstat(f.fileno()).st_size == 0:
         return "the file is empty (0 bytes)"
     return f"{type(error).__name__}: {error}"
 
 
 def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation 1..8 of an image whose pixels are loaded (read before, it would load them here and
-    hand on a half-decoded image); 1 when absent, invalid or unreadable."""
+    """The EXIF orientation 1..8 (1 when absent, invalid or unreadable); read after `load()`, else it would load
+    the pixels here and hand on a half-decoded image."""
     try:
         value = im.getexif().get(_ORIENTATION_TAG, 1)
     except _EXIF_ERRORS:
@@ -150,11 +147,9 @@ def pil_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def _cmyk_jpeg_to_rgb(cmyk: np.ndarray, adobe: bool) -> np.ndarray:
-    """OpenCV's conversion of CMYK JPEG samples (uint8 [h, w, 4] as Pillow decodes them, inverted for files
-    with an Adobe marker): uint8 [h, w, 3], k - ((255 - s) * k >> 8) for each stored sample s of c, m, y."""
-    raw = cmyk.astype(np.int32)
-    if adobe:
-        raw = 255 - raw
+    """OpenCV's conversion of CMYK JPEG samples (uint8 [h, w, 4], inverted with an Adobe marker) to RGB: k -
+    ((255 - s) * k >> 8) for each stored sample s of c, m, y."""
+    raw = 255 - cmyk.astype(np.int32) if adobe else cmyk.astype(np.int32)
     k = raw[:, :, 3:4]
     return (k - (((255 - raw[:, :, :3]) * k) >> 8)).astype(np.uint8)
 
@@ -175,7 +170,6 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _size_message(where: str, got_hw, stored_hw, orientation: int, expect_hw) -> str:
-    """The error for an image whose decoded size is not the annotation file's."""
     h, w = got_hw
     message = (f"image {where} decodes to {w}x{h} (w x h) but the annotation file says "
                f"{expect_hw[1]}x{expect_hw[0]}")
