@@ -11,8 +11,9 @@ regions and their annotations, all drawn from one numpy Generator.
 - Crowd regions: about 12% of non-empty images get a cluster of 8..16 tiny shapes of one class, annotated
   as one iscrowd=1 box (the union of the members' boxes). About 30% of images get a light blur.
 
-Boxes follow COCO: the tight box of the full rasterised shape (to 1/4 px), clipped to the image, whatever
-occludes it; `area` is w * h, or the covered pixel area for crowd regions; labels are class indices 0..K-1.
+Pixels are float32 RGB in 0..255 until the end. Boxes follow COCO: the tight box of the full rasterised
+shape (to 1/4 px), clipped to the image, whatever occludes it; `area` is w * h, or the covered pixel area
+for crowd regions; labels are class indices 0..K-1.
 Image `image_id` depends only on (seed, image_id, image_size, num_classes): its generator is
 `rng.numpy_generator(rng.fold_in(rng.key(seed), image_id))`.
 """
@@ -43,9 +44,6 @@ def image_size_range(image_size: int) -> tuple[int, int]:
     return int(round(0.78 * image_size)), int(round(1.25 * image_size))
 
 
-# Pixels are float32 RGB in 0..255 until the end.
-
-
 def _random_colour(gen: np.random.Generator) -> np.ndarray:
     return gen.uniform(0.0, 255.0, size=3).astype(np.float32)
 
@@ -69,11 +67,10 @@ def _background(gen: np.random.Generator, height: int, width: int) -> np.ndarray
     else:  # blurred blocks
         grid_h, grid_w = int(gen.integers(3, 11)), int(gen.integers(3, 11))
         blocks = gen.uniform(0.0, 255.0, size=(grid_h, grid_w, 3)).astype(np.uint8)
-        radius = float(gen.uniform(3.0, 10.0))
+        blur = ImageFilter.GaussianBlur(float(gen.uniform(3.0, 10.0)))
         pil = Image.fromarray(blocks).resize((width, height), Image.NEAREST)
-        image = np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    sigma = np.float32(gen.uniform(4.0, 20.0))
-    image = image + sigma * gen.standard_normal((height, width, 3), dtype=np.float32)
+        image = np.asarray(pil.filter(blur), dtype=np.float32)
+    image = image + np.float32(gen.uniform(4.0, 20.0)) * gen.standard_normal((height, width, 3), dtype=np.float32)
     if gen.random() < 0.3:
         image = _distractor_lines(gen, image)
     return image
@@ -118,24 +115,26 @@ def _fill(gen: np.random.Generator, colour: np.ndarray, height: int, width: int)
         on = ((phase % 1.0) < 0.5)[..., None]
         return np.where(on, colour, other)
     if kind == 2:  # strong noise around the colour
-        sigma = np.float32(gen.uniform(15.0, 35.0))
-        return colour + sigma * gen.standard_normal((height, width, 3), dtype=np.float32)
+        return colour + np.float32(gen.uniform(15.0, 35.0)) * gen.standard_normal((height, width, 3), dtype=np.float32)
     other = np.clip(colour + gen.uniform(-90.0, 90.0, size=3), 0, 255).astype(np.float32)
     return colour + (other - colour) * _linear_ramp(gen, height, width)
 
 
-def _composite(image: np.ndarray, mask: Mask, texture: np.ndarray) -> None:
-    """Blends `texture` [ph, pw, 3] into `image` in place, weighted by the mask's coverage."""
+def _patch(image: np.ndarray, mask: Mask) -> np.ndarray:
+    """The view of `image` under the mask's patch."""
     ph, pw = mask.alpha.shape
-    region = image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
-    a = mask.alpha[..., None]
-    region += a * (texture - region)
+    return image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
+
+
+def _paint(gen: np.random.Generator, image: np.ndarray, mask: Mask, colour: np.ndarray) -> None:
+    """Blends a `_fill` texture of `colour` into `image` in place, weighted by the mask's coverage."""
+    texture = _fill(gen, colour, *mask.alpha.shape)
+    region = _patch(image, mask)
+    region += mask.alpha[..., None] * (texture - region)
 
 
 def _mean_under(image: np.ndarray, mask: Mask) -> np.ndarray:
-    ph, pw = mask.alpha.shape
-    region = image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
-    weight = mask.alpha.sum()
+    region, weight = _patch(image, mask), mask.alpha.sum()
     if weight <= 0:
         return region.reshape(-1, 3).mean(axis=0)
     return (region * mask.alpha[..., None]).sum(axis=(0, 1)) / weight
@@ -153,10 +152,6 @@ def _sample_aspect(gen: np.random.Generator) -> float:
     return float(math.exp(gen.uniform(-math.log(limit), math.log(limit))))
 
 
-def _inside(point, box) -> bool:
-    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
-
-
 def _plan_objects(gen, height, width, num_classes, count, keep_out) -> list[_Planned]:
     """`count` objects (fewer if placement fails), largest first."""
     max_side = _MAX_OBJECT_FRACTION * min(height, width)
@@ -164,21 +159,17 @@ def _plan_objects(gen, height, width, num_classes, count, keep_out) -> list[_Pla
     planned: list[_Planned] = []
     for size in sorted(sizes.tolist(), reverse=True):
         label = int(gen.integers(num_classes))
-        polygons, (w, h) = place_shape(
-            unit_shape(SHAPE_NAMES[label], gen), size, _sample_aspect(gen),
-            gen.uniform(0.0, 2.0 * np.pi), (0.9 * width, 0.9 * height),
-        )
+        polygons, (w, h) = place_shape(unit_shape(SHAPE_NAMES[label], gen), size, _sample_aspect(gen),
+                                       gen.uniform(0.0, 2.0 * np.pi), (0.9 * width, 0.9 * height))
         radius = 0.5 * max(w, h)
         for _ in range(30):
             cx = gen.uniform(0.35 * w, width - 0.35 * w)
             cy = gen.uniform(0.35 * h, height - 0.35 * h)
-            if keep_out is not None and _inside((cx, cy), keep_out):
+            if keep_out is not None and keep_out[0] <= cx <= keep_out[2] and keep_out[1] <= cy <= keep_out[3]:
                 continue
             # centres apart: every object mostly visible, overlap still possible
-            if all(
-                math.hypot(cx - p.centre[0], cy - p.centre[1]) >= 0.45 * (radius + 0.5 * max(p.wh))
-                for p in planned
-            ):
+            if all(math.hypot(cx - p.centre[0], cy - p.centre[1]) >= 0.45 * (radius + 0.5 * max(p.wh))
+                   for p in planned):
                 planned.append(_Planned(label, polygons, (cx, cy), (w, h)))
                 break
     return planned
@@ -193,27 +184,22 @@ def _crowd_region(gen, image, num_classes, region) -> dict | None:
     coverage = np.zeros((height, width), dtype=np.float32)
     boxes = []
     for _ in range(int(gen.integers(8, 17))):
-        polygons, (w, h) = place_shape(
-            unit_shape(SHAPE_NAMES[label], gen), gen.uniform(5.0, 10.0), _sample_aspect(gen),
-            gen.uniform(0.0, 2.0 * np.pi), (rx1 - rx0, ry1 - ry0),
-        )
+        polygons, (w, h) = place_shape(unit_shape(SHAPE_NAMES[label], gen), gen.uniform(5.0, 10.0),
+                                       _sample_aspect(gen), gen.uniform(0.0, 2.0 * np.pi), (rx1 - rx0, ry1 - ry0))
         centre = (gen.uniform(rx0 + w / 2, rx1 - w / 2), gen.uniform(ry0 + h / 2, ry1 - h / 2))
         mask = render_mask(polygons, centre, height, width)
         if mask is None:
             continue
         if base is None:  # one colour for the whole cluster, jittered per member
             base = _contrasting_colour(gen, _mean_under(image, mask))
-        colour = np.clip(base + gen.uniform(-25.0, 25.0, size=3), 0, 255).astype(np.float32)
-        ph, pw = mask.alpha.shape
-        _composite(image, mask, _fill(gen, colour, ph, pw))
-        cov = coverage[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
+        _paint(gen, image, mask, np.clip(base + gen.uniform(-25.0, 25.0, size=3), 0, 255).astype(np.float32))
+        cov = _patch(coverage, mask)
         np.maximum(cov, mask.alpha, out=cov)
         boxes.append(mask.box)
     if not boxes:
         return None
     b = np.array(boxes)
-    box = (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
-    return _annotation(label, box, area=float(coverage.sum()), iscrowd=1)
+    return _annotation(label, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), float(coverage.sum()), 1)
 
 
 def _annotation(label: int, box, area: float, iscrowd: int) -> dict:
@@ -252,9 +238,7 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
             x1, y1, x2, y2 = mask.box
             if x2 - x1 < 2.0 or y2 - y1 < 2.0:  # a sliver left by the border: neither drawn nor annotated
                 continue
-            colour = _contrasting_colour(gen, _mean_under(image, mask))
-            ph, pw = mask.alpha.shape
-            _composite(image, mask, _fill(gen, colour, ph, pw))
+            _paint(gen, image, mask, _contrasting_colour(gen, _mean_under(image, mask)))
             annotations.append(_annotation(obj.label, mask.box, area=(x2 - x1) * (y2 - y1), iscrowd=0))
         if crowd_region is not None:
             crowd = _crowd_region(gen, image, num_classes, crowd_region)
@@ -262,6 +246,5 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
                 annotations.append(crowd)
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     if gen.random() < _BLUR_PROB:
-        radius = float(gen.uniform(0.4, 1.2))
-        pixels = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius)))
+        pixels = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(float(gen.uniform(0.4, 1.2)))))
     return pixels, annotations

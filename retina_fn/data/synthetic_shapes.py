@@ -1,8 +1,6 @@
-"""Shapes of the synthetic dataset (`retina_fn.data.synthetic`): each class a polygon set in a unit
-frame, stretched, rotated and scaled into place, then rasterised on a 4x supersampled grid into a
-coverage mask with the tight box of the whole shape (to 1/4 px).
-
-Holes (the ring's centre, the crescent's bite) are polygons drawn with fill 0.
+"""Shapes of the synthetic dataset (`retina_fn.data.synthetic`): each class a polygon set in a unit frame
+(holes, such as the ring's centre, drawn with fill 0), stretched, rotated and scaled into place, then
+rasterised on a 4x supersampled grid into a coverage mask with the tight box of the whole shape (to 1/4 px).
 """
 
 from __future__ import annotations
@@ -34,11 +32,8 @@ def _regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0, center=(0.
 
 
 def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    """One shape of class `name` (of SHAPE_NAMES) in its unit frame; some draw proportions from `gen`.
-
-    Returns:
-        [(vertices float64 [V, 2] (x, y) within about [-1, 1]^2, fill 1 or 0 (a hole))].
-    """
+    """One shape of class `name` (of SHAPE_NAMES) in its unit frame, some proportions drawn from `gen`:
+    [(vertices float64 [V, 2] (x, y) within about [-1, 1]^2, fill 1 or 0 (a hole))]."""
     if name == "circle":
         return [(_regular_polygon(_CIRCLE_VERTICES), 1)]
     if name == "square":
@@ -60,21 +55,16 @@ def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, in
     if name == "crescent":
         bite_radius = gen.uniform(0.8, 1.0)
         offset = gen.uniform(0.45, 0.75)
-        return [
-            (_regular_polygon(_CIRCLE_VERTICES), 1),
-            (_regular_polygon(_CIRCLE_VERTICES, bite_radius, center=(offset, 0.0)), 0),
-        ]
+        return [(_regular_polygon(_CIRCLE_VERTICES), 1),
+                (_regular_polygon(_CIRCLE_VERTICES, bite_radius, center=(offset, 0.0)), 0)]
     raise ValueError(f"unknown shape {name!r}; known: {SHAPE_NAMES}")
 
 
 def place_shape(polygons, size: float, aspect: float, angle: float,
                 max_wh: tuple[float, float]) -> tuple[list[tuple[np.ndarray, int]], tuple[float, float]]:
     """A `unit_shape` stretched to box aspect ~`aspect` (w / h, before rotating), rotated by `angle` radians
-    and scaled to box side sqrt(w * h) = size pixels, shrunk to fit max_wh (w, h).
-
-    Returns:
-        (polygons [(vertices float64 [V, 2] in pixels, centred at 0, fill)], (w, h) of the box).
-    """
+    and scaled to box side sqrt(w * h) = size pixels, shrunk to fit max_wh (w, h): (polygons [(vertices
+    float64 [V, 2] in pixels, centred at 0, fill)], (w, h) of the box)."""
     stretch = np.array([math.sqrt(aspect), 1.0 / math.sqrt(aspect)])
     c, s = math.cos(angle), math.sin(angle)
     rotation = np.array([[c, -s], [s, c]])
@@ -82,8 +72,7 @@ def place_shape(polygons, size: float, aspect: float, angle: float,
     outer = np.concatenate([v for v, fill in moved if fill])
     lo, hi = outer.min(axis=0), outer.max(axis=0)
     w0, h0 = hi - lo
-    scale = size / math.sqrt(w0 * h0)
-    scale = min(scale, max_wh[0] / w0, max_wh[1] / h0)
+    scale = min(size / math.sqrt(w0 * h0), max_wh[0] / w0, max_wh[1] / h0)
     centre = (lo + hi) / 2
     return [((v - centre) * scale, fill) for v, fill in moved], (w0 * scale, h0 * scale)
 
@@ -98,11 +87,8 @@ class Mask(NamedTuple):
 
 
 def render_mask(polygons, offset_xy, height: int, width: int) -> Mask | None:
-    """Rasterises placed `polygons` centred at offset_xy (x, y) inside a height x width image, 4x supersampled.
-
-    Returns:
-        A Mask (box clipped to the image), or None when nothing of the shape falls inside.
-    """
+    """Rasterises placed `polygons` centred at offset_xy (x, y) inside a height x width image: a Mask (box
+    clipped to the image), or None when nothing of the shape falls inside."""
     ox, oy = offset_xy
     outer = np.concatenate([v for v, fill in polygons if fill]) + (ox, oy)
     x0 = max(0, int(math.floor(outer[:, 0].min())))
