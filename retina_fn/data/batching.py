@@ -4,12 +4,10 @@ unreadable image, data.skip_bad_images).
 Ground truth is padded to `max_boxes` rows (`box_valid`), crowd regions to `max_ignore_boxes`
 (`ignore_valid`). An image with more boxes keeps the `max_boxes` largest by area (ties: the earlier), in
 their original order (mmdetection's assigner lets later boxes win low-quality ties); `boxes_dropped` counts
-the rest. Surplus crowd regions are cut the same way, uncounted.
-
-With box buckets (data.box_buckets, e.g. (8, 16, 32, 64, 128), clipped to max_boxes, which is always the
-last) a batch is padded to the smallest bucket holding its largest kept count, so the assignment compares
-anchors with fewer rows; results are the same whatever the padding (padding rows never match). Crowd
-regions keep one shape, so compiled steps need no more programs.
+the rest. Surplus crowd regions are cut the same way, uncounted. With box buckets (data.box_buckets, e.g.
+(8, 16, 32, 64, 128), clipped to max_boxes, always the last) a batch is padded to the smallest bucket
+holding its largest kept count, so the assignment compares anchors with fewer rows (padding rows never
+match); crowd regions keep one shape, so compiled steps need no more programs.
 """
 
 from __future__ import annotations
@@ -110,8 +108,7 @@ class Collate:
     def __init__(self, max_boxes: int, max_ignore_boxes: int, box_buckets: Sequence[int] = ()):
         if max_boxes <= 0 or max_ignore_boxes < 0:
             raise ValueError(f"need max_boxes > 0 and max_ignore_boxes >= 0, got {max_boxes}, {max_ignore_boxes}")
-        self.max_boxes = max_boxes
-        self.max_ignore_boxes = max_ignore_boxes
+        self.max_boxes, self.max_ignore_boxes = max_boxes, max_ignore_boxes
         self.box_buckets = bucket_sizes(box_buckets, max_boxes) if box_buckets else ()
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -39,13 +39,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise CocoFormatError(f"{coco.ann_file}: no images left after filtering (images without annotations "
                                   f"are left out with data.filter_empty_gt, small ones with data.min_size)")
         transforms.check_resizable(coco.records, cfg, coco.ann_file)
-        self.coco = coco
-        self.cfg = cfg
-        self.train = train
-        self.key = key
+        self.coco, self.cfg, self.train, self.key = coco, cfg, train, key
         self.skip_bad_images = skip_bad_images and train
-        self.groups = np.array([int(transforms.is_landscape(r.height, r.width)) for r in coco.records],
-                               dtype=np.int64)
+        self.groups = np.array([int(transforms.is_landscape(r.height, r.width)) for r in coco.records], dtype=np.int64)
         self._images = [self._decode_or_error(i) for i in range(len(coco))] if preload else None
 
     def __len__(self) -> int:
@@ -95,8 +91,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         record = self.coco.records[index]
         canvas = transforms.canvas_for(record.height, record.width, self.cfg)
         return dict(image=np.zeros((3, *canvas), dtype=transforms.canvas_dtype(self.cfg)),
-                    boxes=np.zeros((0, 4), np.float32),
-                    labels=np.zeros((0,), np.int64), ignore_boxes=np.zeros((0, 4), np.float32),
+                    boxes=np.zeros((0, 4), np.float32), labels=np.zeros((0,), np.int64),
+                    ignore_boxes=np.zeros((0, 4), np.float32),
                     image_hw=np.array(canvas, np.int64), orig_hw=np.array(canvas, np.int64),
                     scale_factor=np.ones(2, np.float32), flipped=False, image_id=-1, index=-1, replaced=False)
 

@@ -1,13 +1,7 @@
 """Train and eval loaders: CocoSet -> DetectionDataset -> GroupBatchSampler -> torch DataLoader -> batch
-dicts, with running totals of what the pipeline gave up (boxes beyond max_boxes, replaced images).
-
-    loader = make_train_loader(cfg.data, train_set, rank=r, world_size=n, key=data_key,
-                               start_epoch=e0, start_step=s0)
-    for epoch in range(e0, epochs):
-        loader.set_epoch(epoch, s0 if epoch == e0 else 0)
-        for batch in loader: ...
-
-The data key is split once: one half orders the epochs, the other keys the per-sample augmentation.
+dicts, with running totals of what the pipeline gave up (boxes beyond max_boxes, replaced images). Position a
+loader with `set_epoch(epoch, start_step)` before iterating. The data key is split once: one half orders the
+epochs, the other keys the per-sample augmentation.
 """
 
 from __future__ import annotations
@@ -37,8 +31,7 @@ class DetectionLoader:
 
     def __init__(self, dataset: DetectionDataset, sampler: GroupBatchSampler, collate_fn: Collate, *,
                  workers: int, pin_memory: bool):
-        self.dataset = dataset
-        self.sampler = sampler
+        self.dataset, self.sampler = dataset, sampler
         self.totals = dict(images=0, boxes_dropped=0, images_replaced=0)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
@@ -113,7 +106,6 @@ def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
                       start_epoch: int = 0, start_step: int = 0, pin_memory: bool = False,
                       accum_steps: int = 1, local_processes: int = 1) -> DetectionLoader:
     """The training loader of one rank; every rank gets the same steps_per_epoch and canvas at each step.
-
     Args:
       data_cfg: the `data` block; dataset: the training CocoSet; key: int64 [2] data key.
       start_epoch, start_step: the first iteration's position, in optimiser steps.
@@ -146,8 +138,7 @@ def _collate(data_cfg) -> Collate:
 
 
 def pin_memory_for(device: torch.device) -> bool:
-    """Whether batches bound for `device` should be page-locked (so non-blocking copies are asynchronous):
-    True for 'cuda' and 'npu' devices."""
+    """Whether batches bound for `device` ('cuda', 'npu') should be page-locked for asynchronous copies."""
     return device.type in ("cuda", "npu")
 
 
@@ -163,8 +154,7 @@ def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
 
     On CUDA item n+1 is copied on a side stream before item n is handed out, overlapping item n's kernels;
     the compute stream waits for the copy when n+1 is handed out, and record_stream keeps the allocator
-    from reusing its memory early. Elsewhere each item is moved by `to_device` when handed out.
-    """
+    from reusing its memory early. Elsewhere each item is moved by `to_device` when handed out."""
     device = torch.device(device)
     if device.type != "cuda":
         for item in batches:
@@ -176,21 +166,16 @@ def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
         with torch.cuda.stream(copy_stream):
             return to_device(item, device)
 
-    it = iter(batches)
-    end = object()
+    it, end = iter(batches), object()
     item = next(it, end)
     ahead = None if item is end else issue(item)
     while ahead is not None:
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(copy_stream)
-        for tensor in _tensors(ahead):
-            tensor.record_stream(compute)
+        for d in ahead if isinstance(ahead, tuple) else (ahead,):
+            for tensor in d.values():
+                tensor.record_stream(compute)
         current = ahead
         item = next(it, end)
         ahead = None if item is end else issue(item)
         yield current
-
-
-def _tensors(item) -> list[torch.Tensor]:
-    dicts = item if isinstance(item, tuple) else (item,)
-    return [t for d in dicts for t in d.values()]

@@ -3,8 +3,8 @@ of (key, epoch), and equal steps on every rank; `set_epoch(epoch, start_step)` r
 
 A step takes a *global batch* of images_per_device * world_size * accum_steps samples from one aspect group,
 so all ranks share the step's canvas. Loader batch j of a step on a rank takes the slice of virtual rank
-v = j * world_size + rank, [v * ipd, (v + 1) * ipd): 8 ranks x 2 images and 1 rank x 2 images x 8
-accumulated batches see the same 16 images, so a run can resume on another world size.
+v = j * world_size + rank, [v * ipd, (v + 1) * ipd), so 8 ranks x 2 images and 1 rank x 2 images x 8
+accumulated batches see the same 16 images and a run can resume on another world size.
 
 Training (mmdetection's group sampler, rank-synchronous): each group is permuted and padded to a multiple of
 the global batch by wrapping its permutation (wrapped entries are flagged `padding` but trained on, as in
@@ -92,13 +92,8 @@ class GroupBatchSampler(torch.utils.data.Sampler):
             raise ValueError("a training sampler needs a key")
         if accum_steps < 1:
             raise errors.ConfigError(f"optim.accum_steps must be >= 1, got {accum_steps}")
-        self.groups = np.asarray(groups)
-        self.images_per_device = images_per_device
-        self.rank = rank
-        self.world_size = world_size
-        self.train = train
-        self.key = key
-        self.accum_steps = accum_steps
+        self.groups, self.images_per_device, self.accum_steps = np.asarray(groups), images_per_device, accum_steps
+        self.rank, self.world_size, self.train, self.key = rank, world_size, train, key
         self.global_batch = images_per_device * world_size * accum_steps
         self._eval_plan = None if train else eval_plan(self.groups, self.global_batch)
         self.steps_per_epoch = self.plan(0).indices.shape[0]  # the same every epoch
@@ -116,15 +111,13 @@ class GroupBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch} (steps per epoch)")
-        self.epoch = epoch
-        self.start_step = start_step
+        self.epoch, self.start_step = epoch, start_step
 
     def rank_plan(self, epoch: int) -> EpochPlan:
         """This rank's columns of the epoch plan: [S, accum_steps, images_per_device]."""
         p = self.plan(epoch)
         ipd = self.images_per_device
-        cols = [(j * self.world_size + self.rank) * ipd + np.arange(ipd) for j in range(self.accum_steps)]
-        cols = np.stack(cols)  # [accum_steps, ipd]
+        cols = np.stack([(j * self.world_size + self.rank) * ipd + np.arange(ipd) for j in range(self.accum_steps)])
         return EpochPlan(p.indices[:, cols], p.padding[:, cols])
 
     def __len__(self) -> int:
