@@ -7,8 +7,7 @@ their original order (mmdetection's assigner lets later boxes win low-quality ti
 the rest. Surplus crowd regions are cut the same way, uncounted. With box buckets (data.box_buckets, e.g.
 (8, 16, 32, 64, 128), clipped to max_boxes, always the last) a batch is padded to the smallest bucket
 holding its largest kept count, so the assignment compares anchors with fewer rows (padding rows never
-match); crowd regions keep one shape, so compiled steps need no more programs.
-"""
+match); crowd regions keep one shape, so compiled steps need no more programs."""
 
 from __future__ import annotations
 
@@ -56,11 +55,8 @@ def collate(samples: Sequence[dict], max_boxes: int, max_ignore_boxes: int,
     b = len(samples)
     kept = [keep_largest(s["boxes"], max_boxes) for s in samples]
     g = padded_count(max(k.size for k in kept), bucket_sizes(box_buckets, max_boxes))
-    boxes = np.zeros((b, g, 4), np.float32)
-    labels = np.zeros((b, g), np.int64)
-    box_valid = np.zeros((b, g), bool)
-    ignore = np.zeros((b, max_ignore_boxes, 4), np.float32)
-    ignore_valid = np.zeros((b, max_ignore_boxes), bool)
+    boxes, labels, box_valid = np.zeros((b, g, 4), np.float32), np.zeros((b, g), np.int64), np.zeros((b, g), bool)
+    ignore, ignore_valid = np.zeros((b, max_ignore_boxes, 4), np.float32), np.zeros((b, max_ignore_boxes), bool)
     dropped = np.zeros((b,), np.int64)
     for i, (s, keep) in enumerate(zip(samples, kept)):
         n = keep.size

@@ -12,8 +12,7 @@ Rules (mmdetection v2.9.0 `CocoDataset`):
 - Training filters: `filter_empty_gt` keeps an image with at least one annotation of any kind (as
   mmdetection counts), `min_size` one whose shorter side is >= min_size.
 - A file without 'annotations' (an image-info file, as COCO test-dev's) loads with `has_annotations`
-  False, for detections only; `load_split` refuses it for training.
-"""
+  False, for detections only; `load_split` refuses it for training."""
 
 from __future__ import annotations
 
@@ -30,10 +29,8 @@ from retina_fn.data.coco_schema import (CocoFormatError, GroundTruth, parse_cate
                                         resolve_image_path)
 from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
 
-__all__ = [
-    "DROP_REASONS", "CocoFormatError", "CocoSet", "GroundTruth", "ImageLoadError", "ImageRecord", "LabelMap",
-    "decode_image", "load_coco", "load_record_image", "load_split", "resolve_image_path",
-]
+__all__ = ["DROP_REASONS", "CocoFormatError", "CocoSet", "GroundTruth", "ImageLoadError", "ImageRecord", "LabelMap",
+           "decode_image", "load_coco", "load_record_image", "load_split", "resolve_image_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +39,6 @@ logger = logging.getLogger(__name__)
 class LabelMap:
     """Contiguous class index 0..K-1 <-> the file's category ids (sorted ascending) and names; stored with
     checkpoints and results so detections map back to the training file's ids."""
-
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
 
@@ -93,8 +89,7 @@ class LabelMap:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LabelMap":
         """Inverse of `to_dict`."""
-        missing = {"category_ids", "names"} - set(d)
-        if missing:
+        if missing := {"category_ids", "names"} - set(d):
             raise ValueError(f"LabelMap.from_dict: missing {sorted(missing)}")
         return cls(tuple(d["category_ids"]), tuple(d["names"]))
 
@@ -103,7 +98,6 @@ class ImageRecord(NamedTuple):
     """One image after the box filters: boxes float32 [N, 4] xyxy in original pixels; labels int64 [N]
     contiguous indices; ignore_boxes float32 [M, 4] crowd regions; num_annotations: all of the image's
     annotations before the filters, crowd included."""
-
     image_id: int
     file_name: str
     path: str
@@ -120,7 +114,6 @@ class CocoSet:
     """A parsed annotation file: category table, image records (file order), counts of what the filters
     removed (`DROP_REASONS`, 'images_empty', 'images_small'), has_annotations (False for an image-info
     file), and ground_truth: every checked entry before any filter, what `retina_fn.eval` scores against."""
-
     ann_file: str
     image_root: str
     label_map: LabelMap
@@ -193,8 +186,7 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
         filter_empty_gt, min_size: the training filters (evaluation keeps every image).
     Raises:
         MissingFileError: the file does not exist.
-        CocoFormatError: anything the schema refuses, naming the file and the image or annotation id.
-    """
+        CocoFormatError: anything the schema refuses, naming the file and the image or annotation id."""
     gt = parse_ground_truth(read_json(ann_file), ann_file)
     label_map = LabelMap(tuple(sorted(gt.category_ids.tolist())),
                          tuple(n for _, n in sorted(zip(gt.category_ids.tolist(), gt.names))))
@@ -215,11 +207,9 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
 def load_split(data_cfg, split: str) -> CocoSet:
     """The 'train' or 'val' file of a config's `data` block (root joined with {split}_ann / {split}_images);
     training applies filter_empty_gt and min_size and refuses an image-info file (CocoFormatError).
-
     Raises:
         MissingFileError: naming the config fields that point at the missing file.
-        ResizeError: (`retina_fn.data.resize`) a kept image data.scale would resize to a side of 0 pixels.
-    """
+        ResizeError: (`retina_fn.data.resize`) a kept image data.scale would resize to a side of 0 pixels."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:

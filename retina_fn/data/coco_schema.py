@@ -1,7 +1,6 @@
 """The schema of a COCO-format annotation file: its bytes read as JSON and every entry checked once, errors
 naming the file, the image or annotation id and what is wrong. The loader (`retina_fn.data.coco`) and the
-evaluator (`retina_fn.eval.coco_backend`) both read the `GroundTruth` returned here, so a file that loads
-for training also scores.
+evaluator (`retina_fn.eval.coco_backend`) both read the returned `GroundTruth`.
 
 What a file must hold (anything else is a CocoFormatError, a `retina_fn.errors.UserError`):
 - Text: UTF-8 with or without a byte-order mark, or UTF-16 / UTF-32 with one; JSON nested as deep as
@@ -12,8 +11,7 @@ What a file must hold (anything else is a CocoFormatError, a `retina_fn.errors.U
   (not booleans) within float32's range; `area`, when present: a finite number (absent: w * h).
 - `file_name`: a non-empty string of valid Unicode without NUL, relative to the image folder and not
   leaving it with '..'; category `name` (and `supercategory`, when present): valid Unicode strings.
-Unknown keys are ignored.
-"""
+Unknown keys are ignored."""
 
 from __future__ import annotations
 
@@ -40,15 +38,11 @@ class CocoFormatError(errors.InputFormatError):
 
 
 class GroundTruth(NamedTuple):
-    """An annotation file's checked entries, in file order.
-
-    source: the file (or 'coco_gt' for a dict). image_ids, heights, widths: int64 [I]; file_names: I str.
-    category_ids: int64 [K]; names: K str; supercategories: K str or None.
-    ann_ids, ann_image_ids, ann_category_ids: int64 [N]; bboxes: float64 [N, 4] xywh as in the file;
-    areas: float64 [N] (w * h where the file has none); iscrowd, ignore: bool [N].
-    has_annotations: False for an image-info file (no 'annotations' key, as COCO test-dev's).
-    """
-
+    """An annotation file's checked entries, in file order: source, the file (or 'coco_gt' for a dict);
+    image_ids, heights, widths int64 [I]; file_names: I str; category_ids int64 [K]; names: K str;
+    supercategories: K str or None; ann_ids, ann_image_ids, ann_category_ids int64 [N]; bboxes float64 [N, 4]
+    xywh as in the file; areas float64 [N] (w * h where the file has none); iscrowd, ignore bool [N];
+    has_annotations: False for an image-info file (no 'annotations' key, as COCO test-dev's)."""
     source: str
     image_ids: np.ndarray
     heights: np.ndarray
@@ -69,11 +63,9 @@ class GroundTruth(NamedTuple):
 
 def read_json(ann_file: str) -> dict:
     """Reads an annotation file and checks its top level (`check_top_level`); returns the parsed dict.
-
     Raises:
         MissingFileError: (a FileNotFoundError) the file does not exist.
-        CocoFormatError: not a readable regular file, not text in a supported encoding, bad JSON or top level.
-    """
+        CocoFormatError: not a readable regular file, not text in a supported encoding, bad JSON or top level."""
     text = decode_text(_read_bytes(ann_file), ann_file)
     try:
         data = json.loads(text)
@@ -131,11 +123,9 @@ def check_top_level(data, source: str) -> None:
 
 def parse_ground_truth(data: Mapping, source: str) -> GroundTruth:
     """Checks every entry of a parsed file (`read_json`) or COCO-format dict; `source` names it in errors.
-
     Raises:
         CocoFormatError: the first entry that breaks the schema, a duplicate id, or an annotation of an image
-            or category the file does not list.
-    """
+            or category the file does not list."""
     check_top_level(data, source)
     category_ids, names, supercategories = parse_categories(data["categories"], source)
     image_ids, heights, widths, file_names = parse_images(data["images"], source)

@@ -3,8 +3,7 @@
 The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), so a sample does not
 depend on the number of workers or replicas. An unreadable image raises `ImageLoadError`; with
 `skip_bad_images` (training only) it is replaced, deterministically and with a warning, by the next
-readable image of its aspect group (same canvas), and the sample carries `replaced=True`.
-"""
+readable image of its aspect group (same canvas), and the sample carries `replaced=True`."""
 
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     pipeline, padding refs becoming blank samples (image_id -1). preload: decode every image up front.
     A sample: image float32 [3, H, W] (uint8 with cfg.uint8_canvas); boxes float32 [N, 4]; labels int64 [N];
     ignore_boxes float32 [M, 4]; image_hw, orig_hw int64 [2]; scale_factor float32 [2]; flipped bool;
-    image_id, index int; replaced bool. ResizeError at construction for an image resized to a 0-pixel side.
-    """
+    image_id, index int; replaced bool. ResizeError at construction for an image resized to a 0-pixel side."""
 
     def __init__(self, coco: CocoSet, cfg: transforms.TransformConfig, *, train: bool,
                  key: torch.Tensor | None = None, skip_bad_images: bool = False, preload: bool = False):

@@ -1,15 +1,13 @@
 """Image files decoded to RGB uint8 as mmdetection v2.9 reads them, checked against the annotation file's size.
 
 mmdetection's `LoadImageFromFile` uses OpenCV's `imdecode(IMREAD_COLOR)` and the config's `to_rgb`;
-`decode_image` gives the same pixels with Pillow:
-- grey, palette, CMYK and alpha images become 3-channel 8-bit colour; alpha is dropped, not composited;
-- 16-bit samples keep their high byte (v >> 8; Pillow would clip grey ones to 255);
-- CMYK JPEGs use OpenCV's CMYK formula (Pillow's differs by a level or two);
-- the EXIF orientation is applied, as OpenCV does unless IMREAD_IGNORE_ORIENTATION.
+`decode_image` gives the same pixels with Pillow: grey, palette, CMYK and alpha images become 3-channel 8-bit
+colour (alpha dropped, not composited); 16-bit samples keep their high byte (v >> 8; Pillow would clip grey
+ones to 255); CMYK JPEGs use OpenCV's formula (Pillow's differs by a level or two); the EXIF orientation is
+applied, as OpenCV does unless IMREAD_IGNORE_ORIENTATION.
 Refused beyond OpenCV: a truncated file, damaged data anywhere (every decoder error is an error), more than
 `MAX_IMAGE_PIXELS`; as OpenCV: a side over `MAX_IMAGE_SIDE`, checked from the header before decoding; and a
-path that is not a regular file (opening a FIFO would wait for a writer forever).
-"""
+path that is not a regular file (opening a FIFO would wait for a writer forever)."""
 
 from __future__ import annotations
 
@@ -30,9 +28,8 @@ MAX_IMAGE_SIDE = 1 << 20
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> how the stored pixels are turned for display.
-_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
-                 5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
-                 8: "rotated 90 degrees counter-clockwise"}
+_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom", 5: "transposed",
+                 6: "rotated 90 degrees clockwise", 7: "transversed", 8: "rotated 90 degrees counter-clockwise"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What Pillow's plugins raise on damaged files (besides OSError, which covers UnidentifiedImageError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
@@ -47,8 +44,7 @@ class ImageLoadError(errors.UserError, RuntimeError):
 
     def __init__(self, message: str, path: str | None = None, image_id: int | None = None):
         super().__init__(message)
-        self.path = path
-        self.image_id = image_id
+        self.path, self.image_id = path, image_id
 
 
 def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -63,8 +59,7 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
         uint8 [H, W, 3] RGB, C-contiguous and writable.
     Raises:
         ImageLoadError: naming the file and image id, for anything the module docstring refuses, too little
-            memory, or a size other than expect_hw.
-    """
+            memory, or a size other than expect_hw."""
     where = f"{path if str(path).isprintable() else repr(path)} (image id {image_id})"
     size = "its"
     with _open_regular_file(path, where, image_id) as f:

@@ -1,8 +1,7 @@
 """Train and eval loaders: CocoSet -> DetectionDataset -> GroupBatchSampler -> torch DataLoader -> batch
 dicts, with running totals of what the pipeline gave up (boxes beyond max_boxes, replaced images). Position a
 loader with `set_epoch(epoch, start_step)` before iterating. The data key is split once: one half orders the
-epochs, the other keys the per-sample augmentation.
-"""
+epochs, the other keys the per-sample augmentation."""
 
 from __future__ import annotations
 
@@ -88,11 +87,9 @@ def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) 
       setting: data.workers: an int >= 0 (0: load in the training process), or 'auto'.
       local_processes: training processes on this machine (LOCAL_WORLD_SIZE), sharing its CPUs.
       cpus: CPUs this process may use; None: the affinity mask, else os.cpu_count().
-
     Returns:
       The int, or for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU per
-      training process stays with the training loop). ConfigError for anything else.
-    """
+      training process stays with the training loop). ConfigError for anything else."""
     if setting == "auto":
         if cpus is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -110,8 +107,7 @@ def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
       data_cfg: the `data` block; dataset: the training CocoSet; key: int64 [2] data key.
       start_epoch, start_step: the first iteration's position, in optimiser steps.
       pin_memory: `pin_memory_for(device)`. accum_steps: loader batches per optimiser step (iterate with
-        `updates()`). local_processes: for data.workers='auto' (`resolve_workers`).
-    """
+        `updates()`). local_processes: for data.workers='auto' (`resolve_workers`)."""
     order_key, augment_key = rng.split(key)
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=True, key=augment_key,
                           skip_bad_images=data_cfg.skip_bad_images, preload=data_cfg.preload)

@@ -19,13 +19,10 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
       num_boxes: real boxes per image (its length is B); None: `batch_size` images of 3..6 boxes (capped).
       canvas: (H, W); max_boxes: G, the padded count; max_ignore_boxes: Gi (no crowd regions).
       dtype: of image and boxes, computed in float64 first so float32 and float64 batches agree.
-
     Returns:
-      {'image' [B, 3, H, W] standard normal, 'image_hw' int64 [B, 2] = canvas, 'boxes' [B, G, 4] (top-left
-      uniform in the upper-left 60%, sides 8 + uniform(0, 35%) of the canvas, clipped; padding rows 0),
-      'labels' int64 [B, G], 'box_valid' bool [B, G], 'ignore_boxes' [B, Gi, 4], 'ignore_valid' bool
-      [B, Gi] all False, 'scale_factor' float32 [B, 2] ones, 'orig_hw' int64 [B, 2], 'image_id' int64 [B]}.
-    """
+      The batch dict of `batching.collate` without its loader bookkeeping: image standard normal; boxes with
+      top-left uniform in the upper-left 60% and sides 8 + uniform(0, 35%) of the canvas, clipped (padding
+      rows 0); no crowd regions; scale_factor ones; image_hw = orig_hw = canvas; image_id 0..B-1."""
     g = torch.Generator().manual_seed(seed)
     if num_boxes is None:
         if batch_size is None:
@@ -33,10 +30,9 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
         num_boxes = [min(max_boxes, int(n)) for n in torch.randint(3, 7, (batch_size,), generator=g)]
     b = len(num_boxes)
     h, w = canvas
-    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6],
-                                                                                      dtype=torch.float64)
-    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.35, h * 0.35],
-                                                                                      dtype=torch.float64) + 8
+    f64 = torch.float64
+    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=f64) * torch.tensor([w * 0.6, h * 0.6], dtype=f64)
+    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=f64) * torch.tensor([w * 0.35, h * 0.35], dtype=f64) + 8
     valid = torch.arange(max_boxes)[None, :] < torch.tensor(list(num_boxes))[:, None]
     limit = torch.tensor([w, h, w, h], dtype=torch.float64)
     boxes = torch.minimum(torch.cat([xy, xy + wh], -1), limit).to(dtype) * valid[..., None]

@@ -1,18 +1,17 @@
-"""The resize rules of the input pipeline, one per `data.resize_mode` (the table `RESIZE_MODES`, which
-`retina_fn.data.transforms` reads), and the canvases resized images are padded onto. Host-side, numpy.
+"""The resize rules of the input pipeline, one per `data.resize_mode` (the table `RESIZE_MODES`), and the
+canvases resized images are padded onto. Host-side, numpy. data.scale = (1333, 800) gives the long-side
+limit 1333 (max_size) and the short-side limit 800 (min_size).
 
 'mmdet' (mmdetection's 1x pipeline): s = min(long_max / long side, short_max / short side), new side =
   int(side * s + 0.5); the uint8 image is resized bilinearly (half-pixel centres, no antialiasing: OpenCV's
-  INTER_LINEAR, as mmcv), then normalised to float32; a flip mirrors the resized image. Since normalising
-  follows resizing, data.uint8_canvas can ship the resized uint8 pixels and normalise on the device.
+  INTER_LINEAR, as mmcv), then normalised to float32 (so data.uint8_canvas can normalise on the device); a
+  flip mirrors the resized image.
 'torchvision' (GeneralizedRCNNTransform): s = min(min_size / short side, max_size / long side), new side =
-  int(side * s); the uint8 / 255 image is normalised with mean / 255 and std / 255, then the float image is
-  resized bilinearly (half-pixel centres, no antialiasing); a flip mirrors the uint8 input (torchvision's
-  training transforms flip before the model's transform).
-data.scale = (1333, 800) gives both the long-side limit 1333 (max_size) and the short-side limit 800
-(min_size). Both zero-pad at the bottom / right (zero in normalised space), onto the aspect group's fixed
-canvas or a tight one (the resized size rounded up to the model's size divisor, as both libraries pad).
-"""
+  int(side * s); the uint8 / 255 image is normalised with mean / 255 and std / 255, then resized bilinearly
+  (half-pixel centres, no antialiasing); a flip mirrors the uint8 input (as torchvision's training
+  transforms flip before the model's transform).
+Both zero-pad at the bottom / right (zero in normalised space), onto the aspect group's fixed canvas or a
+tight one (the resized size rounded up to the model's size divisor, as both libraries pad)."""
 
 from __future__ import annotations
 
@@ -48,11 +47,8 @@ def torchvision_size(height: int, width: int, scale: Sequence[int]) -> tuple[int
 
 
 def resize_image(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [H, W, 3] (size_hw), resized as OpenCV's INTER_LINEAR (module docstring).
-
-    The result is a view of a planar [3, H, W] array (`.transpose(2, 0, 1)` costs no copy); `image` itself
-    when it already has that size.
-    """
+    """uint8 [h, w, 3] -> uint8 [H, W, 3] (size_hw), resized as OpenCV's INTER_LINEAR (module docstring): a view
+    of a planar [3, H, W] array (`.transpose(2, 0, 1)` costs no copy), or `image` when it already has that size."""
     if tuple(image.shape[:2]) == tuple(size_hw):
         return image
     chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
@@ -67,10 +63,8 @@ def mmdet_resize_normalize(image: np.ndarray, size_hw: Sequence[int], mean, std,
     Args:
         image: uint8 RGB [h, w, 3]; size_hw: (new_h, new_w); mean, std: 3 floats in 0..255 units.
         out: optional float32 [3, new_h, new_w] (e.g. a canvas view) written in place.
-
     Returns:
-        float32 [3, new_h, new_w] = (pixel - mean) * float32(1 / std); `out` when given.
-    """
+        float32 [3, new_h, new_w] = (pixel - mean) * float32(1 / std); `out` when given."""
     resized = resize_image(image, size_hw)
     if out is None:
         out = np.empty((3, *(int(v) for v in size_hw)), dtype=np.float32)
@@ -85,13 +79,9 @@ def mmdet_resize_normalize(image: np.ndarray, size_hw: Sequence[int], mean, std,
 
 def torchvision_normalize_resize(image: np.ndarray, size_hw: Sequence[int], mean, std,
                                  out: np.ndarray | None = None) -> np.ndarray:
-    """torchvision's order: normalise in [0, 1] units, then resize the float image.
-
-    Args: as `mmdet_resize_normalize` (ValueError unless image is uint8 [h, w, 3]).
-
-    Returns:
-        float32 [3, new_h, new_w]: (pixel / 255 - mean / 255) / (std / 255), resized; `out` when given.
-    """
+    """torchvision's order: normalise in [0, 1] units, then resize the float image; arguments as
+    `mmdet_resize_normalize` (ValueError unless image is uint8 [h, w, 3]). Returns float32 [3, new_h, new_w]:
+    (pixel / 255 - mean / 255) / (std / 255), resized; `out` when given."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be uint8 [h, w, 3], got {image.dtype} {tuple(image.shape)}")
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32) / 255
@@ -107,14 +97,10 @@ def torchvision_normalize_resize(image: np.ndarray, size_hw: Sequence[int], mean
 
 
 class ResizeRule(NamedTuple):
-    """How one resize mode turns a decoded image into normalised pixels.
-
-    size: as `rescaled_size`; resize_normalize: as `mmdet_resize_normalize`.
-    flip_first: a flip mirrors the uint8 input and original boxes (else the resized image and boxes).
-    resize_uint8: the resize alone, as `resize_image`, for a mode that normalises after resizing (so
-        data.uint8_canvas can normalise on the device); None otherwise.
-    """
-
+    """How one resize mode turns a decoded image into normalised pixels: size as `rescaled_size`;
+    resize_normalize as `mmdet_resize_normalize`; flip_first: a flip mirrors the uint8 input and original boxes
+    (else the resized image and boxes); resize_uint8: the resize alone, as `resize_image`, for a mode that
+    normalises after resizing (so data.uint8_canvas can normalise on the device), else None."""
     size: SizeRule
     resize_normalize: ResizeNormalize
     flip_first: bool
@@ -142,8 +128,8 @@ def resized_size(height: int, width: int, cfg) -> tuple[int, int]:
 
 def check_nonzero(size_hw: Sequence[int], height: int, width: int, scale: Sequence[int], mode: str,
                   what: str) -> tuple[int, int]:
-    """size_hw (new_h, new_w) as ints; ResizeError when a side is below 1, naming the image (`what`), its
-    original size, data.scale and `mode` (e.g. "data.resize_mode='mmdet'")."""
+    """size_hw (new_h, new_w) as ints; ResizeError naming the image (`what`), its size, data.scale and `mode`
+    when a side is below 1."""
     new_h, new_w = (int(v) for v in size_hw)
     if new_h < 1 or new_w < 1:
         raise ResizeError(f"{what} is {width}x{height} (w x h): data.scale={tuple(scale)} with {mode} resizes it "
@@ -154,8 +140,7 @@ def check_nonzero(size_hw: Sequence[int], height: int, width: int, scale: Sequen
 
 def new_canvas(image_hw: Sequence[int], canvas_hw: Sequence[int], dtype=np.float32) -> np.ndarray:
     """Zeros [3, H, W] (canvas_hw) of `dtype` for a resized image (h, w); ConfigError when it does not fit."""
-    h, w = image_hw
-    ch, cw = canvas_hw
+    (h, w), (ch, cw) = image_hw, canvas_hw
     if h > ch or w > cw:
         raise errors.ConfigError(f"resized image {h}x{w} (h x w) does not fit the canvas {ch}x{cw}; make "
                                  f"data.scale fit data.landscape_canvas / data.portrait_canvas")

@@ -9,8 +9,7 @@ accumulated batches see the same 16 images and a run can resume on another world
 Training (mmdetection's group sampler, rank-synchronous): each group is permuted and padded to a multiple of
 the global batch by wrapping its permutation (wrapped entries are flagged `padding` but trained on, as in
 mmdetection); all groups' global batches are then shuffled. Evaluation: groups in dataset order, the last
-global batch filled with `padding` slots that become blank samples (image_id -1).
-"""
+global batch filled with `padding` slots that become blank samples (image_id -1)."""
 
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ from retina_fn import errors, rng
 class SampleRef(NamedTuple):
     """What a batch sampler hands the dataset: index, epoch (selects the augmentation key), and padding
     (train: a wrapped repeat; eval: an empty slot)."""
-
     index: int
     epoch: int
     padding: bool = False
@@ -33,7 +31,6 @@ class SampleRef(NamedTuple):
 
 class EpochPlan(NamedTuple):
     """indices int64 [S, global_batch] and padding bool [S, global_batch] for one epoch of S steps."""
-
     indices: np.ndarray
     padding: np.ndarray
 

@@ -1,22 +1,19 @@
 """One image of the synthetic shapes dataset (`retina_fn.data.synthetic`): background, objects, crowd
 regions and their annotations, all drawn from one numpy Generator.
 
-- Sizes: width and height each uniform in [0.78, 1.25] x image_size, so landscape and portrait occur.
-- Background: noisy flat colour, a gradient or blurred colour blocks; some get thin distractor lines.
-- Objects: 1..7 per image (about 6% of images are empty). Classes are the first `num_classes` of
-  SHAPE_NAMES, stretched (aspect up to 2.5:1), rotated, in a colour contrasting with the background, with
-  solid, striped, noisy or gradient fill. Box side sqrt(w * h) is log-uniform from 10 px to 0.6 x the
-  shorter image side, so COCO's small, medium and large bins all occur. Larger objects are drawn first,
-  centres kept apart so occlusion is partial; the border may cut up to ~15% of a box.
-- Crowd regions: about 12% of non-empty images get a cluster of 8..16 tiny shapes of one class, annotated
-  as one iscrowd=1 box (the union of the members' boxes). About 30% of images get a light blur.
+Width and height are each uniform in [0.78, 1.25] x image_size. The background is noisy flat colour, a
+gradient or blurred colour blocks, some with thin distractor lines. 1..7 objects per image (about 6% of
+images empty), of the first `num_classes` of SHAPE_NAMES, stretched (aspect up to 2.5:1), rotated, in a
+colour contrasting with the background, with solid, striped, noisy or gradient fill; box side sqrt(w * h)
+log-uniform from 10 px to 0.6 x the shorter image side (COCO's small, medium and large bins all occur);
+larger objects drawn first, centres kept apart so occlusion is partial. About 12% of non-empty images get
+a cluster of 8..16 tiny shapes of one class, annotated as one iscrowd=1 box; about 30% a light blur.
 
 Pixels are float32 RGB in 0..255 until the end. Boxes follow COCO: the tight box of the full rasterised
 shape (to 1/4 px), clipped to the image, whatever occludes it; `area` is w * h, or the covered pixel area
 for crowd regions; labels are class indices 0..K-1.
 Image `image_id` depends only on (seed, image_id, image_size, num_classes): its generator is
-`rng.numpy_generator(rng.fold_in(rng.key(seed), image_id))`.
-"""
+`rng.numpy_generator(rng.fold_in(rng.key(seed), image_id))`."""
 
 from __future__ import annotations
 
@@ -212,11 +209,9 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
 
     Args:
         image_size: the nominal side (`image_size_range`); num_classes: K, the first K of SHAPE_NAMES.
-
     Returns:
         (pixels uint8 [H, W, 3], annotations): dicts with 'label' (0..K-1), 'bbox' [x, y, w, h] floats in
-        pixels, 'area' float and 'iscrowd' 0 or 1.
-    """
+        pixels, 'area' float and 'iscrowd' 0 or 1."""
     check_num_classes(num_classes)
     gen = rng.numpy_generator(rng.fold_in(rng.key(seed), int(image_id)))
     lo, hi = image_size_range(image_size)

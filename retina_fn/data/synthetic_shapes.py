@@ -1,7 +1,6 @@
 """Shapes of the synthetic dataset (`retina_fn.data.synthetic`): each class a polygon set in a unit frame
 (holes, such as the ring's centre, drawn with fill 0), stretched, rotated and scaled into place, then
-rasterised on a 4x supersampled grid into a coverage mask with the tight box of the whole shape (to 1/4 px).
-"""
+rasterised on a 4x supersampled grid into a coverage mask with the tight box of the whole shape (to 1/4 px)."""
 
 from __future__ import annotations
 
@@ -79,7 +78,6 @@ def place_shape(polygons, size: float, aspect: float, angle: float,
 
 class Mask(NamedTuple):
     """A rasterised shape: coverage over a patch of the image and the shape's tight box."""
-
     x0: int  # patch origin in image pixels
     y0: int
     alpha: np.ndarray  # float32 [ph, pw] coverage in [0, 1]

@@ -1,13 +1,12 @@
 """Host-side image and box transforms, pure functions over numpy arrays: keep-ratio resize -> horizontal flip
 -> normalise -> zero-pad onto the aspect group's fixed canvas, by the rule of data.resize_mode
-(`retina_fn.data.resize.RESIZE_MODES`: mmdetection's 1x pipeline or torchvision's preprocessing).
+(`retina_fn.data.resize.RESIZE_MODES`: mmdetection's 1x pipeline or torchvision's preprocessing). The only
+randomness is the flip, drawn from the sample's key. Boxes are xyxy; transformed ones are float32 in resized
+pixels, clipped to the resized image.
 
 With data.uint8_canvas the canvas carries the resized uint8 pixels instead (a quarter of the bytes) and
 `retina_fn.model.inputs.normalize` normalises on the device, bit for bit the same; only a mode that resizes
-before normalising ('mmdet') allows it. The only randomness is the flip, drawn from the sample's key.
-
-Boxes are xyxy; transformed ones are float32 in resized pixels, clipped to the resized image.
-"""
+before normalising ('mmdet') allows it."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ CANVAS_MODES = ("fixed", "tight")
 
 class TransformConfig(NamedTuple):
     """What the transforms read from the `data` config block."""
-
     scale: tuple[int, int] = (1333, 800)  # (long side limit, short side limit)
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -120,25 +118,22 @@ def _apply(rule: resize.ResizeRule, image: np.ndarray, boxes: np.ndarray, ignore
     h, w = image.shape[:2]
     new_h, new_w = resize.check_nonzero(rule.size(h, w, tuple(cfg.scale)), h, w, cfg.scale, mode, what)
     sx, sy = new_w / w, new_h / h
-    canvas = resize.new_canvas((new_h, new_w), canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw),
-                               dtype)
+    canvas_hw = canvas_for(h, w, cfg) if canvas_hw is None else tuple(canvas_hw)
+    canvas = resize.new_canvas((new_h, new_w), canvas_hw, dtype)
     pixels = canvas[:, :new_h, :new_w]
     boxes, ignore_boxes = boxes.reshape(-1, 4), ignore_boxes.reshape(-1, 4)
     if flip and rule.flip_first:  # mirror the input, boxes in original pixels
         image = image[:, ::-1]
-        boxes = flip_boxes(boxes.astype(np.float32), w)
-        ignore_boxes = flip_boxes(ignore_boxes.astype(np.float32), w)
+        boxes, ignore_boxes = flip_boxes(boxes.astype(np.float32), w), flip_boxes(ignore_boxes.astype(np.float32), w)
     elif flip:  # mirror the resized image: its pixels are written right to left
         pixels = pixels[:, :, ::-1]
     if resize_uint8 is None:
         rule.resize_normalize(image, (new_h, new_w), cfg.mean, cfg.std, out=pixels)
     else:
         pixels[...] = resize_uint8(image, (new_h, new_w)).transpose(2, 0, 1)
-    boxes = scale_boxes(boxes, sx, sy, (new_h, new_w))
-    ignore_boxes = scale_boxes(ignore_boxes, sx, sy, (new_h, new_w))
+    boxes, ignore_boxes = scale_boxes(boxes, sx, sy, (new_h, new_w)), scale_boxes(ignore_boxes, sx, sy, (new_h, new_w))
     if flip and not rule.flip_first:  # mirror the resized boxes
-        boxes = flip_boxes(boxes, new_w)
-        ignore_boxes = flip_boxes(ignore_boxes, new_w)
+        boxes, ignore_boxes = flip_boxes(boxes, new_w), flip_boxes(ignore_boxes, new_w)
     return dict(image=canvas, boxes=boxes, ignore_boxes=ignore_boxes, image_hw=np.array([new_h, new_w], dtype=np.int64),
                 orig_hw=np.array([h, w], dtype=np.int64), scale_factor=np.array([sx, sy], dtype=np.float32),
                 flipped=bool(flip))
@@ -149,19 +144,15 @@ def transform(image: np.ndarray, boxes: np.ndarray, ignore_boxes: np.ndarray, cf
     """The whole pipeline for one decoded image, by the rule of cfg.resize_mode.
 
     Args:
-        image: uint8 RGB [h, w, 3].
-        boxes: [N, 4] xyxy in original pixels (any float dtype); ignore_boxes: [M, 4] likewise.
-        flip: mirror the image left-right.
-
+        image: uint8 RGB [h, w, 3]; boxes: [N, 4] xyxy in original pixels (any float dtype); ignore_boxes:
+            [M, 4] likewise; flip: mirror the image left-right.
     Returns:
         A dict: image float32 [3, H, W] on the aspect group's canvas (uint8 with cfg.uint8_canvas); boxes
         float32 [N, 4], ignore_boxes float32 [M, 4]; image_hw int64 [2] (new_h, new_w); orig_hw int64 [2]
         (h, w); scale_factor float32 [2] (sx, sy) = (new_w / w, new_h / h); flipped bool.
-
     Raises:
         ValueError: an unknown resize mode, a resized image larger than its canvas, uint8_canvas with a mode
-            that normalises first, or (`resize.ResizeError`) a side resized to 0 pixels.
-    """
+            that normalises first, or (`resize.ResizeError`) a side resized to 0 pixels."""
     return _apply(resize.resize_rule(cfg.resize_mode), image, boxes, ignore_boxes, cfg, flip=flip, canvas_hw=None,
                   mode=f"data.resize_mode={cfg.resize_mode!r}")
 
@@ -190,14 +181,11 @@ def preprocess_for_inference(image: np.ndarray, cfg: TransformConfig, canvas: st
     """`eval_transform` of one decoded image without annotations, for prediction.
 
     Args:
-        image: uint8 RGB [h, w, 3].
+        image: uint8 RGB [h, w, 3]; what: the image, as errors name it ('image 2 of the list').
         canvas: 'fixed' (or None): the aspect group's canvas; 'tight': the resized size rounded up to a
             multiple of `size_divisor` (as mmdetection and torchvision do at batch size 1).
-        what: the image, as errors name it ('image 2 of the list').
-
     Returns:
-        The dict of `transform` (boxes float32 [0, 4]); errors as `transform`, and for an unknown canvas mode.
-    """
+        The dict of `transform` (boxes float32 [0, 4]); errors as `transform`, and for an unknown canvas mode."""
     rule = resize.resize_rule(cfg.resize_mode)
     canvas = "fixed" if canvas is None else canvas
     if canvas not in CANVAS_MODES:

@@ -2,8 +2,7 @@
 
 COCOeval's `summarize` rule: an AP is the mean of the interpolated precision over recall (and IoU)
 thresholds, leaving out the -1 entries (no ground truth); a category with only -1 entries has no AP (NaN).
-The mean of the category APs is COCOeval's bbox_mAP, as every category with ground truth has as many entries.
-"""
+The mean of the category APs is COCOeval's bbox_mAP, as every category with ground truth has as many entries."""
 
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ def per_class_table(precision: np.ndarray, iou_thrs: np.ndarray, cat_ids: Sequen
       cat_ids, names, num_gt: K ids, names and non-crowd ground-truth counts.
     Returns:
       K dicts {'category_id', 'name', 'AP', 'AP50', 'AP75' (NaN without ground truth), 'num_gt'}; ValueError
-      for shapes that do not agree, or IoU 0.5 or 0.75 not evaluated.
-    """
+      for shapes that do not agree, or IoU 0.5 or 0.75 not evaluated."""
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] != len(iou_thrs) or not len(cat_ids) == len(names) == len(num_gt) == p.shape[2]:
         raise ValueError(f"precision {list(p.shape)} must be [T={len(iou_thrs)}, R, K={len(cat_ids)}], with "

@@ -6,8 +6,7 @@ The ground truth is built from the entries `retina_fn.data.coco_schema` checked,
 so a file that loads for training scores the same way and a refused file gets the same CocoFormatError.
 Annotations get the ids 1..N in file order (COCOeval takes match id 0 for "unmatched", so a file whose ids
 start at 0 would lose a true positive) and keep bbox, iscrowd and area (w * h where absent); COCOeval reads
-no 'ignore' flag. An image-info file (no 'annotations') cannot be scored: ValueError.
-"""
+no 'ignore' flag. An image-info file (no 'annotations') cannot be scored: ValueError."""
 
 from __future__ import annotations
 
@@ -37,7 +36,6 @@ class Backend(NamedTuple):
     """One COCO evaluation library: its COCO and COCOeval classes. After `accumulate()` both leave eval['precision']
     float64 [T, R, K, A, M] (IoU, recall threshold, category, area range, max detections; -1 without ground
     truth), 'recall' [T, K, A, M] and 'scores' like 'precision'."""
-
     name: str  # PYCOCOTOOLS or FASTER_COCO_EVAL
     coco_cls: type
     eval_cls: type
@@ -69,10 +67,11 @@ def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
       CocoFormatError: (a ValueError) the file or dict breaks the schema, naming the entry.
-      ValueError: coco_gt is none of the above, or has no 'annotations' list.
-    """
+      ValueError: coco_gt is none of the above, or has no 'annotations' list."""
     if isinstance(coco_gt, lib.coco_cls):
-        _require_lists(coco_gt.dataset, "coco_gt")
+        for key in ("images", "annotations", "categories"):
+            if key not in coco_gt.dataset:
+                raise ValueError(_missing("coco_gt", key))
         return coco_gt
     truth = ground_truth_of(coco_gt)
     if not truth.has_annotations:
@@ -115,12 +114,6 @@ def coco_dataset(truth: coco_schema.GroundTruth) -> dict:
     return {"images": images, "categories": categories, "annotations": annotations}
 
 
-def _require_lists(dataset: Mapping, source: str) -> None:
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise ValueError(_missing(source, key))
-
-
 def _missing(source: str, key: str) -> str:
     hint = (" (an image-info file, such as COCO test-dev's: detections on it can be written as a results file, "
             "not scored)") if key == "annotations" else ""
@@ -140,8 +133,7 @@ def eval_image_ids(img_ids, gt) -> list[int]:
     if img_ids is None:
         return sorted(known)
     ids = sorted({int(i) for i in img_ids})
-    unknown = [i for i in ids if i not in known]
-    if unknown:
+    if unknown := [i for i in ids if i not in known]:
         raise ValueError(f"img_ids: {len(unknown)} ids not in the ground truth, e.g. {unknown[:5]}")
     return ids
 

@@ -4,8 +4,7 @@ numbers and per-category precision, with a library and ground truth from `retina
 Rules (pycocotools conventions): only images in `img_ids` are scored (all when None), so an image run without
 detections counts its ground truth as misses and an image never run does not count; -1 means no object in
 that setting (e.g. no large object); crowd ground truth is an ignore region. With no detections every metric
-is 0 and COCOeval is not run (`loadRes` fails on an empty list).
-"""
+is 0 and COCOeval is not run (`loadRes` fails on an empty list)."""
 
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ class CocoEvaluation(NamedTuple):
     truth on the evaluated images (with no detections, 0 where there is); iou_thrs float64 [T] (0.50 .. 0.95);
     rec_thrs float64 [R] (0.00 .. 1.00); cat_ids int64 [K] ascending; names: K names; num_gt int64 [K]
     non-crowd boxes on the evaluated images; backend: coco_backend.PYCOCOTOOLS or FASTER_COCO_EVAL."""
-
     metrics: dict[str, float]
     summary: str
     precision: np.ndarray
@@ -90,14 +88,11 @@ def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = 
       results: result dicts (coco_results.detections_to_coco), gathered from every rank and de-duplicated.
       img_ids: the image ids that were run (default: every ground-truth image).
       use_faster: use faster-coco-eval when it is installed (same numbers).
-
     Returns:
       {name: float} for METRIC_NAMES; all 0.0 when no result falls on an evaluated image.
-
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
       ValueError: an unusable coco_gt (an image-info file included), img_ids not in the ground truth, or a
-        malformed result (`coco_results.check_results`).
-    """
+        malformed result (`coco_results.check_results`)."""
     return evaluate_detailed(coco_gt, results, img_ids, use_faster).metrics
 

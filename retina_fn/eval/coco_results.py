@@ -4,8 +4,7 @@ server's results file (`write_results`).
 
 Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
 COCOeval caps detections at 100 per image *and category*; the official protocol keeps at most 100 per
-image (the post-processing's max_per_img).
-"""
+image (the post-processing's max_per_img)."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ def category_id_table(label_map: Any) -> list[int]:
         or a `to_dict()` method; a mapping with a 'category_ids' or 'cat_ids' entry, or {index: id} with
         keys 0..K-1.
     Raises:
-      ValueError: no ids found, a non-integer or repeated id, or mapping keys that are not 0..K-1.
-    """
+      ValueError: no ids found, a non-integer or repeated id, or mapping keys that are not 0..K-1."""
     table = None
     if isinstance(label_map, Mapping):
         if "category_ids" in label_map or "cat_ids" in label_map:
@@ -79,8 +77,7 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
       [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], Python numbers only, in input order.
     Raises:
       ValueError: shapes that do not fit, a class index outside 0..K-1, a non-finite box or score, an
-        unreadable input, or a bad label_map.
-    """
+        unreadable input, or a bad label_map."""
     cat_ids = np.asarray(category_id_table(label_map), dtype=np.int64)
     boxes = _to_numpy(boxes, "boxes", np.float64)
     scores = _to_numpy(scores, "scores", np.float64)

@@ -8,12 +8,10 @@ name a supercategory. All at area 'all', 100 detections per image.
 
 C75, C50 and Loc come from one COCOeval run with iouThrs [0.75, 0.5, 0.1]; Sim and Oth from one run per
 category at IoU 0.1 whose ground truth is the category's own boxes plus, on the images where it has
-detections, copies of the other (similar) categories' boxes relabelled to it and ignored; BG and FN follow
-from Oth. A copy is ignored by 'area' -1 (outside every area range), not by iscrowd (pycocotools sets
-'ignore' from it, and a crowd box would change the overlap and absorb any number of detections): the
-analyze tool's semantics in both libraries. COCOeval matches an ignored box only when no ordinary box is
-left above the threshold, so copies never take a true positive away.
-"""
+detections, copies of the other (similar) categories' boxes relabelled to it and ignored by 'area' -1 (not
+by iscrowd, which would change the overlap and absorb any number of detections), as the analyze tool does.
+COCOeval matches an ignored box only when no ordinary box is left above the threshold, so copies never take
+a true positive away. BG and FN follow from Oth."""
 
 from __future__ import annotations
 
@@ -46,7 +44,6 @@ class ErrorBreakdown(NamedTuple):
     supercategory); precision float64 [E, R, K], interpolated, -1 for a category without ground truth;
     rec_thrs float64 [R]; cat_ids int64 [K] ascending; names: K names; num_gt int64 [K] non-crowd boxes;
     skipped: {kind: why it is not in `kinds`}."""
-
     kinds: tuple[str, ...]
     precision: np.ndarray
     rec_thrs: np.ndarray
@@ -73,8 +70,8 @@ def _precision(lib: coco_backend.Backend, gt, dt, img_ids: Sequence[int], cat_id
 def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[int], cat_ids: np.ndarray,
                         num_gt: np.ndarray, ignored: dict[int, set[int]], num_recall: int,
                         out: io.StringIO) -> np.ndarray:
-    """float64 [R, K]: precision at IoU 0.1 with each category c's detections on boxes of ignored[c] ignored;
-    -1 for a category without ground truth (not run)."""
+    """float64 [R, K]: precision at IoU 0.1, category c's detections on boxes of ignored[c] ignored (-1: no ground
+    truth, not run)."""
     evaluated = set(eval_ids)
     anns = [a for a in gt.dataset["annotations"] if a["image_id"] in evaluated]
     by_image, by_category = collections.defaultdict(list), collections.defaultdict(list)
@@ -104,7 +101,6 @@ def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[in
 
 
 def _coco_object(lib: coco_backend.Backend, images: list[dict], gt, annotations: list[dict], out: io.StringIO):
-    """A COCO object of `lib` with the given images and annotations (not copied) and gt's categories."""
     coco = lib.coco_cls()
     coco.dataset = {"images": images, "categories": gt.dataset["categories"], "annotations": annotations}
     with contextlib.redirect_stdout(out):
