@@ -81,15 +81,11 @@ class DetectionLoader:
 
 
 def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) -> int:
-    """The loader processes of one training process.
-
-    Args:
-      setting: data.workers: an int >= 0 (0: load in the training process), or 'auto'.
-      local_processes: training processes on this machine (LOCAL_WORLD_SIZE), sharing its CPUs.
-      cpus: CPUs this process may use; None: the affinity mask, else os.cpu_count().
-    Returns:
-      The int, or for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU per
-      training process stays with the training loop). ConfigError for anything else."""
+    """The loader processes of one training process: data.workers `setting` when an int >= 0 (0: load in the
+    training process), for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU per
+    training process stays with the training loop); ConfigError for anything else. local_processes: training
+    processes on this machine (LOCAL_WORLD_SIZE); cpus: CPUs this process may use (None: the affinity mask,
+    else os.cpu_count())."""
     if setting == "auto":
         if cpus is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

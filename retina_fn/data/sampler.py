@@ -1,8 +1,7 @@
 """Which samples form each batch on each rank: aspect-ratio groups, a per-epoch order that is a pure function
-of (key, epoch), and equal steps on every rank; `set_epoch(epoch, start_step)` resumes exactly.
-
-A step takes a *global batch* of images_per_device * world_size * accum_steps samples from one aspect group,
-so all ranks share the step's canvas. Loader batch j of a step on a rank takes the slice of virtual rank
+of (key, epoch), and equal steps on every rank; `set_epoch(epoch, start_step)` resumes exactly. A step takes
+a *global batch* of images_per_device * world_size * accum_steps samples from one aspect group, so all ranks
+share the step's canvas. Loader batch j of a step on a rank takes the slice of virtual rank
 v = j * world_size + rank, [v * ipd, (v + 1) * ipd), so 8 ranks x 2 images and 1 rank x 2 images x 8
 accumulated batches see the same 16 images and a run can resume on another world size.
 

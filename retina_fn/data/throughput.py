@@ -9,10 +9,8 @@ from typing import Iterable
 
 def measure(batches: Iterable[dict], num_batches: int, warmup: int = 1) -> dict:
     """Draws `warmup` + `num_batches` batch dicts (with 'image_id' [B]) and times the last `num_batches`
-    (fewer if the iterable runs out).
-
-    Returns dict(images_per_s, batches_per_s, seconds, images (real slots, image_id >= 0), batches,
-    first_batch_s (worker start-up included))."""
+    (fewer if the iterable runs out): dict(images_per_s, batches_per_s, seconds, images (real slots, image_id >= 0),
+    batches, first_batch_s (worker start-up included))."""
     if num_batches <= 0 or warmup < 0:
         raise ValueError(f"need num_batches > 0 and warmup >= 0, got {num_batches}, {warmup}")
     it = iter(batches)

@@ -1,10 +1,8 @@
 """The COCO analyze tool's error breakdown (after Hoiem et al., "Diagnosing error in object detectors"), by
-re-running COCOeval with changed parameters and ground truth.
-
-Each curve (DESCRIPTIONS) relaxes the one before. From Loc on each only turns false positives into ignored
-detections, so Loc <= Sim <= Oth <= BG <= FN = 1 at every recall; C75 <= C50 <= Loc holds as a rule (a
-looser threshold can let COCOeval's greedy matching pair boxes differently). Sim needs every category to
-name a supercategory. All at area 'all', 100 detections per image.
+re-running COCOeval with changed parameters and ground truth. Each curve (DESCRIPTIONS) relaxes the one before. From
+Loc on each only turns false positives into ignored detections, so Loc <= Sim <= Oth <= BG <= FN = 1 at every
+recall; C75 <= C50 <= Loc holds as a rule (a looser threshold can let COCOeval's greedy matching pair boxes
+differently). Sim needs every category to name a supercategory. All at area 'all', 100 detections per image.
 
 C75, C50 and Loc come from one COCOeval run with iouThrs [0.75, 0.5, 0.1]; Sim and Oth from one run per
 category at IoU 0.1 whose ground truth is the category's own boxes plus, on the images where it has
