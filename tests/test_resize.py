@@ -112,12 +112,3 @@ def test_canvases():
     assert R.tight_canvas((1, 33), 32) == (32, 64)
     assert R.batch_canvas([(320, 426), (479, 320)]) == (480, 448)
     assert R.batch_canvas([(100, 60)], 16) == (112, 64)
-
-
-def test_check_canvases_fit():
-    cfg = TransformConfig()
-    R.check_canvases_fit(cfg)  # 800x1344 / 1344x800 hold (800, 1333) / (1333, 800)
-    with pytest.raises(ValueError, match=r"data.portrait_canvas=\(1344, 700\).*needs at least \(1333, 800\)"):
-        R.check_canvases_fit(cfg._replace(portrait_canvas=(1344, 700)))
-    with pytest.raises(ValueError, match=r"data.landscape_canvas=\(64, 96\).*needs at least \(800, 1333\)"):
-        R.check_canvases_fit(cfg._replace(landscape_canvas=(64, 96)))

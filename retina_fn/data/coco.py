@@ -1,31 +1,18 @@
-"""COCO-format annotation files: mmdetection's box and image filters over the checked entries, the category
-table and the records of its images.
-
-Every entry is checked once, by `retina_fn.data.coco_schema` (types, ranges, encodings; errors name the
-file, the image id or the annotation id and what is wrong); the parsed `GroundTruth` is kept in the
-CocoSet, and the evaluator scores against it rather than reading the file with another parser.
+"""COCO-format annotation files: mmdetection's box and image filters over the entries `coco_schema` checked,
+the category table and the image records. The CocoSet keeps the parsed `GroundTruth`, which the evaluator
+scores against.
 
 Rules (mmdetection v2.9.0 `CocoDataset`):
-- bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here: a box that starts
-  left of or above the image keeps its negative x / y and the resize clips it to the image, as
-  mmdetection's Resize with bbox_clip_border does).
-- Errors (mmdetection would pass them on): a bbox or area that is not a finite number (Python's json
-  reads NaN and Infinity), an image id or an annotation id that appears twice.
-- An annotation is dropped, and counted, when it has `ignore` 1, does not overlap the image, has
-  `area` <= 0 (the file's area, w * h when absent), or w < 1 or h < 1 (negative sizes included).
-- `iscrowd` boxes that survive these checks become ignore regions, never positives.
-- An annotation whose category id is not in `categories` is an error (mmdetection drops it silently;
-  here it almost always means the wrong file or a mis-edited category list).
-- Training filters (`filter_empty_gt`, `min_size`): an image is kept when it has at least one annotation
-  (mmdetection counts any annotation, crowd or later dropped, not just usable boxes) and its shorter side
-  is >= min_size.
-- A file without an 'annotations' key is an image-info file (COCO test-dev's image_info_*.json): it loads
-  (`CocoSet.has_annotations` False) for producing detections; `load_split` refuses it for training.
-- `load_split` also refuses an image that the configured resize would shrink to a side of 0 pixels (an
-  extreme aspect ratio, such as 2000 x 1), naming the file and image id, before anything is trained.
-
-Image decoding: `retina_fn.data.images` (re-exported here).
-"""
+- bbox [x, y, w, h] becomes [x, y, x + w, y + h] (float32, no '+1', not clipped here: the resize clips,
+  as mmdetection's Resize with bbox_clip_border does).
+- An annotation is dropped, and counted, when it has `ignore` 1, does not overlap the image, has `area` <= 0
+  (the file's, w * h when absent), or w < 1 or h < 1. Surviving `iscrowd` boxes become ignore regions.
+- Unlike mmdetection (which passes them on or drops them silently), a non-finite bbox or area, a repeated
+  image or annotation id, and a category id missing from `categories` are errors.
+- Training filters: `filter_empty_gt` keeps an image with at least one annotation of any kind (as
+  mmdetection counts), `min_size` one whose shorter side is >= min_size.
+- A file without 'annotations' (an image-info file, as COCO test-dev's) loads with `has_annotations`
+  False, for detections only; `load_split` refuses it for training."""
 
 from __future__ import annotations
 
@@ -42,26 +29,16 @@ from retina_fn.data.coco_schema import (CocoFormatError, GroundTruth, parse_cate
                                         resolve_image_path)
 from retina_fn.data.images import ImageLoadError, decode_image, load_record_image
 
-__all__ = [
-    "DROP_REASONS", "CocoFormatError", "CocoSet", "GroundTruth", "ImageLoadError", "ImageRecord", "LabelMap",
-    "decode_image", "load_coco", "load_record_image", "load_split", "resolve_image_path",
-]
+__all__ = ["DROP_REASONS", "CocoFormatError", "CocoSet", "GroundTruth", "ImageLoadError", "ImageRecord", "LabelMap",
+           "decode_image", "load_coco", "load_record_image", "load_split", "resolve_image_path"]
 
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Category table
-
-
 @dataclasses.dataclass(frozen=True)
 class LabelMap:
-    """Contiguous class index 0..K-1 <-> the file's category ids (sorted ascending) and names.
-
-    Stored with checkpoints and results (`to_dict` / `from_dict`) so detections map back to the ids of
-    the annotation file the model was trained on.
-    """
-
+    """Contiguous class index 0..K-1 <-> the file's category ids (sorted ascending) and names; stored with
+    checkpoints and results so detections map back to the training file's ids."""
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
 
@@ -83,8 +60,7 @@ class LabelMap:
         """From a COCO `categories` list of {'id', 'name', ...}; `source` names the file in errors."""
         ids, names, _ = parse_categories(categories, source)
         by_id = dict(zip(ids, names))
-        ids = sorted(by_id)
-        return cls(tuple(ids), tuple(by_id[i] for i in ids))
+        return cls(tuple(sorted(by_id)), tuple(by_id[i] for i in sorted(by_id)))
 
     def __contains__(self, category_id: int) -> bool:
         return int(category_id) in self._index
@@ -106,13 +82,6 @@ class LabelMap:
             raise ValueError(f"class index {index} outside 0..{self.num_classes - 1}")
         return self.category_ids[int(index)]
 
-    def to_category_ids(self, indices) -> np.ndarray:
-        """Array of contiguous indices (any shape, numpy or tensor) -> int64 array of category ids."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_classes):
-            raise ValueError(f"class indices must be in 0..{self.num_classes - 1}")
-        return np.asarray(self.category_ids, dtype=np.int64)[idx]
-
     def to_dict(self) -> dict:
         """{'category_ids': [...], 'names': [...]}, JSON-serialisable."""
         return {"category_ids": list(self.category_ids), "names": list(self.names)}
@@ -120,35 +89,15 @@ class LabelMap:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LabelMap":
         """Inverse of `to_dict`."""
-        missing = {"category_ids", "names"} - set(d)
-        if missing:
+        if missing := {"category_ids", "names"} - set(d):
             raise ValueError(f"LabelMap.from_dict: missing {sorted(missing)}")
         return cls(tuple(d["category_ids"]), tuple(d["names"]))
 
-    def check_same(self, other: "LabelMap", what: str = "the two label maps") -> None:
-        """Raises ValueError naming the first difference when `other` has other categories (for instance
-        a validation file whose category list differs from the training file's)."""
-        if self == other:
-            return
-        if self.num_classes != other.num_classes:
-            raise ValueError(f"{what} differ: {self.num_classes} vs {other.num_classes} categories")
-        for i, (a, b) in enumerate(zip(zip(self.category_ids, self.names), zip(other.category_ids, other.names))):
-            if a != b:
-                raise ValueError(f"{what} differ at class index {i}: (id, name) {a} vs {b}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Records
-
 
 class ImageRecord(NamedTuple):
-    """One image of an annotation file, after the box filters.
-
-    boxes float32 [N, 4] xyxy in original pixels; labels int64 [N] contiguous indices;
-    ignore_boxes float32 [M, 4] crowd regions; num_annotations counts every annotation of the image
-    (before the filters, crowd included).
-    """
-
+    """One image after the box filters: boxes float32 [N, 4] xyxy in original pixels; labels int64 [N]
+    contiguous indices; ignore_boxes float32 [M, 4] crowd regions; num_annotations: all of the image's
+    annotations before the filters, crowd included."""
     image_id: int
     file_name: str
     path: str
@@ -162,14 +111,9 @@ class ImageRecord(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CocoSet:
-    """A parsed annotation file: its category table, image records (file order) and counts of what the
-    filters removed (keys: see `DROP_REASONS`, plus 'images_empty' and 'images_small').
-
-    has_annotations is False for an image-info file (images and categories, no 'annotations' key, as COCO
-    test-dev's): its records have no boxes, and it can be run and its detections written, not scored or
-    trained on. ground_truth: every entry of the file as the schema checked it (all images and
-    annotations, before any filter), what `retina_fn.eval` scores against."""
-
+    """A parsed annotation file: category table, image records (file order), counts of what the filters
+    removed (`DROP_REASONS`, 'images_empty', 'images_small'), has_annotations (False for an image-info
+    file), and ground_truth: every checked entry before any filter, what `retina_fn.eval` scores against."""
     ann_file: str
     image_root: str
     label_map: LabelMap
@@ -186,16 +130,8 @@ DROP_REASONS = ("ignore_flag", "outside_image", "zero_area", "too_small")
 
 
 def _drop_reasons(gt: GroundTruth, image_index: np.ndarray) -> np.ndarray:
-    """Which of mmdetection's annotation filters removes each annotation.
-
-    Args:
-        gt: the checked file.
-        image_index: int64 [N], each annotation's row in gt's images.
-
-    Returns:
-        int64 [N]: 0 to keep the box, else 1 + the index of its reason in DROP_REASONS (the first that
-        applies, in that order).
-    """
+    """int64 [N]: 0 to keep each annotation, else 1 + the index in DROP_REASONS of the first filter that
+    drops it; image_index int64 [N] is each annotation's row in gt's images."""
     x, y, w, h = gt.bboxes.T
     height, width = gt.heights[image_index].astype(np.float64), gt.widths[image_index].astype(np.float64)
     inter_w = np.maximum(0.0, np.minimum(x + w, width) - np.maximum(x, 0.0))
@@ -205,15 +141,14 @@ def _drop_reasons(gt: GroundTruth, image_index: np.ndarray) -> np.ndarray:
 
 
 def _rows_per_image(image_index: np.ndarray, rows: np.ndarray, num_images: int) -> list[np.ndarray]:
-    """The annotation rows `rows` grouped by image: one int64 array per image, in annotation order."""
+    """`rows` grouped by image: one int64 array per image, in annotation order."""
     rows = rows[np.argsort(image_index[rows], kind="stable")]
     return np.split(rows, np.cumsum(np.bincount(image_index[rows], minlength=num_images))[:-1])
 
 
 def _records(gt: GroundTruth, label_map: LabelMap, image_root: str, filter_empty_gt: bool, min_size: int,
              counts: dict) -> list[ImageRecord]:
-    """One ImageRecord per image that passes the training filters, in file order; fills `counts` (the drop
-    reasons, 'crowd', 'boxes', 'images_empty', 'images_small')."""
+    """The ImageRecords of the images the training filters keep, in file order; fills `counts`."""
     num_images = len(gt.image_ids)
     order = np.argsort(gt.image_ids, kind="stable")
     image_index = order[np.searchsorted(gt.image_ids, gt.ann_image_ids, sorter=order)]
@@ -244,22 +179,14 @@ def _records(gt: GroundTruth, label_map: LabelMap, image_root: str, filter_empty
 
 
 def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, min_size: int = 0) -> CocoSet:
-    """Reads and validates a COCO-format detection file.
+    """Reads and validates a COCO-format detection file; logs one summary line of what was dropped.
 
     Args:
-        ann_file: the JSON file.
-        image_root: the folder `file_name`s are relative to.
+        ann_file: the JSON file; image_root: the folder `file_name`s are relative to.
         filter_empty_gt, min_size: the training filters (evaluation keeps every image).
-
-    Returns:
-        The CocoSet (its ground_truth holds every entry, its records the images the filters keep); logs
-        one summary line of dropped boxes.
-
     Raises:
         MissingFileError: the file does not exist.
-        CocoFormatError: naming the file and the image or annotation id for anything the schema refuses
-            (`retina_fn.data.coco_schema`).
-    """
+        CocoFormatError: anything the schema refuses, naming the file and the image or annotation id."""
     gt = parse_ground_truth(read_json(ann_file), ann_file)
     label_map = LabelMap(tuple(sorted(gt.category_ids.tolist())),
                          tuple(n for _, n in sorted(zip(gt.category_ids.tolist(), gt.names))))
@@ -278,11 +205,11 @@ def load_coco(ann_file: str, image_root: str, *, filter_empty_gt: bool = False, 
 
 
 def load_split(data_cfg, split: str) -> CocoSet:
-    """The 'train' or 'val' file of a config's `data` block (root + train_ann/train_images or the val
-    pair); training applies `filter_empty_gt` and `min_size`. The 'val' file may be an image-info file
-    (no 'annotations', as COCO test-dev's); the 'train' file may not (CocoFormatError). A missing file is a
-    MissingFileError naming the config fields that point at it; a kept image that data.scale would resize
-    to a side of 0 pixels is a `retina_fn.data.resize.ResizeError` naming the file and the image id."""
+    """The 'train' or 'val' file of a config's `data` block (root joined with {split}_ann / {split}_images);
+    training applies filter_empty_gt and min_size and refuses an image-info file (CocoFormatError).
+    Raises:
+        MissingFileError: naming the config fields that point at the missing file.
+        ResizeError: (`retina_fn.data.resize`) a kept image data.scale would resize to a side of 0 pixels."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.root:

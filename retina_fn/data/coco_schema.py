@@ -1,23 +1,17 @@
-"""The schema of a COCO-format annotation file: reading its bytes as JSON and checking every entry once,
-with errors that name the file, the image id or the annotation id and what is wrong. Both the loader
-(`retina_fn.data.coco`, which applies mmdetection's rules on top) and the evaluator
-(`retina_fn.eval.coco_backend`, which builds COCOeval's ground truth from it) read the `GroundTruth` this
-module returns, so a file that loads for training also scores.
+"""The schema of a COCO-format annotation file: its bytes read as JSON and every entry checked once, errors
+naming the file, the image or annotation id and what is wrong. The loader (`retina_fn.data.coco`) and the
+evaluator (`retina_fn.eval.coco_backend`) both read the returned `GroundTruth`.
 
 What a file must hold (anything else is a CocoFormatError, a `retina_fn.errors.UserError`):
 - Text: UTF-8 with or without a byte-order mark, or UTF-16 / UTF-32 with one; JSON nested as deep as
-  Python's reader allows and integers of at most `sys.get_int_max_str_digits()` digits.
-- Integers (ids, width, height): JSON integers, or numbers with a zero fraction (`3.0`); never booleans
-  or strings. Image, annotation and category ids lie in 0 .. 2**63 - 1 (int64); a negative image id is
-  refused because an evaluation batch marks its padding slots with image id -1. Width and height are
-  positive.
-- `iscrowd` and `ignore`: 0 or 1 (JSON `false` / `true` are taken as 0 / 1); absent means 0.
-- `bbox`: 4 numbers (not booleans), finite and within float32's range (boxes become float32).
-- `area`, when present: a finite number; absent, it is w * h.
+  Python's reader allows, integers of at most `sys.get_int_max_str_digits()` digits.
+- Integers (ids, width, height): JSON integers or numbers with a zero fraction (`3.0`), never booleans or
+  strings. Ids lie in 0 .. 2**63 - 1 (evaluation batches mark padding with -1); width, height positive.
+- `iscrowd`, `ignore`: 0 or 1 (`false` / `true` taken as 0 / 1); absent means 0. `bbox`: 4 finite numbers
+  (not booleans) within float32's range; `area`, when present: a finite number (absent: w * h).
 - `file_name`: a non-empty string of valid Unicode without NUL, relative to the image folder and not
-  leaving it with '..'; category `name` (and `supercategory`, when present): strings of valid Unicode.
-Unknown keys are ignored.
-"""
+  leaving it with '..'; category `name` (and `supercategory`, when present): valid Unicode strings.
+Unknown keys are ignored."""
 
 from __future__ import annotations
 
@@ -44,18 +38,11 @@ class CocoFormatError(errors.InputFormatError):
 
 
 class GroundTruth(NamedTuple):
-    """An annotation file's entries after the schema checks, in file order.
-
-    source: the file (or 'coco_gt' for a dict), named in errors.
-    image_ids, heights, widths: int64 [I]; file_names: I strings, as the file gives them.
-    category_ids: int64 [K], file order; names: K strings; supercategories: K strings or None.
-    ann_ids, ann_image_ids, ann_category_ids: int64 [N]: the file's ids of each annotation.
-    bboxes: float64 [N, 4], [x, y, w, h] as the file gives them.
-    areas: float64 [N]: the file's 'area', w * h where it has none.
-    iscrowd, ignore: bool [N].
-    has_annotations: False for an image-info file (no 'annotations' key, as COCO test-dev's).
-    """
-
+    """An annotation file's checked entries, in file order: source, the file (or 'coco_gt' for a dict);
+    image_ids, heights, widths int64 [I]; file_names: I str; category_ids int64 [K]; names: K str;
+    supercategories: K str or None; ann_ids, ann_image_ids, ann_category_ids int64 [N]; bboxes float64 [N, 4]
+    xywh as in the file; areas float64 [N] (w * h where the file has none); iscrowd, ignore bool [N];
+    has_annotations: False for an image-info file (no 'annotations' key, as COCO test-dev's)."""
     source: str
     image_ids: np.ndarray
     heights: np.ndarray
@@ -74,21 +61,11 @@ class GroundTruth(NamedTuple):
     has_annotations: bool
 
 
-# ----------------------------------------------------------------------------------------------------
-# The file
-
-
 def read_json(ann_file: str) -> dict:
-    """Reads an annotation file and checks its top level.
-
-    Returns:
-        The parsed dict, with 'images' (a list), 'categories' and, if any, 'annotations' (a list).
-
+    """Reads an annotation file and checks its top level (`check_top_level`); returns the parsed dict.
     Raises:
         MissingFileError: (a FileNotFoundError) the file does not exist.
-        CocoFormatError: not a regular file, unreadable, not text in a supported encoding, malformed or
-            too deeply nested JSON, an integer with too many digits, or a bad top level.
-    """
+        CocoFormatError: not a readable regular file, not text in a supported encoding, bad JSON or top level."""
     text = decode_text(_read_bytes(ann_file), ann_file)
     try:
         data = json.loads(text)
@@ -104,8 +81,7 @@ def read_json(ann_file: str) -> dict:
 
 
 def _read_bytes(ann_file: str) -> bytes:
-    """The file's bytes; a FIFO, a device or a folder is refused before it is opened (reading one could
-    block forever)."""
+    """The file's bytes; anything but a regular file is refused before it is opened (a FIFO would block)."""
     try:
         if not stat.S_ISREG(os.stat(ann_file).st_mode):
             raise IsADirectoryError("not a regular file (a folder, FIFO, device or socket)")
@@ -118,9 +94,7 @@ def _read_bytes(ann_file: str) -> bytes:
 
 
 def decode_text(raw: bytes, source: str) -> str:
-    """The text of a file's bytes (`source` names the file in errors): UTF-8 (a byte-order mark is dropped),
-    or UTF-16 / UTF-32 with a mark. CocoFormatError naming the first byte that does not decode, or for NUL
-    characters (UTF-16 or UTF-32 without a mark: JSON text never holds a raw NUL)."""
+    """The text of a file's bytes (module docstring); CocoFormatError for a byte that does not decode or a NUL."""
     encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
     try:
         text = raw.decode(encoding)
@@ -134,8 +108,8 @@ def decode_text(raw: bytes, source: str) -> str:
 
 
 def check_top_level(data, source: str) -> None:
-    """CocoFormatError unless `data` is an object with 'images' (a list), 'categories', 'annotations' (a
-    list) when present."""
+    """CocoFormatError unless `data` is an object with 'images' (a list), 'categories', and optional 'annotations'
+    (a list)."""
     if not isinstance(data, dict):
         raise CocoFormatError(f"{source}: the top level must be an object, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -148,16 +122,10 @@ def check_top_level(data, source: str) -> None:
 
 
 def parse_ground_truth(data: Mapping, source: str) -> GroundTruth:
-    """Checks every entry of a parsed annotation file (see the module docstring).
-
-    Args:
-        data: the parsed file (`read_json`), or a COCO-format dict.
-        source: the file, named in errors.
-
-    Returns:
-        GroundTruth. CocoFormatError naming the first entry that breaks the schema, a duplicate image,
-        category or annotation id, or an annotation of an image or category the file does not list.
-    """
+    """Checks every entry of a parsed file (`read_json`) or COCO-format dict; `source` names it in errors.
+    Raises:
+        CocoFormatError: the first entry that breaks the schema, a duplicate id, or an annotation of an image
+            or category the file does not list."""
     check_top_level(data, source)
     category_ids, names, supercategories = parse_categories(data["categories"], source)
     image_ids, heights, widths, file_names = parse_images(data["images"], source)
@@ -166,35 +134,21 @@ def parse_ground_truth(data: Mapping, source: str) -> GroundTruth:
     rows = [_annotation(ann, pos, source, known_images, known_categories, seen)
             for pos, ann in enumerate(data.get("annotations", []))]
     ann_ids, ann_images, ann_categories, bboxes, areas, iscrowd, ignore = zip(*rows) if rows else ((),) * 7
-    int64 = np.int64
-    return GroundTruth(
-        source, np.asarray(image_ids, int64), np.asarray(heights, int64), np.asarray(widths, int64),
-        tuple(file_names), np.asarray(category_ids, int64), tuple(names), tuple(supercategories),
-        np.asarray(ann_ids, int64), np.asarray(ann_images, int64), np.asarray(ann_categories, int64),
-        np.asarray(bboxes, np.float64).reshape(-1, 4), np.asarray(areas, np.float64),
-        np.asarray(iscrowd, bool), np.asarray(ignore, bool), "annotations" in data)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Entries
+    i64 = np.int64
+    return GroundTruth(source, np.asarray(image_ids, i64), np.asarray(heights, i64), np.asarray(widths, i64),
+                       tuple(file_names), np.asarray(category_ids, i64), tuple(names), tuple(supercategories),
+                       np.asarray(ann_ids, i64), np.asarray(ann_images, i64), np.asarray(ann_categories, i64),
+                       np.asarray(bboxes, np.float64).reshape(-1, 4), np.asarray(areas, np.float64),
+                       np.asarray(iscrowd, bool), np.asarray(ignore, bool), "annotations" in data)
 
 
 def parse_categories(categories, source: str) -> tuple[list[int], list[str], list[str | None]]:
-    """Checks the 'categories' list.
-
-    Args:
-        categories: the file's list of {'id', 'name', 'supercategory' (optional), ...}.
-        source: the file, named in errors.
-
-    Returns:
-        (ids, names, supercategories) in file order. CocoFormatError for an empty or non-list value, an
-        entry that is not an object, a bad or repeated id, or a name that is not a string.
-    """
+    """(ids, names, supercategories) of a 'categories' list of {'id', 'name', 'supercategory' (optional)}, in
+    file order; CocoFormatError for an empty list, a bad or repeated id or a bad name."""
     if not isinstance(categories, (list, tuple)) or not categories:
         raise CocoFormatError(f"{source}: 'categories' must be a non-empty list")
     ids: dict[int, None] = {}  # insertion-ordered
-    names: list[str] = []
-    supercategories: list[str | None] = []
+    names, supercategories = [], []
     for pos, cat in enumerate(categories):
         if not isinstance(cat, Mapping):
             raise CocoFormatError(f"{source}: categories[{pos}] is not an object")
@@ -212,16 +166,8 @@ def parse_categories(categories, source: str) -> tuple[list[int], list[str], lis
 
 
 def parse_images(entries: list, source: str) -> tuple[list[int], list[int], list[int], list[str]]:
-    """Checks the 'images' list.
-
-    Args:
-        entries: the file's 'images' list of {'id', 'height', 'width', 'file_name', ...}.
-        source: the file, named in errors.
-
-    Returns:
-        (ids, heights, widths, file_names) in file order. CocoFormatError naming the entry for a
-        duplicate or negative id, a missing or non-integer field, a non-positive size or a bad file name.
-    """
+    """(ids, heights, widths, file_names) of an 'images' list of {'id', 'height', 'width', 'file_name'}, in file
+    order; CocoFormatError naming the entry for anything the schema refuses."""
     ids: dict[int, None] = {}
     heights, widths, file_names = [], [], []
     for pos, img in enumerate(entries):
@@ -247,8 +193,6 @@ def parse_images(entries: list, source: str) -> tuple[list[int], list[int], list
 
 
 def _annotation(ann, pos: int, source: str, images: set[int], categories: set[int], seen: dict[int, int]) -> tuple:
-    """One annotation's checked fields: (id, image_id, category_id, [x, y, w, h], area, iscrowd, ignore);
-    records its id in `seen`. CocoFormatError naming the annotation for anything the schema refuses."""
     where = f"{source}: annotations[{pos}]"
     if not isinstance(ann, Mapping):
         raise CocoFormatError(f"{where} is not an object")
@@ -266,15 +210,13 @@ def _annotation(ann, pos: int, source: str, images: set[int], categories: set[in
     if category_id not in categories:
         raise CocoFormatError(f"{where}: category_id {category_id} is not in 'categories' "
                               f"(known ids: {sorted(categories)})")
-    bbox = bbox_field(ann, where)
-    area = area_field(ann, where)
+    bbox, area = bbox_field(ann, where), area_field(ann, where)
     return (ann_id, image_id, category_id, bbox, bbox[2] * bbox[3] if area is None else area,
             flag_field(ann, "iscrowd", where), flag_field(ann, "ignore", where))
 
 
 def check_file_name(file_name: str, where: str) -> None:
-    """CocoFormatError for a file name with a NUL byte, an absolute one, or one that climbs out of the
-    image folder with '..'."""
+    """CocoFormatError for a file name with a NUL, an absolute one, or one leaving the image folder with '..'."""
     prefix = f"{where}: " if where else ""
     if "\x00" in file_name:
         raise CocoFormatError(f"{prefix}file_name {_show(file_name)} holds a NUL character")
@@ -287,18 +229,12 @@ def check_file_name(file_name: str, where: str) -> None:
 
 
 def resolve_image_path(image_root: str, file_name: str, where: str = "") -> str:
-    """image_root/file_name (normalised) for a 'file_name' of the annotation file (`where` names its entry
-    in errors); CocoFormatError as `check_file_name`."""
+    """image_root/file_name, normalised; CocoFormatError as `check_file_name` (`where` names the entry)."""
     check_file_name(file_name, where)
     return os.path.join(image_root, os.path.normpath(file_name.replace("\\", "/")))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Fields
-
-
 def _show(value) -> str:
-    """A value for an error message: its repr, cut to 80 characters (a hostile file's values are long)."""
     try:
         text = repr(value)
     except ValueError:  # an int over Python's digit limit for str()
@@ -309,9 +245,7 @@ def _show(value) -> str:
 
 
 def int_field(entry: Mapping, key: str, where: str) -> int:
-    """An integer field of an entry (an image, annotation or category object; `where` names it in errors):
-    a JSON integer, or a number with a zero fraction (3.0), as int. CocoFormatError when it is missing,
-    not an integer (booleans and strings included) or outside int64."""
+    """An integer field (a JSON integer or a number with a zero fraction) within int64; `where` names the entry."""
     if key not in entry:
         raise CocoFormatError(f"{where}: missing key '{key}'")
     value = entry[key]
@@ -325,8 +259,7 @@ def int_field(entry: Mapping, key: str, where: str) -> int:
 
 
 def id_field(entry: Mapping, key: str, where: str, what: str = "ids", why: str = "") -> int:
-    """An id: `int_field` in 0 .. 2**63 - 1; CocoFormatError for a negative one, naming `what` ('image
-    ids') and `why` (an explanation)."""
+    """A non-negative `int_field`; the error for a negative one names `what` ('image ids') and `why`."""
     value = int_field(entry, key, where)
     if value < 0:
         raise CocoFormatError(f"{where}: '{key}' is {value}, but {what} must be >= 0{why}")
@@ -334,11 +267,7 @@ def id_field(entry: Mapping, key: str, where: str, what: str = "ids", why: str =
 
 
 def flag_field(ann: Mapping, key: str, where: str) -> bool:
-    """A 0 / 1 flag of an annotation ('iscrowd', 'ignore'): absent is 0; JSON false / true are 0 / 1.
-
-    Returns:
-        The flag. CocoFormatError for any other value (a string such as "0", null, 2, 0.5, a list).
-    """
+    """A 0 / 1 flag ('iscrowd', 'ignore'; absent: 0, false / true: 0 / 1); CocoFormatError otherwise."""
     value = ann.get(key, 0)
     if type(value) in (int, float, bool) and value in (0, 1):
         return bool(value)
@@ -346,8 +275,7 @@ def flag_field(ann: Mapping, key: str, where: str) -> bool:
 
 
 def _finite_float(value, limit: float) -> float | None:
-    """float(value) for a number (not a boolean) of magnitude at most `limit`, else None."""
-    kind = type(value)  # exact types: JSON gives no subclasses, and bool is not int here
+    kind = type(value)  # exact types: bool is not int here
     if kind is float:
         return value if -limit <= value <= limit else None  # NaN fails both comparisons
     if kind is int:
@@ -356,8 +284,7 @@ def _finite_float(value, limit: float) -> float | None:
 
 
 def bbox_field(ann: Mapping, where: str) -> tuple[float, float, float, float]:
-    """The 'bbox' of an annotation (`where` names it in errors) as (x, y, w, h) floats; CocoFormatError
-    unless it is 4 finite numbers within float32's range."""
+    """The 'bbox' as (x, y, w, h) floats; CocoFormatError unless 4 finite numbers within float32's range."""
     if "bbox" not in ann:
         raise CocoFormatError(f"{where}: missing key 'bbox'")
     bbox = ann["bbox"]
@@ -369,7 +296,7 @@ def bbox_field(ann: Mapping, where: str) -> tuple[float, float, float, float]:
 
 
 def area_field(ann: Mapping, where: str) -> float | None:
-    """The optional 'area' of an annotation: a finite number (float64), None when absent."""
+    """The optional 'area': a finite float, None when absent."""
     if "area" not in ann:
         return None
     area = _finite_float(ann["area"], sys.float_info.max)
@@ -379,8 +306,7 @@ def area_field(ann: Mapping, where: str) -> float | None:
 
 
 def text_field(entry: Mapping, key: str, where: str) -> str:
-    """A string field that must be valid Unicode (it is written to files and logs, and file names are
-    passed to the operating system): CocoFormatError for a non-string or a lone surrogate ('\\ud800')."""
+    """A string field of valid Unicode (written to files and logs, passed to the OS as a path)."""
     value = entry.get(key)
     if not isinstance(value, str):
         raise CocoFormatError(f"{where}: '{key}' must be a string, got {_show(value)}")

@@ -1,17 +1,9 @@
-"""A map-style torch Dataset from SampleRefs to transformed samples (one image each, numpy arrays).
+"""A map-style torch Dataset from SampleRefs to transformed samples (numpy arrays, one image each).
 
-The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), derived here from the
-SampleRef, so the pixels and boxes of a sample do not depend on the number of workers or replicas.
-
-Unreadable images (a missing, empty or truncated file, a path that is not a regular file, corrupt data,
-more pixels than `retina_fn.data.images.MAX_IMAGE_PIXELS` or a side over `MAX_IMAGE_SIDE`, or a size that
-disagrees with the annotation file once the EXIF orientation is applied) raise `ImageLoadError` naming the
-file and image id. An image that the configured resize would shrink to a side of 0 pixels is refused
-when the dataset is built (`retina_fn.data.resize.ResizeError`, naming the file and image id). With `skip_bad_images`
-(training only) the sample is replaced instead by the next readable image of the same aspect group (so
-the canvas and the batch shape stay the same), deterministically, with a warning; the sample carries
-`replaced=True` and the loader counts it.
-"""
+The augmentation key of dataset index i in epoch e is fold_in(fold_in(key, e), i), so a sample does not
+depend on the number of workers or replicas. An unreadable image raises `ImageLoadError`; with
+`skip_bad_images` (training only) it is replaced, deterministically and with a warning, by the next
+readable image of its aspect group (same canvas), and the sample carries `replaced=True`."""
 
 from __future__ import annotations
 
@@ -31,14 +23,11 @@ logger = logging.getLogger(__name__)
 class DetectionDataset(torch.utils.data.Dataset):
     """Samples of a CocoSet under the 1x pipeline.
 
-    train: flip with the per-sample key (and allow `skip_bad_images`); otherwise the eval pipeline, and
-    padding refs become blank samples with image_id -1. key: int64[2] augmentation key (train only).
-    preload: decode every image once, up front (small datasets).
-
-    A sample is a dict: image float32 [3, H, W] (uint8 with cfg.uint8_canvas); boxes float32 [N, 4]; labels int64 [N];
+    train: flip with the per-sample key (int64 [2] `key`) and allow `skip_bad_images`; otherwise the eval
+    pipeline, padding refs becoming blank samples (image_id -1). preload: decode every image up front.
+    A sample: image float32 [3, H, W] (uint8 with cfg.uint8_canvas); boxes float32 [N, 4]; labels int64 [N];
     ignore_boxes float32 [M, 4]; image_hw, orig_hw int64 [2]; scale_factor float32 [2]; flipped bool;
-    image_id int; index int; replaced bool.
-    """
+    image_id, index int; replaced bool. ResizeError at construction for an image resized to a 0-pixel side."""
 
     def __init__(self, coco: CocoSet, cfg: transforms.TransformConfig, *, train: bool,
                  key: torch.Tensor | None = None, skip_bad_images: bool = False, preload: bool = False):
@@ -48,16 +37,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise CocoFormatError(f"{coco.ann_file}: no images left after filtering (images without annotations "
                                   f"are left out with data.filter_empty_gt, small ones with data.min_size)")
         transforms.check_resizable(coco.records, cfg, coco.ann_file)
-        self.coco = coco
-        self.cfg = cfg
-        self.train = train
-        self.key = key
+        self.coco, self.cfg, self.train, self.key = coco, cfg, train, key
         self.skip_bad_images = skip_bad_images and train
-        self.groups = np.array([int(transforms.is_landscape(r.height, r.width)) for r in coco.records],
-                               dtype=np.int64)
-        self._images: list | None = None
-        if preload:
-            self._images = [self._decode_or_error(i) for i in range(len(coco))]
+        self.groups = np.array([int(transforms.is_landscape(r.height, r.width)) for r in coco.records], dtype=np.int64)
+        self._images = [self._decode_or_error(i) for i in range(len(coco))] if preload else None
 
     def __len__(self) -> int:
         return len(self.coco)
@@ -77,7 +60,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image
 
     def _readable(self, index: int) -> tuple[int, np.ndarray, bool]:
-        """(index actually used, its image, replaced?) walking the aspect group from `index`."""
+        """(index used, its image, replaced?), walking the aspect group from `index`."""
         try:
             return index, self._image(index), False
         except ImageLoadError as first:
@@ -102,13 +85,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         return rng.fold_in(rng.fold_in(self.key, epoch), index)
 
     def blank_sample(self, index: int) -> dict:
-        """An empty evaluation slot on the canvas of `index`'s aspect group: zero image (of the canvas dtype),
-        no boxes, image_id -1, index -1."""
+        """An empty evaluation slot on the canvas of `index`'s group: zero image, no boxes, image_id and index -1."""
         record = self.coco.records[index]
         canvas = transforms.canvas_for(record.height, record.width, self.cfg)
         return dict(image=np.zeros((3, *canvas), dtype=transforms.canvas_dtype(self.cfg)),
-                    boxes=np.zeros((0, 4), np.float32),
-                    labels=np.zeros((0,), np.int64), ignore_boxes=np.zeros((0, 4), np.float32),
+                    boxes=np.zeros((0, 4), np.float32), labels=np.zeros((0,), np.int64),
+                    ignore_boxes=np.zeros((0, 4), np.float32),
                     image_hw=np.array(canvas, np.int64), orig_hw=np.array(canvas, np.int64),
                     scale_factor=np.ones(2, np.float32), flipped=False, image_id=-1, index=-1, replaced=False)
 

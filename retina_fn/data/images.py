@@ -1,24 +1,13 @@
-"""Image files: decoding to RGB uint8 arrays as mmdetection v2.9 reads them, checked against the size the
-annotation file states.
+"""Image files decoded to RGB uint8 as mmdetection v2.9 reads them, checked against the annotation file's size.
 
-mmdetection's `LoadImageFromFile` calls `mmcv.imfrombytes(flag='color')`, i.e. OpenCV's
-`imdecode(IMREAD_COLOR)`, then treats the BGR result as the image (the config's `to_rgb` swaps it to RGB).
-`decode_image` gives the same pixels with Pillow, case by case:
-
-- grey (L, 1, I;16...), palette (P), CMYK and alpha images all become 3-channel 8-bit colour;
-- alpha (RGBA, LA, PA, a palette's transparency) is dropped, not composited (libpng's strip_alpha);
-- 16-bit samples keep their high byte (v >> 8, libpng's strip_16): Pillow would clip grey ones to 255;
-- CMYK JPEGs go through OpenCV's own CMYK formula (Pillow's differs by a level or two);
-- the EXIF orientation is applied (OpenCV does so in imread and imdecode unless IMREAD_IGNORE_ORIENTATION);
-- refusals that OpenCV does not make: a truncated file (OpenCV decodes what there is of a JPEG), damaged
-  compressed data anywhere in the file (the pixels are decoded before the EXIF block is read, and every
-  decoder error is an error), and an image over `MAX_IMAGE_PIXELS` (OpenCV's limit is 2**30 pixels);
-- OpenCV's own refusal of a side over 2**20 pixels (`MAX_IMAGE_SIDE`; a 170,000,000 x 1 PNG is under the
-  pixel limit but would need gigabytes on the way to a resize that leaves nothing of it), also from the
-  header, before any pixel is decoded;
-- a path that is not a regular file (a FIFO, a folder, a device) is refused before it is read: opening a
-  FIFO for reading would wait for a writer forever.
-"""
+mmdetection's `LoadImageFromFile` uses OpenCV's `imdecode(IMREAD_COLOR)` and the config's `to_rgb`;
+`decode_image` gives the same pixels with Pillow: grey, palette, CMYK and alpha images become 3-channel 8-bit
+colour (alpha dropped, not composited); 16-bit samples keep their high byte (v >> 8; Pillow would clip grey
+ones to 255); CMYK JPEGs use OpenCV's formula (Pillow's differs by a level or two); the EXIF orientation is
+applied, as OpenCV does unless IMREAD_IGNORE_ORIENTATION.
+Refused beyond OpenCV: a truncated file, damaged data anywhere (every decoder error is an error), more than
+`MAX_IMAGE_PIXELS`; as OpenCV: a side over `MAX_IMAGE_SIDE`, checked from the header before decoding; and a
+path that is not a regular file (opening a FIFO would wait for a writer forever)."""
 
 from __future__ import annotations
 
@@ -32,62 +21,45 @@ from PIL import Image
 
 from retina_fn import errors
 
-# The most pixels an image may have: Pillow's own refusal threshold at its default setting (twice its
-# warning level of 89,478,485). Checked from the file header, before any pixel is decoded, and
-# independent of the process-wide PIL.Image.MAX_IMAGE_PIXELS (which other code may change).
+# Pillow's default refusal threshold, fixed here: independent of the process-wide PIL.Image.MAX_IMAGE_PIXELS.
 MAX_IMAGE_PIXELS = 178_956_970
-# The longest side an image may have: OpenCV's CV_IO_MAX_IMAGE_WIDTH and CV_IO_MAX_IMAGE_HEIGHT, which
-# mmdetection's reads (cv2.imdecode) refuse beyond.
+# OpenCV's CV_IO_MAX_IMAGE_WIDTH / CV_IO_MAX_IMAGE_HEIGHT.
 MAX_IMAGE_SIDE = 1 << 20
 
 _ORIENTATION_TAG = 0x0112
-# EXIF orientation -> how the stored pixels are turned for display (the EXIF specification's table).
-_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
-                 5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
-                 8: "rotated 90 degrees counter-clockwise"}
+# EXIF orientation -> how the stored pixels are turned for display.
+_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom", 5: "transposed",
+                 6: "rotated 90 degrees clockwise", 7: "transversed", 8: "rotated 90 degrees counter-clockwise"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What Pillow's plugins raise on damaged files (besides OSError, which covers UnidentifiedImageError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
                   Image.DecompressionBombError)
-# What parsing a damaged EXIF block raises, once the pixels are decoded (it is then ignored, as OpenCV does).
+# What parsing a damaged EXIF block raises (ignored, as OpenCV does).
 _EXIF_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, struct.error)
 
 
 class ImageLoadError(errors.UserError, RuntimeError):
-    """An image that is missing or cannot be decoded.
-
-    Attributes:
-      path: the image file; image_id: its id in the annotation file (None when rebuilt from the message
-        alone, as torch's DataLoader rebuilds a worker's exception).
-    """
+    """An image that is missing or cannot be decoded; path and image_id are None when rebuilt from the
+    message alone (as torch's DataLoader rebuilds a worker's exception)."""
 
     def __init__(self, message: str, path: str | None = None, image_id: int | None = None):
         super().__init__(message)
-        self.path = path
-        self.image_id = image_id
+        self.path, self.image_id = path, image_id
 
 
 def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Reads an image file as mmdetection v2.9 does (OpenCV's colour read; see the module docstring).
-
-    The EXIF orientation is applied, as OpenCV >= 3.1 does for IMREAD_COLOR. An annotation file states
-    the size of the pixels its boxes were drawn on: when the orientation is a quarter turn (5 to 8) and
-    the annotation file gives the stored, unturned size, the boxes would not fit the turned pixels, and
-    this is an error that says so (mmdetection would silently pair them).
+    """Reads an image file as mmdetection v2.9 does (see the module docstring), EXIF orientation applied.
 
     Args:
-        path: the image file.
-        image_id: the image's id, named in errors.
-        expect_hw: (height, width) as the annotation file states it, or None for no check.
-
+        path: the image file; image_id: named in errors.
+        expect_hw: (height, width) the annotation file states, or None for no check. A quarter-turn
+            orientation with the stored, unturned size given is an error that says so (mmdetection would
+            silently pair boxes with turned pixels).
     Returns:
-        uint8 [H, W, 3] RGB, C-contiguous and writable (torch.from_numpy is safe).
-
+        uint8 [H, W, 3] RGB, C-contiguous and writable.
     Raises:
-        ImageLoadError: naming the file and image id when the file is missing, not a regular file, empty,
-            truncated or otherwise undecodable, has more than MAX_IMAGE_PIXELS pixels or a side over
-            MAX_IMAGE_SIDE, needs more memory than there is, or decodes to another size than expect_hw.
-    """
+        ImageLoadError: naming the file and image id, for anything the module docstring refuses, too little
+            memory, or a size other than expect_hw."""
     where = f"{path if str(path).isprintable() else repr(path)} (image id {image_id})"
     size = "its"
     with _open_regular_file(path, where, image_id) as f:
@@ -110,9 +82,8 @@ def decode_image(path: str, image_id: int, expect_hw: tuple[int, int] | None = N
 
 
 def _open_regular_file(path: str, where: str, image_id: int):
-    """The image file opened for reading (a binary file object); ImageLoadError naming it when it is missing,
-    unreadable, or not a regular file. The file is opened without blocking and checked again once open, so
-    a FIFO put in its place in between is refused too."""
+    """The file opened for binary reading; ImageLoadError unless a readable regular file (checked again once
+    opened without blocking, so a FIFO swapped in between is refused too)."""
     try:
         if stat.S_ISREG(os.stat(path).st_mode):
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -128,8 +99,7 @@ def _open_regular_file(path: str, where: str, image_id: int):
 
 
 def _check_size(im: Image.Image, where: str, path: str, image_id: int) -> tuple[int, int]:
-    """(width, height) from the header; ImageLoadError when a side is over MAX_IMAGE_SIDE or the image has
-    more than MAX_IMAGE_PIXELS pixels (nothing decoded yet)."""
+    """(width, height) from the header; ImageLoadError beyond MAX_IMAGE_SIDE or MAX_IMAGE_PIXELS."""
     width, height = im.size
     if max(width, height) > MAX_IMAGE_SIDE:
         raise ImageLoadError(
@@ -145,17 +115,14 @@ def _check_size(im: Image.Image, where: str, path: str, image_id: int) -> tuple[
 
 
 def _decode_problem(f, error: Exception) -> str:
-    """What went wrong, in words: an empty file (f, the open file) is named as such, otherwise Pillow's
-    message."""
     if os.fstat(f.fileno()).st_size == 0:
         return "the file is empty (0 bytes)"
     return f"{type(error).__name__}: {error}"
 
 
 def _exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation 1..8 of an image whose pixels are loaded; 1 (as stored) when absent, invalid or
-    unreadable. Only the EXIF block's own errors are ignored (as OpenCV ignores a damaged one): reading it
-    before the pixels are loaded would load them here, and Pillow would then hand on a half-decoded image."""
+    """The EXIF orientation 1..8 (1 when absent, invalid or unreadable); read after `load()`, else it would load
+    the pixels here and hand on a half-decoded image."""
     try:
         value = im.getexif().get(_ORIENTATION_TAG, 1)
     except _EXIF_ERRORS:
@@ -164,16 +131,8 @@ def _exif_orientation(im: Image.Image) -> int:
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    """The stored pixels of a Pillow image as uint8 [h, w, 3] RGB, converted as OpenCV's colour read
-    converts them (grey and palette: replicated to three channels; 16-bit: high byte; alpha: dropped, not
-    composited; CMYK JPEG: OpenCV's formula). No EXIF orientation is applied (`decode_image` does that).
-
-    Args:
-        im: an opened or in-memory PIL image of any mode.
-
-    Returns:
-        uint8 [h, w, 3] RGB, C-contiguous and writable.
-    """
+    """A PIL image of any mode as uint8 [h, w, 3] RGB, C-contiguous and writable, converted as OpenCV's
+    colour read converts it (module docstring); no EXIF orientation applied."""
     if im.mode in _SIXTEEN_BIT_MODES:
         grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
@@ -183,33 +142,16 @@ def pil_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def _cmyk_jpeg_to_rgb(cmyk: np.ndarray, adobe: bool) -> np.ndarray:
-    """OpenCV's CMYK -> colour conversion of a CMYK JPEG's samples.
-
-    Args:
-        cmyk: uint8 [h, w, 4] as Pillow decodes it (Pillow inverts the samples of files with an Adobe
-            marker, which store them inverted; OpenCV reads the samples as stored).
-        adobe: whether the file has an Adobe marker.
-
-    Returns:
-        uint8 [h, w, 3] RGB: for each of c, m, y with the stored samples s and k, k - ((255 - s) * k >> 8).
-    """
-    raw = cmyk.astype(np.int32)
-    if adobe:
-        raw = 255 - raw
+    """OpenCV's conversion of CMYK JPEG samples (uint8 [h, w, 4], inverted with an Adobe marker) to RGB: k -
+    ((255 - s) * k >> 8) for each stored sample s of c, m, y."""
+    raw = 255 - cmyk.astype(np.int32) if adobe else cmyk.astype(np.int32)
     k = raw[:, :, 3:4]
     return (k - (((255 - raw[:, :, :3]) * k) >> 8)).astype(np.uint8)
 
 
 def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """Stored pixels turned for display by an EXIF orientation (OpenCV's ApplyExifOrientation).
-
-    Args:
-        pixels: [h, w, C] as stored in the file.
-        orientation: the EXIF orientation, 1..8 (1 and anything else: unchanged).
-
-    Returns:
-        [h, w, C] (orientations 1-4) or [w, h, C] (5-8), C-contiguous.
-    """
+    """Stored pixels [h, w, C] turned for display by an EXIF orientation (OpenCV's ApplyExifOrientation):
+    [h, w, C] for 1-4, [w, h, C] for 5-8, unchanged for anything else; C-contiguous."""
     if orientation in (5, 6, 7, 8):
         pixels = pixels.transpose(1, 0, 2)
         orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]  # what is left to do after the transpose
@@ -223,7 +165,6 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _size_message(where: str, got_hw, stored_hw, orientation: int, expect_hw) -> str:
-    """The error for an image whose decoded size is not the annotation file's."""
     h, w = got_hw
     message = (f"image {where} decodes to {w}x{h} (w x h) but the annotation file says "
                f"{expect_hw[1]}x{expect_hw[0]}")
@@ -238,15 +179,5 @@ def _size_message(where: str, got_hw, stored_hw, orientation: int, expect_hw) ->
 
 
 def load_record_image(record) -> np.ndarray:
-    """`decode_image` for a record of an annotation file, checked against the record's size.
-
-    Args:
-        record: a `retina_fn.data.coco.ImageRecord` (or anything with path, image_id, height, width).
-
-    Returns:
-        uint8 [height, width, 3] RGB.
-
-    Raises:
-        ImageLoadError: as `decode_image`.
-    """
+    """`decode_image` of an ImageRecord (path, image_id, height, width), checked against its size."""
     return decode_image(record.path, record.image_id, (record.height, record.width))

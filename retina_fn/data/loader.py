@@ -1,19 +1,7 @@
 """Train and eval loaders: CocoSet -> DetectionDataset -> GroupBatchSampler -> torch DataLoader -> batch
-dicts, plus running totals of what the pipeline had to give up (boxes beyond max_boxes, replaced images).
-
-    loader = make_train_loader(cfg.data, train_set, rank=r, world_size=n, key=data_key,
-                               start_epoch=e0, start_step=s0)
-    for epoch in range(e0, epochs):
-        loader.set_epoch(epoch, s0 if epoch == e0 else 0)
-        for batch in loader: ...
-
-The data key is split once: one half orders the epochs, the other keys the per-sample augmentation.
-
-Moving batches to the device: `pin_memory_for(device)` says whether the loader pins its batches (CUDA and
-NPU), and `prefetch_to_device` copies the next batch while the current step runs (on CUDA from a side
-stream, so the copy overlaps the previous step's kernels). `resolve_workers` turns data.workers ('auto' or
-an int) into a process count.
-"""
+dicts, with running totals of what the pipeline gave up (boxes beyond max_boxes, replaced images). Position a
+loader with `set_epoch(epoch, start_step)` before iterating. The data key is split once: one half orders the
+epochs, the other keys the per-sample augmentation."""
 
 from __future__ import annotations
 
@@ -36,16 +24,13 @@ AUTO_WORKERS_CAP = 16  # data.workers='auto' never starts more loader processes 
 
 
 class DetectionLoader:
-    """An iterable of batch dicts for one rank, positioned by `set_epoch(epoch, start_step)`.
-
-    len() is the number of batches the next iteration yields; `steps_per_epoch` is the full count.
-    `totals` holds running sums over everything yielded: images (real slots), boxes_dropped,
-    images_replaced."""
+    """An iterable of batch dicts for one rank, positioned by `set_epoch(epoch, start_step)`; len() counts
+    the batches of the next iteration. `totals`: running sums of images (real slots), boxes_dropped and
+    images_replaced over everything yielded."""
 
     def __init__(self, dataset: DetectionDataset, sampler: GroupBatchSampler, collate_fn: Collate, *,
                  workers: int, pin_memory: bool):
-        self.dataset = dataset
-        self.sampler = sampler
+        self.dataset, self.sampler = dataset, sampler
         self.totals = dict(images=0, boxes_dropped=0, images_replaced=0)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
@@ -71,9 +56,8 @@ class DetectionLoader:
         return self.sampler.accum_steps
 
     def updates(self) -> Iterator[tuple[dict[str, torch.Tensor], ...]]:
-        """The next iteration grouped by optimiser step: tuples of accum_steps consecutive batches (all from
-        one global batch of the plan, so on one canvas), their ground truth padded to the group's largest G
-        (box buckets: `batching.pad_ground_truth`), so a step sees one shape per bucket."""
+        """The next iteration as tuples of accum_steps batches (one global batch, one canvas), their ground
+        truth padded to the group's largest G."""
         group: list[dict[str, torch.Tensor]] = []
         for batch in self:
             group.append(batch)
@@ -97,20 +81,11 @@ class DetectionLoader:
 
 
 def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) -> int:
-    """The loader processes of one training process.
-
-    Args:
-      setting: data.workers: an int >= 0 (0: load in the training process), or 'auto'.
-      local_processes: training processes on this machine (LOCAL_WORLD_SIZE), which share its CPUs.
-      cpus: CPUs this process may use; None: os.sched_getaffinity where it exists, else os.cpu_count().
-
-    Returns:
-      The int itself, or for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU
-      per training process stays with the training loop).
-
-    Raises:
-      ValueError: naming data.workers, for anything else.
-    """
+    """The loader processes of one training process: data.workers `setting` when an int >= 0 (0: load in the
+    training process), for 'auto' min(cpus // local_processes - 1, AUTO_WORKERS_CAP), at least 0 (one CPU per
+    training process stays with the training loop); ConfigError for anything else. local_processes: training
+    processes on this machine (LOCAL_WORLD_SIZE); cpus: CPUs this process may use (None: the affinity mask,
+    else os.cpu_count())."""
     if setting == "auto":
         if cpus is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -123,14 +98,12 @@ def resolve_workers(setting, local_processes: int = 1, cpus: int | None = None) 
 def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int, key: torch.Tensor,
                       start_epoch: int = 0, start_step: int = 0, pin_memory: bool = False,
                       accum_steps: int = 1, local_processes: int = 1) -> DetectionLoader:
-    """The training loader of one rank.
-
-    data_cfg: the config's `data` block; dataset: the training CocoSet; key: int64[2] data key;
-    (start_epoch, start_step): the position of the first iteration, in optimiser steps. pin_memory: set
-    when batches go to an accelerator (`pin_memory_for`). accum_steps: loader batches per optimiser step
-    (optim.accum_steps; iterate with `updates()`). local_processes: training processes on this machine, for
-    data.workers='auto' (`resolve_workers`). Every rank gets the same steps_per_epoch and, at each step, the
-    same canvas."""
+    """The training loader of one rank; every rank gets the same steps_per_epoch and canvas at each step.
+    Args:
+      data_cfg: the `data` block; dataset: the training CocoSet; key: int64 [2] data key.
+      start_epoch, start_step: the first iteration's position, in optimiser steps.
+      pin_memory: `pin_memory_for(device)`. accum_steps: loader batches per optimiser step (iterate with
+        `updates()`). local_processes: for data.workers='auto' (`resolve_workers`)."""
     order_key, augment_key = rng.split(key)
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=True, key=augment_key,
                           skip_bad_images=data_cfg.skip_bad_images, preload=data_cfg.preload)
@@ -143,9 +116,8 @@ def make_train_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
 
 def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
                      pin_memory: bool = False, local_processes: int = 1) -> DetectionLoader:
-    """The evaluation loader of one rank: no flip, every image exactly once over all ranks, padding slots
-    (image_id -1) filling the last batch of each aspect group; batches of data.eval_images_per_device.
-    pin_memory and local_processes as for `make_train_loader`."""
+    """The evaluation loader of one rank: no flip, every image once over all ranks, padding slots (image_id
+    -1) filling each aspect group's last batch; pin_memory and local_processes as for `make_train_loader`."""
     ds = DetectionDataset(dataset, TransformConfig.from_config(data_cfg), train=False, preload=data_cfg.preload)
     sampler = GroupBatchSampler(ds.groups, images_per_device=data_cfg.eval_images_per_device, rank=rank,
                                 world_size=world_size, train=False)
@@ -154,55 +126,27 @@ def make_eval_loader(data_cfg, dataset: CocoSet, *, rank: int, world_size: int,
 
 
 def _collate(data_cfg) -> Collate:
-    """The collate function of a `data` block (max_boxes, max_ignore_boxes, box_buckets)."""
     return Collate(data_cfg.max_boxes, data_cfg.max_ignore_boxes, tuple(data_cfg.box_buckets))
 
 
 def pin_memory_for(device: torch.device) -> bool:
-    """Whether batches bound for `device` should come in page-locked memory (so that non-blocking copies are
-    asynchronous): for CUDA and Ascend NPUs, never for the CPU.
-
-    Args:
-      device: the training device.
-
-    Returns:
-      True for device types 'cuda' and 'npu'.
-    """
+    """Whether batches bound for `device` ('cuda', 'npu') should be page-locked for asynchronous copies."""
     return device.type in ("cuda", "npu")
 
 
 def to_device(batch, device: torch.device):
-    """A loader batch (or a tuple of them) moved to `device` (asynchronously from pinned memory).
-
-    Args:
-      batch: {name: tensor} as the loaders yield it (docs/conventions.md), or a tuple of such dicts.
-      device: the target device.
-
-    Returns:
-      The same structure, tensors on `device`.
-    """
+    """A batch dict (or a tuple of them) with its tensors on `device` (non-blocking copies)."""
     if isinstance(batch, tuple):
         return tuple(to_device(b, device) for b in batch)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
-    """The items of `batches` (batch dicts or tuples of them) on `device`, each copied while the step before
-    it runs.
+    """The items of `batches` (batch dicts or tuples of them, e.g. `DetectionLoader.updates()`) on `device`.
 
-    On CUDA the copy of item n+1 is issued on a side stream before item n is handed out, so it overlaps the
-    kernels queued for item n (asynchronous when the loader pins its memory); the compute stream waits for it
-    only when item n+1 is handed out, and the caching allocator is told that its tensors are used there
-    (record_stream), so their memory is not reused before that use ends. Elsewhere each item is moved by
-    `to_device` when it is handed out.
-
-    Args:
-      batches: an iterable of loader batches, e.g. `DetectionLoader.updates()`.
-      device: the target device.
-
-    Returns:
-      An iterator of the same items with every tensor on `device`.
-    """
+    On CUDA item n+1 is copied on a side stream before item n is handed out, overlapping item n's kernels;
+    the compute stream waits for the copy when n+1 is handed out, and record_stream keeps the allocator
+    from reusing its memory early. Elsewhere each item is moved by `to_device` when handed out."""
     device = torch.device(device)
     if device.type != "cuda":
         for item in batches:
@@ -214,22 +158,16 @@ def prefetch_to_device(batches: Iterable, device: torch.device) -> Iterator:
         with torch.cuda.stream(copy_stream):
             return to_device(item, device)
 
-    it = iter(batches)
-    end = object()
+    it, end = iter(batches), object()
     item = next(it, end)
     ahead = None if item is end else issue(item)
     while ahead is not None:
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(copy_stream)
-        for tensor in _tensors(ahead):
-            tensor.record_stream(compute)
+        for d in ahead if isinstance(ahead, tuple) else (ahead,):
+            for tensor in d.values():
+                tensor.record_stream(compute)
         current = ahead
         item = next(it, end)
         ahead = None if item is end else issue(item)
         yield current
-
-
-def _tensors(item) -> list[torch.Tensor]:
-    """The tensors of a batch dict or a tuple of them."""
-    dicts = item if isinstance(item, tuple) else (item,)
-    return [t for d in dicts for t in d.values()]

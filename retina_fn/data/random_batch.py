@@ -13,25 +13,16 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
                  canvas: tuple[int, int] = (64, 96), max_boxes: int = 5, max_ignore_boxes: int = 2,
                  num_classes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """A batch of noise images, each filling the canvas, with random ground truth.
+    """A batch of noise images filling the canvas, with random ground truth, all drawn from `seed`.
 
     Args:
-      num_boxes: real boxes per image (its length is the batch size); None: `batch_size` images with 3..6
-        boxes each (capped at max_boxes), drawn from the seed.
-      batch_size: images when num_boxes is None.
-      canvas: (H, W); max_boxes: G, the padded ground-truth count; max_ignore_boxes: Gi (no crowd regions).
-      num_classes: labels are drawn from 0..num_classes-1.
-      seed: everything is drawn from one torch.Generator seeded with it.
-      dtype: of the image and the boxes (computed in float64 first, so float32 and float64 batches agree).
-      device: where the tensors go.
-
+      num_boxes: real boxes per image (its length is B); None: `batch_size` images of 3..6 boxes (capped).
+      canvas: (H, W); max_boxes: G, the padded count; max_ignore_boxes: Gi (no crowd regions).
+      dtype: of image and boxes, computed in float64 first so float32 and float64 batches agree.
     Returns:
-      {'image' [B, 3, H, W] standard normal, 'image_hw' int64 [B, 2] = canvas, 'boxes' [B, G, 4] (top-left
-      corner uniform in the upper-left 60% of the canvas, sides 8 + uniform(0, 35%) of the canvas, clipped to
-      it; padding rows 0), 'labels' int64 [B, G] (0 in padding), 'box_valid' bool [B, G], 'ignore_boxes' [B, Gi, 4],
-      'ignore_valid' bool [B, Gi] (all False), 'scale_factor' float32 [B, 2] ones, 'orig_hw' int64 [B, 2],
-      'image_id' int64 [B]}.
-    """
+      The batch dict of `batching.collate` without its loader bookkeeping: image standard normal; boxes with
+      top-left uniform in the upper-left 60% and sides 8 + uniform(0, 35%) of the canvas, clipped (padding
+      rows 0); no crowd regions; scale_factor ones; image_hw = orig_hw = canvas; image_id 0..B-1."""
     g = torch.Generator().manual_seed(seed)
     if num_boxes is None:
         if batch_size is None:
@@ -39,10 +30,9 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
         num_boxes = [min(max_boxes, int(n)) for n in torch.randint(3, 7, (batch_size,), generator=g)]
     b = len(num_boxes)
     h, w = canvas
-    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.6, h * 0.6],
-                                                                                      dtype=torch.float64)
-    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=torch.float64) * torch.tensor([w * 0.35, h * 0.35],
-                                                                                      dtype=torch.float64) + 8
+    f64 = torch.float64
+    xy = torch.rand(b, max_boxes, 2, generator=g, dtype=f64) * torch.tensor([w * 0.6, h * 0.6], dtype=f64)
+    wh = torch.rand(b, max_boxes, 2, generator=g, dtype=f64) * torch.tensor([w * 0.35, h * 0.35], dtype=f64) + 8
     valid = torch.arange(max_boxes)[None, :] < torch.tensor(list(num_boxes))[:, None]
     limit = torch.tensor([w, h, w, h], dtype=torch.float64)
     boxes = torch.minimum(torch.cat([xy, xy + wh], -1), limit).to(dtype) * valid[..., None]
@@ -62,20 +52,9 @@ def random_batch(num_boxes: Sequence[int] | None = None, *, batch_size: int | No
 
 
 def config_batch(cfg, num_classes: int, device: torch.device | str = "cpu", seed: int = 0) -> dict:
-    """A random batch of a config's shape, padded as its loader pads: data.images_per_device images on
-    data.landscape_canvas with 3 to 6 boxes each (drawn from the seed alone, so every config of a comparison
-    trains on the same counts), the ground truth padded to data.max_boxes or, with data.box_buckets, to the
-    smallest bucket holding the largest count (retina_fn.data.batching).
-
-    Args:
-      cfg: the whole config (its data block).
-      num_classes: labels are drawn from [0, num_classes).
-      device: where the tensors are made.
-      seed: the draw.
-
-    Returns:
-      The batch dict of `random_batch`, with G the padded count.
-    """
+    """The `random_batch` of a config's shape, padded as its loader pads: data.images_per_device images on
+    data.landscape_canvas with 3 to 6 boxes each (counts drawn from the seed alone, the same for every
+    config), G the max_boxes or bucket padding of `retina_fn.data.batching`."""
     batch_size = int(cfg.data.images_per_device)
     counts = [int(n) for n in torch.randint(3, 7, (batch_size,), generator=torch.Generator().manual_seed(seed))]
     sizes = batching.bucket_sizes(tuple(cfg.data.get("box_buckets", ())), int(cfg.data.max_boxes))

@@ -1,21 +1,14 @@
-"""Which samples form each batch on each rank: aspect-ratio groups, a per-epoch order that is a pure
-function of (key, epoch), and equal steps on every rank.
+"""Which samples form each batch on each rank: aspect-ratio groups, a per-epoch order that is a pure function
+of (key, epoch), and equal steps on every rank; `set_epoch(epoch, start_step)` resumes exactly. A step takes
+a *global batch* of images_per_device * world_size * accum_steps samples from one aspect group, so all ranks
+share the step's canvas. Loader batch j of a step on a rank takes the slice of virtual rank
+v = j * world_size + rank, [v * ipd, (v + 1) * ipd), so 8 ranks x 2 images and 1 rank x 2 images x 8
+accumulated batches see the same 16 images and a run can resume on another world size.
 
-A step (one optimiser update) takes a *global batch* of images_per_device * world_size * accum_steps
-samples, all from one aspect group, so all ranks use the same canvas at the same step. Each rank yields
-accum_steps loader batches per step: the j-th takes the slice of "virtual rank" v = j * world_size + rank,
-[v * ipd, (v + 1) * ipd). So 8 ranks x 2 images and 1 rank x 2 images x 8 accumulated batches see the same
-16 images at every step, and the plan (a function of the global batch, not of the world size) lets a run
-resume on another world size with the same global batch.
-
-Training (mmdetection's group sampler, made rank-synchronous): each group is permuted, then padded to a
-multiple of the global batch by wrapping around its own permutation (the wrapped entries are flagged
-`padding` but are trained on, as in mmdetection); the group's global batches from all groups are then
-put in a random order. Evaluation: groups in dataset order, the last global batch of a group filled with
-`padding` slots that the dataset turns into blank samples with image_id -1, so no image is counted twice.
-
-The data position is (epoch, step): `set_epoch(epoch, start_step)` resumes exactly.
-"""
+Training (mmdetection's group sampler, rank-synchronous): each group is permuted and padded to a multiple of
+the global batch by wrapping its permutation (wrapped entries are flagged `padding` but trained on, as in
+mmdetection); all groups' global batches are then shuffled. Evaluation: groups in dataset order, the last
+global batch filled with `padding` slots that become blank samples (image_id -1)."""
 
 from __future__ import annotations
 
@@ -28,9 +21,8 @@ from retina_fn import errors, rng
 
 
 class SampleRef(NamedTuple):
-    """What a batch sampler hands the dataset: dataset index, epoch (selects the augmentation key),
-    and whether the slot is padding (train: a wrapped repeat; eval: an empty slot)."""
-
+    """What a batch sampler hands the dataset: index, epoch (selects the augmentation key), and padding
+    (train: a wrapped repeat; eval: an empty slot)."""
     index: int
     epoch: int
     padding: bool = False
@@ -38,7 +30,6 @@ class SampleRef(NamedTuple):
 
 class EpochPlan(NamedTuple):
     """indices int64 [S, global_batch] and padding bool [S, global_batch] for one epoch of S steps."""
-
     indices: np.ndarray
     padding: np.ndarray
 
@@ -52,11 +43,8 @@ def _group_ids(groups: np.ndarray) -> list[np.ndarray]:
 
 
 def train_plan(groups: np.ndarray, global_batch: int, key: torch.Tensor, epoch: int) -> EpochPlan:
-    """The training order of one epoch; a pure function of (groups, global_batch, key, epoch).
-
-    groups: int [N] aspect group of each dataset index. Every row of the result is one global batch
-    from a single group; each index appears at least once with padding False and exactly once overall
-    apart from wrapped repeats (padding True)."""
+    """The training order of one epoch; groups: int [N], the aspect group of each dataset index. Each row is
+    one global batch of one group; each index appears once with padding False, wrapped repeats True."""
     if global_batch <= 0:
         raise ValueError(f"global batch must be positive, got {global_batch}")
     gen = rng.numpy_generator(rng.fold_in(key, epoch))
@@ -72,8 +60,8 @@ def train_plan(groups: np.ndarray, global_batch: int, key: torch.Tensor, epoch: 
 
 
 def eval_plan(groups: np.ndarray, global_batch: int) -> EpochPlan:
-    """The evaluation order: each group's indices ascending, its last global batch filled with padding
-    slots (index = the group's first member, so the slot knows its canvas; padding True)."""
+    """The evaluation order: each group's indices ascending, its last global batch filled with padding slots
+    (index: the group's first member, so the slot knows its canvas)."""
     if global_batch <= 0:
         raise ValueError(f"global batch must be positive, got {global_batch}")
     rows, pads = [], []
@@ -87,12 +75,8 @@ def eval_plan(groups: np.ndarray, global_batch: int) -> EpochPlan:
 
 
 class GroupBatchSampler(torch.utils.data.Sampler):
-    """Yields, for one rank, lists of `images_per_device` SampleRefs, `accum_steps` lists per step.
-
-    train=True: `train_plan` with `key` (the order key, independent of the augmentation key);
-    train=False: `eval_plan` (no key needed; the epoch stays 0 unless set).
-    `len()` is the number of lists the next iteration yields ((steps_per_epoch - start_step) * accum_steps).
-    """
+    """Yields, for one rank, lists of `images_per_device` SampleRefs, `accum_steps` lists per step, from
+    `train_plan` with the order `key` (train) or `eval_plan`; len() counts the next iteration's lists."""
 
     def __init__(self, groups: np.ndarray, *, images_per_device: int, rank: int, world_size: int, train: bool,
                  key: torch.Tensor | None = None, epoch: int = 0, start_step: int = 0, accum_steps: int = 1):
@@ -104,13 +88,8 @@ class GroupBatchSampler(torch.utils.data.Sampler):
             raise ValueError("a training sampler needs a key")
         if accum_steps < 1:
             raise errors.ConfigError(f"optim.accum_steps must be >= 1, got {accum_steps}")
-        self.groups = np.asarray(groups)
-        self.images_per_device = images_per_device
-        self.rank = rank
-        self.world_size = world_size
-        self.train = train
-        self.key = key
-        self.accum_steps = accum_steps
+        self.groups, self.images_per_device, self.accum_steps = np.asarray(groups), images_per_device, accum_steps
+        self.rank, self.world_size, self.train, self.key = rank, world_size, train, key
         self.global_batch = images_per_device * world_size * accum_steps
         self._eval_plan = None if train else eval_plan(self.groups, self.global_batch)
         self.steps_per_epoch = self.plan(0).indices.shape[0]  # the same every epoch
@@ -128,15 +107,13 @@ class GroupBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch} (steps per epoch)")
-        self.epoch = epoch
-        self.start_step = start_step
+        self.epoch, self.start_step = epoch, start_step
 
     def rank_plan(self, epoch: int) -> EpochPlan:
         """This rank's columns of the epoch plan: [S, accum_steps, images_per_device]."""
         p = self.plan(epoch)
         ipd = self.images_per_device
-        cols = [(j * self.world_size + self.rank) * ipd + np.arange(ipd) for j in range(self.accum_steps)]
-        cols = np.stack(cols)  # [accum_steps, ipd]
+        cols = np.stack([(j * self.world_size + self.rank) * ipd + np.arange(ipd) for j in range(self.accum_steps)])
         return EpochPlan(p.indices[:, cols], p.padding[:, cols])
 
     def __len__(self) -> int:

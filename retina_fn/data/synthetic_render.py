@@ -1,29 +1,19 @@
 """One image of the synthetic shapes dataset (`retina_fn.data.synthetic`): background, objects, crowd
 regions and their annotations, all drawn from one numpy Generator.
 
-- Image sizes: width and height each uniform in [0.78, 1.25] x image_size, independently, so both
-  landscape (w > h) and portrait (w <= h) images occur.
-- Background: noisy flat colour, a linear gradient, or blurred colour blocks, always with pixel noise;
-  some get a few thin distractor lines that are not objects.
-- Objects: 1..7 per image (about 6% of images have none and no crowd region either). Classes are the first
-  `num_classes` of SHAPE_NAMES, each randomly stretched (box aspect up to 2.5:1), rotated, coloured
-  with a colour that differs from the local background, and filled solid, striped, noisy or with a
-  gradient. Box size sqrt(w * h) is log-uniform from 10 px to 0.6 x the shorter image side, so COCO's
-  small (< 32^2), medium and large (> 96^2) bins all occur. Larger objects are drawn first; centres are
-  kept apart enough that objects overlap and occlude each other only partly; objects may be cut by the
-  image border by up to ~15% of their box.
-- Crowd regions: about 12% of non-empty images get a cluster of 8..16 tiny (5..10 px) shapes of one
-  class, annotated as a single iscrowd=1 box (the union of the members' boxes).
-- About 30% of images get a light Gaussian blur.
+Width and height are each uniform in [0.78, 1.25] x image_size. The background is noisy flat colour, a
+gradient or blurred colour blocks, some with thin distractor lines. 1..7 objects per image (about 6% of
+images empty), of the first `num_classes` of SHAPE_NAMES, stretched (aspect up to 2.5:1), rotated, in a
+colour contrasting with the background, with solid, striped, noisy or gradient fill; box side sqrt(w * h)
+log-uniform from 10 px to 0.6 x the shorter image side (COCO's small, medium and large bins all occur);
+larger objects drawn first, centres kept apart so occlusion is partial. About 12% of non-empty images get
+a cluster of 8..16 tiny shapes of one class, annotated as one iscrowd=1 box; about 30% a light blur.
 
-Boxes follow COCO: the tight box of the object's full rasterised shape (measured on a 4x supersampled
-mask, so to 1/4 px), clipped to the image, whatever later objects occlude. `area` is w * h for ordinary
-objects and the covered pixel area for crowd regions. Labels are contiguous class indices 0..K-1;
-`retina_fn.data.synthetic` writes them as category ids.
-
-Determinism: image `image_id` is drawn from `rng.numpy_generator(rng.fold_in(rng.key(seed), image_id))`,
-so an image depends only on (seed, image_id, image_size, num_classes).
-"""
+Pixels are float32 RGB in 0..255 until the end. Boxes follow COCO: the tight box of the full rasterised
+shape (to 1/4 px), clipped to the image, whatever occludes it; `area` is w * h, or the covered pixel area
+for crowd regions; labels are class indices 0..K-1.
+Image `image_id` depends only on (seed, image_id, image_size, num_classes): its generator is
+`rng.numpy_generator(rng.fold_in(rng.key(seed), image_id))`."""
 
 from __future__ import annotations
 
@@ -47,19 +37,8 @@ _MIN_CONTRAST = 70.0  # Euclidean RGB distance between an object's colour and th
 
 
 def image_size_range(image_size: int) -> tuple[int, int]:
-    """The bounds of image sides for a nominal size.
-
-    Args:
-        image_size: the nominal image side in pixels.
-
-    Returns:
-        Inclusive (low, high) ints bounding image widths and heights: round(0.78 x) and round(1.25 x).
-    """
+    """Inclusive (low, high) bounds of image sides for a nominal side: round(0.78 x), round(1.25 x)."""
     return int(round(0.78 * image_size)), int(round(1.25 * image_size))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pixels: backgrounds and fills (float32 RGB in 0..255).
 
 
 def _random_colour(gen: np.random.Generator) -> np.ndarray:
@@ -67,7 +46,7 @@ def _random_colour(gen: np.random.Generator) -> np.ndarray:
 
 
 def _linear_ramp(gen: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """[H, W, 1] values in [0, 1] along a random direction."""
+    """[H, W, 1] in [0, 1] along a random direction."""
     angle = gen.uniform(0.0, 2.0 * np.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     proj = xs * math.cos(angle) + ys * math.sin(angle)
@@ -85,18 +64,17 @@ def _background(gen: np.random.Generator, height: int, width: int) -> np.ndarray
     else:  # blurred blocks
         grid_h, grid_w = int(gen.integers(3, 11)), int(gen.integers(3, 11))
         blocks = gen.uniform(0.0, 255.0, size=(grid_h, grid_w, 3)).astype(np.uint8)
-        radius = float(gen.uniform(3.0, 10.0))
+        blur = ImageFilter.GaussianBlur(float(gen.uniform(3.0, 10.0)))
         pil = Image.fromarray(blocks).resize((width, height), Image.NEAREST)
-        image = np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    sigma = np.float32(gen.uniform(4.0, 20.0))
-    image = image + sigma * gen.standard_normal((height, width, 3), dtype=np.float32)
+        image = np.asarray(pil.filter(blur), dtype=np.float32)
+    image = image + np.float32(gen.uniform(4.0, 20.0)) * gen.standard_normal((height, width, 3), dtype=np.float32)
     if gen.random() < 0.3:
         image = _distractor_lines(gen, image)
     return image
 
 
 def _distractor_lines(gen: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """A few thin straight lines: texture that is not an object."""
+    """A few thin lines: texture that is not an object."""
     height, width = image.shape[:2]
     pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
@@ -108,8 +86,7 @@ def _distractor_lines(gen: np.random.Generator, image: np.ndarray) -> np.ndarray
 
 
 def _contrasting_colour(gen: np.random.Generator, under: np.ndarray) -> np.ndarray:
-    """A random colour at least _MIN_CONTRAST from `under` (the mean background colour below the shape);
-    the farthest of a few tries if none is."""
+    """A random colour at least _MIN_CONTRAST from `under`, else the farthest of a few tries."""
     best, best_dist = None, -1.0
     for _ in range(8):
         colour = _random_colour(gen)
@@ -122,7 +99,7 @@ def _contrasting_colour(gen: np.random.Generator, under: np.ndarray) -> np.ndarr
 
 
 def _fill(gen: np.random.Generator, colour: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[H, W, 3] texture of one object: solid, striped, noisy or a gradient, based on `colour`."""
+    """[H, W, 3] texture of one object: solid, striped, noisy or a gradient."""
     kind = gen.integers(4)
     if kind == 0:  # solid, slightly noisy
         return colour + np.float32(3.0) * gen.standard_normal((height, width, 3), dtype=np.float32)
@@ -135,31 +112,29 @@ def _fill(gen: np.random.Generator, colour: np.ndarray, height: int, width: int)
         on = ((phase % 1.0) < 0.5)[..., None]
         return np.where(on, colour, other)
     if kind == 2:  # strong noise around the colour
-        sigma = np.float32(gen.uniform(15.0, 35.0))
-        return colour + sigma * gen.standard_normal((height, width, 3), dtype=np.float32)
+        return colour + np.float32(gen.uniform(15.0, 35.0)) * gen.standard_normal((height, width, 3), dtype=np.float32)
     other = np.clip(colour + gen.uniform(-90.0, 90.0, size=3), 0, 255).astype(np.float32)
     return colour + (other - colour) * _linear_ramp(gen, height, width)
 
 
-def _composite(image: np.ndarray, mask: Mask, texture: np.ndarray) -> None:
-    """Blends `texture` [ph, pw, 3] into `image` (in place) with the mask's coverage."""
+def _patch(image: np.ndarray, mask: Mask) -> np.ndarray:
+    """The view of `image` under the mask's patch."""
     ph, pw = mask.alpha.shape
-    region = image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
-    a = mask.alpha[..., None]
-    region += a * (texture - region)
+    return image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
+
+
+def _paint(gen: np.random.Generator, image: np.ndarray, mask: Mask, colour: np.ndarray) -> None:
+    """Blends a `_fill` texture of `colour` into `image` in place, weighted by the mask's coverage."""
+    texture = _fill(gen, colour, *mask.alpha.shape)
+    region = _patch(image, mask)
+    region += mask.alpha[..., None] * (texture - region)
 
 
 def _mean_under(image: np.ndarray, mask: Mask) -> np.ndarray:
-    ph, pw = mask.alpha.shape
-    region = image[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
-    weight = mask.alpha.sum()
+    region, weight = _patch(image, mask), mask.alpha.sum()
     if weight <= 0:
         return region.reshape(-1, 3).mean(axis=0)
     return (region * mask.alpha[..., None]).sum(axis=(0, 1)) / weight
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layout of one image.
 
 
 class _Planned(NamedTuple):
@@ -174,42 +149,31 @@ def _sample_aspect(gen: np.random.Generator) -> float:
     return float(math.exp(gen.uniform(-math.log(limit), math.log(limit))))
 
 
-def _inside(point, box) -> bool:
-    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
-
-
 def _plan_objects(gen, height, width, num_classes, count, keep_out) -> list[_Planned]:
-    """Samples `count` objects (fewer if placement fails), largest first."""
+    """`count` objects (fewer if placement fails), largest first."""
     max_side = _MAX_OBJECT_FRACTION * min(height, width)
     sizes = np.exp(gen.uniform(math.log(_MIN_OBJECT_SIDE), math.log(max_side), size=count))
     planned: list[_Planned] = []
     for size in sorted(sizes.tolist(), reverse=True):
         label = int(gen.integers(num_classes))
-        polygons, (w, h) = place_shape(
-            unit_shape(SHAPE_NAMES[label], gen), size, _sample_aspect(gen),
-            gen.uniform(0.0, 2.0 * np.pi), (0.9 * width, 0.9 * height),
-        )
+        polygons, (w, h) = place_shape(unit_shape(SHAPE_NAMES[label], gen), size, _sample_aspect(gen),
+                                       gen.uniform(0.0, 2.0 * np.pi), (0.9 * width, 0.9 * height))
         radius = 0.5 * max(w, h)
         for _ in range(30):
-            # At most ~15% of the box may leave the image on each side.
             cx = gen.uniform(0.35 * w, width - 0.35 * w)
             cy = gen.uniform(0.35 * h, height - 0.35 * h)
-            if keep_out is not None and _inside((cx, cy), keep_out):
+            if keep_out is not None and keep_out[0] <= cx <= keep_out[2] and keep_out[1] <= cy <= keep_out[3]:
                 continue
-            # Smaller objects are drawn on top of larger ones; keeping centres apart leaves every object
-            # mostly visible while still allowing overlap.
-            if all(
-                math.hypot(cx - p.centre[0], cy - p.centre[1]) >= 0.45 * (radius + 0.5 * max(p.wh))
-                for p in planned
-            ):
+            # centres apart: every object mostly visible, overlap still possible
+            if all(math.hypot(cx - p.centre[0], cy - p.centre[1]) >= 0.45 * (radius + 0.5 * max(p.wh))
+                   for p in planned):
                 planned.append(_Planned(label, polygons, (cx, cy), (w, h)))
                 break
     return planned
 
 
 def _crowd_region(gen, image, num_classes, region) -> dict | None:
-    """Draws a cluster of tiny same-class shapes inside `region` (xyxy); returns its annotation
-    (iscrowd=1, box = union of the members' boxes, area = covered pixels) or None."""
+    """Draws a cluster of tiny same-class shapes inside `region` (xyxy); its iscrowd annotation or None."""
     height, width = image.shape[:2]
     rx0, ry0, rx1, ry1 = region
     label = int(gen.integers(num_classes))
@@ -217,27 +181,22 @@ def _crowd_region(gen, image, num_classes, region) -> dict | None:
     coverage = np.zeros((height, width), dtype=np.float32)
     boxes = []
     for _ in range(int(gen.integers(8, 17))):
-        polygons, (w, h) = place_shape(
-            unit_shape(SHAPE_NAMES[label], gen), gen.uniform(5.0, 10.0), _sample_aspect(gen),
-            gen.uniform(0.0, 2.0 * np.pi), (rx1 - rx0, ry1 - ry0),
-        )
+        polygons, (w, h) = place_shape(unit_shape(SHAPE_NAMES[label], gen), gen.uniform(5.0, 10.0),
+                                       _sample_aspect(gen), gen.uniform(0.0, 2.0 * np.pi), (rx1 - rx0, ry1 - ry0))
         centre = (gen.uniform(rx0 + w / 2, rx1 - w / 2), gen.uniform(ry0 + h / 2, ry1 - h / 2))
         mask = render_mask(polygons, centre, height, width)
         if mask is None:
             continue
         if base is None:  # one colour for the whole cluster, jittered per member
             base = _contrasting_colour(gen, _mean_under(image, mask))
-        colour = np.clip(base + gen.uniform(-25.0, 25.0, size=3), 0, 255).astype(np.float32)
-        ph, pw = mask.alpha.shape
-        _composite(image, mask, _fill(gen, colour, ph, pw))
-        cov = coverage[mask.y0 : mask.y0 + ph, mask.x0 : mask.x0 + pw]
+        _paint(gen, image, mask, np.clip(base + gen.uniform(-25.0, 25.0, size=3), 0, 255).astype(np.float32))
+        cov = _patch(coverage, mask)
         np.maximum(cov, mask.alpha, out=cov)
         boxes.append(mask.box)
     if not boxes:
         return None
     b = np.array(boxes)
-    box = (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
-    return _annotation(label, box, area=float(coverage.sum()), iscrowd=1)
+    return _annotation(label, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), float(coverage.sum()), 1)
 
 
 def _annotation(label: int, box, area: float, iscrowd: int) -> dict:
@@ -246,18 +205,13 @@ def _annotation(label: int, box, area: float, iscrowd: int) -> dict:
 
 
 def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: int = 5):
-    """Draws image `image_id` of the dataset with this seed. A pure function of its arguments.
+    """Image `image_id` of the dataset with seed `seed` (>= 0), a pure function of its arguments.
 
     Args:
-        seed: the dataset seed (>= 0).
-        image_id: the image's id (its stream: `rng.fold_in(rng.key(seed), image_id)`).
-        image_size: the nominal image side; width and height each lie in `image_size_range(image_size)`.
-        num_classes: K, the first K shapes of SHAPE_NAMES are the classes.
-
+        image_size: the nominal side (`image_size_range`); num_classes: K, the first K of SHAPE_NAMES.
     Returns:
-        (pixels uint8 [H, W, 3], annotations): each annotation a dict with 'label' (contiguous class
-        0..K-1), 'bbox' [x, y, w, h] floats in pixels, 'area' float and 'iscrowd' 0 or 1.
-    """
+        (pixels uint8 [H, W, 3], annotations): dicts with 'label' (0..K-1), 'bbox' [x, y, w, h] floats in
+        pixels, 'area' float and 'iscrowd' 0 or 1."""
     check_num_classes(num_classes)
     gen = rng.numpy_generator(rng.fold_in(rng.key(seed), int(image_id)))
     lo, hi = image_size_range(image_size)
@@ -267,7 +221,7 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
     if gen.random() >= _EMPTY_PROB:
         crowd_region = None
         if gen.random() < _CROWD_PROB:
-            # Chosen before the ordinary objects so their centres stay out of it; drawn after them.
+            # chosen before the objects so their centres stay out of it; drawn after them
             region_w, region_h = np.minimum(gen.uniform(35.0, 80.0, size=2), (0.6 * width, 0.6 * height))
             rx0, ry0 = gen.uniform(0.0, width - region_w), gen.uniform(0.0, height - region_h)
             crowd_region = (rx0, ry0, rx0 + region_w, ry0 + region_h)
@@ -279,9 +233,7 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
             x1, y1, x2, y2 = mask.box
             if x2 - x1 < 2.0 or y2 - y1 < 2.0:  # a sliver left by the border: neither drawn nor annotated
                 continue
-            colour = _contrasting_colour(gen, _mean_under(image, mask))
-            ph, pw = mask.alpha.shape
-            _composite(image, mask, _fill(gen, colour, ph, pw))
+            _paint(gen, image, mask, _contrasting_colour(gen, _mean_under(image, mask)))
             annotations.append(_annotation(obj.label, mask.box, area=(x2 - x1) * (y2 - y1), iscrowd=0))
         if crowd_region is not None:
             crowd = _crowd_region(gen, image, num_classes, crowd_region)
@@ -289,6 +241,5 @@ def render_image(seed: int, image_id: int, image_size: int = 256, num_classes: i
                 annotations.append(crowd)
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     if gen.random() < _BLUR_PROB:
-        radius = float(gen.uniform(0.4, 1.2))
-        pixels = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius)))
+        pixels = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(float(gen.uniform(0.4, 1.2)))))
     return pixels, annotations

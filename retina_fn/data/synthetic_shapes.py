@@ -1,9 +1,6 @@
-"""Shapes of the synthetic dataset (`retina_fn.data.synthetic`): each class a polygon set in a unit
-frame, stretched, rotated and scaled into place, then rasterised on a 4x supersampled grid into a
-coverage mask with the tight box of the whole shape (to 1/4 px).
-
-Holes (the ring's centre, the crescent's bite) are polygons drawn with fill 0.
-"""
+"""Shapes of the synthetic dataset (`retina_fn.data.synthetic`): each class a polygon set in a unit frame
+(holes, such as the ring's centre, drawn with fill 0), stretched, rotated and scaled into place, then
+rasterised on a 4x supersampled grid into a coverage mask with the tight box of the whole shape (to 1/4 px)."""
 
 from __future__ import annotations
 
@@ -22,14 +19,7 @@ _CIRCLE_VERTICES = 64
 
 
 def check_num_classes(num_classes: int) -> None:
-    """Checks a class count against the shapes there are.
-
-    Args:
-        num_classes: K, the number of shape classes asked for (the first K of SHAPE_NAMES).
-
-    Returns:
-        None; ConfigError (a ValueError) naming num_classes unless 1 <= K <= len(SHAPE_NAMES).
-    """
+    """ConfigError (a ValueError) unless 1 <= num_classes <= len(SHAPE_NAMES)."""
     if not 1 <= int(num_classes) <= len(SHAPE_NAMES):
         raise errors.ConfigError(f"num_classes must be in 1..{len(SHAPE_NAMES)} (shapes {SHAPE_NAMES}), got "
                                  f"{num_classes}")
@@ -41,15 +31,8 @@ def _regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0, center=(0.
 
 
 def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    """One shape of a class in its unit frame.
-
-    Args:
-        name: a class of SHAPE_NAMES (ValueError otherwise).
-        gen: the image's numpy generator (ring, cross, star and crescent draw their proportions from it).
-
-    Returns:
-        [(vertices float64 [V, 2] (x, y) within about [-1, 1]^2, fill 1 or 0 (a hole))].
-    """
+    """One shape of class `name` (of SHAPE_NAMES) in its unit frame, some proportions drawn from `gen`:
+    [(vertices float64 [V, 2] (x, y) within about [-1, 1]^2, fill 1 or 0 (a hole))]."""
     if name == "circle":
         return [(_regular_polygon(_CIRCLE_VERTICES), 1)]
     if name == "square":
@@ -71,27 +54,16 @@ def unit_shape(name: str, gen: np.random.Generator) -> list[tuple[np.ndarray, in
     if name == "crescent":
         bite_radius = gen.uniform(0.8, 1.0)
         offset = gen.uniform(0.45, 0.75)
-        return [
-            (_regular_polygon(_CIRCLE_VERTICES), 1),
-            (_regular_polygon(_CIRCLE_VERTICES, bite_radius, center=(offset, 0.0)), 0),
-        ]
+        return [(_regular_polygon(_CIRCLE_VERTICES), 1),
+                (_regular_polygon(_CIRCLE_VERTICES, bite_radius, center=(offset, 0.0)), 0)]
     raise ValueError(f"unknown shape {name!r}; known: {SHAPE_NAMES}")
 
 
 def place_shape(polygons, size: float, aspect: float, angle: float,
                 max_wh: tuple[float, float]) -> tuple[list[tuple[np.ndarray, int]], tuple[float, float]]:
-    """Stretches a unit shape to box aspect ~`aspect`, rotates it and scales it to size.
-
-    Args:
-        polygons: [(vertices float64 [V, 2], fill)] of `unit_shape`.
-        size: sqrt(w * h) of the shape's box in pixels (shrunk to fit `max_wh`).
-        aspect: box aspect w / h before the rotation.
-        angle: rotation in radians.
-        max_wh: (w, h) limits of the box in pixels.
-
-    Returns:
-        (polygons [(vertices float64 [V, 2] in pixels, centred at 0, fill)], (w, h) of the box).
-    """
+    """A `unit_shape` stretched to box aspect ~`aspect` (w / h, before rotating), rotated by `angle` radians
+    and scaled to box side sqrt(w * h) = size pixels, shrunk to fit max_wh (w, h): (polygons [(vertices
+    float64 [V, 2] in pixels, centred at 0, fill)], (w, h) of the box)."""
     stretch = np.array([math.sqrt(aspect), 1.0 / math.sqrt(aspect)])
     c, s = math.cos(angle), math.sin(angle)
     rotation = np.array([[c, -s], [s, c]])
@@ -99,15 +71,13 @@ def place_shape(polygons, size: float, aspect: float, angle: float,
     outer = np.concatenate([v for v, fill in moved if fill])
     lo, hi = outer.min(axis=0), outer.max(axis=0)
     w0, h0 = hi - lo
-    scale = size / math.sqrt(w0 * h0)
-    scale = min(scale, max_wh[0] / w0, max_wh[1] / h0)
+    scale = min(size / math.sqrt(w0 * h0), max_wh[0] / w0, max_wh[1] / h0)
     centre = (lo + hi) / 2
     return [((v - centre) * scale, fill) for v, fill in moved], (w0 * scale, h0 * scale)
 
 
 class Mask(NamedTuple):
     """A rasterised shape: coverage over a patch of the image and the shape's tight box."""
-
     x0: int  # patch origin in image pixels
     y0: int
     alpha: np.ndarray  # float32 [ph, pw] coverage in [0, 1]
@@ -115,17 +85,8 @@ class Mask(NamedTuple):
 
 
 def render_mask(polygons, offset_xy, height: int, width: int) -> Mask | None:
-    """Rasterises a placed shape inside an image on a 4x supersampled grid.
-
-    Args:
-        polygons: [(vertices float64 [V, 2] in pixels relative to `offset_xy`, fill 1 or 0)].
-        offset_xy: (x, y) of the shape's centre in image pixels.
-        height, width: the image size.
-
-    Returns:
-        A Mask (alpha float32 [ph, pw]; box xyxy to 1/4 px, clipped to the image), or None when nothing
-        of the shape falls inside the image.
-    """
+    """Rasterises placed `polygons` centred at offset_xy (x, y) inside a height x width image: a Mask (box
+    clipped to the image), or None when nothing of the shape falls inside."""
     ox, oy = offset_xy
     outer = np.concatenate([v for v, fill in polygons if fill]) + (ox, oy)
     x0 = max(0, int(math.floor(outer[:, 0].min())))
@@ -138,8 +99,7 @@ def render_mask(polygons, offset_xy, height: int, width: int) -> Mask | None:
     canvas = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
     draw = ImageDraw.Draw(canvas)
     for v, fill in polygons:
-        # Pixel (i, j) of the fine grid covers [i, i + 1) x [j, j + 1): shift by half a pixel so that
-        # polygon coordinates are continuous image coordinates.
+        # fine pixel (i, j) covers [i, i + 1) x [j, j + 1): shift by half a pixel to continuous coordinates
         pts = (v + (ox - x0, oy - y0)) * ss - 0.5
         draw.polygon([tuple(p) for p in pts.tolist()], fill=255 if fill else 0)
     fine = np.asarray(canvas)

@@ -8,12 +8,9 @@ from typing import Iterable
 
 
 def measure(batches: Iterable[dict], num_batches: int, warmup: int = 1) -> dict:
-    """Draws `warmup` + `num_batches` batches from `batches` (a loader or any iterable of batch dicts with
-    an 'image_id' tensor [B]) and times the last `num_batches`.
-
-    Returns dict(images_per_s, batches_per_s, seconds, images, batches, first_batch_s): `images` counts
-    real slots (image_id >= 0); first_batch_s is the time to the first batch (worker start-up included).
-    Fewer batches than asked (a short loader) are timed as they come."""
+    """Draws `warmup` + `num_batches` batch dicts (with 'image_id' [B]) and times the last `num_batches`
+    (fewer if the iterable runs out): dict(images_per_s, batches_per_s, seconds, images (real slots, image_id >= 0),
+    batches, first_batch_s (worker start-up included))."""
     if num_batches <= 0 or warmup < 0:
         raise ValueError(f"need num_batches > 0 and warmup >= 0, got {num_batches}, {warmup}")
     it = iter(batches)

@@ -6,14 +6,5 @@ from retina_fn.eval.coco_backend import faster_coco_eval_backend
 from retina_fn.eval.coco_eval import METRIC_NAMES, CocoEvaluation, evaluate, evaluate_detailed
 from retina_fn.eval.coco_results import category_id_table, detections_to_coco, merge_results, write_results
 
-__all__ = [
-    "METRIC_NAMES",
-    "CocoEvaluation",
-    "category_id_table",
-    "detections_to_coco",
-    "evaluate",
-    "evaluate_detailed",
-    "faster_coco_eval_backend",
-    "merge_results",
-    "write_results",
-]
+__all__ = ["METRIC_NAMES", "CocoEvaluation", "category_id_table", "detections_to_coco", "evaluate", "evaluate_detailed",
+           "faster_coco_eval_backend", "merge_results", "write_results"]

@@ -1,15 +1,8 @@
 """Tables from COCOeval's precision arrays (numpy in, numbers and markdown out; no I/O).
 
-    rows = per_class_table(ev.precision, ev.iou_thrs, ev.cat_ids, ev.names, ev.num_gt)   # ev: CocoEvaluation
-    text = format_per_class(rows)
-    picks = extreme_classes(class_ap(ev.precision), n=3)                                  # worst and best
-    ap, overall, curves = breakdown_summary(breakdown.precision)                           # an ErrorBreakdown
-
-Rules (COCOeval's `summarize`): an AP is the mean of the interpolated precision over the recall thresholds
-(and IoU thresholds) with the -1 entries (a category without ground truth) left out; a category whose
-entries are all -1 has no AP (NaN). The mean over categories of their APs is COCOeval's bbox_mAP, since
-every category with ground truth has the same number of entries.
-"""
+COCOeval's `summarize` rule: an AP is the mean of the interpolated precision over recall (and IoU)
+thresholds, leaving out the -1 entries (no ground truth); a category with only -1 entries has no AP (NaN).
+The mean of the category APs is COCOeval's bbox_mAP, as every category with ground truth has as many entries."""
 
 from __future__ import annotations
 
@@ -20,15 +13,8 @@ import numpy as np
 
 
 def class_ap(precision: np.ndarray) -> np.ndarray:
-    """Per-category AP.
-
-    Args:
-      precision: float [..., R, K]: COCOeval's precision with the category last (e.g. [T, R, K] for AP over
-        IoU thresholds, [R, K] for one threshold); -1 marks an undefined entry.
-
-    Returns:
-      float64 [K]: the mean of each category's entries > -1; NaN where there is none.
-    """
+    """float64 [K]: per-category AP of precision float [..., R, K] (e.g. [T, R, K] or [R, K]); NaN where
+    a category has only -1 entries."""
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim < 2:
         raise ValueError(f"precision must have shape [..., R, K], got {list(p.shape)}")
@@ -41,7 +27,7 @@ def class_ap(precision: np.ndarray) -> np.ndarray:
 
 
 def iou_index(iou_thrs: np.ndarray, iou: float) -> int:
-    """The position of `iou` in COCOeval's IoU thresholds [T]; ValueError when it is not one of them."""
+    """The position of `iou` in iou_thrs [T]; ValueError when it is not one of them."""
     hits = np.flatnonzero(np.isclose(np.asarray(iou_thrs, dtype=np.float64), iou))
     if hits.size == 0:
         raise ValueError(f"IoU threshold {iou} is not among the evaluated ones {np.round(iou_thrs, 2).tolist()}")
@@ -53,33 +39,23 @@ def per_class_table(precision: np.ndarray, iou_thrs: np.ndarray, cat_ids: Sequen
     """AP, AP50, AP75 and ground-truth count of every category.
 
     Args:
-      precision: float [T, R, K]: COCOeval's precision at area 'all' and 100 detections per image.
-      iou_thrs: float [T], containing 0.5 and 0.75.
-      cat_ids: K category ids.
-      names: K category names.
-      num_gt: K counts of non-crowd ground-truth boxes.
-
+      precision: float [T, R, K] at area 'all', 100 detections; iou_thrs: float [T] with 0.5 and 0.75.
+      cat_ids, names, num_gt: K ids, names and non-crowd ground-truth counts.
     Returns:
-      K dicts {'category_id': int, 'name': str, 'AP': float, 'AP50': float, 'AP75': float, 'num_gt': int}
-      in category order; the APs are NaN for a category without ground truth.
-
-    Raises:
-      ValueError: shapes that do not agree, or IoU 0.5 or 0.75 not evaluated.
-    """
+      K dicts {'category_id', 'name', 'AP', 'AP50', 'AP75' (NaN without ground truth), 'num_gt'}; ValueError
+      for shapes that do not agree, or IoU 0.5 or 0.75 not evaluated."""
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] != len(iou_thrs) or not len(cat_ids) == len(names) == len(num_gt) == p.shape[2]:
         raise ValueError(f"precision {list(p.shape)} must be [T={len(iou_thrs)}, R, K={len(cat_ids)}], with "
                          f"{len(names)} names and {len(num_gt)} counts")
-    ap = class_ap(p)
-    ap50 = class_ap(p[iou_index(iou_thrs, 0.5)])
-    ap75 = class_ap(p[iou_index(iou_thrs, 0.75)])
+    aps = zip(class_ap(p), class_ap(p[iou_index(iou_thrs, 0.5)]), class_ap(p[iou_index(iou_thrs, 0.75)]))
     return [{"category_id": int(c), "name": str(n), "AP": float(a), "AP50": float(a50), "AP75": float(a75),
-             "num_gt": int(g)} for c, n, a, a50, a75, g in zip(cat_ids, names, ap, ap50, ap75, num_gt)]
+             "num_gt": int(g)} for c, n, (a, a50, a75), g in zip(cat_ids, names, aps, num_gt)]
 
 
 def mean_row(rows: Sequence[Mapping]) -> dict:
-    """The mean AP, AP50 and AP75 over the rows with an AP (COCOeval's bbox_mAP, _50, _75) and the total
-    ground-truth count: {'name': 'mean (N classes)', 'AP', 'AP50', 'AP75' (NaN without any), 'num_gt'}."""
+    """{'name': 'mean (N classes)', 'AP', 'AP50', 'AP75', 'num_gt'}: the means over the rows with an AP
+    (COCOeval's bbox_mAP, _50, _75; NaN without any) and the total ground-truth count."""
     scored = [r for r in rows if math.isfinite(r["AP"])]
     mean = {key: float(np.mean([r[key] for r in scored])) if scored else math.nan for key in ("AP", "AP50", "AP75")}
     return {"name": f"mean ({len(scored)} classes)", **mean, "num_gt": int(sum(r["num_gt"] for r in rows))}
@@ -90,8 +66,7 @@ def _cell(value: float, digits: int = 3) -> str:
 
 
 def format_per_class(rows: Sequence[Mapping], digits: int = 3) -> str:
-    """A markdown table of `per_class_table` rows: class, id, AP, AP50, AP75, GT, and a last row with the
-    means over the classes that have ground truth ('-' for an AP that does not exist)."""
+    """A markdown table of `per_class_table` rows and their `mean_row` ('-' for an AP that does not exist)."""
     lines = ["| class | id | AP | AP50 | AP75 | GT |", "| :--- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['category_id']} | {_cell(r['AP'], digits)} | {_cell(r['AP50'], digits)} | "
@@ -103,37 +78,18 @@ def format_per_class(rows: Sequence[Mapping], digits: int = 3) -> str:
 
 
 def extreme_classes(ap: np.ndarray, n: int = 3) -> tuple[list[int], list[int]]:
-    """The n worst and the n best categories by AP.
-
-    Args:
-      ap: float [K], NaN for a category without AP (never picked).
-      n: how many of each.
-
-    Returns:
-      (worst, best): category indices, worst ascending by AP and best descending; when fewer than 2n
-      categories have an AP, every one of them appears once (the lower half in worst). Ties keep the
-      category order.
-    """
+    """(worst, best): the indices of the n lowest (ascending) and n highest (descending) of ap float [K],
+    NaN never picked; with fewer than 2n APs each appears once, the lower half in worst; ties keep order."""
     ap = np.asarray(ap, dtype=np.float64)
     scored = [int(i) for i in np.argsort(ap, kind="stable") if math.isfinite(ap[i])]
     n_worst = min(n, (len(scored) + 1) // 2)
-    worst = scored[:n_worst]
-    best = scored[n_worst:][::-1][:n]
-    return worst, best
+    return scored[:n_worst], scored[n_worst:][::-1][:n]
 
 
 def breakdown_summary(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """APs and mean curves of an error breakdown.
-
-    Args:
-      precision: float [E, R, K]: one PR curve per kind of error relaxed (C75, C50, Loc, ...), category
-        and recall threshold; -1 for a category without ground truth.
-
-    Returns:
-      (ap float64 [E, K], NaN for a category without ground truth; overall float64 [E], the mean of ap over
-      the categories with ground truth (NaN when none); curves float64 [E, R], the precision averaged over
-      those categories).
-    """
+    """APs and mean curves of an error breakdown's precision float [E, R, K] (-1: no ground truth): (ap float64
+    [E, K], NaN without ground truth; overall float64 [E], the mean ap over the categories with ground truth,
+    NaN when none; curves float64 [E, R], the precision averaged over them)."""
     p = np.asarray(precision, dtype=np.float64)
     if p.ndim != 3 or p.shape[0] == 0:
         raise ValueError(f"precision must have shape [E, R, K] with E >= 1, got {list(p.shape)}")
@@ -146,16 +102,8 @@ def breakdown_summary(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 def format_breakdown(kinds: Sequence[str], overall: np.ndarray, ap: np.ndarray, names: Sequence[str],
                      descriptions: Mapping[str, str], digits: int = 3) -> str:
-    """Two markdown tables: each kind's AP over all classes with what it relaxes, and the AP of every
-    class under each kind ('-' for a class without ground truth).
-
-    Args:
-      kinds: E kind names, in order.
-      overall: float [E].
-      ap: float [E, K].
-      names: K class names.
-      descriptions: a line per kind.
-    """
+    """Two markdown tables: each of the E kinds' overall AP [E] with its description, and ap [E, K] per
+    class name ('-' for a class without ground truth)."""
     lines = ["| curve | AP | what it counts |", "| :--- | ---: | :--- |"]
     lines += [f"| {k} | {_cell(float(v), digits)} | {descriptions[k]} |" for k, v in zip(kinds, overall)]
     lines += ["", "| class | " + " | ".join(kinds) + " |", "| :--- |" + " ---: |" * len(kinds)]

@@ -1,24 +1,12 @@
-"""The two COCO evaluation libraries behind one interface, and what they read: pycocotools or faster-coco-eval
-(`backend`), the ground truth and the results as their COCO objects, the image ids to score and the ground
-truth's counts and names.
+"""The two COCO evaluation libraries (pycocotools, faster-coco-eval: the same numbers and `eval['precision']`)
+behind one interface (`backend`), and what they read: ground truth and results as their COCO objects, the
+image ids to score, the ground truth's counts and names.
 
-    lib = backend(use_faster=True)                 # faster-coco-eval when installed, else pycocotools
-    gt = load_ground_truth(val_ann_file, lib, out) # out: an io.StringIO for what the library prints
-    dt = load_results(gt, results, out)            # results checked first (coco_results.check_results)
-    coco_eval = lib.cocoeval(gt, dt)
-
-Both libraries give the same numbers and leave the same `eval['precision']` array. An image-info file
-(images and categories, no 'annotations', as COCO test-dev's) cannot be scored: loading one as ground truth
-is a ValueError.
-
-The ground truth is built from the entries the loader's schema checked (`retina_fn.data.coco_schema`), not
-by the library reading the file itself: a file that loaded for training is scored the same way, whatever its
-encoding or its flags' types, and a file the schema refuses is refused here with the same CocoFormatError.
-The annotations get the ids 1..N in file order: COCOeval marks a detection's match with the id of its ground
-truth and takes 0 for "unmatched", so a file whose ids start at 0 would lose a true positive. Each
-annotation keeps its bbox, its iscrowd flag and its area (w * h where the file has none); COCOeval reads
-no 'ignore' flag (it takes iscrowd for it), and neither does this ground truth.
-"""
+The ground truth is built from the entries `retina_fn.data.coco_schema` checked, not read by the library,
+so a file that loads for training scores the same way and a refused file gets the same CocoFormatError.
+Annotations get the ids 1..N in file order (COCOeval takes match id 0 for "unmatched", so a file whose ids
+start at 0 would lose a true positive) and keep bbox, iscrowd and area (w * h where absent); COCOeval reads
+no 'ignore' flag. An image-info file (no 'annotations') cannot be scored: ValueError."""
 
 from __future__ import annotations
 
@@ -36,11 +24,7 @@ FASTER_COCO_EVAL = "faster-coco-eval"
 
 
 def faster_coco_eval_backend():
-    """The faster-coco-eval classes, when that optional package imports.
-
-    Returns:
-      (COCO, COCOeval_faster) from faster-coco-eval, or None when it is absent or fails to import.
-    """
+    """(COCO, COCOeval_faster) from faster-coco-eval, or None when it is absent or fails to import."""
     try:
         from faster_coco_eval import COCO, COCOeval_faster
     except Exception:  # absent, or a broken build: fall back to pycocotools
@@ -49,13 +33,9 @@ def faster_coco_eval_backend():
 
 
 class Backend(NamedTuple):
-    """One COCO evaluation library: its ground-truth class and its COCOeval class.
-
-    Both libraries leave the same `eval` dict after `accumulate()`: 'precision' float64 [T, R, K, A, M] (IoU
-    threshold, recall threshold, category, area range, max detections; -1 where a category has no ground
-    truth in that setting), 'recall' [T, K, A, M] and 'scores' like 'precision'; faster-coco-eval adds keys.
-    """
-
+    """One COCO evaluation library: its COCO and COCOeval classes. After `accumulate()` both leave eval['precision']
+    float64 [T, R, K, A, M] (IoU, recall threshold, category, area range, max detections; -1 without ground
+    truth), 'recall' [T, K, A, M] and 'scores' like 'precision'."""
     name: str  # PYCOCOTOOLS or FASTER_COCO_EVAL
     coco_cls: type
     eval_cls: type
@@ -74,32 +54,24 @@ def backend(use_faster: bool = True) -> Backend:
         return Backend(FASTER_COCO_EVAL, *found)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-
     return Backend(PYCOCOTOOLS, COCO, COCOeval)
 
 
 def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
-    """The ground truth as a COCO object of `lib`.
+    """The ground truth as an indexed COCO object of `lib` (printing to `out`).
 
     Args:
-      coco_gt: an annotation file path, a `retina_fn.data.coco.CocoSet` (its checked entries are used, the
-        file is not read again), a `coco_schema.GroundTruth`, a COCO-format dict, or a COCO object of
-        either library: `lib`'s own is used as is (the caller vouches for it), the other's dataset is
-        checked like a dict.
-      lib: the library.
-      out: receives what the library prints.
-
-    Returns:
-      A `lib.coco_cls` instance with its index built (`coco_dataset`).
-
+      coco_gt: an annotation file path, a CocoSet (its checked entries, the file not read again), a
+        `coco_schema.GroundTruth`, a COCO-format dict, or a COCO object: `lib`'s own is used as is, the
+        other library's dataset is checked like a dict.
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
       CocoFormatError: (a ValueError) the file or dict breaks the schema, naming the entry.
-      ValueError: coco_gt is none of the above, or has no 'annotations' list (an image-info file, such as COCO
-        test-dev's, has nothing to score against).
-    """
+      ValueError: coco_gt is none of the above, or has no 'annotations' list."""
     if isinstance(coco_gt, lib.coco_cls):
-        _require_lists(coco_gt.dataset, "coco_gt")
+        for key in ("images", "annotations", "categories"):
+            if key not in coco_gt.dataset:
+                raise ValueError(_missing("coco_gt", key))
         return coco_gt
     truth = ground_truth_of(coco_gt)
     if not truth.has_annotations:
@@ -112,12 +84,7 @@ def load_ground_truth(coco_gt, lib: Backend, out: io.StringIO):
 
 
 def ground_truth_of(coco_gt) -> coco_schema.GroundTruth:
-    """The checked entries of any ground truth `load_ground_truth` takes but a COCO object of its library.
-
-    Raises:
-      FileNotFoundError, CocoFormatError: for a path, as `coco_schema.read_json`; CocoFormatError for a dict
-        that breaks the schema; ValueError for anything else.
-    """
+    """The checked entries of any `load_ground_truth` input except a COCO object of its own library."""
     if isinstance(coco_gt, coco_schema.GroundTruth):
         return coco_gt
     if isinstance(getattr(coco_gt, "ground_truth", None), coco_schema.GroundTruth):  # a CocoSet
@@ -135,31 +102,16 @@ def ground_truth_of(coco_gt) -> coco_schema.GroundTruth:
 
 
 def coco_dataset(truth: coco_schema.GroundTruth) -> dict:
-    """A COCO ground-truth dict of checked entries, for a COCO object's `dataset`.
-
-    Args:
-      truth: the checked entries of an annotation file.
-
-    Returns:
-      {'images': [{'id', 'height', 'width', 'file_name'}], 'categories': [{'id', 'name', 'supercategory' where
-      the file gives one}], 'annotations': [{'id': 1..N in file order, 'image_id', 'category_id', 'bbox'
-      [x, y, w, h], 'area', 'iscrowd' 0 / 1}]}, Python numbers only.
-    """
+    """A COCO object's `dataset` dict of checked entries (Python numbers only; annotation ids 1..N)."""
     images = [{"id": i, "height": h, "width": w, "file_name": name} for i, h, w, name in
               zip(truth.image_ids.tolist(), truth.heights.tolist(), truth.widths.tolist(), truth.file_names)]
     categories = [{"id": c, "name": name, **({} if sup is None else {"supercategory": sup})} for c, name, sup in
                   zip(truth.category_ids.tolist(), truth.names, truth.supercategories)]
+    rows = zip(truth.ann_image_ids.tolist(), truth.ann_category_ids.tolist(), truth.bboxes.tolist(),
+               truth.areas.tolist(), truth.iscrowd.tolist())
     annotations = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": box, "area": area, "iscrowd": int(crowd)}
-                   for k, (i, c, box, area, crowd) in enumerate(zip(
-                       truth.ann_image_ids.tolist(), truth.ann_category_ids.tolist(), truth.bboxes.tolist(),
-                       truth.areas.tolist(), truth.iscrowd.tolist()))]
+                   for k, (i, c, box, area, crowd) in enumerate(rows)]
     return {"images": images, "categories": categories, "annotations": annotations}
-
-
-def _require_lists(dataset: Mapping, source: str) -> None:
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise ValueError(_missing(source, key))
 
 
 def _missing(source: str, key: str) -> str:
@@ -169,47 +121,25 @@ def _missing(source: str, key: str) -> str:
 
 
 def load_results(gt, results: Sequence[dict], out: io.StringIO):
-    """Result dicts as a detections COCO object of gt's library (its `loadRes`).
-
-    Args:
-      gt: a ground-truth COCO object (see `load_ground_truth`).
-      results: non-empty, checked result dicts (loadRes reads the first one to learn the kind).
-      out: receives what the library prints.
-
-    Returns:
-      The detections COCO object; `results` is not modified (loadRes writes 'area', 'id' and 'iscrowd' into
-      the dicts it gets, so it gets copies).
-    """
+    """Non-empty, checked result dicts as gt's library's detections object (`loadRes`, printing to `out`), given
+    copies: loadRes writes 'area', 'id' and 'iscrowd' into its dicts."""
     with contextlib.redirect_stdout(out):
         return gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
 
 
-
 def eval_image_ids(img_ids, gt) -> list[int]:
-    """The sorted image ids to score: `img_ids`, or every image of `gt` when None; ValueError for ids that
-    are not in the ground truth."""
+    """The sorted image ids to score: `img_ids` (ValueError for ids not in `gt`), or all of gt's when None."""
     known = set(gt.getImgIds())
     if img_ids is None:
         return sorted(known)
     ids = sorted({int(i) for i in img_ids})
-    unknown = [i for i in ids if i not in known]
-    if unknown:
+    if unknown := [i for i in ids if i not in known]:
         raise ValueError(f"img_ids: {len(unknown)} ids not in the ground truth, e.g. {unknown[:5]}")
     return ids
 
 
 def count_ground_truth(gt, img_ids: Iterable[int], cat_ids: Sequence[int]) -> np.ndarray:
-    """The boxes COCOeval counts as objects to find.
-
-    Args:
-      gt: a ground-truth COCO object.
-      img_ids: the evaluated image ids.
-      cat_ids: K category ids.
-
-    Returns:
-      int64 [K]: non-crowd ground-truth boxes of each category on those images (crowd boxes are ignore
-      regions).
-    """
+    """int64 [K]: the non-crowd boxes of each of the K cat_ids on the images img_ids (what COCOeval finds)."""
     images = set(img_ids)
     index = {int(c): k for k, c in enumerate(cat_ids)}
     counts = np.zeros(len(index), dtype=np.int64)
@@ -223,4 +153,3 @@ def category_names(gt, cat_ids: Sequence[int]) -> tuple[str, ...]:
     """The 'name' of each category id of `gt` (the id as text when a category has none)."""
     names = {c["id"]: str(c.get("name", c["id"])) for c in gt.dataset["categories"]}
     return tuple(names[int(c)] for c in cat_ids)
-

@@ -1,23 +1,10 @@
-"""COCO bbox evaluation (host side): COCO result dicts -> COCOeval's numbers and per-category precision.
+"""COCO bbox evaluation (host side): COCO result dicts (`retina_fn.eval.coco_results`) -> COCOeval's 12 summary
+numbers and per-category precision, with a library and ground truth from `retina_fn.eval.coco_backend`.
 
-    metrics = evaluate(val_ann_file, results, img_ids=ids_that_were_run)
-    detailed = evaluate_detailed(val_ann_file, results, img_ids)   # + per-category precision [T, R, K]
-
-The results come from `retina_fn.eval.coco_results` (detections_to_coco, merge_results); the COCO library
-(pycocotools or faster-coco-eval) and the ground truth from `retina_fn.eval.coco_backend`.
-
-Rules (pycocotools conventions, see the module's tests):
-- Only images in `img_ids` are scored (all ground-truth images when None): an image that was run and
-  produced nothing still counts its ground truth as misses, an image never run does not.
-- Metrics are COCOeval's 12 summary numbers; -1 means the ground truth has no object in that setting
-  (for example no large object). With no detections at all every metric is 0 and COCOeval is not run
-  (`loadRes` fails on an empty list).
-- Crowd ground truth is an ignore region (COCOeval's own rule); keep it in the ground-truth file.
-- faster-coco-eval is used when installed and `use_faster` is true; it gives the same numbers and leaves
-  the same `eval['precision']` array.
-- An image-info file (images and categories, no 'annotations', as COCO test-dev's) cannot be scored:
-  evaluating against one is a ValueError; write its results file instead (coco_results.write_results).
-"""
+Rules (pycocotools conventions): only images in `img_ids` are scored (all when None), so an image run without
+detections counts its ground truth as misses and an image never run does not count; -1 means no object in
+that setting (e.g. no large object); crowd ground truth is an ignore region. With no detections every metric
+is 0 and COCOeval is not run (`loadRes` fails on an empty list)."""
 
 from __future__ import annotations
 
@@ -28,26 +15,14 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from retina_fn.eval import coco_backend, coco_results
-# experiments.predict writes its results through these two names of this module; they live in coco_results.
-from retina_fn.eval.coco_results import detections_to_coco, write_results  # noqa: F401
 
-METRIC_NAMES = (
-    "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
-    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
-)
+METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
+                "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l")
 
 
 def all_area_precision(coco_eval, max_dets: int = 100) -> np.ndarray:
-    """COCOeval's accumulated precision at area range 'all' and `max_dets` detections per image.
-
-    Args:
-      coco_eval: a COCOeval of either library after `accumulate()`.
-      max_dets: one of its params.maxDets.
-
-    Returns:
-      float64 [T, R, K]: eval['precision'][:, :, :, 'all', max_dets]; T and K follow params.iouThrs and
-      params.catIds, R params.recThrs; -1 where a category has no ground truth.
-    """
+    """float64 [T, R, K]: an accumulated COCOeval's precision at area 'all' and `max_dets` (one of
+    params.maxDets); T, R, K follow params.iouThrs, recThrs, catIds; -1 without ground truth."""
     p = coco_eval.params
     area = list(p.areaRngLbl).index("all")
     dets = [int(m) for m in p.maxDets].index(int(max_dets))
@@ -55,22 +30,11 @@ def all_area_precision(coco_eval, max_dets: int = 100) -> np.ndarray:
 
 
 class CocoEvaluation(NamedTuple):
-    """One COCO bbox evaluation: the summary numbers and the per-category precision behind them.
-
-    metrics: {name: float} for METRIC_NAMES.
-    summary: the text COCOeval printed.
-    precision: float64 [T, R, K]: COCOeval's eval['precision'] at area 'all' and 100 detections per image,
-      the interpolated precision at IoU threshold t and recall threshold r for category k; -1 where category
-      k has no ground truth on the evaluated images. With no detections at all (COCOeval not run) it is what
-      COCOeval gives then: 0 where there is ground truth.
-    iou_thrs: float64 [T] (0.50, 0.55, ..., 0.95).
-    rec_thrs: float64 [R] (0.00, 0.01, ..., 1.00).
-    cat_ids: int64 [K], ascending (COCOeval's order).
-    names: K category names, in cat_ids order.
-    num_gt: int64 [K]: non-crowd ground-truth boxes per category on the evaluated images.
-    backend: coco_backend.PYCOCOTOOLS or coco_backend.FASTER_COCO_EVAL.
-    """
-
+    """One COCO bbox evaluation: metrics {name: float} for METRIC_NAMES; summary, the text COCOeval printed;
+    precision float64 [T, R, K] (`all_area_precision` at 100 detections), -1 where a category has no ground
+    truth on the evaluated images (with no detections, 0 where there is); iou_thrs float64 [T] (0.50 .. 0.95);
+    rec_thrs float64 [R] (0.00 .. 1.00); cat_ids int64 [K] ascending; names: K names; num_gt int64 [K]
+    non-crowd boxes on the evaluated images; backend: coco_backend.PYCOCOTOOLS or FASTER_COCO_EVAL."""
     metrics: dict[str, float]
     summary: str
     precision: np.ndarray
@@ -83,22 +47,7 @@ class CocoEvaluation(NamedTuple):
 
 
 def evaluate_detailed(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> CocoEvaluation:
-    """Like `evaluate`, and also returns COCOeval's printed summary and its per-category precision.
-
-    Args:
-      coco_gt: as for `evaluate`.
-      results: as for `evaluate`.
-      img_ids: as for `evaluate`.
-      use_faster: use faster-coco-eval when it is installed.
-
-    Returns:
-      CocoEvaluation.
-
-    Raises:
-      FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: an unusable coco_gt (one without annotations included), img_ids not in the ground truth,
-        or malformed results (see `evaluate`).
-    """
+    """`evaluate` returning a CocoEvaluation: also COCOeval's printed summary and per-category precision."""
     lib = coco_backend.backend(use_faster)
     out = io.StringIO()
     gt = coco_backend.load_ground_truth(coco_gt, lib, out)
@@ -125,37 +74,25 @@ def evaluate_detailed(coco_gt, results: Sequence[dict], img_ids=None, use_faster
     stats = np.asarray(coco_eval.stats, dtype=np.float64)[: len(METRIC_NAMES)]
     p = coco_eval.params
     cat_ids = np.asarray([int(c) for c in p.catIds], dtype=np.int64)
-    return CocoEvaluation(
-        metrics={name: float(v) for name, v in zip(METRIC_NAMES, stats)},
-        summary=out.getvalue(),
-        precision=all_area_precision(coco_eval),
-        iou_thrs=np.asarray(p.iouThrs, dtype=np.float64),
-        rec_thrs=np.asarray(p.recThrs, dtype=np.float64),
-        cat_ids=cat_ids,
-        names=coco_backend.category_names(gt, cat_ids),
-        num_gt=coco_backend.count_ground_truth(gt, eval_ids, cat_ids),
-        backend=lib.name,
-    )
+    return CocoEvaluation({name: float(v) for name, v in zip(METRIC_NAMES, stats)}, out.getvalue(),
+                          all_area_precision(coco_eval), np.asarray(p.iouThrs, dtype=np.float64),
+                          np.asarray(p.recThrs, dtype=np.float64), cat_ids, coco_backend.category_names(gt, cat_ids),
+                          coco_backend.count_ground_truth(gt, eval_ids, cat_ids), lib.name)
 
 
 def evaluate(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> dict[str, float]:
     """COCO bbox metrics of `results` against the ground truth; nothing is printed.
 
     Args:
-      coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
+      coco_gt: any ground truth `coco_backend.load_ground_truth` takes (a path, CocoSet, dict, COCO object).
       results: result dicts (coco_results.detections_to_coco), gathered from every rank and de-duplicated.
       img_ids: the image ids that were run (default: every ground-truth image).
       use_faster: use faster-coco-eval when it is installed (same numbers).
-
     Returns:
-      {name: float} for METRIC_NAMES (bbox_mAP, bbox_mAP_50, ..., AR_l); all 0.0 when no result falls on
-      an evaluated image.
-
+      {name: float} for METRIC_NAMES; all 0.0 when no result falls on an evaluated image.
     Raises:
       FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: an unusable coco_gt (an image-info file without 'annotations' included), img_ids not in
-        the ground truth, or a result that is not a dict, lacks a key, names an unknown image or category
-        id, or has a bbox that is not 4 finite numbers.
-    """
+      ValueError: an unusable coco_gt (an image-info file included), img_ids not in the ground truth, or a
+        malformed result (`coco_results.check_results`)."""
     return evaluate_detailed(coco_gt, results, img_ids, use_faster).metrics
 

@@ -1,17 +1,10 @@
-"""COCO's results format (host side): detections -> COCO result dicts, merged across ranks, checked against the
-ground truth, and written as a results file.
+"""COCO's results format (host side): detections -> COCO result dicts (`detections_to_coco`, per batch),
+merged across ranks (`merge_results`), checked against the ground truth, written as the COCO evaluation
+server's results file (`write_results`).
 
-    results = detections_to_coco(boxes, scores, labels, image_ids, label_map)   # per batch, then gather
-    results = merge_results(per_rank_results)                                  # drop padded duplicates
-    write_results("detections_bbox.json", results)                 # the COCO evaluation server's format
-
-Rules (pycocotools conventions, see the module's tests):
-- Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
-- COCOeval caps detections at 100 per image *and category*; keep at most 100 per image before evaluating
-  (the post-processing's max_per_img) to follow the official protocol.
-
-Scoring them is `retina_fn.eval.coco_eval`'s.
-"""
+Results use the annotation file's category ids and xywh boxes in original-image pixels, w = x2 - x1.
+COCOeval caps detections at 100 per image *and category*; the official protocol keeps at most 100 per
+image (the post-processing's max_per_img)."""
 
 from __future__ import annotations
 
@@ -33,43 +26,30 @@ def _to_numpy(x, name: str, dtype) -> np.ndarray:
 
 
 def category_id_table(label_map: Any) -> list[int]:
-    """The annotation file's category id of each contiguous class index.
+    """The K category ids of the contiguous class indices 0..K-1.
 
     Args:
-      label_map: any of: a sequence of ids; an object with a `category_ids` or `cat_ids` attribute (e.g.
-        retina_fn.data.coco.LabelMap) or a `to_dict()` method; a mapping with a 'category_ids' or
-        'cat_ids' entry; a mapping {index: category id} with keys 0..K-1.
-
-    Returns:
-      list[int] of K category ids, entry i for class index i.
-
+      label_map: a sequence of ids; an object with a `category_ids` or `cat_ids` attribute (e.g. a LabelMap)
+        or a `to_dict()` method; a mapping with a 'category_ids' or 'cat_ids' entry, or {index: id} with
+        keys 0..K-1.
     Raises:
-      ValueError: no ids found, a non-integer id, repeated ids, no categories, or mapping keys that are
-        not 0..K-1.
-    """
+      ValueError: no ids found, a non-integer or repeated id, or mapping keys that are not 0..K-1."""
     table = None
-    for attr in ("category_ids", "cat_ids"):
-        if not isinstance(label_map, Mapping) and hasattr(label_map, attr):
-            table = getattr(label_map, attr)
-            break
-    else:
-        if isinstance(label_map, Mapping):
-            if "category_ids" in label_map:
-                table = label_map["category_ids"]
-            elif "cat_ids" in label_map:
-                table = label_map["cat_ids"]
-            else:
-                keys = sorted(label_map)
-                if keys != list(range(len(keys))):
-                    raise ValueError(
-                        "label_map: a mapping must hold 'category_ids' or map class indices 0..K-1 to ids, "
-                        f"got keys {keys[:10]}"
-                    )
-                table = [label_map[k] for k in keys]
-        elif hasattr(label_map, "to_dict"):
-            return category_id_table(label_map.to_dict())
-        elif isinstance(label_map, (Sequence, np.ndarray)) and not isinstance(label_map, (str, bytes)):
-            table = label_map
+    if isinstance(label_map, Mapping):
+        if "category_ids" in label_map or "cat_ids" in label_map:
+            table = label_map["category_ids" if "category_ids" in label_map else "cat_ids"]
+        else:
+            keys = sorted(label_map)
+            if keys != list(range(len(keys))):
+                raise ValueError("label_map: a mapping must hold 'category_ids' or map class indices 0..K-1 to ids, "
+                                 f"got keys {keys[:10]}")
+            table = [label_map[k] for k in keys]
+    elif hasattr(label_map, "category_ids") or hasattr(label_map, "cat_ids"):
+        table = getattr(label_map, "category_ids" if hasattr(label_map, "category_ids") else "cat_ids")
+    elif hasattr(label_map, "to_dict"):
+        return category_id_table(label_map.to_dict())
+    elif isinstance(label_map, (Sequence, np.ndarray)) and not isinstance(label_map, (str, bytes)):
+        table = label_map
     if table is None:
         raise ValueError(f"label_map: cannot find category ids in a {type(label_map).__name__}")
     ids = []
@@ -85,28 +65,19 @@ def category_id_table(label_map: Any) -> list[int]:
 
 
 def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) -> list[dict]:
-    """COCO result dicts for a set of detections.
-
-    Inputs are torch tensors (any device) or array-likes. Batched input works too: boxes [B, M, 4],
-    scores/labels/valid [B, M], image_ids [B] or [B, M]. Rows whose image id is negative (padding slots
-    of an evaluation batch) are dropped.
+    """COCO result dicts for a set of detections (torch tensors on any device, or array-likes).
 
     Args:
-      boxes: float [N, 4] xyxy in original-image pixels.
-      scores: float [N].
-      labels: int [N], contiguous class indices.
-      image_ids: int [N], the annotation file's image ids.
+      boxes: float [N, 4] xyxy in original-image pixels (or batched [B, M, 4]).
+      scores: float [N]; labels: int [N] contiguous class indices; valid: optional bool [N] rows to keep
+        (batched: [B, M]).
+      image_ids: int [N] (batched: [B] or [B, M]); rows with a negative id (padding slots) are dropped.
       label_map: see `category_id_table`.
-      valid: optional bool [N]; only True rows are kept.
-
     Returns:
-      [{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h], 'score': float}] with Python numbers
-      only (json.dump-able), in input order.
-
+      [{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}], Python numbers only, in input order.
     Raises:
       ValueError: shapes that do not fit, a class index outside 0..K-1, a non-finite box or score, an
-        input that cannot be read as an array, or a bad label_map.
-    """
+        unreadable input, or a bad label_map."""
     cat_ids = np.asarray(category_id_table(label_map), dtype=np.int64)
     boxes = _to_numpy(boxes, "boxes", np.float64)
     scores = _to_numpy(scores, "scores", np.float64)
@@ -116,10 +87,8 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
         raise ValueError(f"boxes must have shape [..., 4], got {list(boxes.shape)}")
     lead = boxes.shape[:-1]
     if scores.shape != lead or labels.shape != lead:
-        raise ValueError(
-            f"scores {list(scores.shape)} and labels {list(labels.shape)} must have the boxes' leading shape "
-            f"{list(lead)}"
-        )
+        raise ValueError(f"scores {list(scores.shape)} and labels {list(labels.shape)} must have the boxes' leading "
+                         f"shape {list(lead)}")
     if image_ids.shape != lead:
         if image_ids.shape == lead[:1] and len(lead) == 2:
             image_ids = np.broadcast_to(image_ids[:, None], lead)
@@ -132,7 +101,6 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
             raise ValueError(f"valid {list(valid.shape)} must have shape {list(lead)}")
         keep &= valid
     boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
-
     bad = np.flatnonzero((labels < 0) | (labels >= len(cat_ids)))
     if bad.size:
         raise ValueError(f"labels: class index {int(labels[bad[0]])} outside 0..{len(cat_ids) - 1} "
@@ -141,27 +109,15 @@ def detections_to_coco(boxes, scores, labels, image_ids, label_map, valid=None) 
     if bad.size:
         raise ValueError(f"non-finite box or score for image id {int(image_ids[bad[0]])}: "
                          f"box {boxes[bad[0]].tolist()}, score {float(scores[bad[0]])}")
-
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    return [
-        {"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
-        for i, c, b, s in zip(image_ids.tolist(), cat_ids[labels].tolist(), xywh.tolist(), scores.tolist())
-    ]
+    return [{"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+            for i, c, b, s in zip(image_ids.tolist(), cat_ids[labels].tolist(), xywh.tolist(), scores.tolist())]
 
 
 def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
-    """Concatenates per-shard result lists, dropping an image's detections from a shard when an earlier
-    shard already had that image (padding of a distributed sampler evaluates some images twice).
-
-    Caveat: an image that produced no detections on its first shard is not known to that shard's list,
-    so a later duplicate's detections are kept; they are the same image's detections, so no harm.
-
-    Args:
-      result_lists: one list of result dicts per shard (rank), in rank order.
-
-    Returns:
-      list of result dicts, in input order.
-    """
+    """Concatenates per-rank result lists (rank order), dropping a rank's detections of an image an earlier
+    rank already had (a distributed sampler's padding evaluates some images twice). An image without
+    detections on its first rank keeps a later duplicate's: the same image's detections, so no harm."""
     merged: list[dict] = []
     seen: set[int] = set()
     for results in result_lists:
@@ -175,12 +131,10 @@ def merge_results(result_lists: Iterable[Sequence[dict]]) -> list[dict]:
     return merged
 
 
-
 def check_results(results: Sequence[dict], gt) -> None:
     """Raises ValueError naming the first result that is not a dict, lacks a key, names an image or category
     id that is not in `gt` (a COCO object), or has a bbox that is not 4 finite numbers."""
-    image_ids = set(gt.getImgIds())
-    cat_ids = set(gt.getCatIds())
+    image_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
     for i, r in enumerate(results):
         _check_keys(i, r)
         if r["image_id"] not in image_ids:
@@ -201,22 +155,10 @@ def _check_keys(i: int, result) -> None:
         raise ValueError(f"results[{i}] lacks {sorted(missing)}")
 
 
-
 def write_results(path: str, results: Sequence[dict]) -> str:
-    """Writes result dicts as a COCO results file (the format the COCO evaluation server takes): a JSON
-    list of {'image_id', 'category_id' (the annotation file's id), 'bbox' [x, y, w, h], 'score'}; other keys
-    are kept. Written to a temporary file first, then renamed.
-
-    Args:
-      path: the file to write; its folder must exist.
-      results: result dicts (see `detections_to_coco`).
-
-    Returns:
-      path.
-
-    Raises:
-      ValueError: a result that is not a dict or lacks one of the four keys.
-    """
+    """Writes result dicts (`detections_to_coco`; other keys kept) as a COCO results file at `path` (its
+    folder must exist), through a temporary file; returns path. ValueError for a result that is not a dict
+    or lacks one of the four keys."""
     for i, r in enumerate(results):
         _check_keys(i, r)
     tmp = f"{path}.tmp"
@@ -224,4 +166,3 @@ def write_results(path: str, results: Sequence[dict]) -> str:
         json.dump(list(results), f)
     os.replace(tmp, path)
     return path
-

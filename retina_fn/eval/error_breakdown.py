@@ -1,38 +1,15 @@
-"""The COCO analyze tool's error breakdown (after Hoiem et al., "Diagnosing error in object detectors"),
-computed by re-running COCOeval with changed parameters and ground truth.
+"""The COCO analyze tool's error breakdown (after Hoiem et al., "Diagnosing error in object detectors"), by
+re-running COCOeval with changed parameters and ground truth. Each curve (DESCRIPTIONS) relaxes the one before. From
+Loc on each only turns false positives into ignored detections, so Loc <= Sim <= Oth <= BG <= FN = 1 at every
+recall; C75 <= C50 <= Loc holds as a rule (a looser threshold can let COCOeval's greedy matching pair boxes
+differently). Sim needs every category to name a supercategory. All at area 'all', 100 detections per image.
 
-    breakdown = error_breakdown(val_ann_file, results, img_ids)     # ErrorBreakdown, precision [E, R, K]
-
-Each curve relaxes the one before it. From Loc on, each one only turns false positives into ignored
-detections, so Loc <= Sim <= Oth <= BG <= FN = 1 at every recall; C75 <= C50 <= Loc holds as a rule (a looser
-threshold can let COCOeval's greedy matching pair boxes differently):
-
-  C75  PR at IoU 0.75
-  C50  PR at IoU 0.50
-  Loc  PR at IoU 0.10: localisation errors forgiven (a duplicate detection is still a false positive)
-  Sim  Loc, and a detection on a box of another category of the same supercategory is ignored (neither a
-       true nor a false positive); only when every category names a supercategory
-  Oth  Loc, and a detection on a box of any other category is ignored
-  BG   Oth with every remaining false positive (background) removed: precision 1 at each recall Oth reaches
-  FN   every miss removed too: precision 1 at every recall
-
-All at area 'all' with 100 detections per image. C75, C50 and Loc come from one COCOeval run with
-iouThrs [0.75, 0.5, 0.1] (C75 and C50 are the main evaluation's curves at those thresholds); Sim and Oth
-from one COCOeval run per category at IoU 0.1 whose ground truth holds the category's own boxes plus, on the
-images where it has detections, a copy of every box of the other (similar) categories relabelled to it and
-ignored. BG and FN follow from Oth as in the analyze tool.
-
-Ignoring a copied box: pycocotools overwrites a box's 'ignore' flag with its 'iscrowd', and a crowd box
-would change the overlap (intersection over the detection's area) and absorb any number of detections. A
-copy whose 'area' is -1 lies outside every area range, which COCOeval treats as ignored while keeping the
-ordinary IoU and one detection per box: the analyze tool's semantics, in both libraries. COCOeval matches a
-detection to an ignored box only when no ordinary box of its category is left above the threshold, so the
-copies turn false positives into ignored detections and never take a true positive away.
-
-Cost: about one COCOeval run at three thresholds, plus per category one run at one threshold against its
-own boxes and the copies: on a COCO-sized set, minutes with either library (the programs run it on small
-sets by default: `eval.error_analysis`).
-"""
+C75, C50 and Loc come from one COCOeval run with iouThrs [0.75, 0.5, 0.1]; Sim and Oth from one run per
+category at IoU 0.1 whose ground truth is the category's own boxes plus, on the images where it has
+detections, copies of the other (similar) categories' boxes relabelled to it and ignored by 'area' -1 (not
+by iscrowd, which would change the overlap and absorb any number of detections), as the analyze tool does.
+COCOeval matches an ignored box only when no ordinary box is left above the threshold, so copies never take
+a true positive away. BG and FN follow from Oth."""
 
 from __future__ import annotations
 
@@ -61,18 +38,10 @@ _LOOSE_IOU = 0.1
 
 
 class ErrorBreakdown(NamedTuple):
-    """The breakdown's curves.
-
-    kinds: E names from KINDS, in that order ('Sim' left out when the categories name no supercategory).
-    precision: float64 [E, R, K]: interpolated precision per kind, recall threshold and category; -1 for a
-      category without ground truth on the evaluated images.
-    rec_thrs: float64 [R]: COCOeval's recall thresholds (0.00, 0.01, ..., 1.00).
-    cat_ids: int64 [K], ascending.
-    names: K category names.
-    num_gt: int64 [K]: non-crowd ground-truth boxes per category on the evaluated images.
-    skipped: {kind: why it is not in `kinds`}.
-    """
-
+    """The breakdown's curves: kinds, E names of KINDS in order ('Sim' left out when a category names no
+    supercategory); precision float64 [E, R, K], interpolated, -1 for a category without ground truth;
+    rec_thrs float64 [R]; cat_ids int64 [K] ascending; names: K names; num_gt int64 [K] non-crowd boxes;
+    skipped: {kind: why it is not in `kinds`}."""
     kinds: tuple[str, ...]
     precision: np.ndarray
     rec_thrs: np.ndarray
@@ -84,20 +53,13 @@ class ErrorBreakdown(NamedTuple):
 
 def _precision(lib: coco_backend.Backend, gt, dt, img_ids: Sequence[int], cat_ids: Sequence[int],
                iou_thrs: Sequence[float], out: io.StringIO) -> tuple[np.ndarray, np.ndarray]:
-    """COCOeval at area 'all', MAX_DETS detections, the given images, categories and IoU thresholds.
-
-    Returns:
-      (precision float64 [T, R, K], rec_thrs float64 [R]).
-    """
+    """(precision float64 [T, R, K], rec_thrs float64 [R]) of COCOeval at area 'all', MAX_DETS detections."""
     with contextlib.redirect_stdout(out):
         ev = lib.cocoeval(gt, dt)
         p = ev.params
-        p.imgIds = [int(i) for i in img_ids]
-        p.catIds = [int(c) for c in cat_ids]
+        p.imgIds, p.catIds = [int(i) for i in img_ids], [int(c) for c in cat_ids]
         p.iouThrs = np.asarray(iou_thrs, dtype=np.float64)
-        p.maxDets = [MAX_DETS]
-        p.areaRng = [list(_ALL_AREAS)]
-        p.areaRngLbl = ["all"]
+        p.maxDets, p.areaRng, p.areaRngLbl = [MAX_DETS], [list(_ALL_AREAS)], ["all"]
         ev.evaluate()
         ev.accumulate()
     return coco_eval.all_area_precision(ev, MAX_DETS), np.asarray(ev.params.recThrs, dtype=np.float64)
@@ -106,13 +68,8 @@ def _precision(lib: coco_backend.Backend, gt, dt, img_ids: Sequence[int], cat_id
 def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[int], cat_ids: np.ndarray,
                         num_gt: np.ndarray, ignored: dict[int, set[int]], num_recall: int,
                         out: io.StringIO) -> np.ndarray:
-    """Precision at IoU 0.1 when the detections of each category c on boxes of the categories ignored[c]
-    are ignored.
-
-    Returns:
-      float64 [R, K] (R = num_recall); -1 for a category without ground truth (COCOeval's value; it is not
-      run for those).
-    """
+    """float64 [R, K]: precision at IoU 0.1, category c's detections on boxes of ignored[c] ignored (-1: no ground
+    truth, not run)."""
     evaluated = set(eval_ids)
     anns = [a for a in gt.dataset["annotations"] if a["image_id"] in evaluated]
     by_image, by_category = collections.defaultdict(list), collections.defaultdict(list)
@@ -132,7 +89,7 @@ def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[in
         copies = [dict(a, id=next_id + n, category_id=cid, area=-1.0)
                   for n, a in enumerate(a for image_id in detected_on for a in by_image[image_id]
                                         if a["category_id"] in ignored[cid])]
-        # Each run gets only its category's images, boxes and detections: COCOeval scans them in Python.
+        # only the category's images, boxes and detections: COCOeval scans them in Python
         image_ids = sorted({a["image_id"] for a in by_category[cid]} | set(detected_on))
         images = [image_by_id[i] for i in image_ids]
         sub_gt = _coco_object(lib, images, gt, [dict(a) for a in by_category[cid]] + copies, out)
@@ -142,7 +99,6 @@ def _confusions_ignored(lib: coco_backend.Backend, gt, dt, eval_ids: Sequence[in
 
 
 def _coco_object(lib: coco_backend.Backend, images: list[dict], gt, annotations: list[dict], out: io.StringIO):
-    """A COCO object of `lib` with the given images and annotations (not copied) and gt's categories."""
     coco = lib.coco_cls()
     coco.dataset = {"images": images, "categories": gt.dataset["categories"], "annotations": annotations}
     with contextlib.redirect_stdout(out):
@@ -159,22 +115,8 @@ def _supercategory_groups(categories: Sequence[dict], cat_ids: np.ndarray) -> di
 
 
 def error_breakdown(coco_gt, results: Sequence[dict], img_ids=None, use_faster: bool = True) -> ErrorBreakdown:
-    """The analyze tool's seven PR curves per category (see the module docstring).
-
-    Args:
-      coco_gt: an annotation file path, a COCO-format dict, or a pycocotools / faster-coco-eval COCO object.
-      results: result dicts (see coco_results.detections_to_coco); those on images outside img_ids are left out.
-      img_ids: the image ids that were run (default: every ground-truth image).
-      use_faster: use faster-coco-eval when it is installed (same numbers).
-
-    Returns:
-      ErrorBreakdown.
-
-    Raises:
-      FileNotFoundError: coco_gt is a path that does not exist.
-      ValueError: an unusable coco_gt (an image-info file without 'annotations' included), img_ids not in
-        the ground truth, malformed results, or no result on the evaluated images.
-    """
+    """The analyze tool's PR curves per category; arguments and errors as `coco_eval.evaluate` (results
+    outside img_ids left out), and ValueError when no result falls on an evaluated image."""
     lib = coco_backend.backend(use_faster)
     out = io.StringIO()
     gt = coco_backend.load_ground_truth(coco_gt, lib, out)

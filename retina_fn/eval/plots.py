@@ -1,8 +1,4 @@
-"""Evaluation figures as PNG files (matplotlib's Agg canvas; pyplot and its global state are not used).
-
-    plot_pr_curves("pr_curves.png", ev.precision, ev.iou_thrs, ev.rec_thrs, ev.names, worst, best)
-    plot_error_breakdown("error_breakdown.png", breakdown.kinds, curves, overall, breakdown.rec_thrs)
-"""
+"""Evaluation figures as PNG files (matplotlib's Agg canvas; pyplot and its global state are not used)."""
 
 from __future__ import annotations
 
@@ -27,21 +23,8 @@ def _save(fig: Figure, path: str, dpi: int = 90) -> str:
 def plot_pr_curves(path: str, precision: np.ndarray, iou_thrs: np.ndarray, rec_thrs: np.ndarray,
                    names: Sequence[str], worst: Sequence[int], best: Sequence[int],
                    ious: Sequence[float] = (0.5, 0.75)) -> str:
-    """Precision-recall curves of a few classes, one panel per IoU threshold.
-
-    Args:
-      path: the PNG to write.
-      precision: float [T, R, K]: COCOeval's interpolated precision (area 'all', 100 detections).
-      iou_thrs: float [T], containing every one of `ious`.
-      rec_thrs: float [R].
-      names: K class names.
-      worst: class indices drawn dashed (the lowest APs).
-      best: class indices drawn solid (the highest APs).
-      ious: the IoU thresholds, one panel each.
-
-    Returns:
-      path.
-    """
+    """Writes the PNG `path` (returned): PR curves of the `best` (solid) and `worst` (dashed) class indices,
+    one panel per IoU of `ious` (all in iou_thrs [T]); precision float [T, R, K], rec_thrs [R], K names."""
     fig = Figure(figsize=(5.5 * len(ious), 4.5))
     axes = fig.subplots(1, len(ious), squeeze=False)[0]
     p = np.asarray(precision, dtype=np.float64)
@@ -64,19 +47,8 @@ def plot_pr_curves(path: str, precision: np.ndarray, iou_thrs: np.ndarray, rec_t
 
 def plot_error_breakdown(path: str, kinds: Sequence[str], curves: np.ndarray, overall: np.ndarray,
                          rec_thrs: np.ndarray, title: str = "all classes") -> str:
-    """The analyze tool's stacked-area chart: each band is the precision a kind of error costs.
-
-    Args:
-      path: the PNG to write.
-      kinds: E kind names, strictest first (C75, C50, Loc, ...).
-      curves: float [E, R]: the mean precision of each kind over the classes (analysis.breakdown_summary).
-      overall: float [E]: each kind's AP, written in the legend.
-      rec_thrs: float [R].
-      title: the chart's title.
-
-    Returns:
-      path.
-    """
+    """Writes the PNG `path` (returned): the analyze tool's stacked bands, the precision each kind of error
+    costs; E kinds strictest first, curves float [E, R] (`analysis.breakdown_summary`), overall APs [E]."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     curves = np.asarray(curves, dtype=np.float64)
