@@ -1,14 +1,9 @@
 """Speed of the train step, inference and the data pipeline on one device, optionally beside torchvision.
 
-    python -m experiments.benchmark --config configs/retinanet_r50_fpn_1x_coco.py --mode train --canvas 512x512 \\
-        --batch 2 --iters 9 --rounds 3 --variants fused_focal --json runs/bench/train.json
-
-train: the pure train step (make_train_step) on one synthetic static batch (retina_fn.data.random_batch); infer:
-the eval step (make_eval_step: forward and post-processing) with a zero classification bias, so post-processing
-works at full load; data: the config's training loader (over synthetic JPEGs when its files are absent).
---variants (options.VARIANTS: named config overrides) and --compare torchvision (torchvision's RetinaNet on the
-same batch) alternate with ours in --rounds rounds; --check-steps compares compiled or graphed steps with the
-eager step (parity). scripts/gpu_benchmark.sh runs this command once per row of the GPU suite (suite).
+train: make_train_step on one synthetic static batch; infer: make_eval_step with a zero classification bias (so
+post-processing works at full load); data: the config's training loader (over synthetic JPEGs when its files are
+absent). --variants (options.VARIANTS) and --compare torchvision alternate with ours in --rounds rounds;
+--check-steps compares compiled or graphed steps with the eager step (parity).
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ __all__ = ["Options", "format_table", "parse_canvas", "run", "write_json"]
 
 
 def _device(name: str) -> torch.device:
-    """--device's torch.device through retina_fn.parallel.backend, its errors naming the flag."""
     try:
         return backend.resolve_device(name).device
     except (ValueError, backend.DeviceUnavailable) as e:
@@ -38,7 +32,7 @@ def _device(name: str) -> torch.device:
 
 
 def _profile(call, steps: int, device: torch.device) -> dict:
-    """torch.profiler's table of `steps` calls, its top 15 operations by device time (CPU time on a CPU)."""
+    """torch.profiler's top 15 operations of `steps` calls, by device time (CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -52,22 +46,20 @@ def _profile(call, steps: int, device: torch.device) -> dict:
 
 
 def run(cfg, opts: Options) -> dict:
-    """Runs one benchmark (the module docstring).
+    """Runs one benchmark.
 
     Args:
-      cfg: the whole config; the options that are config fields are written into it (in place).
+      cfg: the whole config; option fields are written into it in place.
       opts: what to measure and how.
 
     Returns:
-      A JSON-ready dict: the run's settings, 'machine' and, for data, 'data' (measure_data); for train / infer
-      'ours' (measurement.measure's entry, with 'check' under --check-steps), 'variants' ({name: entry with
-      'doc', 'overrides', 'speedup_of_ours'}), 'torchvision' (or None; with it 'speedup_vs_torchvision'),
-      'profile' (None without --profile).
+      A JSON-ready dict: the settings, 'machine' and, for data, 'data'; for train / infer 'ours' (measure's entry,
+      with 'check' under --check-steps), 'variants' ({name: entry + 'doc', 'overrides', 'speedup_of_ours'}),
+      'torchvision' (or None; with it 'speedup_vs_torchvision'), 'profile'.
 
     Raises:
-      ConfigError: bad options, model.num_classes 'auto' outside data mode (a random batch has no annotation
-        file), torchvision beside a backbone other than R50; ValueError: an unknown --device;
-        backend.DeviceUnavailable: the requested device kind is absent.
+      ConfigError: bad options, model.num_classes 'auto' outside data mode, torchvision beside a non-R50 backbone;
+        ValueError: an unknown --device; backend.DeviceUnavailable: the device kind is absent.
     """
     check_options(opts, torchvision_available)
     if opts.threads:
@@ -89,7 +81,7 @@ def run(cfg, opts: Options) -> dict:
     num_classes = class_count.require_int(cfg, "experiments.benchmark (random batches)")
     ours, reference = (ours_train, tv_train) if opts.mode == "train" else (ours_infer, tv_infer)
     configs = [("ours", cfg)] + [(f"ours-{name}", variant_config(cfg, name)) for name in opts.variants]
-    # each config's own batch: the same images and boxes, padded as that config's loader pads (box buckets)
+    # each config's own batch: the same images and boxes, padded as its loader pads (box buckets)
     subjects = [ours(c, config_batch(c, num_classes, device, seed=opts.seed), device, opts.seed, name)
                 for name, c in configs]
     if opts.compare == "torchvision":

@@ -1,15 +1,10 @@
-"""The command line of experiments.benchmark: flags -> Options, run, print the table, write --json.
-
-    python -m experiments.benchmark --config configs/smoke.py --mode train --batch 1 --canvas 128x128 \\
-        --iters 2 --warmup 1 --json runs/bench/smoke_train.json
-"""
+"""The command line of experiments.benchmark: flags -> Options, run, print the table, write --json."""
 
 from __future__ import annotations
 
 
 def main() -> None:
-    """Defines the flags, parses argv and runs one benchmark (experiments.benchmark's docstring); a user's
-    mistake ends in one `error: ...` line and exit status 2 (experiments.cli)."""
+    """Parses the flags and runs one benchmark; a user's mistake ends in one `error: ...` line (exit status 2)."""
     from absl import flags
     from ml_collections import config_flags
 

@@ -10,18 +10,11 @@ from retina_fn import rng
 
 
 def measure_data(cfg, opts: Options, batch_size: int) -> dict:
-    """Times the config's training loader (retina_fn.data.throughput.measure); synthetic JPEGs (of about the
-    canvas's size, in a temporary directory) stand in for a dataset whose files are absent.
-
-    Args:
-      cfg: the whole config; its data block is edited in place to point at the stand-in files.
-      opts: iters, warmup, seed, canvas (sets data.scale), image_size (the stand-in JPEGs' base side).
-      batch_size: images per batch.
+    """Times the config's training loader (throughput.measure); cfg.data is edited in place.
 
     Returns:
-      throughput.measure's figures plus 'source' (which files), 'workers' (data.workers resolved),
-      'image_dtype' and 'canvas_mb' (what one canvas ships: float32, or uint8 with data.uint8_canvas), 'gt_rows'
-      (each batch's padded ground-truth count: data.max_boxes or its data.box_buckets bucket), 'scale'.
+      throughput.measure's figures plus 'source', 'workers', 'image_dtype' and 'canvas_mb' (one canvas),
+      'gt_rows' (each batch's padded ground-truth count), 'scale'.
     """
     from retina_fn.data import coco, loader as data_loader, synthetic, throughput
 

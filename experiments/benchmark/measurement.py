@@ -1,5 +1,4 @@
-"""Timing, peak memory and FLOP counts of benchmark subjects (`measure`: alternating rounds; `speedup`: two of
-its results compared), and what the machine was."""
+"""Timing, peak memory and FLOP counts of benchmark subjects, and what the machine was."""
 
 from __future__ import annotations
 
@@ -18,15 +17,8 @@ from retina_fn.engine.hooks import synchronize
 
 
 class Subject(NamedTuple):
-    """One thing to time.
-
-    Attributes:
-      name: its key in the results ('ours', 'ours-<variant>', 'torchvision').
-      call: runs one step (its state kept in a closure).
-      flops: runs one eager step under the FLOP counter and returns the count.
-      check: check(steps) -> the comparison of a compiled or graphed step with the eager one
-        (experiments.benchmark.parity); None for an eager subject (nothing to compare).
-    """
+    """One thing to time: name ('ours', 'ours-<variant>', 'torchvision'), call (one step), flops (one eager step's
+    FLOP count), check (steps -> parity's comparison with the eager step; None for an eager subject)."""
 
     name: str
     call: Callable[[], object]
@@ -35,7 +27,6 @@ class Subject(NamedTuple):
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of fn up to the end of the device work it queued (a device synchronisation)."""
     t0 = time.perf_counter()
     fn()
     synchronize(device)
@@ -43,16 +34,13 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_statistics(times: list[float]) -> dict:
-    """{'median', 'p10', 'p90', 'min', 'max', 'mean' (seconds), 'n'} of timed calls (at least one)."""
     return {"median": statistics.median(times), "p10": float(np.quantile(times, 0.1)),
             "p90": float(np.quantile(times, 0.9)), "min": min(times), "max": max(times),
             "mean": statistics.fmean(times), "n": len(times)}
 
 
 class PeakMemory:
-    """Peak memory between reset() and peak_mb() in MiB: on an accelerator max allocated (torch.<kind>.
-    reset_peak_memory_stats / max_memory_allocated); on the CPU the process's peak resident set (VmHWM, reset
-    through /proc/self/clear_refs, Linux only)."""
+    """Peak memory in MiB since reset(): max allocated on an accelerator, the peak resident set (VmHWM) on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -75,16 +63,14 @@ class PeakMemory:
 
 
 def release(device: torch.device) -> None:
-    """Returns the memory of dropped subjects (their states, steps and graph pools) to the device: gc, then
-    torch.cuda.empty_cache on CUDA."""
+    """Returns dropped subjects' memory to the device."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call as torch.utils.flop_counter.FlopCounterMode counts them (convolutions and matrix
-    products, 2 per multiply-add; eager code only: the counter cannot enter compiled code or graphs)."""
+    """FLOPs of one eager call as FlopCounterMode counts them (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -94,15 +80,12 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def measure(subjects: list[Subject], batch_size: int, opts: Options, device: torch.device) -> dict[str, dict]:
-    """Times the subjects: `opts.warmup` untimed calls of each, then `opts.iters` timed calls of each in
-    `opts.rounds` blocks that alternate between them (a drift of a shared machine's load hits all alike), then
-    each one's FLOPs (unless not opts.count_flops). Peak memory is reset before each subject's blocks (on an
-    accelerator the other subjects' resident state counts too).
+    """Warm-up calls, then opts.iters timed calls of each subject in opts.rounds alternating blocks (a drift of
+    the machine's load hits all alike), then FLOPs.
 
     Returns:
-      {name: {'step_s' (time_statistics), 'times', 'round_medians', 'images_per_s' (from the median),
-      'first_call_s' (None without warm-up), 'warmup_s', 'peak_memory_mb', 'memory_kind', 'flops_per_image',
-      'achieved_tflops', 'mfu' (None when not counted or, for mfu, without opts.peak_tflops)}}.
+      {name: {'step_s' ({median, p10, p90, min, max, mean, n}), 'times', 'round_medians', 'images_per_s',
+      'first_call_s', 'warmup_s', 'peak_memory_mb', 'memory_kind', 'flops_per_image', 'achieved_tflops', 'mfu'}}.
     """
     memory = PeakMemory(device)
     results = {}
@@ -133,25 +116,19 @@ def measure(subjects: list[Subject], batch_size: int, opts: Options, device: tor
 
 
 def speedup(ours: dict, other: dict) -> dict:
-    """How many times faster `ours` ran than `other` (entries of `measure`'s result).
-
-    Returns:
-      {'from_medians': the ratio of the overall medians, 'per_round': the ratio of the two round medians in
-      each round, 'paired': the median of per_round (which cancels load changes between rounds)}.
-    """
+    """How many times faster `ours` ran than `other`: {'from_medians', 'per_round', 'paired' (median of
+    per_round, which cancels load changes between rounds)}."""
     paired = [o / u for u, o in zip(ours["round_medians"], other["round_medians"])]
     return {"from_medians": other["step_s"]["median"] / ours["step_s"]["median"],
             "paired": statistics.median(paired), "per_round": paired}
 
 
 def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages, rounded."""
     return [round(v, 2) for v in os.getloadavg()]
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the run ran on: {'platform', 'python', 'torch', 'cpu_count', 'threads', 'device', 'cpu' (model
-    name), 'load_avg_start' and, on CUDA, 'gpu', 'cuda', 'cudnn'}."""
+    """What the run ran on: platform, versions, CPU, threads, load and, on CUDA, the GPU."""
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

@@ -11,7 +11,6 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def check_text(check: dict | None) -> str:
-    """A subject's eager comparison in a few words: 'matches eager (N steps)' or 'WRONG: <what differs>'."""
     if not check:
         return ""
     if check["ok"]:
@@ -22,16 +21,7 @@ def check_text(check: dict | None) -> str:
 
 
 def format_table(result: dict) -> str:
-    """A few readable lines for the terminal.
-
-    Args:
-      result: what `experiments.benchmark.run` returned (or its JSON, loaded again).
-
-    Returns:
-      A header line (config, mode, batch, canvas, precision, machine, load) and, for train / infer, one row
-      per subject (images/s, median / p10 / p90 seconds, first call, peak MB, GFLOP per image, TFLOP/s, MFU,
-      eager check), then the variants' and torchvision's speed-ups and the profile; for data, the loader's images/s.
-    """
+    """`run`'s result (or its JSON) as a header line and one row per subject, speed-ups and the profile."""
     m = result["machine"]
     head = (f"{result['config']} | {result['mode']} | batch {result['batch']} | canvas {result['canvas'][0]}x"
             f"{result['canvas'][1]} | {result['precision']} | compile {result['compile']} | cuda_graph "
@@ -66,13 +56,7 @@ def format_table(result: dict) -> str:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Writes a result as indented JSON with sorted keys (anything JSON lacks as its str()), atomically (a
-    reader never sees half a file), creating the directory.
-
-    Args:
-      path: the file.
-      result: the dict to write.
-    """
+    """Writes a result as sorted, indented JSON (other values as str()), atomically, creating the directory."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2, sort_keys=True, default=str)
