@@ -1,20 +1,13 @@
 """Detections from an exported ONNX model with numpy, Pillow and onnxruntime only: no torch, no retina_fn.
 
-    python -m experiments.export --config configs/demo.py --weights ckpt.pt --out exported/demo --format onnx
-    python experiments/onnx_predict.py exported/demo a.jpg b.png --score-thr 0.3 --out dets.json
-    python experiments/onnx_predict.py exported/demo a.jpg --repeat 20      # also prints onnxruntime's images/s
+    python experiments/onnx_predict.py exported/demo a.jpg b.png --score-thr 0.3 --out dets.json [--repeat 20]
 
-Each image is prepared as the export's model.json says ('preprocess'): the keep-ratio size, the resize, the
-normalisation and the zero canvas; the model returns boxes already in original-image pixels. The 'mmdet'
-resize here reproduces the training pipeline's uint8 resize bit for bit on x86 CPUs: separable bilinear
-with half-pixel centres, the horizontal pass first, each pass with fixed-point weights and rounded to uint8
-(what torch's CPU kernel computes for uint8 images; OpenCV's INTER_LINEAR, which mmcv uses, differs from it
-by at most 1 level, in about a fifth of the values of a noise image). The 'torchvision' resize works on the
-normalised float image, in float32, within about 1e-6 of the pipeline's (float rounding of the last
-operations).
-
---out writes the same COCO result list as experiments.predict ({'image_id': position, 'file_name',
-'category_id', 'bbox': [x, y, w, h], 'score'}).
+Each image is prepared as the export's model.json 'preprocess' says; the model returns boxes in original-image
+pixels. The 'mmdet' resize reproduces the pipeline's uint8 resize bit for bit on x86 (torch's CPU kernel:
+separable bilinear, half-pixel centres, horizontal pass first, fixed-point weights, each pass rounded to uint8;
+OpenCV's INTER_LINEAR, which mmcv uses, differs by at most 1 level). The 'torchvision' resize works on the
+normalised float32 image, within about 1e-6 of the pipeline's. --out writes experiments.predict's COCO result
+list.
 """
 
 from __future__ import annotations
@@ -67,16 +60,14 @@ def resized_size(height: int, width: int, preprocess: dict) -> tuple[int, int]:
 
 
 def _fixed_point_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Two taps per output position of the uint8 bilinear resize along one axis, as integer weights.
+    """Two taps per output of the uint8 bilinear resize along one axis, as integer weights.
 
-    Output i is centred at c = (i + 0.5) * n_in / n_out in input coordinates; its taps start at
-    first = trunc(c - 0.5) clamped to >= 0 and have the weights max(0, 1 - |first + j + 0.5 - c|), j = 0, 1
-    (a tap past the edge gets none), normalised to sum 1 and scaled to integers by 2**precision, the largest
-    precision (<= 22) at which twice the largest weight still fits an int16.
+    Output i is centred at c = (i + 0.5) * n_in / n_out; its taps start at first = max(trunc(c - 0.5), 0) with
+    weights max(0, 1 - |first + j + 0.5 - c|), j = 0, 1 (none past the edge), normalised and scaled by
+    2**precision, the largest precision (<= 22) at which twice the largest weight fits an int16.
 
     Returns:
-      (first int64 [n_out], second int64 [n_out] (clamped to the last row), w0 int64 [n_out], w1 int64 [n_out],
-      precision).
+      (first, second (clamped to the last row), w0, w1: int64 [n_out], precision).
     """
     centre = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)
     first = np.maximum((centre - 0.5).astype(np.int64), 0)  # astype truncates toward zero
@@ -95,7 +86,6 @@ def _fixed_point_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _resize_axis_uint8(image: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """One pass of `resize_uint8` along axis 0 (rows) or 1 (columns) of uint8 [h, w, 3]."""
     if image.shape[axis] == n_out:
         return image
     first, second, w0, w1, precision = _fixed_point_taps(image.shape[axis], n_out)
@@ -112,9 +102,8 @@ def resize_uint8(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel bilinear taps along one axis: source = max(scale * (i + 0.5) - 0.5, 0) with the float32
-    scale n_in / n_out, rounded to float32 once (a fused multiply-add, as torch's CPU kernel computes it);
-    (first = floor(source) int64 [n_out], the next index clamped int64 [n_out], source - first float32)."""
+    """Half-pixel bilinear taps: source = max(scale * (i + 0.5) - 0.5, 0) with the float32 scale n_in / n_out,
+    rounded to float32 once (as torch's CPU kernel); (first int64 [n_out], next clamped, source - first float32)."""
     scale = float(np.float32(n_in) / np.float32(n_out))
     source = np.maximum(((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32), np.float32(0))
     first = np.minimum(source.astype(np.int64), n_in - 1)
@@ -162,16 +151,7 @@ def prepare(image: np.ndarray, spec: dict) -> Prepared:
 
 
 def detect(session, spec: dict, prepared: Sequence[Prepared]) -> list[ImageDetections]:
-    """The detections of every prepared image, in batches of the export's N (the last one padded).
-
-    Args:
-      session: an onnxruntime.InferenceSession of the export's model.onnx.
-      spec: its model.json.
-      prepared: `prepare`'s results.
-
-    Returns:
-      One ImageDetections per image, in order.
-    """
+    """The ImageDetections of every prepared image, in batches of the export's N (the last one padded)."""
     size = int(spec["batch"])
     out = []
     for start in range(0, len(prepared), size):
@@ -187,8 +167,7 @@ def detect(session, spec: dict, prepared: Sequence[Prepared]) -> list[ImageDetec
 
 
 def to_results(detections: Sequence[ImageDetections], paths: Sequence[str], spec: dict) -> list[dict]:
-    """experiments.predict's COCO result list: image_id = position, bbox [x, y, w, h], category ids from
-    model.json's label_map."""
+    """experiments.predict's COCO result list: image_id = position, bbox [x, y, w, h], model.json's category ids."""
     ids = spec["label_map"]["category_ids"]
     results = []
     for i, (det, path) in enumerate(zip(detections, paths)):

@@ -2,40 +2,24 @@
 
     step = graph_or_eager(train_step, device, what="the train step", updates_state=True)
     state, metrics = step(state, batch)          # copy the batch in, replay, hand back the static state
-    run = graph_or_eager(forward, device, what="the eval forward", updates_state=False)
-    outputs = run(params, inputs)
 
-The step itself stays pure (retina_fn.train.step); everything stateful about graphs lives here, in
-`GraphedFunction`, which holds
+The step stays pure (retina_fn.train.step); `GraphedFunction` holds what is stateful: static state buffers (one
+copy of the state tree that every graph reads and, with `updates_state`, overwrites inside the graph) and, per
+input signature (paths, shapes, dtypes: one per canvas), static input buffers and one captured graph.
 
-- static state buffers: one copy of the state tree (params, optimiser state, step counter, loss scale) that
-  every graph reads and, with `updates_state`, overwrites with the new state inside the graph;
-- per input signature (the paths, shapes and dtypes of the batch: one per canvas), static input
-  buffers and one captured graph; a call copies its inputs into them and replays.
+Warm-up runs the function on the static buffers on a side stream and discards the results (lazy init and
+algorithm choice happen before capture), so it never advances the state; the first replay performs the first
+real step. The lr and the step counter are device tensors, so a replay needs nothing from the host.
 
-Warm-up runs the pure function on the static buffers and throws its results away (on a side stream, so that
-lazy initialisation and algorithm choice happen before the capture), so it never advances the state; the
-capture then records one call, including the optimiser update and the copy of the new state into the static
-buffers; the first replay performs the first real step. The learning rate and the step counter are device
-tensors: the schedule reads state['step'] inside the graph, and the step adds 1 to it there, so a replay needs
-nothing from the host.
+Donation, as jax's donate_argnums: the returned state *is* the static buffers and the metrics are the graph's
+static outputs; the next call overwrites both, so read (or clone) them first. Passing the returned state back
+is free; any other state is copied into the buffers leaf by leaf.
 
-Donation, as jax's donate_argnums: the state a call returns *is* the static buffers, and the metrics are the
-graph's static outputs; the next call overwrites both. Read what you need (or clone it) before the next call.
-Passing the returned state back costs nothing; passing any other state (a restored checkpoint, another
-run's) copies it into the buffers first, leaf by leaf, and leaves the caller's tensors untouched.
-
-What a captured function must not do (CUDA graphs replay kernels, not Python): read device values on the
-host (`.item()`, `bool(t)`, `torch.equal`, data-dependent shapes such as `nonzero` or boolean indexing),
-branch in Python on tensor values, or allocate outside the graph's pool. `graph_host.host_syncs` lists such
-operations of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(...,
-device=)`, a host-to-device copy that capture refuses) are handled by `graph_host.HostConstants`: made once
-during warm-up and read from device memory by the graph. In-place optimisers (apex's fused SGD,
-`Optimizer.inplace`) decide skipped steps with a host read of the finite flag and read the learning rate on
-the host: they cannot be captured; the native optimisers select on the device (`torch.where`) and can.
-
-Where capture is impossible (no CUDA device, or the capture itself fails), `graph_or_eager` and the runner
-log why and run the function eagerly: the results are the same, only slower.
+A captured function must not read device values on the host (`.item()`, `bool(t)`, `torch.equal`, `nonzero`,
+boolean indexing), branch on tensor values or allocate outside the pool; `graph_host.host_syncs` lists such
+operations on any device. Tensors built from Python data are lifted by `graph_host.HostConstants`. In-place
+optimisers (apex, `Optimizer.inplace`) read the host and cannot be captured. Where capture is impossible, the
+function runs eagerly (same results) with a logged reason.
 """
 
 from __future__ import annotations
@@ -57,8 +41,8 @@ class CaptureError(RuntimeError):
 
 
 def first_error(error: BaseException) -> BaseException:
-    """The error a failure started with: a capture that fails inside `torch.cuda.graph` raises a second error
-    while the context closes ('operation failed due to a previous error during capture'), chained to the first."""
+    """The error a failure started with (a capture failing inside `torch.cuda.graph` raises a second error when
+    the context closes, chained to the first)."""
     seen = {id(error)}
     while True:
         earlier = error.__cause__ or error.__context__
@@ -69,12 +53,11 @@ def first_error(error: BaseException) -> BaseException:
 
 
 class Capture(Protocol):
-    """How a runner turns one call into something replayable.
+    """How a runner turns one call into something replayable: capture(body, warmup) -> replay.
 
-    capture(body, warmup) -> replay: `warmup()` runs the function on the static buffers and discards the
-    result (call it as often as needed first); `body()` runs it and writes its results into the static
-    buffers and the runner's output holder. `replay()` must have the effect of `body()` on the current
-    contents of the static buffers. Raises CaptureError when recording is impossible.
+    `warmup()` runs the function on the static buffers and discards the result; `body()` runs it and writes its
+    results into the static buffers and the output holder; `replay()` must have `body()`'s effect on the current
+    buffers. Raises CaptureError when recording is impossible.
     """
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]: ...
@@ -93,17 +76,13 @@ class _Replay:
 class CudaGraphCapture:
     """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture.
 
-    All graphs of one capture object share one memory pool: a runner replays its graphs one at a time on one
-    stream and keeps every graph's outputs referenced, so one graph's temporaries may reuse another's.
-    Capture uses capture_error_mode='thread_local', so that other threads (the data loader's pin-memory
-    thread) may keep calling CUDA while this one captures.
+    All graphs of one capture share a memory pool (a runner replays one at a time on one stream). Capture uses
+    capture_error_mode='thread_local' so that other threads (the loader's pin-memory thread) may use CUDA meanwhile.
 
     Args:
-      device: the CUDA device.
-      warmup_steps: warm-up calls before the capture (cuDNN algorithm choice, lazy initialisation, the
-        first call of a compiled function).
-      lift_constants: run warm-up and capture under `HostConstants`. Leave it off for a torch.compile'd
-        function (inductor folds its constants itself, and a mode around it would change what it traces).
+      warmup_steps: warm-up calls before the capture.
+      lift_constants: run under `HostConstants`; off for a torch.compile'd function (inductor folds constants
+        itself, and a mode around it would change what it traces).
     """
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
@@ -139,7 +118,7 @@ class CudaGraphCapture:
 
 
 def _signature(inputs: tuple) -> tuple:
-    """(path, shape, dtype) of every leaf of every input tree: the static shape a graph is recorded for."""
+    """(input, path, shape, dtype) of every leaf of every input tree: what a graph is recorded for."""
     sig = []
     for i, x in enumerate(inputs):
         for path, leaf in tree.leaves_with_paths(x):
@@ -165,23 +144,16 @@ class _Entry:
 
 
 class GraphedFunction:
-    """The stateful runner around a pure function (see the module docstring): static buffers and one graph
-    per input signature.
+    """The stateful runner around a pure function (module docstring).
 
-    The function is fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step: state the
-    train state, inputs (batch,)), else fn(state, *inputs) -> outputs (the eval forward: state the
-    parameters). state and every input are trees of tensors; new_state has the state's structure, shapes and
-    dtypes, and its leaves are new tensors or the given leaves themselves (as a pure function returns).
+    fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step), else -> outputs (the eval
+    forward, state the parameters); all trees of tensors, new_state of the state's structure, shapes and dtypes.
+    runner(state, *inputs) returns (static state, outputs) or outputs, overwritten by the next call.
 
     Args:
       fn: the pure function (eager or torch.compile'd).
-      device: where the static buffers live (the graphs' device).
       capture: how a call is recorded (CudaGraphCapture; tests pass an eager stand-in).
-      updates_state: whether fn returns a new state to keep (see above).
       name: what fn is, for log messages.
-
-    Calling it: runner(state, *inputs) -> (static state, outputs) when updates_state, else outputs; the
-    returned tensors are overwritten by the next call (donation, see the module docstring).
     """
 
     def __init__(self, fn: Callable, device: torch.device | str, capture: Capture, *, updates_state: bool,
@@ -201,14 +173,10 @@ class GraphedFunction:
         return torch.empty_like(x, device=self.device).copy_(x)
 
     def load_state(self, state) -> None:
-        """Copies `state` into the static state buffers (made from it on the first call); leaves that already
-        are the buffers are skipped.
-
-        Args:
-          state: a tree with the structure, shapes and dtypes of the first state given.
+        """Copies `state` into the static state buffers (made from it on the first call), skipping the buffers.
 
         Raises:
-          ValueError: the state's structure, a shape or a dtype differs from the buffers'.
+          ValueError: the structure, a shape or a dtype differs from the buffers'.
         """
         if self.state is None:
             self.state = tree.map(self._static, state)
@@ -288,16 +256,9 @@ def graph_or_eager(fn: Callable, device: torch.device | str, *, what: str, updat
     """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere.
 
     Args:
-      fn: the pure function (see GraphedFunction).
-      device: where it runs.
-      what: its name in log messages (e.g. 'the train step').
-      updates_state: see GraphedFunction.
-      lift_constants: CudaGraphCapture's (False for a torch.compile'd fn).
-      warmup_steps: CudaGraphCapture's.
+      what: its name in log messages; updates_state: see GraphedFunction.
+      lift_constants, warmup_steps: CudaGraphCapture's.
       capture: use this instead of CUDA graphs, on any device (tests pass an eager stand-in).
-
-    Returns:
-      A callable with fn's arguments (see GraphedFunction for what it returns), or fn.
     """
     device = torch.device(device)
     if capture is None:

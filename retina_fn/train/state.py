@@ -21,18 +21,9 @@ from retina_fn.optim import Optimizer
 
 def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rng.Key, loss_scale,
                     device: torch.device | str = "cpu") -> dict:
-    """A fresh state around given parameters (any model).
-
-    Args:
-      trainable: the tree the optimiser updates; frozen: the rest of the model's tree ({} for none).
-      optimizer: its `init` builds state['opt'] (an in-place optimiser takes ownership of `trainable`).
-      key: int64 [2], stored as state['rng'].
-      loss_scale: precision.LossScaleSettings (init, growth_interval, factor, dynamic).
-      device: where the counters live (the parameters stay where they are).
-
-    Returns:
-      The state dict of the module docstring.
-    """
+    """A fresh state around given parameters (any model): `trainable` (which an in-place optimiser takes
+    ownership of), `frozen` ({} for none), key int64 [2] as 'rng', loss_scale (precision.LossScaleSettings); the
+    counters live on `device`."""
     return {
         "params": trainable,
         "frozen": frozen,
