@@ -1,4 +1,4 @@
-"""Timing, peak memory and FLOP counts of benchmark subjects, and what the machine was."""
+"""Timing, peak memory and FLOP counts of benchmark subjects, the data loader's speed, and what the machine was."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable, NamedTuple
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from experiments.benchmark.options import Options
+from retina_fn import rng
 from retina_fn.engine.hooks import synchronize
 
 
@@ -31,12 +33,6 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
-
-
-def time_statistics(times: list[float]) -> dict:
-    return {"median": statistics.median(times), "p10": float(np.quantile(times, 0.1)),
-            "p90": float(np.quantile(times, 0.9)), "min": min(times), "max": max(times),
-            "mean": statistics.fmean(times), "n": len(times)}
 
 
 class PeakMemory:
@@ -73,8 +69,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one eager call as FlopCounterMode counts them (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -99,14 +94,15 @@ def measure(subjects: list[Subject], batch_size: int, opts: Options, device: tor
         n = opts.iters // rounds + (1 if r < opts.iters % rounds else 0)
         for s in subjects:
             memory.reset()
-            times = [time_call(s.call, device) for _ in range(n)]
-            entry = results[s.name]
+            times, entry = [time_call(s.call, device) for _ in range(n)], results[s.name]
             entry["times"] += times
             entry["round_medians"].append(statistics.median(times))
             entry["peak_memory_mb"] = max(entry["peak_memory_mb"], memory.peak_mb())
     for s in subjects:
-        r = results[s.name]
-        r["step_s"] = time_statistics(r["times"])
+        r, times = results[s.name], results[s.name]["times"]
+        r["step_s"] = {"median": statistics.median(times), "p10": float(np.quantile(times, 0.1)),
+                       "p90": float(np.quantile(times, 0.9)), "min": min(times), "max": max(times),
+                       "mean": statistics.fmean(times), "n": len(times)}
         r["images_per_s"] = batch_size / r["step_s"]["median"]
         flops = s.flops() if opts.count_flops else None
         r["flops_per_image"] = None if flops is None else flops / batch_size
@@ -138,3 +134,42 @@ def machine_info(device: torch.device) -> dict:
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version())
     return info
+
+
+def measure_data(cfg, opts: Options, batch_size: int) -> dict:
+    """Times the config's training loader (throughput.measure); cfg.data is edited in place.
+
+    Returns:
+      throughput.measure's figures plus 'source', 'workers', 'image_dtype' and 'canvas_mb' (one canvas),
+      'gt_rows' (each batch's padded ground-truth count), 'scale'.
+    """
+    from retina_fn.data import coco, loader as data_loader, synthetic, throughput
+
+    with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:
+        source = "configured dataset"
+        if cfg.data.dataset != "coco" or not os.path.isfile(os.path.join(cfg.data.root or "", cfg.data.train_ann)):
+            size = opts.image_size or max(cfg.data.landscape_canvas)
+            count = 2 * (opts.warmup + opts.iters + 1) * batch_size  # the sampler drops incomplete aspect batches
+            synthetic.generate_synthetic(tmp, count, 1, opts.seed, image_size=int(size), num_classes=5)
+            cfg.data.update(root=tmp, train_ann="annotations/instances_train.json", train_images="train",
+                            filter_empty_gt=False, min_size=0)
+            source = f"{count} synthetic JPEGs of about {size} px"
+        if opts.canvas is not None:
+            cfg.data.scale = (max(opts.canvas), min(opts.canvas))
+        loader = data_loader.make_train_loader(cfg.data, coco.load_split(cfg.data, "train"), rank=0, world_size=1,
+                                               key=rng.key(opts.seed))
+        gt_rows, last = [], {}
+
+        def recorded():
+            for batch in loader:
+                gt_rows.append(int(batch["box_valid"].shape[1]))
+                last["image"] = batch["image"][0]
+                yield batch
+
+        result = throughput.measure(recorded(), num_batches=opts.iters, warmup=opts.warmup)
+        image = last["image"]
+        result.update(source=source, workers=data_loader.resolve_workers(cfg.data.workers), gt_rows=gt_rows,
+                      image_dtype=str(image.dtype).replace("torch.", ""),
+                      canvas_mb=image.numel() * image.element_size() / 1e6, scale=tuple(cfg.data.scale))
+        del loader  # stops its workers before their files go
+    return result

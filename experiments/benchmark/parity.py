@@ -15,16 +15,12 @@ from typing import Callable
 import torch
 
 from retina_fn.engine.hooks import host_scalars
-from retina_fn import schema, tree
+from retina_fn import tree
 
 METRICS = ("loss", "loss_cls", "loss_box", "grad_norm")
 _LOW = {"loss": 2e-2, "grad_norm": 5e-2, "update": 5e-2, "count": 5e-2, "score": 2e-2}
 TOLERANCES = {"fp32": {"loss": 2e-4, "grad_norm": 5e-4, "update": 5e-4, "count": 2e-2, "score": 2e-4},
               "bf16": _LOW, "fp16": _LOW}
-
-
-def tolerance(cfg) -> dict:
-    return TOLERANCES[schema.precision_name(cfg.train)]
 
 
 def relative(a: float, b: float) -> float:

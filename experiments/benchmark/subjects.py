@@ -13,10 +13,6 @@ from retina_fn.errors import ConfigError
 from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
 
 
-def _eval_step(cfg, device):
-    return make_eval_step(schema.detector_spec(cfg), device, precision_name=schema.precision_name(cfg.train),
-                          cuda_graph=bool(cfg.train.cuda_graph))
-
 STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
 
 
@@ -54,7 +50,8 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 
     def check(steps):
         start = fresh() if optimizer.inplace else initial
-        return parity.compare_train(step, build(_eager(cfg)), start, batch, steps, parity.tolerance(cfg))
+        return parity.compare_train(step, build(_eager(cfg)), start, batch, steps,
+                                    parity.TOLERANCES[schema.precision_name(cfg.train)])
 
     return Subject(name, call, flops, check if cfg.train.compile or cfg.train.cuda_graph else None)
 
@@ -67,6 +64,11 @@ def _fresh_params(cfg, device: torch.device, seed: int) -> dict:
     head = dict(params["head"])
     head["cls_logits"] = dict(head["cls_logits"], bias=torch.zeros_like(head["cls_logits"]["bias"]))
     return dict(params, head=head)
+
+
+def _eval_step(cfg, device):
+    return make_eval_step(schema.detector_spec(cfg), device, precision_name=schema.precision_name(cfg.train),
+                          cuda_graph=bool(cfg.train.cuda_graph))
 
 
 def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
@@ -83,7 +85,8 @@ def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
     timed = torch.compile(eval_step) if cfg.train.compile else eval_step
 
     def check(steps):
-        return parity.compare_infer(timed, _eval_step(_eager(cfg), device), params, batch, parity.tolerance(cfg))
+        return parity.compare_infer(timed, _eval_step(_eager(cfg), device), params, batch,
+                                    parity.TOLERANCES[schema.precision_name(cfg.train)])
 
     return Subject(name, lambda: timed(params, batch),
                    lambda: count_flops(lambda: _eval_step(_eager(cfg), device)(params, batch)),
