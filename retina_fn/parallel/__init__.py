@@ -9,20 +9,6 @@ from retina_fn.parallel.collectives import LeafChecksum, ReplicaMismatch, plan_b
 from retina_fn.parallel.env import LaunchEnv, LaunchError, read_launch_env
 from retina_fn.parallel.runtime import CollectiveError, Runtime, init
 
-__all__ = [
-    "CollectiveError",
-    "DeviceChoice",
-    "DeviceUnavailable",
-    "LaunchEnv",
-    "LaunchError",
-    "LeafChecksum",
-    "ReplicaMismatch",
-    "Runtime",
-    "activate_device",
-    "init",
-    "plan_buckets",
-    "read_launch_env",
-    "resolve_device",
-    "select_device",
-    "tree_checksum",
-]
+__all__ = ["CollectiveError", "DeviceChoice", "DeviceUnavailable", "LaunchEnv", "LaunchError", "LeafChecksum",
+           "ReplicaMismatch", "Runtime", "activate_device", "init", "plan_buckets", "read_launch_env", "resolve_device",
+           "select_device", "tree_checksum"]

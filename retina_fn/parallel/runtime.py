@@ -188,12 +188,6 @@ class Runtime:
         self.shutdown()
 
 
-def _attempt_store(env: LaunchEnv, timeout: timedelta):
-    """The env:// rendezvous store under `store_prefix()`."""
-    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
-    return dist.PrefixStore(store_prefix(), store)
-
-
 def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     """The Runtime for this process: chooses and activates the device, then (world size > 1) creates the default
     process group over env:// and runs a warm-up all_reduce (HCCL builds communicators lazily; it also proves every
@@ -228,7 +222,9 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     # imported later, they would pin the group past destroy_process_group, and its gloo threads, torn down at
     # exit while a peer is still connected, abort the process ("terminate called without an active exception").
     import torch._dynamo  # noqa: F401
-    options = dict(backend=choice.backend, store=_attempt_store(env, timeout), rank=env.rank, world_size=env.world_size)
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    options = dict(backend=choice.backend, store=dist.PrefixStore(store_prefix(), store), rank=env.rank,
+                   world_size=env.world_size)
     if choice.kind == "cuda":
         options["device_id"] = choice.device  # eager NCCL init, bound to this device
     dist.init_process_group(timeout=timeout, **options)

@@ -77,13 +77,8 @@ def overflow_check(kind: precision.OverflowCheck | str) -> precision.OverflowChe
 
 def init_train_state(spec: DetectorSpec, settings: StepSettings, key: rng.Key, optimizer: Optimizer,
                      params: dict | None = None, device: torch.device | str = "cpu") -> dict:
-    """A fresh RetinaNet train state (retina_fn.train.state), float32 on `device`, split by the spec.
-
-    Args:
-      key: int64 [2]; split into the model's init key and the run's key.
-      optimizer: from `build_optimizer`, the same object the step gets.
-      params: a full parameter tree (e.g. a pretrained backbone) replacing the random init.
-    """
+    """A fresh RetinaNet train state (retina_fn.train.state), float32 on `device`, split by the spec; key int64
+    [2] is split into the model's init key and the run's key; `params` (a full tree) replaces the random init."""
     k_model, k_run = rng.split(key)
     if params is None:
         params = retinanet.init(k_model, spec)
@@ -118,15 +113,14 @@ def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optim
       steps_per_epoch, global_batch: fix the schedule and the linearly scaled lr; global_batch is images per
         optimiser step (images_per_device x world_size x optim.accum_steps).
       reduce: the mean over replicas (gradients, metrics, a 'global' normaliser); None for one process.
-      device: where the anchors live and which autocast applies.
       overflow_check_override: replaces settings.overflow_check (a callable or a name).
-      graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests; graph.Capture).
+      graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests).
 
     Returns:
-      retina_fn.train.step's step over the Detector, called with one batch or a tuple of optim.accum_steps
-      batches; metrics 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale',
-      'finite'. With train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction (its
-      returned state and metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
+      retina_fn.train.step's step over the Detector (one batch or a tuple of optim.accum_steps batches); metrics
+      'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With
+      train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction (its returned state and
+      metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
     """
     device_type = torch.device(device).type
     compile_scope = resolve_compile_scope(settings.compile_scope, device_type)
@@ -162,13 +156,8 @@ def make_eval_step(spec: DetectorSpec, device: torch.device | str = "cpu", *, pr
                    ) -> Callable[[dict, dict], Detections]:
     """`eval_step(params, batch) -> Detections` [B, spec.test.max_per_img] from the full parameter tree and a
     batch with image [B, 3, H, W], image_hw [B, 2] and scale_factor [B, 2] (boxes then in original-image pixels).
-
-    Args:
-      precision_name: the forward's precision (a training run evaluates at its own).
-      cuda_graph: the network's forward as a CUDA graph per canvas; post-processing (NMS reads the host) runs
-        eagerly on its outputs, giving `Detector.predict`'s detections.
-      graph_capture: as make_train_step's.
-    """
+    With cuda_graph the network's forward is a CUDA graph per canvas and post-processing (NMS reads the host) runs
+    eagerly on its outputs."""
     prec = precision.precision_from_name(precision_name)
     detector = Detector(spec, canvases(spec), device)
     device_type = torch.device(device).type

@@ -3,23 +3,14 @@
     step = graph_or_eager(train_step, device, what="the train step", updates_state=True)
     state, metrics = step(state, batch)          # copy the batch in, replay, hand back the static state
 
-The step stays pure (retina_fn.train.step); `GraphedFunction` holds what is stateful: static state buffers (one
-copy of the state tree that every graph reads and, with `updates_state`, overwrites inside the graph) and, per
-input signature (paths, shapes, dtypes: one per canvas), static input buffers and one captured graph.
-
-Warm-up runs the function on the static buffers on a side stream and discards the results (lazy init and
-algorithm choice happen before capture), so it never advances the state; the first replay performs the first
-real step. The lr and the step counter are device tensors, so a replay needs nothing from the host.
-
-Donation, as jax's donate_argnums: the returned state *is* the static buffers and the metrics are the graph's
-static outputs; the next call overwrites both, so read (or clone) them first. Passing the returned state back
-is free; any other state is copied into the buffers leaf by leaf.
-
-A captured function must not read device values on the host (`.item()`, `bool(t)`, `torch.equal`, `nonzero`,
-boolean indexing), branch on tensor values or allocate outside the pool; `graph_host.host_syncs` lists such
-operations on any device. Tensors built from Python data are lifted by `graph_host.HostConstants`. In-place
-optimisers (apex, `Optimizer.inplace`) read the host and cannot be captured. Where capture is impossible, the
-function runs eagerly (same results) with a logged reason.
+`GraphedFunction` holds static state buffers (read by every graph and, with `updates_state`, overwritten inside
+it) and, per input signature (one per canvas), static inputs and a graph. Warm-up runs on a side stream and
+discards its results, so the first replay is the first real step; lr and step counter live on the device.
+Donation, as jax's donate_argnums: the returned state *is* the static buffers and the metrics the graph's
+outputs, both overwritten by the next call; passing another state copies it in. A captured function must not
+read device values on the host or branch on them (`graph_host.host_syncs` finds such operations on any device);
+tensors built from Python data are lifted by `graph_host.HostConstants`; in-place optimisers (apex) cannot be
+captured. Where capture is impossible the function runs eagerly (same results) with a logged reason.
 """
 
 from __future__ import annotations
@@ -53,12 +44,8 @@ def first_error(error: BaseException) -> BaseException:
 
 
 class Capture(Protocol):
-    """How a runner turns one call into something replayable: capture(body, warmup) -> replay.
-
-    `warmup()` runs the function on the static buffers and discards the result; `body()` runs it and writes its
-    results into the static buffers and the output holder; `replay()` must have `body()`'s effect on the current
-    buffers. Raises CaptureError when recording is impossible.
-    """
+    """How a runner records a call: capture(body, warmup) -> replay, with replay() having body()'s effect on the
+    current static buffers (warmup() runs the function and discards the result). Raises CaptureError."""
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]: ...
 
@@ -74,16 +61,9 @@ class _Replay:
 
 
 class CudaGraphCapture:
-    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture.
-
-    All graphs of one capture share a memory pool (a runner replays one at a time on one stream). Capture uses
-    capture_error_mode='thread_local' so that other threads (the loader's pin-memory thread) may use CUDA meanwhile.
-
-    Args:
-      warmup_steps: warm-up calls before the capture.
-      lift_constants: run under `HostConstants`; off for a torch.compile'd function (inductor folds constants
-        itself, and a mode around it would change what it traces).
-    """
+    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture in a pool shared by all
+    graphs of this object, capture_error_mode='thread_local' (the loader's pin-memory thread may use CUDA meanwhile).
+    lift_constants runs under `HostConstants`; leave it off for a torch.compile'd function (inductor folds its own)."""
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
         if warmup_steps < 1:
@@ -148,12 +128,7 @@ class GraphedFunction:
 
     fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step), else -> outputs (the eval
     forward, state the parameters); all trees of tensors, new_state of the state's structure, shapes and dtypes.
-    runner(state, *inputs) returns (static state, outputs) or outputs, overwritten by the next call.
-
-    Args:
-      fn: the pure function (eager or torch.compile'd).
-      capture: how a call is recorded (CudaGraphCapture; tests pass an eager stand-in).
-      name: what fn is, for log messages.
+    capture: CudaGraphCapture, or a test's eager stand-in; name: for log messages.
     """
 
     def __init__(self, fn: Callable, device: torch.device | str, capture: Capture, *, updates_state: bool,
@@ -253,13 +228,8 @@ class GraphedFunction:
 
 def graph_or_eager(fn: Callable, device: torch.device | str, *, what: str, updates_state: bool,
                    lift_constants: bool = True, warmup_steps: int = 2, capture: Capture | None = None) -> Callable:
-    """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere.
-
-    Args:
-      what: its name in log messages; updates_state: see GraphedFunction.
-      lift_constants, warmup_steps: CudaGraphCapture's.
-      capture: use this instead of CUDA graphs, on any device (tests pass an eager stand-in).
-    """
+    """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere; a given
+    `capture` is used on any device (tests)."""
     device = torch.device(device)
     if capture is None:
         if device.type != "cuda" or not torch.cuda.is_available():

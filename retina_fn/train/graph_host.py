@@ -27,7 +27,6 @@ _HOST_READ_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: 
 
 
 class _Record:
-
     def __init__(self):
         self.syncs: collections.Counter = collections.Counter()
         self.host_data: collections.Counter = collections.Counter()
@@ -80,9 +79,8 @@ def host_syncs(fn: Callable, *args, **kwargs) -> dict:
 
     Returns:
       {'syncs': {op: count} of host reads and data-dependent shapes (`.item()`, `bool(t)`, `torch.equal`,
-      `nonzero`, boolean indexing, `.tolist()`, `.numpy()`, `.cpu()`, ...), which make capture fail;
-      'host_data': {op: count} of tensors built from Python data, which `HostConstants` lifts;
-      'where': {op: ['file:line', ...]}, the distinct callers outside torch}.
+      `nonzero`, boolean indexing, `.tolist()`, `.cpu()`, ...); 'host_data': {op: count} of tensors built from
+      Python data; 'where': {op: ['file:line', ...]}, the distinct callers outside torch}.
     """
     record = _Record()
     with _MethodRecorder(record), _DispatchRecorder(record):
@@ -104,9 +102,8 @@ class HostConstants(TorchFunctionMode):
     """Lifts tensors built from Python data onto an accelerator out of a captured call.
 
     While `recording` (warm-up) each `torch.tensor` / `torch.as_tensor` of Python data for a non-CPU device is made
-    and kept in `constants` under (function, data, kwargs); while not (capture) the same call returns the kept
-    tensor, which the graph reads on every replay. Other calls pass through. Kept tensors must never be written in
-    place, and must outlive every replay of the graph.
+    and kept in `constants`; during capture the same call returns the kept tensor, read by the graph on every
+    replay. Kept tensors must never be written in place and must outlive the graph.
     """
 
     FACTORIES = (torch.tensor, torch.as_tensor)

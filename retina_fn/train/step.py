@@ -71,9 +71,7 @@ def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
 def loss_divisors(normalizers: list[torch.Tensor], reduce: Reduce | None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(what each of k loader batches divides its loss by, the normaliser in the metrics): 'global' (`reduce`
     given) the replicas' mean of the sum for every batch; 'local' k * N_b for batch b."""
-    total = normalizers[0]
-    for n in normalizers[1:]:
-        total = total + n
+    total = sum(normalizers[1:], normalizers[0])
     if reduce is not None:
         shared = reduce(total)
         return [shared] * len(normalizers), shared
@@ -90,22 +88,18 @@ def make_train_step(objective: Objective, optimizer: Optimizer, schedule: Callab
     """Builds `train_step(state, batches) -> (new_state, metrics)` (module docstring).
 
     Args:
-      objective: prepare + loss.
-      optimizer: the Optimizer whose `init` made state['opt'].
       schedule: step int64 [] -> learning rate float32 [].
       loss_scale: the loss scale's settings; needed when precision scales the loss.
       overflow_check: check(grads, scale) -> bool [] (precision.all_finite, not_saturated, accel.npu_flag_check()).
       reduce: a mean over replicas of a tree; None for one replica.
       reduce_normalizer: whether the loss normaliser is averaged over replicas too.
-      device_type: autocast's device type.
       compile_fn: compiles a function (torch.compile); None runs eagerly.
       compile_scope: 'step' (the whole step) or 'gradients' (steps 1 to 3; the update runs eagerly after).
 
-    The state is retina_fn.train.state's. The step draws no random numbers.
-
     Returns:
-      train_step; metrics are the objective's (summed over micro-batches) plus 'normalizer', 'lr', 'grad_norm'
-      (before clipping), 'loss_scale' (1 without scaling), 'finite' (1.0 when applied), 0-d, averaged over replicas.
+      train_step over retina_fn.train.state's state (it draws no random numbers); metrics are the objective's
+      plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale' (1 without scaling), 'finite' (1.0 when
+      applied), 0-d, averaged over replicas.
     """
     if precision.loss_scaling and loss_scale is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale (train.loss_scale)")
