@@ -2,12 +2,10 @@
 
     python experiments/onnx_predict.py exported/demo a.jpg b.png --score-thr 0.3 --out dets.json [--repeat 20]
 
-Each image is prepared as the export's model.json 'preprocess' says; the model returns boxes in original-image
-pixels. The 'mmdet' resize reproduces the pipeline's uint8 resize bit for bit on x86 (torch's CPU kernel:
-separable bilinear, half-pixel centres, horizontal pass first, fixed-point weights, each pass rounded to uint8;
-OpenCV's INTER_LINEAR, which mmcv uses, differs by at most 1 level). The 'torchvision' resize works on the
-normalised float32 image, within about 1e-6 of the pipeline's. --out writes experiments.predict's COCO result
-list.
+Images are prepared as model.json's 'preprocess' says; boxes come back in original-image pixels. The 'mmdet'
+resize is the pipeline's uint8 resize bit for bit on x86 (torch's CPU kernel: separable bilinear, half-pixel
+centres, horizontal pass first, fixed-point weights, each pass rounded to uint8); 'torchvision' resizes the
+normalised float32 image, within about 1e-6 of the pipeline.
 """
 
 from __future__ import annotations
@@ -60,15 +58,10 @@ def resized_size(height: int, width: int, preprocess: dict) -> tuple[int, int]:
 
 
 def _fixed_point_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Two taps per output of the uint8 bilinear resize along one axis, as integer weights.
-
-    Output i is centred at c = (i + 0.5) * n_in / n_out; its taps start at first = max(trunc(c - 0.5), 0) with
-    weights max(0, 1 - |first + j + 0.5 - c|), j = 0, 1 (none past the edge), normalised and scaled by
-    2**precision, the largest precision (<= 22) at which twice the largest weight fits an int16.
-
-    Returns:
-      (first, second (clamped to the last row), w0, w1: int64 [n_out], precision).
-    """
+    """Two taps per output of the uint8 bilinear resize along one axis, as integer weights: output i is centred
+    at c = (i + 0.5) * n_in / n_out, taps at first = max(trunc(c - 0.5), 0) and first + 1 weighted
+    max(0, 1 - |tap + 0.5 - c|) (none past the edge), normalised, scaled by 2**precision, the largest precision
+    (<= 22) at which twice the largest weight fits an int16. -> (first, second, w0, w1: int64 [n_out], precision)."""
     centre = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)
     first = np.maximum((centre - 0.5).astype(np.int64), 0)  # astype truncates toward zero
     last = np.minimum((centre + 1.5).astype(np.int64), n_in)  # one past the last tap

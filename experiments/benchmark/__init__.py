@@ -47,11 +47,7 @@ def _profile(call, steps: int, device: torch.device) -> dict:
 
 
 def run(cfg, opts: Options) -> dict:
-    """Runs one benchmark.
-
-    Args:
-      cfg: the whole config; option fields are written into it in place.
-      opts: what to measure and how.
+    """Runs one benchmark; option fields are written into cfg in place.
 
     Returns:
       A JSON-ready dict: the settings, 'machine' and, for data, 'data'; for train / infer 'ours' (measure's entry,

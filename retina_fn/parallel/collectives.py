@@ -34,11 +34,7 @@ class Bucket(NamedTuple):
 
 
 def plan_buckets(leaves: Sequence[torch.Tensor], bucket_bytes: int) -> list[Bucket]:
-    """Cuts `leaves` (tensors in path order) into buckets of at most `bucket_bytes` (module docstring).
-
-    Raises:
-      ValueError: bucket_bytes <= 0.
-    """
+    """Cuts `leaves` (in path order) into buckets of at most `bucket_bytes` > 0 (module docstring)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size must be positive, got {bucket_bytes} bytes (dist.bucket_mb)")
     groups: dict[tuple[torch.dtype, torch.device], list[list[int]]] = {}
@@ -76,12 +72,9 @@ def _tensor_leaves(tree: Tree, what: str) -> tuple[list[str], list[torch.Tensor]
 
 
 def check_reducible(tree: Tree, op: str, backend: str | None = None) -> None:
-    """Checks that every leaf of `tree` can be all-reduced with `op` ('sum' | 'mean') on `backend`.
-
-    Raises:
-      TypeError: naming the first non-tensor, bool or complex leaf, or an integer leaf under 'mean'.
-      ValueError: an unknown op, or a CPU leaf with an accelerator backend ('nccl', 'hccl').
-    """
+    """Checks that every leaf of `tree` can be all-reduced with `op` ('sum' | 'mean') on `backend`: TypeError
+    naming a non-tensor, bool or complex leaf, or an integer one under 'mean'; ValueError for an unknown op or a CPU
+    leaf with an accelerator backend."""
     if op not in ("sum", "mean"):
         raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
     paths, leaves = _tensor_leaves(tree, f"reduce_{op}")
@@ -132,11 +125,7 @@ def _first_signature_difference(reference: list, other: list) -> str | None:
 
 
 def check_same_structure(tree: Tree, *, src: int = 0, group=None) -> None:
-    """Checks that every rank's tree has rank `src`'s (path, shape, dtype) signature.
-
-    Raises:
-      ReplicaMismatch: on every rank alike, naming the first differing rank and path.
-    """
+    """Checks that every rank's tree has rank `src`'s (path, shape, dtype) signature (ReplicaMismatch)."""
     signatures: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(signatures, tree_signature(tree), group=group)
     for rank, signature in enumerate(signatures):
@@ -146,11 +135,8 @@ def check_same_structure(tree: Tree, *, src: int = 0, group=None) -> None:
 
 
 def broadcast_tree(tree: Tree, src: int = 0, *, group=None, bucket_bytes: int) -> Tree:
-    """Rank `src`'s values of `tree` on every rank, as new tensors (off `src` only the structure matters).
-
-    Raises:
-      ReplicaMismatch: on every rank, when the structures differ (checked first).
-    """
+    """Rank `src`'s values of `tree` on every rank, as new tensors (off `src` only the structure matters);
+    ReplicaMismatch on every rank when the structures differ."""
     check_same_structure(tree, src=src, group=group)
     leaves = tree_lib.leaves(tree)
     out: list = [None] * len(leaves)
@@ -209,11 +195,8 @@ def first_checksum_difference(checksums: Sequence[dict[str, LeafChecksum]]) -> s
 
 
 def verify_same(tree: Tree, *, group=None) -> None:
-    """Checks that `tree` is bitwise identical on all ranks of `group` (one all_gather_object of checksums).
-
-    Raises:
-      ReplicaMismatch: on every rank alike, naming the first differing path.
-    """
+    """Checks that `tree` is bitwise identical on all ranks of `group` (one all_gather_object of checksums);
+    ReplicaMismatch on every rank alike, naming the first differing path."""
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, tree_checksum(tree), group=group)
     difference = first_checksum_difference(gathered)

@@ -59,13 +59,9 @@ def _first(environ: Mapping[str, str], names: tuple[str, ...], minimum: int) -> 
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """The LaunchEnv of the environment variables (default: os.environ).
 
-    RANK wins over RANK_ID, WORLD_SIZE over RANK_SIZE; LOCAL_WORLD_SIZE defaults to the whole world (one node);
-    the local rank is LOCAL_RANK, else rank modulo the local world size. The device index is LOCAL_RANK under
-    torchrun and DEVICE_ID (when set) otherwise: Ascend scripts may use any subset of a server's devices.
-
-    Raises:
-      LaunchError: naming the variable: non-integers, a rank without a world size (or the reverse), rank >= world
-        size, and similar inconsistencies.
+    RANK wins over RANK_ID, WORLD_SIZE over RANK_SIZE; LOCAL_WORLD_SIZE defaults to the world (one node); the local
+    rank is LOCAL_RANK, else rank modulo the local world size; the device index is LOCAL_RANK under torchrun, else
+    DEVICE_ID when set (Ascend scripts may use any subset of devices). LaunchError names a bad or inconsistent variable.
     """
     environ = os.environ if environ is None else environ
     rank, rank_name = _first(environ, ("RANK", "RANK_ID"), minimum=0)

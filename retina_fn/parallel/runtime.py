@@ -1,15 +1,10 @@
-"""The process group and tree collectives of one training process.
-
-    runtime = parallel.init(cfg.dist)               # after torchrun, or alone
-    params = runtime.broadcast_tree(params)         # rank 0's initialisation everywhere
-    train_step = make_train_step(..., reduce=runtime.reduce_mean)
-    results = runtime.gather_objects(my_detections)   # list on rank 0, None elsewhere
+"""The process group and tree collectives of one training process (`init` builds the Runtime).
 
 No DistributedDataParallel (it does not compose with torch.func): gradients are plain pytrees that
 `reduce_mean` all-reduces in a few coalesced buffers. With one process there is no group and every collective
 is the identity. The group's timeout (dist.timeout_s) bounds every gloo collective and NCCL's watchdog; gloo
-barriers are monitored (they name the missing ranks); a failed collective is re-raised as CollectiveError. On
-Ascend, HCCL_EXEC_TIMEOUT and HCCL_CONNECT_TIMEOUT (read by HCCL itself) are left to the launcher.
+barriers are monitored; a failed collective is re-raised as CollectiveError naming it. On Ascend,
+HCCL_EXEC_TIMEOUT and HCCL_CONNECT_TIMEOUT are left to the launcher.
 """
 
 from __future__ import annotations
@@ -101,12 +96,8 @@ class Runtime:
             return collectives.all_reduce_tree(tree, "sum", group=self.group, bucket_bytes=self.bucket_bytes)
 
     def broadcast_tree(self, tree: Tree, src: int = 0) -> Tree:
-        """Rank `src`'s `tree` on every rank, as new tensors (`tree` itself for one process).
-
-        Raises:
-          ReplicaMismatch: the structures differ between ranks.
-          CollectiveError: the collective failed or timed out.
-        """
+        """Rank `src`'s `tree` on every rank, as new tensors (`tree` itself for one process); ReplicaMismatch when
+        the structures differ between ranks."""
         if self.group is None:
             return tree
         with self._guard(f"broadcast_tree from rank {src}"):
@@ -118,12 +109,7 @@ class Runtime:
         return collectives.tree_checksum(tree)
 
     def verify_same(self, tree: Tree) -> None:
-        """Checks that `tree` is bitwise identical on all ranks.
-
-        Raises:
-          ReplicaMismatch: on every rank, naming the first differing path.
-          CollectiveError: the collective failed or timed out.
-        """
+        """Checks that `tree` is bitwise identical on all ranks (ReplicaMismatch names the first differing path)."""
         if self.group is None:
             return
         with self._guard("verify_same (all_gather_object)"):
@@ -191,16 +177,11 @@ class Runtime:
 def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     """The Runtime for this process: chooses and activates the device, then (world size > 1) creates the default
     process group over env:// and runs a warm-up all_reduce (HCCL builds communicators lazily; it also proves every
-    rank can talk).
-
-    Args:
-      dist_cfg: the `dist` config block (device, timeout_s, bucket_mb).
-      env: the launcher's environment; None: `read_launch_env()`.
+    rank can talk). env None: `read_launch_env()`.
 
     Raises:
-      ValueError: timeout_s or bucket_mb not positive, or an unknown dist.device.
-      LaunchError: a malformed launch environment or a missing rendezvous endpoint.
-      DeviceUnavailable: the requested device cannot be used.
+      ValueError: dist.timeout_s or dist.bucket_mb not positive, or an unknown dist.device.
+      LaunchError, DeviceUnavailable: a bad launch environment, an unusable device.
       RuntimeError: a default process group already exists.
       CollectiveError: the warm-up all_reduce failed or gave the wrong sum.
     """

@@ -1,14 +1,10 @@
 """The RetinaNet train state, train step and eval step of a spec and the step's settings.
 
-    spec, settings = schema.detector_spec(cfg), schema.step_settings(cfg)
     optimizer = build_optimizer(settings)                 # once: state and step share it
     state = init_train_state(spec, settings, key, optimizer, device=device)
     train_step = make_train_step(spec, settings, optimizer, steps_per_epoch=..., global_batch=...)
-    eval_step = make_eval_step(spec, device=device)       # eval_step(params, batch) -> Detections
 
-Here the settings meet the generic engine (retina_fn.train.step) and the detector, and accelerator extras
-(apex's fused SGD, torch_npu's overflow flag) come in from retina_fn.accel. `cuda_graph` puts the train step and
-the eval step's network forward behind CUDA graphs (retina_fn.train.graph).
+Accelerator extras (apex's fused SGD, torch_npu's overflow flag) come in from retina_fn.accel here.
 """
 
 from __future__ import annotations
@@ -88,15 +84,9 @@ def init_train_state(spec: DetectorSpec, settings: StepSettings, key: rng.Key, o
 
 
 def resolve_compile_scope(scope: str, device_type: str, torch_version: str = torch.__version__) -> str:
-    """train.compile_scope with 'auto' resolved to 'step' or 'gradients'.
-
-    'auto' is 'gradients' on CUDA with torch older than 2.13: there inductor fails an assertion in its loop
-    reordering when the optimiser's foreach update shares a graph with reductions of other shapes (pytorch#176591,
-    fixed by pytorch#176849). Elsewhere 'auto' is 'step'.
-
-    Raises:
-      ValueError: an unknown scope.
-    """
+    """train.compile_scope with 'auto' resolved: 'gradients' on CUDA with torch < 2.13 (inductor's loop
+    reordering fails when the foreach update shares a graph with other reductions: pytorch#176591, fixed by
+    pytorch#176849), else 'step'; ValueError for an unknown scope."""
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     if scope != "auto":
@@ -107,20 +97,19 @@ def resolve_compile_scope(scope: str, device_type: str, torch_version: str = tor
 def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optimizer, *, steps_per_epoch: int,
                     global_batch: int, reduce: step_lib.Reduce | None = None, device: torch.device | str = "cpu",
                     overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
-    """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)`.
+    """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)` (retina_fn.train.step).
 
     Args:
       steps_per_epoch, global_batch: fix the schedule and the linearly scaled lr; global_batch is images per
         optimiser step (images_per_device x world_size x optim.accum_steps).
-      reduce: the mean over replicas (gradients, metrics, a 'global' normaliser); None for one process.
+      reduce: the mean over replicas; None for one process.
       overflow_check_override: replaces settings.overflow_check (a callable or a name).
       graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests).
 
     Returns:
-      retina_fn.train.step's step over the Detector (one batch or a tuple of optim.accum_steps batches); metrics
-      'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With
-      train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction (its returned state and
-      metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
+      The step; metrics 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale',
+      'finite'. With train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction (its
+      state and metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
     """
     device_type = torch.device(device).type
     compile_scope = resolve_compile_scope(settings.compile_scope, device_type)

@@ -68,16 +68,13 @@ class CudaGraphCapture:
     def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        self.device = torch.device(device)
-        self.warmup_steps = warmup_steps
-        self.lift_constants = lift_constants
+        self.device, self.warmup_steps, self.lift_constants = torch.device(device), warmup_steps, lift_constants
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]:
         constants = HostConstants() if self.lift_constants else None
         lifting = constants if constants is not None else contextlib.nullcontext()
-        side = torch.cuda.Stream(self.device)
-        current = torch.cuda.current_stream(self.device)
+        side, current = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         side.wait_stream(current)
         with torch.cuda.device(self.device), torch.cuda.stream(side), lifting:
             for _ in range(self.warmup_steps):
@@ -115,14 +112,6 @@ def _describe(signature: tuple) -> str:
     return f"{path or f'input {index}'} {list(shape)} (and {len(signature) - 1} more leaves)"
 
 
-class _Entry:
-    """One recorded input signature: its static input buffers, its replay and the output holder."""
-
-    def __init__(self, inputs: list, replay: Callable[[], None], holder: list, graphed: bool):
-        self.inputs, self.input_leaves = inputs, [leaf for x in inputs for leaf in tree.leaves(x)]
-        self.replay, self.holder, self.graphed = replay, holder, graphed
-
-
 class GraphedFunction:
     """The stateful runner around a pure function (module docstring).
 
@@ -137,7 +126,7 @@ class GraphedFunction:
         self.updates_state, self.name = updates_state, name
         self.state: Any = None  # the static state tree, made on the first call
         self._state_leaves: list[torch.Tensor] = []
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: dict[tuple, tuple] = {}  # signature -> (static input leaves, replay, output holder)
 
     @property
     def signatures(self) -> int:
@@ -185,7 +174,7 @@ class GraphedFunction:
         if pairs:
             torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
-    def _record(self, signature: tuple, inputs: tuple) -> _Entry:
+    def _record(self, signature: tuple, inputs: tuple) -> tuple:
         static_inputs = [tree.map(self._static, x) for x in inputs]
         holder: list = []
 
@@ -200,29 +189,28 @@ class GraphedFunction:
             holder[:] = [result]
 
         try:
-            replay, graphed = self.capture(body, warmup), True
+            replay = self.capture(body, warmup)
             log.info("%s: CUDA graph recorded for %s", self.name, _describe(signature))
         except CaptureError as e:
-            replay, graphed = body, False
+            replay = body
             found = host_syncs(self.fn, self.state, *static_inputs)
             places = "; ".join(f"{op} at {', '.join(where)}" for op, where in found["where"].items()) or "none"
             log.warning("%s: CUDA graph capture failed for %s, so this shape runs eagerly (same results, "
                         "slower). Error: %s. A captured function must not read device values on the host "
                         "(.item(), bool(tensor), torch.equal, nonzero, boolean indexing, .tolist(), .cpu()); "
                         "retina_fn.train.graph_host.host_syncs found: %s", self.name, _describe(signature), e, places)
-        return _Entry(static_inputs, replay, holder, graphed)
+        return [leaf for x in static_inputs for leaf in tree.leaves(x)], replay, holder
 
     def __call__(self, state, *inputs):
         self.load_state(state)
         signature = _signature(inputs)
-        entry = self._entries.get(signature)
-        if entry is None:
-            entry = self._entries[signature] = self._record(signature, inputs)
-        srcs = [leaf for x in inputs for leaf in tree.leaves(x)]
-        for dst, src in zip(entry.input_leaves, srcs):
+        if signature not in self._entries:
+            self._entries[signature] = self._record(signature, inputs)
+        static_leaves, replay, holder = self._entries[signature]
+        for dst, src in zip(static_leaves, [leaf for x in inputs for leaf in tree.leaves(x)]):
             dst.copy_(src, non_blocking=True)
-        entry.replay()
-        (outputs,) = entry.holder
+        replay()
+        (outputs,) = holder
         return (self.state, outputs) if self.updates_state else outputs
 
 

@@ -1,22 +1,18 @@
 """The generic pure train step: gradients of an objective, accumulation, precision, clipping, update.
 
-    step = make_train_step(objective, optimizer, schedule, precision=..., micro_batches=..., reduce=...)
     state, metrics = step(state, batch)                   # one loader batch
     state, metrics = step(state, (b1, b2, b3, b4))        # gradient accumulation over 4 loader batches
 
-An `Objective` (nothing here knows about detection) has prepare(batch) -> (extras, normalizer float32 []): work
-outside the gradient (RetinaNet: anchor assignment) and this replica's loss divisor; and loss(params, batch,
-extras, normalizer) -> (loss float32 [], metrics {name: 0-d tensor} that add up over micro-batches).
+An `Objective` has prepare(batch) -> (extras, normalizer float32 []): work outside the gradient (RetinaNet:
+anchor assignment) and this replica's loss divisor; and loss(params, batch, extras, normalizer) -> (loss float32
+[], metrics {name: 0-d tensor} that add up over micro-batches).
 
-One step over k loader batches: (1) `prepare` each batch b -> (extras_b, N_b); (2) with `reduce_normalizer`
-('global') every batch divides by N = reduce(sum_b N_b); otherwise ('local', mmdetection 2.9's per-GPU
-normaliser and cumulative-gradient hook) batch b divides by k * N_b; (3) each batch and its extras split along
-dim 0 into `micro_batches` parts (memory only), torch.func.grad of the scaled loss over the trainable leaves
-(frozen ones enter as constants), summed; (4) gradients reduced over replicas, unscaled, checked, clipped,
-applied. With 'global', k batches of B images on one device give exactly the update of k replicas of B images.
-A non-finite step is skipped: by torch.where with a pure optimiser; with an in-place one (`Optimizer.inplace`)
-by one host read of the finite flag (so it cannot be a CUDA graph). The fp16 loss scale halves and 'nonfinite'
-grows; the host loop decides when to stop.
+A step over k loader batches: (1) `prepare` each batch b -> (extras_b, N_b); (2) with `reduce_normalizer`
+('global') every batch divides by N = reduce(sum_b N_b), else ('local', mmdetection 2.9's per-GPU normaliser)
+by k * N_b; (3) each batch split into `micro_batches` parts (memory only), torch.func.grad over the trainable
+leaves, summed; (4) gradients reduced, unscaled, checked, clipped, applied. A non-finite step is skipped (by
+torch.where; an in-place optimiser needs a host read of the finite flag, so no CUDA graph), the fp16 loss scale
+halves and 'nonfinite' grows.
 """
 
 from __future__ import annotations
@@ -85,21 +81,18 @@ def make_train_step(objective: Objective, optimizer: Optimizer, schedule: Callab
                     clip_norm: float | None = None, reduce: Reduce | None = None, reduce_normalizer: bool = True,
                     device_type: str = "cpu", compile_fn: Callable[[Callable], Callable] | None = None,
                     compile_scope: str = "step") -> TrainStep:
-    """Builds `train_step(state, batches) -> (new_state, metrics)` (module docstring).
+    """Builds `train_step(state, batches) -> (new_state, metrics)` over retina_fn.train.state's state.
 
     Args:
       schedule: step int64 [] -> learning rate float32 [].
-      loss_scale: the loss scale's settings; needed when precision scales the loss.
+      loss_scale: needed when precision scales the loss.
       overflow_check: check(grads, scale) -> bool [] (precision.all_finite, not_saturated, accel.npu_flag_check()).
-      reduce: a mean over replicas of a tree; None for one replica.
-      reduce_normalizer: whether the loss normaliser is averaged over replicas too.
-      compile_fn: compiles a function (torch.compile); None runs eagerly.
-      compile_scope: 'step' (the whole step) or 'gradients' (steps 1 to 3; the update runs eagerly after).
+      reduce: a mean over replicas of a tree (None: one replica); reduce_normalizer: for the normaliser too.
+      compile_fn: e.g. torch.compile, over compile_scope 'step' (all) or 'gradients' (steps 1 to 3).
 
     Returns:
-      train_step over retina_fn.train.state's state (it draws no random numbers); metrics are the objective's
-      plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale' (1 without scaling), 'finite' (1.0 when
-      applied), 0-d, averaged over replicas.
+      train_step; metrics: the objective's plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale'
+      (1 without scaling), 'finite' (1.0 when applied), 0-d, averaged over replicas.
     """
     if precision.loss_scaling and loss_scale is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale (train.loss_scale)")
