@@ -115,11 +115,8 @@ def resize_float(planes: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
 
 
 def prepare(image: np.ndarray, spec: dict) -> Prepared:
-    """One uint8 RGB image [h, w, 3] -> the model's inputs for it, as model.json 'preprocess' says.
-
-    Raises:
-      ValueError: an unknown resize mode, or a resized image larger than the canvas.
-    """
+    """One uint8 RGB image [h, w, 3] -> its model inputs per model.json 'preprocess'; ValueError for an unknown
+    resize mode or a resized image larger than the canvas."""
     pre = spec["preprocess"]
     h, w = image.shape[:2]
     new_h, new_w = resized_size(h, w, pre)
@@ -150,12 +147,10 @@ def detect(session, spec: dict, prepared: Sequence[Prepared]) -> list[ImageDetec
     for start in range(0, len(prepared), size):
         chunk = list(prepared[start:start + size])
         padded = chunk + [chunk[0]] * (size - len(chunk))
-        feed = {name: np.stack([p[i] for p in padded]) for i, name in enumerate(("image", "image_hw",
-                                                                                  "scale_factor"))}
+        feed = {name: np.stack([getattr(p, name) for p in padded]) for name in Prepared._fields}
         boxes, scores, labels, valid = session.run(["boxes", "scores", "labels", "valid"], feed)
-        for row in range(len(chunk)):
-            keep = valid[row]
-            out.append(ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep]))
+        out += [ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep])
+                for row, keep in enumerate(valid[:len(chunk)])]
     return out
 
 
@@ -176,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--score-thr", type=float, default=0.3, help="lowest score printed (default 0.3)")
     parser.add_argument("--out", help="write every detection as a COCO result list (JSON) here")
-    parser.add_argument("--repeat", type=int, default=0, help="time this many runs of the first batch and print "
-                                                              "images/s (after one warm-up run)")
+    parser.add_argument("--repeat", type=int, default=0, help="print images/s of this many runs of the first batch")
     args = parser.parse_args(argv)
 
     import onnxruntime  # noqa: PLC0415 - imported late so --help works without it

@@ -47,16 +47,16 @@ def _profile(call, steps: int, device: torch.device) -> dict:
 
 
 def run(cfg, opts: Options) -> dict:
-    """Runs one benchmark; option fields are written into cfg in place.
+    """Runs one benchmark (option fields are written into cfg in place).
 
     Returns:
-      A JSON-ready dict: the settings, 'machine' and, for data, 'data'; for train / infer 'ours' (measure's entry,
-      with 'check' under --check-steps), 'variants' ({name: entry + 'doc', 'overrides', 'speedup_of_ours'}),
-      'torchvision' (or None; with it 'speedup_vs_torchvision'), 'profile'.
+      A JSON-ready dict: the settings, 'machine', and 'data' (data mode) or 'ours' (measure's entry, 'check' under
+      --check-steps), 'variants' ({name: entry + 'doc', 'overrides', 'speedup_of_ours'}), 'torchvision' (or None;
+      then 'speedup_vs_torchvision'), 'profile'.
 
     Raises:
       ConfigError: bad options, model.num_classes 'auto' outside data mode, torchvision beside a non-R50 backbone;
-        ValueError: an unknown --device; backend.DeviceUnavailable: the device kind is absent.
+        ValueError / backend.DeviceUnavailable: an unknown or absent --device.
     """
     check_options(opts, torchvision_available)
     if opts.threads:

@@ -76,12 +76,9 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def measure(subjects: list[Subject], batch_size: int, opts: Options, device: torch.device) -> dict[str, dict]:
     """Warm-up calls, then opts.iters timed calls of each subject in opts.rounds alternating blocks (a drift of
-    the machine's load hits all alike), then FLOPs.
-
-    Returns:
-      {name: {'step_s' ({median, p10, p90, min, max, mean, n}), 'times', 'round_medians', 'images_per_s',
-      'first_call_s', 'warmup_s', 'peak_memory_mb', 'memory_kind', 'flops_per_image', 'achieved_tflops', 'mfu'}}.
-    """
+    the machine's load hits all alike), then FLOPs: {name: {'step_s' ({median, p10, p90, min, max, mean, n}),
+    'times', 'round_medians', 'images_per_s', 'first_call_s', 'warmup_s', 'peak_memory_mb', 'memory_kind',
+    'flops_per_image', 'achieved_tflops', 'mfu'}}."""
     memory = PeakMemory(device)
     results = {}
     for s in subjects:
@@ -137,12 +134,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 def measure_data(cfg, opts: Options, batch_size: int) -> dict:
-    """Times the config's training loader (throughput.measure); cfg.data is edited in place.
-
-    Returns:
-      throughput.measure's figures plus 'source', 'workers', 'image_dtype' and 'canvas_mb' (one canvas),
-      'gt_rows' (each batch's padded ground-truth count), 'scale'.
-    """
+    """Times the config's training loader (cfg.data edited in place): throughput.measure's figures plus
+    'source', 'workers', 'image_dtype', 'canvas_mb' (one canvas), 'gt_rows' (padded ground-truth rows), 'scale'."""
     from retina_fn.data import coco, loader as data_loader, synthetic, throughput
 
     with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:

@@ -1,11 +1,9 @@
 """`--check-steps N`: does a compiled or graphed step compute what the eager step computes?
 
-Train: N steps of the subject and of the eager step from one state on one batch; each step's METRICS compared
-(relative), then the parameter update and optimiser state as ||a - b|| / ||b|| over the tree. Infer: one call's
-per-image valid count (relative) and sorted valid scores (absolute). fp32 tolerances allow reordered float
-reductions with a wide margin; bf16 / fp16 allow 100 times more (a compiled kernel may keep float32 where eager
-autocast rounds each op). A NaN never passes.
-"""
+Train: N steps of each from one state on one batch, each step's METRICS compared (relative), then the parameter
+update and optimiser state (||a - b|| / ||b||). Infer: one call's per-image valid count (relative) and sorted
+valid scores (absolute). bf16 / fp16 allow 100 times fp32's tolerance (a compiled kernel may keep float32 where
+eager autocast rounds). A NaN never passes."""
 
 from __future__ import annotations
 
@@ -48,11 +46,8 @@ def _verdict(diffs: dict, tolerance: dict) -> dict:
 
 def compare_train(step: Callable, eager_step: Callable, start: dict, batch: dict, steps: int,
                   tolerance: dict) -> dict:
-    """Runs `steps` steps of `step` and `eager_step` (both `(state, batch) -> (state, metrics)`) from `start`.
-
-    Returns:
-      {'steps', 'tolerance', 'differences' ({metric: [per step], 'update', 'opt_state'}), 'failed', 'ok'}.
-    """
+    """Runs `steps` steps of `step` and `eager_step` (both `(state, batch) -> (state, metrics)`) from `start`:
+    {'steps', 'tolerance', 'differences' ({metric: [per step], 'update', 'opt_state'}), 'failed', 'ok'}."""
     sub = ref = start
     diffs = {name: [] for name in METRICS}
     for _ in range(steps):

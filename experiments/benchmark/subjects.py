@@ -72,11 +72,7 @@ def _eval_step(cfg, device):
 
 
 def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
-    """make_eval_step on `_fresh_params`, torch.compile'd with train.compile.
-
-    Raises:
-      ConfigError: train.compile and train.cuda_graph together.
-    """
+    """make_eval_step on `_fresh_params`, torch.compile'd with train.compile (ConfigError with cuda_graph too)."""
     if cfg.train.compile and cfg.train.cuda_graph:
         raise ConfigError("--mode infer: train.compile and train.cuda_graph together are not supported (the "
                           "compiled eval step would trace the graph's runner); choose one")
@@ -103,11 +99,8 @@ def torchvision_available() -> bool:
 
 def torchvision_model(cfg, canvas: tuple[int, int], device: torch.device, seed: int = 0):
     """torchvision's RetinaNet R50-FPN as `retinanet_resnet50_fpn` builds it with ImageNet backbone weights
-    (FrozenBatchNorm2d; the config's frozen stages, classes and P6 source), none loaded, keeping `canvas` (H, W).
-
-    Raises:
-      ConfigError: a backbone depth other than 50.
-    """
+    (FrozenBatchNorm2d; the config's frozen stages, classes and P6 source), none loaded, keeping `canvas` (H, W);
+    ConfigError for a backbone depth other than 50."""
     from torchvision.models import resnet50
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -121,8 +114,7 @@ def torchvision_model(cfg, canvas: tuple[int, int], device: torch.device, seed: 
     p6_in = 2048 if cfg.model.fpn.extra_source == "input" else 256
     backbone = _resnet_fpn_extractor(body, 5 - (int(cfg.model.backbone.frozen_stages) + 1), returned_layers=[2, 3, 4],
                                      extra_blocks=LastLevelP6P7(p6_in, 256))
-    model = RetinaNet(backbone, cfg.model.num_classes, min_size=min(canvas), max_size=max(canvas))
-    return model.to(device)
+    return RetinaNet(backbone, cfg.model.num_classes, min_size=min(canvas), max_size=max(canvas)).to(device)
 
 
 def tv_train(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:

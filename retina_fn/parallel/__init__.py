@@ -1,8 +1,5 @@
-"""Distribution: launch environment, device/backend choice, process group and pytree collectives.
-
-The only package that knows about process groups. The training step receives `runtime.reduce_mean` as its
-`reduce` callable; with one process that is the identity.
-"""
+"""Distribution: launch environment, device/backend choice, process group and pytree collectives (the only
+package that knows about process groups; the train step gets `runtime.reduce_mean` as its `reduce`)."""
 
 from retina_fn.parallel.backend import DeviceChoice, DeviceUnavailable, activate_device, resolve_device, select_device
 from retina_fn.parallel.collectives import LeafChecksum, ReplicaMismatch, plan_buckets, tree_checksum

@@ -5,8 +5,7 @@
     cuda  cuda:<index>  nccl     cuda      yes
     cpu   cpu           gloo     cpu       yes
 
-'auto' prefers an Ascend NPU, then CUDA, then the CPU. The decision is by device kind, never by backend string
-(Intel Gaudi also calls its backend 'hccl'); torch_npu is probed through `retina_fn.accel` only when choosing.
+'auto' prefers an Ascend NPU, then CUDA, then the CPU, by device kind (Intel Gaudi's backend is 'hccl' too).
 """
 
 from __future__ import annotations
@@ -59,13 +58,9 @@ def _cuda_handle():
 
 
 def resolve_device(requested: str = "auto", env: LaunchEnv | None = None) -> DeviceChoice:
-    """The DeviceChoice for a request ('auto' | 'npu' | 'cuda' | 'cpu') and this process's LaunchEnv (its
-    device_index; None: a single process). Nothing is set or initialised.
-
-    Raises:
-      ValueError: an unknown request.
-      DeviceUnavailable: an explicit kind is absent, or the device index exceeds the visible device count.
-    """
+    """The DeviceChoice for a request ('auto' | 'npu' | 'cuda' | 'cpu') and this process's LaunchEnv (None: a
+    single process); sets nothing. Raises ValueError for an unknown request, DeviceUnavailable for an absent kind
+    or a device index beyond the visible count."""
     if requested not in REQUESTS:
         raise ValueError(f"dist.device must be one of {REQUESTS}, got {requested!r}")
     env = env or LaunchEnv()

@@ -123,13 +123,10 @@ def check_rendezvous(env: LaunchEnv) -> None:
 
 
 def store_prefix(environ: Mapping[str, str] | None = None) -> str:
-    """The key prefix of this process group in the env:// rendezvous store.
-
-    When torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True) it outlives restarts and holds the
-    previous attempt's keys, from which gloo could read a dead worker's address: each attempt gets its own prefix,
-    'retina_fn/attempt_<TORCHELASTIC_RESTART_COUNT>/'. Otherwise rank 0 hosts a fresh store per rendezvous round
-    and the prefix, 'retina_fn/', must not name the restart count (agents count their own restarts).
-    """
+    """The key prefix of this process group in the env:// rendezvous store: with torchrun's agent store
+    (TORCHELASTIC_USE_AGENT_STORE=True), which outlives restarts and holds dead workers' addresses, one per attempt,
+    'retina_fn/attempt_<TORCHELASTIC_RESTART_COUNT>/'; else 'retina_fn/' (a fresh store per round; agents count
+    their own restarts, so the count must not appear)."""
     environ = os.environ if environ is None else environ
     if environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
         return f"retina_fn/attempt_{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"

@@ -33,12 +33,8 @@ class CollectiveError(RuntimeError):
 
 
 class Runtime:
-    """This process's distributed context; build it with `init`.
-
-    `reduce_mean(tree) -> tree` (floating leaves) and `reduce_sum(tree) -> tree` (floating or integer) are the
-    leafwise mean / sum over ranks, kept out of torch.compile graphs; without a process group (`group` None) they
-    are the identity, which torch.compile traces through.
-    """
+    """This process's distributed context; build it with `init`. `reduce_mean` (floating leaves) and `reduce_sum`
+    (floating or integer) are leafwise over ranks, kept out of torch.compile graphs; the identity without a group."""
 
     def __init__(self, env: LaunchEnv, choice: DeviceChoice, timeout: timedelta, bucket_bytes: int, group=None):
         self.env, self.choice, self.timeout, self.bucket_bytes, self.group = env, choice, timeout, bucket_bytes, group

@@ -33,12 +33,10 @@ COMPILE_SCOPES = ("auto",) + step_lib.COMPILE_SCOPES
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """How the train step runs (configs/common.py's optim and train blocks; retina_fn.schema builds them).
-
-    precision: 'fp32' | 'fp16' | 'bf16'; overflow_check: 'isfinite' | 'saturation' | 'npu'; clip_norm: None for none;
-    micro_batches: equal parts of each loader batch (memory only); normalizer: 'local' (each replica's own
-    positives) | 'global' (their mean); compile_scope: 'auto' | 'step' | 'gradients'.
-    """
+    """How the train step runs (configs/common.py's optim and train blocks; retina_fn.schema builds them):
+    overflow_check 'isfinite' | 'saturation' | 'npu'; micro_batches: equal parts of each loader batch (memory
+    only); normalizer 'local' (each replica's own positives) | 'global' (their mean); compile_scope 'auto' |
+    'step' | 'gradients'."""
 
     optim: OptimSettings
     precision: str

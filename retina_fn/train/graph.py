@@ -113,12 +113,9 @@ def _describe(signature: tuple) -> str:
 
 
 class GraphedFunction:
-    """The stateful runner around a pure function (module docstring).
-
-    fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step), else -> outputs (the eval
-    forward, state the parameters); all trees of tensors, new_state of the state's structure, shapes and dtypes.
-    capture: CudaGraphCapture, or a test's eager stand-in; name: for log messages.
-    """
+    """The stateful runner (module docstring) around fn(state, *inputs) -> (new_state, outputs) when
+    `updates_state` (a train step), else -> outputs (the eval forward; state the parameters); trees of tensors,
+    new_state of the state's structure, shapes and dtypes. capture: CudaGraphCapture or a test's eager stand-in."""
 
     def __init__(self, fn: Callable, device: torch.device | str, capture: Capture, *, updates_state: bool,
                  name: str = "the step"):
@@ -137,11 +134,8 @@ class GraphedFunction:
         return torch.empty_like(x, device=self.device).copy_(x)
 
     def load_state(self, state) -> None:
-        """Copies `state` into the static state buffers (made from it on the first call), skipping the buffers.
-
-        Raises:
-          ValueError: the structure, a shape or a dtype differs from the buffers'.
-        """
+        """Copies `state` into the static state buffers (made from it on the first call), skipping the buffers
+        themselves; ValueError when the structure, a shape or a dtype differs."""
         if self.state is None:
             self.state = tree.map(self._static, state)
             self._state_leaves = tree.leaves(self.state)

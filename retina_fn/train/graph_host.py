@@ -1,9 +1,5 @@
-"""What a CUDA graph cannot capture as it is, found and worked around (retina_fn.train.graph uses both).
-
-`host_syncs` lists host reads and data-dependent shapes (capture fails on them) and tensors built from Python
-data (host-to-device copies); `HostConstants` is the mode a capture runs under, which makes such tensors once
-during warm-up and hands them out again, from device memory, while the graph is recorded.
-"""
+"""What a CUDA graph cannot capture as it is: `host_syncs` finds it (on any device), `HostConstants` lifts
+tensors built from Python data (host-to-device copies) out of a capture (retina_fn.train.graph uses both)."""
 
 from __future__ import annotations
 
@@ -99,12 +95,9 @@ def _freeze(value) -> Any:
 
 
 class HostConstants(TorchFunctionMode):
-    """Lifts tensors built from Python data onto an accelerator out of a captured call.
-
-    While `recording` (warm-up) each `torch.tensor` / `torch.as_tensor` of Python data for a non-CPU device is made
-    and kept in `constants`; during capture the same call returns the kept tensor, read by the graph on every
-    replay. Kept tensors must never be written in place and must outlive the graph.
-    """
+    """Lifts tensors built from Python data onto an accelerator out of a captured call: while `recording`
+    (warm-up) each `torch.tensor` / `torch.as_tensor` of Python data for a non-CPU device is made and kept in
+    `constants`; during capture the same call returns the kept tensor (never written in place; kept with the graph)."""
 
     FACTORIES = (torch.tensor, torch.as_tensor)
 

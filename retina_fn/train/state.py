@@ -1,14 +1,9 @@
 """The train state: one plain pytree of tensors that a checkpoint saves and a step replaces.
 
-    {
-      'params':     trainable parameters (what the optimiser updates),
-      'frozen':     everything else of the model: BN statistics, frozen stages (never updated),
-      'opt':        optimiser state for 'params',
-      'step':       int64 [] optimiser steps taken,
-      'rng':        the run's root key (int64 [2]),
-      'loss_scale': LossScaleState(scale float32 [], good_steps int64 []),
-      'nonfinite':  int64 [] consecutive steps skipped for a non-finite loss or gradient,
-    }
+    {'params': trainable parameters (what the optimiser updates), 'frozen': the rest of the model (BN statistics,
+     frozen stages), 'opt': optimiser state for 'params', 'step': int64 [] optimiser steps taken, 'rng': the run's
+     root key int64 [2], 'loss_scale': LossScaleState(scale float32 [], good_steps int64 []),
+     'nonfinite': int64 [] consecutive steps skipped for a non-finite loss or gradient}
 """
 
 from __future__ import annotations

@@ -48,11 +48,8 @@ def loader_batches(batches) -> list[dict]:
 
 
 def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
-    """Splits every leaf of a tree ([B, ...], one B) along dim 0 into `parts` equal slices [B / parts, ...].
-
-    Raises:
-      ValueError: B is not a multiple of parts.
-    """
+    """Splits every leaf of a tree ([B, ...], one B) along dim 0 into `parts` equal slices [B / parts, ...];
+    ValueError when B is not a multiple of parts."""
     leaves = tree.leaves(batch)
     size = leaves[0].shape[0] if leaves else 0
     if parts < 1 or size % parts:
