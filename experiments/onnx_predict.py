@@ -157,12 +157,10 @@ def detect(session, spec: dict, prepared: Sequence[Prepared]) -> list[ImageDetec
 def to_results(detections: Sequence[ImageDetections], paths: Sequence[str], spec: dict) -> list[dict]:
     """experiments.predict's COCO result list: image_id = position, bbox [x, y, w, h], model.json's category ids."""
     ids = spec["label_map"]["category_ids"]
-    results = []
-    for i, (det, path) in enumerate(zip(detections, paths)):
-        for (x1, y1, x2, y2), score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
-            results.append({"image_id": i, "file_name": os.path.basename(path), "category_id": int(ids[label]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-    return results
+    return [{"image_id": i, "file_name": os.path.basename(path), "category_id": int(ids[label]),
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+            for i, (det, path) in enumerate(zip(detections, paths))
+            for (x1, y1, x2, y2), score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,9 +2,7 @@
 
 train: make_train_step on one synthetic static batch; infer: make_eval_step with a zero classification bias (so
 post-processing works at full load); data: the config's training loader (over synthetic JPEGs when its files are
-absent). --variants (options.VARIANTS) and --compare torchvision alternate with ours in --rounds rounds;
---check-steps compares compiled or graphed steps with the eager step (parity).
-"""
+absent). --variants and --compare torchvision alternate with ours in --rounds rounds."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from retina_fn.engine.hooks import synchronize
 
 class Subject(NamedTuple):
     """One thing to time: name ('ours', 'ours-<variant>', 'torchvision'), call (one step), flops (one eager step's
-    FLOP count), check (steps -> parity's comparison with the eager step; None for an eager subject)."""
+    FLOP count), check (steps -> parity's comparison with the eager step; None when eager)."""
 
     name: str
     call: Callable[[], object]

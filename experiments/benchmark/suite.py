@@ -5,9 +5,8 @@ every row. The standard library only: the script runs it as a file, without torc
     suite.py OUT row ID MODE NAME COMPILED STATUS NOTE -- ROW_FLAGS                     # one row's outcome
     suite.py OUT fastest      # the flags of the fastest train row that ran (for its profile), shell-quoted; none
 
-Row statuses: ok, WRONG (its eager check failed), timeout, error, skipped. x eager / x torchvision are images/s
-ratios to the same mode's rows; TFLOP/s and MFU use the FLOPs counted on the mode's eager row.
-"""
+Statuses: ok, WRONG (eager check failed), timeout, error, skipped. x eager / x torchvision: images/s ratios to the
+mode's rows; TFLOP/s and MFU use the FLOPs counted on the mode's eager row."""
 
 from __future__ import annotations
 
@@ -76,8 +75,8 @@ def gather(out_dir: str) -> dict:
     versions = [r.get("torchvision_version") or r["note"] for r in rows if r["name"] == "torchvision"]
     machine["torchvision"] = versions[0].replace("torchvision is ", "") if versions else None
     precision = plan["flags"][plan["flags"].index("--precision") + 1]
-    peak = next((v for card, v in PEAK_TFLOPS.items() if card in (machine.get("gpu") or "")), None)
-    peak = peak if precision in ("bf16", "fp16") else None
+    peak = next((v for card, v in PEAK_TFLOPS.items() if card in (machine.get("gpu") or "")
+                 and precision in ("bf16", "fp16")), None)
     profile = next((r for r in rows if r["name"] == "profile"), None)
     rows = [r for r in rows if r["name"] != "profile"]
     add_ratios(rows, peak)

@@ -89,9 +89,8 @@ def check_reducible(tree: Tree, op: str, backend: str | None = None) -> None:
 
 
 def all_reduce_tree(tree: Tree, op: str, *, group=None, bucket_bytes: int) -> Tree:
-    """The leafwise sum or mean ('sum' | 'mean') of `tree` over the ranks of `group` (None: the default), as new
-    tensors of the same structure, shapes and dtypes. For 'mean' each buffer is divided by the group size before
-    the sum (as DDP does), which keeps half-precision sums in range. Raises as `check_reducible`."""
+    """The leafwise sum or mean of `tree` over `group`'s ranks, as new tensors; for 'mean' each buffer is divided
+    by the group size first (as DDP does), keeping half-precision sums in range. Raises as `check_reducible`."""
     check_reducible(tree, op, dist.get_backend(group))
     leaves = tree_lib.leaves(tree)
     size = dist.get_world_size(group)
@@ -135,8 +134,7 @@ def check_same_structure(tree: Tree, *, src: int = 0, group=None) -> None:
 
 
 def broadcast_tree(tree: Tree, src: int = 0, *, group=None, bucket_bytes: int) -> Tree:
-    """Rank `src`'s values of `tree` on every rank, as new tensors (off `src` only the structure matters);
-    ReplicaMismatch on every rank when the structures differ."""
+    """Rank `src`'s values of `tree` on every rank, as new tensors; ReplicaMismatch when structures differ."""
     check_same_structure(tree, src=src, group=group)
     leaves = tree_lib.leaves(tree)
     out: list = [None] * len(leaves)
@@ -177,11 +175,9 @@ def tree_checksum(tree: Tree) -> dict[str, LeafChecksum]:
 
 
 def first_checksum_difference(checksums: Sequence[dict[str, LeafChecksum]]) -> str | None:
-    """A message naming the first path (sorted) whose checksum differs between ranks (one `tree_checksum` per
-    rank, index = rank), or None when all agree."""
+    """The first path (sorted) whose checksum differs between ranks (index = rank), as a message; else None."""
     reference = checksums[0]
-    all_paths = sorted(set().union(*(c.keys() for c in checksums)))
-    for path in all_paths:
+    for path in sorted(set().union(*(c.keys() for c in checksums))):
         for rank, mine in enumerate(checksums):
             if path not in mine or path not in reference:
                 holder = 0 if path in reference else rank
@@ -195,8 +191,7 @@ def first_checksum_difference(checksums: Sequence[dict[str, LeafChecksum]]) -> s
 
 
 def verify_same(tree: Tree, *, group=None) -> None:
-    """Checks that `tree` is bitwise identical on all ranks of `group` (one all_gather_object of checksums);
-    ReplicaMismatch on every rank alike, naming the first differing path."""
+    """Checks that `tree` is bitwise identical on all ranks; ReplicaMismatch (on all) names the first difference."""
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, tree_checksum(tree), group=group)
     difference = first_checksum_difference(gathered)

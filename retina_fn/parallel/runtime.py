@@ -1,10 +1,8 @@
 """The process group and tree collectives of one training process (`init` builds the Runtime).
 
-No DistributedDataParallel (it does not compose with torch.func): gradients are plain pytrees that
-`reduce_mean` all-reduces in a few coalesced buffers. With one process there is no group and every collective
-is the identity. The group's timeout (dist.timeout_s) bounds every gloo collective and NCCL's watchdog; gloo
-barriers are monitored; a failed collective is re-raised as CollectiveError naming it. On Ascend,
-HCCL_EXEC_TIMEOUT and HCCL_CONNECT_TIMEOUT are left to the launcher.
+No DistributedDataParallel (it does not compose with torch.func): gradients are plain pytrees that `reduce_mean`
+all-reduces in coalesced buffers; with one process every collective is the identity. dist.timeout_s bounds every
+gloo collective and NCCL's watchdog; a failed collective is re-raised as CollectiveError naming it.
 """
 
 from __future__ import annotations
@@ -176,8 +174,7 @@ def init(dist_cfg, env: LaunchEnv | None = None) -> Runtime:
     rank can talk). env None: `read_launch_env()`.
 
     Raises:
-      ValueError: dist.timeout_s or dist.bucket_mb not positive, or an unknown dist.device.
-      LaunchError, DeviceUnavailable: a bad launch environment, an unusable device.
+      ValueError, LaunchError, DeviceUnavailable: bad dist settings, launch environment or device.
       RuntimeError: a default process group already exists.
       CollectiveError: the warm-up all_reduce failed or gave the wrong sum.
     """

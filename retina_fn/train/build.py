@@ -97,17 +97,11 @@ def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optim
                     overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
     """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)` (retina_fn.train.step).
 
-    Args:
-      steps_per_epoch, global_batch: fix the schedule and the linearly scaled lr; global_batch is images per
-        optimiser step (images_per_device x world_size x optim.accum_steps).
-      reduce: the mean over replicas; None for one process.
-      overflow_check_override: replaces settings.overflow_check (a callable or a name).
-      graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests).
-
-    Returns:
-      The step; metrics 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale',
-      'finite'. With train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction (its
-      state and metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
+    steps_per_epoch and global_batch (images per optimiser step: images_per_device x world_size x accum_steps) fix
+    the schedule and the scaled lr; reduce: the mean over replicas (None: one process); graph_capture: tests' stand-in
+    for CUDA graphs. Metrics: 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm',
+    'loss_scale', 'finite'. With train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction
+    (its state and metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
     """
     device_type = torch.device(device).type
     compile_scope = resolve_compile_scope(settings.compile_scope, device_type)

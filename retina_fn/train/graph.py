@@ -5,10 +5,9 @@
 
 `GraphedFunction` holds static state buffers (read by every graph and, with `updates_state`, overwritten inside
 it) and, per input signature (one per canvas), static inputs and a graph. Warm-up runs on a side stream and
-discards its results, so the first replay is the first real step; lr and step counter live on the device.
-Donation, as jax's donate_argnums: the returned state *is* the static buffers and the metrics the graph's
-outputs, both overwritten by the next call; passing another state copies it in. A captured function must not
-read device values on the host or branch on them (`graph_host.host_syncs` finds such operations on any device);
+discards its results, so the first replay is the first real step. Donation, as jax's donate_argnums: the
+returned state *is* the static buffers and the metrics the graph's outputs, both overwritten by the next call.
+A captured function must not read device values on the host (`graph_host.host_syncs` finds such operations);
 tensors built from Python data are lifted by `graph_host.HostConstants`; in-place optimisers (apex) cannot be
 captured. Where capture is impossible the function runs eagerly (same results) with a logged reason.
 """
@@ -32,8 +31,7 @@ class CaptureError(RuntimeError):
 
 
 def first_error(error: BaseException) -> BaseException:
-    """The error a failure started with (a capture failing inside `torch.cuda.graph` raises a second error when
-    the context closes, chained to the first)."""
+    """The error a failure started with (a failed capture raises a second one when `torch.cuda.graph` closes)."""
     seen = {id(error)}
     while True:
         earlier = error.__cause__ or error.__context__
@@ -44,8 +42,8 @@ def first_error(error: BaseException) -> BaseException:
 
 
 class Capture(Protocol):
-    """How a runner records a call: capture(body, warmup) -> replay, with replay() having body()'s effect on the
-    current static buffers (warmup() runs the function and discards the result). Raises CaptureError."""
+    """How a runner records a call: capture(body, warmup) -> replay, replay() having body()'s effect on the
+    current static buffers (warmup() runs the function and discards the result); raises CaptureError."""
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]: ...
 
@@ -61,9 +59,9 @@ class _Replay:
 
 
 class CudaGraphCapture:
-    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture in a pool shared by all
-    graphs of this object, capture_error_mode='thread_local' (the loader's pin-memory thread may use CUDA meanwhile).
-    lift_constants runs under `HostConstants`; leave it off for a torch.compile'd function (inductor folds its own)."""
+    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, one capture in this object's shared pool
+    (thread_local error mode: the loader's pin-memory thread may use CUDA meanwhile). lift_constants runs under
+    `HostConstants`; leave it off for a torch.compile'd function (inductor folds its own constants)."""
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
         if warmup_steps < 1:

@@ -19,15 +19,10 @@ def new_train_state(trainable: dict, frozen: dict, optimizer: Optimizer, key: rn
     """A fresh state around given parameters (any model): `trainable` (which an in-place optimiser takes
     ownership of), `frozen` ({} for none), key int64 [2] as 'rng', loss_scale (precision.LossScaleSettings); the
     counters live on `device`."""
-    return {
-        "params": trainable,
-        "frozen": frozen,
-        "opt": optimizer.init(trainable),
-        "step": torch.zeros((), dtype=torch.int64, device=device),
-        "rng": key.to(device),
-        "loss_scale": precision.init_loss_scale(loss_scale, device),
-        "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
-    }
+    return {"params": trainable, "frozen": frozen, "opt": optimizer.init(trainable),
+            "step": torch.zeros((), dtype=torch.int64, device=device), "rng": key.to(device),
+            "loss_scale": precision.init_loss_scale(loss_scale, device),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=device)}
 
 
 def full_params(state: dict) -> dict:

@@ -80,16 +80,11 @@ def make_train_step(objective: Objective, optimizer: Optimizer, schedule: Callab
                     compile_scope: str = "step") -> TrainStep:
     """Builds `train_step(state, batches) -> (new_state, metrics)` over retina_fn.train.state's state.
 
-    Args:
-      schedule: step int64 [] -> learning rate float32 [].
-      loss_scale: needed when precision scales the loss.
-      overflow_check: check(grads, scale) -> bool [] (precision.all_finite, not_saturated, accel.npu_flag_check()).
-      reduce: a mean over replicas of a tree (None: one replica); reduce_normalizer: for the normaliser too.
-      compile_fn: e.g. torch.compile, over compile_scope 'step' (all) or 'gradients' (steps 1 to 3).
-
-    Returns:
-      train_step; metrics: the objective's plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale'
-      (1 without scaling), 'finite' (1.0 when applied), 0-d, averaged over replicas.
+    schedule: step int64 [] -> lr float32 []; loss_scale: needed when precision scales the loss; overflow_check:
+    check(grads, scale) -> bool []; reduce: a mean over replicas of a tree (None: one replica), for the normaliser
+    too with reduce_normalizer; compile_fn (e.g. torch.compile) compiles compile_scope 'step' (all) or 'gradients'
+    (steps 1 to 3). Metrics: the objective's plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale'
+    (1 without scaling), 'finite' (1.0 when applied), 0-d, averaged over replicas.
     """
     if precision.loss_scaling and loss_scale is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale (train.loss_scale)")
