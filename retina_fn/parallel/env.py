@@ -71,8 +71,8 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     if rank is None and world is None:
         return LaunchEnv(device_index=device_id or 0)
     if rank is None or world is None:
-        given, missing = (rank_name, "WORLD_SIZE (or RANK_SIZE)") if world is None else (world_name,
-                                                                                        "RANK (or RANK_ID)")
+        given, missing = ((rank_name, "WORLD_SIZE (or RANK_SIZE)") if world is None
+                          else (world_name, "RANK (or RANK_ID)"))
         raise LaunchError(f"{given} is set but {missing} is not: set both, or neither for a single process")
     if rank >= world:
         raise LaunchError(f"{rank_name}={rank} must be smaller than {world_name}={world}")
