@@ -1,20 +1,11 @@
 """Detections from an exported ONNX model with numpy, Pillow and onnxruntime only: no torch, no retina_fn.
 
-    python -m experiments.export --config configs/demo.py --weights ckpt.pt --out exported/demo --format onnx
-    python experiments/onnx_predict.py exported/demo a.jpg b.png --score-thr 0.3 --out dets.json
-    python experiments/onnx_predict.py exported/demo a.jpg --repeat 20      # also prints onnxruntime's images/s
+    python experiments/onnx_predict.py exported/demo a.jpg b.png --score-thr 0.3 --out dets.json [--repeat 20]
 
-Each image is prepared as the export's model.json says ('preprocess'): the keep-ratio size, the resize, the
-normalisation and the zero canvas; the model returns boxes already in original-image pixels. The 'mmdet'
-resize here reproduces the training pipeline's uint8 resize bit for bit on x86 CPUs: separable bilinear
-with half-pixel centres, the horizontal pass first, each pass with fixed-point weights and rounded to uint8
-(what torch's CPU kernel computes for uint8 images; OpenCV's INTER_LINEAR, which mmcv uses, differs from it
-by at most 1 level, in about a fifth of the values of a noise image). The 'torchvision' resize works on the
-normalised float image, in float32, within about 1e-6 of the pipeline's (float rounding of the last
-operations).
-
---out writes the same COCO result list as experiments.predict ({'image_id': position, 'file_name',
-'category_id', 'bbox': [x, y, w, h], 'score'}).
+Images are prepared as model.json's 'preprocess' says; boxes come back in original-image pixels. The 'mmdet'
+resize is the pipeline's uint8 resize bit for bit on x86 (torch's CPU kernel: separable bilinear, half-pixel
+centres, horizontal pass first, fixed-point weights, each pass rounded to uint8); 'torchvision' resizes the
+normalised float32 image, within about 1e-6 of the pipeline.
 """
 
 from __future__ import annotations
@@ -67,17 +58,10 @@ def resized_size(height: int, width: int, preprocess: dict) -> tuple[int, int]:
 
 
 def _fixed_point_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Two taps per output position of the uint8 bilinear resize along one axis, as integer weights.
-
-    Output i is centred at c = (i + 0.5) * n_in / n_out in input coordinates; its taps start at
-    first = trunc(c - 0.5) clamped to >= 0 and have the weights max(0, 1 - |first + j + 0.5 - c|), j = 0, 1
-    (a tap past the edge gets none), normalised to sum 1 and scaled to integers by 2**precision, the largest
-    precision (<= 22) at which twice the largest weight still fits an int16.
-
-    Returns:
-      (first int64 [n_out], second int64 [n_out] (clamped to the last row), w0 int64 [n_out], w1 int64 [n_out],
-      precision).
-    """
+    """Two taps per output of the uint8 bilinear resize along one axis, as integer weights: output i is centred
+    at c = (i + 0.5) * n_in / n_out, taps at first = max(trunc(c - 0.5), 0) and first + 1 weighted
+    max(0, 1 - |tap + 0.5 - c|) (none past the edge), normalised, scaled by 2**precision, the largest precision
+    (<= 22) at which twice the largest weight fits an int16. -> (first, second, w0, w1: int64 [n_out], precision)."""
     centre = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)
     first = np.maximum((centre - 0.5).astype(np.int64), 0)  # astype truncates toward zero
     last = np.minimum((centre + 1.5).astype(np.int64), n_in)  # one past the last tap
@@ -95,7 +79,6 @@ def _fixed_point_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _resize_axis_uint8(image: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """One pass of `resize_uint8` along axis 0 (rows) or 1 (columns) of uint8 [h, w, 3]."""
     if image.shape[axis] == n_out:
         return image
     first, second, w0, w1, precision = _fixed_point_taps(image.shape[axis], n_out)
@@ -112,9 +95,8 @@ def resize_uint8(image: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel bilinear taps along one axis: source = max(scale * (i + 0.5) - 0.5, 0) with the float32
-    scale n_in / n_out, rounded to float32 once (a fused multiply-add, as torch's CPU kernel computes it);
-    (first = floor(source) int64 [n_out], the next index clamped int64 [n_out], source - first float32)."""
+    """Half-pixel bilinear taps: source = max(scale * (i + 0.5) - 0.5, 0) with the float32 scale n_in / n_out,
+    rounded to float32 once (as torch's CPU kernel); (first int64 [n_out], next clamped, source - first float32)."""
     scale = float(np.float32(n_in) / np.float32(n_out))
     source = np.maximum(((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32), np.float32(0))
     first = np.minimum(source.astype(np.int64), n_in - 1)
@@ -133,11 +115,8 @@ def resize_float(planes: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
 
 
 def prepare(image: np.ndarray, spec: dict) -> Prepared:
-    """One uint8 RGB image [h, w, 3] -> the model's inputs for it, as model.json 'preprocess' says.
-
-    Raises:
-      ValueError: an unknown resize mode, or a resized image larger than the canvas.
-    """
+    """One uint8 RGB image [h, w, 3] -> its model inputs per model.json 'preprocess'; ValueError for an unknown
+    resize mode or a resized image larger than the canvas."""
     pre = spec["preprocess"]
     h, w = image.shape[:2]
     new_h, new_w = resized_size(h, w, pre)
@@ -162,40 +141,26 @@ def prepare(image: np.ndarray, spec: dict) -> Prepared:
 
 
 def detect(session, spec: dict, prepared: Sequence[Prepared]) -> list[ImageDetections]:
-    """The detections of every prepared image, in batches of the export's N (the last one padded).
-
-    Args:
-      session: an onnxruntime.InferenceSession of the export's model.onnx.
-      spec: its model.json.
-      prepared: `prepare`'s results.
-
-    Returns:
-      One ImageDetections per image, in order.
-    """
+    """The ImageDetections of every prepared image, in batches of the export's N (the last one padded)."""
     size = int(spec["batch"])
     out = []
     for start in range(0, len(prepared), size):
         chunk = list(prepared[start:start + size])
         padded = chunk + [chunk[0]] * (size - len(chunk))
-        feed = {name: np.stack([p[i] for p in padded]) for i, name in enumerate(("image", "image_hw",
-                                                                                  "scale_factor"))}
+        feed = {name: np.stack([getattr(p, name) for p in padded]) for name in Prepared._fields}
         boxes, scores, labels, valid = session.run(["boxes", "scores", "labels", "valid"], feed)
-        for row in range(len(chunk)):
-            keep = valid[row]
-            out.append(ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep]))
+        out += [ImageDetections(boxes[row][keep], scores[row][keep], labels[row][keep])
+                for row, keep in enumerate(valid[:len(chunk)])]
     return out
 
 
 def to_results(detections: Sequence[ImageDetections], paths: Sequence[str], spec: dict) -> list[dict]:
-    """experiments.predict's COCO result list: image_id = position, bbox [x, y, w, h], category ids from
-    model.json's label_map."""
+    """experiments.predict's COCO result list: image_id = position, bbox [x, y, w, h], model.json's category ids."""
     ids = spec["label_map"]["category_ids"]
-    results = []
-    for i, (det, path) in enumerate(zip(detections, paths)):
-        for (x1, y1, x2, y2), score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
-            results.append({"image_id": i, "file_name": os.path.basename(path), "category_id": int(ids[label]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-    return results
+    return [{"image_id": i, "file_name": os.path.basename(path), "category_id": int(ids[label]),
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+            for i, (det, path) in enumerate(zip(detections, paths))
+            for (x1, y1, x2, y2), score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -204,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--score-thr", type=float, default=0.3, help="lowest score printed (default 0.3)")
     parser.add_argument("--out", help="write every detection as a COCO result list (JSON) here")
-    parser.add_argument("--repeat", type=int, default=0, help="time this many runs of the first batch and print "
-                                                              "images/s (after one warm-up run)")
+    parser.add_argument("--repeat", type=int, default=0, help="print images/s of this many runs of the first batch")
     args = parser.parse_args(argv)
 
     import onnxruntime  # noqa: PLC0415 - imported late so --help works without it

@@ -1,15 +1,10 @@
-"""The command line of experiments.benchmark: flags -> Options, run, print the table, write --json.
-
-    python -m experiments.benchmark --config configs/smoke.py --mode train --batch 1 --canvas 128x128 \\
-        --iters 2 --warmup 1 --json runs/bench/smoke_train.json
-"""
+"""The command line of experiments.benchmark: flags -> Options, run, print the table, write --json."""
 
 from __future__ import annotations
 
 
 def main() -> None:
-    """Defines the flags, parses argv and runs one benchmark (experiments.benchmark's docstring); a user's
-    mistake ends in one `error: ...` line and exit status 2 (experiments.cli)."""
+    """Parses the flags and runs one benchmark; a user's mistake ends in one `error: ...` line (exit status 2)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -18,8 +13,7 @@ def main() -> None:
     from retina_fn import precision as precision_lib
     from retina_fn.parallel import backend
 
-    config = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                             lock_config=True)
+    config = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
     flags.mark_flags_as_required(["config"])
     mode = flags.DEFINE_enum("mode", "train", list(options.MODES), "What to time.")
     batch = flags.DEFINE_integer("batch", None, "Images per step (default: data.images_per_device).")
@@ -36,11 +30,9 @@ def main() -> None:
     device = flags.DEFINE_enum("device", "auto", list(backend.REQUESTS), "'auto': NPU, then CUDA, then CPU.")
     no_flops = flags.DEFINE_bool("skip-flops", False, "Do not count FLOPs (saves one eager step per subject).")
     variants = flags.DEFINE_list("variants", [], f"Also time these config overrides: {', '.join(options.VARIANTS)}.")
-    check = flags.DEFINE_integer("check-steps", 0, "Compare this many steps of a compiled or graphed subject with "
-                                 "the eager step (experiments.benchmark.parity).")
+    check = flags.DEFINE_integer("check-steps", 0, "Compare this many compiled / graphed steps with eager ones.")
     profile = flags.DEFINE_integer("profile", 0, "Profile this many calls of ours (top operations).")
-    image_size = flags.DEFINE_integer("image-size", None, "data: base side of the stand-in JPEGs (default: the "
-                                      "canvas's long side).")
+    image_size = flags.DEFINE_integer("image-size", None, "data: stand-in JPEG side (default: canvas long side).")
     out = flags.DEFINE_string("json", None, "Also write the result here.")
 
     def run(argv):

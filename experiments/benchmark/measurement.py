@@ -1,5 +1,4 @@
-"""Timing, peak memory and FLOP counts of benchmark subjects (`measure`: alternating rounds; `speedup`: two of
-its results compared), and what the machine was."""
+"""Timing, peak memory and FLOP counts of benchmark subjects, the data loader's speed, and what the machine was."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable, NamedTuple
 
@@ -14,19 +14,13 @@ import numpy as np
 import torch
 
 from experiments.benchmark.options import Options
+from retina_fn import rng
 from retina_fn.engine.hooks import synchronize
 
 
 class Subject(NamedTuple):
-    """One thing to time.
-
-    Attributes:
-      name: its key in the results ('ours', 'ours-<variant>', 'torchvision').
-      call: runs one step (its state kept in a closure).
-      flops: runs one eager step under the FLOP counter and returns the count.
-      check: check(steps) -> the comparison of a compiled or graphed step with the eager one
-        (experiments.benchmark.parity); None for an eager subject (nothing to compare).
-    """
+    """One thing to time: name ('ours', 'ours-<variant>', 'torchvision'), call (one step), flops (one eager step's
+    FLOP count), check (steps -> parity's comparison with the eager step; None when eager)."""
 
     name: str
     call: Callable[[], object]
@@ -35,24 +29,14 @@ class Subject(NamedTuple):
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of fn up to the end of the device work it queued (a device synchronisation)."""
     t0 = time.perf_counter()
     fn()
     synchronize(device)
     return time.perf_counter() - t0
 
 
-def time_statistics(times: list[float]) -> dict:
-    """{'median', 'p10', 'p90', 'min', 'max', 'mean' (seconds), 'n'} of timed calls (at least one)."""
-    return {"median": statistics.median(times), "p10": float(np.quantile(times, 0.1)),
-            "p90": float(np.quantile(times, 0.9)), "min": min(times), "max": max(times),
-            "mean": statistics.fmean(times), "n": len(times)}
-
-
 class PeakMemory:
-    """Peak memory between reset() and peak_mb() in MiB: on an accelerator max allocated (torch.<kind>.
-    reset_peak_memory_stats / max_memory_allocated); on the CPU the process's peak resident set (VmHWM, reset
-    through /proc/self/clear_refs, Linux only)."""
+    """Peak memory in MiB since reset(): max allocated on an accelerator, the peak resident set (VmHWM) on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -75,35 +59,26 @@ class PeakMemory:
 
 
 def release(device: torch.device) -> None:
-    """Returns the memory of dropped subjects (their states, steps and graph pools) to the device: gc, then
-    torch.cuda.empty_cache on CUDA."""
+    """Returns dropped subjects' memory to the device."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call as torch.utils.flop_counter.FlopCounterMode counts them (convolutions and matrix
-    products, 2 per multiply-add; eager code only: the counter cannot enter compiled code or graphs)."""
+    """FLOPs of one eager call as FlopCounterMode counts them (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
 
 def measure(subjects: list[Subject], batch_size: int, opts: Options, device: torch.device) -> dict[str, dict]:
-    """Times the subjects: `opts.warmup` untimed calls of each, then `opts.iters` timed calls of each in
-    `opts.rounds` blocks that alternate between them (a drift of a shared machine's load hits all alike), then
-    each one's FLOPs (unless not opts.count_flops). Peak memory is reset before each subject's blocks (on an
-    accelerator the other subjects' resident state counts too).
-
-    Returns:
-      {name: {'step_s' (time_statistics), 'times', 'round_medians', 'images_per_s' (from the median),
-      'first_call_s' (None without warm-up), 'warmup_s', 'peak_memory_mb', 'memory_kind', 'flops_per_image',
-      'achieved_tflops', 'mfu' (None when not counted or, for mfu, without opts.peak_tflops)}}.
-    """
+    """Warm-up calls, then opts.iters timed calls of each subject in opts.rounds alternating blocks (a drift of
+    the machine's load hits all alike), then FLOPs: {name: {'step_s' ({median, p10, p90, min, max, mean, n}),
+    'times', 'round_medians', 'images_per_s', 'first_call_s', 'warmup_s', 'peak_memory_mb', 'memory_kind',
+    'flops_per_image', 'achieved_tflops', 'mfu'}}."""
     memory = PeakMemory(device)
     results = {}
     for s in subjects:
@@ -116,14 +91,15 @@ def measure(subjects: list[Subject], batch_size: int, opts: Options, device: tor
         n = opts.iters // rounds + (1 if r < opts.iters % rounds else 0)
         for s in subjects:
             memory.reset()
-            times = [time_call(s.call, device) for _ in range(n)]
-            entry = results[s.name]
+            times, entry = [time_call(s.call, device) for _ in range(n)], results[s.name]
             entry["times"] += times
             entry["round_medians"].append(statistics.median(times))
             entry["peak_memory_mb"] = max(entry["peak_memory_mb"], memory.peak_mb())
     for s in subjects:
-        r = results[s.name]
-        r["step_s"] = time_statistics(r["times"])
+        r, times = results[s.name], results[s.name]["times"]
+        r["step_s"] = {"median": statistics.median(times), "p10": float(np.quantile(times, 0.1)),
+                       "p90": float(np.quantile(times, 0.9)), "min": min(times), "max": max(times),
+                       "mean": statistics.fmean(times), "n": len(times)}
         r["images_per_s"] = batch_size / r["step_s"]["median"]
         flops = s.flops() if opts.count_flops else None
         r["flops_per_image"] = None if flops is None else flops / batch_size
@@ -133,25 +109,19 @@ def measure(subjects: list[Subject], batch_size: int, opts: Options, device: tor
 
 
 def speedup(ours: dict, other: dict) -> dict:
-    """How many times faster `ours` ran than `other` (entries of `measure`'s result).
-
-    Returns:
-      {'from_medians': the ratio of the overall medians, 'per_round': the ratio of the two round medians in
-      each round, 'paired': the median of per_round (which cancels load changes between rounds)}.
-    """
+    """How many times faster `ours` ran than `other`: {'from_medians', 'per_round', 'paired' (median of
+    per_round, which cancels load changes between rounds)}."""
     paired = [o / u for u, o in zip(ours["round_medians"], other["round_medians"])]
     return {"from_medians": other["step_s"]["median"] / ours["step_s"]["median"],
             "paired": statistics.median(paired), "per_round": paired}
 
 
 def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages, rounded."""
     return [round(v, 2) for v in os.getloadavg()]
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the run ran on: {'platform', 'python', 'torch', 'cpu_count', 'threads', 'device', 'cpu' (model
-    name), 'load_avg_start' and, on CUDA, 'gpu', 'cuda', 'cudnn'}."""
+    """What the run ran on: platform, versions, CPU, threads, load and, on CUDA, the GPU."""
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -161,3 +131,38 @@ def machine_info(device: torch.device) -> dict:
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version())
     return info
+
+
+def measure_data(cfg, opts: Options, batch_size: int) -> dict:
+    """Times the config's training loader (cfg.data edited in place): throughput.measure's figures plus
+    'source', 'workers', 'image_dtype', 'canvas_mb' (one canvas), 'gt_rows' (padded ground-truth rows), 'scale'."""
+    from retina_fn.data import coco, loader as data_loader, synthetic, throughput
+
+    with tempfile.TemporaryDirectory(prefix="retina_bench_") as tmp:
+        source = "configured dataset"
+        if cfg.data.dataset != "coco" or not os.path.isfile(os.path.join(cfg.data.root or "", cfg.data.train_ann)):
+            size = opts.image_size or max(cfg.data.landscape_canvas)
+            count = 2 * (opts.warmup + opts.iters + 1) * batch_size  # the sampler drops incomplete aspect batches
+            synthetic.generate_synthetic(tmp, count, 1, opts.seed, image_size=int(size), num_classes=5)
+            cfg.data.update(root=tmp, train_ann="annotations/instances_train.json", train_images="train",
+                            filter_empty_gt=False, min_size=0)
+            source = f"{count} synthetic JPEGs of about {size} px"
+        if opts.canvas is not None:
+            cfg.data.scale = (max(opts.canvas), min(opts.canvas))
+        loader = data_loader.make_train_loader(cfg.data, coco.load_split(cfg.data, "train"), rank=0, world_size=1,
+                                               key=rng.key(opts.seed))
+        gt_rows, last = [], {}
+
+        def recorded():
+            for batch in loader:
+                gt_rows.append(int(batch["box_valid"].shape[1]))
+                last["image"] = batch["image"][0]
+                yield batch
+
+        result = throughput.measure(recorded(), num_batches=opts.iters, warmup=opts.warmup)
+        image = last["image"]
+        result.update(source=source, workers=data_loader.resolve_workers(cfg.data.workers), gt_rows=gt_rows,
+                      image_dtype=str(image.dtype).replace("torch.", ""),
+                      canvas_mb=image.numel() * image.element_size() / 1e6, scale=tuple(cfg.data.scale))
+        del loader  # stops its workers before their files go
+    return result

@@ -1,5 +1,4 @@
-"""What one benchmark run measures: the Options record, its checks, the options that are config fields, and the
-named variants (config overrides timed beside the default)."""
+"""What one benchmark run measures: Options, their checks, and the named variants (config overrides)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from retina_fn import errors
 MODES = ("train", "infer", "data")
 COMPARISONS = ("none", "torchvision")
 
-# name -> (what it changes, dotted config path -> value); each is the same product with other config values
+# name -> (what it changes, {dotted config path: value})
 VARIANTS: dict[str, tuple[str, dict]] = {
     "eager": ("nothing compiled or captured", {"train.compile": False, "train.cuda_graph": False}),
     "compile_step": ("the step compiled (train.compile)", {"train.compile": True}),
@@ -53,9 +52,7 @@ class Options(NamedTuple):
 
 
 def check_options(opts: Options, torchvision_importable: Callable[[], bool]) -> None:
-    """Raises a ConfigError naming the flag at fault: an unknown mode, comparison or variant, --iters or
-    --rounds < 1, a negative --warmup, --check-steps or --profile, or --compare torchvision where
-    `torchvision_importable()` says it is not installed."""
+    """Raises a ConfigError naming the flag at fault."""
     if opts.mode not in MODES:
         raise errors.ConfigError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     if opts.compare not in COMPARISONS:
@@ -72,8 +69,7 @@ def check_options(opts: Options, torchvision_importable: Callable[[], bool]) -> 
 
 
 def apply_options(cfg, opts: Options):
-    """Writes the options that are config fields (batch, canvas, precision, compile, channels_last) into cfg,
-    in place (None leaves a field as it is); returns cfg."""
+    """Writes the options that are config fields into cfg in place (None leaves a field); returns cfg."""
     if opts.batch is not None:
         cfg.data.images_per_device = cfg.data.eval_images_per_device = int(opts.batch)
     if opts.canvas is not None:
@@ -90,5 +86,5 @@ def apply_options(cfg, opts: Options):
 
 
 def variant_config(cfg, name: str):
-    """A copy of cfg with VARIANTS[name]'s overrides (cfg is left unchanged)."""
+    """A copy of cfg with VARIANTS[name]'s overrides."""
     return common.override(cfg.copy_and_resolve_references(), **VARIANTS[name][1])

@@ -1,5 +1,5 @@
-"""What the benchmark times: our pure train step and eval step as built from a config, and torchvision's
-RetinaNet R50-FPN built to match it (torchvision is imported only when used)."""
+"""What the benchmark times: our train and eval steps of a config, and torchvision's RetinaNet built to match
+(imported only when used). A Subject's FLOP count runs one eager step; its check compares with the eager step."""
 
 from __future__ import annotations
 
@@ -13,33 +13,19 @@ from retina_fn.errors import ConfigError
 from retina_fn.train import build_optimizer, full_params, init_train_state, make_eval_step, make_train_step
 
 
-def _eval_step(cfg, device):
-    """The eval step of a config: its spec at its precision, a CUDA graph with train.cuda_graph."""
-    return make_eval_step(schema.detector_spec(cfg), device, precision_name=schema.precision_name(cfg.train),
-                          cuda_graph=bool(cfg.train.cuda_graph))
-
 STEPS_PER_EPOCH = 1000  # fixes the lr schedule only; the benchmark never reaches an epoch boundary
 
 
 def _eager(cfg):
-    """A copy of the config with nothing compiled or captured (the reference of checks and FLOP counts)."""
+    """A copy of the config with nothing compiled or captured."""
     eager = cfg.copy_and_resolve_references()
     eager.train.compile = eager.train.cuda_graph = False
     return eager
 
 
 def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
-    """The pure train step (make_train_step: compiled / graphed as the config says), stepping one state forward
-    on every call.
-
-    Args:
-      cfg: the whole config; batch: the static batch of every call; device: where the state and step live;
-      seed: of the initial state and the steps' key; name: the subject's name.
-
-    Returns:
-      The Subject; its FLOP count runs one eager step (forward + backward + update); with train.compile or
-      train.cuda_graph its check compares the step with the eager one (parity.compare_train).
-    """
+    """make_train_step (compiled / graphed as the config says), stepping one state forward on every call on the
+    static `batch`; seed: of the initial state."""
     global_batch = batch["image"].shape[0]
     spec, settings = schema.detector_spec(cfg), schema.step_settings(cfg)
     optimizer = build_optimizer(settings)
@@ -64,14 +50,14 @@ def ours_train(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 
     def check(steps):
         start = fresh() if optimizer.inplace else initial
-        return parity.compare_train(step, build(_eager(cfg)), start, batch, steps, parity.tolerance(cfg))
+        return parity.compare_train(step, build(_eager(cfg)), start, batch, steps,
+                                    parity.TOLERANCES[schema.precision_name(cfg.train)])
 
     return Subject(name, call, flops, check if cfg.train.compile or cfg.train.cuda_graph else None)
 
 
 def _fresh_params(cfg, device: torch.device, seed: int) -> dict:
-    """Freshly initialised full parameters with a zero classification bias: every (anchor, class) pair passes
-    the score threshold, so post-processing works at full load (at the prior-probability bias none would)."""
+    """Fresh full parameters with a zero classification bias: every (anchor, class) passes the score threshold."""
     settings = schema.step_settings(cfg)
     params = full_params(init_train_state(schema.detector_spec(cfg), settings, rng.key(seed), build_optimizer(settings),
                                           device=device))
@@ -80,20 +66,13 @@ def _fresh_params(cfg, device: torch.device, seed: int) -> dict:
     return dict(params, head=head)
 
 
+def _eval_step(cfg, device):
+    return make_eval_step(schema.detector_spec(cfg), device, precision_name=schema.precision_name(cfg.train),
+                          cuda_graph=bool(cfg.train.cuda_graph))
+
+
 def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str = "ours") -> Subject:
-    """The eval step (forward + post-processing) on a fresh model (`_fresh_params`): torch.compile'd with
-    train.compile, its forward a CUDA graph with train.cuda_graph (make_eval_step).
-
-    Args:
-      cfg, batch, device, seed, name: as ours_train's (seed: of the parameters).
-
-    Returns:
-      The Subject; its FLOP count runs the eager eval step; compiled or graphed, its check compares the
-      detections with the eager step's (parity.compare_infer).
-
-    Raises:
-      ConfigError: train.compile and train.cuda_graph together (the compiled caller cannot trace the graph).
-    """
+    """make_eval_step on `_fresh_params`, torch.compile'd with train.compile (ConfigError with cuda_graph too)."""
     if cfg.train.compile and cfg.train.cuda_graph:
         raise ConfigError("--mode infer: train.compile and train.cuda_graph together are not supported (the "
                           "compiled eval step would trace the graph's runner); choose one")
@@ -102,7 +81,8 @@ def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
     timed = torch.compile(eval_step) if cfg.train.compile else eval_step
 
     def check(steps):
-        return parity.compare_infer(timed, _eval_step(_eager(cfg), device), params, batch, parity.tolerance(cfg))
+        return parity.compare_infer(timed, _eval_step(_eager(cfg), device), params, batch,
+                                    parity.TOLERANCES[schema.precision_name(cfg.train)])
 
     return Subject(name, lambda: timed(params, batch),
                    lambda: count_flops(lambda: _eval_step(_eager(cfg), device)(params, batch)),
@@ -110,7 +90,6 @@ def ours_infer(cfg, batch: dict, device: torch.device, seed: int = 0, name: str 
 
 
 def torchvision_available() -> bool:
-    """Whether `import torchvision` works in this environment."""
     try:
         import torchvision  # noqa: F401
     except ImportError:
@@ -119,20 +98,9 @@ def torchvision_available() -> bool:
 
 
 def torchvision_model(cfg, canvas: tuple[int, int], device: torch.device, seed: int = 0):
-    """torchvision's RetinaNet R50-FPN as `retinanet_resnet50_fpn` builds it when given ImageNet backbone weights
-    (FrozenBatchNorm2d; our config's frozen stages, classes and P6 source), none loaded, keeping `canvas`.
-
-    Args:
-      cfg: our config (model.num_classes, model.backbone.depth / frozen_stages, model.fpn.extra_source).
-      canvas: (H, W), kept by torchvision's transform (min_size / max_size); device: where the model goes;
-      seed: of torch's global generator, which torchvision's initialisers draw from.
-
-    Returns:
-      torchvision.models.detection.RetinaNet on `device`.
-
-    Raises:
-      ConfigError: a backbone depth other than 50.
-    """
+    """torchvision's RetinaNet R50-FPN as `retinanet_resnet50_fpn` builds it with ImageNet backbone weights
+    (FrozenBatchNorm2d; the config's frozen stages, classes and P6 source), none loaded, keeping `canvas` (H, W);
+    ConfigError for a backbone depth other than 50."""
     from torchvision.models import resnet50
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -146,17 +114,12 @@ def torchvision_model(cfg, canvas: tuple[int, int], device: torch.device, seed: 
     p6_in = 2048 if cfg.model.fpn.extra_source == "input" else 256
     backbone = _resnet_fpn_extractor(body, 5 - (int(cfg.model.backbone.frozen_stages) + 1), returned_layers=[2, 3, 4],
                                      extra_blocks=LastLevelP6P7(p6_in, 256))
-    model = RetinaNet(backbone, cfg.model.num_classes, min_size=min(canvas), max_size=max(canvas))
-    return model.to(device)
+    return RetinaNet(backbone, cfg.model.num_classes, min_size=min(canvas), max_size=max(canvas)).to(device)
 
 
 def tv_train(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
-    """torchvision's train step: model(images, targets), backward, torch.optim.SGD (the config's momentum and
-    weight decay), with a GradScaler where the precision scales losses; the same batch, real boxes only.
-
-    Returns:
-      The Subject 'torchvision'; its FLOP count runs one forward + backward.
-    """
+    """torchvision's train step: forward, backward, SGD (the config's momentum and weight decay), a GradScaler
+    where the precision scales losses; the same batch, real boxes only."""
     model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -185,12 +148,7 @@ def tv_train(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
 
 
 def tv_infer(cfg, batch: dict, device: torch.device, seed: int = 0) -> Subject:
-    """torchvision's inference: model.eval() with its transform and post-processing (score 0.05, 1000 per level,
-    NMS 0.5, 300 per image), zero classification bias as ours (`_fresh_params`).
-
-    Returns:
-      The Subject 'torchvision'; its FLOP count runs one call.
-    """
+    """torchvision's inference (its transform and post-processing), zero classification bias as ours."""
     model = torchvision_model(cfg, tuple(batch["image"].shape[-2:]), device, seed).eval()
     with torch.no_grad():
         model.head.classification_head.cls_logits.bias.zero_()

@@ -1,15 +1,12 @@
-"""The GPU suite's report (scripts/gpu_benchmark.sh): each row's record and benchmark JSON under OUT/rows/,
-gathered into OUT/gpu_suite.json and the table OUT/gpu_suite.md after every row. The standard library only, so
-that the script runs it as a file (`python experiments/benchmark/suite.py OUT ...`) without importing torch:
+"""The GPU suite's report (scripts/gpu_benchmark.sh): OUT/rows/ gathered into OUT/gpu_suite.json and .md after
+every row. The standard library only: the script runs it as a file, without torch:
 
     suite.py OUT start --dry-run=0 --budget=540 --compile-cap=200 -- BENCHMARK_FLAGS   # the plan, an empty table
     suite.py OUT row ID MODE NAME COMPILED STATUS NOTE -- ROW_FLAGS                     # one row's outcome
     suite.py OUT fastest      # the flags of the fastest train row that ran (for its profile), shell-quoted; none
 
-Row statuses: ok, WRONG (its eager check failed), timeout, error, skipped. x eager and x torchvision are
-images/s ratios to the same mode's rows; TFLOP/s (and MFU, on a card of PEAK_TFLOPS at bf16 / fp16) use the
-FLOPs counted on the mode's eager row, the same network in every row.
-"""
+Statuses: ok, WRONG (eager check failed), timeout, error, skipped. x eager / x torchvision: images/s ratios to the
+mode's rows; TFLOP/s and MFU use the FLOPs counted on the mode's eager row."""
 
 from __future__ import annotations
 
@@ -27,17 +24,14 @@ def _read(path: str):
         return json.load(f)
 
 
-def _write(path: str, text: str) -> None:  # atomic: a reader never sees half a file
+def _write(path: str, text: str) -> None:  # atomic
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
 def row_entry(record: dict, result: dict | None) -> dict:
-    """One row of the report: the script's record ('id', 'mode', 'name', 'compiled', 'status', 'note', 'flags')
-    with, when it ran, the timed subject's entry of its benchmark JSON as 'result' (torchvision's in the
-    torchvision row), 'flops_per_image', 'check', 'profile', 'machine', 'paired_vs_torchvision'; status WRONG
-    when its eager check failed, error when it exited cleanly without a JSON."""
+    """The script's record of a row with, when it ran, its subject's benchmark entry as 'result' and more."""
     row = dict(record)
     if record["status"] != "ok":
         return row
@@ -55,7 +49,6 @@ def row_entry(record: dict, result: dict | None) -> dict:
 
 
 def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
-    """Fills each measured row's 'x_eager', 'x_torchvision', 'achieved_tflops' and 'mfu' (module docstring)."""
     def find(mode, name):
         return next((r for r in rows if r["mode"] == mode and r["name"] == name and "result" in r), None)
 
@@ -72,7 +65,6 @@ def add_ratios(rows: list[dict], peak_tflops: float | None) -> None:
 
 
 def gather(out_dir: str) -> dict:
-    """The suite's JSON from OUT/rows: {'suite', 'plan', 'machine', 'peak_tflops', 'rows', 'profile'}."""
     plan = _read(os.path.join(out_dir, "rows", "plan.json"))
     rows = []
     for path in sorted(glob.glob(os.path.join(out_dir, "rows", "*.row.json"))):
@@ -83,8 +75,8 @@ def gather(out_dir: str) -> dict:
     versions = [r.get("torchvision_version") or r["note"] for r in rows if r["name"] == "torchvision"]
     machine["torchvision"] = versions[0].replace("torchvision is ", "") if versions else None
     precision = plan["flags"][plan["flags"].index("--precision") + 1]
-    peak = next((v for card, v in PEAK_TFLOPS.items() if card in (machine.get("gpu") or "")), None)
-    peak = peak if precision in ("bf16", "fp16") else None
+    peak = next((v for card, v in PEAK_TFLOPS.items() if card in (machine.get("gpu") or "")
+                 and precision in ("bf16", "fp16")), None)
     profile = next((r for r in rows if r["name"] == "profile"), None)
     rows = [r for r in rows if r["name"] != "profile"]
     add_ratios(rows, peak)
@@ -96,7 +88,6 @@ def _fmt(value, spec: str) -> str:
 
 
 def _check(row: dict) -> str:
-    """'matches' or 'WRONG: <what>' with the steps compared and the largest difference over its tolerance."""
     c = row.get("check")
     if not c:
         return "-"
@@ -106,7 +97,6 @@ def _check(row: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    """The suite's table (and profile) as markdown."""
     p, m = result["plan"], result["machine"]
     lines = [f"# GPU suite{' (dry run: plumbing only, figures meaningless)' if p['dry_run'] else ''}", "",
              f"`{' '.join(p['flags'])}`; budget {p['budget']} s, compile cap {p['compile_cap']} s", "",
@@ -136,7 +126,6 @@ def markdown(result: dict) -> str:
 
 
 def render(out_dir: str) -> dict:
-    """Rewrites OUT/gpu_suite.json and OUT/gpu_suite.md from OUT/rows; returns the JSON's dict."""
     result = gather(out_dir)
     _write(os.path.join(out_dir, "gpu_suite.json"), json.dumps(result, indent=2, sort_keys=True))
     _write(os.path.join(out_dir, "gpu_suite.md"), markdown(result))
@@ -144,8 +133,7 @@ def render(out_dir: str) -> dict:
 
 
 def fastest_train_flags(out_dir: str) -> list[str] | None:
-    """The row flags of the fastest train row measured so far (not torchvision, WRONG rows neither), without
-    --check-steps and --skip-flops; None when none ran."""
+    """The flags of the fastest ok train row but torchvision, less --check-steps and --skip-flops; None if none."""
     rows = [r for r in gather(out_dir)["rows"] if r["mode"] == "train" and r["status"] == "ok"
             and r["name"] != "torchvision"]
     if not rows:
@@ -155,7 +143,6 @@ def fastest_train_flags(out_dir: str) -> list[str] | None:
 
 
 def main(argv: list[str]) -> int:
-    """The script's entry point: `OUT COMMAND ARGS [-- FLAGS]` (the module docstring's commands); returns 0."""
     out_dir, command, args = argv[0], argv[1], argv[2:] + ["--"]
     head, flags = args[:args.index("--")], args[args.index("--") + 1:-1]
     if command == "start":

@@ -1,13 +1,11 @@
 """Which device this process drives, and the matching collective backend.
 
     kind  device        backend  autocast  torch.compile advised
-    npu   npu:<index>   hccl     npu       no (inductor does not target NPU; TorchAir is opt-in)
+    npu   npu:<index>   hccl     npu       no (inductor does not target NPU)
     cuda  cuda:<index>  nccl     cuda      yes
     cpu   cpu           gloo     cpu       yes
 
-'auto' prefers an Ascend NPU (torch_npu importable and reporting devices), then CUDA, then the CPU. The
-decision is by device kind, never by backend string: Intel Gaudi also calls its backend 'hccl'. torch_npu
-is probed through `retina_fn.accel`, imported only when a device is being chosen.
+'auto' prefers an Ascend NPU, then CUDA, then the CPU, by device kind (Intel Gaudi's backend is 'hccl' too).
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ import torch
 
 from retina_fn.parallel.env import LaunchEnv
 
-DEVICE_KINDS = ("npu", "cuda", "cpu")
-REQUESTS = ("auto",) + DEVICE_KINDS
+REQUESTS = ("auto", "npu", "cuda", "cpu")
 _BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -28,15 +25,7 @@ class DeviceUnavailable(RuntimeError):
 
 
 class DeviceChoice(NamedTuple):
-    """The device this process drives and what goes with it.
-
-    Attributes:
-      kind: 'npu' | 'cuda' | 'cpu'.
-      index: device ordinal (None for cpu).
-      backend: 'hccl' | 'nccl' | 'gloo'.
-      autocast_device_type: the `device_type` for torch.autocast.
-      compile_advised: whether torch.compile is a sensible default on this kind.
-    """
+    """The device this process drives (kind, index: None for the CPU) and what goes with it (the table above)."""
 
     kind: str
     index: int | None
@@ -46,12 +35,12 @@ class DeviceChoice(NamedTuple):
 
     @property
     def device(self) -> torch.device:
-        """The torch.device ('cpu', 'cuda:i', 'npu:i'); 'npu' parses only once torch_npu is imported."""
+        """The torch.device; 'npu' parses only once torch_npu is imported."""
         return torch.device(self.kind) if self.index is None else torch.device(self.kind, self.index)
 
     @property
     def device_str(self) -> str:
-        """The device as a string, usable before torch_npu registers the 'npu' type."""
+        """The device as a string, usable before torch_npu registers 'npu'."""
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
@@ -69,56 +58,31 @@ def _cuda_handle():
 
 
 def resolve_device(requested: str = "auto", env: LaunchEnv | None = None) -> DeviceChoice:
-    """The DeviceChoice for a request and this process's place in the launch. Nothing is set or initialised.
-
-    Args:
-      requested: 'auto' | 'npu' | 'cuda' | 'cpu'.
-      env: this process's LaunchEnv (device_index picks the ordinal); None: a single process, index 0.
-
-    Returns:
-      DeviceChoice.
-
-    Raises:
-      ValueError: an unknown request.
-      DeviceUnavailable: an explicit kind is absent, or the env's device index exceeds the visible device
-        count.
-    """
+    """The DeviceChoice for a request ('auto' | 'npu' | 'cuda' | 'cpu') and this process's LaunchEnv (None: a
+    single process); sets nothing. Raises ValueError for an unknown request, DeviceUnavailable for an absent kind
+    or a device index beyond the visible count."""
     if requested not in REQUESTS:
         raise ValueError(f"dist.device must be one of {REQUESTS}, got {requested!r}")
     env = env or LaunchEnv()
     handles = {"npu": _npu_handle, "cuda": _cuda_handle}
-    if requested == "auto":
-        kind = next((k for k in ("npu", "cuda") if handles[k]() is not None), "cpu")
-    else:
-        kind = requested
+    kind = next((k for k in ("npu", "cuda") if handles[k]() is not None), "cpu") if requested == "auto" else requested
     if kind == "cpu":
         return DeviceChoice("cpu", None, "gloo", "cpu", True)
     handle = handles[kind]()
     if handle is None:
-        why = (
-            "torch_npu is not installed, failed to load (is CANN's set_env.sh sourced?) or sees no NPU"
-            if kind == "npu"
-            else "torch.cuda.is_available() is False"
-        )
+        why = ("torch_npu is not installed, failed to load (is CANN's set_env.sh sourced?) or sees no NPU"
+               if kind == "npu" else "torch.cuda.is_available() is False")
         raise DeviceUnavailable(f"dist.device={requested!r} was requested but {why}; use dist.device='auto' or 'cpu'")
     count = int(handle.device_count())
     if env.device_index >= count:
-        raise DeviceUnavailable(
-            f"this process (rank {env.rank}, local rank {env.local_rank}) needs {kind}:{env.device_index} "
-            f"but only {count} {kind} device(s) are visible; launch at most {count} processes per node"
-        )
+        raise DeviceUnavailable(f"this process (rank {env.rank}, local rank {env.local_rank}) needs {kind}:"
+                                f"{env.device_index} but only {count} {kind} device(s) are visible; launch at most "
+                                f"{count} processes per node")
     return DeviceChoice(kind, env.device_index, _BACKENDS[kind], kind, kind != "npu")
 
 
 def activate_device(choice: DeviceChoice) -> None:
-    """Makes `choice` the current device of this process (must precede creating the process group).
-
-    Args:
-      choice: from `resolve_device`; nothing happens for the CPU.
-
-    Returns:
-      None.
-    """
+    """Makes `choice` the current device of this process (before creating the process group)."""
     if choice.kind == "cuda":
         torch.cuda.set_device(choice.index)
     elif choice.kind == "npu":
@@ -126,18 +90,7 @@ def activate_device(choice: DeviceChoice) -> None:
 
 
 def select_device(requested: str = "auto", env: LaunchEnv | None = None) -> DeviceChoice:
-    """`resolve_device(requested, env)`, then `activate_device` on the result.
-
-    Args:
-      requested: 'auto' | 'npu' | 'cuda' | 'cpu'.
-      env: this process's LaunchEnv; None: a single process.
-
-    Returns:
-      The activated DeviceChoice.
-
-    Raises:
-      ValueError, DeviceUnavailable: as `resolve_device`.
-    """
+    """`resolve_device(requested, env)`, then `activate_device` on the result (raises as resolve_device)."""
     choice = resolve_device(requested, env)
     activate_device(choice)
     return choice

@@ -4,14 +4,5 @@ from retina_fn.train.build import StepSettings, build_optimizer, init_train_stat
 from retina_fn.train.state import full_params, new_train_state
 from retina_fn.train.step import Objective, split_micro_batches
 
-__all__ = [
-    "Objective",
-    "StepSettings",
-    "build_optimizer",
-    "full_params",
-    "init_train_state",
-    "make_eval_step",
-    "make_train_step",
-    "new_train_state",
-    "split_micro_batches",
-]
+__all__ = ["Objective", "StepSettings", "build_optimizer", "full_params", "init_train_state", "make_eval_step",
+           "make_train_step", "new_train_state", "split_micro_batches"]

@@ -1,16 +1,10 @@
 """The RetinaNet train state, train step and eval step of a spec and the step's settings.
 
-    spec, settings = schema.detector_spec(cfg), schema.step_settings(cfg)   # retina_fn.schema, once at start
     optimizer = build_optimizer(settings)                 # once: state and step share it
     state = init_train_state(spec, settings, key, optimizer, device=device)
     train_step = make_train_step(spec, settings, optimizer, steps_per_epoch=..., global_batch=...)
-    eval_step = make_eval_step(spec, device=device)       # eval_step(params, batch) -> Detections
 
-This is where the settings meet the generic engine (retina_fn.train.step) and the detector
-(retina_fn.detector), and where accelerator extras (apex's fused SGD, torch_npu's overflow flag) are taken
-from retina_fn.accel and passed in. `compile` compiles the step (`compile_scope`: all of it, or its gradient
-part); `cuda_graph` puts the train step and the eval step's network forward behind CUDA graphs
-(retina_fn.train.graph), the compiled function when `compile` is on too.
+Accelerator extras (apex's fused SGD, torch_npu's overflow flag) come in from retina_fn.accel here.
 """
 
 from __future__ import annotations
@@ -39,18 +33,10 @@ COMPILE_SCOPES = ("auto",) + step_lib.COMPILE_SCOPES
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """How the train step runs (configs/common.py's optim and train blocks; retina_fn.schema builds them).
-
-    Attributes:
-      optim: the optimiser and its learning-rate schedule.
-      precision: 'fp32' | 'fp16' | 'bf16' (train.opt_level already mapped onto it).
-      loss_scale: the fp16 loss scale.
-      overflow_check: 'isfinite' | 'saturation' | 'npu'.
-      clip_norm: the global-norm clipping threshold, None for none.
-      micro_batches: equal parts each loader batch is split into (memory only).
-      normalizer: 'local' (each replica divides by its own positives) | 'global' (their mean).
-      compile, compile_scope, cuda_graph: torch.compile of the step ('auto' | 'step' | 'gradients'), CUDA graphs.
-    """
+    """How the train step runs (configs/common.py's optim and train blocks; retina_fn.schema builds them):
+    overflow_check 'isfinite' | 'saturation' | 'npu'; micro_batches: equal parts of each loader batch (memory
+    only); normalizer 'local' (each replica's own positives) | 'global' (their mean); compile_scope 'auto' |
+    'step' | 'gradients'."""
 
     optim: OptimSettings
     precision: str
@@ -70,16 +56,14 @@ def canvases(spec: DetectorSpec) -> list[tuple[int, int]]:
 
 
 def build_optimizer(settings: StepSettings) -> Optimizer:
-    """The optimiser of the settings, with apex's fused SGD when optim.backend == 'apex'. Build it once per run
-    and hand the same object to `init_train_state` and `make_train_step` (an in-place optimiser keeps its
-    buffers inside)."""
+    """The optimiser of the settings (apex's fused SGD for optim.backend 'apex'). Build it once per run and hand
+    the same object to `init_train_state` and `make_train_step` (an in-place optimiser keeps its buffers inside)."""
     fused = accel.apex_sgd if settings.optim.backend == "apex" else None
     return make_optimizer(settings.optim, fused_sgd=fused)
 
 
 def overflow_check(kind: precision.OverflowCheck | str) -> precision.OverflowCheck:
-    """The overflow check called `kind` ('isfinite' | 'saturation' | 'npu', torch_npu's flag), or `kind` itself
-    when it is a callable."""
+    """The overflow check called `kind` ('isfinite' | 'saturation' | 'npu'), or `kind` itself if callable."""
     if kind == "npu":
         return accel.npu_flag_check()
     return precision.make_overflow_check(kind)
@@ -87,19 +71,8 @@ def overflow_check(kind: precision.OverflowCheck | str) -> precision.OverflowChe
 
 def init_train_state(spec: DetectorSpec, settings: StepSettings, key: rng.Key, optimizer: Optimizer,
                      params: dict | None = None, device: torch.device | str = "cpu") -> dict:
-    """A fresh RetinaNet train state (see retina_fn.train.state).
-
-    Args:
-      spec: the detector's spec.
-      settings: the step's settings (loss_scale).
-      key: int64 [2]; split into the model's init key and the run's key.
-      optimizer: from `build_optimizer`, the same object the step gets.
-      params: a full parameter tree (e.g. with a pretrained backbone) replacing the random init.
-      device: where everything lives.
-
-    Returns:
-      The state dict, parameters float32 on `device`, split into trainable and frozen by the spec.
-    """
+    """A fresh RetinaNet train state (retina_fn.train.state), float32 on `device`, split by the spec; key int64
+    [2] is split into the model's init key and the run's key; `params` (a full tree) replaces the random init."""
     k_model, k_run = rng.split(key)
     if params is None:
         params = retinanet.init(k_model, spec)
@@ -109,24 +82,9 @@ def init_train_state(spec: DetectorSpec, settings: StepSettings, key: rng.Key, o
 
 
 def resolve_compile_scope(scope: str, device_type: str, torch_version: str = torch.__version__) -> str:
-    """train.compile_scope with 'auto' resolved.
-
-    'auto' is 'gradients' on CUDA with torch older than 2.13: there inductor stops with an AssertionError in
-    its loop reordering (`reorder_loops_by_dep_pair`) when the optimiser's `torch._foreach_*` update sits in
-    one graph with the step's reductions of other shapes (pytorch#176591, fixed in 2.13 by pytorch#176849);
-    keeping the update out of the compiled graph avoids it. Elsewhere 'auto' is 'step'.
-
-    Args:
-      scope: 'auto' | 'step' | 'gradients'.
-      device_type: 'cuda', 'cpu', 'npu', ...
-      torch_version: the torch version string (default: the running torch's).
-
-    Returns:
-      'step' or 'gradients'.
-
-    Raises:
-      ValueError: an unknown scope.
-    """
+    """train.compile_scope with 'auto' resolved: 'gradients' on CUDA with torch < 2.13 (inductor's loop
+    reordering fails when the foreach update shares a graph with other reductions: pytorch#176591, fixed by
+    pytorch#176849), else 'step'; ValueError for an unknown scope."""
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     if scope != "auto":
@@ -137,31 +95,13 @@ def resolve_compile_scope(scope: str, device_type: str, torch_version: str = tor
 def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optimizer, *, steps_per_epoch: int,
                     global_batch: int, reduce: step_lib.Reduce | None = None, device: torch.device | str = "cpu",
                     overflow_check_override=None, graph_capture: graph.Capture | None = None) -> step_lib.TrainStep:
-    """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)`.
+    """The RetinaNet train step: `train_step(state, batches) -> (new_state, metrics)` (retina_fn.train.step).
 
-    Args:
-      spec: the detector's spec (its canvases' anchors are computed up front).
-      settings: the step's settings.
-      optimizer: the one `init_train_state` used.
-      steps_per_epoch: optimiser steps per epoch; global_batch: images per optimiser step over all replicas
-        and accumulated loader batches (images_per_device x world_size x optim.accum_steps); together they
-        fix the schedule and the linearly scaled lr.
-      reduce: a mean over replicas of a tree (gradients, metrics and, for the 'global' normaliser, the loss
-        normaliser); the distribution layer binds it; None for one process.
-      device: where the anchors live and which autocast applies.
-      overflow_check_override: replaces settings.overflow_check (a callable or a name).
-      graph_capture: with settings.cuda_graph, record with this instead of CUDA graphs (tests pass an eager
-        stand-in; see retina_fn.train.graph.Capture).
-
-    Returns:
-      The step of retina_fn.train.step over retina_fn.detector.Detector, called with one batch or a tuple
-      of optim.accum_steps loader batches; metrics 'loss', 'loss_cls',
-      'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm', 'loss_scale', 'finite'. With train.compile the
-      step is compiled, whole or its gradient part (`resolve_compile_scope`; one graph on one process, the
-      cross-replica `reduce` stays outside). With train.cuda_graph on a CUDA device, one process (no `reduce`)
-      and a pure optimiser, the step is a retina_fn.train.graph.GraphedFunction: the state it
-      returns is its static buffers and its metrics are overwritten by the next call (see that module);
-      elsewhere it logs why and runs eagerly.
+    steps_per_epoch and global_batch (images per optimiser step: images_per_device x world_size x accum_steps) fix
+    the schedule and the scaled lr; reduce: the mean over replicas (None: one process); graph_capture: tests' stand-in
+    for CUDA graphs. Metrics: 'loss', 'loss_cls', 'loss_box', 'num_pos', 'normalizer', 'lr', 'grad_norm',
+    'loss_scale', 'finite'. With train.cuda_graph on CUDA, one process and a pure optimiser, a graph.GraphedFunction
+    (its state and metrics are overwritten by the next call); elsewhere it logs why and runs eagerly.
     """
     device_type = torch.device(device).type
     compile_scope = resolve_compile_scope(settings.compile_scope, device_type)
@@ -170,20 +110,13 @@ def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optim
                  "whole step" if compile_scope == "step" else "gradient part of the step (the update runs eagerly)",
                  settings.compile_scope, torch.__version__, device_type)
     train_step = step_lib.make_train_step(
-        Detector(spec, canvases(spec), device),
-        optimizer,
+        Detector(spec, canvases(spec), device), optimizer,
         make_lr_schedule(settings.optim, steps_per_epoch, global_batch),
-        precision=precision.precision_from_name(settings.precision),
-        loss_scale=settings.loss_scale,
+        precision=precision.precision_from_name(settings.precision), loss_scale=settings.loss_scale,
         overflow_check=overflow_check(overflow_check_override or settings.overflow_check),
-        micro_batches=settings.micro_batches,
-        clip_norm=settings.clip_norm,
-        reduce=reduce,
-        reduce_normalizer=settings.normalizer == "global",
-        device_type=device_type,
-        compile_fn=torch.compile if settings.compile else None,
-        compile_scope=compile_scope,
-    )
+        micro_batches=settings.micro_batches, clip_norm=settings.clip_norm, reduce=reduce,
+        reduce_normalizer=settings.normalizer == "global", device_type=device_type,
+        compile_fn=torch.compile if settings.compile else None, compile_scope=compile_scope)
     if not settings.cuda_graph:
         return train_step
     if optimizer.inplace:
@@ -202,19 +135,10 @@ def make_train_step(spec: DetectorSpec, settings: StepSettings, optimizer: Optim
 def make_eval_step(spec: DetectorSpec, device: torch.device | str = "cpu", *, precision_name: str = "fp32",
                    cuda_graph: bool = False, graph_capture: graph.Capture | None = None
                    ) -> Callable[[dict, dict], Detections]:
-    """`eval_step(params, batch) -> Detections` ([B, spec.test.max_per_img], boxes in original-image pixels when
-    the batch has scale_factor) from the full parameter tree and a batch with image [B, 3, H, W], image_hw
-    [B, 2] and scale_factor [B, 2].
-
-    Args:
-      spec: the detector's spec.
-      device: where the anchors live and which autocast applies.
-      precision_name: the forward's precision ('fp32' | 'fp16' | 'bf16'; a training run evaluates at its own).
-      cuda_graph: run the network's forward as a CUDA graph per canvas (its parameters copied into the graph's
-        buffers on each call); post-processing, which reads values on the host (NMS), runs eagerly on its
-        outputs; the detections equal `Detector.predict`'s.
-      graph_capture: as make_train_step's.
-    """
+    """`eval_step(params, batch) -> Detections` [B, spec.test.max_per_img] from the full parameter tree and a
+    batch with image [B, 3, H, W], image_hw [B, 2] and scale_factor [B, 2] (boxes then in original-image pixels).
+    With cuda_graph the network's forward is a CUDA graph per canvas and post-processing (NMS reads the host) runs
+    eagerly on its outputs."""
     prec = precision.precision_from_name(precision_name)
     detector = Detector(spec, canvases(spec), device)
     device_type = torch.device(device).type
@@ -240,7 +164,6 @@ def make_eval_step(spec: DetectorSpec, device: torch.device | str = "cpu", *, pr
 
     @torch.no_grad()
     def graphed_eval_step(params: dict, batch: dict) -> Detections:
-        """The post-processing half of detector.predict, on the graph's outputs."""
         return detector.detections(*graphed(params, batch), batch)
 
     return graphed_eval_step

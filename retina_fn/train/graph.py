@@ -2,40 +2,14 @@
 
     step = graph_or_eager(train_step, device, what="the train step", updates_state=True)
     state, metrics = step(state, batch)          # copy the batch in, replay, hand back the static state
-    run = graph_or_eager(forward, device, what="the eval forward", updates_state=False)
-    outputs = run(params, inputs)
 
-The step itself stays pure (retina_fn.train.step); everything stateful about graphs lives here, in
-`GraphedFunction`, which holds
-
-- static state buffers: one copy of the state tree (params, optimiser state, step counter, loss scale) that
-  every graph reads and, with `updates_state`, overwrites with the new state inside the graph;
-- per input signature (the paths, shapes and dtypes of the batch: one per canvas), static input
-  buffers and one captured graph; a call copies its inputs into them and replays.
-
-Warm-up runs the pure function on the static buffers and throws its results away (on a side stream, so that
-lazy initialisation and algorithm choice happen before the capture), so it never advances the state; the
-capture then records one call, including the optimiser update and the copy of the new state into the static
-buffers; the first replay performs the first real step. The learning rate and the step counter are device
-tensors: the schedule reads state['step'] inside the graph, and the step adds 1 to it there, so a replay needs
-nothing from the host.
-
-Donation, as jax's donate_argnums: the state a call returns *is* the static buffers, and the metrics are the
-graph's static outputs; the next call overwrites both. Read what you need (or clone it) before the next call.
-Passing the returned state back costs nothing; passing any other state (a restored checkpoint, another
-run's) copies it into the buffers first, leaf by leaf, and leaves the caller's tensors untouched.
-
-What a captured function must not do (CUDA graphs replay kernels, not Python): read device values on the
-host (`.item()`, `bool(t)`, `torch.equal`, data-dependent shapes such as `nonzero` or boolean indexing),
-branch in Python on tensor values, or allocate outside the graph's pool. `graph_host.host_syncs` lists such
-operations of a function on any device, the CPU included. Tensors built from Python data (`torch.tensor(...,
-device=)`, a host-to-device copy that capture refuses) are handled by `graph_host.HostConstants`: made once
-during warm-up and read from device memory by the graph. In-place optimisers (apex's fused SGD,
-`Optimizer.inplace`) decide skipped steps with a host read of the finite flag and read the learning rate on
-the host: they cannot be captured; the native optimisers select on the device (`torch.where`) and can.
-
-Where capture is impossible (no CUDA device, or the capture itself fails), `graph_or_eager` and the runner
-log why and run the function eagerly: the results are the same, only slower.
+`GraphedFunction` holds static state buffers (read by every graph and, with `updates_state`, overwritten inside
+it) and, per input signature (one per canvas), static inputs and a graph. Warm-up runs on a side stream and
+discards its results, so the first replay is the first real step. Donation, as jax's donate_argnums: the
+returned state *is* the static buffers and the metrics the graph's outputs, both overwritten by the next call.
+A captured function must not read device values on the host (`graph_host.host_syncs` finds such operations);
+tensors built from Python data are lifted by `graph_host.HostConstants`; in-place optimisers (apex) cannot be
+captured. Where capture is impossible the function runs eagerly (same results) with a logged reason.
 """
 
 from __future__ import annotations
@@ -57,8 +31,7 @@ class CaptureError(RuntimeError):
 
 
 def first_error(error: BaseException) -> BaseException:
-    """The error a failure started with: a capture that fails inside `torch.cuda.graph` raises a second error
-    while the context closes ('operation failed due to a previous error during capture'), chained to the first."""
+    """The error a failure started with (a failed capture raises a second one when `torch.cuda.graph` closes)."""
     seen = {id(error)}
     while True:
         earlier = error.__cause__ or error.__context__
@@ -69,13 +42,8 @@ def first_error(error: BaseException) -> BaseException:
 
 
 class Capture(Protocol):
-    """How a runner turns one call into something replayable.
-
-    capture(body, warmup) -> replay: `warmup()` runs the function on the static buffers and discards the
-    result (call it as often as needed first); `body()` runs it and writes its results into the static
-    buffers and the runner's output holder. `replay()` must have the effect of `body()` on the current
-    contents of the static buffers. Raises CaptureError when recording is impossible.
-    """
+    """How a runner records a call: capture(body, warmup) -> replay, replay() having body()'s effect on the
+    current static buffers (warmup() runs the function and discards the result); raises CaptureError."""
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]: ...
 
@@ -91,34 +59,20 @@ class _Replay:
 
 
 class CudaGraphCapture:
-    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, then one capture.
-
-    All graphs of one capture object share one memory pool: a runner replays its graphs one at a time on one
-    stream and keeps every graph's outputs referenced, so one graph's temporaries may reuse another's.
-    Capture uses capture_error_mode='thread_local', so that other threads (the data loader's pin-memory
-    thread) may keep calling CUDA while this one captures.
-
-    Args:
-      device: the CUDA device.
-      warmup_steps: warm-up calls before the capture (cuDNN algorithm choice, lazy initialisation, the
-        first call of a compiled function).
-      lift_constants: run warm-up and capture under `HostConstants`. Leave it off for a torch.compile'd
-        function (inductor folds its constants itself, and a mode around it would change what it traces).
-    """
+    """`Capture` with torch.cuda.CUDAGraph: warm-up on a side stream, one capture in this object's shared pool
+    (thread_local error mode: the loader's pin-memory thread may use CUDA meanwhile). lift_constants runs under
+    `HostConstants`; leave it off for a torch.compile'd function (inductor folds its own constants)."""
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 2, lift_constants: bool = True):
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
-        self.device = torch.device(device)
-        self.warmup_steps = warmup_steps
-        self.lift_constants = lift_constants
+        self.device, self.warmup_steps, self.lift_constants = torch.device(device), warmup_steps, lift_constants
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, body: Callable[[], None], warmup: Callable[[], None]) -> Callable[[], None]:
         constants = HostConstants() if self.lift_constants else None
         lifting = constants if constants is not None else contextlib.nullcontext()
-        side = torch.cuda.Stream(self.device)
-        current = torch.cuda.current_stream(self.device)
+        side, current = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
         side.wait_stream(current)
         with torch.cuda.device(self.device), torch.cuda.stream(side), lifting:
             for _ in range(self.warmup_steps):
@@ -139,7 +93,7 @@ class CudaGraphCapture:
 
 
 def _signature(inputs: tuple) -> tuple:
-    """(path, shape, dtype) of every leaf of every input tree: the static shape a graph is recorded for."""
+    """(input, path, shape, dtype) of every leaf of every input tree: what a graph is recorded for."""
     sig = []
     for i, x in enumerate(inputs):
         for path, leaf in tree.leaves_with_paths(x):
@@ -156,33 +110,10 @@ def _describe(signature: tuple) -> str:
     return f"{path or f'input {index}'} {list(shape)} (and {len(signature) - 1} more leaves)"
 
 
-class _Entry:
-    """One recorded input signature: its static input buffers, its replay and the output holder."""
-
-    def __init__(self, inputs: list, replay: Callable[[], None], holder: list, graphed: bool):
-        self.inputs, self.input_leaves = inputs, [leaf for x in inputs for leaf in tree.leaves(x)]
-        self.replay, self.holder, self.graphed = replay, holder, graphed
-
-
 class GraphedFunction:
-    """The stateful runner around a pure function (see the module docstring): static buffers and one graph
-    per input signature.
-
-    The function is fn(state, *inputs) -> (new_state, outputs) when `updates_state` (a train step: state the
-    train state, inputs (batch,)), else fn(state, *inputs) -> outputs (the eval forward: state the
-    parameters). state and every input are trees of tensors; new_state has the state's structure, shapes and
-    dtypes, and its leaves are new tensors or the given leaves themselves (as a pure function returns).
-
-    Args:
-      fn: the pure function (eager or torch.compile'd).
-      device: where the static buffers live (the graphs' device).
-      capture: how a call is recorded (CudaGraphCapture; tests pass an eager stand-in).
-      updates_state: whether fn returns a new state to keep (see above).
-      name: what fn is, for log messages.
-
-    Calling it: runner(state, *inputs) -> (static state, outputs) when updates_state, else outputs; the
-    returned tensors are overwritten by the next call (donation, see the module docstring).
-    """
+    """The stateful runner (module docstring) around fn(state, *inputs) -> (new_state, outputs) when
+    `updates_state` (a train step), else -> outputs (the eval forward; state the parameters); trees of tensors,
+    new_state of the state's structure, shapes and dtypes. capture: CudaGraphCapture or a test's eager stand-in."""
 
     def __init__(self, fn: Callable, device: torch.device | str, capture: Capture, *, updates_state: bool,
                  name: str = "the step"):
@@ -190,7 +121,7 @@ class GraphedFunction:
         self.updates_state, self.name = updates_state, name
         self.state: Any = None  # the static state tree, made on the first call
         self._state_leaves: list[torch.Tensor] = []
-        self._entries: dict[tuple, _Entry] = {}
+        self._entries: dict[tuple, tuple] = {}  # signature -> (static input leaves, replay, output holder)
 
     @property
     def signatures(self) -> int:
@@ -201,15 +132,8 @@ class GraphedFunction:
         return torch.empty_like(x, device=self.device).copy_(x)
 
     def load_state(self, state) -> None:
-        """Copies `state` into the static state buffers (made from it on the first call); leaves that already
-        are the buffers are skipped.
-
-        Args:
-          state: a tree with the structure, shapes and dtypes of the first state given.
-
-        Raises:
-          ValueError: the state's structure, a shape or a dtype differs from the buffers'.
-        """
+        """Copies `state` into the static state buffers (made from it on the first call), skipping the buffers
+        themselves; ValueError when the structure, a shape or a dtype differs."""
         if self.state is None:
             self.state = tree.map(self._static, state)
             self._state_leaves = tree.leaves(self.state)
@@ -242,7 +166,7 @@ class GraphedFunction:
         if pairs:
             torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
-    def _record(self, signature: tuple, inputs: tuple) -> _Entry:
+    def _record(self, signature: tuple, inputs: tuple) -> tuple:
         static_inputs = [tree.map(self._static, x) for x in inputs]
         holder: list = []
 
@@ -257,48 +181,35 @@ class GraphedFunction:
             holder[:] = [result]
 
         try:
-            replay, graphed = self.capture(body, warmup), True
+            replay = self.capture(body, warmup)
             log.info("%s: CUDA graph recorded for %s", self.name, _describe(signature))
         except CaptureError as e:
-            replay, graphed = body, False
+            replay = body
             found = host_syncs(self.fn, self.state, *static_inputs)
             places = "; ".join(f"{op} at {', '.join(where)}" for op, where in found["where"].items()) or "none"
             log.warning("%s: CUDA graph capture failed for %s, so this shape runs eagerly (same results, "
                         "slower). Error: %s. A captured function must not read device values on the host "
                         "(.item(), bool(tensor), torch.equal, nonzero, boolean indexing, .tolist(), .cpu()); "
                         "retina_fn.train.graph_host.host_syncs found: %s", self.name, _describe(signature), e, places)
-        return _Entry(static_inputs, replay, holder, graphed)
+        return [leaf for x in static_inputs for leaf in tree.leaves(x)], replay, holder
 
     def __call__(self, state, *inputs):
         self.load_state(state)
         signature = _signature(inputs)
-        entry = self._entries.get(signature)
-        if entry is None:
-            entry = self._entries[signature] = self._record(signature, inputs)
-        srcs = [leaf for x in inputs for leaf in tree.leaves(x)]
-        for dst, src in zip(entry.input_leaves, srcs):
+        if signature not in self._entries:
+            self._entries[signature] = self._record(signature, inputs)
+        static_leaves, replay, holder = self._entries[signature]
+        for dst, src in zip(static_leaves, [leaf for x in inputs for leaf in tree.leaves(x)]):
             dst.copy_(src, non_blocking=True)
-        entry.replay()
-        (outputs,) = entry.holder
+        replay()
+        (outputs,) = holder
         return (self.state, outputs) if self.updates_state else outputs
 
 
 def graph_or_eager(fn: Callable, device: torch.device | str, *, what: str, updates_state: bool,
                    lift_constants: bool = True, warmup_steps: int = 2, capture: Capture | None = None) -> Callable:
-    """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere.
-
-    Args:
-      fn: the pure function (see GraphedFunction).
-      device: where it runs.
-      what: its name in log messages (e.g. 'the train step').
-      updates_state: see GraphedFunction.
-      lift_constants: CudaGraphCapture's (False for a torch.compile'd fn).
-      warmup_steps: CudaGraphCapture's.
-      capture: use this instead of CUDA graphs, on any device (tests pass an eager stand-in).
-
-    Returns:
-      A callable with fn's arguments (see GraphedFunction for what it returns), or fn.
-    """
+    """`fn` behind a `GraphedFunction` on a CUDA device, or `fn` itself (with a logged reason) elsewhere; a given
+    `capture` is used on any device (tests)."""
     device = torch.device(device)
     if capture is None:
         if device.type != "cuda" or not torch.cuda.is_available():

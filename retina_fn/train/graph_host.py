@@ -1,14 +1,5 @@
-"""What a CUDA graph cannot capture as it is, found and worked around (retina_fn.train.graph uses both):
-
-    found = host_syncs(train_step, state, batch, key)   # on any device, the CPU included
-    found["syncs"]      # {op: count}: host reads of device values and data-dependent shapes; capture fails on them
-    found["host_data"]  # {op: count}: tensors built from Python data (host-to-device copies), which HostConstants lifts
-    found["where"]      # {op: ['file:line', ...]}: the distinct callers outside torch of each one
-
-`HostConstants` is the TorchFunctionMode a capture runs under: `torch.tensor(data, device='cuda')` is a
-host-to-device copy that capture refuses, so such tensors are made once during warm-up and handed out again,
-from device memory, while the graph is recorded.
-"""
+"""What a CUDA graph cannot capture as it is: `host_syncs` finds it (on any device), `HostConstants` lifts
+tensors built from Python data (host-to-device copies) out of a capture (retina_fn.train.graph uses both)."""
 
 from __future__ import annotations
 
@@ -32,8 +23,6 @@ _HOST_READ_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: 
 
 
 class _Record:
-    """Counts of what was found, and where each kind was called from."""
-
     def __init__(self):
         self.syncs: collections.Counter = collections.Counter()
         self.host_data: collections.Counter = collections.Counter()
@@ -82,20 +71,12 @@ class _MethodRecorder(TorchFunctionMode):
 
 
 def host_syncs(fn: Callable, *args, **kwargs) -> dict:
-    """Runs fn(*args, **kwargs) once and lists what in it a CUDA graph could not capture as it is.
-
-    Works on any device (the CPU included): it records operations, not device behaviour.
-
-    Args:
-      fn: the function (eager; a torch.compile'd function hides its operations).
-      *args, **kwargs: its arguments.
+    """Runs fn(*args, **kwargs) once (eager; any device) and lists what a CUDA graph could not capture as it is.
 
     Returns:
-      {'syncs': {op: count} of host reads of device values and data-dependent shapes (`.item()`, `bool(t)`,
-      `torch.equal`, `nonzero`, boolean indexing, `.tolist()`, `.numpy()`, `.cpu()`, ...): these make capture
-      fail; 'host_data': {op: count} of tensors built from Python data (`torch.tensor`, `torch.as_tensor`), each
-      a host-to-device copy: `HostConstants` lifts these during capture; 'where': {op: ['file:line', ...]}, the
-      distinct callers outside torch of each op}.
+      {'syncs': {op: count} of host reads and data-dependent shapes (`.item()`, `bool(t)`, `torch.equal`,
+      `nonzero`, boolean indexing, `.tolist()`, `.cpu()`, ...); 'host_data': {op: count} of tensors built from
+      Python data; 'where': {op: ['file:line', ...]}, the distinct callers outside torch}.
     """
     record = _Record()
     with _MethodRecorder(record), _DispatchRecorder(record):
@@ -104,8 +85,7 @@ def host_syncs(fn: Callable, *args, **kwargs) -> dict:
 
 
 def _freeze(value) -> Any:
-    """A hashable key for Python data (nested lists and tuples of numbers, bools, None, dtypes and devices);
-    None when the value is anything else."""
+    """A hashable key for Python data (nested lists / tuples of scalars, None, dtypes, devices); else None."""
     if isinstance(value, (list, tuple)):
         parts = tuple(_freeze(v) for v in value)
         return None if any(p is None for p in parts) else (type(value).__name__, parts)
@@ -115,19 +95,9 @@ def _freeze(value) -> Any:
 
 
 class HostConstants(TorchFunctionMode):
-    """Lifts tensors built from Python data onto an accelerator out of a captured call.
-
-    `torch.tensor(data, device='cuda')` (or `torch.as_tensor`) copies host memory to the device and waits for
-    it, which a CUDA graph capture refuses. While `recording` (the warm-up), each such call is made normally
-    and its tensor kept under (function, data, dtype, device, ...); while not recording (the capture), the same
-    call returns the kept tensor, which the graph then reads from device memory on every replay. Calls for the
-    CPU, or with tensor or other non-Python data, pass through. The kept tensors must never be written in
-    place (pure code does not).
-
-    Attributes:
-      recording: True to make and keep new constants; False to only hand out kept ones.
-      constants: {key: tensor}, what was made (it must outlive every replay of the graph that reads it).
-    """
+    """Lifts tensors built from Python data onto an accelerator out of a captured call: while `recording`
+    (warm-up) each `torch.tensor` / `torch.as_tensor` of Python data for a non-CPU device is made and kept in
+    `constants`; during capture the same call returns the kept tensor (never written in place; kept with the graph)."""
 
     FACTORIES = (torch.tensor, torch.as_tensor)
 

@@ -1,36 +1,18 @@
-"""The generic pure train step: gradients of a given objective, accumulation, precision, clipping, update.
+"""The generic pure train step: gradients of an objective, accumulation, precision, clipping, update.
 
-    step = make_train_step(objective, optimizer, schedule, precision=..., micro_batches=..., reduce=...)
     state, metrics = step(state, batch)                   # one loader batch
     state, metrics = step(state, (b1, b2, b3, b4))        # gradient accumulation over 4 loader batches
 
-Nothing here knows about detection. An `Objective` has two methods:
-  prepare(batch) -> (extras, normalizer): per-step work outside the gradient over the whole step's batch
-    (RetinaNet: anchor assignment) and the loss divisor of this replica, a float32 [] tensor;
-  loss(params, batch, extras, normalizer) -> (loss float32 [], metrics {name: 0-d tensor}), with metrics
-    that add up over micro-batches sharing one normaliser.
+An `Objective` has prepare(batch) -> (extras, normalizer float32 []): work outside the gradient (RetinaNet:
+anchor assignment) and this replica's loss divisor; and loss(params, batch, extras, normalizer) -> (loss float32
+[], metrics {name: 0-d tensor} that add up over micro-batches).
 
-One step over k loader batches (k = 1 for a plain dict; each batch may sit on its own canvas):
-  1. `prepare` on each loader batch b -> (extras_b, N_b);
-  2. normalisers: with `reduce_normalizer` (dist.normalizer='global') every batch divides by
-     N = reduce(sum_b N_b), the replicas' mean of the summed normalisers; otherwise ('local', mmdetection
-     2.9's per-GPU normaliser and its cumulative-gradient hook) batch b divides by k * N_b, so the update is
-     the mean over loader batches of each batch's own normalised loss;
-  3. each loader batch and every leaf of its extras split along dim 0 into `micro_batches` equal parts (to
-     save memory: the result is the same as unsplit); for each part, the gradient of the (scaled) loss with
-     respect to the trainable leaves only (torch.func.grad with aux, which torch_npu supports; frozen leaves
-     enter as constants), all summed;
-  4. gradients averaged over replicas by `reduce`, unscaled, checked, clipped and applied.
-With 'global', k loader batches of B images on one device give exactly the update of one step over k
-replicas of B images each (the sum of the loss terms over all images, divided by the mean normaliser).
-A step whose gradients are not finite is skipped: with a pure optimiser by torch.where (no Python branch),
-parameters and optimiser state stay as they were; with an in-place optimiser (`Optimizer.inplace`, apex's
-fused SGD) the update is not called at all, which needs one host read of the finite flag per step (so
-such a step cannot be captured as a CUDA graph: retina_fn.train.graph needs the pure optimisers). The
-loss scale is halved (fp16) and the 'nonfinite' counter grows; the host loop decides when to stop.
-
-`compile_fn` compiles the whole step or only its gradient part (`compile_scope`); the second keeps the
-optimiser's foreach update out of the compiled graph (see retina_fn.train.build.resolve_compile_scope).
+A step over k loader batches: (1) `prepare` each batch b -> (extras_b, N_b); (2) with `reduce_normalizer`
+('global') every batch divides by N = reduce(sum_b N_b), else ('local', mmdetection 2.9's per-GPU normaliser)
+by k * N_b; (3) each batch split into `micro_batches` parts (memory only), torch.func.grad over the trainable
+leaves, summed; (4) gradients reduced, unscaled, checked, clipped, applied. A non-finite step is skipped (by
+torch.where; an in-place optimiser needs a host read of the finite flag, so no CUDA graph), the fp16 loss scale
+halves and 'nonfinite' grows.
 """
 
 from __future__ import annotations
@@ -49,7 +31,7 @@ COMPILE_SCOPES = ("step", "gradients")
 
 
 class Objective(Protocol):
-    """What the step differentiates (see the module docstring)."""
+    """What the step differentiates (module docstring)."""
 
     def prepare(self, batch: dict) -> tuple[Any, torch.Tensor]: ...
 
@@ -66,15 +48,8 @@ def loader_batches(batches) -> list[dict]:
 
 
 def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
-    """Splits every leaf of a tree along dim 0 into `parts` equal slices.
-
-    Args:
-      batch: a tree of tensors, each [B, ...] with the same B.
-      parts: how many micro-batches; B must be a multiple of it.
-
-    Returns:
-      `parts` trees of the same structure, leaves [B / parts, ...].
-    """
+    """Splits every leaf of a tree ([B, ...], one B) along dim 0 into `parts` equal slices [B / parts, ...];
+    ValueError when B is not a multiple of parts."""
     leaves = tree.leaves(batch)
     size = leaves[0].shape[0] if leaves else 0
     if parts < 1 or size % parts:
@@ -87,73 +62,30 @@ def split_micro_batches(batch: tree.Tree, parts: int) -> list[tree.Tree]:
 
 
 def loss_divisors(normalizers: list[torch.Tensor], reduce: Reduce | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """What each of k loader batches divides its loss by (see the module docstring).
-
-    Args:
-      normalizers: float32 [] per loader batch, from `Objective.prepare`.
-      reduce: the mean over replicas for a 'global' normaliser; None for 'local'.
-
-    Returns:
-      (k divisors, the normaliser reported in the metrics): global, the replicas' mean of the sum for every
-      batch; local, k * N_b for batch b (the update is the mean of the batches' own normalised losses).
-    """
-    total = normalizers[0]
-    for n in normalizers[1:]:
-        total = total + n
+    """(what each of k loader batches divides its loss by, the normaliser in the metrics): 'global' (`reduce`
+    given) the replicas' mean of the sum for every batch; 'local' k * N_b for batch b."""
+    total = sum(normalizers[1:], normalizers[0])
     if reduce is not None:
         shared = reduce(total)
         return [shared] * len(normalizers), shared
     return [n * len(normalizers) for n in normalizers], total
 
 
-def make_train_step(
-    objective: Objective,
-    optimizer: Optimizer,
-    schedule: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    precision: precision_lib.Precision = precision_lib.precision_from_name("fp32"),
-    loss_scale: precision_lib.LossScaleSettings | None = None,
-    overflow_check: precision_lib.OverflowCheck = precision_lib.all_finite,
-    micro_batches: int = 1,
-    clip_norm: float | None = None,
-    reduce: Reduce | None = None,
-    reduce_normalizer: bool = True,
-    device_type: str = "cpu",
-    compile_fn: Callable[[Callable], Callable] | None = None,
-    compile_scope: str = "step",
-) -> TrainStep:
-    """Builds `train_step(state, batches) -> (new_state, metrics)`.
+def make_train_step(objective: Objective, optimizer: Optimizer, schedule: Callable[[torch.Tensor], torch.Tensor], *,
+                    precision: precision_lib.Precision = precision_lib.precision_from_name("fp32"),
+                    loss_scale: precision_lib.LossScaleSettings | None = None,
+                    overflow_check: precision_lib.OverflowCheck = precision_lib.all_finite, micro_batches: int = 1,
+                    clip_norm: float | None = None, reduce: Reduce | None = None, reduce_normalizer: bool = True,
+                    device_type: str = "cpu", compile_fn: Callable[[Callable], Callable] | None = None,
+                    compile_scope: str = "step") -> TrainStep:
+    """Builds `train_step(state, batches) -> (new_state, metrics)` over retina_fn.train.state's state.
 
-    Args:
-      objective: prepare + loss (see the module docstring).
-      optimizer: the Optimizer whose `init` made state['opt'] (build it once and share it).
-      schedule: step int64 [] -> learning rate float32 [].
-      precision: autocast dtype and whether the loss is scaled (retina_fn.precision).
-      loss_scale: the loss scale's settings (dynamic, factor, growth_interval); needed when precision scales.
-      overflow_check: check(grads, scale) -> bool []; e.g. precision.all_finite, precision.not_saturated or
-        an accelerator's (retina_fn.accel.npu_flag_check()).
-      micro_batches: equal parts each loader batch is split into (memory only: the same update).
-      clip_norm: global-norm clipping threshold, None for none.
-      reduce: a mean over replicas of a tree (the distribution layer binds it); None for one replica.
-      reduce_normalizer: whether the loss normaliser is averaged over replicas too.
-      device_type: autocast's device type ('cpu', 'cuda', 'npu').
-      compile_fn: compiles a function (torch.compile); None runs everything eagerly.
-      compile_scope: what compile_fn compiles: 'step', the whole step (one graph on one process); or
-        'gradients', steps 1 to 3 (normalisers, micro-batches, the summed gradients and metrics), with the
-        update of step 4 (unscale, check, clip, optimiser) running eagerly after it.
-
-    The step's batches: one batch dict, or a tuple of them (accumulation; see the module docstring).
-    The state is retina_fn.train.state's: 'params' (trainable), 'frozen', 'opt', 'step', 'rng',
-    'loss_scale', 'nonfinite'. The step draws no random numbers (augmentation runs on the host, from keys of
-    the run's seed); an objective that needs some would fold state['step'] into state['rng'].
-
-    Returns:
-      train_step, whose metrics are the objective's (summed over micro-batches) plus 'normalizer', 'lr',
-      'grad_norm' (before clipping), 'loss_scale' (1 without scaling) and 'finite' (1.0 when the update
-      was applied), all 0-d tensors averaged over replicas.
+    schedule: step int64 [] -> lr float32 []; loss_scale: needed when precision scales the loss; overflow_check:
+    check(grads, scale) -> bool []; reduce: a mean over replicas of a tree (None: one replica), for the normaliser
+    too with reduce_normalizer; compile_fn (e.g. torch.compile) compiles compile_scope 'step' (all) or 'gradients'
+    (steps 1 to 3). Metrics: the objective's plus 'normalizer', 'lr', 'grad_norm' (before clipping), 'loss_scale'
+    (1 without scaling), 'finite' (1.0 when applied), 0-d, averaged over replicas.
     """
-    # The step is a closure over its settings (as a jax.jit'd function over static arguments); its pieces
-    # (scaled_loss, update, gradients, train_step) share them, which is why this builder is longer than most.
     if precision.loss_scaling and loss_scale is None:
         raise ValueError(f"precision {precision.name!r} scales the loss: pass loss_scale (train.loss_scale)")
     if compile_scope not in COMPILE_SCOPES:
@@ -171,8 +103,7 @@ def make_train_step(
     grad_fn = torch.func.grad(scaled_loss, has_aux=True)  # with respect to the trainable leaves only
 
     def update(grads, state):
-        """Unscale, check, clip and apply the replica-averaged gradients; a non-finite step keeps the old
-        parameters and optimiser state. -> (params, opt_state, loss_scale, finite, grad_norm, lr)."""
+        """Unscale, check, clip and apply; a non-finite step keeps the old parameters and optimiser state."""
         scale = state["loss_scale"]
         if precision.loss_scaling:
             grads = precision_lib.unscale_grads(grads, scale)
@@ -211,22 +142,11 @@ def make_train_step(
     def train_step(state: dict, batches) -> tuple[dict, dict]:
         grads, metrics, normalizer = gradients(state, batches)
         params, opt_state, new_scale, finite, grad_norm, lr = update(reduce(grads), state)
-        metrics = dict(
-            metrics,
-            normalizer=normalizer,
-            lr=lr,
-            grad_norm=grad_norm,
-            loss_scale=new_scale.scale if precision.loss_scaling else torch.ones_like(new_scale.scale),
-            finite=finite.to(torch.float32),
-        )
-        new_state = dict(
-            state,
-            params=params,
-            opt=opt_state,
-            step=state["step"] + 1,
-            loss_scale=new_scale,
-            nonfinite=torch.where(finite, torch.zeros_like(state["nonfinite"]), state["nonfinite"] + 1),
-        )
+        metrics = dict(metrics, normalizer=normalizer, lr=lr, grad_norm=grad_norm,
+                       loss_scale=new_scale.scale if precision.loss_scaling else torch.ones_like(new_scale.scale),
+                       finite=finite.to(torch.float32))
+        new_state = dict(state, params=params, opt=opt_state, step=state["step"] + 1, loss_scale=new_scale,
+                         nonfinite=torch.where(finite, torch.zeros_like(state["nonfinite"]), state["nonfinite"] + 1))
         return new_state, reduce(metrics)
 
     return compile_fn(train_step) if compile_fn is not None and compile_scope == "step" else train_step
