@@ -367,8 +367,9 @@ def unpickling_refusal(error: Exception) -> str | None:
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if not found:
         found = re.search(r"Unsupported operand (\d+)", text)
-        return (f"not a readable PyTorch file (pickle instruction {found[1]} is not one weights-only loading "
-                f"reads): corrupt, or not a checkpoint" if found else "not a readable PyTorch file")
+        return (f"refused by weights-only loading: it uses pickle instruction {found[1]}, which only a pickle "
+                f"not written by torch.save (or a corrupt one) holds; nothing of it was run" if found
+                else "not a readable PyTorch file")
     return (f"refused by weights-only loading: it names the Python object {found[1]}, which could run code when "
             f"unpickled; nothing of it was run. Load it with torch.load(weights_only=False) only if you trust "
             f"its source, and save its tensors alone (torch.save(state_dict))")
