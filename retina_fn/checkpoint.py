@@ -232,13 +232,15 @@ def _checked(obj: dict, path: str) -> None:
         if field not in obj:
             fail(field, "is missing")
         if not isinstance(obj[field], kind) or isinstance(obj[field], bool):
-            fail(field, f"must be a {kind.__name__}, got {type(obj[field]).__name__}")
+            fail(field, f"must be {kind.__name__}, got {type(obj[field]).__name__}")
     if obj["step"] < 0:
         fail("step", f"must be >= 0, got {obj['step']}")
     for key, leaf in obj["state"].items():
         if not isinstance(key, str) or not key:
             fail("state", f"has a key {key!r} that is no tensor path")
         if isinstance(leaf, torch.Tensor):
+            if leaf.layout != torch.strided:
+                fail(f"state/{key}", f"is a {leaf.layout} tensor, not a dense one")
             nonfinite_refusal(leaf, f"state {key!r}", path, CorruptCheckpoint)
         elif not isinstance(leaf, _PLAIN) or (isinstance(leaf, float) and not math.isfinite(leaf)):
             fail(f"state/{key}", f"must be a tensor or a finite number, got {leaf!r:.60}")
@@ -247,13 +249,13 @@ def _checked(obj: dict, path: str) -> None:
             fail("meta", f"has a key {key!r} that is not a string")
         kind = _META_FIELDS.get(key)
         if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            fail(f"meta/{key}", f"must be a {kind.__name__}, got {type(value).__name__}")
+            fail(f"meta/{key}", f"must be {kind.__name__}, got {type(value).__name__}")
         bad = _not_plain(value)
         if bad is not None:
             fail(f"meta/{key}", f"holds {bad}, not JSON-able data")
     if "digest" in obj:
         if not isinstance(obj["digest"], str):
-            fail("digest", f"must be a str, got {type(obj['digest']).__name__}")
+            fail("digest", f"must be str, got {type(obj['digest']).__name__}")
         if obj["digest"] != state_digest(obj["state"]):
             raise CorruptCheckpoint(f"{path}: content does not match the digest stored in it (corrupt file)")
 
