@@ -204,7 +204,7 @@ def load(path: str) -> Restored:
 def verified(path: str, obj: Any) -> Restored:
     """A checkpoint object read from `path` (`read_torch`), every field checked (see `load`)."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        what = f"format {obj.get('format')!r}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        what = f"format {obj.get('format')!r:.60}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise CorruptCheckpoint(f"{path}: not a {FORMAT} file (it holds {what})")
     _checked(obj, path)
     try:

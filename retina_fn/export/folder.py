@@ -177,6 +177,7 @@ def transform_config(spec: dict[str, Any]) -> transforms.TransformConfig:
 _ARCHIVE_FILES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
                             r"models/model\.json|data/(weights|constants)/model_(weights|constants)_config\.json|"
                             r"data/sample_inputs/model\.pt|data/(weights|constants)/(weight|tensor)_\d+)")
+_RECORD = re.compile(r"(weight|tensor)_\d+")
 
 
 def check_archive(path: str) -> None:
@@ -207,8 +208,8 @@ def check_archive(path: str) -> None:
                 data = archive.read(entry)
                 if rel.endswith(".json") and "/model_" in rel:
                     for key, item in json.loads(data)["config"].items():
-                        if item.get("use_pickle") is not False:
-                            fail(f"entry {entry.filename}: {key} is stored pickled")
+                        if item.get("use_pickle") is not False or not _RECORD.fullmatch(str(item.get("path_name"))):
+                            fail(f"entry {entry.filename}: {key} is stored pickled or as an object")
                         named.add(rel.rsplit("/", 1)[0] + "/" + str(item.get("path_name")))
                 elif rel.startswith("data/sample_inputs/") and data:
                     fail(f"entry {entry.filename} holds pickled sample inputs")
