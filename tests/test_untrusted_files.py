@@ -28,8 +28,9 @@ from configs import smoke
 from retina_fn import checkpoint, errors, tree
 from retina_fn.export import folder as export_folder, program as export_program
 from retina_fn.interop import CheckpointMismatch, weights as weights_lib
+from retina_fn import predictor
 from retina_fn.predictor import Predictor
-from tests.model_fixtures import smoke_checkpoint, spec_of
+from tests.model_fixtures import spec_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES: collections.Counter = collections.Counter()  # cases tried per family, printed at the end (pytest -s)
@@ -357,13 +358,16 @@ def test_a_program_given_as_weights_says_pass_it_with_exported(program_folder):
         weights_lib.read_weights(program_folder)
 
 
-def test_a_run_folder_as_weights_uses_its_newest_checkpoint(tmp_path, caplog):
-    ckpt = smoke_checkpoint(tmp_path / "run" / "checkpoints")
+def test_a_run_folder_as_weights_uses_its_newest_checkpoint(tmp_path, caplog, program_folder):
+    params = {"backbone": {"conv1": {"weight": torch.ones(8, 3, 7, 7)}},
+              "head": {"cls_logits": {"bias": torch.ones(9)}}}
+    checkpoint.save(str(tmp_path / "run" / "checkpoints"), 1, {"params": params})
+    ckpt = checkpoint.save(str(tmp_path / "run" / "checkpoints"), 2, {"params": params})
     with caplog.at_level(logging.INFO):
         raw = weights_lib.read_weights(tmp_path / "run")
-    assert raw.format == "retina_fn" and raw.meta["spec"]
+    assert raw.format == "retina_fn" and torch.equal(raw.state_dict["head/cls_logits/bias"], torch.ones(9))
     assert f"{tmp_path / 'run'} is a run folder: using its newest checkpoint {ckpt}" in caplog.text
-    assert Predictor(str(tmp_path / "run"), device="cpu").format == "retina_fn"
+    assert predictor._is_run_folder(str(tmp_path / "run")) and not predictor._is_run_folder(str(program_folder))
     with pytest.raises(errors.MissingFileError, match="holding no checkpoints"):
         weights_lib.read_weights(tmp_path)  # holds run/, no checkpoint of its own
 
