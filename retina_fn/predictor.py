@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from retina_fn import errors, tree, trained
+from retina_fn import checkpoint, errors, tree, trained
 from retina_fn.data import transforms
 from retina_fn.data.image_input import as_rgb_uint8
 from retina_fn.export import folder as export_folder
@@ -126,6 +126,12 @@ def run_batches(run: Callable[[dict], Detections], samples: Sequence[dict], batc
     return out
 
 
+def _is_run_folder(path: str) -> bool:
+    """Whether a folder holds checkpoints (a run folder, or its checkpoints/) rather than an export."""
+    return not os.path.exists(os.path.join(path, export_folder.SPEC_FILE)) and bool(
+        checkpoint.list_checkpoints(os.path.join(path, "checkpoints")) or checkpoint.list_checkpoints(path))
+
+
 class Predictor:
     """RetinaNet with its weights loaded, called on images in memory (see the module docstring).
 
@@ -147,8 +153,8 @@ class Predictor:
         """Reads the weights and their spec.
 
         Args:
-            weights: a retina_fn checkpoint, torchvision / mmdetection RetinaNet weights, or a folder written by
-                experiments.export.
+            weights: a retina_fn checkpoint (or run folder), torchvision / mmdetection RetinaNet weights, or an
+                export folder (written by experiments.export).
             config: a ConfigDict or a config file's path (`load_config`), or None (the weights' own spec).
             use_config_for: config fields whose values the config gives instead of the checkpoint's spec
                 ('model.test.score_thr', or 'all'; see retina_fn.trained).
@@ -165,7 +171,7 @@ class Predictor:
             raise errors.ConfigError(f"canvas_mode must be one of {transforms.CANVAS_MODES}, got {canvas_mode!r}")
         weights = os.fspath(weights)
         self.canvas_mode = canvas_mode
-        if os.path.isdir(weights):
+        if os.path.isdir(weights) and not _is_run_folder(weights):
             self._from_export(weights, config, canvas_mode, batch_size)
         else:
             cfg = None if config is None else load_config(config)

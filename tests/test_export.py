@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -252,6 +253,17 @@ def test_static_shapes_leave_the_detections_unchanged(demo_export):
     assert outputs[0].valid.any()
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+def test_the_program_file_holds_nothing_pickled(demo_export):
+    """What torch.export.load would unpickle is absent: no sample inputs, every tensor stored raw."""
+    path = os.path.join(demo_export["out"], export_format.PROGRAM_FILE)
+    export_format.check_archive(path)
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        assert [z.getinfo(n).file_size for n in names if "/sample_inputs/" in n] == [0]
+        for name in (n for n in names if n.endswith("_config.json")):
+            assert all(not item["use_pickle"] for item in json.loads(z.read(name))["config"].values())
 
 
 def test_model_json_describes_the_program(demo_export):

@@ -112,7 +112,9 @@ def export(weights: str, out_dir: str, *, config=None, use_config_for: Sequence[
     files, opset = {}, None
     if "exported" in kinds:
         files["exported"] = folder.PROGRAM_FILE
+        inputs, program.example_inputs = program.example_inputs, None  # saved pickled otherwise: refused on load
         torch.export.save(program, os.path.join(out_dir, folder.PROGRAM_FILE))
+        program.example_inputs = inputs
     if "onnx" in kinds:
         started = time.perf_counter()
         files["onnx"] = folder.ONNX_FILE

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
+import zlib
 from typing import Any, Callable
 
 import torch
 
-from retina_fn import errors, schema
+from retina_fn import checkpoint, errors, schema
 from retina_fn.data import transforms
 from retina_fn.postprocess import Detections
 from retina_fn.spec import DetectorSpec
@@ -171,6 +174,59 @@ def transform_config(spec: dict[str, Any]) -> transforms.TransformConfig:
                                       resize_mode=pre["resize_mode"])
 
 
+_ARCHIVE_FILES = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
+                            r"models/model\.json|data/(weights|constants)/model_(weights|constants)_config\.json|"
+                            r"data/sample_inputs/model\.pt|data/(weights|constants)/(weight|tensor)_\d+)")
+_RECORD = re.compile(r"(weight|tensor)_\d+")
+
+
+def check_archive(path: str) -> None:
+    """Refuses a .pt2 that torch.export.load would unpickle anything of, before it is opened by torch.
+
+    Allowed: the archive's JSON files, raw tensor records that its configs name with use_pickle false, and an
+    empty sample-inputs record (experiments.export writes none); anything else (pickled constants, weights or
+    sample inputs, custom objects, compiled AOTInductor code) is refused. Every entry is read (its CRC checked).
+
+    Raises:
+      InputFormatError: naming the file and the entry at fault.
+    """
+    def fail(what):
+        raise errors.InputFormatError(f"{path}: {what}; refused unloaded (nothing of it was run): export the "
+                                      f"weights again with experiments.export")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            names = [e.filename for e in entries]
+            prefix = names[0].split("/")[0] + "/" if names else ""
+            if len(set(names)) != len(names) or not all(n.startswith(prefix) for n in names):
+                fail("a zip archive whose entries are duplicated or not under one folder")
+            records, named = {}, set()
+            for entry in entries:
+                rel = entry.filename[len(prefix):]
+                if not _ARCHIVE_FILES.fullmatch(rel):
+                    fail(f"entry {entry.filename} is not part of a torch.export program of tensors")
+                data = archive.read(entry)
+                if rel.endswith(".json") and "/model_" in rel:
+                    for key, item in json.loads(data)["config"].items():
+                        if item.get("use_pickle") is not False or not _RECORD.fullmatch(str(item.get("path_name"))):
+                            fail(f"entry {entry.filename}: {key} is stored pickled or as an object")
+                        named.add(rel.rsplit("/", 1)[0] + "/" + str(item.get("path_name")))
+                elif rel.startswith("data/sample_inputs/") and data:
+                    fail(f"entry {entry.filename} holds pickled sample inputs")
+                elif rel.startswith("data/") and not rel.endswith((".json", ".pt")):
+                    records[rel] = entry.filename
+            for rel, name in records.items():
+                if rel not in named:
+                    fail(f"entry {name} is no tensor record of the program")
+    except errors.InputFormatError:
+        raise
+    except zipfile.BadZipFile as e:
+        raise errors.InputFormatError(f"{path}: not a torch.export program (truncated or not a zip archive: "
+                                      f"{e}): export the weights again") from None
+    except (KeyError, TypeError, AttributeError, ValueError, zlib.error) as e:  # a config of the wrong shape, a CRC
+        fail(f"a corrupt archive ({type(e).__name__}: {e})")
+
+
 def load_program(directory: str, spec: dict[str, Any]) -> Callable[[dict], Detections]:
     """The torch.export program of a folder as `run(batch) -> Detections`.
 
@@ -185,12 +241,24 @@ def load_program(directory: str, spec: dict[str, Any]) -> Callable[[dict], Detec
 
     Raises:
       MissingFileError (a FileNotFoundError): the folder has no .pt2 (exported with --format onnx).
+      InputFormatError: a .pt2 that would unpickle anything (`check_archive`), is corrupt, or holds a
+        non-finite tensor.
     """
     name = spec["files"].get("exported")
     if name is None:
         raise errors.MissingFileError(f"{directory} holds no torch.export program (it was exported with --format "
                                       f"onnx); export with --format exported or both")
-    program = torch.export.load(os.path.join(directory, name)).module()
+    path = os.path.join(directory, name)
+    check_archive(path)
+    try:
+        exported = torch.export.load(path)
+    except Exception as e:  # the archive's parts passed check_archive: a broken graph or tensor record
+        raise errors.InputFormatError(f"{path}: cannot load the exported program ({str(e).strip()[:200]}): "
+                                      f"export the weights again") from e
+    for key, t in {**exported.state_dict, **exported.constants}.items():
+        if isinstance(t, torch.Tensor):
+            checkpoint.nonfinite_refusal(t, f"tensor {key!r}", path, errors.InputFormatError)
+    program = exported.module()
     size = int(spec["batch"])
 
     def run(batch: dict) -> Detections:

@@ -15,11 +15,11 @@ from typing import NamedTuple
 
 import torch
 
-from retina_fn import checkpoint, rng, tree
+from retina_fn import checkpoint, errors, rng, tree
 from retina_fn import spec as spec_lib
 from retina_fn.interop import coco_names, mmdet, torchvision
 from retina_fn.interop.detector import CLASS_HEAD, import_detector
-from retina_fn.interop.mapping import CheckpointMismatch, read_checkpoint, unwrap_state_dict
+from retina_fn.interop.mapping import CheckpointMismatch, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +101,58 @@ class RawWeights(NamedTuple):
     format: str
 
 
-def read_weights(path: str | os.PathLike) -> RawWeights:
-    """A local weights file read weights-only (a retina_fn checkpoint's digest verified), not yet mapped.
+def resolve(path: str | os.PathLike) -> str:
+    """A weights path with a run folder (or its checkpoints/ folder) replaced by its newest checkpoint (logged).
 
     Raises:
-      MissingFileError; CheckpointMismatch: unreadable, or not a detector of a supported layout.
+      MissingFileError: no such file, or a folder holding no checkpoint.
     """
     path = os.fspath(path)
-    obj = read_checkpoint(path)
+    if os.path.isdir(path):
+        found = checkpoint.list_checkpoints(os.path.join(path, "checkpoints")) or checkpoint.list_checkpoints(path)
+        if not found:
+            hint = ("an export folder: pass it with --exported DIR" if os.path.exists(os.path.join(path, "model.json"))
+                    else "a folder holding no checkpoints/ckpt_N.pt: pass a weights file")
+            raise errors.MissingFileError(f"{path} is {hint}")
+        log.info("%s is a run folder: using its newest checkpoint %s", path, found[0])
+        return found[0]
+    if not os.path.isfile(path):
+        raise errors.MissingFileError(f"checkpoint file not found: {path}")
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> RawWeights:
+    """A local weights file read weights-only (a retina_fn checkpoint's digests verified), not yet mapped.
+
+    Args:
+      path: a weights file, or a run folder (its newest checkpoint, see `resolve`).
+
+    Raises:
+      MissingFileError; CheckpointMismatch: naming the file: unreadable, no PyTorch file (saying what it is), a
+      retina_fn checkpoint with a bad field, a non-finite tensor, or not a detector of a supported layout.
+    """
+    path = resolve(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointMismatch(f"{path}: cannot read: {e}") from e
+    obj = checkpoint.read_torch(data, path, CheckpointMismatch)
     meta: dict = {}
     if isinstance(obj, dict) and obj.get("format") == checkpoint.FORMAT:
         try:
             restored = checkpoint.load(path)
         except checkpoint.CorruptCheckpoint as e:
             raise CheckpointMismatch(str(e)) from e
-        state, meta = restored.state, dict(restored.meta or {})
-        if not isinstance(state, dict) or "params" not in state:
-            raise CheckpointMismatch(f"{path}: a retina_fn checkpoint without 'params'")
+        state, meta = restored.state, dict(restored.meta)
+        if not isinstance(state.get("params"), dict) or not isinstance(state.get("frozen", {}), dict):
+            raise CheckpointMismatch(f"{path}: field 'state' holds no 'params' tree: not a detector's checkpoint")
         parts = [state["params"]] + ([state["frozen"]] if state.get("frozen") else [])
         state_dict = tree.flatten_by_path(tree.merge(*parts))
     else:
         state_dict = unwrap_state_dict(obj, path)
+        for key, value in state_dict.items():
+            checkpoint.nonfinite_refusal(value, f"tensor {key!r}", path, CheckpointMismatch)
     return RawWeights(state_dict, meta, detect_format(state_dict, path))
 
 
@@ -181,11 +212,25 @@ def classes_in(raw: RawWeights, per_cell: int, source: str) -> tuple[int, str]:
     key = _CLASS_WEIGHT_KEYS.get(raw.format)
     if key is None or key not in raw.state_dict:
         raise CheckpointMismatch(f"{source} ({raw.format}) has no classification conv ({key}) to count classes from")
-    channels = int(raw.state_dict[key].shape[0])
+    channels = class_channels(raw.state_dict, key, source)
     if channels % per_cell:
         raise CheckpointMismatch(f"{source}: {key} has {channels} output channels, not a multiple of the {per_cell} "
                                  f"anchors per cell")
     return channels // per_cell, f"{source} ({key}: {channels} channels / {per_cell} anchors per cell)"
+
+
+def class_channels(state_dict: dict, key: str, source: str) -> int:
+    """The output channels of the classification conv weight `key`.
+
+    Raises:
+      CheckpointMismatch: naming `source` and `key`, a weight that is no [A*K, C, 3, 3] tensor.
+    """
+    weight = state_dict.get(key)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or not weight.shape[0]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise CheckpointMismatch(f"{source}: {key} has shape {shape}; a classification conv weight is "
+                                 f"[anchors x classes, channels, 3, 3]")
+    return int(weight.shape[0])
 
 
 def label_table(num_classes: int, meta: dict | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -281,5 +326,5 @@ def reference_spec(state_dict: dict, fmt: str, source: str) -> spec_lib.Detector
         return _torchvision_v1()
     if fmt != "mmdet":
         raise CheckpointMismatch(f"{source}: {fmt} weights have no reference layout to take a spec from")
-    channels = int(state_dict[_CLASS_WEIGHT_KEYS["mmdet"]].shape[0])
+    channels = class_channels(state_dict, _CLASS_WEIGHT_KEYS["mmdet"], source)
     return _mmdet_1x(_depth_of(state_dict, "backbone."), channels // 9)
