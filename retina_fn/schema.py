@@ -241,13 +241,9 @@ def _cross_problems(get: Callable[[str], Any], where: Callable[[str], str], fail
 
 
 def check_config(cfg) -> None:
-    """Checks every field of a config against its rule and the rules that tie fields together.
+    """Checks every field of `cfg` (a ConfigDict or nested mappings; absent fields are skipped) and the cross rules.
 
-    Args:
-      cfg: the whole config (a ConfigDict, or nested mappings); fields a config lacks are not checked.
-
-    Raises:
-      ConfigError: one line naming each field at fault as `--config.<path>=<value>: <what is wrong>`.
+    Raises ConfigError: one line naming each field at fault as `--config.<path>=<value>: <what is wrong>`.
     """
     problems = _problems(lambda path: _get(cfg, path), _RULES, "--config.{}".format)
     if problems:
@@ -255,10 +251,8 @@ def check_config(cfg) -> None:
 
 
 def precision_name(train_cfg) -> str:
-    """'fp32' | 'fp16' | 'bf16': train.opt_level when set (O0 -> fp32, O1/O2 -> fp16), else train.precision.
-
-    '' counts as unset: a command line cannot set None, so `--config.train.opt_level=` clears it.
-    """
+    """'fp32' | 'fp16' | 'bf16': train.opt_level when set (O0 -> fp32, O1/O2 -> fp16), else train.precision; ''
+    counts as unset (a command line cannot set None, so `--config.train.opt_level=` clears it)."""
     return train_cfg.precision if train_cfg.opt_level in (None, "") else OPT_LEVELS[train_cfg.opt_level]
 
 
@@ -282,14 +276,10 @@ def _frozen(value):
 
 
 def detector_spec(cfg, category_ids=None, names=None) -> spec_lib.DetectorSpec:
-    """The DetectorSpec of a config whose model.num_classes is an int (experiments resolve 'auto' first).
+    """The DetectorSpec of a checked config whose model.num_classes is an int (programs resolve 'auto' first).
 
-    Args:
-      cfg: the whole config (model and data blocks), checked with `check_config` here.
-      category_ids, names: the label map (K each); None: `coco_names.label_map_for(K)`.
-
-    Raises:
-      ConfigError: as `check_config`, or model.num_classes still 'auto', or a label map of another length.
+    category_ids, names: the label map (K each); None: `coco_names.label_map_for(K)`.
+    Raises ConfigError: as `check_config`, model.num_classes still 'auto', or a label map of another length.
     """
     from retina_fn.interop.coco_names import label_map_for  # noqa: PLC0415 - interop sits above
 
@@ -325,8 +315,7 @@ def spec_problems(spec: spec_lib.DetectorSpec) -> list[str]:
 def spec_from_json(obj, source: str) -> spec_lib.DetectorSpec:
     """A stored spec (`DetectorSpec.to_json`'s data, from the file `source`), read and checked.
 
-    Raises:
-      InputFormatError: another format or version, fields missing or unknown, or values no config could hold.
+    Raises InputFormatError: another format or version, fields missing or unknown, or values no config could hold.
     """
     try:
         spec = spec_lib.from_json(obj)

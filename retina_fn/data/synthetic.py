@@ -21,11 +21,9 @@ from retina_fn import errors
 from retina_fn.data.synthetic_render import image_size_range, render_image
 from retina_fn.data.synthetic_shapes import SHAPE_NAMES, check_num_classes
 
-__all__ = [
-    "GENERATOR_VERSION", "JPEG_QUALITY", "LARGE_AREA", "LAYOUT", "MARKER_FILE", "SHAPE_NAMES", "SMALL_AREA", "SPLITS",
-    "SyntheticPaths", "VAL_ID_OFFSET", "category_ids", "ensure_synthetic", "format_summary", "generate_split",
-    "generate_synthetic", "image_ids", "image_size_range", "render_image", "summarize",
-]
+__all__ = ["GENERATOR_VERSION", "JPEG_QUALITY", "LARGE_AREA", "LAYOUT", "MARKER_FILE", "SHAPE_NAMES", "SMALL_AREA",
+           "SPLITS", "SyntheticPaths", "VAL_ID_OFFSET", "category_ids", "ensure_synthetic", "format_summary",
+           "generate_split", "generate_synthetic", "image_ids", "image_size_range", "render_image", "summarize"]
 
 GENERATOR_VERSION = 1
 VAL_ID_OFFSET = 1_000_000
@@ -128,8 +126,7 @@ def summarize(coco: dict) -> dict:
     names = {c["id"]: c["name"] for c in coco["categories"]}
     per_class = {name: 0 for name in names.values()}
     per_size = {"small": 0, "medium": 0, "large": 0}
-    crowd = 0
-    annotated = set()
+    crowd, annotated = 0, set()
     for ann in coco["annotations"]:
         annotated.add(ann["image_id"])
         if ann["iscrowd"]:
@@ -166,12 +163,8 @@ def generate_synthetic(root: str | os.PathLike, num_train: int, num_val: int, se
                        num_classes: int = 5) -> SyntheticPaths:
     """Writes both splits and the marker under `root` (created when absent), overwriting files of the same names.
 
-    Args:
-        num_train, num_val: images per split, each in 0..VAL_ID_OFFSET - 1.
-        seed: >= 0. image_size: the nominal image side, >= 64. num_classes: in 1..len(SHAPE_NAMES).
-
-    Raises:
-        ConfigError: a parameter out of range.
+    num_train, num_val: images per split, in 0..VAL_ID_OFFSET - 1; seed >= 0; image_size (nominal side) >= 64;
+    num_classes in 1..len(SHAPE_NAMES). Raises ConfigError for a parameter out of range.
     """
     params = _params(num_train, num_val, seed, image_size, num_classes)
     root = Path(root).absolute()
@@ -194,20 +187,12 @@ def _read_marker(root: Path) -> dict | None:
     return marker if isinstance(marker, dict) else {}
 
 
-def _is_intact(paths: SyntheticPaths, num_train: int, num_val: int) -> bool:
-    return all(ann.is_file() and images.is_dir() and sum(name.endswith(".jpg") for name in os.listdir(images)) == count
-               for ann, images, count in ((paths.train_ann, paths.train_images, num_train),
-                                          (paths.val_ann, paths.val_images, num_val)))
-
-
 def ensure_synthetic(root: str | os.PathLike, num_train: int, num_val: int, seed: int, image_size: int = 256,
                      num_classes: int = 5) -> SyntheticPaths:
     """The dataset under `root` (args: `generate_synthetic`), generated only when absent, incomplete, or made
     with other parameters or generator version. Not safe against concurrent calls on one root.
 
-    Raises:
-        OutputExistsError (a FileExistsError): train/, val/ or annotations/ under a root with no marker (they
-        may be someone's real data).
+    Raises OutputExistsError: train/, val/ or annotations/ under a root with no marker (maybe someone's real data).
     """
     params = _params(num_train, num_val, seed, image_size, num_classes)
     root = Path(root).absolute()
@@ -220,7 +205,9 @@ def ensure_synthetic(root: str | os.PathLike, num_train: int, num_val: int, seed
     else:
         if marker.get("complete") and marker.get("params") == params:
             paths = _paths(root, marker.get("summary", {}))
-            if _is_intact(paths, num_train, num_val):
+            if all(ann.is_file() and images.is_dir() and sum(n.endswith(".jpg") for n in os.listdir(images)) == count
+                   for ann, images, count in ((paths.train_ann, paths.train_images, num_train),
+                                              (paths.val_ann, paths.val_images, num_val))):
                 return paths
         for name in ("train", "val", "annotations"):
             shutil.rmtree(root / name, ignore_errors=True)
