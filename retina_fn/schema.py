@@ -1,16 +1,9 @@
-"""What a config may hold: every field checked once, at start, and the typed settings the library runs on built
-from the checked config.
+"""The config's schema: every field checked once, at start, and the typed specs built from the checked config.
 
-    schema.check_config(cfg)                       # every field; one ConfigError naming each --config.<field>
-    spec = schema.detector_spec(cfg, label_map)    # retina_fn.spec.DetectorSpec (what travels with the weights)
-    settings = schema.step_settings(cfg)           # retina_fn.train.settings.StepSettings (the train step's)
-    spec = schema.spec_from_json(obj, source)      # a stored spec, checked by the same rules
-
-This is the one module that knows the config's schema. The library below it takes the typed specs (or plain
-arguments) and trusts them; the data pipeline reads its checked `data` block. A config field's rule is a
-function of its value (`_RULES`), and the rules that tie fields together follow (`_cross_checks`); a stored spec is
-checked by the rules of the config fields it came from (retina_fn.spec.config_path), so a checkpoint or an export
-folder can never hold a value a config could not.
+The one module that knows the schema; the library below trusts the specs it builds. Each field has a rule of its
+value (`_RULES`), then come the rules that tie fields together (`_cross_problems`). A stored spec is checked by the
+rules of the config fields it mirrors (retina_fn.spec.config_path), so a checkpoint or export holds no value a
+config could not.
 """
 
 from __future__ import annotations
@@ -37,7 +30,6 @@ def _is_number(v) -> bool:
 
 
 def _maybe(rule: Rule, optional: bool) -> Rule:
-    """`rule`, or None allowed too."""
     if not optional:
         return rule
     return lambda v: None if v is None else (p + " (or None)" if (p := rule(v)) else None)
@@ -91,6 +83,10 @@ def power_of_two(v) -> str | None:
     return None if _is_int(v) and v >= 1 and v & (v - 1) == 0 else "must be a power of two"
 
 
+def _under(prefix: str, **rules: Rule) -> dict[str, Rule]:
+    return {f"{prefix}.{name}": rule for name, rule in rules.items()}
+
+
 PROBABILITY = number(0.0, 1.0)
 SIZE = sequence(integer(1), length=2)
 
@@ -98,147 +94,73 @@ _RULES: dict[str, Rule] = {
     "name": text(),
     "seed": integer(0, 2**63 - 1),
     "model.num_classes": either(integer(1), choice("auto")),
-    "model.backbone.depth": choice(18, 34, 50, 101, 152),
-    "model.backbone.style": choice("pytorch", "caffe"),
-    "model.backbone.bn_eps": number(0.0),
-    "model.backbone.norm": choice("frozen_bn", "gn"),
-    "model.backbone.gn_groups": integer(1),
-    "model.backbone.base_width": integer(1),
-    "model.backbone.frozen_stages": integer(-1, 4),
-    "model.backbone.norm_affine_trainable": boolean(),
-    "model.backbone.pretrained": text(optional=True),
-    "model.backbone.channels_last": boolean(),
-    "model.fpn.out_channels": integer(1),
-    "model.fpn.extra_source": choice("input", "output"),
-    "model.fpn.relu_before_extra": boolean(),
-    "model.head.feat_channels": integer(1),
-    "model.head.stacked_convs": integer(0),
-    "model.head.norm": choice("none", "gn"),
-    "model.head.gn_groups": integer(1),
-    "model.head.prior_prob": number(0.0, 1.0, above=True, below=True),
-    "model.anchors.style": choice("mmdet", "torchvision"),
-    "model.anchors.octave_base_scale": number(0.0, above=True),
-    "model.anchors.scales_per_octave": integer(1),
-    "model.anchors.ratios": sequence(number(0.0, above=True), nonempty=True),
-    "model.anchors.strides": sequence(power_of_two, nonempty=True, increasing=True),
-    "model.coder.means": sequence(number(), length=4),
-    "model.coder.stds": sequence(number(0.0, above=True), length=4),
-    "model.coder.scale_clamp": number(0.0, above=True),
-    "model.coder.clamp_lower": boolean(),
-    "model.assigner.pos_iou_thr": PROBABILITY,
-    "model.assigner.neg_iou_thr": PROBABILITY,
-    "model.assigner.min_pos_iou": PROBABILITY,
-    "model.assigner.match_low_quality": boolean(),
-    "model.assigner.low_quality": choice("mmdet", "torchvision"),
-    "model.assigner.ignore_iof_thr": number(high=1.0),
-    "model.loss.focal_alpha": PROBABILITY,
-    "model.loss.focal_gamma": number(0.0),
-    "model.loss.fused_focal": boolean(),
-    "model.loss.cls_weight": number(0.0),
-    "model.loss.box_loss": choice("l1", "giou"),
-    "model.loss.box_weight": number(0.0),
-    "model.loss.normalizer": choice("batch", "image"),
-    "model.test.nms_pre": integer(),
-    "model.test.pre_select": choice("anchor", "pair"),
-    "model.test.score_thr": PROBABILITY,
-    "model.test.nms_iou": PROBABILITY,
-    "model.test.max_per_img": integer(1),
-    "model.test.max_candidates": integer(),
-    "model.test.static_shapes": boolean(),
-    "model.size_divisor": integer(1),
-    "model.canvas_exact": boolean(),
-    "model.pixel_mean": sequence(number(), length=3),
-    "model.pixel_std": sequence(number(0.0, above=True), length=3),
-    "data.dataset": choice("coco", "synthetic"),
-    "data.root": text(optional=True),
-    "data.train_ann": text(),
-    "data.train_images": text(),
-    "data.val_ann": text(),
-    "data.val_images": text(),
-    "data.synthetic.num_train": integer(0),
-    "data.synthetic.num_val": integer(0),
-    "data.synthetic.seed": integer(0),
-    "data.synthetic.image_size": integer(64),
-    "data.synthetic.num_classes": integer(1),
-    "data.mean": sequence(number(), length=3),
-    "data.std": sequence(number(0.0, above=True), length=3),
-    "data.scale": SIZE,
-    "data.resize_mode": choice("mmdet", "torchvision"),
-    "data.uint8_canvas": boolean(),
-    "data.flip_prob": PROBABILITY,
-    "data.landscape_canvas": SIZE,
-    "data.portrait_canvas": SIZE,
-    "data.max_boxes": integer(1),
-    "data.box_buckets": sequence(integer(1), increasing=True),
-    "data.max_ignore_boxes": integer(0),
-    "data.filter_empty_gt": boolean(),
-    "data.min_size": number(0.0),
-    "data.skip_bad_images": boolean(),
-    "data.images_per_device": integer(1),
-    "data.eval_images_per_device": integer(1),
-    "data.workers": either(integer(0), choice("auto")),
-    "data.preload": boolean(),
-    "optim.name": choice("sgd", "adamw"),
-    "optim.base_lr": number(0.0, above=True),
-    "optim.base_batch": integer(1),
-    "optim.lr": number(0.0, above=True, optional=True),
-    "optim.momentum": number(0.0, 1.0, below=True),
-    "optim.nesterov": boolean(),
-    "optim.betas": sequence(number(0.0, 1.0, below=True), length=2),
-    "optim.eps": number(0.0),
-    "optim.weight_decay": number(0.0),
-    "optim.decay_norm_and_bias": boolean(),
-    "optim.clip_norm": number(0.0, above=True, optional=True),
-    "optim.warmup_iters": integer(0),
-    "optim.warmup_ratio": PROBABILITY,
-    "optim.schedule": choice("step", "cosine"),
-    "optim.step_epochs": sequence(integer(0), increasing=True),
-    "optim.gamma": number(0.0, above=True),
-    "optim.epochs": integer(1),
-    "optim.accum_steps": either(integer(1), choice("auto")),
-    "optim.global_batch": integer(1, optional=True),
-    "optim.micro_batches": integer(1),
-    "optim.backend": choice("native", "apex"),
-    "train.precision": choice("fp32", "fp16", "bf16"),
-    "train.opt_level": either(choice("O0", "O1", "O2", ""), lambda v: None if v is None else "must be unset"),
-    "train.loss_scale.init": number(0.0, above=True),
-    "train.loss_scale.growth_interval": integer(1),
-    "train.loss_scale.factor": number(1.0, above=True),
-    "train.loss_scale.dynamic": boolean(),
-    "train.overflow_check": choice("isfinite", "saturation", "npu"),
-    "train.compile": boolean(),
-    "train.compile_scope": choice("auto", "step", "gradients"),
-    "train.cuda_graph": boolean(),
-    "train.max_nonfinite_steps": integer(1),
-    "train.max_steps": integer(1, optional=True),
-    "train.time_budget_s": number(0.0, above=True, optional=True),
-    "train.log_every": integer(1),
-    "train.tensorboard": boolean(),
-    "train.eval_every_epochs": integer(1),
-    "train.checkpoint_every_steps": integer(1, optional=True),
-    "train.checkpoint_every_s": number(0.0, above=True, optional=True),
-    "train.keep_checkpoints": integer(1),
-    "train.validate": boolean(),
-    "train.performance_steps": integer(1, optional=True),
-    "dist.device": choice("auto", "npu", "cuda", "cpu"),
-    "dist.timeout_s": number(0.0, above=True),
-    "dist.normalizer": choice("local", "global"),
-    "dist.bucket_mb": number(0.0, above=True),
-    "eval.max_vis_images": integer(0),
-    "eval.use_faster_coco_eval": boolean(),
-    "eval.error_analysis": boolean(optional=True),
+    **_under("model.backbone", depth=choice(18, 34, 50, 101, 152), style=choice("pytorch", "caffe"), bn_eps=number(0.0),
+                               norm=choice("frozen_bn", "gn"), gn_groups=integer(1), base_width=integer(1),
+                               frozen_stages=integer(-1, 4), norm_affine_trainable=boolean(),
+                               pretrained=text(optional=True), channels_last=boolean()),
+    **_under("model.fpn", out_channels=integer(1), extra_source=choice("input", "output"), relu_before_extra=boolean()),
+    **_under("model.head", feat_channels=integer(1), stacked_convs=integer(0), norm=choice("none", "gn"),
+                           gn_groups=integer(1), prior_prob=number(0.0, 1.0, above=True, below=True)),
+    **_under("model.anchors", style=choice("mmdet", "torchvision"), octave_base_scale=number(0.0, above=True),
+                              scales_per_octave=integer(1), ratios=sequence(number(0.0, above=True), nonempty=True),
+                              strides=sequence(power_of_two, nonempty=True, increasing=True)),
+    **_under("model.coder", means=sequence(number(), length=4), stds=sequence(number(0.0, above=True), length=4),
+                            scale_clamp=number(0.0, above=True), clamp_lower=boolean()),
+    **_under("model.assigner", pos_iou_thr=PROBABILITY, neg_iou_thr=PROBABILITY, min_pos_iou=PROBABILITY,
+                               match_low_quality=boolean(), low_quality=choice("mmdet", "torchvision"),
+                               ignore_iof_thr=number(high=1.0)),
+    **_under("model.loss", focal_alpha=PROBABILITY, focal_gamma=number(0.0), fused_focal=boolean(),
+                           cls_weight=number(0.0), box_loss=choice("l1", "giou"), box_weight=number(0.0),
+                           normalizer=choice("batch", "image")),
+    **_under("model.test", nms_pre=integer(), pre_select=choice("anchor", "pair"), score_thr=PROBABILITY,
+                           nms_iou=PROBABILITY, max_per_img=integer(1), max_candidates=integer(),
+                           static_shapes=boolean()),
+    **_under("model", size_divisor=integer(1), canvas_exact=boolean(), pixel_mean=sequence(number(), length=3),
+                      pixel_std=sequence(number(0.0, above=True), length=3)),
+    **_under("data", dataset=choice("coco", "synthetic"), root=text(optional=True), train_ann=text(),
+                     train_images=text(), val_ann=text(), val_images=text()),
+    **_under("data.synthetic", num_train=integer(0), num_val=integer(0), seed=integer(0), image_size=integer(64),
+                               num_classes=integer(1)),
+    **_under("data", mean=sequence(number(), length=3), std=sequence(number(0.0, above=True), length=3), scale=SIZE,
+                     resize_mode=choice("mmdet", "torchvision"), uint8_canvas=boolean(), flip_prob=PROBABILITY,
+                     landscape_canvas=SIZE, portrait_canvas=SIZE, max_boxes=integer(1),
+                     box_buckets=sequence(integer(1), increasing=True), max_ignore_boxes=integer(0),
+                     filter_empty_gt=boolean(), min_size=number(0.0), skip_bad_images=boolean(),
+                     images_per_device=integer(1), eval_images_per_device=integer(1),
+                     workers=either(integer(0), choice("auto")), preload=boolean()),
+    **_under("optim", name=choice("sgd", "adamw"), base_lr=number(0.0, above=True), base_batch=integer(1),
+                      lr=number(0.0, above=True, optional=True), momentum=number(0.0, 1.0, below=True),
+                      nesterov=boolean(), betas=sequence(number(0.0, 1.0, below=True), length=2), eps=number(0.0),
+                      weight_decay=number(0.0), decay_norm_and_bias=boolean(),
+                      clip_norm=number(0.0, above=True, optional=True), warmup_iters=integer(0),
+                      warmup_ratio=PROBABILITY, schedule=choice("step", "cosine"),
+                      step_epochs=sequence(integer(0), increasing=True), gamma=number(0.0, above=True),
+                      epochs=integer(1), accum_steps=either(integer(1), choice("auto")),
+                      global_batch=integer(1, optional=True), micro_batches=integer(1),
+                      backend=choice("native", "apex")),
+    **_under("train", precision=choice("fp32", "fp16", "bf16"),
+                      opt_level=either(choice("O0", "O1", "O2", ""), lambda v: None if v is None else "must be unset")),
+    **_under("train.loss_scale", init=number(0.0, above=True), growth_interval=integer(1),
+                                 factor=number(1.0, above=True), dynamic=boolean()),
+    **_under("train", overflow_check=choice("isfinite", "saturation", "npu"), compile=boolean(),
+                      compile_scope=choice("auto", "step", "gradients"), cuda_graph=boolean(),
+                      max_nonfinite_steps=integer(1), max_steps=integer(1, optional=True),
+                      time_budget_s=number(0.0, above=True, optional=True), log_every=integer(1), tensorboard=boolean(),
+                      eval_every_epochs=integer(1), checkpoint_every_steps=integer(1, optional=True),
+                      checkpoint_every_s=number(0.0, above=True, optional=True), keep_checkpoints=integer(1),
+                      validate=boolean(), performance_steps=integer(1, optional=True)),
+    **_under("dist", device=choice("auto", "npu", "cuda", "cpu"), timeout_s=number(0.0, above=True),
+                     normalizer=choice("local", "global"), bucket_mb=number(0.0, above=True)),
+    **_under("eval", max_vis_images=integer(0), use_faster_coco_eval=boolean(), error_analysis=boolean(optional=True)),
 }
 
 
 def _get(node, path: str):
-    """The value at a dotted path of nested mappings or attribute objects; KeyError when a part is absent."""
+    """The value at a dotted path of nested mappings; KeyError when a part is absent."""
     for part in path.split("."):
-        if isinstance(node, dict):
-            node = node[part]
-        elif hasattr(node, "keys") and part in node.keys():
-            node = node[part]
-        else:
+        if not (isinstance(node, dict) or (hasattr(node, "keys") and part in node.keys())):
             raise KeyError(path)
+        node = node[part]
     return node
 
 
@@ -247,9 +169,9 @@ def _shown(value) -> str:
     return text_ if len(text_) <= 60 else text_[:57] + "..."
 
 
-def _problems(get: Callable[[str], Any], paths, where: Callable[[str], str]) -> dict[str, str]:
-    """{path: 'where=value: what is wrong'} for the fields at `paths` that break their own rule."""
-    found = {}
+def _problems(get: Callable[[str], Any], paths, where: Callable[[str], str]) -> list[str]:
+    """'where(path)=value: what is wrong' for each field at `paths` breaking its own rule, then the cross rules'."""
+    own = {}
     for path in paths:
         try:
             value = get(path)
@@ -257,12 +179,8 @@ def _problems(get: Callable[[str], Any], paths, where: Callable[[str], str]) -> 
             continue
         problem = _RULES[path](value)
         if problem:
-            found[path] = f"{where(path)}={_shown(value)}: {problem}"
-    return found
-
-
-def _stage_widths(base_width: int) -> tuple[int, ...]:
-    return tuple(base_width * m for m in (1, 2, 4, 8))
+            own[path] = f"{where(path)}={_shown(value)}: {problem}"
+    return list(own.values()) + _cross_problems(get, where, own)
 
 
 def _cross_problems(get: Callable[[str], Any], where: Callable[[str], str], failed) -> list[str]:
@@ -281,8 +199,9 @@ def _cross_problems(get: Callable[[str], Any], where: Callable[[str], str], fail
         found.append(f"{where(path)}={_shown(get(path))}: {message}")
 
     norm = has("model.backbone.norm", "model.backbone.gn_groups", "model.backbone.base_width")
-    if norm and norm[0] == "gn" and any(w % norm[1] for w in _stage_widths(norm[2])):
-        bad("model.backbone.gn_groups", f"must divide every stage width {_stage_widths(norm[2])}")
+    widths = tuple(norm[2] * m for m in (1, 2, 4, 8)) if norm else ()
+    if norm and norm[0] == "gn" and any(w % norm[1] for w in widths):
+        bad("model.backbone.gn_groups", f"must divide every stage width {widths}")
     head = has("model.head.norm", "model.head.gn_groups", "model.head.feat_channels")
     if head and head[0] == "gn" and head[2] % head[1]:
         bad("model.head.gn_groups", f"must divide model.head.feat_channels={head[2]}")
@@ -321,46 +240,24 @@ def _cross_problems(get: Callable[[str], Any], where: Callable[[str], str], fail
     return found
 
 
-def _raise(problems: list[str], what: str) -> None:
-    if problems:
-        raise errors.ConfigError(f"{what}: " + "; ".join(problems) if what else "; ".join(problems))
-
-
-def _flag(path: str) -> str:
-    return f"--config.{path}"
-
-
 def check_config(cfg) -> None:
-    """Checks every field of a config against its rule and the rules that tie fields together.
+    """Checks every field of `cfg` (a ConfigDict or nested mappings; absent fields are skipped) and the cross rules.
 
-    Args:
-      cfg: the whole config (a ConfigDict, or nested mappings); fields a config lacks are not checked.
-
-    Raises:
-      ConfigError: one line naming each field at fault as `--config.<path>=<value>: <what is wrong>`.
+    Raises ConfigError: one line naming each field at fault as `--config.<path>=<value>: <what is wrong>`.
     """
-    def get(path):
-        return _get(cfg, path)
-
-    problems = _problems(get, _RULES, _flag)
-    _raise(list(problems.values()) + _cross_problems(get, _flag, problems), "")
+    problems = _problems(lambda path: _get(cfg, path), _RULES, "--config.{}".format)
+    if problems:
+        raise errors.ConfigError("; ".join(problems))
 
 
 def precision_name(train_cfg) -> str:
-    """'fp32' | 'fp16' | 'bf16': train.opt_level when set (apex's O0 -> fp32, O1 and O2 -> fp16), else
-    train.precision. '' counts as unset: a command line cannot set a placeholder back to None, so
-    `--config.train.opt_level=` is how an opt level a config file sets is cleared (scripts/common.sh)."""
-    if train_cfg.opt_level in (None, ""):
-        return train_cfg.precision
-    return OPT_LEVELS[train_cfg.opt_level]
+    """'fp32' | 'fp16' | 'bf16': train.opt_level when set (O0 -> fp32, O1/O2 -> fp16), else train.precision; ''
+    counts as unset (a command line cannot set None, so `--config.train.opt_level=` clears it)."""
+    return train_cfg.precision if train_cfg.opt_level in (None, "") else OPT_LEVELS[train_cfg.opt_level]
 
 
 def step_settings(cfg) -> StepSettings:
-    """The train step's settings of a config (checked with `check_config` here).
-
-    Raises:
-      ConfigError: as `check_config`.
-    """
+    """The train step's settings of a config; raises ConfigError as `check_config`."""
     check_config(cfg)
     t = cfg.train
     return StepSettings(optim=OptimSettings(**_fields(OptimSettings, cfg.optim)), precision=precision_name(t),
@@ -379,18 +276,10 @@ def _frozen(value):
 
 
 def detector_spec(cfg, category_ids=None, names=None) -> spec_lib.DetectorSpec:
-    """The DetectorSpec of a config whose model.num_classes is an int (experiments resolve 'auto' first).
+    """The DetectorSpec of a checked config whose model.num_classes is an int (programs resolve 'auto' first).
 
-    Args:
-      cfg: the whole config (model and data blocks), checked with `check_config` here.
-      category_ids, names: the annotation file's label map (K each); None: COCO's for 80 and 91 classes, ids
-        1..K otherwise (retina_fn.interop.coco_names.label_map_for).
-
-    Returns:
-      The spec, checked.
-
-    Raises:
-      ConfigError: as `check_config`, or model.num_classes still 'auto', or a label map of another length.
+    category_ids, names: the label map (K each); None: `coco_names.label_map_for(K)`.
+    Raises ConfigError: as `check_config`, model.num_classes still 'auto', or a label map of another length.
     """
     from retina_fn.interop.coco_names import label_map_for  # noqa: PLC0415 - interop sits above
 
@@ -414,14 +303,7 @@ def spec_problems(spec: spec_lib.DetectorSpec) -> list[str]:
     """What is wrong with a spec by the rules of the config fields it mirrors ([] when nothing)."""
     values = {spec_lib.config_path(k): v for k, v in spec_lib.flat(spec).items()}
     values["model.pixel_mean"], values["model.pixel_std"] = spec.input.mean, spec.input.std
-
-    def get(path):
-        if path not in values:
-            raise KeyError(path)
-        return values[path]
-
-    own = _problems(get, [p for p in _RULES if p in values], lambda p: p)
-    problems = list(own.values()) + _cross_problems(get, lambda p: p, own)
+    problems = _problems(values.__getitem__, [p for p in _RULES if p in values], str)
     if spec.num_classes == "auto":
         problems.append("model.num_classes='auto': a spec holds the resolved class count")
     if len(spec.category_ids) != spec.num_classes or len(spec.names) != spec.num_classes:
@@ -431,15 +313,9 @@ def spec_problems(spec: spec_lib.DetectorSpec) -> list[str]:
 
 
 def spec_from_json(obj, source: str) -> spec_lib.DetectorSpec:
-    """A stored spec (a checkpoint's or an export folder's), read and checked.
+    """A stored spec (`DetectorSpec.to_json`'s data, from the file `source`), read and checked.
 
-    Args:
-      obj: `DetectorSpec.to_json`'s data.
-      source: the file it came from, for the message.
-
-    Raises:
-      InputFormatError: not a spec of this format and version, fields missing or unknown, or values no config
-        could hold (each named).
+    Raises InputFormatError: another format or version, fields missing or unknown, or values no config could hold.
     """
     try:
         spec = spec_lib.from_json(obj)

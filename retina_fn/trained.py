@@ -1,16 +1,9 @@
 """A trained detector read back from a file: its weights and the spec they were trained with.
 
-    trained = load_trained("runs/demo/checkpoints/ckpt_000002655.pt")              # the checkpoint's own spec
-    trained = load_trained(path, cfg, use_config_for=("model.test.score_thr",))    # a config given as well
-    trained.params, trained.spec, trained.format
-
-Where the spec comes from (one log line says which):
-- a retina_fn checkpoint stores it (its metadata's 'spec'): that one. A config given as well must agree with it
-  on every field that changes the detections (retina_fn.spec.reconcile), except the fields the user names in
-  use_config_for ('all': every field), which the config gives and the log names.
-- a retina_fn checkpoint written before checkpoints stored specs: the config's (one is needed).
-- torchvision or mmdetection weights: the config's when one is given, else the reference spec of the layout they
-  come from (retina_fn.interop.weights.reference_spec: mmdetection's 1x, torchvision's v1).
+Where the spec comes from (a log line says which): a retina_fn checkpoint's stored spec, which a config given as
+well must match on every field that changes detections (spec.reconcile) except those named in use_config_for
+('all': every field); for an old checkpoint without one, the config's; for torchvision / mmdetection weights, the
+config's, else their layout's reference spec (interop.weights.reference_spec).
 """
 
 from __future__ import annotations
@@ -30,8 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Trained(NamedTuple):
-    """params: the full parameter tree (float32, CPU); spec: the DetectorSpec to run them with; meta: a
-    retina_fn checkpoint's metadata ({} for other files); format: the file's layout (interop.weights.FORMATS)."""
+    """params (float32, CPU), the spec to run them with, a retina_fn checkpoint's meta ({} else), the file's format."""
 
     params: dict
     spec: spec_lib.DetectorSpec
@@ -40,8 +32,7 @@ class Trained(NamedTuple):
 
 
 def _configured_spec(cfg, raw: weights_lib.RawWeights, source: str) -> spec_lib.DetectorSpec:
-    """The spec a config gives for these weights: model.num_classes 'auto' resolved from them, the label map the
-    weights store (else COCO's or 1..K)."""
+    """The config's spec for these weights: 'auto' classes resolved from them, their stored label map if any."""
     cfg = copy.deepcopy(cfg)
     if class_count.is_auto(cfg.model):
         count, where = weights_lib.classes_in(raw, anchors.anchors_per_cell(cfg.model.anchors), source)
@@ -57,10 +48,8 @@ def spec_for(raw: weights_lib.RawWeights, source: str, cfg=None, use_config_for:
              ) -> spec_lib.DetectorSpec:
     """The spec to run weights already read with (see the module docstring).
 
-    Raises:
-      ConfigError: a config that differs from the stored spec (each field named; see spec.reconcile), or
-        use_config_for without a config. InputFormatError: a stored spec no config could hold.
-        MissingFileError: an old retina_fn checkpoint without a config.
+    Raises ConfigError: a config that differs from the stored spec, use_config_for without a config, or an old
+    retina_fn checkpoint without a config. InputFormatError: a stored spec no config could hold.
     """
     stored = schema.spec_from_json(raw.meta["spec"], source) if raw.meta.get("spec") else None
     if cfg is None:
@@ -89,16 +78,10 @@ def load_trained(path: str | os.PathLike, cfg=None, use_config_for: Sequence[str
 
     Args:
       path: a retina_fn checkpoint, or torchvision / mmdetection RetinaNet weights.
-      cfg: a config (ConfigDict) to take the spec from where the file stores none, and to check the stored one
-        against; None: the file's own.
-      use_config_for: config paths ('model.test.score_thr', 'data.scale', or 'all') whose values the config
-        gives instead of the stored spec.
+      cfg: a config to take the spec from where the file stores none and to check a stored one against.
+      use_config_for: config paths ('model.test.score_thr', or 'all') the config gives instead of the stored spec.
 
-    Returns:
-      Trained(params float32 on the CPU, spec, meta, format).
-
-    Raises:
-      MissingFileError, CheckpointMismatch: the file; ConfigError, InputFormatError: see `spec_for`.
+    Raises MissingFileError, CheckpointMismatch (the file); ConfigError, InputFormatError (see `spec_for`).
     """
     source = os.fspath(path)
     raw = weights_lib.read_weights(source)

@@ -1,16 +1,8 @@
-"""Images handed over in memory (numpy arrays, Pillow images, torch tensors) as the uint8 RGB arrays the
-transforms take, with the same conversions `retina_fn.data.images.decode_image` applies to files.
+"""Images in memory (numpy HWC, torch CHW on any device, PIL) as the uint8 RGB arrays the transforms take.
 
-| input | layout | conversion |
-|---|---|---|
-| numpy array | HWC: [h, w, 3] RGB, [h, w] or [h, w, 1] grey, [h, w, 4] RGBA | grey to 3 channels, alpha dropped |
-| torch tensor (any device) | CHW: [3, h, w] RGB, [h, w] or [1, h, w] grey, [4, h, w] RGBA | as numpy |
-| PIL image | any mode | `images.pil_to_rgb`: as a file of that mode decodes (no EXIF turn) |
-
-Pixel values: uint8 as they are; floats (any float dtype) must lie in [0, 1] (torchvision's `to_tensor`
-convention) and become round(255 x) as uint8, which gives back the uint8 image they were made from. Other
-dtypes (uint16, int64, bool, ...) and floats outside [0, 1] are refused, as are other shapes: each error
-names the input (`what`) and what is wrong with it. Alpha is dropped, not composited, as for files.
+Conversions match `images.decode_image` for files: grey becomes 3 channels, alpha is dropped (not composited),
+PIL images go through `images.pil_to_rgb`. uint8 is taken as is; floats must lie in [0, 1] (torchvision's
+`to_tensor` convention) and become round(255 x). Other dtypes and shapes are refused, naming the input.
 """
 
 from __future__ import annotations
@@ -25,19 +17,16 @@ _CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
 
 
 def as_rgb_uint8(image, what: str = "the image") -> np.ndarray:
-    """One image in memory as uint8 RGB pixels (see the module docstring for what is accepted).
+    """One image in memory as uint8 [h, w, 3] RGB pixels, C-contiguous.
 
     Args:
         image: numpy [h, w, C] / [h, w], torch [C, h, w] / [h, w] (C in 1, 3, 4; uint8, or floats in [0, 1]),
             or a PIL image.
         what: how errors name the input, e.g. 'image 2 of the list'.
 
-    Returns:
-        uint8 [h, w, 3] RGB, C-contiguous (a new array unless the input already was one).
-
     Raises:
         TypeError: not a numpy array, torch tensor or PIL image.
-        ValueError: naming `what`: a layout, size or dtype not in the table, or floats outside [0, 1] or not finite.
+        ValueError: another layout, size or dtype, or floats outside [0, 1] or not finite.
     """
     if isinstance(image, Image.Image):
         try:
@@ -56,7 +45,7 @@ def as_rgb_uint8(image, what: str = "the image") -> np.ndarray:
 
 
 def _tensor_to_hwc(tensor: torch.Tensor, what: str) -> np.ndarray:
-    """A CHW (or HW) tensor as a host numpy array in HWC (or HW); ValueError for another layout."""
+    """A CHW (or HW) tensor as a host numpy HWC (or HW) array."""
     if tensor.ndim == 3 and tensor.shape[0] not in _CHANNELS:
         hint = (": for an HWC tensor pass tensor.permute(2, 0, 1)" if tensor.shape[-1] in _CHANNELS else "")
         raise ValueError(f"{what}: torch tensor of shape {tuple(tensor.shape)}: expected CHW ([3, h, w] RGB, [h, w] "
@@ -73,7 +62,7 @@ def _tensor_to_hwc(tensor: torch.Tensor, what: str) -> np.ndarray:
 
 
 def _hwc_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
-    """HWC (or HW) pixels of any accepted dtype as uint8 [h, w, 3]; ValueError naming `what` otherwise."""
+    """HWC (or HW) pixels of any accepted dtype as uint8 [h, w, 3]."""
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[-1] not in _CHANNELS:
@@ -81,27 +70,22 @@ def _hwc_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
                          f"[h, w, 1] grey, or [h, w, 4] RGBA (torch tensors: CHW)")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{what}: empty image ({array.shape[0]} x {array.shape[1]} pixels)")
-    pixels = _to_uint8(array, what)
-    channels = pixels.shape[-1]
-    if channels == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    elif channels == 4:
-        pixels = pixels[:, :, :3]
-    return np.ascontiguousarray(pixels)
-
-
-def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """uint8 pixels as they are, floats in [0, 1] as round(255 x); ValueError naming `what` for anything else."""
     if array.dtype == np.uint8:
-        return array
-    if not np.issubdtype(array.dtype, np.floating):
+        pixels = array
+    elif not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what}: {array.dtype} pixels; expected uint8 (0..255) or floats in [0, 1]: for integers "
                          f"in 0..255 pass array.astype(np.uint8)")
-    values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(f"{what}: {array.dtype} pixels with NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
-    if low < 0.0 or high > 1.0:
-        raise ValueError(f"{what}: {array.dtype} pixels in [{low:g}, {high:g}]; float images must lie in [0, 1] "
-                         f"(they are scaled by 255): for floats in 0..255 pass array.round().astype(np.uint8)")
-    return np.rint(values * 255.0).astype(np.uint8)
+    else:
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{what}: {array.dtype} pixels with NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{what}: {array.dtype} pixels in [{low:g}, {high:g}]; float images must lie in [0, 1] "
+                             f"(they are scaled by 255): for floats in 0..255 pass array.round().astype(np.uint8)")
+        pixels = np.rint(values * 255.0).astype(np.uint8)
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pixels.shape[-1] == 4:
+        pixels = pixels[:, :, :3]
+    return np.ascontiguousarray(pixels)

@@ -1,16 +1,12 @@
-"""COCO 2017 detection categories, as the published RetinaNet checkpoints number them.
+"""COCO 2017 detection categories (ids 1..90 with ten gaps) as the published RetinaNet checkpoints number them.
 
-COCO's category ids run from 1 to 90 with ten gaps (ids never used by the detection task). The two
-published layouts:
-  - mmdetection (and retina_fn trained on COCO): 80 contiguous class indices, index i = the i-th id in
-    ascending order (`COCO80_IDS[i]`, named `COCO80_NAMES[i]`).
-  - torchvision: 91 sigmoid outputs indexed *by the category id itself*; index 0 ('__background__') and
-    the ten gaps ('N/A') are never trained as positives. `COCO91_NAMES[id]` names index `id`.
+mmdetection (and retina_fn on COCO): 80 class indices, index i = the i-th id ascending (`COCO80_IDS[i]`).
+torchvision: 91 outputs indexed by the category id itself; index 0 ('__background__') and the gaps ('N/A') are
+never trained. `COCO91_NAMES[id]` names index `id`.
 """
 
 from __future__ import annotations
 
-# (category id, name) of the 80 COCO detection categories, ascending ids.
 _CATEGORIES = (
     (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
     (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
@@ -31,19 +27,12 @@ _CATEGORIES = (
 COCO80_IDS: tuple[int, ...] = tuple(cid for cid, _ in _CATEGORIES)
 COCO80_NAMES: tuple[str, ...] = tuple(name for _, name in _CATEGORIES)
 
-BACKGROUND = "__background__"
-UNUSED = "N/A"
-_BY_ID = dict(_CATEGORIES)
-COCO91_NAMES: tuple[str, ...] = (BACKGROUND,) + tuple(_BY_ID.get(i, UNUSED) for i in range(1, 91))
+COCO91_NAMES: tuple[str, ...] = ("__background__",) + tuple(dict(_CATEGORIES).get(i, "N/A") for i in range(1, 91))
 
 
 def label_map_for(num_classes: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(category id, name) of each class index of a model with `num_classes` outputs whose weights came
-    from outside retina_fn (no label map stored with them):
-      91 -> torchvision's layout: the index is the COCO category id (ids 0..90, names with
-            '__background__' / 'N/A' for the unused indices);
-      80 -> mmdetection's layout: COCO80_IDS / COCO80_NAMES;
-      otherwise -> ids 1..K in index order and the ids as names (an unknown dataset)."""
+    """(category ids, names) of the class indices of weights that store no label map: 91 -> torchvision's
+    layout (ids 0..90), 80 -> mmdetection's (COCO80_IDS / COCO80_NAMES), else ids 1..K named by their ids."""
     if num_classes == len(COCO91_NAMES):
         return tuple(range(len(COCO91_NAMES))), COCO91_NAMES
     if num_classes == len(COCO80_IDS):

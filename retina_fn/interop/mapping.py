@@ -1,8 +1,6 @@
-"""Loading foreign state_dicts into parameter trees by an explicit key mapping, with one report.
+"""Foreign state_dicts into parameter trees by a key mapping {our '/'-joined path: their dotted key}.
 
-A mapping is {our '/'-joined path: their dotted key}. `load_mapped` checks every entry and raises one
-`CheckpointMismatch` that lists all missing, unexpected and mis-shaped keys together, instead of stopping
-at the first problem.
+Every problem (missing, unexpected, mis-shaped keys) goes into one `CheckpointMismatch` report.
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ import torch
 from retina_fn import errors, tree
 from retina_fn.checkpoint import unpickling_refusal
 
-# Containers the usual training scripts wrap a state_dict in: mmdetection/mmcv ('state_dict', next to
-# 'meta'), torchvision's reference scripts and many others ('model').
+# Containers training scripts wrap a state_dict in: mmcv's ('state_dict'), torchvision's references ('model').
 _WRAPPERS = ("state_dict", "model")
 _DATA_PARALLEL_PREFIX = "module."
 
@@ -26,21 +23,9 @@ class CheckpointMismatch(errors.UserError, ValueError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """The object stored in a local .pth/.pt file, unpickled weights-only onto the CPU.
+    """The object in a local .pth/.pt file, unpickled weights-only onto the CPU (plain data and tensors only).
 
-    A pickle that names anything but tensors and plain data (a class, a function such as os.system) is
-    refused before any of it runs.
-
-    Args:
-      path: the file.
-
-    Returns:
-      What the file holds: dicts, lists, numbers, strings and CPU tensors.
-
-    Raises:
-      MissingFileError (a FileNotFoundError): naming the file.
-      CheckpointMismatch: naming the file, when it is not a torch file or weights-only loading refuses it
-        (the message names the refused object).
+    Raises MissingFileError; CheckpointMismatch: not a torch file, or a pickle weights-only loading refuses.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -55,35 +40,32 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """{key: tensor} from a loaded checkpoint object: unwraps {'state_dict': ...} / {'model': ...} and
-    drops a 'module.' prefix that every key carries (a model saved inside DataParallel)."""
+    """{key: tensor} of a loaded checkpoint: unwraps {'state_dict' | 'model': ...}, drops a DataParallel
+    'module.' prefix that every key carries."""
     for wrapper in _WRAPPERS:
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointMismatch(f"{source} does not hold a state_dict of tensors")
-    keys = [str(k) for k in obj]
-    if all(k.startswith(_DATA_PARALLEL_PREFIX) for k in keys):
+    if all(str(k).startswith(_DATA_PARALLEL_PREFIX) for k in obj):
         return {k[len(_DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
     return dict(obj)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a local .pth/.pt file with weights-only unpickling and unwraps the usual containers
-    ({'state_dict': ...} as mmdetection writes, {'model': ...}). Returns {key: tensor} on the CPU."""
+    """{key: CPU tensor} of a local .pth/.pt file (`read_checkpoint`, then `unwrap_state_dict`)."""
     return unwrap_state_dict(read_checkpoint(path), os.fspath(path))
 
 
 def load_mapped(state_dict: dict[str, torch.Tensor], like: dict, mapping: dict[str, str],
                 ignore: Iterable[str] = (), source: str = "checkpoint", notes: Iterable[str] = ()) -> dict:
-    """Builds a tree shaped like `like` from `state_dict[mapping[path]]` (float32).
+    """A tree shaped like `like` of float32 `state_dict[mapping[path]]`.
 
     ignore: their keys (or key suffixes such as 'num_batches_tracked') that may be present unused.
-    notes: further problems found by the caller (e.g. a class-count mismatch); they head the report and
-    make it fail even when every key fits.
-    Raises CheckpointMismatch listing every missing, mis-shaped and unexpected key at once."""
-    ignore = tuple(ignore)
-    notes = list(notes)
+    notes: the caller's own problems (e.g. a class-count mismatch): they head the report and make it fail.
+    Raises CheckpointMismatch: listing every missing, mis-shaped and unexpected key at once.
+    """
+    ignore, notes = tuple(ignore), list(notes)
     ours = tree.flatten_by_path(like)
     if set(mapping) != set(ours):
         raise ValueError("internal error: the key mapping does not cover the parameter tree")

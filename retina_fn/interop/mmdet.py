@@ -1,17 +1,9 @@
 """mmdetection v2 RetinaNet checkpoints <-> parameter trees.
 
-An mmdetection checkpoint is {'state_dict': {...}, 'meta': {...}} (the wrapper is optional here). Keys:
-  backbone/<p>              <-> backbone.<p dotted>            (mmdetection's ResNet names = torchvision's)
-  fpn/lateral/<i>/<w|b>     <-> neck.lateral_convs.<i>.conv.<w|b>   (C3, C4, C5: start_level 1)
-  fpn/output/<i>/<w|b>      <-> neck.fpn_convs.<i>.conv.<w|b>       (P3, P4, P5)
-  fpn/p6, fpn/p7            <-> neck.fpn_convs.3.conv, neck.fpn_convs.4.conv   (the extra convs)
-  head/cls_convs/<j>/<w|b>  <-> bbox_head.cls_convs.<j>.conv.<w|b>  (ConvModule; GroupNorm: .gn.<w|b>)
-  head/reg_convs/<j>/<w|b>  <-> bbox_head.reg_convs.<j>.conv.<w|b>
-  head/cls_logits           <-> bbox_head.retina_cls
-  head/bbox_reg             <-> bbox_head.retina_reg
-BatchNorm's `num_batches_tracked` is ignored on import and written as 0 on export. The class head's
-channel layout (anchor-major, channel = a * K + k) is ours, so nothing is permuted. mmdetection v2
-models have 80 COCO classes (no background output).
+A checkpoint is {'state_dict': {...}, 'meta': {...}} (the wrapper is optional here); `mmdet_key` names each leaf
+(backbone.*, neck.lateral_convs / fpn_convs with P6, P7 as fpn_convs.3, .4, bbox_head.*). BatchNorm's
+`num_batches_tracked` is ignored on import, written as 0 on export. The class head's channel layout (a * K + k)
+is ours, so nothing is permuted; mmdetection v2 models have 80 COCO classes (no background).
 """
 
 from __future__ import annotations
@@ -31,8 +23,7 @@ _HEAD_OUTPUTS = {"cls_logits": "retina_cls", "bbox_reg": "retina_reg"}
 
 def mmdet_key(path: str) -> str:
     """mmdetection's key of our leaf path, e.g. 'fpn/p6/weight' -> 'neck.fpn_convs.3.conv.weight'."""
-    parts = path.split(tree.SEP)
-    top, rest = parts[0], parts[1:]
+    top, *rest = path.split(tree.SEP)
     if top == "backbone":
         return "backbone." + ".".join(rest)
     if top == "fpn":
@@ -52,21 +43,15 @@ def mmdet_key(path: str) -> str:
 
 def from_mmdet(checkpoint: dict[str, Any], spec, *, reinit_class_head: bool = False,
                key: rng.Key | None = None, source: str = "mmdetection RetinaNet checkpoint") -> dict:
-    """An mmdetection v2 RetinaNet checkpoint ({'state_dict', 'meta'} or the bare state_dict) -> our
-    full parameter tree for spec (float32, CPU).
-
-    A class count other than model.num_classes is reported, unless reinit_class_head=True draws a
-    fresh classification conv from `key` (fine-tuning on other classes).
-    Raises CheckpointMismatch with one report of every missing, unexpected and mis-shaped key."""
+    """An mmdetection v2 RetinaNet checkpoint (wrapped or bare) -> our parameter tree for spec (float32, CPU);
+    reinit_class_head, key: as `detector.import_detector`. Raises CheckpointMismatch (one report of every key)."""
     state_dict = unwrap_state_dict(checkpoint, source)
     return import_detector(state_dict, spec, mmdet_key, source=source, ignore=("num_batches_tracked",),
                            reinit_class_head=reinit_class_head, key=key)
 
 
 def to_mmdet(params: dict, spec, *, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Our parameter tree -> {'state_dict': {key: tensor}, 'meta': {...}} as mmdetection saves a
-    checkpoint, each BatchNorm with num_batches_tracked = 0 (int64). meta['CLASSES'] holds class_names
-    when given (mmdetection reads the class names from there)."""
+    """Our parameter tree -> {'state_dict', 'meta'} as mmdetection saves it; meta['CLASSES']: class_names."""
     state_dict = export_detector(params, spec, mmdet_key)
     for key in list(state_dict):
         if key.startswith("backbone.") and key.endswith(".running_var"):
