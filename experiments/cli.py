@@ -14,12 +14,17 @@ A user's mistake is:
 
 Nothing else is caught: an unexpected ValueError deep in the maths is a bug and ends in its traceback.
 `RETINA_FN_DEBUG=1` in the environment shows the traceback of a user's mistake too.
+
+Ctrl-C (SIGINT) is not a mistake either: it ends in one line, `interrupted: <what is kept and how to go on>`
+(`retina_fn.errors.RunInterrupted`'s message; training names the checkpoint the same command resumes from), and
+exit status 130, as a shell reports a program stopped by SIGINT.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -30,6 +35,7 @@ from retina_fn import errors
 
 DEBUG_ENV = "RETINA_FN_DEBUG"
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 USER_ERRORS = (errors.UserError, app.UsageError)
 _CONFIG_PATH_MODULE = "ml_collections.config_flags.config_path"  # resolves `--config.a.b` overrides
 
@@ -59,14 +65,25 @@ def report(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+def report_interrupt(err: KeyboardInterrupt) -> int:
+    """Prints 'interrupted: <message>' to stderr (a RunInterrupted's message, else that the program was stopped);
+    returns EXIT_INTERRUPTED."""
+    message = str(err) if isinstance(err, errors.RunInterrupted) and str(err) else "stopped by SIGINT (Ctrl-C)"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting adds no traceback
+    sys.stdout.flush()
+    print(f"interrupted: {message}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """fn(*args, **kwargs), with a user's mistake printed as one line.
+    """fn(*args, **kwargs), with a user's mistake and Ctrl-C printed as one line.
 
     Returns:
-      fn's result; EXIT_USER_ERROR (2) after printing 'error: ...' when fn raised one of USER_ERRORS.
+      fn's result; EXIT_USER_ERROR (2) after printing 'error: ...' when fn raised one of USER_ERRORS;
+      EXIT_INTERRUPTED (130) after printing 'interrupted: ...' when it raised KeyboardInterrupt.
 
     Raises:
-      Whatever else fn raises; USER_ERRORS too when `debugging()`.
+      Whatever else fn raises; USER_ERRORS and KeyboardInterrupt too when `debugging()`.
     """
     try:
         return fn(*args, **kwargs)
@@ -74,6 +91,10 @@ def call(fn: Callable[..., Any], *args, **kwargs) -> Any:
         if debugging():
             raise
         return report(error_message(err))
+    except KeyboardInterrupt as err:
+        if debugging():
+            raise
+        return report_interrupt(err)
 
 
 def _config_flag_frame(tb) -> tuple[str, str] | None:

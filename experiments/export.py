@@ -11,6 +11,7 @@ the `onnx` extra, an ONNX model (model.onnx), with model.json saying how to feed
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from experiments import cli
 from retina_fn import export as export_lib
 from retina_fn.engine import reporting
 from retina_fn.export import folder, timing
+
+
+TORCH_INTERNAL_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 
 
 def define_flags() -> dict[str, Any]:
@@ -53,11 +57,16 @@ def main(argv, holders: dict[str, Any]):
     reporting.set_log_level(logging.INFO)
     for name in ("onnx_ir", "onnxscript"):  # one INFO line per rewritten node otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     value = {name: holder.value for name, holder in holders.items()}
     canvas = cli.parse_canvas(value["canvas"]) if value["canvas"] else None
-    spec = export_lib.export(value["weights"], value["out"], config=value["config"],
-                             use_config_for=value["use_config_for"], fmt=value["format"], canvas_hw=canvas,
-                             batch=value["batch"])
+    with warnings.catch_warnings():  # torch internals' deprecation notes, nothing the user can act on
+        for message in TORCH_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        spec = export_lib.export(value["weights"], value["out"], config=value["config"],
+                                 use_config_for=value["use_config_for"], fmt=value["format"], canvas_hw=canvas,
+                                 batch=value["batch"])
     logging.getLogger(__name__).info("exported %s (canvas %dx%d, batch %d) to %s: %s", spec["name"], *spec["canvas"],
                                      spec["batch"], value["out"],
                                      ", ".join(sorted(spec["files"].values()) + [folder.SPEC_FILE]))

@@ -3,17 +3,20 @@
     python -m experiments.make_synthetic --out data/synthetic --num-train 1500 --num-val 200 --seed 0
 
 Produces OUT/train/*.jpg, OUT/val/*.jpg, OUT/annotations/instances_{train,val}.json and OUT/synthetic.json,
-then prints counts per class, per COCO size bin, empty images and crowd regions. Existing files of the
-same names are overwritten; use `retina_fn.data.synthetic.ensure_synthetic` to generate only when absent.
+then prints counts per class, per COCO size bin, empty images and crowd regions. A folder it wrote before (it
+holds OUT/synthetic.json) is written over; one holding train/, val/ or annotations/ without that marker is
+refused (it may be real data). `retina_fn.data.synthetic.ensure_synthetic` generates only when absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from experiments import cli
+from retina_fn import errors
 from retina_fn.data import synthetic
 
 
@@ -30,7 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Writes the dataset the parsed arguments describe and prints its summary; returns 0."""
+    """Writes the dataset the parsed arguments describe and prints its summary; returns 0.
+
+    Raises:
+      OutputExistsError: --out holds train/, val/ or annotations/ but no generator's marker.
+    """
+    found = [n for n in ("annotations", "train", "val") if os.path.exists(os.path.join(args.out, n))]
+    if found and not os.path.isfile(os.path.join(args.out, synthetic.MARKER_FILE)):
+        raise errors.OutputExistsError(
+            f"--out {args.out} holds {'/, '.join(found)}/ but no {synthetic.MARKER_FILE}: not a folder this program "
+            f"wrote, so it is not written over; pass an empty or new --out")
     start = time.perf_counter()
     paths = synthetic.generate_synthetic(args.out, args.num_train, args.num_val, args.seed, args.image_size,
                                          args.num_classes)

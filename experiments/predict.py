@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from retina_fn import errors
 from retina_fn.data.images import decode_image
 from retina_fn.data.transforms import CANVAS_MODES
 from retina_fn.engine import reporting
@@ -111,13 +112,20 @@ def main(argv, holders: dict[str, Any]):
         raise app.UsageError("pass --weights (a checkpoint, weights or an export folder) or --exported DIR")
     if value["batch_size"] is not None and value["batch_size"] < 1:
         raise app.UsageError(f"--batch_size must be >= 1, got {value['batch_size']}")
-    predictor = Predictor(value["weights"] or value["exported"], value["config"],
-                          use_config_for=value["use_config_for"], batch_size=value["batch_size"],
-                          canvas_mode=value["canvas"])
     image_paths = list(value["images"]) + list(argv[1:])
-    found, images = predict_files(predictor, image_paths)
-    results = write_outputs(found, image_paths, predictor.category_ids, predictor.names, images, value["out"],
-                            value["draw"], value["score_thr"])
+    if not image_paths:
+        raise app.UsageError("no images given: pass --images a.jpg[,b.png] (more may follow as plain arguments)")
+    try:
+        predictor = Predictor(value["weights"] or value["exported"], value["config"],
+                              use_config_for=value["use_config_for"], batch_size=value["batch_size"],
+                              canvas_mode=value["canvas"])
+        log.info("predicting %d image(s) with %s", len(image_paths), value["weights"] or value["exported"])
+        found, images = predict_files(predictor, image_paths)
+        results = write_outputs(found, image_paths, predictor.category_ids, predictor.names, images, value["out"],
+                                value["draw"], value["score_thr"])
+    except KeyboardInterrupt as err:
+        raise errors.RunInterrupted(f"prediction stopped; {value['out']} may be missing or older than this run: "
+                                    f"the same command predicts again") from err
     log.info("%d detections for %d images written to %s", len(results), len(image_paths), value["out"])
 
 

@@ -40,3 +40,8 @@ class MissingDependencyError(UserError, ImportError):
 
 class OutputExistsError(UserError, FileExistsError):
     """An output location holds files that the program refuses to replace."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The user stopped a program (SIGINT: Ctrl-C); the message says what is kept and how to go on. Not a mistake:
+    the programs print it as `interrupted: <message>` and exit with status 130 (128 + SIGINT), as a shell does."""

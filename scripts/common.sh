@@ -106,7 +106,7 @@ run_case() {
   local launch=(--nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$nproc" --master_addr="$master_addr"
                 --master_port="$master_port" --max-restarts="${max_restarts:-0}")
   if [[ "$nnodes" == *:* ]]; then elastic_launch "$name" "$nproc"; fi
-  python -m torch.distributed.run "${launch[@]}" -m experiments.coco_retinanet --config "$config" \
+  python -m experiments.launch "${launch[@]}" -m experiments.coco_retinanet --config "$config" \
     --workdir "$workdir" "${overrides[@]}" "${extra[@]}" 2>&1 | tee "$workdir/$name.log"
   if [[ "$node_rank" != 0 ]]; then return 0; fi
   # the whole run's figures from results.json, every segment of a resumed or resized run included

@@ -89,7 +89,7 @@ PRECISION_SCRIPTS = {  # script -> torchrun --nproc_per_node (NPROC_PER_NODE uns
 # A stand-in for `python` on the scripts' PATH: the torchrun launch is recorded (NUL-separated arguments) and
 # answered with a results.json instead of training; every other call (the closing lines) is the real python.
 FAKE_PYTHON = """#!/usr/bin/env bash
-if [[ "$1 $2" == "-m torch.distributed.run" ]]; then
+if [[ "$1 $2" == "-m experiments.launch" ]]; then
   printf '%s\\0' "$@" > "$LAUNCH_RECORD"
   printf '%s' "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}" > "$LAUNCH_RECORD.store"
   prev=""

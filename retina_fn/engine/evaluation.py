@@ -187,8 +187,10 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def vis_images(vis: list[dict[str, Any]], coco_set, class_names, out_dir: str, score_thr: float = 0.3) -> list[str]:
-    """Writes PNGs of `vis` detections drawn over the original images; returns the paths."""
+def vis_images(vis: list[dict[str, Any]], coco_set, class_names, out_dir: str, score_thr: float = 0.3,
+               min_side: int = 480) -> list[str]:
+    """Writes PNGs of `vis` detections and ground truth drawn over the original images, enlarged to a shorter side
+    of at least `min_side`; returns the paths."""
     from retina_fn.data.coco import load_record_image
     from retina_fn.viz import draw_detections
 
@@ -199,7 +201,7 @@ def vis_images(vis: list[dict[str, Any]], coco_set, class_names, out_dir: str, s
         record = by_id[item["image_id"]]
         image = load_record_image(record)
         img = draw_detections(image, item["boxes"], item["scores"], item["labels"], class_names, score_thr,
-                              gt_boxes=np.asarray(record.boxes))
+                              gt_boxes=np.asarray(record.boxes), min_side=min_side)
         path = os.path.join(out_dir, f"val_{item['image_id']}.png")
         img.save(path)
         paths.append(path)

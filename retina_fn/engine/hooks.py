@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from retina_fn import checkpoint
+from retina_fn import checkpoint, errors
 from retina_fn.engine import reporting
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ class NonFiniteGuard:
         if streak >= self.max_streak:
             raise NonFiniteLoss(
                 f"{streak} consecutive non-finite steps (last: {what} on image ids {image_ids}); stopping. The last "
-                f"checkpoint in {self.workdir}/checkpoints is intact. Try a lower --config.optim.lr, "
-                f"--config.optim.clip_norm=10 or a longer warmup.")
+                f"checkpoint in {self.workdir}/checkpoints is intact: --config.optim.clip_norm=10 resumes from it; a "
+                f"lower --config.optim.lr or a longer warmup changes the schedule, so it starts in a new --workdir.")
 
 
 class Timed(NamedTuple):
@@ -184,7 +184,7 @@ class TimedDecisions:
     def __init__(self, every_s: float | None, budget_s: float | None, runtime, step: int, train_s: float):
         for name, value in (("train.checkpoint_every_s", every_s), ("train.time_budget_s", budget_s)):
             if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+                raise errors.ConfigError(f"--config.{name}={value!r}: must be > 0 seconds (or None)")
         self.every_s, self.budget_s, self.runtime = every_s, budget_s, runtime
         self.next_check = step + 1
         self._saved_at = train_s  # the training clock at the last checkpoint (or the start)

@@ -86,6 +86,28 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def throughput(segments: Sequence[dict[str, Any]]) -> tuple[float, bool]:
+    """A run's training images per second over its segments (retina_fn.engine.resume's records).
+
+    The throughput meter leaves out each epoch's first steps (compilation, warm-up). A run too short to have any
+    other step is measured over all of its steps instead (their images over train_s: the steps and the waits for
+    their batches), so that it reports a real rate, marked as including the warm-up, rather than 0.
+
+    Args:
+      segments: the run's segment records, oldest first.
+
+    Returns:
+      (images/s, whether the warm-up steps are in it); (0.0, False) when no step was trained.
+    """
+    images = sum(s["measured_images"] for s in segments)
+    seconds = sum(s["measured_s"] for s in segments)
+    if seconds > 0:
+        return images / seconds, False
+    images = sum((s["end_step"] - s["start_step"]) * s["global_batch"] for s in segments)
+    seconds = sum(s["train_s"] for s in segments)
+    return (images / seconds, True) if images > 0 and seconds > 0 else (0.0, False)
+
+
 def seed_closing_lines(results: dict[str, Any]) -> list[str]:
     """The seed's closing lines (scripts/train_*.sh print them) from a run's results.json: the whole run's
     throughput and duration, all of its segments included when it was interrupted and resumed.

@@ -20,6 +20,11 @@ global_batch, train_s (the steps and the waits for their batches), wall_s (from 
 setup), measured_images, measured_s and images_per_s (the throughput meter's count: each epoch's steps after its
 warm-up steps; 0.0 when no step was measured). Steps trained after the newest checkpoint and lost with the process
 are in no segment: the next segment trains them again.
+
+A resumed run goes on as the same run: the detector its checkpoint stores (`check_same_detector`) and the schedule
+and optimiser of its stored config (SCHEDULE_FIELDS, `check_same_schedule`) must be this config's, or the start is
+refused in one line naming the fields. The rest may change between starts (where the data lies, logging, checkpoint
+cadence, train.max_steps, the number of processes).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from retina_fn import checkpoint, errors, rng, schema, tree
 from retina_fn import spec as spec_lib
 from retina_fn.data import synthetic
+from retina_fn.engine.hooks import config_json
 from retina_fn.model import retinanet
 from retina_fn.optim import Optimizer
 from retina_fn.spec import DetectorSpec
@@ -54,17 +60,17 @@ def prepare_data(cfg, runtime) -> None:
     (configs/demo.py sets them), so a run reads exactly the files its config names.
 
     Raises:
-      ValueError: an unknown data.dataset, or synthetic paths that are not the generator's layout.
+      ConfigError (a ValueError): an unknown data.dataset, or synthetic paths that are not the generator's layout.
     """
     if cfg.data.dataset not in DATASETS:
-        raise ValueError(f"data.dataset must be one of {DATASETS}, got {cfg.data.dataset!r}")
+        raise errors.ConfigError(f"--config.data.dataset={cfg.data.dataset!r}: must be one of {DATASETS}")
     if cfg.data.dataset == "coco":
         return
     wrong = {k: cfg.data[k] for k, v in synthetic.LAYOUT.items() if cfg.data[k] != v}
     if wrong:
         fix = " ".join(f"--config.data.{k}={v}" for k, v in synthetic.LAYOUT.items())
-        raise ValueError(f"data.dataset='synthetic' writes {dict(synthetic.LAYOUT)} under data.root, but the config "
-                         f"names {wrong}; pass {fix}")
+        raise errors.ConfigError(f"data.dataset='synthetic' writes {dict(synthetic.LAYOUT)} under data.root, but "
+                                 f"the config names {wrong}; pass {fix}")
     s = cfg.data.synthetic
     if runtime.is_main:
         paths = synthetic.ensure_synthetic(cfg.data.root, s.num_train, s.num_val, s.seed, s.image_size, s.num_classes)
@@ -101,22 +107,22 @@ class BatchPlan(NamedTuple):
     accum_steps: int
 
 
-class GlobalBatchError(ValueError):
-    """The processes present cannot make the run's global batch (a one-line message that names the counts and
-    the settings that would)."""
+class GlobalBatchError(errors.ConfigError):
+    """The processes present cannot make the run's global batch, or the settings contradict the checkpoint's (a
+    one-line message that names the counts and the settings that would). A ConfigError, so a ValueError too."""
 
 
 def accum_setting(optim_cfg) -> int | str:
     """optim.accum_steps checked: an int >= 1, or 'auto'.
 
     Raises:
-      ValueError: anything else.
+      ConfigError (a ValueError): anything else, naming --config.optim.accum_steps.
     """
     value = optim_cfg.accum_steps
     if value == AUTO:
         return AUTO
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"optim.accum_steps must be an int >= 1 or 'auto', got {value!r}")
+        raise errors.ConfigError(f"optim.accum_steps must be an int >= 1 or 'auto', got {value!r}")
     return value
 
 
@@ -200,15 +206,16 @@ def plan(cfg, world_size: int, meta: dict | None = None, source: str | None = No
     Raises:
       GlobalBatchError: the processes present cannot make the global batch, or the settings contradict it; one
         line naming the counts and what would work.
-      ValueError: a malformed optim.accum_steps, optim.global_batch or data.images_per_device.
+      ConfigError (a ValueError): a malformed optim.accum_steps, optim.global_batch or data.images_per_device,
+        naming the field.
     """
-    ipd = int(cfg.data.images_per_device)
-    if ipd < 1:
-        raise ValueError(f"data.images_per_device must be >= 1, got {ipd}")
+    ipd = cfg.data.images_per_device
+    if isinstance(ipd, bool) or not isinstance(ipd, int) or ipd < 1:
+        raise errors.ConfigError(f"--config.data.images_per_device={ipd!r}: must be an integer >= 1")
     accum = accum_setting(cfg.optim)
     configured = cfg.optim.global_batch
-    if configured is not None and int(configured) < 1:
-        raise ValueError(f"optim.global_batch must be >= 1, got {configured}")
+    if configured is not None and (isinstance(configured, bool) or not isinstance(configured, int) or configured < 1):
+        raise errors.ConfigError(f"--config.optim.global_batch={configured!r}: must be an integer >= 1 (or None)")
     if meta is not None:
         target = stored_global_batch(meta, ipd)
         origin = f"{source} was trained with a global batch of {target} images per step"
@@ -291,19 +298,96 @@ def describe(segments: Sequence[dict]) -> str:
                      f"{s['wall_s']:.1f} s wall, {rate(s)}" for i, s in enumerate(segments))
 
 
-def check_same_detector(stored: DetectorSpec, configured: DetectorSpec, source: str, workdir: str) -> None:
+def trained_by(meta: dict | None) -> str:
+    """" (config 'smoke')": the name of the config a checkpoint's metadata stores ('' when none), for messages."""
+    name = ((meta or {}).get("config") or {}).get("name")
+    return f" (config {name!r})" if isinstance(name, str) and name else ""
+
+
+def _resume_advice(workdir: str) -> str:
+    return (f"Resume it with the config it was trained with (its copy: {os.path.join(workdir, 'config.json')}), or "
+            f"pass a new --workdir, where this config starts fresh")
+
+
+def check_same_detector(stored: DetectorSpec, configured: DetectorSpec, source: str, workdir: str,
+                        meta: dict | None = None, config_name: str | None = None) -> None:
     """Refuses to resume a run as another detector: every field of the spec but the memory format must be the
     checkpoint's (its parameters, its targets and its losses were made with those).
 
+    Args:
+      stored, configured: the checkpoint's spec and this config's; source: the checkpoint file; workdir: the
+        run's folder; meta: the checkpoint's metadata; config_name: this config's name (for the message).
+
     Raises:
-      ConfigError: naming each field that differs, the checkpoint's value and the config's.
+      ConfigError: one line naming the checkpoint's config and each field that differs, with both values.
     """
     differing = [(k, a, b) for k, a, b in spec_lib.differences(stored, configured) if k != "backbone.channels_last"]
     if differing:
-        fields = "; ".join(f"--config.{spec_lib.config_path(k)}={b!r} (the checkpoint's {a!r})" for k, a, b in differing)
-        raise errors.ConfigError(f"{workdir} holds a run of another detector: {source} was trained with other settings "
-                                 f"than this config gives: {fields}. Resume with the run's own config, or start the new "
-                                 f"one in another --workdir")
+        fields = "; ".join(f"--config.{spec_lib.config_path(k)}={b!r} (the checkpoint's {a!r})"
+                           for k, a, b in differing)
+        named = f" ({config_name!r})" if config_name else ""
+        raise errors.ConfigError(f"{workdir} holds a run of another detector: {source}{trained_by(meta)} was trained "
+                                 f"with other settings than this config{named} gives: {fields}. "
+                                 f"{_resume_advice(workdir)}")
+
+
+# The fields the learning-rate schedule and the optimiser's state are made of: a resumed run that changed one
+# would go on under another schedule than the one its steps so far followed.
+SCHEDULE_FIELDS = ("optim.name", "optim.lr", "optim.base_lr", "optim.base_batch", "optim.schedule", "optim.epochs",
+                   "optim.step_epochs", "optim.gamma", "optim.warmup_iters", "optim.warmup_ratio",
+                   "train.performance_steps")
+
+
+def _field(node, path: str):
+    for part in path.split("."):
+        node = node[part]
+    return tuple(node) if isinstance(node, list) else node
+
+
+def schedule_differences(stored_config: dict, config: dict) -> list[tuple[str, object, object]]:
+    """[(path, stored value, this value)] for the SCHEDULE_FIELDS that differ between two configs as JSON data
+    (a checkpoint's stored config, hooks.config_json); fields either lacks are skipped."""
+    found = []
+    for path in SCHEDULE_FIELDS:
+        try:
+            old, new = _field(stored_config, path), _field(config, path)
+        except (KeyError, TypeError):
+            continue
+        if old != new:
+            found.append((path, old, new))
+    return found
+
+
+def check_same_schedule(meta: dict, config: dict, source: str, workdir: str) -> None:
+    """Refuses to resume a run under another learning-rate schedule or optimiser (more epochs for a finished run,
+    another lr, warm-up or decay): the steps already taken followed the checkpoint's. train.max_steps may change.
+
+    Args:
+      meta: the checkpoint's metadata (one that stores no 'config' is not checked); config: this run's config as
+        JSON data (hooks.config_json); source: the checkpoint file; workdir: the run's folder.
+
+    Raises:
+      ConfigError: one line naming each field that differs, with the checkpoint's value, and what to do.
+    """
+    stored = meta.get("config")
+    differing = schedule_differences(stored, config) if isinstance(stored, dict) else []
+    if differing:
+        fields = "; ".join(f"--config.{k}={b!r} (the checkpoint's {a!r})" for k, a, b in differing)
+        raise errors.ConfigError(
+            f"{source}{trained_by(meta)} was trained under another schedule than this config gives: {fields}. "
+            f"Resuming would go on under a new learning-rate schedule, so it is refused: to resume, keep the "
+            f"checkpoint's values; to train with the new ones, pass a new --workdir (it starts fresh)")
+
+
+def _restored_state(restored, template: dict, workdir: str, device) -> dict:
+    """The checkpoint's train state in the structure of `template`; ConfigError (one line) when it does not fit."""
+    try:
+        state = checkpoint.restore_into(restored.state, template, restored.path)
+    except ValueError as err:  # restore_into's report of missing, unexpected or mis-shaped leaves
+        first = [line.strip() for line in str(err).splitlines()[1:4]]
+        raise errors.ConfigError(f"{restored.path}{trained_by(restored.meta)} holds a train state this config does "
+                                 f"not build ({'; '.join(first)}, ...). {_resume_advice(workdir)}") from err
+    return tree.cast(state, device=device)
 
 
 class StartingPoint(NamedTuple):
@@ -325,19 +409,23 @@ def restore_or_init(cfg, spec: DetectorSpec, settings: StepSettings, workdir: st
 
     Raises:
       GlobalBatchError: the processes present cannot make the run's global batch; ConfigError: the checkpoint
-        was trained as another detector (its stored spec differs from this config's). Both before anything is
-        built or written.
+        was trained as another detector (its stored spec differs from this config's), under another schedule
+        (`check_same_schedule`), or holds a train state this config does not build. All before anything is
+        written.
     """
     restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
     meta = (restored.meta or {}) if restored is not None else None
     batch = plan(cfg, world_size, meta, restored.path if restored is not None else None)
     if meta and meta.get("spec"):
-        check_same_detector(schema.spec_from_json(meta["spec"], restored.path), spec, restored.path, workdir)
+        check_same_detector(schema.spec_from_json(meta["spec"], restored.path), spec, restored.path, workdir, meta,
+                            cfg.name)
+    if meta:
+        check_same_schedule(meta, config_json(cfg), restored.path, workdir)
     params = None if restored else initial_params(spec, key, cfg.model.backbone.pretrained)
     template = init_train_state(spec, settings, key, optimizer, params=params, device=device)
     if restored is None:
         return StartingPoint(template, 0, 0, batch, [])
-    state = tree.cast(checkpoint.restore_into(restored.state, template, restored.path), device=device)
+    state = _restored_state(restored, template, workdir, device)
     position = restored.meta["data_position"]
     epoch, step_in_epoch = int(position["epoch"]), int(position["step_in_epoch"])
     log.info("resumed from %s at step %d (epoch %d, step %d of it), written by %d process(es); global batch %d = %d "

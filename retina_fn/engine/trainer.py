@@ -20,6 +20,7 @@ from retina_fn import checkpoint, class_count, errors, parallel, rng, schema, tr
 from retina_fn.engine import evaluation, host_memory, hooks, reporting, resume
 from retina_fn.data import coco, loader as data_loader
 from retina_fn.interop.weights import from_state_dict, read_weights
+from retina_fn.parallel.backend import DeviceUnavailable
 from retina_fn.train import build_optimizer, full_params, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,58 @@ NonFiniteLoss = hooks.NonFiniteLoss
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     """Trains cfg on its dataset, evaluating every train.eval_every_epochs epochs, resuming from the
     workdir's newest usable checkpoint. Returns the final results (rank 0; {} elsewhere). An 'auto'
-    model.num_classes is set in cfg to the training annotation file's category count."""
+    model.num_classes is set in cfg to the training annotation file's category count.
+
+    Raises:
+      ConfigError and the other retina_fn.errors: a user's mistake, before anything is trained.
+      RunInterrupted: Ctrl-C (SIGINT); its message names the checkpoint the same command resumes from.
+    """
     wall_start = time.perf_counter()
     schema.check_config(cfg)  # every field, before anything is started or written
-    runtime = parallel.init(cfg.dist)
+    runtime = init_runtime(cfg.dist)
     device = runtime.device
     host_memory.keep_freed_memory(device)  # a CPU step reuses its freed buffers instead of faulting them in again
     try:
         return _train(cfg, workdir, runtime, device, wall_start)
+    except KeyboardInterrupt as err:
+        raise errors.RunInterrupted(interrupted_message(workdir)) from err
     finally:
         runtime.shutdown()
+
+
+def init_runtime(dist_cfg):
+    """retina_fn.parallel.init(dist_cfg), with a device that cannot be used here reported as the config's mistake.
+
+    Raises:
+      ConfigError: dist.device names a device kind this process cannot use (no such device, or its torch
+        extension missing).
+    """
+    try:
+        return parallel.init(dist_cfg)
+    except DeviceUnavailable as err:
+        text = str(err)
+        if not text.startswith("dist.device="):
+            text = f"dist.device={dist_cfg.device!r}: {text}"
+        raise errors.ConfigError(f"--config.{text}") from err
+
+
+def interrupted_message(workdir: str) -> str:
+    """What Ctrl-C during training leaves: the newest checkpoint in workdir/checkpoints, which the same command
+    resumes from, or that there is none yet.
+
+    Args:
+      workdir: the run's folder.
+
+    Returns:
+      One line of text (no 'interrupted:' prefix).
+    """
+    found = checkpoint.list_checkpoints(os.path.join(workdir, "checkpoints"))
+    if not found:
+        return (f"training stopped before its first checkpoint: nothing of it is kept in {workdir}; the same command "
+                f"starts it again")
+    step = int(os.path.basename(found[0])[len("ckpt_"):-len(".pt")])
+    return (f"training stopped; the newest checkpoint is {found[0]} (step {step}): the same command resumes from it "
+            f"(steps after it are trained again)")
 
 
 class _Run:
@@ -86,7 +129,11 @@ class _Run:
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.images_per_step = self.batch.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.train_set.ann_file}: too few images for one batch of {self.images_per_step}")
+            raise errors.ConfigError(
+                f"{self.train_set.ann_file}: {len(self.train_set)} training images (after data.filter_empty_gt and "
+                f"data.min_size) are too few for one global batch of {self.images_per_step} (--config.data."
+                f"images_per_device={cfg.data.images_per_device} x {runtime.world_size} process(es) x "
+                f"{self.batch.accum_steps} accumulated): lower --config.data.images_per_device or add images")
         if self.start_step >= self.steps_per_epoch:  # saved at an epoch's last step: the next epoch starts
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         # The schedule's epochs are the epochs this run takes: train.performance_steps cuts each one short.
@@ -139,6 +186,8 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     if done_before and os.path.exists(results_file):
         log.info("%s: already finished at step %d; nothing to do (results: %s)", workdir, run.step, results_file)
         return reporting.read_json(results_file) if runtime.is_main else {}
+    if run.settings.compile and not done_before:
+        log.info("train.compile=True: compiling the train step (takes minutes on the first step)...")
     for epoch in range(run.start_epoch, run.epochs):
         stopped_early, step_in_epoch, last_batch = _train_epoch(run, epoch)
         run.meter.epoch_done()
@@ -159,11 +208,13 @@ def _train(cfg, workdir, runtime, device, wall_start) -> dict[str, Any]:
     eval_metrics = run.evaluated.metrics if run.evaluated is not None else {}
     run_segments = run.segments()
     whole = resume.whole_run(run_segments)  # a resumed run reports all of its segments, not only this one
+    images_per_s, warmup_included = reporting.throughput(run_segments)
     results = {
         "name": cfg.name,
         "bbox_mAP": eval_metrics.get("bbox_mAP", float("nan")),
         **eval_metrics,
-        "train_images_per_s": whole["train_images_per_s"],
+        "train_images_per_s": images_per_s,
+        "train_images_per_s_includes_warmup": warmup_included,
         "epochs": round(run.step / run.steps_per_epoch, 3),
         "steps": run.step,
         "precision": run.settings.precision,
@@ -272,9 +323,11 @@ def write_outputs(cfg, workdir, results, metrics_log, evaluated, val_set, runtim
     reporting.plot_curves(metrics_log.read(), os.path.join(workdir, "curves.png"))
     if evaluated is not None and evaluated.vis:
         evaluation.vis_images(evaluated.vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
-    log.info("results in %s: bbox mAP %.4f | AP50 %.4f | AP75 %.4f | %.1f train img/s | %.0f s wall",
+    warmup = " (warm-up steps included: too few steps to leave them out)" if results.get(
+        "train_images_per_s_includes_warmup") else ""
+    log.info("results in %s: bbox mAP %.4f | AP50 %.4f | AP75 %.4f | %.1f train img/s%s | %.0f s wall",
              os.path.join(workdir, "results.json"), results["bbox_mAP"], results.get("bbox_mAP_50", float("nan")),
-             results.get("bbox_mAP_75", float("nan")), results["train_images_per_s"], results["wall_s"])
+             results.get("bbox_mAP_75", float("nan")), results["train_images_per_s"], warmup, results["wall_s"])
     print(reporting.results_table([row]), flush=True)
 
 
@@ -302,16 +355,20 @@ def evaluate_only(cfg, workdir: str, weights: str | None, use_config_for=()) -> 
     if weights is None:
         restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"))
         if restored is None:
-            raise errors.MissingFileError(f"no usable checkpoint in {workdir}/checkpoints and no --weights given")
+            raise errors.MissingFileError(
+                f"no usable checkpoint in {os.path.join(workdir, 'checkpoints')} and no --weights given: evaluate "
+                f"a trained run's --workdir, pass --weights FILE (a checkpoint, torchvision or mmdetection weights), "
+                f"or train first (--mode train, the default)")
         weights = restored.path
     raw = read_weights(weights)
     run_cfg = cfg if cfg is not None else stored_config(raw.meta, weights)
     schema.check_config(run_cfg)
-    runtime = parallel.init(run_cfg.dist)
+    runtime = init_runtime(run_cfg.dist)
     try:
         os.makedirs(workdir, exist_ok=True)
         resume.prepare_data(run_cfg, runtime)
         val_set = coco.load_split(run_cfg.data, "val")
+        log.info("evaluating %s on %d images of %s", weights, len(val_set), val_set.ann_file)
         spec = trained.spec_for(raw, weights, cfg, use_config_for)
         class_count.check_spec_categories(spec, raw.meta, val_set, weights)
         params = tree.cast(from_state_dict(raw.state_dict, spec, source=weights), torch.float32, runtime.device)
@@ -329,5 +386,8 @@ def evaluate_only(cfg, workdir: str, weights: str | None, use_config_for=()) -> 
             evaluation.vis_images(evaluated.vis, val_set, val_set.label_map.names, os.path.join(workdir, "vis"))
         log.info("evaluation of %s: %s", weights, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return results
+    except KeyboardInterrupt as err:
+        raise errors.RunInterrupted(f"evaluation of {weights} stopped before its results were written; the same "
+                                    f"command evaluates it again") from err
     finally:
         runtime.shutdown()
