@@ -201,7 +201,8 @@ def _cross_problems(get: Callable[[str], Any], where: Callable[[str], str], fail
     norm = has("model.backbone.norm", "model.backbone.gn_groups", "model.backbone.base_width")
     widths = tuple(norm[2] * m for m in (1, 2, 4, 8)) if norm else ()
     if norm and norm[0] == "gn" and any(w % norm[1] for w in widths):
-        bad("model.backbone.gn_groups", f"must divide every stage width {widths}")
+        bad("model.backbone.gn_groups", f"must divide every stage width {widths} (model.backbone.base_width={norm[2]} "
+                                         f"times 1, 2, 4, 8)")
     head = has("model.head.norm", "model.head.gn_groups", "model.head.feat_channels")
     if head and head[0] == "gn" and head[2] % head[1]:
         bad("model.head.gn_groups", f"must divide model.head.feat_channels={head[2]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,20 @@ def test_uint8_rgb_is_taken_as_it_is_in_either_layout(rgba):
     out = as_rgb_uint8(chw)
     np.testing.assert_array_equal(out, rgb)
     assert out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+def test_a_read_only_array_is_copied_so_torch_reads_it_without_a_warning(rgba):
+    rgb = np.ascontiguousarray(rgba[:, :, :3])
+    frozen = np.asarray(Image.fromarray(rgb))  # PIL's array interface gives a read-only array
+    assert not frozen.flags.writeable
+    out = as_rgb_uint8(frozen)
+    np.testing.assert_array_equal(out, rgb)
+    assert out.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on a read-only array
+        torch.from_numpy(out)
+    writable = rgb.copy()
+    assert as_rgb_uint8(writable) is writable  # a writable contiguous array is taken as it is
 
 
 def test_grey_is_replicated_and_alpha_dropped(rgba):

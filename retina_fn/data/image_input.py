@@ -17,7 +17,8 @@ _CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
 
 
 def as_rgb_uint8(image, what: str = "the image") -> np.ndarray:
-    """One image in memory as uint8 [h, w, 3] RGB pixels, C-contiguous.
+    """One image in memory as uint8 [h, w, 3] RGB pixels, C-contiguous and writable (a read-only array, such as
+    `np.asarray(pil_image)`, is copied: torch warns on reading one).
 
     Args:
         image: numpy [h, w, C] / [h, w], torch [C, h, w] / [h, w] (C in 1, 3, 4; uint8, or floats in [0, 1]),
@@ -88,4 +89,4 @@ def _hwc_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
         pixels = np.repeat(pixels, 3, axis=2)
     elif pixels.shape[-1] == 4:
         pixels = pixels[:, :, :3]
-    return np.ascontiguousarray(pixels)
+    return np.require(pixels, requirements=("C", "W"))

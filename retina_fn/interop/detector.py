@@ -63,8 +63,9 @@ def import_detector(state_dict: dict[str, torch.Tensor], spec, key_of: KeyOf, *,
             else:
                 notes.append(f"{head} = {channels // n} classes x {n} anchors, but the config has model.num_classes="
                              f"{k} ({n * k} channels); set --config.model.num_classes={channels // n} to use the "
-                             f"checkpoint's head as it is, or load with reinit_class_head=True to start a new "
-                             f"{k}-class head (fine-tuning)")
+                             f"checkpoint's head as it is; to fine-tune a new {k}-class head, load the file in Python "
+                             f"with retina_fn.interop.weights.load_detector_weights(path, spec, "
+                             f"reinit_class_head=True)")
             set_aside = True  # reported once above, not again as mis-shaped keys
     if not set_aside:
         return load_mapped(state_dict, like, mapping, ignore=ignore, source=source)
