@@ -3,6 +3,7 @@ save or stop, and how often the ranks have to talk to agree on it."""
 
 import pytest
 
+from retina_fn import errors
 from retina_fn.engine.hooks import TimedDecisions
 
 
@@ -75,9 +76,9 @@ def test_off_without_a_setting_and_refuses_non_positive_seconds():
     runtime = FakeRuntime(2)
     timer = TimedDecisions(None, None, runtime, step=0, train_s=0.0)
     assert run(timer, 50, 100.0) == [] and runtime.broadcasts == 0
-    with pytest.raises(ValueError, match="train.checkpoint_every_s must be > 0"):
+    with pytest.raises(errors.ConfigError, match=r"--config.train.checkpoint_every_s=0.0: must be > 0 seconds"):
         TimedDecisions(0.0, None, runtime, step=0, train_s=0.0)
-    with pytest.raises(ValueError, match="train.time_budget_s must be > 0"):
+    with pytest.raises(errors.ConfigError, match=r"--config.train.time_budget_s=-1.0: must be > 0 seconds"):
         TimedDecisions(None, -1.0, runtime, step=0, train_s=0.0)
 
 
