@@ -36,6 +36,7 @@ END_TO_END_FILES = frozenset({
     "test_golden_torchvision.py", "test_host_memory.py", "test_kill_resume.py", "test_own_dataset.py",
     "test_parallel_collectives.py", "test_predict.py", "test_recipe_1x.py", "test_resume_world_size.py",
     "test_scripts.py", "test_slurm_script.py", "test_tensorboard_log.py", "test_trained.py", "test_trainer.py",
+    "test_user_mistakes.py",
 })
 
 

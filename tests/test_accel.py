@@ -326,6 +326,7 @@ def _ascend_step(backend: str):
     return state, step
 
 
+@pytest.mark.slow  # two R50-FPN steps
 def test_the_ascend_config_steps_with_apex_fused_sgd_as_with_native_sgd(fresh_probes):
     """Three real steps of configs/retinanet_r50_fpn_1x_coco_npu.py (fp16 autocast with the static scale 64,
     clipping at 10; a ResNet-18 with 32-channel pyramid and head in place of R50), the second on a batch with an

@@ -66,6 +66,7 @@ def _detect(cfg, params, images, canvas: str):
     return out
 
 
+@pytest.mark.slow  # R50-FPN in float64
 def test_1x_detections_on_the_fixed_canvas_equal_those_on_the_tight_canvas():
     cfg = small_1x_config()
     params = nondegenerate_params(cfg)
@@ -94,7 +95,7 @@ def _loss_and_grad(cfg, params, image: torch.Tensor, canvas, boxes, labels):
     return torch.func.grad_and_value(lambda p: detector.loss(p, batch, targets, normalizer)[0])(params)
 
 
-@pytest.mark.parametrize("name", ["1x", "demo"])
+@pytest.mark.parametrize("name", [pytest.param("1x", marks=pytest.mark.slow), "demo"])
 def test_loss_and_gradient_of_one_image_do_not_depend_on_its_canvas(name):
     """In float64: the random network's gradients are sums with heavy cancellation, so float32 rounding
     alone moves some leaves by 1e-3 (relative) between canvases; float64 shows the computation is the same."""
