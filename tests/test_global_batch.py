@@ -4,8 +4,8 @@ present, refusals that name what would work. Each expectation is worked out by h
 import pytest
 
 from configs import common
-from retina_fn.engine import resume as global_batch
-from retina_fn.engine.resume import BatchPlan, GlobalBatchError
+from retina_fn.engine import global_batch
+from retina_fn.engine.global_batch import BatchPlan, GlobalBatchError
 
 
 def cfg_with(images_per_device=2, accum_steps=1, configured=None):

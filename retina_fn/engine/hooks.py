@@ -239,7 +239,7 @@ class Checkpointer:
         label map included).
       workdir: checkpoints go to workdir/checkpoints.
       runtime: the distribution runtime (is_main, world_size, barrier).
-      batch: the run's retina_fn.engine.resume.BatchPlan (its global batch is stored: the run's invariant).
+      batch: the run's retina_fn.engine.global_batch.BatchPlan (its global batch is stored: the run's invariant).
     """
 
     def __init__(self, cfg, spec, workdir: str, runtime, batch):
